@@ -1,0 +1,435 @@
+//! The `Admin` service: what operators do, through grpcurl. Every call
+//! needs the admin token; every input is validated here, at the edge, and
+//! refused with `INVALID_ARGUMENT` naming the field before the ledger sees it.
+
+use crate::engine::{Core, Effects, EngineError, EngineHandle};
+use crate::error::invalid_argument;
+use crate::ledger::{KeyRecord, LimitView, Scope, TransactionKind};
+use crate::session::{key_info, tariff_update};
+use allot::clock;
+use allot::key::{validate_id, KeyHash, Purpose};
+use allot::limit::limits_from_pb;
+use allot::money;
+use allot::pb::admin_server::Admin;
+use allot::pb::coordinator_message::Msg as CoordMsg;
+use allot::pb::{self};
+use allot::tariff::Tariff;
+use allot::InvalidArgument;
+use rand::RngCore;
+
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+
+pub struct AdminService {
+    engine: EngineHandle,
+}
+
+impl AdminService {
+    pub fn new(engine: EngineHandle) -> AdminService {
+        AdminService { engine }
+    }
+}
+
+/// Checks `authorization: Bearer <token>` in constant time.
+#[derive(Clone)]
+pub struct AdminAuth {
+    token: std::sync::Arc<String>,
+}
+
+impl AdminAuth {
+    pub fn new(token: String) -> AdminAuth {
+        AdminAuth {
+            token: std::sync::Arc::new(token),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("missing admin token: send authorization: Bearer <token>"))?;
+        if bool::from(presented.as_bytes().ct_eq(self.token.as_bytes())) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("invalid admin token"))
+        }
+    }
+}
+
+fn check(result: Result<(), InvalidArgument>) -> Result<(), Status> {
+    result.map_err(invalid_argument)
+}
+
+fn account_view(core: &Core, account_id: &str) -> Result<pb::Account, EngineError> {
+    let account = core.ledger.account(account_id).ok_or_else(|| {
+        EngineError::Ledger(crate::ledger::LedgerError::NotFound {
+            what: "account",
+            id: account_id.to_string(),
+        })
+    })?;
+    let (spent, reserved) = core.ledger.account_spend(account_id);
+    Ok(pb::Account {
+        account_id: account.account_id.clone(),
+        name: account.name.clone(),
+        credited: money::format(account.credited),
+        spent: money::format(spent),
+        reserved: money::format(reserved),
+        remaining: money::format(account.credited - spent - reserved),
+        limits: account.limits.iter().map(|l| l.to_pb()).collect(),
+    })
+}
+
+fn limit_status(view: &LimitView) -> pb::LimitStatus {
+    let (scope, scope_id) = match &view.scope {
+        Scope::Key(id) => ("key", id.clone()),
+        Scope::Account(id) => ("account", id.clone()),
+    };
+    pb::LimitStatus {
+        scope: scope.into(),
+        scope_id,
+        limit: Some(view.limit.to_pb()),
+        spent: money::format(view.spent),
+        reserved: money::format(view.held),
+        remaining: money::format(view.remaining),
+        next_refill: view.next_refill.map(clock::to_pb),
+    }
+}
+
+/// Tells every agent interested in `key_ids` that they changed, and asks
+/// holders to give their slices back so that the next grant follows the
+/// new state.
+fn push_key_changes(core: &Core, fx: &mut Effects, key_ids: &[String], revoke_slices: bool) {
+    for key_id in key_ids {
+        let Some(key) = core.ledger.key(key_id) else {
+            continue;
+        };
+        core.push_to(fx, core.interested_in(key_id), CoordMsg::KeyUpdate(pb::KeyUpdate { key: Some(key_info(key)) }));
+        if revoke_slices {
+            core.push_to(
+                fx,
+                core.ledger.holders_of(key_id),
+                CoordMsg::Revoke(pb::Revoke {
+                    key_id: key_id.clone(),
+                    reason: "limits changed".into(),
+                }),
+            );
+        }
+    }
+}
+
+fn new_secret() -> String {
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("sk-allot-{}", hex_lower(&bytes))
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn new_key_id() -> String {
+    let mut bytes = [0u8; 6];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("key-{}", hex_lower(&bytes))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_account(
+        &self,
+        request: Request<pb::CreateAccountRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
+        let req = request.into_inner();
+        check(validate_id("account_id", &req.account_id))?;
+        let account = self
+            .engine
+            .call(move |core, fx| {
+                core.ledger
+                    .create_account(&req.account_id, &req.name, fx.now, &mut fx.writes)?;
+                account_view(core, &req.account_id)
+            })
+            .await?;
+        Ok(Response::new(account))
+    }
+
+    async fn get_account(
+        &self,
+        request: Request<pb::GetAccountRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
+        let req = request.into_inner();
+        check(validate_id("account_id", &req.account_id))?;
+        let account = self
+            .engine
+            .call(move |core, _| account_view(core, &req.account_id))
+            .await?;
+        Ok(Response::new(account))
+    }
+
+    async fn list_accounts(
+        &self,
+        _request: Request<pb::ListAccountsRequest>,
+    ) -> Result<Response<pb::ListAccountsResponse>, Status> {
+        let accounts = self
+            .engine
+            .call(|core, _| {
+                let mut ids: Vec<String> = core.ledger.accounts().map(|a| a.account_id.clone()).collect();
+                ids.sort();
+                ids.iter().map(|id| account_view(core, id)).collect()
+            })
+            .await?;
+        Ok(Response::new(pb::ListAccountsResponse { accounts }))
+    }
+
+    async fn credit(
+        &self,
+        request: Request<pb::CreditRequest>,
+    ) -> Result<Response<pb::CreditResponse>, Status> {
+        let req = request.into_inner();
+        check(validate_id("account_id", &req.account_id))?;
+        if req.source_id.trim().is_empty() || req.source_id.len() > 256 {
+            return Err(Status::invalid_argument("source_id: must be 1 to 256 characters"));
+        }
+        let kind = match pb::CreditKind::try_from(req.kind) {
+            Ok(pb::CreditKind::Unspecified) | Ok(pb::CreditKind::Purchase) => TransactionKind::Purchase,
+            Ok(pb::CreditKind::Adjustment) => TransactionKind::Adjustment,
+            Err(_) => return Err(Status::invalid_argument("kind: unknown credit kind")),
+        };
+        let amount = match kind {
+            TransactionKind::Purchase => money::parse_positive("amount", &req.amount),
+            TransactionKind::Adjustment => money::parse_decimal("amount", &req.amount),
+        }
+        .map_err(invalid_argument)?;
+        let response = self
+            .engine
+            .call(move |core, fx| {
+                let duplicate = core.ledger.credit(
+                    &req.account_id,
+                    &req.source_id,
+                    kind,
+                    amount,
+                    fx.now,
+                    &mut fx.writes,
+                )?;
+                if !duplicate {
+                    let keys = core.ledger.keys_of_account(&req.account_id).to_vec();
+                    push_key_changes(core, fx, &keys, false);
+                }
+                Ok(pb::CreditResponse {
+                    duplicate,
+                    account: Some(account_view(core, &req.account_id)?),
+                })
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let req = request.into_inner();
+        check(validate_id("account_id", &req.account_id))?;
+        let key_id = if req.key_id.is_empty() { new_key_id() } else { req.key_id.clone() };
+        check(validate_id("key_id", &key_id))?;
+        let purpose = Purpose::from_pb("purpose", req.purpose).map_err(invalid_argument)?;
+        for (i, model) in req.allowed_models.iter().enumerate() {
+            if model.trim().is_empty() {
+                return Err(Status::invalid_argument(format!("allowed_models[{i}]: must not be empty")));
+            }
+        }
+        let secret = new_secret();
+        let record = KeyRecord {
+            key_id,
+            account_id: req.account_id,
+            hash: KeyHash::of_secret(&secret),
+            purpose,
+            revoked: false,
+            allowed_models: req.allowed_models,
+            name: req.name,
+            limits: Vec::new(),
+            created_at_ms: clock::now_ms(),
+        };
+        let key = self
+            .engine
+            .call(move |core, fx| Ok(core.ledger.create_key(record, &mut fx.writes)?))
+            .await?;
+        tracing::info!(key_id = key.key_id, account_id = key.account_id, "key created");
+        Ok(Response::new(pb::CreateKeyResponse {
+            key: Some(key_info(&key)),
+            secret,
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let req = request.into_inner();
+        let keys = self
+            .engine
+            .call(move |core, _| {
+                let mut keys: Vec<pb::KeyInfo> = core
+                    .ledger
+                    .keys()
+                    .filter(|k| req.account_id.is_empty() || k.account_id == req.account_id)
+                    .map(key_info)
+                    .collect();
+                keys.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+                Ok(keys)
+            })
+            .await?;
+        Ok(Response::new(pb::ListKeysResponse { keys }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::KeyInfo>, Status> {
+        let req = request.into_inner();
+        check(validate_id("key_id", &req.key_id))?;
+        let key = self
+            .engine
+            .call(move |core, fx| {
+                let key = core.ledger.revoke_key(&req.key_id, &mut fx.writes)?;
+                push_key_changes(core, fx, std::slice::from_ref(&req.key_id), true);
+                Ok(key)
+            })
+            .await?;
+        tracing::info!(key_id = key.key_id, "key revoked");
+        Ok(Response::new(key_info(&key)))
+    }
+
+    async fn set_limits(
+        &self,
+        request: Request<pb::SetLimitsRequest>,
+    ) -> Result<Response<pb::SetLimitsResponse>, Status> {
+        let req = request.into_inner();
+        let scope = match req.scope {
+            Some(pb::set_limits_request::Scope::KeyId(id)) => {
+                check(validate_id("key_id", &id))?;
+                Scope::Key(id)
+            }
+            Some(pb::set_limits_request::Scope::AccountId(id)) => {
+                check(validate_id("account_id", &id))?;
+                Scope::Account(id)
+            }
+            None => return Err(Status::invalid_argument("scope: set key_id or account_id")),
+        };
+        let limits = limits_from_pb("limits", &req.limits).map_err(invalid_argument)?;
+        let echoed = limits.iter().map(|l| l.to_pb()).collect();
+        self.engine
+            .call(move |core, fx| {
+                core.ledger.set_limits(&scope, limits, fx.now, &mut fx.writes)?;
+                let keys = match &scope {
+                    Scope::Key(id) => vec![id.clone()],
+                    Scope::Account(id) => core.ledger.keys_of_account(id).to_vec(),
+                };
+                push_key_changes(core, fx, &keys, true);
+                Ok(())
+            })
+            .await?;
+        Ok(Response::new(pb::SetLimitsResponse { limits: echoed }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let req = request.into_inner();
+        check(validate_id("key_id", &req.key_id))?;
+        let snapshot = self
+            .engine
+            .call(move |core, fx| {
+                let views = core.ledger.limit_views(&req.key_id, fx.now)?;
+                let key = core.ledger.key(&req.key_id).expect("limit_views checked the key");
+                Ok(pb::Snapshot {
+                    key_id: key.key_id.clone(),
+                    account_id: key.account_id.clone(),
+                    limits: views.iter().map(limit_status).collect(),
+                    revoked: key.revoked,
+                })
+            })
+            .await?;
+        Ok(Response::new(snapshot))
+    }
+
+    async fn put_tariff(
+        &self,
+        request: Request<pb::PutTariffRequest>,
+    ) -> Result<Response<pb::Tariff>, Status> {
+        let req = request.into_inner();
+        let wire = req
+            .tariff
+            .ok_or_else(|| Status::invalid_argument("tariff: is required"))?;
+        let tariff = Tariff::from_pb("tariff", &wire).map_err(invalid_argument)?;
+        let echoed = tariff.to_pb();
+        self.engine
+            .call(move |core, fx| {
+                core.ledger.put_tariff(tariff, &mut fx.writes);
+                let update = tariff_update(core);
+                core.push_to(fx, core.sessions.keys().cloned().collect::<Vec<_>>(), update);
+                Ok(())
+            })
+            .await?;
+        Ok(Response::new(echoed))
+    }
+
+    async fn list_tariffs(
+        &self,
+        request: Request<pb::ListTariffsRequest>,
+    ) -> Result<Response<pb::ListTariffsResponse>, Status> {
+        let req = request.into_inner();
+        let tariffs = self
+            .engine
+            .call(move |core, _| {
+                let mut tariffs: Vec<&Tariff> = core
+                    .ledger
+                    .tariffs()
+                    .all()
+                    .filter(|t| req.model.is_empty() || t.model == req.model)
+                    .collect();
+                tariffs.sort_by(|a, b| (&a.model, a.valid_from).cmp(&(&b.model, b.valid_from)));
+                Ok(tariffs.into_iter().map(Tariff::to_pb).collect())
+            })
+            .await?;
+        Ok(Response::new(pb::ListTariffsResponse { tariffs }))
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let agents = self
+            .engine
+            .call(|core, _| {
+                let mut agents: Vec<pb::AgentView> = core
+                    .ledger
+                    .agents()
+                    .map(|a| pb::AgentView {
+                        agent_id: a.agent_id.clone(),
+                        epoch: a.epoch,
+                        connected: core.sessions.contains_key(&a.agent_id),
+                        high_water_seq: a.high_water_seq,
+                        neuron_id: a.neuron_id.clone(),
+                        slices: core
+                            .ledger
+                            .slices_of(&a.agent_id)
+                            .map(|(key_id, held)| pb::AgentSlice {
+                                key_id: key_id.clone(),
+                                outstanding: Some(held.to_pb()),
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+                Ok(agents)
+            })
+            .await?;
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+}
+

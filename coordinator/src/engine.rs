@@ -1,0 +1,310 @@
+//! The engine: the one task that owns the ledger and the agent sessions'
+//! outboxes. Everything that reads or changes budgets is a job sent to it.
+//! Jobs run one after another; the engine drains what is queued (up to a
+//! batch size, after an optional settle window), commits the writes of the
+//! whole batch in one store transaction, and only then delivers the replies
+//! and the messages to agents. A failed or uncertain commit reloads the
+//! ledger from the store and fails every job of the batch: nobody is told
+//! of a change that is not durable.
+
+use crate::ledger::{Ledger, LedgerConfig};
+use crate::store::{Store, StoreError, StoreWrite};
+use allot::clock::{self, UnixMs};
+use allot::pb;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Messages to one agent, as its session stream expects them.
+pub type Outbox = mpsc::Sender<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+/// A connected agent session.
+pub struct SessionLink {
+    pub epoch: u64,
+    pub outbox: Outbox,
+    /// Usage records up to this sequence number were already taken out of
+    /// the slices the agent reported in its Hello.
+    pub reconcile_seq: u64,
+}
+
+/// What the engine's jobs may touch.
+pub struct Core {
+    pub ledger: Ledger,
+    pub sessions: HashMap<String, SessionLink>,
+    /// Agents that looked a key up, to push changes of that key to.
+    pub watchers: HashMap<String, HashSet<String>>,
+    /// Agents known but not connected, since when.
+    pub disconnected: HashMap<String, Instant>,
+    pub settings: EngineSettings,
+}
+
+impl Core {
+    /// Queues `message` to every connected agent in `agents`.
+    pub fn push_to(&self, fx: &mut Effects, agents: impl IntoIterator<Item = String>, message: pb::coordinator_message::Msg) {
+        for agent_id in agents {
+            if let Some(link) = self.sessions.get(&agent_id) {
+                fx.send(&link.outbox, message.clone());
+            }
+        }
+    }
+
+    /// Every agent that should hear about a change of `key_id`: those that
+    /// looked it up and those holding a slice of it.
+    pub fn interested_in(&self, key_id: &str) -> HashSet<String> {
+        let mut agents: HashSet<String> = self.watchers.get(key_id).cloned().unwrap_or_default();
+        agents.extend(self.ledger.holders_of(key_id));
+        agents
+    }
+}
+
+type AfterCommit = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
+
+/// What a batch of jobs produced: writes to commit, then what to do once
+/// the commit is known.
+pub struct Effects {
+    pub now: UnixMs,
+    pub writes: Vec<StoreWrite>,
+    after: Vec<AfterCommit>,
+    outbox: Vec<(Outbox, pb::coordinator_message::Msg)>,
+}
+
+impl Effects {
+    fn new(now: UnixMs) -> Effects {
+        Effects {
+            now,
+            writes: Vec::new(),
+            after: Vec::new(),
+            outbox: Vec::new(),
+        }
+    }
+
+    /// Runs `f` with the commit's outcome.
+    pub fn after_commit(&mut self, f: impl FnOnce(Result<(), &StoreError>) + Send + 'static) {
+        self.after.push(Box::new(f));
+    }
+
+    /// Sends `message` to an agent once the batch is committed.
+    pub fn send(&mut self, outbox: &Outbox, message: pb::coordinator_message::Msg) {
+        self.outbox.push((outbox.clone(), message));
+    }
+}
+
+pub type Job = Box<dyn FnOnce(&mut Core, &mut Effects) + Send>;
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub lease_ttl: Duration,
+    pub dead_after: Duration,
+    pub settle_window: Duration,
+    pub max_batch: usize,
+    pub ledger: LedgerConfig,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            lease_ttl: Duration::from_secs(30),
+            dead_after: Duration::from_secs(120),
+            settle_window: Duration::from_millis(2),
+            max_batch: 4096,
+            ledger: LedgerConfig::default(),
+        }
+    }
+}
+
+/// Errors a job reports to its caller.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    #[error("store unavailable: {0}")]
+    Store(String),
+    #[error("coordinator is shutting down")]
+    Stopped,
+}
+
+/// A cloneable handle to the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl EngineHandle {
+    /// Runs `f` on the engine; its result is returned once its writes are
+    /// durable. `f` must validate before it mutates: an `Err` must leave the
+    /// ledger unchanged.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Core, &mut Effects) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |core, fx| match f(core, fx) {
+            Ok(value) => fx.after_commit(move |outcome| {
+                let _ = reply.send(outcome.map(|_| value).map_err(|e| EngineError::Store(e.to_string())));
+            }),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        });
+        self.jobs.send(job).await.map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Queues a job without waiting for it.
+    pub async fn submit(&self, job: Job) -> Result<(), EngineError> {
+        self.jobs.send(job).await.map_err(|_| EngineError::Stopped)
+    }
+}
+
+pub struct Engine {
+    core: Core,
+    store: Arc<dyn Store>,
+    jobs: mpsc::Receiver<Job>,
+}
+
+impl Engine {
+    /// Loads the ledger from the store and returns the engine and its handle.
+    pub async fn load(store: Arc<dyn Store>, settings: EngineSettings) -> Result<(Engine, EngineHandle), StoreError> {
+        let stored = store.load().await?;
+        let ledger = Ledger::from_stored(settings.ledger.clone(), stored);
+        let now = Instant::now();
+        let disconnected = ledger.agents().map(|a| (a.agent_id.clone(), now)).collect();
+        let (tx, rx) = mpsc::channel(65_536);
+        let engine = Engine {
+            core: Core {
+                ledger,
+                sessions: HashMap::new(),
+                watchers: HashMap::new(),
+                disconnected,
+                settings,
+            },
+            store,
+            jobs: rx,
+        };
+        Ok((engine, EngineHandle { jobs: tx }))
+    }
+
+    /// Runs until every handle is dropped.
+    pub async fn run(mut self) {
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                job = self.jobs.recv() => match job {
+                    Some(job) => job,
+                    None => return,
+                },
+                _ = sweep.tick() => {
+                    self.release_dead_agents().await;
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            let window = self.core.settings.settle_window;
+            if !window.is_zero() {
+                let deadline = tokio::time::Instant::now() + window;
+                while batch.len() < self.core.settings.max_batch {
+                    match tokio::time::timeout_at(deadline, self.jobs.recv()).await {
+                        Ok(Some(job)) => batch.push(job),
+                        _ => break,
+                    }
+                }
+            }
+            while batch.len() < self.core.settings.max_batch {
+                match self.jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(batch).await;
+        }
+    }
+
+    async fn run_batch(&mut self, batch: Vec<Job>) {
+        let mut fx = Effects::new(clock::now_ms());
+        let jobs = batch.len();
+        for job in batch {
+            job(&mut self.core, &mut fx);
+        }
+        let Effects {
+            writes, after, outbox, ..
+        } = fx;
+        let write_count = writes.len();
+        let started = Instant::now();
+        let outcome = if writes.is_empty() {
+            Ok(())
+        } else {
+            self.store.commit(writes).await
+        };
+        metrics::histogram!("allot_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("allot_engine_batch_jobs").record(jobs as f64);
+        match &outcome {
+            Ok(()) => {
+                for (link, message) in outbox {
+                    let message = pb::CoordinatorMessage { msg: Some(message) };
+                    if link.try_send(Ok(message)).is_err() {
+                        metrics::counter!("allot_session_outbox_full_total").increment(1);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, writes = write_count, "store commit failed; reloading the ledger");
+                metrics::counter!("allot_store_commit_failures_total").increment(1);
+                self.reload().await;
+            }
+        }
+        let outcome_ref = outcome.as_ref().map(|_| ()).map_err(|e| e);
+        for f in after {
+            f(outcome_ref);
+        }
+    }
+
+    async fn reload(&mut self) {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.store.load().await {
+                Ok(stored) => {
+                    self.core.ledger = Ledger::from_stored(self.core.settings.ledger.clone(), stored);
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "reloading the ledger failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn release_dead_agents(&mut self) {
+        let dead_after = self.core.settings.dead_after;
+        let dead: Vec<String> = self
+            .core
+            .disconnected
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= dead_after)
+            .map(|(agent, _)| agent.clone())
+            .collect();
+        if dead.is_empty() {
+            return;
+        }
+        let jobs: Vec<Job> = dead
+            .into_iter()
+            .map(|agent_id| -> Job {
+                Box::new(move |core: &mut Core, fx: &mut Effects| {
+                    core.disconnected.remove(&agent_id);
+                    if core.sessions.contains_key(&agent_id) {
+                        return;
+                    }
+                    let released = core.ledger.release_agent(&agent_id, &mut fx.writes);
+                    if released > 0 {
+                        tracing::warn!(agent_id, slices = released, "agent declared dead; its slices are released");
+                        metrics::counter!("allot_agents_declared_dead_total").increment(1);
+                    }
+                })
+            })
+            .collect();
+        self.run_batch(jobs).await;
+    }
+}

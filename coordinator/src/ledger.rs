@@ -1,0 +1,926 @@
+//! The ledger: accounts, keys, limits, spend counters, agents' slices and
+//! usage high-water marks, as plain data with the decisions that change them
+//! (grants, denials, settlement, credits). No I/O: every mutation appends the
+//! [`StoreWrite`]s that make it durable, and the engine commits them before
+//! anyone hears of the change.
+//!
+//! The invariant, for every limit of every scope (key or account):
+//! `spent(now) + held(scope, unit) <= cap`, where `held` is the sum of what
+//! agents hold for keys under that scope (their unspent allowance plus their
+//! in-flight reservations). A grant is carved only from what is left, so the
+//! invariant holds whatever agents do with their slices. The only exception
+//! is usage larger than its reservation (a neuron reporting more than was
+//! reserved) or reported late by an agent declared dead: it is charged
+//! anyway, never lost, and counted.
+
+use crate::store::{StoreWrite, StoredState};
+use allot::key::{KeyHash, Purpose};
+use allot::limit::{Limit, Window};
+use allot::tariff::{Price, Tariff, TariffBook};
+use allot::clock::UnixMs;
+use allot::window::SpendCounter;
+use allot::{Amounts, Unit};
+use rust_decimal::Decimal;
+use std::collections::{HashMap, HashSet};
+
+/// Whose spend a counter counts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    Key(String),
+    Account(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccountRecord {
+    pub account_id: String,
+    pub name: String,
+    /// Sum of every credit transaction.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub credited: Decimal,
+    pub limits: Vec<Limit>,
+    pub created_at_ms: UnixMs,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyRecord {
+    pub key_id: String,
+    pub account_id: String,
+    pub hash: KeyHash,
+    pub purpose: Purpose,
+    pub revoked: bool,
+    pub allowed_models: Vec<String>,
+    pub name: String,
+    pub limits: Vec<Limit>,
+    pub created_at_ms: UnixMs,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CounterEntry {
+    pub unit: Unit,
+    pub counter: SpendCounter,
+}
+
+/// Every spend counter of one scope, stored as one value so that settling a
+/// request writes one key per scope, whatever the number of limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScopeCounters {
+    pub entries: Vec<CounterEntry>,
+}
+
+impl ScopeCounters {
+    fn get(&self, unit: Unit, window: Window) -> Option<&SpendCounter> {
+        self.entries
+            .iter()
+            .find(|e| e.unit == unit && e.counter.window() == window)
+            .map(|e| &e.counter)
+    }
+
+    fn ensure(&mut self, unit: Unit, window: Window, now: UnixMs) -> bool {
+        if self.get(unit, window).is_some() {
+            return false;
+        }
+        self.entries.push(CounterEntry {
+            unit,
+            counter: SpendCounter::new(window, now),
+        });
+        true
+    }
+
+    fn record(&mut self, amounts: &Amounts, now: UnixMs) {
+        for entry in &mut self.entries {
+            let amount = amounts.value(entry.unit);
+            if !amount.is_zero() {
+                entry.counter.record(now, amount);
+            }
+        }
+    }
+
+    /// All-time spend in `unit`.
+    pub fn total(&self, unit: Unit) -> Decimal {
+        self.get(unit, Window::Balance)
+            .map(|c| c.spent(0))
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentRecord {
+    pub agent_id: String,
+    pub epoch: u64,
+    /// Every usage record of this agent up to here is settled.
+    pub high_water_seq: u64,
+    pub neuron_id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransactionKind {
+    Purchase,
+    Adjustment,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransactionRecord {
+    pub account_id: String,
+    pub source_id: String,
+    pub kind: TransactionKind,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    pub at_ms: UnixMs,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LedgerError {
+    #[error("{what} {id:?} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{what} {id:?} already exists")]
+    AlreadyExists { what: &'static str, id: String },
+    #[error(transparent)]
+    Invalid(#[from] allot::InvalidArgument),
+    #[error("{0}")]
+    FailedPrecondition(String),
+}
+
+/// Why an ask was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// A balance limit or the account balance is exhausted.
+    InsufficientQuota,
+    /// A rolling or calendar limit is exhausted until `retry_at`.
+    RateLimited,
+    KeyRevoked,
+    UnknownKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: DenyReason,
+    /// When the ask could fit, for rate limits.
+    pub retry_at: Option<UnixMs>,
+    pub message: String,
+}
+
+/// One limit as seen from a grant or a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitView {
+    pub scope: Scope,
+    pub limit: Limit,
+    pub spent: Decimal,
+    /// What all agents hold under this limit's scope.
+    pub held: Decimal,
+    pub remaining: Decimal,
+    pub next_refill: Option<UnixMs>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantDecision {
+    pub amount: Amounts,
+    pub limits: Vec<LimitView>,
+}
+
+/// A usage record, validated at the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub seq: u64,
+    pub key_id: String,
+    pub model: String,
+    pub purpose: Purpose,
+    pub completion_window: Option<String>,
+    pub admitted_at: UnixMs,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// The request reached a neuron and produced output: it counts as a
+    /// request. A request that failed before any output costs nothing.
+    pub charged: bool,
+    /// What admission reserved for it.
+    pub reserved: Amounts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettleOutcome {
+    Settled {
+        cost: Decimal,
+        free: bool,
+        /// Usage beyond what the slice held (over-reporting neuron).
+        excess: bool,
+        /// The agent's slice was gone (agent declared dead): late usage.
+        late: bool,
+    },
+    Duplicate,
+    /// A record is missing before this one; nothing settled.
+    Gap { expected: u64 },
+}
+
+/// Tunables of the ledger's decisions.
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    /// Fraction of what is left that one grant may take beyond its need.
+    pub grant_share: Decimal,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            grant_share: Decimal::new(5, 1),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ScopeState {
+    counters: ScopeCounters,
+    /// What agents hold under this scope, per unit.
+    held: [Decimal; 3],
+}
+
+#[derive(Debug, Default)]
+pub struct Ledger {
+    config: LedgerConfig,
+    accounts: HashMap<String, AccountRecord>,
+    keys: HashMap<String, KeyRecord>,
+    key_by_hash: HashMap<KeyHash, String>,
+    keys_by_account: HashMap<String, Vec<String>>,
+    scopes: HashMap<Scope, ScopeState>,
+    slices: HashMap<String, HashMap<String, Amounts>>,
+    agents: HashMap<String, AgentRecord>,
+    tariffs: TariffBook,
+    transactions: HashSet<(String, String)>,
+}
+
+fn not_found(what: &'static str, id: &str) -> LedgerError {
+    LedgerError::NotFound {
+        what,
+        id: id.to_string(),
+    }
+}
+
+impl Ledger {
+    pub fn new(config: LedgerConfig) -> Ledger {
+        Ledger {
+            config,
+            ..Ledger::default()
+        }
+    }
+
+    /// Rebuilds the ledger from what the store holds.
+    pub fn from_stored(config: LedgerConfig, state: StoredState) -> Ledger {
+        let mut ledger = Ledger::new(config);
+        for account in state.accounts {
+            ledger.accounts.insert(account.account_id.clone(), account);
+        }
+        for key in state.keys {
+            ledger.index_key(&key);
+            ledger.keys.insert(key.key_id.clone(), key);
+        }
+        for (scope, counters) in state.counters {
+            ledger.scopes.entry(scope).or_default().counters = counters;
+        }
+        for (agent_id, key_id, held) in state.slices {
+            ledger.add_held(&key_id, &held, 1);
+            ledger.slices.entry(agent_id).or_default().insert(key_id, held);
+        }
+        for agent in state.agents {
+            ledger.agents.insert(agent.agent_id.clone(), agent);
+        }
+        ledger.tariffs = TariffBook::new(state.tariffs);
+        for t in state.transactions {
+            ledger.transactions.insert((t.account_id, t.source_id));
+        }
+        ledger
+    }
+
+    fn index_key(&mut self, key: &KeyRecord) {
+        self.key_by_hash.insert(key.hash, key.key_id.clone());
+        self.keys_by_account
+            .entry(key.account_id.clone())
+            .or_default()
+            .push(key.key_id.clone());
+    }
+
+    // ----- reads -------------------------------------------------------
+
+    pub fn account(&self, account_id: &str) -> Option<&AccountRecord> {
+        self.accounts.get(account_id)
+    }
+
+    pub fn accounts(&self) -> impl Iterator<Item = &AccountRecord> {
+        self.accounts.values()
+    }
+
+    pub fn key(&self, key_id: &str) -> Option<&KeyRecord> {
+        self.keys.get(key_id)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &KeyRecord> {
+        self.keys.values()
+    }
+
+    pub fn keys_of_account(&self, account_id: &str) -> &[String] {
+        self.keys_by_account
+            .get(account_id)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// The key whose secret hashes to `hash`, compared in constant time.
+    pub fn key_by_hash(&self, hash: &KeyHash) -> Option<&KeyRecord> {
+        let key_id = self.key_by_hash.get(hash)?;
+        let key = self.keys.get(key_id)?;
+        key.hash.ct_eq(hash).then_some(key)
+    }
+
+    pub fn tariffs(&self) -> &TariffBook {
+        &self.tariffs
+    }
+
+    pub fn agents(&self) -> impl Iterator<Item = &AgentRecord> {
+        self.agents.values()
+    }
+
+    pub fn agent(&self, agent_id: &str) -> Option<&AgentRecord> {
+        self.agents.get(agent_id)
+    }
+
+    pub fn slices_of(&self, agent_id: &str) -> impl Iterator<Item = (&String, &Amounts)> {
+        self.slices.get(agent_id).into_iter().flatten()
+    }
+
+    /// Agents holding a slice for `key_id`.
+    pub fn holders_of(&self, key_id: &str) -> Vec<String> {
+        self.slices
+            .iter()
+            .filter(|(_, slices)| slices.contains_key(key_id))
+            .map(|(agent, _)| agent.clone())
+            .collect()
+    }
+
+    fn scope_held(&self, scope: &Scope, unit: Unit) -> Decimal {
+        self.scopes
+            .get(scope)
+            .map(|s| s.held[unit.index()])
+            .unwrap_or_default()
+    }
+
+    fn counter(&self, scope: &Scope, unit: Unit, window: Window) -> Option<&SpendCounter> {
+        self.scopes.get(scope)?.counters.get(unit, window)
+    }
+
+    /// Every limit that applies to requests of `key`: its own, its
+    /// account's, and the account balance (credits, cap = credited).
+    fn applicable_limits(&self, key: &KeyRecord) -> Vec<(Scope, Limit)> {
+        let mut limits: Vec<(Scope, Limit)> = key
+            .limits
+            .iter()
+            .map(|l| (Scope::Key(key.key_id.clone()), *l))
+            .collect();
+        if let Some(account) = self.accounts.get(&key.account_id) {
+            let scope = Scope::Account(account.account_id.clone());
+            limits.extend(account.limits.iter().map(|l| (scope.clone(), *l)));
+            limits.push((
+                scope,
+                Limit {
+                    unit: Unit::Credits,
+                    amount: account.credited,
+                    window: Window::Balance,
+                },
+            ));
+        }
+        limits
+    }
+
+    fn view(&self, scope: &Scope, limit: &Limit, now: UnixMs) -> LimitView {
+        let counter = self.counter(scope, limit.unit, limit.window);
+        let spent = counter.map(|c| c.spent(now)).unwrap_or_default();
+        let held = self.scope_held(scope, limit.unit);
+        LimitView {
+            scope: scope.clone(),
+            limit: *limit,
+            spent,
+            held,
+            remaining: (limit.amount - spent - held).max(Decimal::ZERO),
+            next_refill: counter.and_then(|c| c.next_refill(now)),
+        }
+    }
+
+    /// Spent, held and remaining for every limit that applies to `key_id`.
+    pub fn limit_views(&self, key_id: &str, now: UnixMs) -> Result<Vec<LimitView>, LedgerError> {
+        let key = self.keys.get(key_id).ok_or_else(|| not_found("key", key_id))?;
+        Ok(self
+            .applicable_limits(key)
+            .iter()
+            .map(|(scope, limit)| self.view(scope, limit, now))
+            .collect())
+    }
+
+    /// Settled credits, held credits of an account.
+    pub fn account_spend(&self, account_id: &str) -> (Decimal, Decimal) {
+        let scope = Scope::Account(account_id.to_string());
+        let spent = self
+            .scopes
+            .get(&scope)
+            .map(|s| s.counters.total(Unit::Credits))
+            .unwrap_or_default();
+        (spent, self.scope_held(&scope, Unit::Credits))
+    }
+
+    // ----- operator changes -------------------------------------------
+
+    pub fn create_account(
+        &mut self,
+        account_id: &str,
+        name: &str,
+        now: UnixMs,
+        writes: &mut Vec<StoreWrite>,
+    ) -> Result<AccountRecord, LedgerError> {
+        if self.accounts.contains_key(account_id) {
+            return Err(LedgerError::AlreadyExists {
+                what: "account",
+                id: account_id.to_string(),
+            });
+        }
+        let account = AccountRecord {
+            account_id: account_id.to_string(),
+            name: name.to_string(),
+            credited: Decimal::ZERO,
+            limits: Vec::new(),
+            created_at_ms: now,
+        };
+        self.accounts.insert(account_id.to_string(), account.clone());
+        self.ensure_counters(&Scope::Account(account_id.to_string()), now, writes);
+        writes.push(StoreWrite::PutAccount(account.clone()));
+        Ok(account)
+    }
+
+    /// Applies a credit transaction once per `(account, source_id)`.
+    /// Returns `true` when it was a duplicate (nothing changed).
+    pub fn credit(
+        &mut self,
+        account_id: &str,
+        source_id: &str,
+        kind: TransactionKind,
+        amount: Decimal,
+        now: UnixMs,
+        writes: &mut Vec<StoreWrite>,
+    ) -> Result<bool, LedgerError> {
+        let Some(account) = self.accounts.get_mut(account_id) else {
+            return Err(not_found("account", account_id));
+        };
+        let txn_id = (account_id.to_string(), source_id.to_string());
+        if self.transactions.contains(&txn_id) {
+            return Ok(true);
+        }
+        account.credited += amount;
+        writes.push(StoreWrite::PutAccount(account.clone()));
+        writes.push(StoreWrite::PutTransaction(TransactionRecord {
+            account_id: account_id.to_string(),
+            source_id: source_id.to_string(),
+            kind,
+            amount,
+            at_ms: now,
+        }));
+        self.transactions.insert(txn_id);
+        Ok(false)
+    }
+
+    pub fn create_key(
+        &mut self,
+        key: KeyRecord,
+        writes: &mut Vec<StoreWrite>,
+    ) -> Result<KeyRecord, LedgerError> {
+        if !self.accounts.contains_key(&key.account_id) {
+            return Err(not_found("account", &key.account_id));
+        }
+        if self.keys.contains_key(&key.key_id) {
+            return Err(LedgerError::AlreadyExists {
+                what: "key",
+                id: key.key_id.clone(),
+            });
+        }
+        if self.key_by_hash.contains_key(&key.hash) {
+            return Err(LedgerError::FailedPrecondition(
+                "a key with this secret already exists".into(),
+            ));
+        }
+        self.index_key(&key);
+        self.keys.insert(key.key_id.clone(), key.clone());
+        self.ensure_counters(&Scope::Key(key.key_id.clone()), key.created_at_ms, writes);
+        writes.push(StoreWrite::PutKey(key.clone()));
+        Ok(key)
+    }
+
+    pub fn revoke_key(
+        &mut self,
+        key_id: &str,
+        writes: &mut Vec<StoreWrite>,
+    ) -> Result<KeyRecord, LedgerError> {
+        let key = self.keys.get_mut(key_id).ok_or_else(|| not_found("key", key_id))?;
+        if !key.revoked {
+            key.revoked = true;
+            writes.push(StoreWrite::PutKey(key.clone()));
+        }
+        Ok(key.clone())
+    }
+
+    /// Replaces the limits of a scope. Spend already counted in a unit and
+    /// window that stays keeps counting.
+    pub fn set_limits(
+        &mut self,
+        scope: &Scope,
+        limits: Vec<Limit>,
+        now: UnixMs,
+        writes: &mut Vec<StoreWrite>,
+    ) -> Result<(), LedgerError> {
+        match scope {
+            Scope::Key(id) => {
+                let key = self.keys.get_mut(id).ok_or_else(|| not_found("key", id))?;
+                key.limits = limits;
+                writes.push(StoreWrite::PutKey(key.clone()));
+            }
+            Scope::Account(id) => {
+                let account = self
+                    .accounts
+                    .get_mut(id)
+                    .ok_or_else(|| not_found("account", id))?;
+                account.limits = limits;
+                writes.push(StoreWrite::PutAccount(account.clone()));
+            }
+        }
+        self.ensure_counters(scope, now, writes);
+        Ok(())
+    }
+
+    pub fn put_tariff(&mut self, tariff: Tariff, writes: &mut Vec<StoreWrite>) {
+        writes.push(StoreWrite::PutTariff(tariff.clone()));
+        self.tariffs.put(tariff);
+    }
+
+    /// Makes sure the scope counts all-time spend per unit and every window
+    /// its limits use.
+    fn ensure_counters(&mut self, scope: &Scope, now: UnixMs, writes: &mut Vec<StoreWrite>) {
+        let limits: Vec<Limit> = match scope {
+            Scope::Key(id) => self.keys.get(id).map(|k| k.limits.clone()),
+            Scope::Account(id) => self.accounts.get(id).map(|a| a.limits.clone()),
+        }
+        .unwrap_or_default();
+        let state = self.scopes.entry(scope.clone()).or_default();
+        let mut changed = false;
+        for unit in Unit::ALL {
+            changed |= state.counters.ensure(unit, Window::Balance, now);
+        }
+        for limit in limits {
+            changed |= state.counters.ensure(limit.unit, limit.window, now);
+        }
+        if changed {
+            writes.push(StoreWrite::PutCounters(scope.clone(), state.counters.clone()));
+        }
+    }
+
+    // ----- agents ------------------------------------------------------
+
+    /// Adds `sign × amounts` to what is held under the key's scopes.
+    fn add_held(&mut self, key_id: &str, amounts: &Amounts, sign: i64) {
+        let Some(account_id) = self.keys.get(key_id).map(|k| k.account_id.clone()) else {
+            return;
+        };
+        let sign = Decimal::from(sign);
+        for scope in [Scope::Key(key_id.to_string()), Scope::Account(account_id)] {
+            let state = self.scopes.entry(scope).or_default();
+            for unit in Unit::ALL {
+                if let Some(v) = amounts.get(unit) {
+                    let held = &mut state.held[unit.index()];
+                    *held = (*held + sign * v).max(Decimal::ZERO);
+                }
+            }
+        }
+    }
+
+    fn put_slice(&mut self, agent_id: &str, key_id: &str, held: Amounts, writes: &mut Vec<StoreWrite>) {
+        let old = self
+            .slices
+            .get(agent_id)
+            .and_then(|s| s.get(key_id))
+            .copied();
+        if let Some(old) = old {
+            self.add_held(key_id, &old, -1);
+        }
+        self.add_held(key_id, &held, 1);
+        self.slices
+            .entry(agent_id.to_string())
+            .or_default()
+            .insert(key_id.to_string(), held);
+        writes.push(StoreWrite::PutSlice {
+            agent_id: agent_id.to_string(),
+            key_id: key_id.to_string(),
+            held,
+        });
+    }
+
+    fn delete_slice(&mut self, agent_id: &str, key_id: &str, writes: &mut Vec<StoreWrite>) {
+        let Some(old) = self.slices.get_mut(agent_id).and_then(|s| s.remove(key_id)) else {
+            return;
+        };
+        self.add_held(key_id, &old, -1);
+        writes.push(StoreWrite::DeleteSlice {
+            agent_id: agent_id.to_string(),
+            key_id: key_id.to_string(),
+        });
+    }
+
+    /// An agent (re)connects. Its report replaces whatever the ledger
+    /// thought it held: only the agent knows what it admitted. Returns its
+    /// usage high-water mark.
+    pub fn hello(
+        &mut self,
+        agent_id: &str,
+        epoch: u64,
+        neuron_id: &str,
+        reported: Vec<(String, Amounts)>,
+        writes: &mut Vec<StoreWrite>,
+    ) -> Result<u64, LedgerError> {
+        let record = self
+            .agents
+            .entry(agent_id.to_string())
+            .or_insert_with(|| AgentRecord {
+                agent_id: agent_id.to_string(),
+                epoch: 0,
+                high_water_seq: 0,
+                neuron_id: neuron_id.to_string(),
+            });
+        if epoch < record.epoch {
+            return Err(LedgerError::FailedPrecondition(format!(
+                "agent {agent_id} epoch {epoch} is older than the current epoch {}",
+                record.epoch
+            )));
+        }
+        record.epoch = epoch;
+        record.neuron_id = neuron_id.to_string();
+        let high_water_seq = record.high_water_seq;
+        writes.push(StoreWrite::PutAgent(record.clone()));
+
+        let reported: HashMap<String, Amounts> = reported
+            .into_iter()
+            .filter(|(key_id, _)| self.keys.contains_key(key_id))
+            .collect();
+        let known: Vec<String> = self.slices_of(agent_id).map(|(k, _)| k.clone()).collect();
+        for key_id in known {
+            if !reported.contains_key(&key_id) {
+                self.delete_slice(agent_id, &key_id, writes);
+            }
+        }
+        for (key_id, held) in reported {
+            if held.is_zero() {
+                self.delete_slice(agent_id, &key_id, writes);
+            } else {
+                self.put_slice(agent_id, &key_id, held, writes);
+            }
+        }
+        Ok(high_water_seq)
+    }
+
+    /// Releases every slice of an agent declared dead.
+    pub fn release_agent(&mut self, agent_id: &str, writes: &mut Vec<StoreWrite>) -> usize {
+        let keys: Vec<String> = self.slices_of(agent_id).map(|(k, _)| k.clone()).collect();
+        for key_id in &keys {
+            self.delete_slice(agent_id, key_id, writes);
+        }
+        keys.len()
+    }
+
+    /// An agent gives back part of its slice.
+    pub fn give_back(&mut self, agent_id: &str, key_id: &str, amount: &Amounts, writes: &mut Vec<StoreWrite>) {
+        let Some(current) = self.slices.get(agent_id).and_then(|s| s.get(key_id)).copied() else {
+            return;
+        };
+        let left = current.saturating_sub(amount);
+        if left.is_zero() {
+            self.delete_slice(agent_id, key_id, writes);
+        } else {
+            self.put_slice(agent_id, key_id, left, writes);
+        }
+    }
+
+    /// Decides an allowance ask: what to add to the agent's slice for
+    /// `key_id`, or why not. `need` is what a waiting request lacks; `want`
+    /// is what the agent would like to hold.
+    pub fn ask(
+        &mut self,
+        agent_id: &str,
+        key_id: &str,
+        need: &Amounts,
+        want: &Amounts,
+        now: UnixMs,
+        writes: &mut Vec<StoreWrite>,
+    ) -> Result<GrantDecision, Refusal> {
+        let Some(key) = self.keys.get(key_id) else {
+            return Err(Refusal {
+                reason: DenyReason::UnknownKey,
+                retry_at: None,
+                message: format!("key {key_id} does not exist"),
+            });
+        };
+        if key.revoked {
+            return Err(Refusal {
+                reason: DenyReason::KeyRevoked,
+                retry_at: None,
+                message: "the key was revoked".into(),
+            });
+        }
+        let views: Vec<LimitView> = self
+            .applicable_limits(key)
+            .iter()
+            .map(|(scope, limit)| self.view(scope, limit, now))
+            .collect();
+        let mut grant = Amounts::UNLIMITED;
+        for unit in Unit::ALL {
+            let in_unit: Vec<&LimitView> = views.iter().filter(|v| v.limit.unit == unit).collect();
+            if in_unit.is_empty() {
+                continue;
+            }
+            let need_u = need.value(unit);
+            let room = in_unit
+                .iter()
+                .map(|v| v.remaining)
+                .min()
+                .unwrap_or_default();
+            if need_u > room {
+                return Err(self.refusal(&in_unit, need_u, now));
+            }
+            let share = (room * self.config.grant_share).max(need_u);
+            let mut amount = want.value(unit).max(need_u).min(share).min(room);
+            if unit.is_integral() {
+                amount = amount.floor();
+            }
+            grant.set(unit, Some(amount));
+        }
+        let current = self
+            .slices
+            .get(agent_id)
+            .and_then(|s| s.get(key_id))
+            .copied();
+        let held = match current {
+            Some(current) => {
+                let mut merged = current;
+                for unit in Unit::ALL {
+                    merged.set(
+                        unit,
+                        match (current.get(unit), grant.get(unit)) {
+                            (_, None) => None,
+                            (c, Some(g)) => Some(c.unwrap_or_default() + g),
+                        },
+                    );
+                }
+                merged
+            }
+            None => grant,
+        };
+        if !grant.is_zero() || current.is_none() {
+            self.put_slice(agent_id, key_id, held, writes);
+        }
+        let limits = views
+            .iter()
+            .map(|v| self.view(&v.scope, &v.limit, now))
+            .collect();
+        Ok(GrantDecision {
+            amount: grant,
+            limits,
+        })
+    }
+
+    fn refusal(&self, failing: &[&LimitView], need: Decimal, now: UnixMs) -> Refusal {
+        let exhausted: Vec<&&LimitView> = failing.iter().filter(|v| v.remaining < need).collect();
+        if let Some(balance) = exhausted.iter().find(|v| v.limit.window.is_balance()) {
+            return Refusal {
+                reason: DenyReason::InsufficientQuota,
+                retry_at: None,
+                message: format!(
+                    "{} {} balance exhausted: {} of {} left, {} needed",
+                    scope_label(&balance.scope),
+                    balance.limit.unit.as_str(),
+                    balance.remaining,
+                    balance.limit.amount,
+                    need
+                ),
+            };
+        }
+        let mut retry_at = now;
+        let mut message = String::new();
+        for view in &exhausted {
+            let counter = self.counter(&view.scope, view.limit.unit, view.limit.window);
+            let fits = counter.and_then(|c| c.fits_at(now, view.limit.amount, view.held, need));
+            let at = fits.unwrap_or_else(|| match view.limit.window {
+                // Never fits while this much is held or asked: the longest
+                // wait this window can impose.
+                Window::Rolling { seconds } => now + (seconds * 1000) as i64,
+                _ => counter.and_then(|c| c.next_refill(now)).unwrap_or(now + 1000),
+            });
+            if at >= retry_at {
+                retry_at = at;
+                message = format!(
+                    "{} {} limit of {} reached: {} left, {} needed",
+                    scope_label(&view.scope),
+                    view.limit.unit.as_str(),
+                    view.limit.amount,
+                    view.remaining,
+                    need
+                );
+            }
+        }
+        Refusal {
+            reason: DenyReason::RateLimited,
+            retry_at: Some(retry_at.max(now + 1)),
+            message,
+        }
+    }
+
+    /// Prices a record with the tariff in force at its admission time.
+    pub fn price(&self, usage: &Usage) -> Price<'_> {
+        self.tariffs.choose(
+            &usage.model,
+            usage.purpose,
+            usage.completion_window.as_deref(),
+            usage.admitted_at,
+        )
+    }
+
+    /// Settles one usage record exactly once. `from_slice`: the record's
+    /// reservation came out of the agent's current slice (false for records
+    /// the agent had already taken out of the slice it reported in Hello).
+    pub fn settle(
+        &mut self,
+        agent_id: &str,
+        usage: &Usage,
+        from_slice: bool,
+        now: UnixMs,
+        writes: &mut Vec<StoreWrite>,
+    ) -> SettleOutcome {
+        let Some(agent) = self.agents.get(agent_id) else {
+            return SettleOutcome::Gap { expected: 1 };
+        };
+        if usage.seq <= agent.high_water_seq {
+            return SettleOutcome::Duplicate;
+        }
+        if usage.seq != agent.high_water_seq + 1 {
+            return SettleOutcome::Gap {
+                expected: agent.high_water_seq + 1,
+            };
+        }
+        let price = self.price(usage);
+        let (cost, free) = match price {
+            Price::Tariff(t) => (t.cost(usage.prompt_tokens, usage.completion_tokens), false),
+            Price::Free => (Decimal::ZERO, true),
+        };
+        let actual = if usage.charged {
+            Amounts::request(usage.prompt_tokens + usage.completion_tokens, cost)
+        } else {
+            Amounts::zero()
+        };
+        let excess = Unit::ALL.iter().any(|u| {
+            usage.reserved.get(*u).is_some_and(|r| actual.value(*u) > r)
+        });
+        let mut late = false;
+        if let Some(account_id) = self.keys.get(&usage.key_id).map(|k| k.account_id.clone()) {
+            for scope in [Scope::Key(usage.key_id.clone()), Scope::Account(account_id)] {
+                self.ensure_counters(&scope, now, writes);
+                let state = self.scopes.entry(scope.clone()).or_default();
+                state.counters.record(&actual, now);
+                writes.push(StoreWrite::PutCounters(scope, state.counters.clone()));
+            }
+            if from_slice {
+                match self.slices.get(agent_id).and_then(|s| s.get(&usage.key_id)).copied() {
+                    Some(held) => {
+                        let left = held.saturating_sub(&actual);
+                        self.put_slice(agent_id, &usage.key_id, left, writes);
+                    }
+                    None => late = true,
+                }
+            }
+        }
+        let agent = self.agents.get_mut(agent_id).expect("checked above");
+        agent.high_water_seq = usage.seq;
+        writes.push(StoreWrite::PutAgent(agent.clone()));
+        SettleOutcome::Settled {
+            cost,
+            free: free && usage.charged,
+            excess,
+            late,
+        }
+    }
+
+    /// Checks the cap invariant for every limit; used by tests and debug
+    /// builds. Returns the limits that are over (spent + held > cap).
+    pub fn overspent(&self, now: UnixMs) -> Vec<LimitView> {
+        self.keys
+            .keys()
+            .flat_map(|key_id| self.limit_views(key_id, now).unwrap_or_default())
+            .filter(|v| v.spent + v.held > v.limit.amount)
+            .collect()
+    }
+}
+
+fn scope_label(scope: &Scope) -> String {
+    match scope {
+        Scope::Key(id) => format!("key {id}"),
+        Scope::Account(id) => format!("account {id}"),
+    }
+}

@@ -1,0 +1,120 @@
+//! `allot-coordinator`: parses configuration, validates it before binding
+//! anything, then runs the library's server until SIGINT or SIGTERM.
+
+use allot::telemetry::{self, LogFormat};
+use allot_coordinator::config::{CoordinatorConfig, StoreKind};
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// allot coordinator: authoritative budgets, allowances, settlement, admin.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// TOML configuration file; flags and ALLOT_* variables override it.
+    #[arg(long, env = "ALLOT_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "ALLOT_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Prometheus address; "off" disables it.
+    #[arg(long, env = "ALLOT_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    #[arg(long, env = "ALLOT_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    #[arg(long, env = "ALLOT_STORE")]
+    store: Option<StoreKind>,
+    #[arg(long, env = "ALLOT_DATA_PATH")]
+    data_path: Option<PathBuf>,
+    /// Comma-separated etcd endpoints.
+    #[arg(long, env = "ALLOT_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
+    #[arg(long, env = "ALLOT_ETCD_PREFIX")]
+    etcd_prefix: Option<String>,
+    #[arg(long, env = "ALLOT_LEASE_TTL_MS")]
+    lease_ttl_ms: Option<u64>,
+    #[arg(long, env = "ALLOT_DEAD_AFTER_MS")]
+    dead_after_ms: Option<u64>,
+    #[arg(long, env = "ALLOT_SETTLE_WINDOW_MS")]
+    settle_window_ms: Option<u64>,
+    /// text or json.
+    #[arg(long, env = "ALLOT_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
+    let mut config = match &cli.config {
+        Some(path) => CoordinatorConfig::from_file(path)?,
+        None => CoordinatorConfig::default(),
+    };
+    if let Some(v) = cli.listen {
+        config.listen = v;
+    }
+    if let Some(v) = cli.metrics_listen {
+        config.metrics_listen = match v.as_str() {
+            "off" | "" => None,
+            addr => Some(addr.parse().map_err(|e| format!("metrics_listen: {e}"))?),
+        };
+    }
+    if let Some(v) = cli.admin_token {
+        config.admin_token = v;
+    }
+    if let Some(v) = cli.store {
+        config.store = v;
+    }
+    if let Some(v) = cli.data_path {
+        config.data_path = v;
+    }
+    if let Some(v) = cli.etcd_endpoints {
+        config.etcd_endpoints = v;
+    }
+    if let Some(v) = cli.etcd_prefix {
+        config.etcd_prefix = v;
+    }
+    if let Some(v) = cli.lease_ttl_ms {
+        config.lease_ttl_ms = v;
+    }
+    if let Some(v) = cli.dead_after_ms {
+        config.dead_after_ms = v;
+    }
+    if let Some(v) = cli.settle_window_ms {
+        config.settle_window_ms = v;
+    }
+    if let Some(v) = cli.log_format {
+        config.log_format = v;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = match load(Cli::parse()) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("allot-coordinator: {message}");
+            std::process::exit(2);
+        }
+    };
+    telemetry::init_logging(config.log_format);
+    if let Some(addr) = config.metrics_listen {
+        telemetry::install_metrics(addr).map_err(anyhow::Error::msg)?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    allot_coordinator::run(config, listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down");
+}

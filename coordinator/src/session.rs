@@ -1,0 +1,361 @@
+//! `AgentSession.Session`: one bidirectional stream per agent. A task per
+//! stream reads the agent's messages in order and turns each into an engine
+//! job; the engine answers through the session's outbox once its writes are
+//! durable. The stream's first message must be `Hello`.
+
+use crate::engine::{Core, Effects, EngineHandle, Job, Outbox, SessionLink};
+use crate::ledger::{DenyReason, SettleOutcome, Usage};
+use allot::key::{KeyHash, Purpose};
+use allot::pb::agent_message::Msg as AgentMsg;
+use allot::pb::coordinator_message::Msg as CoordMsg;
+use allot::pb::{self, agent_session_server::AgentSession};
+use allot::{money, Amounts};
+use std::pin::Pin;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct SessionService {
+    engine: EngineHandle,
+}
+
+impl SessionService {
+    pub fn new(engine: EngineHandle) -> SessionService {
+        SessionService { engine }
+    }
+}
+
+type SessionStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentSession for SessionService {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (outbox, outbound) = mpsc::channel(4096);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            let hello = match inbound.message().await {
+                Ok(Some(pb::AgentMessage {
+                    msg: Some(AgentMsg::Hello(hello)),
+                })) => hello,
+                Ok(_) => {
+                    let _ = outbox
+                        .send(Err(Status::invalid_argument("the first message of a session must be hello")))
+                        .await;
+                    return;
+                }
+                Err(_) => return,
+            };
+            let Some(agent_id) = accept_hello(&engine, hello, &outbox).await else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    message = inbound.message() => match message {
+                        Ok(Some(pb::AgentMessage { msg: Some(msg) })) => {
+                            if engine.submit(agent_job(agent_id.clone(), outbox.clone(), msg)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(Some(_)) => continue,
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = outbox.closed() => break,
+                }
+            }
+            let _ = engine.submit(disconnect_job(agent_id, outbox)).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
+    }
+}
+
+/// Registers the session; `None` when the Hello was refused.
+async fn accept_hello(engine: &EngineHandle, hello: pb::Hello, outbox: &Outbox) -> Option<String> {
+    if let Err(e) = allot::key::validate_id("hello.agent_id", &hello.agent_id) {
+        let _ = outbox.send(Err(Status::invalid_argument(e.to_string()))).await;
+        return None;
+    }
+    let mut slices = Vec::with_capacity(hello.slices.len());
+    for (i, slice) in hello.slices.iter().enumerate() {
+        match Amounts::from_pb(&format!("hello.slices[{i}].held"), slice.held.as_ref()) {
+            Ok(held) => slices.push((slice.key_id.clone(), held)),
+            Err(e) => {
+                let _ = outbox.send(Err(Status::invalid_argument(e.to_string()))).await;
+                return None;
+            }
+        }
+    }
+    let agent_id = hello.agent_id.clone();
+    let link_outbox = outbox.clone();
+    let result = engine
+        .call(move |core: &mut Core, fx: &mut Effects| {
+            let high_water_seq = core.ledger.hello(
+                &hello.agent_id,
+                hello.epoch,
+                &hello.neuron_id,
+                slices,
+                &mut fx.writes,
+            )?;
+            if let Some(old) = core.sessions.get(&hello.agent_id) {
+                if old.epoch > hello.epoch {
+                    return Err(crate::ledger::LedgerError::FailedPrecondition(
+                        "a newer epoch of this agent is connected".into(),
+                    )
+                    .into());
+                }
+            }
+            // A newer session of the same agent replaces the old one; the
+            // old stream ends when its outbox is dropped.
+            core.sessions.insert(
+                hello.agent_id.clone(),
+                SessionLink {
+                    epoch: hello.epoch,
+                    outbox: link_outbox.clone(),
+                    reconcile_seq: hello.reconcile_seq,
+                },
+            );
+            core.disconnected.remove(&hello.agent_id);
+            fx.send(
+                &link_outbox,
+                CoordMsg::Welcome(pb::Welcome {
+                    high_water_seq,
+                    lease_ttl_ms: core.settings.lease_ttl.as_millis() as u64,
+                }),
+            );
+            fx.send(&link_outbox, tariff_update(core));
+            metrics::counter!("allot_agent_sessions_total").increment(1);
+            tracing::info!(agent_id = hello.agent_id, epoch = hello.epoch, high_water_seq, "agent session started");
+            Ok(())
+        })
+        .await;
+    match result {
+        Ok(()) => Some(agent_id),
+        Err(e) => {
+            let _ = outbox.send(Err(Status::failed_precondition(e.to_string()))).await;
+            None
+        }
+    }
+}
+
+pub fn tariff_update(core: &Core) -> CoordMsg {
+    CoordMsg::Tariffs(pb::TariffUpdate {
+        tariffs: core.ledger.tariffs().all().map(|t| t.to_pb()).collect(),
+    })
+}
+
+fn disconnect_job(agent_id: String, outbox: Outbox) -> Job {
+    Box::new(move |core: &mut Core, _fx: &mut Effects| {
+        let ours = core
+            .sessions
+            .get(&agent_id)
+            .is_some_and(|link| link.outbox.same_channel(&outbox));
+        if ours {
+            core.sessions.remove(&agent_id);
+            core.disconnected.insert(agent_id.clone(), Instant::now());
+            tracing::info!(agent_id, "agent session ended");
+        }
+    })
+}
+
+fn is_current(core: &Core, agent_id: &str, outbox: &Outbox) -> bool {
+    core.sessions
+        .get(agent_id)
+        .is_some_and(|link| link.outbox.same_channel(outbox))
+}
+
+fn agent_job(agent_id: String, outbox: Outbox, msg: AgentMsg) -> Job {
+    Box::new(move |core: &mut Core, fx: &mut Effects| {
+        // Messages of a replaced session are ignored: the new one owns the agent.
+        if !is_current(core, &agent_id, &outbox) {
+            return;
+        }
+        match msg {
+            AgentMsg::Hello(_) => {
+                fx.send(&outbox, CoordMsg::Deny(pb::Deny {
+                    message: "hello may only be sent once per session".into(),
+                    ..Default::default()
+                }));
+            }
+            AgentMsg::KeyLookup(lookup) => key_lookup(core, fx, &agent_id, &outbox, lookup),
+            AgentMsg::Ask(ask) => allowance_ask(core, fx, &agent_id, &outbox, ask),
+            AgentMsg::Usage(batch) => settle_batch(core, fx, &agent_id, &outbox, batch),
+            AgentMsg::GiveBack(give_back) => {
+                let amount = Amounts::from_pb("give_back.amount", give_back.amount.as_ref())
+                    .unwrap_or(Amounts::UNLIMITED);
+                core.ledger
+                    .give_back(&agent_id, &give_back.key_id, &amount, &mut fx.writes);
+                metrics::counter!("allot_allowance_returns_total").increment(1);
+            }
+            AgentMsg::NodeStatus(_) => {}
+        }
+    })
+}
+
+fn key_lookup(core: &mut Core, fx: &mut Effects, agent_id: &str, outbox: &Outbox, lookup: pb::KeyLookup) {
+    let key = KeyHash::from_slice("key_lookup.key_hash", &lookup.key_hash)
+        .ok()
+        .and_then(|hash| core.ledger.key_by_hash(&hash))
+        .map(key_info);
+    if let Some(key) = &key {
+        core.watchers
+            .entry(key.key_id.clone())
+            .or_default()
+            .insert(agent_id.to_string());
+    }
+    fx.send(
+        outbox,
+        CoordMsg::Key(pb::KeyLookupResult {
+            key_hash: lookup.key_hash,
+            key,
+        }),
+    );
+}
+
+pub fn key_info(key: &crate::ledger::KeyRecord) -> pb::KeyInfo {
+    pb::KeyInfo {
+        key_id: key.key_id.clone(),
+        account_id: key.account_id.clone(),
+        purpose: key.purpose.to_pb() as i32,
+        revoked: key.revoked,
+        allowed_models: key.allowed_models.clone(),
+        name: key.name.clone(),
+    }
+}
+
+fn allowance_ask(core: &mut Core, fx: &mut Effects, agent_id: &str, outbox: &Outbox, ask: pb::AllowanceAsk) {
+    let need = Amounts::from_pb("ask.need", ask.need.as_ref()).unwrap_or_default();
+    let want = Amounts::from_pb("ask.want", ask.want.as_ref()).unwrap_or_default();
+    metrics::counter!("allot_allowance_asks_total").increment(1);
+    match core
+        .ledger
+        .ask(agent_id, &ask.key_id, &need, &want, fx.now, &mut fx.writes)
+    {
+        Ok(grant) => {
+            metrics::counter!("allot_allowance_grants_total").increment(1);
+            let limits = grant
+                .limits
+                .iter()
+                .map(|view| {
+                    let mine = core
+                        .ledger
+                        .slices_of(agent_id)
+                        .find(|(k, _)| **k == ask.key_id)
+                        .map(|(_, held)| held.value(view.limit.unit))
+                        .unwrap_or_default();
+                    let others = (view.held - mine).max(rust_decimal::Decimal::ZERO);
+                    pb::LimitView {
+                        unit: view.limit.unit.to_pb() as i32,
+                        cap: money::format(view.limit.amount),
+                        remaining: money::format((view.limit.amount - view.spent - others).max(rust_decimal::Decimal::ZERO)),
+                        reset_in_ms: view
+                            .next_refill
+                            .map(|at| (at - fx.now).max(0) as u64)
+                            .unwrap_or(0),
+                        window: Some(view.limit.window.to_pb()),
+                    }
+                })
+                .collect();
+            fx.send(
+                outbox,
+                CoordMsg::Grant(pb::Grant {
+                    ask_id: ask.ask_id,
+                    key_id: ask.key_id,
+                    amount: Some(grant.amount.to_pb()),
+                    ttl_ms: core.settings.lease_ttl.as_millis() as u64,
+                    limits,
+                }),
+            );
+        }
+        Err(refusal) => {
+            let reason = match refusal.reason {
+                DenyReason::InsufficientQuota => pb::DenyReason::InsufficientQuota,
+                DenyReason::RateLimited => pb::DenyReason::RateLimited,
+                DenyReason::KeyRevoked => pb::DenyReason::KeyRevoked,
+                DenyReason::UnknownKey => pb::DenyReason::UnknownKey,
+            };
+            metrics::counter!("allot_allowance_denies_total", "reason" => reason.as_str_name()).increment(1);
+            fx.send(
+                outbox,
+                CoordMsg::Deny(pb::Deny {
+                    ask_id: ask.ask_id,
+                    key_id: ask.key_id,
+                    reason: reason as i32,
+                    retry_after_ms: refusal
+                        .retry_at
+                        .map(|at| (at - fx.now).max(1) as u64)
+                        .unwrap_or(0),
+                    message: refusal.message,
+                }),
+            );
+        }
+    }
+}
+
+fn usage_from_pb(record: &pb::UsageRecord) -> Usage {
+    Usage {
+        seq: record.seq,
+        key_id: record.key_id.clone(),
+        model: record.model_requested.clone(),
+        purpose: Purpose::from_pb("purpose", record.purpose).unwrap_or_default(),
+        completion_window: (!record.completion_window.is_empty()).then(|| record.completion_window.clone()),
+        admitted_at: record.admitted_at_unix_ms,
+        prompt_tokens: record.prompt_tokens,
+        completion_tokens: record.completion_tokens,
+        charged: record.charged,
+        reserved: Amounts::from_pb("reserved", record.reserved.as_ref()).unwrap_or_default(),
+    }
+}
+
+fn settle_batch(core: &mut Core, fx: &mut Effects, agent_id: &str, outbox: &Outbox, batch: pb::UsageBatch) {
+    let reconcile_seq = core
+        .sessions
+        .get(agent_id)
+        .map(|link| link.reconcile_seq)
+        .unwrap_or(0);
+    metrics::histogram!("allot_usage_batch_records").record(batch.records.len() as f64);
+    for record in &batch.records {
+        let usage = usage_from_pb(record);
+        let from_slice = usage.seq > reconcile_seq;
+        match core.ledger.settle(agent_id, &usage, from_slice, fx.now, &mut fx.writes) {
+            SettleOutcome::Settled { cost, free, excess, late } => {
+                metrics::counter!("allot_usage_settled_total").increment(1);
+                if free && !usage.model.is_empty() {
+                    metrics::counter!("allot_usage_free_total").increment(1);
+                }
+                if usage.model.is_empty() && (usage.prompt_tokens + usage.completion_tokens) > 0 {
+                    tracing::error!(agent_id, seq = usage.seq, "usage without a model cannot be billed");
+                }
+                if excess {
+                    metrics::counter!("allot_usage_over_reservation_total").increment(1);
+                    tracing::error!(agent_id, seq = usage.seq, key_id = usage.key_id, %cost,
+                        "neuron reported more usage than was reserved; the excess is charged");
+                }
+                if late {
+                    metrics::counter!("allot_usage_late_total").increment(1);
+                    tracing::error!(agent_id, seq = usage.seq, key_id = usage.key_id,
+                        "late usage from an agent whose slice was released; charged");
+                }
+            }
+            SettleOutcome::Duplicate => {
+                metrics::counter!("allot_usage_duplicates_total").increment(1);
+            }
+            SettleOutcome::Gap { expected } => {
+                tracing::warn!(agent_id, expected, got = usage.seq, "usage sequence gap; waiting for a resend");
+                break;
+            }
+        }
+    }
+    let high_water_seq = core
+        .ledger
+        .agent(agent_id)
+        .map(|a| a.high_water_seq)
+        .unwrap_or(0);
+    fx.send(outbox, CoordMsg::UsageAck(pb::UsageAck { high_water_seq }));
+}

@@ -1,0 +1,133 @@
+//! The key layout shared by every store, under a configurable prefix:
+//!
+//! ```text
+//! {prefix}accounts/{account_id}            AccountRecord (JSON)
+//! {prefix}keys/{key_id}                    KeyRecord (JSON; hash only, never the secret)
+//! {prefix}counters/{key|account}/{id}      ScopeCounters (JSON): spend per unit and window
+//! {prefix}slices/{agent_id}/{key_id}       Amounts held by one agent for one key
+//! {prefix}agents/{agent_id}                AgentRecord: epoch, usage high-water mark
+//! {prefix}tariffs/{model}/{purpose}/{window or "-"}/{valid_from_ms}   Tariff
+//! {prefix}txns/{account_id}/{source_id}    TransactionRecord (credits, adjustments)
+//! ```
+//! Values are JSON so that `etcdctl get --prefix /allot/` is readable.
+
+use super::{StoreError, StoreWrite, StoredState};
+use crate::ledger::Scope;
+
+/// Encodes one write as a key and a value (`None`: delete).
+pub fn encode(prefix: &str, write: &StoreWrite) -> (String, Option<Vec<u8>>) {
+    let json = |v: &dyn erased::Json| Some(v.to_json());
+    match write {
+        StoreWrite::PutAccount(a) => (format!("{prefix}accounts/{}", a.account_id), json(a)),
+        StoreWrite::PutKey(k) => (format!("{prefix}keys/{}", k.key_id), json(k)),
+        StoreWrite::PutCounters(scope, counters) => (counters_key(prefix, scope), json(counters)),
+        StoreWrite::PutSlice {
+            agent_id,
+            key_id,
+            held,
+        } => (format!("{prefix}slices/{agent_id}/{key_id}"), json(held)),
+        StoreWrite::DeleteSlice { agent_id, key_id } => {
+            (format!("{prefix}slices/{agent_id}/{key_id}"), None)
+        }
+        StoreWrite::PutAgent(a) => (format!("{prefix}agents/{}", a.agent_id), json(a)),
+        StoreWrite::PutTariff(t) => (
+            format!(
+                "{prefix}tariffs/{}/{}/{}/{}",
+                t.model,
+                t.purpose.as_str(),
+                t.completion_window.as_deref().unwrap_or("-"),
+                t.valid_from
+            ),
+            json(t),
+        ),
+        StoreWrite::PutTransaction(t) => (
+            format!("{prefix}txns/{}/{}", t.account_id, t.source_id),
+            json(t),
+        ),
+    }
+}
+
+fn counters_key(prefix: &str, scope: &Scope) -> String {
+    match scope {
+        Scope::Key(id) => format!("{prefix}counters/key/{id}"),
+        Scope::Account(id) => format!("{prefix}counters/account/{id}"),
+    }
+}
+
+/// Keeps only the last write of each key, preserving first-seen order, so a
+/// batch touching one counter a thousand times writes it once.
+pub fn coalesce(prefix: &str, writes: &[StoreWrite]) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut order: Vec<String> = Vec::new();
+    let mut last: std::collections::HashMap<String, Option<Vec<u8>>> = Default::default();
+    for write in writes {
+        let (key, value) = encode(prefix, write);
+        if last.insert(key.clone(), value).is_none() {
+            order.push(key);
+        }
+    }
+    order
+        .into_iter()
+        .map(|key| {
+            let value = last.remove(&key).flatten();
+            (key, value)
+        })
+        .collect()
+}
+
+fn corrupt(key: &str, message: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        key: key.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|e| corrupt(key, e))
+}
+
+/// Decodes every key under `prefix` into the ledger's stored state.
+pub fn decode<'a>(
+    prefix: &str,
+    entries: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> Result<StoredState, StoreError> {
+    let mut state = StoredState::default();
+    for (key, value) in entries {
+        let Some(path) = key.strip_prefix(prefix) else {
+            continue;
+        };
+        let parts: Vec<&str> = path.split('/').collect();
+        match parts.as_slice() {
+            ["accounts", _] => state.accounts.push(parse(key, value)?),
+            ["keys", _] => state.keys.push(parse(key, value)?),
+            ["counters", "key", id] => state
+                .counters
+                .push((Scope::Key(id.to_string()), parse(key, value)?)),
+            ["counters", "account", id] => state
+                .counters
+                .push((Scope::Account(id.to_string()), parse(key, value)?)),
+            ["slices", agent, key_id] => {
+                state
+                    .slices
+                    .push((agent.to_string(), key_id.to_string(), parse(key, value)?))
+            }
+            ["agents", _] => state.agents.push(parse(key, value)?),
+            ["tariffs", ..] => state.tariffs.push(parse(key, value)?),
+            ["txns", ..] => state.transactions.push(parse(key, value)?),
+            // Keys of other components (the election) live under the prefix too.
+            _ => {}
+        }
+    }
+    Ok(state)
+}
+
+mod erased {
+    /// Object-safe JSON encoding for the values of the layout.
+    pub trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).expect("ledger records always serialize")
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! The authoritative store behind the ledger: a small domain-level trait
+//! (load everything, commit one atomic batch of writes) with two
+//! implementations that share one key layout and one conformance suite.
+//!
+//! The store never decides anything: the leader's ledger decides, and the
+//! store makes a batch of its decisions durable atomically, or not at all.
+//! etcd holds small data only (counters, slices, high-water marks, keys,
+//! limits, tariffs); never one key per request.
+
+pub mod embedded;
+pub mod layout;
+
+use crate::ledger::{AccountRecord, AgentRecord, KeyRecord, Scope, ScopeCounters, TransactionRecord};
+use allot::tariff::Tariff;
+use allot::Amounts;
+use std::future::Future;
+use std::pin::Pin;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One durable change decided by the ledger.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreWrite {
+    PutAccount(AccountRecord),
+    PutKey(KeyRecord),
+    PutCounters(Scope, ScopeCounters),
+    PutSlice {
+        agent_id: String,
+        key_id: String,
+        held: Amounts,
+    },
+    DeleteSlice {
+        agent_id: String,
+        key_id: String,
+    },
+    PutAgent(AgentRecord),
+    PutTariff(Tariff),
+    PutTransaction(TransactionRecord),
+}
+
+/// Everything the ledger needs to start: what the last leader committed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoredState {
+    pub accounts: Vec<AccountRecord>,
+    pub keys: Vec<KeyRecord>,
+    pub counters: Vec<(Scope, ScopeCounters)>,
+    pub slices: Vec<(String, String, Amounts)>,
+    pub agents: Vec<AgentRecord>,
+    pub tariffs: Vec<Tariff>,
+    pub transactions: Vec<TransactionRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The batch was certainly not applied: safe to report and retry.
+    #[error("store write not applied: {0}")]
+    NotApplied(String),
+    /// The outcome is unknown (timeout, lost connection mid-commit): the
+    /// caller must reload state rather than guess.
+    #[error("store write outcome unknown: {0}")]
+    MaybeApplied(String),
+    /// This coordinator is no longer the leader; its write was refused.
+    #[error("fenced: this coordinator is not the leader")]
+    Fenced,
+    #[error("stored data is corrupt at {key}: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+/// The authoritative store of budgets.
+pub trait Store: Send + Sync + 'static {
+    /// Reads everything the ledger holds.
+    fn load(&self) -> BoxFuture<'_, Result<StoredState, StoreError>>;
+    /// Applies every write atomically (or as atomic parts that each leave a
+    /// consistent state, see the etcd store), fenced by leadership.
+    fn commit(&self, writes: Vec<StoreWrite>) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Whether the store answers right now (for health).
+    fn ping(&self) -> BoxFuture<'_, bool>;
+}
+

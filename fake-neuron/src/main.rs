@@ -1,0 +1,91 @@
+//! The `allot-fake-neuron` binary: serves the fake OpenAI-compatible neuron for the demo.
+
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use allot_fake_neuron::{FakeConfig, FakeNeuron};
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// A fake OpenAI-compatible inference server.
+#[derive(Debug, Parser)]
+#[command(name = "allot-fake-neuron", version, about)]
+struct CommandLine {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "ALLOT_FAKE_NEURON_LISTEN",
+        default_value = "127.0.0.1:9100"
+    )]
+    listen: SocketAddr,
+    /// Model to serve; repeat for several (default: fake-model).
+    #[arg(long = "model")]
+    models: Vec<String>,
+    /// Identifier of this neuron.
+    #[arg(long, default_value = "fake-neuron")]
+    neuron_id: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let command_line = CommandLine::parse();
+    // Logs go to stderr so stdout carries only the "listening" line scripts wait for.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+
+    let listener = tokio::net::TcpListener::bind(command_line.listen)
+        .await
+        .with_context(|| format!("binding {}", command_line.listen))?;
+    let bound_address = listener.local_addr().context("reading bound address")?;
+    let neuron = FakeNeuron::new(FakeConfig {
+        models: command_line.models,
+        neuron_id: command_line.neuron_id,
+    });
+
+    // Flushed at once: a piped stdout is block-buffered and scripts would never see it.
+    println!("fake neuron listening on {bound_address}");
+    std::io::stdout().flush().context("flushing stdout")?;
+    tracing::info!(%bound_address, ?neuron, "serving");
+
+    neuron
+        .serve(listener, shutdown_signal())
+        .await
+        .context("serving")?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate_signal) => {
+                terminate_signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for sigterm");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown signal received");
+}

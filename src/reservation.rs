@@ -1,0 +1,366 @@
+//! The reservation: an upper bound of a request's cost, taken before dispatch
+//! (SPEC "Admission" 2).
+//!
+//! Byte-level tokenizers emit at most one token per byte of text, so the
+//! UTF-8 length of every piece of prompt text, plus a fixed overhead per
+//! message and per request for the chat template, bounds the prompt tokens.
+//! Images and other non-text parts are charged a configured amount. The
+//! completion is bounded by `max_completion_tokens`/`max_tokens` times `n`.
+
+use serde_json::{Map, Value};
+
+/// Overheads of the chat template and defaults, configurable per model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReservationPolicy {
+    /// Template tokens around each chat message (role markers, separators).
+    /// 8 covers ChatML, Llama 3 and Mistral templates.
+    pub per_message_tokens: u64,
+    /// Template tokens once per request (BOS, the assistant header).
+    pub per_request_tokens: u64,
+    /// Tokens charged for each image or other non-text content part.
+    pub image_tokens: u64,
+    /// `max_tokens` set on requests that name none, when the allowance
+    /// can pay for it.
+    pub default_max_tokens: u64,
+}
+
+impl Default for ReservationPolicy {
+    fn default() -> Self {
+        ReservationPolicy {
+            per_message_tokens: 8,
+            per_request_tokens: 16,
+            image_tokens: 2_000,
+            default_max_tokens: 4_096,
+        }
+    }
+}
+
+/// Which OpenAI operation a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    ChatCompletions,
+    Completions,
+}
+
+/// A request body that cannot be admitted: which parameter, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct BadRequest {
+    pub param: Option<String>,
+    pub message: String,
+}
+
+impl BadRequest {
+    fn new(param: &str, message: impl Into<String>) -> Self {
+        BadRequest {
+            param: Some(param.to_string()),
+            message: message.into(),
+        }
+    }
+}
+
+/// What admission needs to know about a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub model: String,
+    pub stream: bool,
+    /// The client asked for the final usage chunk itself.
+    pub client_wants_usage: bool,
+    /// `max_completion_tokens`, else `max_tokens`; `None` when absent.
+    pub max_completion_tokens: Option<u64>,
+    /// Number of choices (`n`, or `best_of` when larger).
+    pub choices: u64,
+    /// Upper bound of the prompt tokens.
+    pub prompt_tokens_bound: u64,
+}
+
+impl RequestFacts {
+    /// Upper bound of the tokens of the whole request with `completion`
+    /// tokens allowed per choice.
+    pub fn token_bound(&self, completion: u64) -> u64 {
+        self.prompt_tokens_bound
+            .saturating_add(completion.saturating_mul(self.choices))
+    }
+}
+
+fn optional_u64(body: &Map<String, Value>, name: &str) -> Result<Option<u64>, BadRequest> {
+    match body.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => Ok(Some(v)),
+            None => Err(BadRequest::new(
+                name,
+                format!("{name} must be a non-negative integer, got {n}"),
+            )),
+        },
+        Some(other) => Err(BadRequest::new(
+            name,
+            format!("{name} must be an integer, got {}", type_name(other)),
+        )),
+    }
+}
+
+fn optional_bool(body: &Map<String, Value>, name: &str) -> Result<Option<bool>, BadRequest> {
+    match body.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(BadRequest::new(
+            name,
+            format!("{name} must be a boolean, got {}", type_name(other)),
+        )),
+    }
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Bytes of every string in a JSON value (keys of objects included), with
+/// images charged `image_tokens` each instead of their URL or data.
+fn text_bytes(value: &Value, policy: &ReservationPolicy) -> u64 {
+    match value {
+        Value::String(s) => s.len() as u64,
+        Value::Array(items) => items.iter().map(|v| text_bytes(v, policy)).sum(),
+        Value::Object(map) => {
+            let part_type = map.get("type").and_then(Value::as_str);
+            if matches!(part_type, Some("image_url" | "input_image" | "image" | "input_audio" | "file")) {
+                return policy.image_tokens;
+            }
+            map.iter()
+                .map(|(k, v)| k.len() as u64 + text_bytes(v, policy))
+                .sum()
+        }
+        Value::Number(n) => n.to_string().len() as u64,
+        Value::Bool(_) | Value::Null => 0,
+    }
+}
+
+/// Reads what admission needs from a parsed request body and bounds its
+/// prompt. Refuses bodies a neuron would refuse, naming the parameter.
+pub fn inspect(
+    operation: Operation,
+    body: &Map<String, Value>,
+    policy: &ReservationPolicy,
+) -> Result<RequestFacts, BadRequest> {
+    let model = match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(Value::String(_)) | None | Some(Value::Null) => {
+            return Err(BadRequest::new("model", "you must provide a model parameter"))
+        }
+        Some(other) => {
+            return Err(BadRequest::new(
+                "model",
+                format!("model must be a string, got {}", type_name(other)),
+            ))
+        }
+    };
+    let stream = optional_bool(body, "stream")?.unwrap_or(false);
+    let client_wants_usage = match body.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(options)) => match options.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(BadRequest::new(
+                    "stream_options.include_usage",
+                    "stream_options.include_usage must be a boolean",
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(BadRequest::new(
+                "stream_options",
+                "stream_options must be an object",
+            ))
+        }
+    };
+    let max_completion_tokens = match optional_u64(body, "max_completion_tokens")? {
+        Some(v) => Some(v),
+        None => optional_u64(body, "max_tokens")?,
+    };
+    let n = optional_u64(body, "n")?.unwrap_or(1);
+    let best_of = optional_u64(body, "best_of")?.unwrap_or(1);
+    if n == 0 || n > 128 {
+        return Err(BadRequest::new("n", "n must be between 1 and 128"));
+    }
+    let choices = n.max(best_of.min(128));
+
+    let prompt_tokens_bound = match operation {
+        Operation::ChatCompletions => {
+            let messages = match body.get("messages") {
+                Some(Value::Array(messages)) if !messages.is_empty() => messages,
+                Some(Value::Array(_)) => {
+                    return Err(BadRequest::new("messages", "messages must not be empty"))
+                }
+                None | Some(Value::Null) => {
+                    return Err(BadRequest::new("messages", "you must provide messages"))
+                }
+                Some(other) => {
+                    return Err(BadRequest::new(
+                        "messages",
+                        format!("messages must be an array, got {}", type_name(other)),
+                    ))
+                }
+            };
+            let mut bound = policy.per_request_tokens;
+            for (i, message) in messages.iter().enumerate() {
+                if !message.is_object() {
+                    return Err(BadRequest::new(
+                        &format!("messages[{i}]"),
+                        format!("messages[{i}] must be an object"),
+                    ));
+                }
+                bound = bound
+                    .saturating_add(policy.per_message_tokens)
+                    .saturating_add(text_bytes(message, policy));
+            }
+            // Tool and function definitions are rendered into the prompt.
+            for extra in ["tools", "functions", "response_format"] {
+                if let Some(value) = body.get(extra) {
+                    bound = bound.saturating_add(text_bytes(value, policy));
+                }
+            }
+            bound
+        }
+        Operation::Completions => {
+            let prompt = match body.get("prompt") {
+                Some(prompt) => prompt,
+                None => return Err(BadRequest::new("prompt", "you must provide a prompt")),
+            };
+            let prompt_bound = match prompt {
+                Value::String(s) => s.len() as u64,
+                Value::Array(items) => {
+                    let mut total = 0u64;
+                    for item in items {
+                        total = total.saturating_add(match item {
+                            Value::String(s) => s.len() as u64,
+                            // A pre-tokenized prompt: one token per element.
+                            Value::Number(_) => 1,
+                            Value::Array(tokens) => tokens.len() as u64,
+                            _ => {
+                                return Err(BadRequest::new(
+                                    "prompt",
+                                    "prompt must be a string, an array of strings or of token ids",
+                                ))
+                            }
+                        });
+                    }
+                    total
+                }
+                _ => {
+                    return Err(BadRequest::new(
+                        "prompt",
+                        "prompt must be a string, an array of strings or of token ids",
+                    ))
+                }
+            };
+            let suffix = body.get("suffix").map_or(0, |s| text_bytes(s, policy));
+            policy
+                .per_request_tokens
+                .saturating_add(prompt_bound)
+                .saturating_add(suffix)
+        }
+    };
+    Ok(RequestFacts {
+        model,
+        stream,
+        client_wants_usage,
+        max_completion_tokens,
+        choices,
+        prompt_tokens_bound,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn facts(operation: Operation, body: Value) -> Result<RequestFacts, BadRequest> {
+        inspect(operation, body.as_object().unwrap(), &ReservationPolicy::default())
+    }
+
+    #[test]
+    fn prompt_bound_is_bytes_plus_overheads() {
+        let f = facts(
+            Operation::ChatCompletions,
+            json!({"model": "m", "messages": [{"role": "user", "content": "héllo"}], "max_tokens": 50}),
+        )
+        .unwrap();
+        // "role" 4 + "user" 4 + "content" 7 + "héllo" 6 bytes, + 8 per message + 16 per request.
+        assert_eq!(f.prompt_tokens_bound, 4 + 4 + 7 + 6 + 8 + 16);
+        assert_eq!(f.max_completion_tokens, Some(50));
+        assert_eq!(f.token_bound(50), f.prompt_tokens_bound + 50);
+    }
+
+    #[test]
+    fn images_are_charged_the_configured_amount_not_their_bytes() {
+        let huge = "A".repeat(100_000);
+        let f = facts(
+            Operation::ChatCompletions,
+            json!({"model": "m", "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{huge}")}}
+            ]}]}),
+        )
+        .unwrap();
+        assert!(f.prompt_tokens_bound < 3_000, "{}", f.prompt_tokens_bound);
+        assert!(f.prompt_tokens_bound >= 2_000);
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_over_max_tokens_and_n_multiplies() {
+        let f = facts(
+            Operation::ChatCompletions,
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                   "max_tokens": 10, "max_completion_tokens": 20, "n": 3}),
+        )
+        .unwrap();
+        assert_eq!(f.max_completion_tokens, Some(20));
+        assert_eq!(f.token_bound(20), f.prompt_tokens_bound + 60);
+    }
+
+    #[test]
+    fn negative_max_tokens_is_refused_naming_the_param() {
+        let err = facts(
+            Operation::ChatCompletions,
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}),
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("max_tokens"));
+    }
+
+    #[test]
+    fn missing_model_or_messages_is_refused() {
+        let err = facts(Operation::ChatCompletions, json!({"messages": []})).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("model"));
+        let err = facts(Operation::ChatCompletions, json!({"model": "m", "messages": "hi"})).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn completions_prompt_forms_are_bounded() {
+        let f = facts(Operation::Completions, json!({"model": "m", "prompt": "abc"})).unwrap();
+        assert_eq!(f.prompt_tokens_bound, 3 + 16);
+        let f = facts(Operation::Completions, json!({"model": "m", "prompt": [[1, 2, 3], "ab"]})).unwrap();
+        assert_eq!(f.prompt_tokens_bound, 3 + 2 + 16);
+        assert!(facts(Operation::Completions, json!({"model": "m", "prompt": 5})).is_err());
+    }
+
+    #[test]
+    fn stream_usage_request_is_read() {
+        let f = facts(
+            Operation::Completions,
+            json!({"model": "m", "prompt": "a", "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .unwrap();
+        assert!(f.stream && f.client_wants_usage);
+    }
+}
