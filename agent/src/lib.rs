@@ -1,1 +1,162 @@
+//! allot's agent: a sidecar beside one inference node ("neuron"). Clients
+//! send it OpenAI-style requests; it authenticates them by key hash, admits
+//! each one locally against the allowance the coordinator leased to it
+//! (reserve before dispatch, settle after), refuses over-cap requests with
+//! 429 before the neuron sees them, forwards the rest, and streams usage back
+//! to the coordinator over one bidirectional gRPC stream, spooled on disk
+//! until acknowledged.
+//!
+//! [`run`] takes an already-bound listener and a shutdown future, so tests
+//! start the real agent on `127.0.0.1:0`.
+#![forbid(unsafe_code)]
 
+pub mod allowance;
+pub mod api_error;
+pub mod config;
+pub mod keys;
+pub mod link;
+pub mod proxy;
+pub mod spool;
+
+use crate::allowance::AllowanceTable;
+use crate::config::AgentConfig;
+use crate::keys::KeyCache;
+use crate::link::{CoordinatorLink, LinkContext, LinkSettings};
+use allot::pb;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+/// What every request handler shares.
+pub struct AgentState {
+    pub config: AgentConfig,
+    pub table: Arc<AllowanceTable>,
+    pub link: Arc<CoordinatorLink>,
+    pub keys: Arc<KeyCache>,
+    /// Settled usage records, to the spool.
+    pub usage: mpsc::UnboundedSender<pb::UsageRecord>,
+    pub client: proxy::HttpClient,
+    pub epoch: u64,
+}
+
+fn http_client(config: &AgentConfig) -> proxy::HttpClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_millis(config.upstream_connect_timeout_ms)));
+    connector.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .build(connector)
+}
+
+/// Serves the agent on `listener` until `shutdown` completes, then lets
+/// in-flight requests finish (within the grace period), spools their usage
+/// and gives the coordinator a moment to acknowledge it.
+pub async fn run(
+    config: AgentConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let (spool, recovered) = spool::Spool::open(&config.spool_dir)?;
+    let table = Arc::new(AllowanceTable::new(recovered.last_seq));
+    let link = Arc::new(CoordinatorLink::default());
+    let keys = Arc::new(KeyCache::default());
+    let (usage_tx, usage_rx) = mpsc::unbounded_channel();
+    let (spool_events_tx, spool_events_rx) = mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // Every background task lives in this set: dropping `run` (a crash in
+    // tests) aborts them all.
+    let mut tasks = tokio::task::JoinSet::new();
+    let spool_depth = spool.depth();
+    tasks.spawn(spool.run(usage_rx, spool_events_rx, Duration::from_millis(config.usage_resend_ms)));
+    tasks.spawn(link::run(
+        LinkContext {
+            link: link.clone(),
+            table: table.clone(),
+            keys: keys.clone(),
+            spool: spool_events_tx,
+            settings: LinkSettings {
+                agent_id: config.agent_id.clone(),
+                neuron_id: config.neuron_id.clone(),
+                epoch: recovered.epoch,
+                endpoints: config.coordinators.clone(),
+                lease_margin: Duration::from_millis(config.lease_margin_ms),
+                connect_timeout: Duration::from_millis(config.coordinator_connect_timeout_ms),
+            },
+        },
+        stop_rx.clone(),
+    ));
+    tasks.spawn(housekeeping(
+        table.clone(),
+        link.clone(),
+        Duration::from_millis(config.idle_return_ms),
+        stop_rx.clone(),
+    ));
+
+    let state = Arc::new(AgentState {
+        client: http_client(&config),
+        config: config.clone(),
+        table,
+        link,
+        keys,
+        usage: usage_tx,
+        epoch: recovered.epoch,
+    });
+    tracing::info!(listen = %listener.local_addr()?, agent_id = config.agent_id, epoch = recovered.epoch, "agent serving");
+    let app = proxy::router(state.clone());
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = drained_tx.send(());
+    });
+    let server = async move { server.await };
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result?,
+        _ = drained_rx => {
+            // Stop accepting; give in-flight requests the grace period.
+            if tokio::time::timeout(grace, &mut server).await.is_err() {
+                tracing::warn!("in-flight requests outlived the shutdown grace period");
+            }
+        }
+    }
+    // Let the coordinator acknowledge what is spooled, briefly.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline
+        && state.link.is_connected()
+        && spool_depth.load(std::sync::atomic::Ordering::Relaxed) > 0
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+    drop(state);
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Renews leases in use before they lapse and gives back idle slices.
+async fn housekeeping(table: Arc<AllowanceTable>, link: Arc<CoordinatorLink>, idle: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let now = Instant::now();
+        for key_id in table.leases_to_renew(now) {
+            if !link.ask(&key_id, &allot::Amounts::zero(), &allot::Amounts::zero()) {
+                table.ask_failed(&key_id);
+            }
+        }
+        if link.is_connected() {
+            for key_id in table.idle_keys(idle, now) {
+                link::give_back_with(&link, &table, &key_id);
+            }
+        }
+    }
+}

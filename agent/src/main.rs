@@ -1,1 +1,125 @@
-fn main() {}
+//! `allot-agent`: parses configuration, validates it before binding
+//! anything, then runs the library's proxy until SIGINT or SIGTERM.
+
+use allot::telemetry::{self, LogFormat};
+use allot_agent::config::AgentConfig;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// allot agent: OpenAI-compatible admission proxy beside an inference node.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// TOML configuration file; flags and ALLOT_AGENT_* variables override it.
+    #[arg(long, env = "ALLOT_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "ALLOT_AGENT_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Prometheus address; "off" disables it.
+    #[arg(long, env = "ALLOT_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Comma-separated coordinator endpoints.
+    #[arg(long, env = "ALLOT_AGENT_COORDINATORS", value_delimiter = ',')]
+    coordinators: Option<Vec<String>>,
+    #[arg(long, env = "ALLOT_AGENT_ID")]
+    agent_id: Option<String>,
+    #[arg(long, env = "ALLOT_AGENT_NEURON_ID")]
+    neuron_id: Option<String>,
+    #[arg(long, env = "ALLOT_AGENT_NEURON_URL")]
+    neuron_url: Option<String>,
+    #[arg(long, env = "ALLOT_AGENT_SPOOL_DIR")]
+    spool_dir: Option<PathBuf>,
+    #[arg(long, env = "ALLOT_AGENT_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    #[arg(long, env = "ALLOT_AGENT_ALLOWANCE_WAIT_MS")]
+    allowance_wait_ms: Option<u64>,
+    #[arg(long, env = "ALLOT_AGENT_FIRST_BYTE_TIMEOUT_MS")]
+    first_byte_timeout_ms: Option<u64>,
+    #[arg(long, env = "ALLOT_AGENT_REQUEST_TIMEOUT_MS")]
+    request_timeout_ms: Option<u64>,
+    /// text or json.
+    #[arg(long, env = "ALLOT_AGENT_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+fn load(cli: Cli) -> Result<AgentConfig, String> {
+    let mut config = match &cli.config {
+        Some(path) => AgentConfig::from_file(path)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(v) = cli.listen {
+        config.listen = v;
+    }
+    if let Some(v) = cli.metrics_listen {
+        config.metrics_listen = match v.as_str() {
+            "off" | "" => None,
+            addr => Some(addr.parse().map_err(|e| format!("metrics_listen: {e}"))?),
+        };
+    }
+    if let Some(v) = cli.coordinators {
+        config.coordinators = v;
+    }
+    if let Some(v) = cli.agent_id {
+        config.agent_id = v;
+    }
+    if let Some(v) = cli.neuron_id {
+        config.neuron_id = v;
+    }
+    if let Some(v) = cli.neuron_url {
+        config.neuron_url = v;
+    }
+    if let Some(v) = cli.spool_dir {
+        config.spool_dir = v;
+    }
+    if let Some(v) = cli.max_body_bytes {
+        config.max_body_bytes = v;
+    }
+    if let Some(v) = cli.allowance_wait_ms {
+        config.allowance_wait_ms = v;
+    }
+    if let Some(v) = cli.first_byte_timeout_ms {
+        config.first_byte_timeout_ms = v;
+    }
+    if let Some(v) = cli.request_timeout_ms {
+        config.request_timeout_ms = v;
+    }
+    if let Some(v) = cli.log_format {
+        config.log_format = v;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = match load(Cli::parse()) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("allot-agent: {message}");
+            std::process::exit(2);
+        }
+    };
+    telemetry::init_logging(config.log_format);
+    if let Some(addr) = config.metrics_listen {
+        telemetry::install_metrics(addr).map_err(anyhow::Error::msg)?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    allot_agent::run(config, listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,122 @@
+//! The agent's errors as OpenAI-shaped HTTP responses, in one place:
+//! `{"error": {"message", "type", "param", "code"}}`. Never 402: an
+//! exhausted budget is 429.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub code: Option<&'static str>,
+    pub message: String,
+    pub param: Option<String>,
+    /// Whole seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, code: Option<&'static str>, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            code,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn invalid_api_key(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"), message)
+    }
+
+    pub fn bad_request(message: impl Into<String>, param: Option<String>) -> ApiError {
+        ApiError {
+            param,
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", None, message)
+        }
+    }
+
+    pub fn too_large(limit: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            Some("request_too_large"),
+            format!("request body is larger than {limit} bytes"),
+        )
+    }
+
+    pub fn model_not_found(model: &str) -> ApiError {
+        ApiError {
+            param: Some("model".into()),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+                format!("the model `{model}` does not exist or you do not have access to it"),
+            )
+        }
+    }
+
+    pub fn insufficient_quota(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", Some("insufficient_quota"), message)
+    }
+
+    pub fn rate_limited(message: impl Into<String>, retry_after: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after.max(1)),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "requests", Some("rate_limit_exceeded"), message)
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>, retry_after: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after.max(1)),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("allowance_unavailable"), message)
+        }
+    }
+
+    pub fn bad_gateway(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_GATEWAY, "server_error", Some("upstream_unreachable"), message)
+    }
+
+    pub fn gateway_timeout(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::GATEWAY_TIMEOUT, "server_error", Some("upstream_timeout"), message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("unknown_url"), message)
+    }
+
+    /// The OpenAI error code, for metrics and usage records.
+    pub fn code_label(&self) -> &'static str {
+        self.code.unwrap_or(self.kind)
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        debug_assert_ne!(self.status, StatusCode::PAYMENT_REQUIRED, "allot never answers 402");
+        metrics::counter!("allot_agent_refusals_total", "code" => self.code_label()).increment(1);
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

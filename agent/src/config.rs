@@ -1,0 +1,136 @@
+//! The agent's configuration: a TOML file, every field overridable by an
+//! `ALLOT_AGENT_*` environment variable and a command-line flag. Validated
+//! before any port is bound.
+
+use allot::reservation::ReservationPolicy;
+use allot::telemetry::LogFormat;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// HTTP address clients send OpenAI requests to.
+    pub listen: SocketAddr,
+    /// Prometheus metrics address; unset disables the exporter.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Coordinator gRPC endpoints, tried in turn.
+    pub coordinators: Vec<String>,
+    /// This agent's id; stable across restarts (it names its usage stream).
+    pub agent_id: String,
+    /// The neuron this agent sits beside.
+    pub neuron_id: String,
+    /// Base URL of the neuron's OpenAI-compatible API.
+    pub neuron_url: String,
+    /// Directory of the usage spool.
+    pub spool_dir: PathBuf,
+    /// Largest request body accepted; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// How long a request may wait for an allowance grant.
+    pub allowance_wait_ms: u64,
+    /// Asks cover this many requests like the one waiting.
+    pub grant_multiplier: u64,
+    /// Stop admitting on a lease this long before it expires.
+    pub lease_margin_ms: u64,
+    /// Give back a slice unused for this long.
+    pub idle_return_ms: u64,
+    /// Resend unacknowledged usage after this long.
+    pub usage_resend_ms: u64,
+    /// Time to connect to a coordinator.
+    pub coordinator_connect_timeout_ms: u64,
+    /// Time to connect to the neuron.
+    pub upstream_connect_timeout_ms: u64,
+    /// Time until the neuron's response headers.
+    pub first_byte_timeout_ms: u64,
+    /// Time for a whole non-streamed response.
+    pub request_timeout_ms: u64,
+    /// Time given to in-flight requests at shutdown.
+    pub shutdown_grace_ms: u64,
+    /// Reservation overheads for every model...
+    pub reservation: ReservationPolicy,
+    /// ...and per model where a chat template differs.
+    pub models: HashMap<String, ReservationPolicy>,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            listen: "127.0.0.1:8080".parse().expect("valid default"),
+            metrics_listen: Some("127.0.0.1:9465".parse().expect("valid default")),
+            coordinators: vec!["http://127.0.0.1:50051".into()],
+            agent_id: "agent-1".into(),
+            neuron_id: "neuron-1".into(),
+            neuron_url: "http://127.0.0.1:9100".into(),
+            spool_dir: PathBuf::from("allot-data/agent"),
+            max_body_bytes: 8 * 1024 * 1024,
+            allowance_wait_ms: 250,
+            grant_multiplier: 16,
+            lease_margin_ms: 1_000,
+            idle_return_ms: 30_000,
+            usage_resend_ms: 5_000,
+            coordinator_connect_timeout_ms: 2_000,
+            upstream_connect_timeout_ms: 2_000,
+            first_byte_timeout_ms: 120_000,
+            request_timeout_ms: 600_000,
+            shutdown_grace_ms: 30_000,
+            reservation: ReservationPolicy::default(),
+            models: HashMap::new(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn from_file(path: &std::path::Path) -> Result<AgentConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", path.display()))
+    }
+
+    /// Checks every field; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        allot::key::validate_id("agent_id", &self.agent_id).map_err(|e| e.to_string())?;
+        if self.coordinators.is_empty() {
+            return Err("coordinators: at least one coordinator endpoint is needed".into());
+        }
+        for (i, endpoint) in self.coordinators.iter().enumerate() {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(format!("coordinators[{i}]: {endpoint:?} must start with http:// or https://"));
+            }
+        }
+        if !(self.neuron_url.starts_with("http://") || self.neuron_url.starts_with("https://")) {
+            return Err(format!("neuron_url: {:?} must start with http://", self.neuron_url));
+        }
+        if self.neuron_url.ends_with('/') {
+            return Err("neuron_url: must not end with '/'".into());
+        }
+        if self.max_body_bytes == 0 {
+            return Err("max_body_bytes: must be greater than zero".into());
+        }
+        if self.grant_multiplier == 0 {
+            return Err("grant_multiplier: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn policy_for(&self, model: &str) -> ReservationPolicy {
+        self.models.get(model).copied().unwrap_or(self.reservation)
+    }
+
+    pub fn allowance_wait(&self) -> Duration {
+        Duration::from_millis(self.allowance_wait_ms)
+    }
+
+    pub fn first_byte_timeout(&self) -> Duration {
+        Duration::from_millis(self.first_byte_timeout_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}

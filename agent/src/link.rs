@@ -1,0 +1,332 @@
+//! The agent's link to the coordinator: one task that keeps one
+//! `AgentSession` stream open to the leader (trying each configured
+//! endpoint in turn, with jittered exponential backoff), says `Hello` with
+//! what this agent holds, and applies what the coordinator sends: grants,
+//! denials, revocations, key updates, tariffs and usage acks.
+
+use crate::allowance::{AllowanceTable, CachedDeny, DenyKind, LimitSeen};
+use crate::keys::{KeyCache, KeyInfo};
+use crate::spool::SpoolEvent;
+use allot::key::KeyHash;
+use allot::pb::agent_message::Msg as AgentMsg;
+use allot::pb::coordinator_message::Msg as CoordMsg;
+use allot::pb::{self, agent_session_client::AgentSessionClient};
+use allot::tariff::{Tariff, TariffBook};
+use allot::{money, Amounts, Unit};
+use rand::Rng;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// What the rest of the agent uses to talk to the coordinator.
+pub struct CoordinatorLink {
+    outgoing: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
+    connected: watch::Sender<bool>,
+    lookups: Mutex<HashMap<KeyHash, Vec<oneshot::Sender<Option<KeyInfo>>>>>,
+    next_ask_id: AtomicU64,
+    pub tariffs: watch::Sender<Arc<TariffBook>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("coordinator unreachable")]
+pub struct Unreachable;
+
+impl Default for CoordinatorLink {
+    fn default() -> Self {
+        CoordinatorLink {
+            outgoing: Mutex::new(None),
+            connected: watch::channel(false).0,
+            lookups: Mutex::new(HashMap::new()),
+            next_ask_id: AtomicU64::new(1),
+            tariffs: watch::channel(Arc::new(TariffBook::default())).0,
+        }
+    }
+}
+
+impl CoordinatorLink {
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    pub fn subscribe_connected(&self) -> watch::Receiver<bool> {
+        self.connected.subscribe()
+    }
+
+    /// Queues a message on the current session; false when there is none.
+    pub fn send(&self, msg: AgentMsg) -> bool {
+        let guard = self.outgoing.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(tx) => tx.try_send(pb::AgentMessage { msg: Some(msg) }).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Asks for an allowance for `key_id`.
+    pub fn ask(&self, key_id: &str, need: &Amounts, want: &Amounts) -> bool {
+        let ask_id = self.next_ask_id.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("allot_agent_allowance_asks_total").increment(1);
+        self.send(AgentMsg::Ask(pb::AllowanceAsk {
+            ask_id,
+            key_id: key_id.to_string(),
+            need: Some(need.to_pb()),
+            want: Some(want.to_pb()),
+        }))
+    }
+
+    /// Looks a key hash up on the coordinator.
+    pub async fn lookup(&self, hash: KeyHash, timeout: Duration) -> Result<Option<KeyInfo>, Unreachable> {
+        let (tx, rx) = oneshot::channel();
+        let first = {
+            let mut lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+            let waiters = lookups.entry(hash).or_default();
+            waiters.push(tx);
+            waiters.len() == 1
+        };
+        if first
+            && !self.send(AgentMsg::KeyLookup(pb::KeyLookup {
+                key_hash: hash.0.to_vec(),
+            }))
+        {
+            self.lookups.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
+            return Err(Unreachable);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(info)) => Ok(info),
+            _ => Err(Unreachable),
+        }
+    }
+
+    fn resolve_lookup(&self, hash: KeyHash, info: Option<KeyInfo>) {
+        let waiters = self
+            .lookups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&hash)
+            .unwrap_or_default();
+        for waiter in waiters {
+            let _ = waiter.send(info.clone());
+        }
+    }
+
+    fn set_session(&self, session: Option<mpsc::Sender<pb::AgentMessage>>) {
+        let up = session.is_some();
+        *self.outgoing.lock().unwrap_or_else(|p| p.into_inner()) = session;
+        if !up {
+            // Pending lookups will never be answered on the old stream.
+            self.lookups.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        self.connected.send_replace(up);
+    }
+}
+
+/// How the link behaves.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    pub agent_id: String,
+    pub neuron_id: String,
+    pub epoch: u64,
+    pub endpoints: Vec<String>,
+    pub lease_margin: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// Everything the link task touches.
+pub struct LinkContext {
+    pub link: Arc<CoordinatorLink>,
+    pub table: Arc<AllowanceTable>,
+    pub keys: Arc<KeyCache>,
+    pub spool: mpsc::UnboundedSender<SpoolEvent>,
+    pub settings: LinkSettings,
+}
+
+/// Keeps a session open until `shutdown` fires.
+pub async fn run(ctx: LinkContext, mut shutdown: watch::Receiver<bool>) {
+    let mut attempt: u32 = 0;
+    let mut endpoint_index = 0usize;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let endpoint = ctx.settings.endpoints[endpoint_index % ctx.settings.endpoints.len()].clone();
+        endpoint_index += 1;
+        let started = Instant::now();
+        tokio::select! {
+            result = session(&ctx, &endpoint) => {
+                if let Err(error) = result {
+                    tracing::warn!(endpoint, %error, "coordinator session ended");
+                }
+            }
+            _ = shutdown.changed() => {}
+        }
+        ctx.link.set_session(None);
+        ctx.table.fail_all_asks();
+        if started.elapsed() > Duration::from_secs(10) {
+            attempt = 0;
+        }
+        attempt = attempt.saturating_add(1);
+        let base = Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(5));
+        let jitter = rand::rng().random_range(0..=base.as_millis() as u64 / 2);
+        let delay = base.min(Duration::from_secs(3)) + Duration::from_millis(jitter);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+        .connect_timeout(ctx.settings.connect_timeout)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut client = AgentSessionClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let (tx, rx) = mpsc::channel(4096);
+    let (slices, reconcile_seq) = ctx.table.report(Instant::now());
+    tx.send(pb::AgentMessage {
+        msg: Some(AgentMsg::Hello(pb::Hello {
+            agent_id: ctx.settings.agent_id.clone(),
+            epoch: ctx.settings.epoch,
+            neuron_id: ctx.settings.neuron_id.clone(),
+            slices: slices
+                .into_iter()
+                .map(|s| pb::SliceReport {
+                    key_id: s.key_id,
+                    held: Some(s.held.to_pb()),
+                })
+                .collect(),
+            reconcile_seq,
+        })),
+    })
+    .await?;
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    while let Some(message) = inbound.message().await? {
+        let Some(msg) = message.msg else { continue };
+        if let CoordMsg::Welcome(welcome) = &msg {
+            ctx.table.raise_seq(welcome.high_water_seq);
+            ctx.link.set_session(Some(tx.clone()));
+            let _ = ctx.spool.send(SpoolEvent::Session(tx.clone()));
+            let _ = ctx.spool.send(SpoolEvent::Ack(welcome.high_water_seq));
+            // Keys may have changed while we were away: look them up again.
+            for hash in ctx.keys.cached_hashes() {
+                ctx.link.send(AgentMsg::KeyLookup(pb::KeyLookup { key_hash: hash.0.to_vec() }));
+            }
+            tracing::info!(endpoint, high_water_seq = welcome.high_water_seq, "coordinator session established");
+            continue;
+        }
+        apply(ctx, msg);
+    }
+    Ok(())
+}
+
+fn limits_seen(views: &[pb::LimitView], now: Instant) -> Vec<LimitSeen> {
+    views
+        .iter()
+        .filter_map(|v| {
+            let unit = Unit::from_pb("unit", v.unit).ok()?;
+            Some(LimitSeen {
+                unit,
+                cap: money::parse_decimal("cap", &v.cap).ok()?,
+                remaining_at_grant: money::parse_decimal("remaining", &v.remaining).ok()?,
+                reset_at: (v.reset_in_ms > 0).then(|| now + Duration::from_millis(v.reset_in_ms)),
+            })
+        })
+        .collect()
+}
+
+fn apply(ctx: &LinkContext, msg: CoordMsg) {
+    let now = Instant::now();
+    match msg {
+        CoordMsg::Welcome(_) => {}
+        CoordMsg::Key(result) => {
+            let Ok(hash) = KeyHash::from_slice("key_hash", &result.key_hash) else {
+                return;
+            };
+            let info = result.key.as_ref().and_then(KeyInfo::from_pb);
+            ctx.keys.put(hash, info.clone(), now);
+            ctx.link.resolve_lookup(hash, info);
+        }
+        CoordMsg::KeyUpdate(update) => {
+            let Some(info) = update.key.as_ref().and_then(KeyInfo::from_pb) else {
+                return;
+            };
+            ctx.table.clear_deny(&info.key_id);
+            if info.revoked {
+                give_back(ctx, &info.key_id);
+            }
+            ctx.keys.update(info);
+        }
+        CoordMsg::Grant(grant) => {
+            let amount = Amounts::from_pb("amount", grant.amount.as_ref()).unwrap_or_default();
+            metrics::counter!("allot_agent_grants_total").increment(1);
+            ctx.table.grant(
+                &grant.key_id,
+                &amount,
+                Duration::from_millis(grant.ttl_ms),
+                ctx.settings.lease_margin,
+                limits_seen(&grant.limits, now),
+                now,
+            );
+        }
+        CoordMsg::Deny(deny) => {
+            let kind = match pb::DenyReason::try_from(deny.reason) {
+                Ok(pb::DenyReason::RateLimited) => DenyKind::RateLimited,
+                Ok(pb::DenyReason::KeyRevoked) => DenyKind::KeyRevoked,
+                Ok(pb::DenyReason::UnknownKey) => DenyKind::UnknownKey,
+                _ => DenyKind::InsufficientQuota,
+            };
+            // Balance refusals stand until a push says the key changed; the
+            // cap on their life bounds the damage of a lost push.
+            let stands_for = match kind {
+                DenyKind::RateLimited => Duration::from_millis(deny.retry_after_ms.max(1)),
+                _ => Duration::from_secs(30),
+            };
+            metrics::counter!("allot_agent_denies_total").increment(1);
+            let shortfall = ctx.table.pending_shortfall(&deny.key_id);
+            ctx.table.deny(
+                &deny.key_id,
+                CachedDeny {
+                    kind,
+                    until: now + stands_for,
+                    shortfall,
+                    message: deny.message,
+                },
+                now,
+            );
+        }
+        CoordMsg::Revoke(revoke) => {
+            tracing::info!(key_id = revoke.key_id, reason = revoke.reason, "coordinator revoked a slice");
+            give_back(ctx, &revoke.key_id);
+        }
+        CoordMsg::Tariffs(update) => {
+            let tariffs: Vec<Tariff> = update
+                .tariffs
+                .iter()
+                .filter_map(|t| Tariff::from_pb("tariff", t).ok())
+                .collect();
+            ctx.link.tariffs.send_replace(Arc::new(TariffBook::new(tariffs)));
+        }
+        CoordMsg::UsageAck(ack) => {
+            let _ = ctx.spool.send(SpoolEvent::Ack(ack.high_water_seq));
+        }
+    }
+}
+
+/// Returns a slice's unspent part to the coordinator.
+pub fn give_back(ctx: &LinkContext, key_id: &str) {
+    give_back_with(&ctx.link, &ctx.table, key_id);
+}
+
+pub fn give_back_with(link: &CoordinatorLink, table: &AllowanceTable, key_id: &str) {
+    if let Some(amount) = table.take_available(key_id) {
+        link.send(AgentMsg::GiveBack(pb::Return {
+            key_id: key_id.to_string(),
+            amount: Some(amount.to_pb()),
+        }));
+    }
+}

@@ -1,0 +1,772 @@
+//! The OpenAI-compatible HTTP front of the agent. For each request:
+//! authenticate (by key hash), parse only what admission needs, reserve an
+//! upper bound of its cost from the local allowance (asking the coordinator
+//! only when the slice is short), forward to the neuron, and settle at the
+//! usage the neuron reports. Nothing reaches the neuron unless it was
+//! admitted, and every admitted request settles exactly once, also when the
+//! client goes away mid-stream.
+
+use crate::allowance::{Admission, CachedDeny, DenyKind, Reservation};
+use crate::api_error::ApiError;
+use crate::keys::{KeyInfo, Known};
+use crate::AgentState;
+use allot::clock;
+use allot::key::{KeyHash, Purpose};
+use allot::pb;
+use allot::reservation::{self, Operation, RequestFacts};
+use allot::tariff::Price;
+use allot::{Amounts, Unit};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body as _;
+use rust_decimal::Decimal;
+use serde_json::{Map, Value};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+pub type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+pub fn router(state: Arc<AgentState>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/chat/completions", axum::routing::post(chat_completions))
+        .route("/v1/completions", axum::routing::post(completions))
+        .route("/v1/models", axum::routing::get(models))
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .fallback(|| async { ApiError::not_found("unknown path; allot serves /v1/chat/completions, /v1/completions and /v1/models") })
+        .with_state(state)
+}
+
+async fn chat_completions(State(state): State<Arc<AgentState>>, request: Request<Body>) -> Response {
+    handle(state, Operation::ChatCompletions, "/v1/chat/completions", request).await
+}
+
+async fn completions(State(state): State<Arc<AgentState>>, request: Request<Body>) -> Response {
+    handle(state, Operation::Completions, "/v1/completions", request).await
+}
+
+async fn handle(state: Arc<AgentState>, operation: Operation, path: &'static str, request: Request<Body>) -> Response {
+    let started = Instant::now();
+    match admit_and_forward(&state, operation, path, request, started).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// The bearer token's key, looked up in the cache or on the coordinator.
+async fn authenticate(state: &AgentState, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
+    let secret = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            ApiError::invalid_api_key("you didn't provide an API key: send Authorization: Bearer <key>")
+        })?;
+    let hash = KeyHash::of_secret(secret);
+    let key = match state.keys.get(&hash, Instant::now()) {
+        Known::Key(key) => Some(key),
+        Known::Unknown => None,
+        Known::Miss => state
+            .link
+            .lookup(hash, state.config.allowance_wait())
+            .await
+            .map_err(|_| ApiError::unavailable("cannot reach the coordinator to check the API key", 1))?,
+    };
+    match key {
+        Some(key) if key.revoked => Err(ApiError::invalid_api_key("the API key was revoked")),
+        Some(key) => Ok(key),
+        None => Err(ApiError::invalid_api_key("incorrect API key provided")),
+    }
+}
+
+async fn read_body(state: &AgentState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.config.max_body_bytes;
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::bad_request(format!("cannot read the request body: {e}"), None)),
+    }
+}
+
+fn deny_error(deny: &CachedDeny, now: Instant) -> ApiError {
+    match deny.kind {
+        DenyKind::InsufficientQuota => ApiError::insufficient_quota(format!(
+            "you exceeded your current quota: {}",
+            deny.message
+        )),
+        DenyKind::RateLimited => {
+            let wait = deny.until.saturating_duration_since(now);
+            ApiError::rate_limited(
+                format!("rate limit reached: {}", deny.message),
+                wait.as_millis().div_ceil(1000) as u64,
+            )
+        }
+        DenyKind::KeyRevoked => ApiError::invalid_api_key("the API key was revoked"),
+        DenyKind::UnknownKey => ApiError::invalid_api_key("incorrect API key provided"),
+    }
+}
+
+/// What admission decided for one request.
+struct Plan {
+    reservation: Reservation,
+    /// Completion tokens per choice the request may produce.
+    completion: u64,
+}
+
+/// Reserves the request's upper bound, waiting briefly for a grant when the
+/// slice is short. When the client set no `max_tokens`, the completion is
+/// the smaller of the configured default and what the allowance pays for.
+async fn reserve(state: &AgentState, key: &KeyInfo, facts: &RequestFacts, price: Price<'_>) -> Result<Plan, ApiError> {
+    let policy = state.config.policy_for(&facts.model);
+    let fixed = facts.max_completion_tokens;
+    let most = fixed.unwrap_or(policy.default_max_tokens);
+    let least = fixed.unwrap_or(1);
+    let cost_of = |completion: u64| {
+        let completion_total = completion.saturating_mul(facts.choices);
+        Amounts::request(
+            facts.token_bound(completion),
+            price.cost(facts.prompt_tokens_bound, completion_total),
+        )
+    };
+    let min_need = cost_of(least);
+    let max_need = cost_of(most);
+    let deadline = Instant::now() + state.config.allowance_wait();
+    loop {
+        let now = Instant::now();
+        let notify = state.table.notify_of(&key.key_id, now);
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let mut chosen = most;
+        let admission = state.table.try_reserve_with(
+            &key.key_id,
+            &min_need,
+            |usable| {
+                chosen = affordable_completion(usable, facts, price, least, most);
+                cost_of(chosen)
+            },
+            now,
+        );
+        match admission {
+            Admission::Reserved(reservation) => {
+                maybe_refill(state, &key.key_id);
+                return Ok(Plan {
+                    reservation,
+                    completion: chosen,
+                });
+            }
+            Admission::Denied(deny) => return Err(deny_error(&deny, now)),
+            Admission::Short { shortfall, send_ask } => {
+                if send_ask {
+                    let want = scaled(&max_need, state.config.grant_multiplier);
+                    if !state.link.ask(&key.key_id, &shortfall, &want) {
+                        state.table.ask_failed(&key.key_id);
+                        return Err(ApiError::unavailable(
+                            "the coordinator is unreachable and no allowance lease is valid",
+                            2,
+                        ));
+                    }
+                }
+                if now >= deadline {
+                    return Err(ApiError::unavailable("no allowance was granted in time", 1));
+                }
+                if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                    state.table.ask_failed(&key.key_id);
+                    return Err(ApiError::unavailable(
+                        if state.link.is_connected() {
+                            "no allowance was granted in time"
+                        } else {
+                            "the coordinator is unreachable and no allowance lease is valid"
+                        },
+                        1,
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// `need × multiplier` in every unit: what to ask for so that the next
+/// requests of a busy key find their allowance already there.
+fn scaled(need: &Amounts, multiplier: u64) -> Amounts {
+    let mut out = *need;
+    for unit in Unit::ALL {
+        if let Some(v) = out.0[unit.index()].as_mut() {
+            *v *= Decimal::from(multiplier.max(1));
+        }
+    }
+    out
+}
+
+/// Completion tokens per choice that `usable` pays for, within
+/// `[least, most]` (`least` when even that does not fit: the caller only
+/// calls this once `least` fits).
+fn affordable_completion(usable: &Amounts, facts: &RequestFacts, price: Price<'_>, least: u64, most: u64) -> u64 {
+    let mut completion = most;
+    let choices = Decimal::from(facts.choices.max(1));
+    if let Some(tokens) = usable.get(Unit::Tokens) {
+        let room = (tokens - Decimal::from(facts.prompt_tokens_bound)) / choices;
+        completion = completion.min(allot::amounts::decimal_to_u64(room.floor()));
+    }
+    if let (Some(credits), Price::Tariff(tariff)) = (usable.get(Unit::Credits), price) {
+        if tariff.output_price > Decimal::ZERO {
+            let prompt_cost = Decimal::from(facts.prompt_tokens_bound) * tariff.input_price;
+            let room = (credits - prompt_cost) / (tariff.output_price * choices);
+            completion = completion.min(allot::amounts::decimal_to_u64(room.floor()));
+        }
+    }
+    completion.max(least)
+}
+
+/// Asks ahead, in the background, when a busy slice runs low.
+fn maybe_refill(state: &AgentState, key_id: &str) {
+    if let Some(want) = state.table.wants_refill(key_id) {
+        if !state.link.ask(key_id, &Amounts::zero(), &want) {
+            state.table.ask_failed(key_id);
+        }
+    }
+}
+
+/// Fields of the usage record known at admission.
+struct RecordTemplate {
+    request_id: String,
+    key: KeyInfo,
+    model: String,
+    admitted_at: i64,
+    trace_id: String,
+    batch_id: String,
+    completion_window: String,
+}
+
+/// Settles one admitted request exactly once: explicitly with the usage
+/// the neuron reported, or on drop (client gone, error) with an estimate.
+struct Settlement {
+    state: Arc<AgentState>,
+    reservation: Option<Reservation>,
+    template: RecordTemplate,
+    prompt_bound: u64,
+    completion_bound: u64,
+    started: Instant,
+    first_byte: Option<Duration>,
+    /// Completion chunks forwarded so far, for estimates.
+    chunks: u64,
+    model_served: String,
+    status: u16,
+}
+
+/// Usage a neuron reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Reported {
+    prompt: u64,
+    completion: u64,
+    reasoning: u64,
+}
+
+fn read_usage(value: &Value) -> Option<Reported> {
+    let usage = value.get("usage")?.as_object()?;
+    Some(Reported {
+        prompt: usage.get("prompt_tokens")?.as_u64()?,
+        completion: usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0),
+        reasoning: usage
+            .get("completion_tokens_details")
+            .and_then(|d| d.get("reasoning_tokens"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+    })
+}
+
+impl Settlement {
+    /// Settles with reported usage, or an estimate bounded by the
+    /// reservation; `charged == false` releases the reservation in full.
+    fn finish(&mut self, reported: Option<Reported>, charged: bool) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        let (usage, estimated) = match (reported, charged) {
+            (_, false) => (Reported::default(), false),
+            (Some(r), true) => (r, false),
+            (None, true) => (
+                Reported {
+                    prompt: self.prompt_bound,
+                    completion: self.chunks.min(self.completion_bound),
+                    reasoning: 0,
+                },
+                true,
+            ),
+        };
+        let tariffs = self.state.link.tariffs.borrow().clone();
+        let t = &self.template;
+        let price = tariffs.choose(&t.model, t.key.purpose, non_empty(&t.completion_window), t.admitted_at);
+        let actual = if charged {
+            Amounts::request(usage.prompt + usage.completion, price.cost(usage.prompt, usage.completion))
+        } else {
+            Amounts::zero()
+        };
+        if charged && Unit::ALL.iter().any(|u| actual.value(*u) > reservation.amount.value(*u)) {
+            metrics::counter!("allot_agent_usage_over_reservation_total").increment(1);
+            tracing::error!(key_id = t.key.key_id, request_id = t.request_id, "neuron reported more usage than was reserved; the excess is charged");
+        }
+        let record = pb::UsageRecord {
+            seq: 0,
+            epoch: self.state.epoch,
+            request_id: t.request_id.clone(),
+            key_id: t.key.key_id.clone(),
+            account_id: t.key.account_id.clone(),
+            purpose: t.key.purpose.to_pb() as i32,
+            model_requested: t.model.clone(),
+            model_served: self.model_served.clone(),
+            http_status: u32::from(self.status),
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            ttfb_ms: self.first_byte.map(|d| d.as_millis() as u64).unwrap_or(0),
+            prompt_tokens: usage.prompt,
+            completion_tokens: usage.completion,
+            reasoning_tokens: usage.reasoning,
+            usage_estimated: estimated,
+            admitted_at_unix_ms: t.admitted_at,
+            trace_id: t.trace_id.clone(),
+            batch_id: t.batch_id.clone(),
+            completion_window: t.completion_window.clone(),
+            origin: origin(t.key.purpose, &t.batch_id) as i32,
+            reserved: Some(reservation.amount.to_pb()),
+            neuron_id: self.state.config.neuron_id.clone(),
+            charged,
+            refusal_code: String::new(),
+        };
+        let usage_tx = &self.state.usage;
+        self.state.table.settle(&reservation, &actual, |seq| {
+            let _ = usage_tx.send(pb::UsageRecord { seq, ..record });
+        });
+        metrics::counter!("allot_agent_settlements_total").increment(1);
+        if estimated {
+            metrics::counter!("allot_agent_usage_estimated_total").increment(1);
+        }
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        if self.reservation.is_some() {
+            // The client went away or the upstream failed mid-way: settle
+            // what was delivered, estimated, never more than reserved.
+            let charged = self.first_byte.is_some();
+            self.finish(None, charged);
+        }
+    }
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn origin(purpose: Purpose, batch_id: &str) -> pb::Origin {
+    match purpose {
+        Purpose::Batch => pb::Origin::Batch,
+        Purpose::Playground => pb::Origin::Frontend,
+        _ if !batch_id.is_empty() => pb::Origin::Batch,
+        _ => pb::Origin::Api,
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The trace id of a W3C `traceparent` header, if well-formed.
+fn trace_id_of(traceparent: &str) -> String {
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    match parts.as_slice() {
+        [_, trace_id, _, _] if trace_id.len() == 32 => trace_id.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn new_request_id() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 12];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("req_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+async fn admit_and_forward(
+    state: &Arc<AgentState>,
+    operation: Operation,
+    path: &'static str,
+    request: Request<Body>,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let key = authenticate(state, &parts.headers).await?;
+    let bytes = read_body(state, body).await?;
+    let mut body: Map<String, Value> = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return Err(ApiError::bad_request("the request body must be a JSON object", None)),
+        Err(e) => return Err(ApiError::bad_request(format!("malformed JSON in the request body: {e}"), None)),
+    };
+    let policy = state.config.policy_for(body.get("model").and_then(Value::as_str).unwrap_or_default());
+    let facts = reservation::inspect(operation, &body, &policy)
+        .map_err(|e| ApiError::bad_request(e.message, e.param))?;
+    if !key.allows_model(&facts.model) {
+        return Err(ApiError::model_not_found(&facts.model));
+    }
+    let admitted_at = clock::now_ms();
+    let completion_window = header_str(&parts.headers, "x-allot-completion-window");
+    let tariffs = state.link.tariffs.borrow().clone();
+    let price = tariffs.choose(&facts.model, key.purpose, non_empty(&completion_window), admitted_at);
+    if matches!(price, Price::Free) && !tariffs.is_empty() {
+        metrics::counter!("allot_agent_unpriced_requests_total").increment(1);
+    }
+    let plan = reserve(state, &key, &facts, price).await?;
+    metrics::counter!("allot_agent_admissions_total").increment(1);
+
+    // Change the body only where it must change.
+    let mut changed = false;
+    if facts.max_completion_tokens.is_none() {
+        body.insert("max_tokens".into(), Value::from(plan.completion));
+        changed = true;
+    }
+    if facts.stream && !facts.client_wants_usage {
+        let options = body
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(options) = options {
+            options.insert("include_usage".into(), Value::Bool(true));
+        }
+        changed = true;
+    }
+    let forwarded = if changed {
+        Bytes::from(serde_json::to_vec(&body).expect("a JSON map serializes"))
+    } else {
+        bytes
+    };
+
+    let request_id = match header_str(&parts.headers, "x-request-id") {
+        id if !id.is_empty() && id.len() <= 128 => id,
+        _ => new_request_id(),
+    };
+    let traceparent = header_str(&parts.headers, "traceparent");
+    let mut settlement = Settlement {
+        state: state.clone(),
+        reservation: Some(plan.reservation),
+        template: RecordTemplate {
+            request_id: request_id.clone(),
+            key: key.clone(),
+            model: facts.model.clone(),
+            admitted_at,
+            trace_id: trace_id_of(&traceparent),
+            batch_id: header_str(&parts.headers, "x-allot-batch-id"),
+            completion_window,
+        },
+        prompt_bound: facts.prompt_tokens_bound,
+        completion_bound: plan.completion.saturating_mul(facts.choices),
+        started,
+        first_byte: None,
+        chunks: 0,
+        model_served: String::new(),
+        status: 0,
+    };
+
+    let mut upstream = Request::post(format!("{}{}", state.config.neuron_url, path))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-request-id", &request_id);
+    for name in ["traceparent", "tracestate", "accept"] {
+        if let Some(value) = parts.headers.get(name) {
+            upstream = upstream.header(name, value);
+        }
+    }
+    let upstream = upstream
+        .body(Full::new(forwarded))
+        .map_err(|e| ApiError::bad_gateway(format!("cannot build the upstream request: {e}")))?;
+
+    let response = match tokio::time::timeout(state.config.first_byte_timeout(), state.client.request(upstream)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            settlement.status = 502;
+            settlement.finish(None, false);
+            return Err(ApiError::bad_gateway(format!("the neuron is unreachable: {e}")));
+        }
+        Err(_) => {
+            settlement.status = 504;
+            settlement.finish(None, false);
+            return Err(ApiError::gateway_timeout("the neuron did not answer in time"));
+        }
+    };
+    settlement.status = response.status().as_u16();
+    let (upstream_parts, upstream_body) = response.into_parts();
+    if !upstream_parts.status.is_success() {
+        // Failed before any output: costs nothing.
+        let body = upstream_body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        settlement.finish(None, false);
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = upstream_parts.status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return Ok(response);
+    }
+    settlement.first_byte = Some(started.elapsed());
+
+    let mut headers = HeaderMap::new();
+    headers.insert("x-request-id", HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("invalid")));
+    add_rate_limit_headers(state, &key.key_id, &mut headers);
+
+    if facts.stream {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        let stream = SseRelay {
+            upstream: upstream_body,
+            buffer: BytesMut::new(),
+            strip_usage: !facts.client_wants_usage,
+            reported: None,
+            settlement,
+            done: false,
+        };
+        let mut response = Response::new(Body::from_stream(stream));
+        *response.headers_mut() = headers;
+        return Ok(response);
+    }
+
+    let collected = match tokio::time::timeout(state.config.request_timeout(), upstream_body.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => {
+            settlement.finish(None, true);
+            return Err(ApiError::bad_gateway(format!("the neuron's response broke off: {e}")));
+        }
+        Err(_) => {
+            settlement.finish(None, true);
+            return Err(ApiError::gateway_timeout("the neuron's response did not complete in time"));
+        }
+    };
+    let parsed: Option<Value> = serde_json::from_slice(&collected).ok();
+    if let Some(model) = parsed.as_ref().and_then(|v| v.get("model")).and_then(Value::as_str) {
+        settlement.model_served = model.to_string();
+    }
+    let reported = parsed.as_ref().and_then(read_usage);
+    if reported.is_none() {
+        settlement.chunks = parsed.as_ref().map(estimate_completion_tokens).unwrap_or(settlement.completion_bound);
+    }
+    settlement.finish(reported, true);
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let mut response = Response::new(Body::from(collected));
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+/// An estimate of completion tokens from a response without usage: one
+/// per byte of generated text (an upper bound for byte-level tokenizers).
+fn estimate_completion_tokens(value: &Value) -> u64 {
+    let Some(choices) = value.get("choices").and_then(Value::as_array) else {
+        return 0;
+    };
+    choices
+        .iter()
+        .map(|choice| {
+            let text = choice
+                .get("message")
+                .and_then(|m| m.get("content"))
+                .or_else(|| choice.get("text"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            text.len() as u64
+        })
+        .sum()
+}
+
+fn format_reset(d: Duration) -> String {
+    let ms = d.as_millis() as u64;
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = ms / 1000;
+    if secs < 60 {
+        return format!("{secs}s");
+    }
+    format!("{}m{}s", secs / 60, secs % 60)
+}
+
+/// OpenAI-style `x-ratelimit-*` headers for the tightest request and token
+/// limits, from the last grant and local use since.
+fn add_rate_limit_headers(state: &AgentState, key_id: &str, headers: &mut HeaderMap) {
+    let now = Instant::now();
+    for (unit, suffix) in [(Unit::Requests, "requests"), (Unit::Tokens, "tokens")] {
+        let tightest = state
+            .table
+            .limits_for_headers(key_id)
+            .into_iter()
+            .filter(|(l, _)| l.unit == unit)
+            .min_by_key(|(_, remaining)| *remaining);
+        let Some((limit, remaining)) = tightest else {
+            continue;
+        };
+        let reset = limit
+            .reset_at
+            .map(|at| format_reset(at.saturating_duration_since(now)))
+            .unwrap_or_else(|| "0s".into());
+        for (name, value) in [
+            (format!("x-ratelimit-limit-{suffix}"), allot::money::format(limit.cap)),
+            (format!("x-ratelimit-remaining-{suffix}"), allot::money::format(remaining.floor())),
+            (format!("x-ratelimit-reset-{suffix}"), reset),
+        ] {
+            if let (Ok(name), Ok(value)) = (header::HeaderName::try_from(name), HeaderValue::from_str(&value)) {
+                headers.insert(name, value);
+            }
+        }
+    }
+}
+
+/// Relays an SSE stream chunk by chunk, reading the usage chunk and
+/// stripping it for clients that did not ask for it, and settles when the
+/// stream ends (or, through the settlement's drop, when the client leaves).
+struct SseRelay {
+    upstream: hyper::body::Incoming,
+    buffer: BytesMut,
+    strip_usage: bool,
+    reported: Option<Reported>,
+    settlement: Settlement,
+    done: bool,
+}
+
+impl SseRelay {
+    /// Splits complete events off the buffer and returns the bytes to pass on.
+    fn take_events(&mut self) -> Bytes {
+        let mut out = BytesMut::new();
+        while let Some(end) = find_event_end(&self.buffer) {
+            let event = self.buffer.split_to(end);
+            let keep = self.inspect_event(&event);
+            if keep {
+                out.extend_from_slice(&event);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Reads one event; false when it must not reach the client.
+    fn inspect_event(&mut self, event: &[u8]) -> bool {
+        let text = std::str::from_utf8(event).unwrap_or_default();
+        let data = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("");
+        if data.is_empty() || data == "[DONE]" {
+            return true;
+        }
+        // Parse only chunks that may carry usage or end the text.
+        if !data.contains("\"usage\":{") && !data.contains("\"usage\": {") {
+            self.settlement.chunks += 1;
+            if self.settlement.model_served.is_empty() {
+                if let Ok(value) = serde_json::from_str::<Value>(&data) {
+                    if let Some(model) = value.get("model").and_then(Value::as_str) {
+                        self.settlement.model_served = model.to_string();
+                    }
+                }
+            }
+            return true;
+        }
+        let Ok(value) = serde_json::from_str::<Value>(&data) else {
+            return true;
+        };
+        if let Some(usage) = read_usage(&value) {
+            self.reported = Some(usage);
+        }
+        let no_choices = value
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_none_or(|c| c.is_empty());
+        !(self.strip_usage && no_choices)
+    }
+}
+
+fn find_event_end(buffer: &[u8]) -> Option<usize> {
+    let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
+    let crlf = buffer.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl Stream for SseRelay {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut this.upstream).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    this.buffer.extend_from_slice(&data);
+                    let out = this.take_events();
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out)));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    let reported = this.reported;
+                    this.settlement.finish(reported, true);
+                    let event = format!(
+                        "data: {}\n\n",
+                        serde_json::json!({"error": {"message": format!("the neuron's stream broke off: {e}"), "type": "server_error", "param": null, "code": "upstream_error"}})
+                    );
+                    return Poll::Ready(Some(Ok(Bytes::from(event))));
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    let rest = std::mem::take(&mut this.buffer);
+                    let reported = this.reported;
+                    this.settlement.finish(reported, true);
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(rest.freeze())));
+                }
+            }
+        }
+    }
+}
+
+/// `GET /v1/models`: the neuron's list, narrowed to what the key may use.
+async fn models(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> Response {
+    let key = match authenticate(&state, &headers).await {
+        Ok(key) => key,
+        Err(e) => return e.into_response(),
+    };
+    let request = match Request::get(format!("{}/v1/models", state.config.neuron_url)).body(Full::new(Bytes::new())) {
+        Ok(r) => r,
+        Err(e) => return ApiError::bad_gateway(e.to_string()).into_response(),
+    };
+    let response = match tokio::time::timeout(state.config.first_byte_timeout(), state.client.request(request)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return ApiError::bad_gateway(format!("the neuron is unreachable: {e}")).into_response(),
+        Err(_) => return ApiError::gateway_timeout("the neuron did not answer in time").into_response(),
+    };
+    let status = response.status();
+    let body = response.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let Ok(mut list) = serde_json::from_slice::<Value>(&body) else {
+        return ApiError::bad_gateway("the neuron answered /v1/models with something that is not JSON").into_response();
+    };
+    if let Some(data) = list.get_mut("data").and_then(Value::as_array_mut) {
+        data.retain(|m| m.get("id").and_then(Value::as_str).is_some_and(|id| key.allows_model(id)));
+    }
+    (StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY), axum::Json(list)).into_response()
+}
