@@ -7,7 +7,9 @@ use crate::pb;
 use rust_decimal::Decimal;
 
 /// What a limit counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Unit {
     Requests,
@@ -138,7 +140,10 @@ impl Amounts {
             return Ok(Amounts::UNLIMITED);
         };
         let credits = match &value.credits {
-            Some(text) => Some(money::parse_non_negative(&format!("{field}.credits"), text)?),
+            Some(text) => Some(money::parse_non_negative(
+                &format!("{field}.credits"),
+                text,
+            )?),
             None => None,
         };
         Ok(Amounts([
@@ -152,7 +157,11 @@ impl Amounts {
 /// Whole part of a non-negative decimal as `u64` (saturating).
 pub fn decimal_to_u64(value: Decimal) -> u64 {
     use rust_decimal::prelude::ToPrimitive;
-    value.max(Decimal::ZERO).trunc().to_u64().unwrap_or(u64::MAX)
+    value
+        .max(Decimal::ZERO)
+        .trunc()
+        .to_u64()
+        .unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -170,7 +179,10 @@ mod tests {
     fn saturating_sub_never_goes_negative() {
         let a = Amounts([Some(Decimal::ONE), Some(Decimal::from(3)), None]);
         let b = Amounts::request(10, Decimal::ONE);
-        assert_eq!(a.saturating_sub(&b), Amounts([Some(Decimal::ZERO), Some(Decimal::ZERO), None]));
+        assert_eq!(
+            a.saturating_sub(&b),
+            Amounts([Some(Decimal::ZERO), Some(Decimal::ZERO), None])
+        );
     }
 
     #[test]

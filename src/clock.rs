@@ -19,7 +19,11 @@ fn date_of(at: UnixMs) -> Date {
 }
 
 fn midnight_ms(date: Date) -> UnixMs {
-    (date.with_time(Time::MIDNIGHT).assume_utc().unix_timestamp_nanos() / 1_000_000) as UnixMs
+    (date
+        .with_time(Time::MIDNIGHT)
+        .assume_utc()
+        .unix_timestamp_nanos()
+        / 1_000_000) as UnixMs
 }
 
 /// Start of the UTC day containing `at`.
@@ -52,7 +56,10 @@ pub fn next_month_start(at: UnixMs) -> UnixMs {
 pub fn to_rfc3339(at: UnixMs) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| at.to_string())
 }
 
@@ -87,7 +94,10 @@ mod tests {
         assert_eq!(to_rfc3339(month_start(T)), "2026-11-01T00:00:00Z");
         assert_eq!(to_rfc3339(next_month_start(T)), "2026-12-01T00:00:00Z");
         let december = T + 10 * 86_400_000;
-        assert_eq!(to_rfc3339(next_month_start(december)), "2027-01-01T00:00:00Z");
+        assert_eq!(
+            to_rfc3339(next_month_start(december)),
+            "2027-01-01T00:00:00Z"
+        );
     }
 
     #[test]

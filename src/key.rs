@@ -7,7 +7,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// What a key is used for; tariffs are chosen by purpose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Purpose {
     #[default]
@@ -24,7 +26,10 @@ impl Purpose {
             Ok(pb::Purpose::Batch) => Ok(Purpose::Batch),
             Ok(pb::Purpose::Playground) => Ok(Purpose::Playground),
             Ok(pb::Purpose::Platform) => Ok(Purpose::Platform),
-            Err(_) => Err(InvalidArgument::new(field, format!("unknown purpose {value}"))),
+            Err(_) => Err(InvalidArgument::new(
+                field,
+                format!("unknown purpose {value}"),
+            )),
         }
     }
 
@@ -48,7 +53,9 @@ impl Purpose {
 }
 
 /// SHA-256 of an API key's secret.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct KeyHash(#[serde(with = "hex_bytes")] pub [u8; 32]);
 
 impl KeyHash {
@@ -138,7 +145,10 @@ mod tests {
     #[test]
     fn unspecified_purpose_means_realtime() {
         assert_eq!(Purpose::from_pb("purpose", 0).unwrap(), Purpose::Realtime);
-        assert_eq!(Purpose::from_pb("purpose", 99).unwrap_err().field, "purpose");
+        assert_eq!(
+            Purpose::from_pb("purpose", 99).unwrap_err().field,
+            "purpose"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amounts;
+pub mod clock;
 pub mod error;
 pub mod key;
 pub mod limit;
@@ -16,7 +17,6 @@ pub mod money;
 pub mod reservation;
 pub mod tariff;
 pub mod telemetry;
-pub mod clock;
 pub mod window;
 
 pub use amounts::{Amounts, Unit};
@@ -28,6 +28,5 @@ pub mod pb {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("allot.v1");
     /// Encoded descriptor set of every allot proto, served through reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("allot_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("allot_descriptor");
 }

@@ -181,7 +181,8 @@ mod tests {
         let window = pb::Window {
             kind: Some(pb::window::Kind::Rolling(pb::RollingWindow { seconds: 0 })),
         };
-        let err = Limit::from_pb("l", &pb_limit(pb::Unit::Requests, "5", Some(window))).unwrap_err();
+        let err =
+            Limit::from_pb("l", &pb_limit(pb::Unit::Requests, "5", Some(window))).unwrap_err();
         assert_eq!(err.field, "l.window.rolling.seconds");
     }
 }

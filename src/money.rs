@@ -4,7 +4,6 @@ use crate::error::InvalidArgument;
 use rust_decimal::Decimal;
 use std::str::FromStr;
 
-
 /// The largest magnitude accepted for any amount or price (10^15): keeps every
 /// sum and product far inside `Decimal`'s range.
 fn max_abs() -> Decimal {
@@ -24,7 +23,10 @@ pub fn parse_decimal(field: &str, text: &str) -> Result<Decimal, InvalidArgument
         && digits.bytes().filter(|b| *b == b'.').count() <= 1
         && digits.bytes().any(|b| b.is_ascii_digit());
     if !plain {
-        return Err(InvalidArgument::new(field, format!("{trimmed:?} is not a decimal number")));
+        return Err(InvalidArgument::new(
+            field,
+            format!("{trimmed:?} is not a decimal number"),
+        ));
     }
     let value = Decimal::from_str(trimmed)
         .map_err(|_| InvalidArgument::new(field, format!("{trimmed:?} is not a decimal number")))?;
@@ -63,8 +65,10 @@ mod tests {
 
     #[test]
     fn decimal_strings_parse_exactly() {
-        assert_eq!(parse_decimal("amount", "0.1").unwrap() + parse_decimal("amount", "0.2").unwrap(),
-            Decimal::from_str("0.3").unwrap());
+        assert_eq!(
+            parse_decimal("amount", "0.1").unwrap() + parse_decimal("amount", "0.2").unwrap(),
+            Decimal::from_str("0.3").unwrap()
+        );
     }
 
     #[test]

@@ -131,7 +131,10 @@ fn text_bytes(value: &Value, policy: &ReservationPolicy) -> u64 {
         Value::Array(items) => items.iter().map(|v| text_bytes(v, policy)).sum(),
         Value::Object(map) => {
             let part_type = map.get("type").and_then(Value::as_str);
-            if matches!(part_type, Some("image_url" | "input_image" | "image" | "input_audio" | "file")) {
+            if matches!(
+                part_type,
+                Some("image_url" | "input_image" | "image" | "input_audio" | "file")
+            ) {
                 return policy.image_tokens;
             }
             map.iter()
@@ -153,7 +156,10 @@ pub fn inspect(
     let model = match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         Some(Value::String(_)) | None | Some(Value::Null) => {
-            return Err(BadRequest::new("model", "you must provide a model parameter"))
+            return Err(BadRequest::new(
+                "model",
+                "you must provide a model parameter",
+            ))
         }
         Some(other) => {
             return Err(BadRequest::new(
@@ -240,18 +246,17 @@ pub fn inspect(
                 Value::Array(items) => {
                     let mut total = 0u64;
                     for item in items {
-                        total = total.saturating_add(match item {
-                            Value::String(s) => s.len() as u64,
-                            // A pre-tokenized prompt: one token per element.
-                            Value::Number(_) => 1,
-                            Value::Array(tokens) => tokens.len() as u64,
-                            _ => {
-                                return Err(BadRequest::new(
+                        total =
+                            total.saturating_add(match item {
+                                Value::String(s) => s.len() as u64,
+                                // A pre-tokenized prompt: one token per element.
+                                Value::Number(_) => 1,
+                                Value::Array(tokens) => tokens.len() as u64,
+                                _ => return Err(BadRequest::new(
                                     "prompt",
                                     "prompt must be a string, an array of strings or of token ids",
-                                ))
-                            }
-                        });
+                                )),
+                            });
                     }
                     total
                 }
@@ -285,7 +290,11 @@ mod tests {
     use serde_json::json;
 
     fn facts(operation: Operation, body: Value) -> Result<RequestFacts, BadRequest> {
-        inspect(operation, body.as_object().unwrap(), &ReservationPolicy::default())
+        inspect(
+            operation,
+            body.as_object().unwrap(),
+            &ReservationPolicy::default(),
+        )
     }
 
     #[test]
@@ -341,15 +350,27 @@ mod tests {
     fn missing_model_or_messages_is_refused() {
         let err = facts(Operation::ChatCompletions, json!({"messages": []})).unwrap_err();
         assert_eq!(err.param.as_deref(), Some("model"));
-        let err = facts(Operation::ChatCompletions, json!({"model": "m", "messages": "hi"})).unwrap_err();
+        let err = facts(
+            Operation::ChatCompletions,
+            json!({"model": "m", "messages": "hi"}),
+        )
+        .unwrap_err();
         assert_eq!(err.param.as_deref(), Some("messages"));
     }
 
     #[test]
     fn completions_prompt_forms_are_bounded() {
-        let f = facts(Operation::Completions, json!({"model": "m", "prompt": "abc"})).unwrap();
+        let f = facts(
+            Operation::Completions,
+            json!({"model": "m", "prompt": "abc"}),
+        )
+        .unwrap();
         assert_eq!(f.prompt_tokens_bound, 3 + 16);
-        let f = facts(Operation::Completions, json!({"model": "m", "prompt": [[1, 2, 3], "ab"]})).unwrap();
+        let f = facts(
+            Operation::Completions,
+            json!({"model": "m", "prompt": [[1, 2, 3], "ab"]}),
+        )
+        .unwrap();
         assert_eq!(f.prompt_tokens_bound, 3 + 2 + 16);
         assert!(facts(Operation::Completions, json!({"model": "m", "prompt": 5})).is_err());
     }

@@ -57,7 +57,10 @@ impl Tariff {
 
     pub fn from_pb(field: &str, tariff: &pb::Tariff) -> Result<Tariff, InvalidArgument> {
         if tariff.model.trim().is_empty() {
-            return Err(InvalidArgument::new(format!("{field}.model"), "must not be empty"));
+            return Err(InvalidArgument::new(
+                format!("{field}.model"),
+                "must not be empty",
+            ));
         }
         let purpose = Purpose::from_pb(&format!("{field}.purpose"), tariff.purpose)?;
         let window = tariff.completion_window.trim();
@@ -67,7 +70,8 @@ impl Tariff {
                 "must be at most 32 characters",
             ));
         }
-        let input_price = money::parse_non_negative(&format!("{field}.input_price"), &tariff.input_price)?;
+        let input_price =
+            money::parse_non_negative(&format!("{field}.input_price"), &tariff.input_price)?;
         let output_price =
             money::parse_non_negative(&format!("{field}.output_price"), &tariff.output_price)?;
         let valid_from = tariff
@@ -195,7 +199,13 @@ mod tests {
     const DAY: UnixMs = 86_400_000;
     const NOW: UnixMs = 1_795_595_400_000;
 
-    fn tariff(purpose: Purpose, window: Option<&str>, price: &str, from: UnixMs, until: Option<UnixMs>) -> Tariff {
+    fn tariff(
+        purpose: Purpose,
+        window: Option<&str>,
+        price: &str,
+        from: UnixMs,
+        until: Option<UnixMs>,
+    ) -> Tariff {
         Tariff {
             model: "llama".into(),
             purpose,
@@ -207,7 +217,12 @@ mod tests {
         }
     }
 
-    fn price_of(book: &TariffBook, purpose: Purpose, window: Option<&str>, at: UnixMs) -> Option<String> {
+    fn price_of(
+        book: &TariffBook,
+        purpose: Purpose,
+        window: Option<&str>,
+        at: UnixMs,
+    ) -> Option<String> {
         match book.choose("llama", purpose, window, at) {
             Price::Tariff(t) => Some(t.input_price.to_string()),
             Price::Free => None,
@@ -224,24 +239,40 @@ mod tests {
 
     #[test]
     fn exact_purpose_and_window_wins() {
-        assert_eq!(price_of(&book(), Purpose::Batch, Some("24h"), NOW).as_deref(), Some("0.001"));
+        assert_eq!(
+            price_of(&book(), Purpose::Batch, Some("24h"), NOW).as_deref(),
+            Some("0.001")
+        );
     }
 
     #[test]
     fn unknown_window_takes_the_purpose_generic_never_another_window() {
-        assert_eq!(price_of(&book(), Purpose::Batch, Some("1h"), NOW).as_deref(), Some("0.002"));
+        assert_eq!(
+            price_of(&book(), Purpose::Batch, Some("1h"), NOW).as_deref(),
+            Some("0.002")
+        );
     }
 
     #[test]
     fn purpose_without_a_window_takes_its_generic_tariff() {
-        assert_eq!(price_of(&book(), Purpose::Batch, None, NOW).as_deref(), Some("0.002"));
+        assert_eq!(
+            price_of(&book(), Purpose::Batch, None, NOW).as_deref(),
+            Some("0.002")
+        );
     }
 
     #[test]
     fn purpose_without_tariffs_falls_back_to_realtime() {
-        assert_eq!(price_of(&book(), Purpose::Playground, None, NOW).as_deref(), Some("0.003"));
-        let only_realtime = TariffBook::new([tariff(Purpose::Realtime, None, "0.003", NOW - DAY, None)]);
-        assert_eq!(price_of(&only_realtime, Purpose::Batch, Some("24h"), NOW).as_deref(), Some("0.003"));
+        assert_eq!(
+            price_of(&book(), Purpose::Playground, None, NOW).as_deref(),
+            Some("0.003")
+        );
+        let only_realtime =
+            TariffBook::new([tariff(Purpose::Realtime, None, "0.003", NOW - DAY, None)]);
+        assert_eq!(
+            price_of(&only_realtime, Purpose::Batch, Some("24h"), NOW).as_deref(),
+            Some("0.003")
+        );
     }
 
     #[test]
@@ -250,7 +281,10 @@ mod tests {
             tariff(Purpose::Realtime, None, "0.003", NOW - DAY, None),
             tariff(Purpose::Batch, Some("24h"), "0.001", NOW - DAY, None),
         ]);
-        assert_eq!(price_of(&book, Purpose::Batch, Some("1h"), NOW).as_deref(), Some("0.003"));
+        assert_eq!(
+            price_of(&book, Purpose::Batch, Some("1h"), NOW).as_deref(),
+            Some("0.003")
+        );
     }
 
     #[test]
@@ -265,32 +299,65 @@ mod tests {
             tariff(Purpose::Realtime, None, "0.003", NOW - DAY, None),
             tariff(Purpose::Realtime, None, "0.009", NOW + DAY, None),
         ]);
-        assert_eq!(price_of(&book, Purpose::Realtime, None, NOW).as_deref(), Some("0.003"));
-        assert_eq!(price_of(&book, Purpose::Realtime, None, NOW + DAY).as_deref(), Some("0.009"));
+        assert_eq!(
+            price_of(&book, Purpose::Realtime, None, NOW).as_deref(),
+            Some("0.003")
+        );
+        assert_eq!(
+            price_of(&book, Purpose::Realtime, None, NOW + DAY).as_deref(),
+            Some("0.009")
+        );
     }
 
     #[test]
     fn expired_tariff_is_not_used_and_valid_until_is_exclusive() {
-        let book = TariffBook::new([tariff(Purpose::Realtime, None, "0.003", NOW - DAY, Some(NOW))]);
-        assert_eq!(price_of(&book, Purpose::Realtime, None, NOW - 1).as_deref(), Some("0.003"));
+        let book = TariffBook::new([tariff(
+            Purpose::Realtime,
+            None,
+            "0.003",
+            NOW - DAY,
+            Some(NOW),
+        )]);
+        assert_eq!(
+            price_of(&book, Purpose::Realtime, None, NOW - 1).as_deref(),
+            Some("0.003")
+        );
         assert_eq!(price_of(&book, Purpose::Realtime, None, NOW), None);
     }
 
     #[test]
     fn historical_request_time_pays_the_old_price() {
         let book = TariffBook::new([
-            tariff(Purpose::Realtime, None, "0.001", NOW - 10 * DAY, Some(NOW - DAY)),
+            tariff(
+                Purpose::Realtime,
+                None,
+                "0.001",
+                NOW - 10 * DAY,
+                Some(NOW - DAY),
+            ),
             tariff(Purpose::Realtime, None, "0.005", NOW - DAY, None),
         ]);
         // A batch created five days ago is priced at its creation time.
-        assert_eq!(price_of(&book, Purpose::Realtime, None, NOW - 5 * DAY).as_deref(), Some("0.001"));
-        assert_eq!(price_of(&book, Purpose::Realtime, None, NOW).as_deref(), Some("0.005"));
+        assert_eq!(
+            price_of(&book, Purpose::Realtime, None, NOW - 5 * DAY).as_deref(),
+            Some("0.001")
+        );
+        assert_eq!(
+            price_of(&book, Purpose::Realtime, None, NOW).as_deref(),
+            Some("0.005")
+        );
     }
 
     #[test]
     fn no_tariff_means_free() {
-        assert_eq!(TariffBook::default().choose("llama", Purpose::Realtime, None, NOW), Price::Free);
-        assert_eq!(book().choose("other-model", Purpose::Realtime, None, NOW), Price::Free);
+        assert_eq!(
+            TariffBook::default().choose("llama", Purpose::Realtime, None, NOW),
+            Price::Free
+        );
+        assert_eq!(
+            book().choose("other-model", Purpose::Realtime, None, NOW),
+            Price::Free
+        );
         assert_eq!(Price::Free.cost(1000, 1000), Decimal::ZERO);
     }
 
@@ -304,18 +371,33 @@ mod tests {
     #[test]
     fn putting_the_same_identity_replaces() {
         let mut book = book();
-        book.put(tariff(Purpose::Batch, Some("24h"), "0.0005", NOW - 10 * DAY, None));
+        book.put(tariff(
+            Purpose::Batch,
+            Some("24h"),
+            "0.0005",
+            NOW - 10 * DAY,
+            None,
+        ));
         assert_eq!(book.all().count(), 3);
-        assert_eq!(price_of(&book, Purpose::Batch, Some("24h"), NOW).as_deref(), Some("0.0005"));
+        assert_eq!(
+            price_of(&book, Purpose::Batch, Some("24h"), NOW).as_deref(),
+            Some("0.0005")
+        );
     }
 
     #[test]
     fn tariff_validation_names_the_field() {
         let mut wire = tariff(Purpose::Realtime, None, "0.1", NOW, None).to_pb();
         wire.input_price = "-1".into();
-        assert_eq!(Tariff::from_pb("tariff", &wire).unwrap_err().field, "tariff.input_price");
+        assert_eq!(
+            Tariff::from_pb("tariff", &wire).unwrap_err().field,
+            "tariff.input_price"
+        );
         let mut wire = tariff(Purpose::Realtime, None, "0.1", NOW, None).to_pb();
         wire.valid_from = None;
-        assert_eq!(Tariff::from_pb("tariff", &wire).unwrap_err().field, "tariff.valid_from");
+        assert_eq!(
+            Tariff::from_pb("tariff", &wire).unwrap_err().field,
+            "tariff.valid_from"
+        );
     }
 }

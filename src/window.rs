@@ -6,8 +6,8 @@
 //! counter may hold spend up to one bucket width longer than exact, never
 //! shorter, so it can only refuse early, never admit over the cap.
 
-use crate::limit::{CalendarPeriod, Window};
 use crate::clock::{self, UnixMs};
+use crate::limit::{CalendarPeriod, Window};
 use rust_decimal::Decimal;
 use std::collections::VecDeque;
 
@@ -192,7 +192,13 @@ impl SpendCounter {
     /// `spent + held + need <= cap`, assuming no new spend and that `held`
     /// (what agents hold) stays held. `None` when that never happens in this
     /// window kind (a balance, or `held + need > cap`).
-    pub fn fits_at(&self, now: UnixMs, cap: Decimal, held: Decimal, need: Decimal) -> Option<UnixMs> {
+    pub fn fits_at(
+        &self,
+        now: UnixMs,
+        cap: Decimal,
+        held: Decimal,
+        need: Decimal,
+    ) -> Option<UnixMs> {
         if held + need > cap {
             return None;
         }
@@ -266,7 +272,11 @@ mod tests {
         let SpendCounter::Rolling { buckets, .. } = &c else {
             unreachable!()
         };
-        assert!(buckets.len() as u64 <= ROLLING_BUCKETS + 1, "{}", buckets.len());
+        assert!(
+            buckets.len() as u64 <= ROLLING_BUCKETS + 1,
+            "{}",
+            buckets.len()
+        );
         assert_eq!(c.spent(T0 + 30_000 * 100), dec(30_000));
     }
 
@@ -280,7 +290,10 @@ mod tests {
         assert_eq!(at, T0 + 61_000);
         assert_eq!(retry_after_seconds(T0 + 31_000, at), 30);
         // needing 10 waits for both.
-        assert_eq!(c.fits_at(T0 + 31_000, dec(10), dec(0), dec(10)), Some(T0 + 91_000));
+        assert_eq!(
+            c.fits_at(T0 + 31_000, dec(10), dec(0), dec(10)),
+            Some(T0 + 91_000)
+        );
         // needing 11 never fits.
         assert_eq!(c.fits_at(T0 + 31_000, dec(10), dec(0), dec(11)), None);
     }

@@ -116,7 +116,10 @@ pub enum Admission {
     /// The slice cannot cover the request. Wait on the key's notify for a
     /// grant or a refusal; `send_ask` says whether this caller must send
     /// the ask (only the first short caller does).
-    Short { shortfall: Amounts, send_ask: bool },
+    Short {
+        shortfall: Amounts,
+        send_ask: bool,
+    },
     Denied(CachedDeny),
 }
 
@@ -180,7 +183,10 @@ impl AllowanceTable {
         let short = slice.shortfall(min_need, now);
         if short.is_zero() {
             let need = fit(&slice.available);
-            debug_assert!(slice.shortfall(&need, now).is_zero(), "fit chose more than is usable");
+            debug_assert!(
+                slice.shortfall(&need, now).is_zero(),
+                "fit chose more than is usable"
+            );
             for unit in Unit::ALL {
                 if let Some(available) = slice.available.0[unit.index()].as_mut() {
                     *available -= need.value(unit);
@@ -197,7 +203,9 @@ impl AllowanceTable {
             let covers = Unit::ALL
                 .iter()
                 .all(|u| short.value(*u) >= deny.shortfall.value(*u) || short.value(*u).is_zero());
-            if now < deny.until && (covers || matches!(deny.kind, DenyKind::KeyRevoked | DenyKind::UnknownKey)) {
+            if now < deny.until
+                && (covers || matches!(deny.kind, DenyKind::KeyRevoked | DenyKind::UnknownKey))
+            {
                 return Admission::Denied(deny.clone());
             }
         }
@@ -227,7 +235,12 @@ impl AllowanceTable {
     /// Settles a reservation at `actual`: the unused part returns to
     /// `available` at once. Returns the record's sequence number; `emit`
     /// runs under the lock so records leave in sequence order.
-    pub fn settle(&self, reservation: &Reservation, actual: &Amounts, emit: impl FnOnce(u64)) -> u64 {
+    pub fn settle(
+        &self,
+        reservation: &Reservation,
+        actual: &Amounts,
+        emit: impl FnOnce(u64),
+    ) -> u64 {
         let mut state = self.lock();
         state.last_seq += 1;
         let seq = state.last_seq;
@@ -257,7 +270,15 @@ impl AllowanceTable {
     }
 
     /// Applies a grant: adds to the slice and renews its lease.
-    pub fn grant(&self, key_id: &str, amount: &Amounts, ttl: Duration, margin: Duration, limits: Vec<LimitSeen>, now: Instant) {
+    pub fn grant(
+        &self,
+        key_id: &str,
+        amount: &Amounts,
+        ttl: Duration,
+        margin: Duration,
+        limits: Vec<LimitSeen>,
+        now: Instant,
+    ) {
         let mut state = self.lock();
         let slice = state
             .slices
@@ -367,7 +388,9 @@ impl AllowanceTable {
         let mut state = self.lock();
         let mut keys = Vec::new();
         for (key_id, slice) in state.slices.iter_mut() {
-            let Some(until) = slice.lease_until else { continue };
+            let Some(until) = slice.lease_until else {
+                continue;
+            };
             let due = until.saturating_duration_since(now) < slice.lease_ttl / 3;
             if due && !slice.ask_in_flight {
                 slice.ask_in_flight = true;
@@ -471,50 +494,100 @@ mod tests {
     fn table_with(tokens_available: i64) -> (AllowanceTable, Instant) {
         let table = AllowanceTable::new(0);
         let now = Instant::now();
-        table.grant("k", &tokens(tokens_available), Duration::from_secs(30), Duration::from_secs(1), vec![], now);
+        table.grant(
+            "k",
+            &tokens(tokens_available),
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+            vec![],
+            now,
+        );
         (table, now)
     }
 
     #[test]
     fn reservation_within_the_slice_is_taken_at_once() {
         let (table, now) = table_with(100);
-        let Admission::Reserved(r) = table.try_reserve("k", &Amounts::request(60, Decimal::ZERO), now) else {
+        let Admission::Reserved(r) =
+            table.try_reserve("k", &Amounts::request(60, Decimal::ZERO), now)
+        else {
             panic!("expected a reservation");
         };
-        assert_eq!(table.available("k").unwrap().get(Unit::Tokens), Some(Decimal::from(40)));
-        assert!(matches!(table.try_reserve("k", &Amounts::request(60, Decimal::ZERO), now), Admission::Short { .. }));
+        assert_eq!(
+            table.available("k").unwrap().get(Unit::Tokens),
+            Some(Decimal::from(40))
+        );
+        assert!(matches!(
+            table.try_reserve("k", &Amounts::request(60, Decimal::ZERO), now),
+            Admission::Short { .. }
+        ));
         table.settle(&r, &Amounts::request(10, Decimal::ZERO), |_| {});
         // 50 unused tokens come back at once.
-        assert_eq!(table.available("k").unwrap().get(Unit::Tokens), Some(Decimal::from(90)));
+        assert_eq!(
+            table.available("k").unwrap().get(Unit::Tokens),
+            Some(Decimal::from(90))
+        );
     }
 
     #[test]
     fn an_expired_lease_admits_nothing() {
         let (table, now) = table_with(100);
         let later = now + Duration::from_secs(30);
-        assert!(matches!(table.try_reserve("k", &Amounts::request(1, Decimal::ZERO), later), Admission::Short { .. }));
+        assert!(matches!(
+            table.try_reserve("k", &Amounts::request(1, Decimal::ZERO), later),
+            Admission::Short { .. }
+        ));
     }
 
     #[test]
     fn only_the_first_short_caller_sends_the_ask() {
         let (table, now) = table_with(0);
-        let Admission::Short { send_ask: first, .. } = table.try_reserve("k", &Amounts::request(1, Decimal::ZERO), now) else { panic!() };
-        let Admission::Short { send_ask: second, .. } = table.try_reserve("k", &Amounts::request(1, Decimal::ZERO), now) else { panic!() };
+        let Admission::Short {
+            send_ask: first, ..
+        } = table.try_reserve("k", &Amounts::request(1, Decimal::ZERO), now)
+        else {
+            panic!()
+        };
+        let Admission::Short {
+            send_ask: second, ..
+        } = table.try_reserve("k", &Amounts::request(1, Decimal::ZERO), now)
+        else {
+            panic!()
+        };
         assert!(first && !second);
     }
 
     #[test]
     fn a_cached_deny_refuses_as_large_a_shortfall_but_not_a_smaller_one() {
         let (table, now) = table_with(0);
-        table.deny("k", CachedDeny { kind: DenyKind::InsufficientQuota, until: now + Duration::from_secs(60), shortfall: tokens(50), message: String::new() }, now);
-        assert!(matches!(table.try_reserve("k", &Amounts::request(60, Decimal::ZERO), now), Admission::Denied(_)));
-        assert!(matches!(table.try_reserve("k", &Amounts::request(10, Decimal::ZERO), now), Admission::Short { .. }));
+        table.deny(
+            "k",
+            CachedDeny {
+                kind: DenyKind::InsufficientQuota,
+                until: now + Duration::from_secs(60),
+                shortfall: tokens(50),
+                message: String::new(),
+            },
+            now,
+        );
+        assert!(matches!(
+            table.try_reserve("k", &Amounts::request(60, Decimal::ZERO), now),
+            Admission::Denied(_)
+        ));
+        assert!(matches!(
+            table.try_reserve("k", &Amounts::request(10, Decimal::ZERO), now),
+            Admission::Short { .. }
+        ));
     }
 
     #[test]
     fn report_counts_in_flight_and_numbers_consistently() {
         let (table, now) = table_with(100);
-        let Admission::Reserved(r) = table.try_reserve("k", &Amounts::request(30, Decimal::ZERO), now) else { panic!() };
+        let Admission::Reserved(r) =
+            table.try_reserve("k", &Amounts::request(30, Decimal::ZERO), now)
+        else {
+            panic!()
+        };
         let (held, last) = table.report(now);
         assert_eq!(held[0].held.get(Unit::Tokens), Some(Decimal::from(100)));
         assert_eq!(last, 0);
@@ -527,7 +600,11 @@ mod tests {
     #[test]
     fn a_lapsed_lease_reports_only_what_is_in_flight() {
         let (table, now) = table_with(100);
-        let Admission::Reserved(_) = table.try_reserve("k", &Amounts::request(30, Decimal::ZERO), now) else { panic!() };
+        let Admission::Reserved(_) =
+            table.try_reserve("k", &Amounts::request(30, Decimal::ZERO), now)
+        else {
+            panic!()
+        };
         let (held, _) = table.report(now + Duration::from_secs(60));
         assert_eq!(held[0].held.get(Unit::Tokens), Some(Decimal::from(30)));
     }

@@ -17,7 +17,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, code: Option<&'static str>, message: impl Into<String>) -> ApiError {
+    fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             kind,
@@ -29,13 +34,23 @@ impl ApiError {
     }
 
     pub fn invalid_api_key(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"), message)
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            message,
+        )
     }
 
     pub fn bad_request(message: impl Into<String>, param: Option<String>) -> ApiError {
         ApiError {
             param,
-            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", None, message)
+            ..ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                message,
+            )
         }
     }
 
@@ -61,33 +76,63 @@ impl ApiError {
     }
 
     pub fn insufficient_quota(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", Some("insufficient_quota"), message)
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            Some("insufficient_quota"),
+            message,
+        )
     }
 
     pub fn rate_limited(message: impl Into<String>, retry_after: u64) -> ApiError {
         ApiError {
             retry_after: Some(retry_after.max(1)),
-            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "requests", Some("rate_limit_exceeded"), message)
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "requests",
+                Some("rate_limit_exceeded"),
+                message,
+            )
         }
     }
 
     pub fn unavailable(message: impl Into<String>, retry_after: u64) -> ApiError {
         ApiError {
             retry_after: Some(retry_after.max(1)),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("allowance_unavailable"), message)
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("allowance_unavailable"),
+                message,
+            )
         }
     }
 
     pub fn bad_gateway(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_GATEWAY, "server_error", Some("upstream_unreachable"), message)
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            Some("upstream_unreachable"),
+            message,
+        )
     }
 
     pub fn gateway_timeout(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::GATEWAY_TIMEOUT, "server_error", Some("upstream_timeout"), message)
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            Some("upstream_timeout"),
+            message,
+        )
     }
 
     pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("unknown_url"), message)
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("unknown_url"),
+            message,
+        )
     }
 
     /// The OpenAI error code, for metrics and usage records.
@@ -109,7 +154,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        debug_assert_ne!(self.status, StatusCode::PAYMENT_REQUIRED, "allot never answers 402");
+        debug_assert_ne!(
+            self.status,
+            StatusCode::PAYMENT_REQUIRED,
+            "allot never answers 402"
+        );
         metrics::counter!("allot_agent_refusals_total", "code" => self.code_label()).increment(1);
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(seconds) = self.retry_after {

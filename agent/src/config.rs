@@ -100,11 +100,16 @@ impl AgentConfig {
         }
         for (i, endpoint) in self.coordinators.iter().enumerate() {
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(format!("coordinators[{i}]: {endpoint:?} must start with http:// or https://"));
+                return Err(format!(
+                    "coordinators[{i}]: {endpoint:?} must start with http:// or https://"
+                ));
             }
         }
         if !(self.neuron_url.starts_with("http://") || self.neuron_url.starts_with("https://")) {
-            return Err(format!("neuron_url: {:?} must start with http://", self.neuron_url));
+            return Err(format!(
+                "neuron_url: {:?} must start with http://",
+                self.neuron_url
+            ));
         }
         if self.neuron_url.ends_with('/') {
             return Err("neuron_url: must not end with '/'".into());

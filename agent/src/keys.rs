@@ -58,8 +58,12 @@ impl KeyCache {
     pub fn get(&self, hash: &KeyHash, now: Instant) -> Known {
         let map = self.by_hash.read().unwrap_or_else(|p| p.into_inner());
         match map.get(hash) {
-            Some(Cached { info: Some(info), .. }) => Known::Key(info.clone()),
-            Some(Cached { info: None, at }) if now.duration_since(*at) < NEGATIVE_TTL => Known::Unknown,
+            Some(Cached {
+                info: Some(info), ..
+            }) => Known::Key(info.clone()),
+            Some(Cached { info: None, at }) if now.duration_since(*at) < NEGATIVE_TTL => {
+                Known::Unknown
+            }
             _ => Known::Miss,
         }
     }
@@ -75,7 +79,11 @@ impl KeyCache {
     pub fn update(&self, info: KeyInfo) {
         let mut map = self.by_hash.write().unwrap_or_else(|p| p.into_inner());
         for cached in map.values_mut() {
-            if cached.info.as_ref().is_some_and(|k| k.key_id == info.key_id) {
+            if cached
+                .info
+                .as_ref()
+                .is_some_and(|k| k.key_id == info.key_id)
+            {
                 cached.info = Some(info.clone());
             }
         }

@@ -43,7 +43,9 @@ pub struct AgentState {
 
 fn http_client(config: &AgentConfig) -> proxy::HttpClient {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_connect_timeout(Some(Duration::from_millis(config.upstream_connect_timeout_ms)));
+    connector.set_connect_timeout(Some(Duration::from_millis(
+        config.upstream_connect_timeout_ms,
+    )));
     connector.set_nodelay(true);
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
@@ -72,7 +74,11 @@ pub async fn run(
     // tests) aborts them all.
     let mut tasks = tokio::task::JoinSet::new();
     let spool_depth = spool.depth();
-    tasks.spawn(spool.run(usage_rx, spool_events_rx, Duration::from_millis(config.usage_resend_ms)));
+    tasks.spawn(spool.run(
+        usage_rx,
+        spool_events_rx,
+        Duration::from_millis(config.usage_resend_ms),
+    ));
     tasks.spawn(link::run(
         LinkContext {
             link: link.clone(),
@@ -125,7 +131,11 @@ pub async fn run(
             }
         }
     }
-    // Let the coordinator acknowledge what is spooled, briefly.
+    // Give every slice back, then let the coordinator acknowledge what is
+    // spooled, briefly.
+    for key_id in state.table.idle_keys(Duration::ZERO, Instant::now()) {
+        link::give_back_with(&state.link, &state.table, &key_id);
+    }
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline
         && state.link.is_connected()
@@ -140,7 +150,12 @@ pub async fn run(
 }
 
 /// Renews leases in use before they lapse and gives back idle slices.
-async fn housekeeping(table: Arc<AllowanceTable>, link: Arc<CoordinatorLink>, idle: Duration, mut stop: watch::Receiver<bool>) {
+async fn housekeeping(
+    table: Arc<AllowanceTable>,
+    link: Arc<CoordinatorLink>,
+    idle: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {

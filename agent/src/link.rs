@@ -77,7 +77,11 @@ impl CoordinatorLink {
     }
 
     /// Looks a key hash up on the coordinator.
-    pub async fn lookup(&self, hash: KeyHash, timeout: Duration) -> Result<Option<KeyInfo>, Unreachable> {
+    pub async fn lookup(
+        &self,
+        hash: KeyHash,
+        timeout: Duration,
+    ) -> Result<Option<KeyInfo>, Unreachable> {
         let (tx, rx) = oneshot::channel();
         let first = {
             let mut lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
@@ -90,7 +94,10 @@ impl CoordinatorLink {
                 key_hash: hash.0.to_vec(),
             }))
         {
-            self.lookups.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
+            self.lookups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&hash);
             return Err(Unreachable);
         }
         match tokio::time::timeout(timeout, rx).await {
@@ -116,7 +123,10 @@ impl CoordinatorLink {
         *self.outgoing.lock().unwrap_or_else(|p| p.into_inner()) = session;
         if !up {
             // Pending lookups will never be answered on the old stream.
-            self.lookups.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.lookups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         }
         self.connected.send_replace(up);
     }
@@ -150,7 +160,8 @@ pub async fn run(ctx: LinkContext, mut shutdown: watch::Receiver<bool>) {
         if *shutdown.borrow() {
             return;
         }
-        let endpoint = ctx.settings.endpoints[endpoint_index % ctx.settings.endpoints.len()].clone();
+        let endpoint =
+            ctx.settings.endpoints[endpoint_index % ctx.settings.endpoints.len()].clone();
         endpoint_index += 1;
         let started = Instant::now();
         tokio::select! {
@@ -214,9 +225,15 @@ async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
             let _ = ctx.spool.send(SpoolEvent::Ack(welcome.high_water_seq));
             // Keys may have changed while we were away: look them up again.
             for hash in ctx.keys.cached_hashes() {
-                ctx.link.send(AgentMsg::KeyLookup(pb::KeyLookup { key_hash: hash.0.to_vec() }));
+                ctx.link.send(AgentMsg::KeyLookup(pb::KeyLookup {
+                    key_hash: hash.0.to_vec(),
+                }));
             }
-            tracing::info!(endpoint, high_water_seq = welcome.high_water_seq, "coordinator session established");
+            tracing::info!(
+                endpoint,
+                high_water_seq = welcome.high_water_seq,
+                "coordinator session established"
+            );
             continue;
         }
         apply(ctx, msg);
@@ -300,7 +317,11 @@ fn apply(ctx: &LinkContext, msg: CoordMsg) {
             );
         }
         CoordMsg::Revoke(revoke) => {
-            tracing::info!(key_id = revoke.key_id, reason = revoke.reason, "coordinator revoked a slice");
+            tracing::info!(
+                key_id = revoke.key_id,
+                reason = revoke.reason,
+                "coordinator revoked a slice"
+            );
             give_back(ctx, &revoke.key_id);
         }
         CoordMsg::Tariffs(update) => {
@@ -309,7 +330,9 @@ fn apply(ctx: &LinkContext, msg: CoordMsg) {
                 .iter()
                 .filter_map(|t| Tariff::from_pb("tariff", t).ok())
                 .collect();
-            ctx.link.tariffs.send_replace(Arc::new(TariffBook::new(tariffs)));
+            ctx.link
+                .tariffs
+                .send_replace(Arc::new(TariffBook::new(tariffs)));
         }
         CoordMsg::UsageAck(ack) => {
             let _ = ctx.spool.send(SpoolEvent::Ack(ack.high_water_seq));

@@ -38,23 +38,44 @@ pub type HttpClient = hyper_util::client::legacy::Client<
 
 pub fn router(state: Arc<AgentState>) -> axum::Router {
     axum::Router::new()
-        .route("/v1/chat/completions", axum::routing::post(chat_completions))
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(chat_completions),
+        )
         .route("/v1/completions", axum::routing::post(completions))
         .route("/v1/models", axum::routing::get(models))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .fallback(|| async { ApiError::not_found("unknown path; allot serves /v1/chat/completions, /v1/completions and /v1/models") })
+        .fallback(|| async {
+            ApiError::not_found(
+                "unknown path; allot serves /v1/chat/completions, /v1/completions and /v1/models",
+            )
+        })
         .with_state(state)
 }
 
-async fn chat_completions(State(state): State<Arc<AgentState>>, request: Request<Body>) -> Response {
-    handle(state, Operation::ChatCompletions, "/v1/chat/completions", request).await
+async fn chat_completions(
+    State(state): State<Arc<AgentState>>,
+    request: Request<Body>,
+) -> Response {
+    handle(
+        state,
+        Operation::ChatCompletions,
+        "/v1/chat/completions",
+        request,
+    )
+    .await
 }
 
 async fn completions(State(state): State<Arc<AgentState>>, request: Request<Body>) -> Response {
     handle(state, Operation::Completions, "/v1/completions", request).await
 }
 
-async fn handle(state: Arc<AgentState>, operation: Operation, path: &'static str, request: Request<Body>) -> Response {
+async fn handle(
+    state: Arc<AgentState>,
+    operation: Operation,
+    path: &'static str,
+    request: Request<Body>,
+) -> Response {
     let started = Instant::now();
     match admit_and_forward(&state, operation, path, request, started).await {
         Ok(response) => response,
@@ -71,7 +92,9 @@ async fn authenticate(state: &AgentState, headers: &HeaderMap) -> Result<KeyInfo
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| {
-            ApiError::invalid_api_key("you didn't provide an API key: send Authorization: Bearer <key>")
+            ApiError::invalid_api_key(
+                "you didn't provide an API key: send Authorization: Bearer <key>",
+            )
         })?;
     let hash = KeyHash::of_secret(secret);
     let key = match state.keys.get(&hash, Instant::now()) {
@@ -81,7 +104,9 @@ async fn authenticate(state: &AgentState, headers: &HeaderMap) -> Result<KeyInfo
             .link
             .lookup(hash, state.config.allowance_wait())
             .await
-            .map_err(|_| ApiError::unavailable("cannot reach the coordinator to check the API key", 1))?,
+            .map_err(|_| {
+                ApiError::unavailable("cannot reach the coordinator to check the API key", 1)
+            })?,
     };
     match key {
         Some(key) if key.revoked => Err(ApiError::invalid_api_key("the API key was revoked")),
@@ -94,8 +119,16 @@ async fn read_body(state: &AgentState, body: Body) -> Result<Bytes, ApiError> {
     let limit = state.config.max_body_bytes;
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::too_large(limit)),
-        Err(e) => Err(ApiError::bad_request(format!("cannot read the request body: {e}"), None)),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::too_large(limit))
+        }
+        Err(e) => Err(ApiError::bad_request(
+            format!("cannot read the request body: {e}"),
+            None,
+        )),
     }
 }
 
@@ -127,7 +160,12 @@ struct Plan {
 /// Reserves the request's upper bound, waiting briefly for a grant when the
 /// slice is short. When the client set no `max_tokens`, the completion is
 /// the smaller of the configured default and what the allowance pays for.
-async fn reserve(state: &AgentState, key: &KeyInfo, facts: &RequestFacts, price: Price<'_>) -> Result<Plan, ApiError> {
+async fn reserve(
+    state: &AgentState,
+    key: &KeyInfo,
+    facts: &RequestFacts,
+    price: Price<'_>,
+) -> Result<Plan, ApiError> {
     let policy = state.config.policy_for(&facts.model);
     let fixed = facts.max_completion_tokens;
     let most = fixed.unwrap_or(policy.default_max_tokens);
@@ -167,7 +205,10 @@ async fn reserve(state: &AgentState, key: &KeyInfo, facts: &RequestFacts, price:
                 });
             }
             Admission::Denied(deny) => return Err(deny_error(&deny, now)),
-            Admission::Short { shortfall, send_ask } => {
+            Admission::Short {
+                shortfall,
+                send_ask,
+            } => {
                 if send_ask {
                     let want = scaled(&max_need, state.config.grant_multiplier);
                     if !state.link.ask(&key.key_id, &shortfall, &want) {
@@ -181,7 +222,10 @@ async fn reserve(state: &AgentState, key: &KeyInfo, facts: &RequestFacts, price:
                 if now >= deadline {
                     return Err(ApiError::unavailable("no allowance was granted in time", 1));
                 }
-                if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                if tokio::time::timeout_at(deadline.into(), notified)
+                    .await
+                    .is_err()
+                {
                     state.table.ask_failed(&key.key_id);
                     return Err(ApiError::unavailable(
                         if state.link.is_connected() {
@@ -212,7 +256,13 @@ fn scaled(need: &Amounts, multiplier: u64) -> Amounts {
 /// Completion tokens per choice that `usable` pays for, within
 /// `[least, most]` (`least` when even that does not fit: the caller only
 /// calls this once `least` fits).
-fn affordable_completion(usable: &Amounts, facts: &RequestFacts, price: Price<'_>, least: u64, most: u64) -> u64 {
+fn affordable_completion(
+    usable: &Amounts,
+    facts: &RequestFacts,
+    price: Price<'_>,
+    least: u64,
+    most: u64,
+) -> u64 {
     let mut completion = most;
     let choices = Decimal::from(facts.choices.max(1));
     if let Some(tokens) = usable.get(Unit::Tokens) {
@@ -277,7 +327,10 @@ fn read_usage(value: &Value) -> Option<Reported> {
     let usage = value.get("usage")?.as_object()?;
     Some(Reported {
         prompt: usage.get("prompt_tokens")?.as_u64()?,
-        completion: usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0),
+        completion: usage
+            .get("completion_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
         reasoning: usage
             .get("completion_tokens_details")
             .and_then(|d| d.get("reasoning_tokens"))
@@ -307,15 +360,31 @@ impl Settlement {
         };
         let tariffs = self.state.link.tariffs.borrow().clone();
         let t = &self.template;
-        let price = tariffs.choose(&t.model, t.key.purpose, non_empty(&t.completion_window), t.admitted_at);
+        let price = tariffs.choose(
+            &t.model,
+            t.key.purpose,
+            non_empty(&t.completion_window),
+            t.admitted_at,
+        );
         let actual = if charged {
-            Amounts::request(usage.prompt + usage.completion, price.cost(usage.prompt, usage.completion))
+            Amounts::request(
+                usage.prompt + usage.completion,
+                price.cost(usage.prompt, usage.completion),
+            )
         } else {
             Amounts::zero()
         };
-        if charged && Unit::ALL.iter().any(|u| actual.value(*u) > reservation.amount.value(*u)) {
+        if charged
+            && Unit::ALL
+                .iter()
+                .any(|u| actual.value(*u) > reservation.amount.value(*u))
+        {
             metrics::counter!("allot_agent_usage_over_reservation_total").increment(1);
-            tracing::error!(key_id = t.key.key_id, request_id = t.request_id, "neuron reported more usage than was reserved; the excess is charged");
+            tracing::error!(
+                key_id = t.key.key_id,
+                request_id = t.request_id,
+                "neuron reported more usage than was reserved; the excess is charged"
+            );
         }
         let record = pb::UsageRecord {
             seq: 0,
@@ -399,7 +468,10 @@ fn new_request_id() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 12];
     rand::rng().fill_bytes(&mut bytes);
-    format!("req_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    format!(
+        "req_{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
 }
 
 async fn admit_and_forward(
@@ -414,10 +486,24 @@ async fn admit_and_forward(
     let bytes = read_body(state, body).await?;
     let mut body: Map<String, Value> = match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => map,
-        Ok(_) => return Err(ApiError::bad_request("the request body must be a JSON object", None)),
-        Err(e) => return Err(ApiError::bad_request(format!("malformed JSON in the request body: {e}"), None)),
+        Ok(_) => {
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+                None,
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::bad_request(
+                format!("malformed JSON in the request body: {e}"),
+                None,
+            ))
+        }
     };
-    let policy = state.config.policy_for(body.get("model").and_then(Value::as_str).unwrap_or_default());
+    let policy = state.config.policy_for(
+        body.get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default(),
+    );
     let facts = reservation::inspect(operation, &body, &policy)
         .map_err(|e| ApiError::bad_request(e.message, e.param))?;
     if !key.allows_model(&facts.model) {
@@ -426,7 +512,12 @@ async fn admit_and_forward(
     let admitted_at = clock::now_ms();
     let completion_window = header_str(&parts.headers, "x-allot-completion-window");
     let tariffs = state.link.tariffs.borrow().clone();
-    let price = tariffs.choose(&facts.model, key.purpose, non_empty(&completion_window), admitted_at);
+    let price = tariffs.choose(
+        &facts.model,
+        key.purpose,
+        non_empty(&completion_window),
+        admitted_at,
+    );
     if matches!(price, Price::Free) && !tariffs.is_empty() {
         metrics::counter!("allot_agent_unpriced_requests_total").increment(1);
     }
@@ -492,40 +583,60 @@ async fn admit_and_forward(
         .body(Full::new(forwarded))
         .map_err(|e| ApiError::bad_gateway(format!("cannot build the upstream request: {e}")))?;
 
-    let response = match tokio::time::timeout(state.config.first_byte_timeout(), state.client.request(upstream)).await {
+    let response = match tokio::time::timeout(
+        state.config.first_byte_timeout(),
+        state.client.request(upstream),
+    )
+    .await
+    {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
             settlement.status = 502;
             settlement.finish(None, false);
-            return Err(ApiError::bad_gateway(format!("the neuron is unreachable: {e}")));
+            return Err(ApiError::bad_gateway(format!(
+                "the neuron is unreachable: {e}"
+            )));
         }
         Err(_) => {
             settlement.status = 504;
             settlement.finish(None, false);
-            return Err(ApiError::gateway_timeout("the neuron did not answer in time"));
+            return Err(ApiError::gateway_timeout(
+                "the neuron did not answer in time",
+            ));
         }
     };
     settlement.status = response.status().as_u16();
     let (upstream_parts, upstream_body) = response.into_parts();
     if !upstream_parts.status.is_success() {
         // Failed before any output: costs nothing.
-        let body = upstream_body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let body = upstream_body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
         settlement.finish(None, false);
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = upstream_parts.status;
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         return Ok(response);
     }
     settlement.first_byte = Some(started.elapsed());
 
     let mut headers = HeaderMap::new();
-    headers.insert("x-request-id", HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("invalid")));
+    headers.insert(
+        "x-request-id",
+        HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("invalid")),
+    );
     add_rate_limit_headers(state, &key.key_id, &mut headers);
 
     if facts.stream {
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         let stream = SseRelay {
             upstream: upstream_body,
@@ -540,27 +651,42 @@ async fn admit_and_forward(
         return Ok(response);
     }
 
-    let collected = match tokio::time::timeout(state.config.request_timeout(), upstream_body.collect()).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) => {
-            settlement.finish(None, true);
-            return Err(ApiError::bad_gateway(format!("the neuron's response broke off: {e}")));
-        }
-        Err(_) => {
-            settlement.finish(None, true);
-            return Err(ApiError::gateway_timeout("the neuron's response did not complete in time"));
-        }
-    };
+    let collected =
+        match tokio::time::timeout(state.config.request_timeout(), upstream_body.collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) => {
+                settlement.finish(None, true);
+                return Err(ApiError::bad_gateway(format!(
+                    "the neuron's response broke off: {e}"
+                )));
+            }
+            Err(_) => {
+                settlement.finish(None, true);
+                return Err(ApiError::gateway_timeout(
+                    "the neuron's response did not complete in time",
+                ));
+            }
+        };
     let parsed: Option<Value> = serde_json::from_slice(&collected).ok();
-    if let Some(model) = parsed.as_ref().and_then(|v| v.get("model")).and_then(Value::as_str) {
+    if let Some(model) = parsed
+        .as_ref()
+        .and_then(|v| v.get("model"))
+        .and_then(Value::as_str)
+    {
         settlement.model_served = model.to_string();
     }
     let reported = parsed.as_ref().and_then(read_usage);
     if reported.is_none() {
-        settlement.chunks = parsed.as_ref().map(estimate_completion_tokens).unwrap_or(settlement.completion_bound);
+        settlement.chunks = parsed
+            .as_ref()
+            .map(estimate_completion_tokens)
+            .unwrap_or(settlement.completion_bound);
     }
     settlement.finish(reported, true);
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     let mut response = Response::new(Body::from(collected));
     *response.headers_mut() = headers;
     Ok(response)
@@ -617,11 +743,20 @@ fn add_rate_limit_headers(state: &AgentState, key_id: &str, headers: &mut Header
             .map(|at| format_reset(at.saturating_duration_since(now)))
             .unwrap_or_else(|| "0s".into());
         for (name, value) in [
-            (format!("x-ratelimit-limit-{suffix}"), allot::money::format(limit.cap)),
-            (format!("x-ratelimit-remaining-{suffix}"), allot::money::format(remaining.floor())),
+            (
+                format!("x-ratelimit-limit-{suffix}"),
+                allot::money::format(limit.cap),
+            ),
+            (
+                format!("x-ratelimit-remaining-{suffix}"),
+                allot::money::format(remaining.floor()),
+            ),
             (format!("x-ratelimit-reset-{suffix}"), reset),
         ] {
-            if let (Ok(name), Ok(value)) = (header::HeaderName::try_from(name), HeaderValue::from_str(&value)) {
+            if let (Ok(name), Ok(value)) = (
+                header::HeaderName::try_from(name),
+                HeaderValue::from_str(&value),
+            ) {
                 headers.insert(name, value);
             }
         }
@@ -694,7 +829,10 @@ impl SseRelay {
 
 fn find_event_end(buffer: &[u8]) -> Option<usize> {
     let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
-    let crlf = buffer.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    let crlf = buffer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -713,7 +851,9 @@ impl Stream for SseRelay {
             match Pin::new(&mut this.upstream).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else { continue };
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
                     this.buffer.extend_from_slice(&data);
                     let out = this.take_events();
                     if !out.is_empty() {
@@ -751,22 +891,49 @@ async fn models(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> Res
         Ok(key) => key,
         Err(e) => return e.into_response(),
     };
-    let request = match Request::get(format!("{}/v1/models", state.config.neuron_url)).body(Full::new(Bytes::new())) {
+    let request = match Request::get(format!("{}/v1/models", state.config.neuron_url))
+        .body(Full::new(Bytes::new()))
+    {
         Ok(r) => r,
         Err(e) => return ApiError::bad_gateway(e.to_string()).into_response(),
     };
-    let response = match tokio::time::timeout(state.config.first_byte_timeout(), state.client.request(request)).await {
+    let response = match tokio::time::timeout(
+        state.config.first_byte_timeout(),
+        state.client.request(request),
+    )
+    .await
+    {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return ApiError::bad_gateway(format!("the neuron is unreachable: {e}")).into_response(),
-        Err(_) => return ApiError::gateway_timeout("the neuron did not answer in time").into_response(),
+        Ok(Err(e)) => {
+            return ApiError::bad_gateway(format!("the neuron is unreachable: {e}")).into_response()
+        }
+        Err(_) => {
+            return ApiError::gateway_timeout("the neuron did not answer in time").into_response()
+        }
     };
     let status = response.status();
-    let body = response.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let Ok(mut list) = serde_json::from_slice::<Value>(&body) else {
-        return ApiError::bad_gateway("the neuron answered /v1/models with something that is not JSON").into_response();
+        return ApiError::bad_gateway(
+            "the neuron answered /v1/models with something that is not JSON",
+        )
+        .into_response();
     };
     if let Some(data) = list.get_mut("data").and_then(Value::as_array_mut) {
-        data.retain(|m| m.get("id").and_then(Value::as_str).is_some_and(|id| key.allows_model(id)));
+        data.retain(|m| {
+            m.get("id")
+                .and_then(Value::as_str)
+                .is_some_and(|id| key.allows_model(id))
+        });
     }
-    (StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY), axum::Json(list)).into_response()
+    (
+        StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
+        axum::Json(list),
+    )
+        .into_response()
 }

@@ -90,7 +90,8 @@ fn read_records(path: &Path) -> Result<Vec<pb::UsageRecord>, SpoolError> {
     let mut bytes = Vec::new();
     match File::open(path) {
         Ok(mut f) => {
-            f.read_to_end(&mut bytes).map_err(|e| spool_error(path, e))?;
+            f.read_to_end(&mut bytes)
+                .map_err(|e| spool_error(path, e))?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(spool_error(path, e)),
@@ -130,7 +131,12 @@ impl Spool {
         write_state(dir, &state)?;
         let log_path = dir.join(LOG);
         let records = read_records(&log_path)?;
-        let last_seq = records.iter().map(|r| r.seq).max().unwrap_or(0).max(state.acked);
+        let last_seq = records
+            .iter()
+            .map(|r| r.seq)
+            .max()
+            .unwrap_or(0)
+            .max(state.acked);
         let pending: BTreeMap<u64, pb::UsageRecord> = records
             .into_iter()
             .filter(|r| r.seq > state.acked)
@@ -154,7 +160,10 @@ impl Spool {
             pending: pending.clone(),
         };
         if !pending.is_empty() {
-            tracing::info!(records = pending.len(), "usage records recovered from the spool");
+            tracing::info!(
+                records = pending.len(),
+                "usage records recovered from the spool"
+            );
         }
         Ok((
             Spool {
@@ -343,7 +352,10 @@ mod tests {
         drop(spool);
         let (_, recovered) = Spool::open(&dir).unwrap();
         assert_eq!(recovered.epoch, 2);
-        assert_eq!(recovered.pending.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            recovered.pending.keys().copied().collect::<Vec<_>>(),
+            vec![2, 3]
+        );
         assert_eq!(recovered.last_seq, 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -51,7 +51,9 @@ impl tonic::service::Interceptor for AdminAuth {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing admin token: send authorization: Bearer <token>"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated("missing admin token: send authorization: Bearer <token>")
+            })?;
         if bool::from(presented.as_bytes().ct_eq(self.token.as_bytes())) {
             Ok(request)
         } else {
@@ -107,7 +109,13 @@ fn push_key_changes(core: &Core, fx: &mut Effects, key_ids: &[String], revoke_sl
         let Some(key) = core.ledger.key(key_id) else {
             continue;
         };
-        core.push_to(fx, core.interested_in(key_id), CoordMsg::KeyUpdate(pb::KeyUpdate { key: Some(key_info(key)) }));
+        core.push_to(
+            fx,
+            core.interested_in(key_id),
+            CoordMsg::KeyUpdate(pb::KeyUpdate {
+                key: Some(key_info(key)),
+            }),
+        );
         if revoke_slices {
             core.push_to(
                 fx,
@@ -176,7 +184,11 @@ impl Admin for AdminService {
         let accounts = self
             .engine
             .call(|core, _| {
-                let mut ids: Vec<String> = core.ledger.accounts().map(|a| a.account_id.clone()).collect();
+                let mut ids: Vec<String> = core
+                    .ledger
+                    .accounts()
+                    .map(|a| a.account_id.clone())
+                    .collect();
                 ids.sort();
                 ids.iter().map(|id| account_view(core, id)).collect()
             })
@@ -191,10 +203,14 @@ impl Admin for AdminService {
         let req = request.into_inner();
         check(validate_id("account_id", &req.account_id))?;
         if req.source_id.trim().is_empty() || req.source_id.len() > 256 {
-            return Err(Status::invalid_argument("source_id: must be 1 to 256 characters"));
+            return Err(Status::invalid_argument(
+                "source_id: must be 1 to 256 characters",
+            ));
         }
         let kind = match pb::CreditKind::try_from(req.kind) {
-            Ok(pb::CreditKind::Unspecified) | Ok(pb::CreditKind::Purchase) => TransactionKind::Purchase,
+            Ok(pb::CreditKind::Unspecified) | Ok(pb::CreditKind::Purchase) => {
+                TransactionKind::Purchase
+            }
             Ok(pb::CreditKind::Adjustment) => TransactionKind::Adjustment,
             Err(_) => return Err(Status::invalid_argument("kind: unknown credit kind")),
         };
@@ -233,12 +249,18 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let req = request.into_inner();
         check(validate_id("account_id", &req.account_id))?;
-        let key_id = if req.key_id.is_empty() { new_key_id() } else { req.key_id.clone() };
+        let key_id = if req.key_id.is_empty() {
+            new_key_id()
+        } else {
+            req.key_id.clone()
+        };
         check(validate_id("key_id", &key_id))?;
         let purpose = Purpose::from_pb("purpose", req.purpose).map_err(invalid_argument)?;
         for (i, model) in req.allowed_models.iter().enumerate() {
             if model.trim().is_empty() {
-                return Err(Status::invalid_argument(format!("allowed_models[{i}]: must not be empty")));
+                return Err(Status::invalid_argument(format!(
+                    "allowed_models[{i}]: must not be empty"
+                )));
             }
         }
         let secret = new_secret();
@@ -257,7 +279,11 @@ impl Admin for AdminService {
             .engine
             .call(move |core, fx| Ok(core.ledger.create_key(record, &mut fx.writes)?))
             .await?;
-        tracing::info!(key_id = key.key_id, account_id = key.account_id, "key created");
+        tracing::info!(
+            key_id = key.key_id,
+            account_id = key.account_id,
+            "key created"
+        );
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(key_info(&key)),
             secret,
@@ -323,7 +349,8 @@ impl Admin for AdminService {
         let echoed = limits.iter().map(|l| l.to_pb()).collect();
         self.engine
             .call(move |core, fx| {
-                core.ledger.set_limits(&scope, limits, fx.now, &mut fx.writes)?;
+                core.ledger
+                    .set_limits(&scope, limits, fx.now, &mut fx.writes)?;
                 let keys = match &scope {
                     Scope::Key(id) => vec![id.clone()],
                     Scope::Account(id) => core.ledger.keys_of_account(id).to_vec(),
@@ -345,7 +372,10 @@ impl Admin for AdminService {
             .engine
             .call(move |core, fx| {
                 let views = core.ledger.limit_views(&req.key_id, fx.now)?;
-                let key = core.ledger.key(&req.key_id).expect("limit_views checked the key");
+                let key = core
+                    .ledger
+                    .key(&req.key_id)
+                    .expect("limit_views checked the key");
                 Ok(pb::Snapshot {
                     key_id: key.key_id.clone(),
                     account_id: key.account_id.clone(),
@@ -371,7 +401,11 @@ impl Admin for AdminService {
             .call(move |core, fx| {
                 core.ledger.put_tariff(tariff, &mut fx.writes);
                 let update = tariff_update(core);
-                core.push_to(fx, core.sessions.keys().cloned().collect::<Vec<_>>(), update);
+                core.push_to(
+                    fx,
+                    core.sessions.keys().cloned().collect::<Vec<_>>(),
+                    update,
+                );
                 Ok(())
             })
             .await?;
@@ -432,4 +466,3 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListAgentsResponse { agents }))
     }
 }
-

@@ -41,7 +41,12 @@ pub struct Core {
 
 impl Core {
     /// Queues `message` to every connected agent in `agents`.
-    pub fn push_to(&self, fx: &mut Effects, agents: impl IntoIterator<Item = String>, message: pb::coordinator_message::Msg) {
+    pub fn push_to(
+        &self,
+        fx: &mut Effects,
+        agents: impl IntoIterator<Item = String>,
+        message: pb::coordinator_message::Msg,
+    ) {
         for agent_id in agents {
             if let Some(link) = self.sessions.get(&agent_id) {
                 fx.send(&link.outbox, message.clone());
@@ -141,13 +146,20 @@ impl EngineHandle {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |core, fx| match f(core, fx) {
             Ok(value) => fx.after_commit(move |outcome| {
-                let _ = reply.send(outcome.map(|_| value).map_err(|e| EngineError::Store(e.to_string())));
+                let _ = reply.send(
+                    outcome
+                        .map(|_| value)
+                        .map_err(|e| EngineError::Store(e.to_string())),
+                );
             }),
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
         });
-        self.jobs.send(job).await.map_err(|_| EngineError::Stopped)?;
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| EngineError::Stopped)?;
         answer.await.map_err(|_| EngineError::Stopped)?
     }
 
@@ -165,7 +177,10 @@ pub struct Engine {
 
 impl Engine {
     /// Loads the ledger from the store and returns the engine and its handle.
-    pub async fn load(store: Arc<dyn Store>, settings: EngineSettings) -> Result<(Engine, EngineHandle), StoreError> {
+    pub async fn load(
+        store: Arc<dyn Store>,
+        settings: EngineSettings,
+    ) -> Result<(Engine, EngineHandle), StoreError> {
         let stored = store.load().await?;
         let ledger = Ledger::from_stored(settings.ledger.clone(), stored);
         let now = Instant::now();
@@ -228,7 +243,10 @@ impl Engine {
             job(&mut self.core, &mut fx);
         }
         let Effects {
-            writes, after, outbox, ..
+            writes,
+            after,
+            outbox,
+            ..
         } = fx;
         let write_count = writes.len();
         let started = Instant::now();
@@ -265,7 +283,8 @@ impl Engine {
         loop {
             match self.store.load().await {
                 Ok(stored) => {
-                    self.core.ledger = Ledger::from_stored(self.core.settings.ledger.clone(), stored);
+                    self.core.ledger =
+                        Ledger::from_stored(self.core.settings.ledger.clone(), stored);
                     return;
                 }
                 Err(error) => {
@@ -299,7 +318,11 @@ impl Engine {
                     }
                     let released = core.ledger.release_agent(&agent_id, &mut fx.writes);
                     if released > 0 {
-                        tracing::warn!(agent_id, slices = released, "agent declared dead; its slices are released");
+                        tracing::warn!(
+                            agent_id,
+                            slices = released,
+                            "agent declared dead; its slices are released"
+                        );
                         metrics::counter!("allot_agents_declared_dead_total").increment(1);
                     }
                 })

@@ -7,7 +7,9 @@ use tonic::Status;
 impl From<EngineError> for Status {
     fn from(error: EngineError) -> Status {
         match error {
-            EngineError::Ledger(LedgerError::NotFound { .. }) => Status::not_found(error.to_string()),
+            EngineError::Ledger(LedgerError::NotFound { .. }) => {
+                Status::not_found(error.to_string())
+            }
             EngineError::Ledger(LedgerError::AlreadyExists { .. }) => {
                 Status::already_exists(error.to_string())
             }

@@ -14,10 +14,10 @@
 //! anyway, never lost, and counted.
 
 use crate::store::{StoreWrite, StoredState};
+use allot::clock::UnixMs;
 use allot::key::{KeyHash, Purpose};
 use allot::limit::{Limit, Window};
 use allot::tariff::{Price, Tariff, TariffBook};
-use allot::clock::UnixMs;
 use allot::window::SpendCounter;
 use allot::{Amounts, Unit};
 use rust_decimal::Decimal;
@@ -209,7 +209,9 @@ pub enum SettleOutcome {
     },
     Duplicate,
     /// A record is missing before this one; nothing settled.
-    Gap { expected: u64 },
+    Gap {
+        expected: u64,
+    },
 }
 
 /// Tunables of the ledger's decisions.
@@ -278,7 +280,11 @@ impl Ledger {
         }
         for (agent_id, key_id, held) in state.slices {
             ledger.add_held(&key_id, &held, 1);
-            ledger.slices.entry(agent_id).or_default().insert(key_id, held);
+            ledger
+                .slices
+                .entry(agent_id)
+                .or_default()
+                .insert(key_id, held);
         }
         for agent in state.agents {
             ledger.agents.insert(agent.agent_id.clone(), agent);
@@ -405,7 +411,10 @@ impl Ledger {
 
     /// Spent, held and remaining for every limit that applies to `key_id`.
     pub fn limit_views(&self, key_id: &str, now: UnixMs) -> Result<Vec<LimitView>, LedgerError> {
-        let key = self.keys.get(key_id).ok_or_else(|| not_found("key", key_id))?;
+        let key = self
+            .keys
+            .get(key_id)
+            .ok_or_else(|| not_found("key", key_id))?;
         Ok(self
             .applicable_limits(key)
             .iter()
@@ -446,7 +455,8 @@ impl Ledger {
             limits: Vec::new(),
             created_at_ms: now,
         };
-        self.accounts.insert(account_id.to_string(), account.clone());
+        self.accounts
+            .insert(account_id.to_string(), account.clone());
         self.ensure_counters(&Scope::Account(account_id.to_string()), now, writes);
         writes.push(StoreWrite::PutAccount(account.clone()));
         Ok(account)
@@ -514,7 +524,10 @@ impl Ledger {
         key_id: &str,
         writes: &mut Vec<StoreWrite>,
     ) -> Result<KeyRecord, LedgerError> {
-        let key = self.keys.get_mut(key_id).ok_or_else(|| not_found("key", key_id))?;
+        let key = self
+            .keys
+            .get_mut(key_id)
+            .ok_or_else(|| not_found("key", key_id))?;
         if !key.revoked {
             key.revoked = true;
             writes.push(StoreWrite::PutKey(key.clone()));
@@ -572,7 +585,10 @@ impl Ledger {
             changed |= state.counters.ensure(limit.unit, limit.window, now);
         }
         if changed {
-            writes.push(StoreWrite::PutCounters(scope.clone(), state.counters.clone()));
+            writes.push(StoreWrite::PutCounters(
+                scope.clone(),
+                state.counters.clone(),
+            ));
         }
     }
 
@@ -595,7 +611,13 @@ impl Ledger {
         }
     }
 
-    fn put_slice(&mut self, agent_id: &str, key_id: &str, held: Amounts, writes: &mut Vec<StoreWrite>) {
+    fn put_slice(
+        &mut self,
+        agent_id: &str,
+        key_id: &str,
+        held: Amounts,
+        writes: &mut Vec<StoreWrite>,
+    ) {
         let old = self
             .slices
             .get(agent_id)
@@ -688,8 +710,19 @@ impl Ledger {
     }
 
     /// An agent gives back part of its slice.
-    pub fn give_back(&mut self, agent_id: &str, key_id: &str, amount: &Amounts, writes: &mut Vec<StoreWrite>) {
-        let Some(current) = self.slices.get(agent_id).and_then(|s| s.get(key_id)).copied() else {
+    pub fn give_back(
+        &mut self,
+        agent_id: &str,
+        key_id: &str,
+        amount: &Amounts,
+        writes: &mut Vec<StoreWrite>,
+    ) {
+        let Some(current) = self
+            .slices
+            .get(agent_id)
+            .and_then(|s| s.get(key_id))
+            .copied()
+        else {
             return;
         };
         let left = current.saturating_sub(amount);
@@ -812,7 +845,9 @@ impl Ledger {
                 // Never fits while this much is held or asked: the longest
                 // wait this window can impose.
                 Window::Rolling { seconds } => now + (seconds * 1000) as i64,
-                _ => counter.and_then(|c| c.next_refill(now)).unwrap_or(now + 1000),
+                _ => counter
+                    .and_then(|c| c.next_refill(now))
+                    .unwrap_or(now + 1000),
             });
             if at >= retry_at {
                 retry_at = at;
@@ -875,9 +910,9 @@ impl Ledger {
         } else {
             Amounts::zero()
         };
-        let excess = Unit::ALL.iter().any(|u| {
-            usage.reserved.get(*u).is_some_and(|r| actual.value(*u) > r)
-        });
+        let excess = Unit::ALL
+            .iter()
+            .any(|u| usage.reserved.get(*u).is_some_and(|r| actual.value(*u) > r));
         let mut late = false;
         if let Some(account_id) = self.keys.get(&usage.key_id).map(|k| k.account_id.clone()) {
             for scope in [Scope::Key(usage.key_id.clone()), Scope::Account(account_id)] {
@@ -887,7 +922,12 @@ impl Ledger {
                 writes.push(StoreWrite::PutCounters(scope, state.counters.clone()));
             }
             if from_slice {
-                match self.slices.get(agent_id).and_then(|s| s.get(&usage.key_id)).copied() {
+                match self
+                    .slices
+                    .get(agent_id)
+                    .and_then(|s| s.get(&usage.key_id))
+                    .copied()
+                {
                     Some(held) => {
                         let left = held.saturating_sub(&actual);
                         self.put_slice(agent_id, &usage.key_id, left, writes);

@@ -30,7 +30,9 @@ use tonic_health::ServingStatus;
 /// Opens the store the configuration names.
 pub fn open_store(config: &CoordinatorConfig) -> anyhow::Result<Arc<dyn Store>> {
     match config.store {
-        StoreKind::Embedded => Ok(Arc::new(store::embedded::EmbeddedStore::open(&config.data_path)?)),
+        StoreKind::Embedded => Ok(Arc::new(store::embedded::EmbeddedStore::open(
+            &config.data_path,
+        )?)),
         StoreKind::Etcd => anyhow::bail!("store = etcd is not available in this build yet"),
     }
 }
@@ -79,8 +81,10 @@ pub async fn run_with_store(
         admin::AdminService::new(handle.clone()),
         admin::AdminAuth::new(config.admin_token.clone()),
     );
-    let sessions = pb::agent_session_server::AgentSessionServer::new(session::SessionService::new(handle.clone()))
-        .max_decoding_message_size(64 * 1024 * 1024);
+    let sessions = pb::agent_session_server::AgentSessionServer::new(session::SessionService::new(
+        handle.clone(),
+    ))
+    .max_decoding_message_size(64 * 1024 * 1024);
 
     let health_task = tokio::spawn(report_health(health, store));
     tracing::info!(listen = %listener.local_addr()?, store = ?config.store, "coordinator serving");

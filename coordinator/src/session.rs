@@ -47,7 +47,9 @@ impl AgentSession for SessionService {
                 })) => hello,
                 Ok(_) => {
                     let _ = outbox
-                        .send(Err(Status::invalid_argument("the first message of a session must be hello")))
+                        .send(Err(Status::invalid_argument(
+                            "the first message of a session must be hello",
+                        )))
                         .await;
                     return;
                 }
@@ -79,7 +81,9 @@ impl AgentSession for SessionService {
 /// Registers the session; `None` when the Hello was refused.
 async fn accept_hello(engine: &EngineHandle, hello: pb::Hello, outbox: &Outbox) -> Option<String> {
     if let Err(e) = allot::key::validate_id("hello.agent_id", &hello.agent_id) {
-        let _ = outbox.send(Err(Status::invalid_argument(e.to_string()))).await;
+        let _ = outbox
+            .send(Err(Status::invalid_argument(e.to_string())))
+            .await;
         return None;
     }
     let mut slices = Vec::with_capacity(hello.slices.len());
@@ -87,7 +91,9 @@ async fn accept_hello(engine: &EngineHandle, hello: pb::Hello, outbox: &Outbox) 
         match Amounts::from_pb(&format!("hello.slices[{i}].held"), slice.held.as_ref()) {
             Ok(held) => slices.push((slice.key_id.clone(), held)),
             Err(e) => {
-                let _ = outbox.send(Err(Status::invalid_argument(e.to_string()))).await;
+                let _ = outbox
+                    .send(Err(Status::invalid_argument(e.to_string())))
+                    .await;
                 return None;
             }
         }
@@ -131,14 +137,21 @@ async fn accept_hello(engine: &EngineHandle, hello: pb::Hello, outbox: &Outbox) 
             );
             fx.send(&link_outbox, tariff_update(core));
             metrics::counter!("allot_agent_sessions_total").increment(1);
-            tracing::info!(agent_id = hello.agent_id, epoch = hello.epoch, high_water_seq, "agent session started");
+            tracing::info!(
+                agent_id = hello.agent_id,
+                epoch = hello.epoch,
+                high_water_seq,
+                "agent session started"
+            );
             Ok(())
         })
         .await;
     match result {
         Ok(()) => Some(agent_id),
         Err(e) => {
-            let _ = outbox.send(Err(Status::failed_precondition(e.to_string()))).await;
+            let _ = outbox
+                .send(Err(Status::failed_precondition(e.to_string())))
+                .await;
             None
         }
     }
@@ -178,10 +191,13 @@ fn agent_job(agent_id: String, outbox: Outbox, msg: AgentMsg) -> Job {
         }
         match msg {
             AgentMsg::Hello(_) => {
-                fx.send(&outbox, CoordMsg::Deny(pb::Deny {
-                    message: "hello may only be sent once per session".into(),
-                    ..Default::default()
-                }));
+                fx.send(
+                    &outbox,
+                    CoordMsg::Deny(pb::Deny {
+                        message: "hello may only be sent once per session".into(),
+                        ..Default::default()
+                    }),
+                );
             }
             AgentMsg::KeyLookup(lookup) => key_lookup(core, fx, &agent_id, &outbox, lookup),
             AgentMsg::Ask(ask) => allowance_ask(core, fx, &agent_id, &outbox, ask),
@@ -198,7 +214,13 @@ fn agent_job(agent_id: String, outbox: Outbox, msg: AgentMsg) -> Job {
     })
 }
 
-fn key_lookup(core: &mut Core, fx: &mut Effects, agent_id: &str, outbox: &Outbox, lookup: pb::KeyLookup) {
+fn key_lookup(
+    core: &mut Core,
+    fx: &mut Effects,
+    agent_id: &str,
+    outbox: &Outbox,
+    lookup: pb::KeyLookup,
+) {
     let key = KeyHash::from_slice("key_lookup.key_hash", &lookup.key_hash)
         .ok()
         .and_then(|hash| core.ledger.key_by_hash(&hash))
@@ -229,7 +251,13 @@ pub fn key_info(key: &crate::ledger::KeyRecord) -> pb::KeyInfo {
     }
 }
 
-fn allowance_ask(core: &mut Core, fx: &mut Effects, agent_id: &str, outbox: &Outbox, ask: pb::AllowanceAsk) {
+fn allowance_ask(
+    core: &mut Core,
+    fx: &mut Effects,
+    agent_id: &str,
+    outbox: &Outbox,
+    ask: pb::AllowanceAsk,
+) {
     let need = Amounts::from_pb("ask.need", ask.need.as_ref()).unwrap_or_default();
     let want = Amounts::from_pb("ask.want", ask.want.as_ref()).unwrap_or_default();
     metrics::counter!("allot_allowance_asks_total").increment(1);
@@ -253,7 +281,10 @@ fn allowance_ask(core: &mut Core, fx: &mut Effects, agent_id: &str, outbox: &Out
                     pb::LimitView {
                         unit: view.limit.unit.to_pb() as i32,
                         cap: money::format(view.limit.amount),
-                        remaining: money::format((view.limit.amount - view.spent - others).max(rust_decimal::Decimal::ZERO)),
+                        remaining: money::format(
+                            (view.limit.amount - view.spent - others)
+                                .max(rust_decimal::Decimal::ZERO),
+                        ),
                         reset_in_ms: view
                             .next_refill
                             .map(|at| (at - fx.now).max(0) as u64)
@@ -280,7 +311,8 @@ fn allowance_ask(core: &mut Core, fx: &mut Effects, agent_id: &str, outbox: &Out
                 DenyReason::KeyRevoked => pb::DenyReason::KeyRevoked,
                 DenyReason::UnknownKey => pb::DenyReason::UnknownKey,
             };
-            metrics::counter!("allot_allowance_denies_total", "reason" => reason.as_str_name()).increment(1);
+            metrics::counter!("allot_allowance_denies_total", "reason" => reason.as_str_name())
+                .increment(1);
             fx.send(
                 outbox,
                 CoordMsg::Deny(pb::Deny {
@@ -304,7 +336,8 @@ fn usage_from_pb(record: &pb::UsageRecord) -> Usage {
         key_id: record.key_id.clone(),
         model: record.model_requested.clone(),
         purpose: Purpose::from_pb("purpose", record.purpose).unwrap_or_default(),
-        completion_window: (!record.completion_window.is_empty()).then(|| record.completion_window.clone()),
+        completion_window: (!record.completion_window.is_empty())
+            .then(|| record.completion_window.clone()),
         admitted_at: record.admitted_at_unix_ms,
         prompt_tokens: record.prompt_tokens,
         completion_tokens: record.completion_tokens,
@@ -313,7 +346,13 @@ fn usage_from_pb(record: &pb::UsageRecord) -> Usage {
     }
 }
 
-fn settle_batch(core: &mut Core, fx: &mut Effects, agent_id: &str, outbox: &Outbox, batch: pb::UsageBatch) {
+fn settle_batch(
+    core: &mut Core,
+    fx: &mut Effects,
+    agent_id: &str,
+    outbox: &Outbox,
+    batch: pb::UsageBatch,
+) {
     let reconcile_seq = core
         .sessions
         .get(agent_id)
@@ -323,14 +362,26 @@ fn settle_batch(core: &mut Core, fx: &mut Effects, agent_id: &str, outbox: &Outb
     for record in &batch.records {
         let usage = usage_from_pb(record);
         let from_slice = usage.seq > reconcile_seq;
-        match core.ledger.settle(agent_id, &usage, from_slice, fx.now, &mut fx.writes) {
-            SettleOutcome::Settled { cost, free, excess, late } => {
+        match core
+            .ledger
+            .settle(agent_id, &usage, from_slice, fx.now, &mut fx.writes)
+        {
+            SettleOutcome::Settled {
+                cost,
+                free,
+                excess,
+                late,
+            } => {
                 metrics::counter!("allot_usage_settled_total").increment(1);
                 if free && !usage.model.is_empty() {
                     metrics::counter!("allot_usage_free_total").increment(1);
                 }
                 if usage.model.is_empty() && (usage.prompt_tokens + usage.completion_tokens) > 0 {
-                    tracing::error!(agent_id, seq = usage.seq, "usage without a model cannot be billed");
+                    tracing::error!(
+                        agent_id,
+                        seq = usage.seq,
+                        "usage without a model cannot be billed"
+                    );
                 }
                 if excess {
                     metrics::counter!("allot_usage_over_reservation_total").increment(1);
@@ -339,15 +390,24 @@ fn settle_batch(core: &mut Core, fx: &mut Effects, agent_id: &str, outbox: &Outb
                 }
                 if late {
                     metrics::counter!("allot_usage_late_total").increment(1);
-                    tracing::error!(agent_id, seq = usage.seq, key_id = usage.key_id,
-                        "late usage from an agent whose slice was released; charged");
+                    tracing::error!(
+                        agent_id,
+                        seq = usage.seq,
+                        key_id = usage.key_id,
+                        "late usage from an agent whose slice was released; charged"
+                    );
                 }
             }
             SettleOutcome::Duplicate => {
                 metrics::counter!("allot_usage_duplicates_total").increment(1);
             }
             SettleOutcome::Gap { expected } => {
-                tracing::warn!(agent_id, expected, got = usage.seq, "usage sequence gap; waiting for a resend");
+                tracing::warn!(
+                    agent_id,
+                    expected,
+                    got = usage.seq,
+                    "usage sequence gap; waiting for a resend"
+                );
                 break;
             }
         }

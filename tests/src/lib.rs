@@ -1,1 +1,318 @@
+//! Test harness for allot's end-to-end tests: starts a real coordinator, real
+//! agents and fake neurons on loopback ports, each in its own temporary
+//! directory, and offers the helpers the tests share. Waiting is always on a
+//! condition with a deadline, never a bare sleep.
 
+use allot::pb;
+use allot_coordinator::config::CoordinatorConfig;
+use allot_fake_neuron::{FakeConfig, FakeNeuron};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const MODEL: &str = "fake-model";
+
+static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh directory under the system's temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "allot-test-{label}-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds or `deadline` passes.
+pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if condition().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A request to the Admin service carrying the admin token.
+pub fn authed<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_TOKEN}").parse().expect("ascii"),
+    );
+    request
+}
+
+pub struct RunningAgent {
+    pub addr: SocketAddr,
+    pub url: String,
+    task: JoinHandle<anyhow::Result<()>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RunningAgent {
+    /// Ends the agent at once, as `kill -9` would: no drain, no flush
+    /// beyond what is already on disk.
+    pub fn kill(mut self) {
+        self.shutdown.take();
+        self.task.abort();
+    }
+
+    /// Stops the agent gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// One coordinator (embedded store), one fake neuron, one agent.
+pub struct Stack {
+    pub coordinator_addr: SocketAddr,
+    pub coordinator_url: String,
+    pub neuron: FakeNeuron,
+    pub neuron_url: String,
+    pub agent: Option<RunningAgent>,
+    pub agent_config: allot_agent::config::AgentConfig,
+    pub http: reqwest::Client,
+    coordinator_task: JoinHandle<anyhow::Result<()>>,
+    _neuron_task: JoinHandle<std::io::Result<()>>,
+    pub dir: TempDir,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.coordinator_task.abort();
+        if let Some(agent) = self.agent.take() {
+            agent.task.abort();
+        }
+    }
+}
+
+pub async fn start_coordinator(
+    config: CoordinatorConfig,
+) -> (SocketAddr, JoinHandle<anyhow::Result<()>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(allot_coordinator::run(
+        config,
+        listener,
+        std::future::pending(),
+    ));
+    (addr, task)
+}
+
+pub async fn start_agent(config: allot_agent::config::AgentConfig) -> RunningAgent {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(allot_agent::run(config, listener, async move {
+        let _ = rx.await;
+    }));
+    RunningAgent {
+        addr,
+        url: format!("http://{addr}"),
+        task,
+        shutdown: Some(tx),
+    }
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let dir = TempDir::new("stack");
+        let config = CoordinatorConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: None,
+            admin_token: ADMIN_TOKEN.into(),
+            data_path: dir.0.join("coordinator.redb"),
+            settle_window_ms: 1,
+            ..CoordinatorConfig::default()
+        };
+        let (coordinator_addr, coordinator_task) = start_coordinator(config).await;
+        let neuron = FakeNeuron::new(FakeConfig {
+            models: vec![MODEL.into(), "other-model".into()],
+            neuron_id: "neuron-1".into(),
+        });
+        let neuron_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let neuron_url = format!("http://{}", neuron_listener.local_addr().unwrap());
+        let neuron_task = tokio::spawn(
+            neuron
+                .clone()
+                .serve(neuron_listener, std::future::pending()),
+        );
+        let coordinator_url = format!("http://{coordinator_addr}");
+        let agent_config = allot_agent::config::AgentConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: None,
+            coordinators: vec![coordinator_url.clone()],
+            agent_id: "agent-1".into(),
+            neuron_id: "neuron-1".into(),
+            neuron_url: neuron_url.clone(),
+            spool_dir: dir.0.join("agent-1"),
+            max_body_bytes: 64 * 1024,
+            allowance_wait_ms: 2_000,
+            ..Default::default()
+        };
+        let mut stack = Stack {
+            coordinator_addr,
+            coordinator_url,
+            neuron,
+            neuron_url,
+            agent: None,
+            agent_config,
+            http: reqwest::Client::new(),
+            coordinator_task,
+            _neuron_task: neuron_task,
+            dir,
+        };
+        stack.wait_for_coordinator().await;
+        stack.agent = Some(start_agent(stack.agent_config.clone()).await);
+        stack
+    }
+
+    async fn wait_for_coordinator(&self) {
+        let url = self.coordinator_url.clone();
+        wait_until(
+            "the coordinator to accept connections",
+            Duration::from_secs(10),
+            || {
+                let url = url.clone();
+                async move { Channel::from_shared(url).unwrap().connect().await.is_ok() }
+            },
+        )
+        .await;
+    }
+
+    pub fn agent_url(&self) -> String {
+        self.agent.as_ref().expect("agent running").url.clone()
+    }
+
+    pub async fn admin(&self) -> pb::admin_client::AdminClient<Channel> {
+        pb::admin_client::AdminClient::connect(self.coordinator_url.clone())
+            .await
+            .expect("admin connects")
+    }
+
+    /// Creates an account (if new) and a key with `limits`; returns
+    /// `(key_id, secret)`.
+    pub async fn key_with_limits(
+        &self,
+        account_id: &str,
+        limits: Vec<pb::Limit>,
+    ) -> (String, String) {
+        let mut admin = self.admin().await;
+        let _ = admin
+            .create_account(authed(pb::CreateAccountRequest {
+                account_id: account_id.into(),
+                name: account_id.into(),
+            }))
+            .await;
+        let created = admin
+            .create_key(authed(pb::CreateKeyRequest {
+                account_id: account_id.into(),
+                ..Default::default()
+            }))
+            .await
+            .expect("create key")
+            .into_inner();
+        let key_id = created.key.expect("key").key_id;
+        admin
+            .set_limits(authed(pb::SetLimitsRequest {
+                scope: Some(pb::set_limits_request::Scope::KeyId(key_id.clone())),
+                limits,
+            }))
+            .await
+            .expect("set limits");
+        (key_id, created.secret)
+    }
+
+    pub async fn snapshot(&self, key_id: &str) -> pb::Snapshot {
+        self.admin()
+            .await
+            .get_snapshot(authed(pb::GetSnapshotRequest {
+                key_id: key_id.into(),
+            }))
+            .await
+            .expect("snapshot")
+            .into_inner()
+    }
+
+    /// Spent and reserved of the key's first limit in `unit`.
+    pub async fn key_usage(&self, key_id: &str, unit: pb::Unit) -> (u64, u64) {
+        let snapshot = self.snapshot(key_id).await;
+        let status = snapshot
+            .limits
+            .iter()
+            .find(|l| l.scope == "key" && l.limit.as_ref().is_some_and(|x| x.unit == unit as i32))
+            .expect("a key limit in that unit");
+        (
+            status.spent.parse().unwrap(),
+            status.reserved.parse().unwrap(),
+        )
+    }
+
+    pub async fn chat(&self, secret: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.agent_url()))
+            .bearer_auth(secret)
+            .json(&body)
+            .send()
+            .await
+            .expect("agent answers")
+    }
+
+    pub async fn restart_agent(&mut self) {
+        self.agent = Some(start_agent(self.agent_config.clone()).await);
+    }
+}
+
+pub fn limit(unit: pb::Unit, amount: &str, window: pb::window::Kind) -> pb::Limit {
+    pb::Limit {
+        unit: unit as i32,
+        amount: amount.into(),
+        window: Some(pb::Window { kind: Some(window) }),
+    }
+}
+
+pub fn balance() -> pb::window::Kind {
+    pb::window::Kind::Balance(pb::BalanceWindow {})
+}
+
+pub fn rolling(seconds: u64) -> pb::window::Kind {
+    pb::window::Kind::Rolling(pb::RollingWindow { seconds })
+}
+
+pub fn chat_body(max_tokens: u64) -> serde_json::Value {
+    serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+    })
+}

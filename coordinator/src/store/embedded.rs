@@ -71,7 +71,9 @@ impl Store for EmbeddedStore {
                     for (key, value) in layout::coalesce(PREFIX, &writes) {
                         match value {
                             Some(bytes) => {
-                                table.insert(key.as_str(), bytes.as_slice()).map_err(not_applied)?;
+                                table
+                                    .insert(key.as_str(), bytes.as_slice())
+                                    .map_err(not_applied)?;
                             }
                             None => {
                                 table.remove(key.as_str()).map_err(not_applied)?;

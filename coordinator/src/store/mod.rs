@@ -10,7 +10,9 @@
 pub mod embedded;
 pub mod layout;
 
-use crate::ledger::{AccountRecord, AgentRecord, KeyRecord, Scope, ScopeCounters, TransactionRecord};
+use crate::ledger::{
+    AccountRecord, AgentRecord, KeyRecord, Scope, ScopeCounters, TransactionRecord,
+};
 use allot::tariff::Tariff;
 use allot::Amounts;
 use std::future::Future;
@@ -76,4 +78,3 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the store answers right now (for health).
     fn ping(&self) -> BoxFuture<'_, bool>;
 }
-

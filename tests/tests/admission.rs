@@ -1,0 +1,147 @@
+//! SPEC "Admission" and "Settlement" through a real coordinator, a real agent
+//! and the fake neuron.
+
+use allot::pb;
+use allot_e2e::*;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balance_over_cap_is_429_insufficient_quota_before_dispatch() {
+    let stack = Stack::start().await;
+    let (_, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "10", balance())])
+        .await;
+    let response = stack.chat(&secret, chat_body(1000)).await;
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().get("retry-after").is_none());
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "insufficient_quota");
+    assert_eq!(stack.neuron.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_over_cap_is_429_rate_limit_exceeded_with_retry_after() {
+    let stack = Stack::start().await;
+    let (_, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "10", rolling(3600))])
+        .await;
+    let response = stack.chat(&secret, chat_body(1000)).await;
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response
+        .headers()
+        .get("retry-after")
+        .expect("Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("whole seconds");
+    assert!(retry_after >= 1);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(stack.neuron.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn within_cap_is_served_with_exactly_one_neuron_hit_and_settled() {
+    let stack = Stack::start().await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
+        .await;
+    let response = stack.chat(&secret, chat_body(50)).await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("x-ratelimit-limit-tokens").is_some());
+    assert!(response.headers().get("x-request-id").is_some());
+    let body: serde_json::Value = response.json().await.unwrap();
+    let reported = body["usage"]["total_tokens"].as_u64().unwrap();
+    assert_eq!(stack.neuron.hits(), 1);
+    wait_until("the usage to settle", Duration::from_secs(10), || async {
+        stack.key_usage(&key_id, pb::Unit::Tokens).await.0 == reported
+    })
+    .await;
+}
+
+async fn fan_out(concurrent: bool) {
+    let stack = Stack::start().await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100", balance())])
+        .await;
+    let mut statuses = Vec::new();
+    if concurrent {
+        let requests = (0..20).map(|_| stack.chat(&secret, chat_body(20)));
+        for response in futures_util::future::join_all(requests).await {
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.unwrap();
+            statuses.push((
+                status,
+                body["error"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            ));
+        }
+    } else {
+        for _ in 0..20 {
+            let response = stack.chat(&secret, chat_body(20)).await;
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.unwrap();
+            statuses.push((
+                status,
+                body["error"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            ));
+        }
+    }
+    let served = statuses.iter().filter(|(s, _)| *s == 200).count();
+    let refused = statuses
+        .iter()
+        .filter(|(s, c)| *s == 429 && c == "insufficient_quota")
+        .count();
+    assert!(served >= 1, "{statuses:?}");
+    assert!(refused >= 1, "{statuses:?}");
+    assert_eq!(served + refused, 20, "{statuses:?}");
+    assert_eq!(stack.neuron.hits() as usize, served);
+    // Once every slice goes back, nothing stays reserved.
+    wait_until(
+        "every usage record to settle",
+        Duration::from_secs(10),
+        || async {
+            let agents = stack
+                .admin()
+                .await
+                .list_agents(authed(pb::ListAgentsRequest {}))
+                .await
+                .unwrap()
+                .into_inner();
+            agents
+                .agents
+                .iter()
+                .all(|a| a.high_water_seq as usize == served)
+        },
+    )
+    .await;
+    let mut stack = stack;
+    // A graceful stop gives the agent's slice back.
+    stack.agent.take().unwrap().stop().await;
+    wait_until(
+        "nothing to stay reserved",
+        Duration::from_secs(10),
+        || async { stack.key_usage(&key_id, pb::Unit::Tokens).await.1 == 0 },
+    )
+    .await;
+    let (spent, reserved) = stack.key_usage(&key_id, pb::Unit::Tokens).await;
+    assert!(spent <= 100, "spent {spent}");
+    assert!(spent > 0);
+    assert_eq!(reserved, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_sequential_never_exceeds_a_balance_cap() {
+    fan_out(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_concurrent_never_exceeds_a_balance_cap() {
+    fan_out(true).await;
+}
