@@ -45,12 +45,27 @@ pub fn router(state: Arc<AgentState>) -> axum::Router {
         .route("/v1/completions", axum::routing::post(completions))
         .route("/v1/models", axum::routing::get(models))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/readyz", axum::routing::get(ready))
         .fallback(|| async {
             ApiError::not_found(
                 "unknown path; allot serves /v1/chat/completions, /v1/completions and /v1/models",
             )
         })
         .with_state(state)
+}
+
+/// Ready when a session with the coordinator is up: before that, only
+/// keys already cached with a valid lease could be served.
+async fn ready(State(state): State<Arc<AgentState>>) -> Response {
+    if state.link.is_connected() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to a coordinator",
+        )
+            .into_response()
+    }
 }
 
 async fn chat_completions(

@@ -65,7 +65,10 @@ pub async fn run_with_store(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (engine, handle) = Engine::load(store.clone(), engine_settings(&config)).await?;
-    let engine_task = tokio::spawn(engine.run());
+    // Background tasks live in this set: dropping `run` (a crash in tests)
+    // aborts them and releases the store.
+    let mut tasks = tokio::task::JoinSet::new();
+    let engine_task = tasks.spawn(engine.run());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -86,7 +89,7 @@ pub async fn run_with_store(
     ))
     .max_decoding_message_size(64 * 1024 * 1024);
 
-    let health_task = tokio::spawn(report_health(health, store));
+    let health_task = tasks.spawn(report_health(health, store));
     tracing::info!(listen = %listener.local_addr()?, store = ?config.store, "coordinator serving");
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -100,7 +103,11 @@ pub async fn run_with_store(
         .await;
     health_task.abort();
     drop(handle);
-    let _ = tokio::time::timeout(Duration::from_secs(5), engine_task).await;
+    let _ = engine_task;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     served?;
     Ok(())
 }

@@ -155,6 +155,15 @@ impl Stack {
             settle_window_ms: 1,
             ..CoordinatorConfig::default()
         };
+        Stack::start_in(dir, config).await
+    }
+
+    /// A stack whose coordinator uses `config` (its data path included).
+    pub async fn start_with(config: CoordinatorConfig) -> Stack {
+        Stack::start_in(TempDir::new("stack"), config).await
+    }
+
+    async fn start_in(dir: TempDir, config: CoordinatorConfig) -> Stack {
         let (coordinator_addr, coordinator_task) = start_coordinator(config).await;
         let neuron = FakeNeuron::new(FakeConfig {
             models: vec![MODEL.into(), "other-model".into()],
@@ -193,8 +202,23 @@ impl Stack {
             dir,
         };
         stack.wait_for_coordinator().await;
-        stack.agent = Some(start_agent(stack.agent_config.clone()).await);
+        stack.restart_agent().await;
         stack
+    }
+
+    /// Waits until the agent has a session with the coordinator.
+    pub async fn wait_for_agent(&self) {
+        let url = format!("{}/readyz", self.agent_url());
+        let http = self.http.clone();
+        wait_until(
+            "the agent to connect to the coordinator",
+            Duration::from_secs(15),
+            || {
+                let (url, http) = (url.clone(), http.clone());
+                async move { http.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+            },
+        )
+        .await;
     }
 
     async fn wait_for_coordinator(&self) {
@@ -288,8 +312,58 @@ impl Stack {
             .expect("agent answers")
     }
 
+    /// Stops the coordinator and waits until its store file is released.
+    pub async fn stop_coordinator(&mut self) {
+        self.coordinator_task.abort();
+        let _ = (&mut self.coordinator_task).await;
+    }
+
+    /// Starts a coordinator again on the same address.
+    pub async fn start_coordinator_again(&mut self, config: CoordinatorConfig) {
+        let addr = self.coordinator_addr;
+        let mut listener = None;
+        wait_until(
+            "the coordinator's port to be free",
+            Duration::from_secs(10),
+            || {
+                let bound = std::net::TcpListener::bind(addr).ok();
+                let ok = bound.is_some();
+                if let Some(l) = bound {
+                    l.set_nonblocking(true).unwrap();
+                    listener = Some(l);
+                }
+                async move { ok }
+            },
+        )
+        .await;
+        let listener = TcpListener::from_std(listener.unwrap()).unwrap();
+        // The old engine may still hold the store file for a moment.
+        let mut store = None;
+        let path = config.data_path.clone();
+        wait_until(
+            "the store file to be released",
+            Duration::from_secs(10),
+            || {
+                store = allot_coordinator::store::embedded::EmbeddedStore::open(&path).ok();
+                let ok = store.is_some();
+                async move { ok }
+            },
+        )
+        .await;
+        let store: std::sync::Arc<dyn allot_coordinator::store::Store> =
+            std::sync::Arc::new(store.unwrap());
+        self.coordinator_task = tokio::spawn(allot_coordinator::run_with_store(
+            config,
+            store,
+            listener,
+            std::future::pending(),
+        ));
+        self.wait_for_coordinator().await;
+    }
+
     pub async fn restart_agent(&mut self) {
         self.agent = Some(start_agent(self.agent_config.clone()).await);
+        self.wait_for_agent().await;
     }
 }
 
