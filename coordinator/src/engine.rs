@@ -272,7 +272,7 @@ impl Engine {
                 self.reload().await;
             }
         }
-        let outcome_ref = outcome.as_ref().map(|_| ()).map_err(|e| e);
+        let outcome_ref = outcome.as_ref().map(|_| ());
         for f in after {
             f(outcome_ref);
         }

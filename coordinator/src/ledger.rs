@@ -964,3 +964,323 @@ fn scope_label(scope: &Scope) -> String {
         Scope::Account(id) => format!("account {id}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use allot::limit::{CalendarPeriod, Window};
+
+    const NOW: UnixMs = 1_795_595_400_000;
+
+    fn dec(n: i64) -> Decimal {
+        Decimal::from(n)
+    }
+
+    fn tokens(n: i64) -> Amounts {
+        Amounts([Some(Decimal::ZERO), Some(dec(n)), Some(Decimal::ZERO)])
+    }
+
+    fn ledger_with_key(limits: Vec<Limit>) -> Ledger {
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let mut w = Vec::new();
+        ledger.create_account("acme", "Acme", NOW, &mut w).unwrap();
+        ledger
+            .create_key(
+                KeyRecord {
+                    key_id: "k1".into(),
+                    account_id: "acme".into(),
+                    hash: KeyHash::of_secret("s1"),
+                    purpose: Purpose::Realtime,
+                    revoked: false,
+                    allowed_models: vec![],
+                    name: String::new(),
+                    limits: vec![],
+                    created_at_ms: NOW,
+                },
+                &mut w,
+            )
+            .unwrap();
+        ledger
+            .set_limits(&Scope::Key("k1".into()), limits, NOW, &mut w)
+            .unwrap();
+        ledger.hello("a1", 1, "n1", vec![], &mut w).unwrap();
+        ledger.hello("a2", 1, "n2", vec![], &mut w).unwrap();
+        ledger
+    }
+
+    fn token_limit(amount: i64, window: Window) -> Limit {
+        Limit {
+            unit: Unit::Tokens,
+            amount: dec(amount),
+            window,
+        }
+    }
+
+    fn usage(seq: u64, tokens: u64, reserved: i64) -> Usage {
+        Usage {
+            seq,
+            key_id: "k1".into(),
+            model: "m".into(),
+            purpose: Purpose::Realtime,
+            completion_window: None,
+            admitted_at: NOW,
+            prompt_tokens: tokens,
+            completion_tokens: 0,
+            charged: true,
+            reserved: Amounts::request(reserved as u64, Decimal::ZERO),
+        }
+    }
+
+    #[test]
+    fn a_grant_is_carved_from_what_is_left_and_never_exceeds_the_cap() {
+        let mut ledger = ledger_with_key(vec![token_limit(100, Window::Balance)]);
+        let mut w = Vec::new();
+        let first = ledger
+            .ask("a1", "k1", &tokens(30), &tokens(1000), NOW, &mut w)
+            .unwrap();
+        let second = ledger
+            .ask("a2", "k1", &tokens(30), &tokens(1000), NOW, &mut w)
+            .unwrap();
+        let granted = first.amount.value(Unit::Tokens) + second.amount.value(Unit::Tokens);
+        assert!(granted <= dec(100), "{granted}");
+        assert!(ledger.overspent(NOW).is_empty());
+    }
+
+    #[test]
+    fn units_without_a_limit_are_granted_unlimited() {
+        let mut ledger = ledger_with_key(vec![token_limit(100, Window::Balance)]);
+        let grant = ledger
+            .ask("a1", "k1", &tokens(10), &tokens(10), NOW, &mut Vec::new())
+            .unwrap();
+        assert_eq!(grant.amount.get(Unit::Requests), None);
+        assert!(grant.amount.get(Unit::Tokens).is_some());
+        // The account balance always limits credits.
+        assert!(grant.amount.get(Unit::Credits).is_some());
+    }
+
+    #[test]
+    fn an_exhausted_balance_is_insufficient_quota_without_retry() {
+        let mut ledger = ledger_with_key(vec![token_limit(10, Window::Balance)]);
+        let refusal = ledger
+            .ask(
+                "a1",
+                "k1",
+                &tokens(1000),
+                &tokens(1000),
+                NOW,
+                &mut Vec::new(),
+            )
+            .unwrap_err();
+        assert_eq!(refusal.reason, DenyReason::InsufficientQuota);
+        assert_eq!(refusal.retry_at, None);
+    }
+
+    #[test]
+    fn an_exhausted_rolling_window_is_rate_limited_until_spend_ages_out() {
+        let mut ledger = ledger_with_key(vec![token_limit(100, Window::Rolling { seconds: 60 })]);
+        let mut w = Vec::new();
+        ledger
+            .ask("a1", "k1", &tokens(80), &tokens(80), NOW, &mut w)
+            .unwrap();
+        ledger.settle("a1", &usage(1, 80, 80), true, NOW, &mut w);
+        let refusal = ledger
+            .ask("a1", "k1", &tokens(50), &tokens(50), NOW, &mut w)
+            .unwrap_err();
+        assert_eq!(refusal.reason, DenyReason::RateLimited);
+        // Spend at NOW counts until NOW + 1 s bucket + 60 s window.
+        assert_eq!(refusal.retry_at, Some(NOW - NOW.rem_euclid(1000) + 61_000));
+    }
+
+    #[test]
+    fn a_calendar_window_is_rate_limited_until_midnight_utc() {
+        let mut ledger = ledger_with_key(vec![token_limit(
+            100,
+            Window::Calendar {
+                period: CalendarPeriod::Day,
+            },
+        )]);
+        let mut w = Vec::new();
+        ledger
+            .ask("a1", "k1", &tokens(90), &tokens(90), NOW, &mut w)
+            .unwrap();
+        ledger.settle("a1", &usage(1, 90, 90), true, NOW, &mut w);
+        let refusal = ledger
+            .ask("a1", "k1", &tokens(20), &tokens(20), NOW, &mut w)
+            .unwrap_err();
+        assert_eq!(refusal.retry_at, Some(allot::clock::next_day_start(NOW)));
+    }
+
+    #[test]
+    fn account_limits_bind_every_key_of_the_account() {
+        let mut ledger = ledger_with_key(vec![]);
+        let mut w = Vec::new();
+        ledger
+            .set_limits(
+                &Scope::Account("acme".into()),
+                vec![token_limit(50, Window::Balance)],
+                NOW,
+                &mut w,
+            )
+            .unwrap();
+        let refusal = ledger
+            .ask("a1", "k1", &tokens(60), &tokens(60), NOW, &mut w)
+            .unwrap_err();
+        assert_eq!(refusal.reason, DenyReason::InsufficientQuota);
+        assert!(
+            refusal.message.contains("account acme"),
+            "{}",
+            refusal.message
+        );
+    }
+
+    #[test]
+    fn settlement_is_exactly_once_and_in_order() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        let mut w = Vec::new();
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW, &mut w)
+            .unwrap();
+        assert!(matches!(
+            ledger.settle("a1", &usage(1, 10, 20), true, NOW, &mut w),
+            SettleOutcome::Settled { .. }
+        ));
+        assert_eq!(
+            ledger.settle("a1", &usage(1, 10, 20), true, NOW, &mut w),
+            SettleOutcome::Duplicate
+        );
+        assert_eq!(
+            ledger.settle("a1", &usage(3, 10, 20), true, NOW, &mut w),
+            SettleOutcome::Gap { expected: 2 }
+        );
+        let views = ledger.limit_views("k1", NOW).unwrap();
+        assert_eq!(views[0].spent, dec(10));
+        // The slice shrank by what was settled.
+        assert_eq!(views[0].held, dec(90));
+    }
+
+    #[test]
+    fn usage_over_its_reservation_is_charged_and_flagged() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        let mut w = Vec::new();
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW, &mut w)
+            .unwrap();
+        let outcome = ledger.settle("a1", &usage(1, 30, 20), true, NOW, &mut w);
+        assert!(matches!(
+            outcome,
+            SettleOutcome::Settled { excess: true, .. }
+        ));
+        assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].spent, dec(30));
+    }
+
+    #[test]
+    fn hello_replaces_what_the_ledger_thought_an_agent_held() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        let mut w = Vec::new();
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW, &mut w)
+            .unwrap();
+        ledger
+            .hello("a1", 2, "n1", vec![("k1".into(), tokens(40))], &mut w)
+            .unwrap();
+        assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].held, dec(40));
+        ledger.hello("a1", 3, "n1", vec![], &mut w).unwrap();
+        assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].held, dec(0));
+        assert!(
+            ledger.hello("a1", 2, "n1", vec![], &mut w).is_err(),
+            "an older epoch is refused"
+        );
+    }
+
+    #[test]
+    fn a_dead_agents_slices_are_released_and_its_late_usage_still_charged() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        let mut w = Vec::new();
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW, &mut w)
+            .unwrap();
+        assert_eq!(ledger.release_agent("a1", &mut w), 1);
+        assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].held, dec(0));
+        let outcome = ledger.settle("a1", &usage(1, 10, 20), true, NOW, &mut w);
+        assert!(matches!(outcome, SettleOutcome::Settled { late: true, .. }));
+        assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].spent, dec(10));
+    }
+
+    #[test]
+    fn a_credit_is_applied_once_per_source_id() {
+        let mut ledger = ledger_with_key(vec![]);
+        let mut w = Vec::new();
+        assert!(!ledger
+            .credit("acme", "p1", TransactionKind::Purchase, dec(5), NOW, &mut w)
+            .unwrap());
+        assert!(ledger
+            .credit("acme", "p1", TransactionKind::Purchase, dec(5), NOW, &mut w)
+            .unwrap());
+        assert_eq!(ledger.account("acme").unwrap().credited, dec(5));
+    }
+
+    #[test]
+    fn the_ledger_rebuilds_from_what_it_wrote() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        let mut w = Vec::new();
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW, &mut w)
+            .unwrap();
+        ledger.settle("a1", &usage(1, 10, 20), true, NOW, &mut w);
+        // Replay every write into a stored state, as a store would.
+        let mut kv = std::collections::BTreeMap::new();
+        let mut all = ledger_with_key_writes();
+        all.extend(w);
+        for (k, v) in crate::store::layout::coalesce("/allot/", &all) {
+            match v {
+                Some(v) => kv.insert(k, v),
+                None => kv.remove(&k),
+            };
+        }
+        let state = crate::store::layout::decode(
+            "/allot/",
+            kv.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+        )
+        .unwrap();
+        let rebuilt = Ledger::from_stored(LedgerConfig::default(), state);
+        assert_eq!(
+            rebuilt.limit_views("k1", NOW).unwrap(),
+            ledger.limit_views("k1", NOW).unwrap()
+        );
+        assert_eq!(rebuilt.agent("a1").unwrap().high_water_seq, 1);
+    }
+
+    /// The writes `ledger_with_key` makes.
+    fn ledger_with_key_writes() -> Vec<StoreWrite> {
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let mut w = Vec::new();
+        ledger.create_account("acme", "Acme", NOW, &mut w).unwrap();
+        ledger
+            .create_key(
+                KeyRecord {
+                    key_id: "k1".into(),
+                    account_id: "acme".into(),
+                    hash: KeyHash::of_secret("s1"),
+                    purpose: Purpose::Realtime,
+                    revoked: false,
+                    allowed_models: vec![],
+                    name: String::new(),
+                    limits: vec![],
+                    created_at_ms: NOW,
+                },
+                &mut w,
+            )
+            .unwrap();
+        ledger
+            .set_limits(
+                &Scope::Key("k1".into()),
+                vec![token_limit(1000, Window::Balance)],
+                NOW,
+                &mut w,
+            )
+            .unwrap();
+        ledger.hello("a1", 1, "n1", vec![], &mut w).unwrap();
+        ledger.hello("a2", 1, "n2", vec![], &mut w).unwrap();
+        w
+    }
+}

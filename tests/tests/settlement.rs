@@ -70,7 +70,7 @@ async fn a_missing_max_tokens_is_bounded_by_what_the_allowance_pays_for() {
     let max_tokens = forwarded["max_tokens"]
         .as_u64()
         .expect("the agent set max_tokens");
-    assert!(max_tokens >= 1 && max_tokens < 200, "{max_tokens}");
+    assert!((1..200).contains(&max_tokens), "{max_tokens}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,8 +232,6 @@ async fn usage_spooled_while_the_coordinator_is_down_is_settled_once_after_both_
         .await;
     // The first request fetches a lease that covers the next ones.
     assert_eq!(stack.chat(&secret, chat_body(5)).await.status(), 200);
-    let per_request = stack.neuron.last_request().map(|_| ()).is_some();
-    assert!(per_request);
     wait_until(
         "the first request to settle",
         Duration::from_secs(10),

@@ -7,6 +7,7 @@
 //! etcd holds small data only (counters, slices, high-water marks, keys,
 //! limits, tariffs); never one key per request.
 
+pub mod conformance;
 pub mod embedded;
 pub mod layout;
 

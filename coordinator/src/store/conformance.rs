@@ -1,0 +1,135 @@
+//! The conformance suite every store must pass: the same cases and the
+//! same assertions, run against the embedded store here and against a real
+//! etcd by the end-to-end tests.
+
+use super::{Store, StoreWrite};
+use crate::ledger::{
+    AccountRecord, AgentRecord, CounterEntry, Scope, ScopeCounters, TransactionKind,
+    TransactionRecord,
+};
+use allot::limit::Window;
+use allot::tariff::Tariff;
+use allot::window::SpendCounter;
+use allot::{Amounts, Unit};
+use rust_decimal::Decimal;
+
+fn account(id: &str, credited: i64) -> AccountRecord {
+    AccountRecord {
+        account_id: id.into(),
+        name: id.into(),
+        credited: Decimal::from(credited),
+        limits: vec![],
+        created_at_ms: 1,
+    }
+}
+
+/// Runs every case against an empty store; panics on the first failure.
+pub async fn check_store(store: &dyn Store) {
+    let empty = store.load().await.expect("an empty store loads");
+    assert!(
+        empty.accounts.is_empty() && empty.slices.is_empty(),
+        "the store starts empty"
+    );
+
+    // One batch of every kind of write is applied as a whole.
+    let mut counter = SpendCounter::new(Window::Rolling { seconds: 60 }, 1_000);
+    counter.record(1_000, Decimal::from(7));
+    let counters = ScopeCounters {
+        entries: vec![CounterEntry {
+            unit: Unit::Tokens,
+            counter,
+        }],
+    };
+    let tariff = Tariff {
+        model: "org/model-7b".into(),
+        purpose: allot::key::Purpose::Batch,
+        completion_window: Some("24h".into()),
+        input_price: Decimal::new(1, 6),
+        output_price: Decimal::new(2, 6),
+        valid_from: 5,
+        valid_until: None,
+    };
+    let held = Amounts([None, Some(Decimal::from(40)), Some(Decimal::new(125, 2))]);
+    store
+        .commit(vec![
+            StoreWrite::PutAccount(account("acme", 5)),
+            StoreWrite::PutCounters(Scope::Account("acme".into()), counters.clone()),
+            StoreWrite::PutSlice {
+                agent_id: "agent-1".into(),
+                key_id: "k1".into(),
+                held,
+            },
+            StoreWrite::PutSlice {
+                agent_id: "agent-1".into(),
+                key_id: "k2".into(),
+                held,
+            },
+            StoreWrite::PutAgent(AgentRecord {
+                agent_id: "agent-1".into(),
+                epoch: 3,
+                high_water_seq: 42,
+                neuron_id: "n".into(),
+            }),
+            StoreWrite::PutTariff(tariff.clone()),
+            StoreWrite::PutTransaction(TransactionRecord {
+                account_id: "acme".into(),
+                source_id: "pay/1".into(),
+                kind: TransactionKind::Purchase,
+                amount: Decimal::from(5),
+                at_ms: 2,
+            }),
+        ])
+        .await
+        .expect("a batch commits");
+    let loaded = store.load().await.expect("loads");
+    assert_eq!(loaded.accounts, vec![account("acme", 5)]);
+    assert_eq!(
+        loaded.counters,
+        vec![(Scope::Account("acme".into()), counters)]
+    );
+    assert_eq!(loaded.slices.len(), 2);
+    assert!(
+        loaded.slices.iter().all(|(_, _, h)| *h == held),
+        "slices round-trip exactly"
+    );
+    assert_eq!(loaded.agents[0].high_water_seq, 42);
+    assert_eq!(loaded.tariffs, vec![tariff]);
+    assert_eq!(
+        loaded.transactions[0].source_id, "pay/1",
+        "source ids may hold '/'"
+    );
+
+    // Later writes of the same key win, deletes remove, within one batch.
+    store
+        .commit(vec![
+            StoreWrite::PutAccount(account("acme", 6)),
+            StoreWrite::PutAccount(account("acme", 9)),
+            StoreWrite::DeleteSlice {
+                agent_id: "agent-1".into(),
+                key_id: "k2".into(),
+            },
+        ])
+        .await
+        .expect("commits");
+    let loaded = store.load().await.expect("loads");
+    assert_eq!(loaded.accounts, vec![account("acme", 9)]);
+    assert_eq!(loaded.slices.len(), 1);
+    assert_eq!(loaded.slices[0].1, "k1");
+
+    // An empty batch is a no-op.
+    store.commit(Vec::new()).await.expect("empty batch");
+    assert!(store.ping().await);
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn the_embedded_store_passes_the_conformance_suite() {
+        let dir = std::env::temp_dir().join(format!("allot-conformance-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = super::super::embedded::EmbeddedStore::open(&dir.join("store.redb")).unwrap();
+        super::check_store(&store).await;
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
