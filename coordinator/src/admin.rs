@@ -2,7 +2,7 @@
 //! needs the admin token; every input is validated here, at the edge, and
 //! refused with `INVALID_ARGUMENT` naming the field before the ledger sees it.
 
-use crate::engine::{Core, Effects, EngineError, EngineHandle};
+use crate::engine::{Core, Effects, EngineError, EngineSource};
 use crate::error::invalid_argument;
 use crate::ledger::{KeyRecord, LimitView, Scope, TransactionKind};
 use crate::session::{key_info, tariff_update};
@@ -21,11 +21,11 @@ use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
 pub struct AdminService {
-    engine: EngineHandle,
+    engine: EngineSource,
 }
 
 impl AdminService {
-    pub fn new(engine: EngineHandle) -> AdminService {
+    pub fn new(engine: EngineSource) -> AdminService {
         AdminService { engine }
     }
 }
@@ -155,6 +155,7 @@ impl Admin for AdminService {
         check(validate_id("account_id", &req.account_id))?;
         let account = self
             .engine
+            .current()?
             .call(move |core, fx| {
                 core.ledger
                     .create_account(&req.account_id, &req.name, fx.now, &mut fx.writes)?;
@@ -172,6 +173,7 @@ impl Admin for AdminService {
         check(validate_id("account_id", &req.account_id))?;
         let account = self
             .engine
+            .current()?
             .call(move |core, _| account_view(core, &req.account_id))
             .await?;
         Ok(Response::new(account))
@@ -183,6 +185,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListAccountsResponse>, Status> {
         let accounts = self
             .engine
+            .current()?
             .call(|core, _| {
                 let mut ids: Vec<String> = core
                     .ledger
@@ -221,6 +224,7 @@ impl Admin for AdminService {
         .map_err(invalid_argument)?;
         let response = self
             .engine
+            .current()?
             .call(move |core, fx| {
                 let duplicate = core.ledger.credit(
                     &req.account_id,
@@ -277,6 +281,7 @@ impl Admin for AdminService {
         };
         let key = self
             .engine
+            .current()?
             .call(move |core, fx| Ok(core.ledger.create_key(record, &mut fx.writes)?))
             .await?;
         tracing::info!(
@@ -297,6 +302,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let keys = self
             .engine
+            .current()?
             .call(move |core, _| {
                 let mut keys: Vec<pb::KeyInfo> = core
                     .ledger
@@ -319,6 +325,7 @@ impl Admin for AdminService {
         check(validate_id("key_id", &req.key_id))?;
         let key = self
             .engine
+            .current()?
             .call(move |core, fx| {
                 let key = core.ledger.revoke_key(&req.key_id, &mut fx.writes)?;
                 push_key_changes(core, fx, std::slice::from_ref(&req.key_id), true);
@@ -348,6 +355,7 @@ impl Admin for AdminService {
         let limits = limits_from_pb("limits", &req.limits).map_err(invalid_argument)?;
         let echoed = limits.iter().map(|l| l.to_pb()).collect();
         self.engine
+            .current()?
             .call(move |core, fx| {
                 core.ledger
                     .set_limits(&scope, limits, fx.now, &mut fx.writes)?;
@@ -370,6 +378,7 @@ impl Admin for AdminService {
         check(validate_id("key_id", &req.key_id))?;
         let snapshot = self
             .engine
+            .current()?
             .call(move |core, fx| {
                 let views = core.ledger.limit_views(&req.key_id, fx.now)?;
                 let key = core
@@ -398,6 +407,7 @@ impl Admin for AdminService {
         let tariff = Tariff::from_pb("tariff", &wire).map_err(invalid_argument)?;
         let echoed = tariff.to_pb();
         self.engine
+            .current()?
             .call(move |core, fx| {
                 core.ledger.put_tariff(tariff, &mut fx.writes);
                 let update = tariff_update(core);
@@ -419,6 +429,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let tariffs = self
             .engine
+            .current()?
             .call(move |core, _| {
                 let mut tariffs: Vec<&Tariff> = core
                     .ledger
@@ -439,6 +450,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         let agents = self
             .engine
+            .current()?
             .call(|core, _| {
                 let mut agents: Vec<pb::AgentView> = core
                     .ledger

@@ -36,6 +36,10 @@ pub struct CoordinatorConfig {
     pub etcd_endpoints: Vec<String>,
     /// Prefix of every etcd key.
     pub etcd_prefix: String,
+    /// This coordinator's name in the election (shown to operators).
+    pub node_id: String,
+    /// Lease of the election key: how long a dead leader blocks fail-over.
+    pub election_ttl_ms: u64,
     /// Lease length of a grant; agents stop admitting on it at expiry.
     pub lease_ttl_ms: u64,
     /// A disconnected agent's slices are released after this long.
@@ -56,6 +60,8 @@ impl Default for CoordinatorConfig {
             data_path: PathBuf::from("allot-data/coordinator.redb"),
             etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
             etcd_prefix: "/allot/".into(),
+            node_id: "coordinator-1".into(),
+            election_ttl_ms: 2_000,
             lease_ttl_ms: 30_000,
             dead_after_ms: 120_000,
             settle_window_ms: 2,
@@ -88,6 +94,9 @@ impl CoordinatorConfig {
         }
         if self.store == StoreKind::Etcd && self.etcd_endpoints.is_empty() {
             return Err("etcd_endpoints: at least one endpoint is needed with store = etcd".into());
+        }
+        if self.election_ttl_ms < 1_000 {
+            return Err("election_ttl_ms: must be at least 1000 (etcd's minimum lease)".into());
         }
         if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {
             return Err("etcd_prefix: must start and end with '/'".into());

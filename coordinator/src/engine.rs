@@ -129,6 +129,32 @@ pub enum EngineError {
     Stopped,
 }
 
+/// Where services find the engine: the leader's, or none on a standby.
+#[derive(Clone)]
+pub struct EngineSource(pub tokio::sync::watch::Receiver<Option<EngineHandle>>);
+
+impl EngineSource {
+    /// A source that always has `handle` (one coordinator, no election).
+    pub fn fixed(
+        handle: EngineHandle,
+    ) -> (
+        EngineSource,
+        tokio::sync::watch::Sender<Option<EngineHandle>>,
+    ) {
+        let (tx, rx) = tokio::sync::watch::channel(Some(handle));
+        (EngineSource(rx), tx)
+    }
+
+    /// The leader's engine, or UNAVAILABLE on a standby.
+    pub fn current(&self) -> Result<EngineHandle, tonic::Status> {
+        self.0.borrow().clone().ok_or_else(|| {
+            tonic::Status::unavailable(
+                "this coordinator is a standby, not the leader; try another coordinator",
+            )
+        })
+    }
+}
+
 /// A cloneable handle to the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -173,6 +199,8 @@ pub struct Engine {
     core: Core,
     store: Arc<dyn Store>,
     jobs: mpsc::Receiver<Job>,
+    /// A fenced write proved this coordinator is no longer the leader.
+    fenced: bool,
 }
 
 impl Engine {
@@ -196,15 +224,17 @@ impl Engine {
             },
             store,
             jobs: rx,
+            fenced: false,
         };
         Ok((engine, EngineHandle { jobs: tx }))
     }
 
-    /// Runs until every handle is dropped.
+    /// Runs until every handle is dropped, or until a fenced write shows
+    /// that this coordinator was deposed.
     pub async fn run(mut self) {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        while !self.fenced {
             let first = tokio::select! {
                 job = self.jobs.recv() => match job {
                     Some(job) => job,
@@ -266,6 +296,10 @@ impl Engine {
                     }
                 }
             }
+            Err(StoreError::Fenced) => {
+                tracing::error!("a write was fenced: this coordinator is no longer the leader");
+                self.fenced = true;
+            }
             Err(error) => {
                 tracing::error!(%error, writes = write_count, "store commit failed; reloading the ledger");
                 metrics::counter!("allot_store_commit_failures_total").increment(1);
@@ -285,6 +319,10 @@ impl Engine {
                 Ok(stored) => {
                     self.core.ledger =
                         Ledger::from_stored(self.core.settings.ledger.clone(), stored);
+                    return;
+                }
+                Err(StoreError::Fenced) => {
+                    self.fenced = true;
                     return;
                 }
                 Err(error) => {

@@ -4,12 +4,18 @@
 //! and serves the operators' `Admin` service, `grpc.health.v1` and server
 //! reflection (v1 and v1alpha) on one gRPC port.
 //!
+//! With etcd, several coordinators run: one leads (etcd election, every
+//! write fenced by the leader's election key), the others stand by, ready,
+//! and answer `UNAVAILABLE` to sessions and admin calls so that clients move
+//! to the leader.
+//!
 //! [`run`] takes an already-bound listener and a shutdown future, so tests
 //! start the real server on `127.0.0.1:0`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
+pub mod election;
 pub mod engine;
 pub mod error;
 pub mod ledger;
@@ -17,25 +23,16 @@ pub mod session;
 pub mod store;
 
 use crate::config::{CoordinatorConfig, StoreKind};
-use crate::engine::{Engine, EngineSettings};
+use crate::engine::{Engine, EngineHandle, EngineSettings, EngineSource};
 use crate::store::Store;
 use allot::pb;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
-
-/// Opens the store the configuration names.
-pub fn open_store(config: &CoordinatorConfig) -> anyhow::Result<Arc<dyn Store>> {
-    match config.store {
-        StoreKind::Embedded => Ok(Arc::new(store::embedded::EmbeddedStore::open(
-            &config.data_path,
-        )?)),
-        StoreKind::Etcd => anyhow::bail!("store = etcd is not available in this build yet"),
-    }
-}
 
 pub fn engine_settings(config: &CoordinatorConfig) -> EngineSettings {
     EngineSettings {
@@ -46,6 +43,15 @@ pub fn engine_settings(config: &CoordinatorConfig) -> EngineSettings {
     }
 }
 
+/// Connects to the configured etcd cluster.
+pub async fn connect_etcd(config: &CoordinatorConfig) -> anyhow::Result<etcd_client::Client> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    Ok(etcd_client::Client::connect(&config.etcd_endpoints, Some(options)).await?)
+}
+
 /// Serves the coordinator on `listener` until `shutdown` completes.
 pub async fn run(
     config: CoordinatorConfig,
@@ -53,11 +59,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
-    let store = open_store(&config)?;
-    run_with_store(config, store, listener, shutdown).await
+    match config.store {
+        StoreKind::Embedded => {
+            let store = Arc::new(store::embedded::EmbeddedStore::open(&config.data_path)?);
+            run_with_store(config, store, listener, shutdown).await
+        }
+        StoreKind::Etcd => run_etcd(config, listener, shutdown).await,
+    }
 }
 
-/// [`run`] with a store the caller opened.
+/// One coordinator on a store the caller opened (no election).
 pub async fn run_with_store(
     config: CoordinatorConfig,
     store: Arc<dyn Store>,
@@ -65,11 +76,110 @@ pub async fn run_with_store(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (engine, handle) = Engine::load(store.clone(), engine_settings(&config)).await?;
-    // Background tasks live in this set: dropping `run` (a crash in tests)
-    // aborts them and releases the store.
+    let (source, _keep) = EngineSource::fixed(handle);
     let mut tasks = tokio::task::JoinSet::new();
-    let engine_task = tasks.spawn(engine.run());
+    tasks.spawn(engine.run());
+    let ready = watch::channel(true).1;
+    serve(config, source, store, ready, tasks, listener, shutdown).await
+}
 
+/// Several coordinators on etcd: campaign, lead while the lease lives,
+/// stand by otherwise.
+async fn run_etcd(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let client = connect_etcd(&config).await?;
+    let (source_tx, source_rx) = watch::channel::<Option<EngineHandle>>(None);
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(lead_when_elected(
+        config.clone(),
+        client.clone(),
+        source_tx,
+        ready_tx,
+    ));
+    let probe: Arc<dyn Store> = Arc::new(store::etcd::EtcdStore::new(
+        client,
+        &config.etcd_prefix,
+        None,
+    ));
+    serve(
+        config,
+        EngineSource(source_rx),
+        probe,
+        ready_rx,
+        tasks,
+        listener,
+        shutdown,
+    )
+    .await
+}
+
+/// The leadership loop: campaign, load, lead until the lease is lost,
+/// step down, campaign again.
+async fn lead_when_elected(
+    config: CoordinatorConfig,
+    client: etcd_client::Client,
+    source: watch::Sender<Option<EngineHandle>>,
+    ready: watch::Sender<bool>,
+) {
+    let ttl = Duration::from_millis(config.election_ttl_ms);
+    let mut failures = 0u32;
+    loop {
+        ready.send_replace(true);
+        let mut leadership =
+            match election::campaign(&client, &config.etcd_prefix, &config.node_id, ttl).await {
+                Ok(leadership) => leadership,
+                Err(error) => {
+                    ready.send_replace(false);
+                    failures += 1;
+                    tracing::warn!(%error, "campaign failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(10))))
+                        .await;
+                    continue;
+                }
+            };
+        failures = 0;
+        let store: Arc<dyn Store> = Arc::new(store::etcd::EtcdStore::new(
+            client.clone(),
+            &config.etcd_prefix,
+            Some(leadership.fence.clone()),
+        ));
+        let (engine, handle) = match Engine::load(store, engine_settings(&config)).await {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                tracing::error!(%error, "cannot load the ledger as the new leader; resigning");
+                leadership.resign().await;
+                continue;
+            }
+        };
+        tracing::info!(node_id = config.node_id, "elected leader");
+        metrics::counter!("allot_leader_changes_total").increment(1);
+        metrics::gauge!("allot_is_leader").set(1.0);
+        source.send_replace(Some(handle));
+        let mut engine_task = tokio::spawn(engine.run());
+        tokio::select! {
+            _ = leadership.wait_lost() => tracing::warn!("leadership lost"),
+            _ = &mut engine_task => tracing::warn!("the engine stopped"),
+        }
+        source.send_replace(None);
+        metrics::gauge!("allot_is_leader").set(0.0);
+        engine_task.abort();
+        leadership.resign().await;
+    }
+}
+
+async fn serve(
+    config: CoordinatorConfig,
+    source: EngineSource,
+    store: Arc<dyn Store>,
+    ready: watch::Receiver<bool>,
+    mut tasks: tokio::task::JoinSet<()>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -79,18 +189,16 @@ pub async fn run_with_store(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-
     let admin = pb::admin_server::AdminServer::with_interceptor(
-        admin::AdminService::new(handle.clone()),
+        admin::AdminService::new(source.clone()),
         admin::AdminAuth::new(config.admin_token.clone()),
     );
     let sessions = pb::agent_session_server::AgentSessionServer::new(session::SessionService::new(
-        handle.clone(),
+        source.clone(),
     ))
     .max_decoding_message_size(64 * 1024 * 1024);
-
-    let health_task = tasks.spawn(report_health(health, store));
-    tracing::info!(listen = %listener.local_addr()?, store = ?config.store, "coordinator serving");
+    tasks.spawn(report_health(health, store, ready));
+    tracing::info!(listen = %listener.local_addr()?, store = ?config.store, node_id = config.node_id, "coordinator serving");
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
@@ -101,24 +209,26 @@ pub async fn run_with_store(
         .add_service(sessions)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
-    health_task.abort();
-    drop(handle);
-    let _ = engine_task;
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    drop(source);
+    // Dropping the set aborts the engine and the leadership loop; a leader
+    // that stops resigns with its lease when the process exits.
+    tasks.shutdown().await;
     served?;
     Ok(())
 }
 
 const SERVICES: [&str; 3] = ["", "allot.v1.Admin", "allot.v1.AgentSession"];
 
-/// SERVING only while the store answers.
-async fn report_health(reporter: tonic_health::server::HealthReporter, store: Arc<dyn Store>) {
+/// SERVING only while the store answers and this coordinator is leader or
+/// a standby able to take over.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    store: Arc<dyn Store>,
+    ready: watch::Receiver<bool>,
+) {
     let mut last = None;
     loop {
-        let status = if store.ping().await {
+        let status = if *ready.borrow() && store.ping().await {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
@@ -129,6 +239,6 @@ async fn report_health(reporter: tonic_health::server::HealthReporter, store: Ar
             }
             last = Some(status);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

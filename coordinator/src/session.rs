@@ -3,7 +3,7 @@
 //! job; the engine answers through the session's outbox once its writes are
 //! durable. The stream's first message must be `Hello`.
 
-use crate::engine::{Core, Effects, EngineHandle, Job, Outbox, SessionLink};
+use crate::engine::{Core, Effects, EngineHandle, EngineSource, Job, Outbox, SessionLink};
 use crate::ledger::{DenyReason, SettleOutcome, Usage};
 use allot::key::{KeyHash, Purpose};
 use allot::pb::agent_message::Msg as AgentMsg;
@@ -17,11 +17,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 pub struct SessionService {
-    engine: EngineHandle,
+    engine: EngineSource,
 }
 
 impl SessionService {
-    pub fn new(engine: EngineHandle) -> SessionService {
+    pub fn new(engine: EngineSource) -> SessionService {
         SessionService { engine }
     }
 }
@@ -37,9 +37,11 @@ impl AgentSession for SessionService {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let engine = self.engine.current()?;
+        let mut leadership = self.engine.0.clone();
+        leadership.borrow_and_update();
         let mut inbound = request.into_inner();
         let (outbox, outbound) = mpsc::channel(4096);
-        let engine = self.engine.clone();
         tokio::spawn(async move {
             let hello = match inbound.message().await {
                 Ok(Some(pb::AgentMessage {
@@ -70,6 +72,8 @@ impl AgentSession for SessionService {
                         Ok(None) | Err(_) => break,
                     },
                     _ = outbox.closed() => break,
+                    // Leadership moved: end the session so the agent follows.
+                    _ = leadership.changed() => break,
                 }
             }
             let _ = engine.submit(disconnect_job(agent_id, outbox)).await;

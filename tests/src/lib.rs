@@ -3,6 +3,8 @@
 //! directory, and offers the helpers the tests share. Waiting is always on a
 //! condition with a deadline, never a bare sleep.
 
+pub mod etcd;
+
 use allot::pb;
 use allot_coordinator::config::CoordinatorConfig;
 use allot_fake_neuron::{FakeConfig, FakeNeuron};
@@ -104,7 +106,40 @@ pub struct Stack {
     pub http: reqwest::Client,
     coordinator_task: JoinHandle<anyhow::Result<()>>,
     _neuron_task: JoinHandle<std::io::Result<()>>,
+    /// The etcd cluster of an etcd-backed stack (dropped after the rest).
+    pub etcd: Option<etcd::EtcdCluster>,
     pub dir: TempDir,
+}
+
+/// Which store the stack's coordinator uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Etcd,
+}
+
+/// Runs each named `async fn name(backend: Backend)` as two tests: one on
+/// the embedded store, one on a real single-member etcd.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::Backend::Embedded).await
+                }
+            )*
+        }
+        mod etcd_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::Backend::Etcd).await
+                }
+            )*
+        }
+    };
 }
 
 impl Drop for Stack {
@@ -146,8 +181,16 @@ pub async fn start_agent(config: allot_agent::config::AgentConfig) -> RunningAge
 
 impl Stack {
     pub async fn start() -> Stack {
+        Stack::start_on(Backend::Embedded).await
+    }
+
+    pub async fn start_on(backend: Backend) -> Stack {
+        // ALLOT_TEST_LOG=1 (with RUST_LOG) shows the services' logs.
+        if std::env::var_os("ALLOT_TEST_LOG").is_some() {
+            allot::telemetry::init_logging(allot::telemetry::LogFormat::Text);
+        }
         let dir = TempDir::new("stack");
-        let config = CoordinatorConfig {
+        let mut config = CoordinatorConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
             admin_token: ADMIN_TOKEN.into(),
@@ -155,7 +198,18 @@ impl Stack {
             settle_window_ms: 1,
             ..CoordinatorConfig::default()
         };
-        Stack::start_in(dir, config).await
+        let cluster = match backend {
+            Backend::Embedded => None,
+            Backend::Etcd => {
+                let cluster = etcd::EtcdCluster::start(1).await;
+                config.store = allot_coordinator::config::StoreKind::Etcd;
+                config.etcd_endpoints = cluster.endpoints();
+                Some(cluster)
+            }
+        };
+        let mut stack = Stack::start_in(dir, config).await;
+        stack.etcd = cluster;
+        stack
     }
 
     /// A stack whose coordinator uses `config` (its data path included).
@@ -199,6 +253,7 @@ impl Stack {
             http: reqwest::Client::new(),
             coordinator_task,
             _neuron_task: neuron_task,
+            etcd: None,
             dir,
         };
         stack.wait_for_coordinator().await;
@@ -224,11 +279,19 @@ impl Stack {
     async fn wait_for_coordinator(&self) {
         let url = self.coordinator_url.clone();
         wait_until(
-            "the coordinator to accept connections",
-            Duration::from_secs(10),
+            "the coordinator to lead and answer admin calls",
+            Duration::from_secs(20),
             || {
                 let url = url.clone();
-                async move { Channel::from_shared(url).unwrap().connect().await.is_ok() }
+                async move {
+                    let Ok(mut admin) = pb::admin_client::AdminClient::connect(url).await else {
+                        return false;
+                    };
+                    admin
+                        .list_accounts(authed(pb::ListAccountsRequest {}))
+                        .await
+                        .is_ok()
+                }
             },
         )
         .await;

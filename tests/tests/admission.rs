@@ -5,9 +5,8 @@ use allot::pb;
 use allot_e2e::*;
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn balance_over_cap_is_429_insufficient_quota_before_dispatch() {
-    let stack = Stack::start().await;
+async fn balance_over_cap_is_429_insufficient_quota_before_dispatch(backend: Backend) {
+    let stack = Stack::start_on(backend).await;
     let (_, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "10", balance())])
         .await;
@@ -19,9 +18,8 @@ async fn balance_over_cap_is_429_insufficient_quota_before_dispatch() {
     assert_eq!(stack.neuron.hits(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolling_over_cap_is_429_rate_limit_exceeded_with_retry_after() {
-    let stack = Stack::start().await;
+async fn rolling_over_cap_is_429_rate_limit_exceeded_with_retry_after(backend: Backend) {
+    let stack = Stack::start_on(backend).await;
     let (_, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "10", rolling(3600))])
         .await;
@@ -41,9 +39,8 @@ async fn rolling_over_cap_is_429_rate_limit_exceeded_with_retry_after() {
     assert_eq!(stack.neuron.hits(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn within_cap_is_served_with_exactly_one_neuron_hit_and_settled() {
-    let stack = Stack::start().await;
+async fn within_cap_is_served_with_exactly_one_neuron_hit_and_settled(backend: Backend) {
+    let stack = Stack::start_on(backend).await;
     let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
         .await;
@@ -60,8 +57,8 @@ async fn within_cap_is_served_with_exactly_one_neuron_hit_and_settled() {
     .await;
 }
 
-async fn fan_out(concurrent: bool) {
-    let stack = Stack::start().await;
+async fn fan_out(backend: Backend, concurrent: bool) {
+    let stack = Stack::start_on(backend).await;
     let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100", balance())])
         .await;
@@ -136,12 +133,18 @@ async fn fan_out(concurrent: bool) {
     assert_eq!(reserved, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fan_out_sequential_never_exceeds_a_balance_cap() {
-    fan_out(false).await;
+async fn fan_out_sequential_never_exceeds_a_balance_cap(backend: Backend) {
+    fan_out(backend, false).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fan_out_concurrent_never_exceeds_a_balance_cap() {
-    fan_out(true).await;
+async fn fan_out_concurrent_never_exceeds_a_balance_cap(backend: Backend) {
+    fan_out(backend, true).await;
 }
+
+on_both_stores!(
+    fan_out_sequential_never_exceeds_a_balance_cap,
+    fan_out_concurrent_never_exceeds_a_balance_cap,
+    balance_over_cap_is_429_insufficient_quota_before_dispatch,
+    rolling_over_cap_is_429_rate_limit_exceeded_with_retry_after,
+    within_cap_is_served_with_exactly_one_neuron_hit_and_settled
+);

@@ -22,9 +22,8 @@ fn stream_body(include_usage: bool) -> serde_json::Value {
     body
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_settle_at_reported_usage_and_only_askers_see_the_usage_chunk() {
-    let stack = Stack::start().await;
+async fn streams_settle_at_reported_usage_and_only_askers_see_the_usage_chunk(backend: Backend) {
+    let stack = Stack::start_on(backend).await;
     let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
         .await;
@@ -57,9 +56,8 @@ async fn streams_settle_at_reported_usage_and_only_askers_see_the_usage_chunk() 
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_max_tokens_is_bounded_by_what_the_allowance_pays_for() {
-    let stack = Stack::start().await;
+async fn a_missing_max_tokens_is_bounded_by_what_the_allowance_pays_for(backend: Backend) {
+    let stack = Stack::start_on(backend).await;
     let (_, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "200", balance())])
         .await;
@@ -73,9 +71,8 @@ async fn a_missing_max_tokens_is_bounded_by_what_the_allowance_pays_for() {
     assert!((1..200).contains(&max_tokens), "{max_tokens}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_neuron_request_costs_nothing() {
-    let stack = Stack::start().await;
+async fn a_failed_neuron_request_costs_nothing(backend: Backend) {
+    let stack = Stack::start_on(backend).await;
     let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000", balance())])
         .await;
@@ -110,9 +107,8 @@ async fn a_failed_neuron_request_costs_nothing() {
     assert_eq!(stack.key_usage(&key_id, pb::Unit::Tokens).await.0, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_neuron_is_502_and_costs_nothing() {
-    let mut stack = Stack::start().await;
+async fn an_unreachable_neuron_is_502_and_costs_nothing(backend: Backend) {
+    let mut stack = Stack::start_on(backend).await;
     stack.agent.take().unwrap().stop().await;
     // A port nothing listens on.
     let unused = std::net::TcpListener::bind("127.0.0.1:0")
@@ -129,9 +125,8 @@ async fn an_unreachable_neuron_is_502_and_costs_nothing() {
     assert_eq!(stack.key_usage(&key_id, pb::Unit::Tokens).await.0, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_top_up_resent_with_the_same_source_id_counts_once() {
-    let stack = Stack::start().await;
+async fn a_top_up_resent_with_the_same_source_id_counts_once(backend: Backend) {
+    let stack = Stack::start_on(backend).await;
     let mut admin = stack.admin().await;
     admin
         .create_account(authed(pb::CreateAccountRequest {
@@ -153,9 +148,8 @@ async fn a_top_up_resent_with_the_same_source_id_counts_once() {
     assert_eq!(second.account.unwrap().credited, "12.5");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_usage_batch_resent_on_a_new_session_is_charged_once() {
-    let stack = Stack::start().await;
+async fn a_usage_batch_resent_on_a_new_session_is_charged_once(backend: Backend) {
+    let stack = Stack::start_on(backend).await;
     let (key_id, _) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
         .await;
@@ -267,9 +261,8 @@ async fn usage_spooled_while_the_coordinator_is_down_is_settled_once_after_both_
     assert_eq!(stack.neuron.hits(), 4);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_gets_a_precise_openai_error() {
-    let stack = Stack::start().await;
+async fn bad_input_gets_a_precise_openai_error(backend: Backend) {
+    let stack = Stack::start_on(backend).await;
     let (_, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
         .await;
@@ -354,9 +347,8 @@ async fn bad_input_gets_a_precise_openai_error() {
     assert_eq!(stack.neuron.hits(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_calls_need_the_token_and_name_the_invalid_field() {
-    let stack = Stack::start().await;
+async fn admin_calls_need_the_token_and_name_the_invalid_field(backend: Backend) {
+    let stack = Stack::start_on(backend).await;
     let mut admin = stack.admin().await;
     let status = admin
         .create_account(tonic::Request::new(pb::CreateAccountRequest {
@@ -410,9 +402,8 @@ async fn admin_calls_need_the_token_and_name_the_invalid_field() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_402_ever_across_a_randomized_run_over_mixed_limits() {
-    let stack = Stack::start().await;
+async fn no_402_ever_across_a_randomized_run_over_mixed_limits(backend: Backend) {
+    let stack = Stack::start_on(backend).await;
     let mut secrets = Vec::new();
     let limit_sets = vec![
         vec![limit(pb::Unit::Tokens, "300", balance())],
@@ -476,3 +467,15 @@ async fn no_402_ever_across_a_randomized_run_over_mixed_limits() {
         "{seen:?}"
     );
 }
+
+on_both_stores!(
+    streams_settle_at_reported_usage_and_only_askers_see_the_usage_chunk,
+    a_missing_max_tokens_is_bounded_by_what_the_allowance_pays_for,
+    a_failed_neuron_request_costs_nothing,
+    an_unreachable_neuron_is_502_and_costs_nothing,
+    a_top_up_resent_with_the_same_source_id_counts_once,
+    a_usage_batch_resent_on_a_new_session_is_charged_once,
+    bad_input_gets_a_precise_openai_error,
+    admin_calls_need_the_token_and_name_the_invalid_field,
+    no_402_ever_across_a_randomized_run_over_mixed_limits
+);

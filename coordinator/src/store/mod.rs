@@ -9,6 +9,7 @@
 
 pub mod conformance;
 pub mod embedded;
+pub mod etcd;
 pub mod layout;
 
 use crate::ledger::{

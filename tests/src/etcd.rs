@@ -1,0 +1,179 @@
+//! Real etcd servers for tests: `etcd` processes from Debian's `etcd-server`
+//! package on free loopback ports, each member in its own temporary data
+//! directory, killed when the handle drops (a failing test included).
+
+use crate::{wait_until, TempDir};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct EtcdMember {
+    pub name: String,
+    pub client_url: String,
+    peer_url: String,
+    child: Option<Child>,
+    dir: std::path::PathBuf,
+}
+
+pub struct EtcdCluster {
+    pub members: Vec<EtcdMember>,
+    initial_cluster: String,
+    _dir: TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until the cluster answers.
+    pub async fn start(size: usize) -> EtcdCluster {
+        assert!(
+            Command::new("etcd").arg("--version").output().is_ok(),
+            "etcd is not installed: run scripts/test as root, or apt-get install etcd-server"
+        );
+        let dir = TempDir::new("etcd");
+        let mut members: Vec<EtcdMember> = (0..size)
+            .map(|i| EtcdMember {
+                name: format!("m{i}"),
+                client_url: format!("http://127.0.0.1:{}", free_port()),
+                peer_url: format!("http://127.0.0.1:{}", free_port()),
+                child: None,
+                dir: dir.0.join(format!("m{i}")),
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            members: Vec::new(),
+            initial_cluster,
+            _dir: dir,
+        };
+        for member in &mut members {
+            cluster.spawn(member);
+        }
+        cluster.members = members;
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    fn spawn(&self, member: &mut EtcdMember) {
+        let log = std::fs::File::create(member.dir.with_extension("log")).expect("etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", &member.name])
+            .args(["--data-dir", member.dir.to_str().unwrap()])
+            .args(["--listen-client-urls", &member.client_url])
+            .args(["--advertise-client-urls", &member.client_url])
+            .args(["--listen-peer-urls", &member.peer_url])
+            .args(["--initial-advertise-peer-urls", &member.peer_url])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "allot-test"])
+            .args([
+                "--auto-compaction-mode",
+                "revision",
+                "--auto-compaction-retention",
+                "10000",
+            ])
+            .args(["--max-request-bytes", "10485760"])
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("etcd starts");
+        member.child = Some(child);
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect(self.endpoints(), None)
+            .await
+            .expect("etcd client")
+    }
+
+    pub async fn wait_healthy(&self) {
+        let endpoints = self.endpoints();
+        wait_until("etcd to answer", Duration::from_secs(30), || {
+            let endpoints = endpoints.clone();
+            async move {
+                let Ok(Ok(mut client)) = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    etcd_client::Client::connect(endpoints, None),
+                )
+                .await
+                else {
+                    return false;
+                };
+                matches!(
+                    tokio::time::timeout(
+                        Duration::from_secs(1),
+                        client.put("/health-probe", "ok", None)
+                    )
+                    .await,
+                    Ok(Ok(_))
+                )
+            }
+        })
+        .await;
+    }
+
+    /// `kill -9` one member.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.members[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills every member (the data stays).
+    pub fn stop_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+
+    /// Restarts every stopped member on its data.
+    pub async fn restart_stopped(&mut self) {
+        let mut members = std::mem::take(&mut self.members);
+        for member in &mut members {
+            if member.child.is_none() {
+                let log = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(member.dir.with_extension("log"))
+                    .unwrap();
+                let child = Command::new("etcd")
+                    .args(["--name", &member.name])
+                    .args(["--data-dir", member.dir.to_str().unwrap()])
+                    .args(["--listen-client-urls", &member.client_url])
+                    .args(["--advertise-client-urls", &member.client_url])
+                    .args(["--listen-peer-urls", &member.peer_url])
+                    .args(["--initial-advertise-peer-urls", &member.peer_url])
+                    .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+                    .args(["--max-request-bytes", "10485760"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::from(log))
+                    .spawn()
+                    .expect("etcd restarts");
+                member.child = Some(child);
+            }
+        }
+        self.members = members;
+        self.wait_healthy().await;
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
