@@ -30,6 +30,10 @@ struct Cli {
     etcd_endpoints: Option<Vec<String>>,
     #[arg(long, env = "ALLOT_ETCD_PREFIX")]
     etcd_prefix: Option<String>,
+    #[arg(long, env = "ALLOT_NODE_ID")]
+    node_id: Option<String>,
+    #[arg(long, env = "ALLOT_ELECTION_TTL_MS")]
+    election_ttl_ms: Option<u64>,
     #[arg(long, env = "ALLOT_LEASE_TTL_MS")]
     lease_ttl_ms: Option<u64>,
     #[arg(long, env = "ALLOT_DEAD_AFTER_MS")]
@@ -69,6 +73,12 @@ fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
     }
     if let Some(v) = cli.etcd_prefix {
         config.etcd_prefix = v;
+    }
+    if let Some(v) = cli.node_id {
+        config.node_id = v;
+    }
+    if let Some(v) = cli.election_ttl_ms {
+        config.election_ttl_ms = v;
     }
     if let Some(v) = cli.lease_ttl_ms {
         config.lease_ttl_ms = v;

@@ -4,6 +4,7 @@
 //! condition with a deadline, never a bare sleep.
 
 pub mod etcd;
+pub mod process;
 
 use allot::pb;
 use allot_coordinator::config::CoordinatorConfig;

@@ -1,0 +1,110 @@
+//! Coordinators as real processes, for the tests that `kill -9` or
+//! `SIGSTOP` them. The binary comes from `cargo build --workspace --bins`
+//! (scripts/test runs it before the tests).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+pub fn binary(name: &str) -> PathBuf {
+    // The test executable lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target/<profile>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+pub struct CoordinatorProcess {
+    pub node_id: String,
+    pub addr: SocketAddr,
+    pub url: String,
+    child: Option<Child>,
+}
+
+impl CoordinatorProcess {
+    /// Starts `allot-coordinator` on etcd with `extra` flags.
+    pub fn spawn(
+        node_id: &str,
+        etcd_endpoints: &[String],
+        log_dir: &std::path::Path,
+        extra: &[&str],
+    ) -> CoordinatorProcess {
+        let addr: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let log = std::fs::File::create(log_dir.join(format!("{node_id}.log"))).expect("log file");
+        let child = Command::new(binary("allot-coordinator"))
+            .args(["--listen", &addr.to_string()])
+            .args(["--metrics-listen", "off"])
+            .args(["--admin-token", crate::ADMIN_TOKEN])
+            .args(["--store", "etcd"])
+            .args(["--etcd-endpoints", &etcd_endpoints.join(",")])
+            .args(["--node-id", node_id])
+            .args(extra)
+            .env("RUST_LOG", "info,h2=warn,tower=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("allot-coordinator starts");
+        CoordinatorProcess {
+            node_id: node_id.to_string(),
+            addr,
+            url: format!("http://{addr}"),
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.pid().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}

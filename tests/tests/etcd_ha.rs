@@ -1,0 +1,546 @@
+//! etcd as the authoritative store: conformance, large batches, fencing,
+//! leader fail-over under load, etcd member loss and etcd outage, all
+//! against real etcd processes.
+
+use allot::pb;
+use allot_coordinator::election;
+use allot_coordinator::store::etcd::EtcdStore;
+use allot_coordinator::store::{Store, StoreError, StoreWrite};
+use allot_e2e::etcd::EtcdCluster;
+use allot_e2e::process::CoordinatorProcess;
+use allot_e2e::*;
+use allot_fake_neuron::{FakeConfig, FakeNeuron};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn account_write(i: usize) -> StoreWrite {
+    StoreWrite::PutAccount(allot_coordinator::ledger::AccountRecord {
+        account_id: format!("a{i}"),
+        name: String::new(),
+        credited: rust_decimal::Decimal::from(i as i64),
+        limits: vec![],
+        created_at_ms: 0,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_store_passes_the_conformance_suite() {
+    let cluster = EtcdCluster::start(1).await;
+    let store = EtcdStore::new(cluster.client().await, "/conformance/", None);
+    allot_coordinator::store::conformance::check_store(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_one_transaction_is_applied_whole() {
+    let cluster = EtcdCluster::start(1).await;
+    let store = EtcdStore::new(cluster.client().await, "/big/", None).with_max_ops(4);
+    store
+        .commit((0..30).map(account_write).collect())
+        .await
+        .unwrap();
+    let loaded = store.load().await.unwrap();
+    assert_eq!(loaded.accounts.len(), 30);
+    let mut client = cluster.client().await;
+    assert!(
+        client
+            .get("/big/journal", None)
+            .await
+            .unwrap()
+            .kvs()
+            .is_empty(),
+        "the journal is removed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_left_by_an_interrupted_leader_is_replayed_before_loading() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let ops: Vec<(String, Option<Vec<u8>>)> = allot_coordinator::store::layout::coalesce(
+        "/j/",
+        &(0..5).map(account_write).collect::<Vec<_>>(),
+    );
+    client
+        .put("/j/journal", serde_json::to_vec(&ops).unwrap(), None)
+        .await
+        .unwrap();
+    let leadership = election::campaign(&client, "/j/", "c1", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let store = EtcdStore::new(client.clone(), "/j/", Some(leadership.fence.clone()));
+    let loaded = store.load().await.unwrap();
+    assert_eq!(loaded.accounts.len(), 5);
+    assert!(client
+        .get("/j/journal", None)
+        .await
+        .unwrap()
+        .kvs()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_election_key_is_gone_cannot_write() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let leadership = election::campaign(&client, "/fence/", "c1", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let store = EtcdStore::new(client.clone(), "/fence/", Some(leadership.fence.clone()));
+    store
+        .commit(vec![account_write(1)])
+        .await
+        .expect("the leader writes");
+    // Its lease ends (as when it is paused past the TTL): the key goes.
+    let mut other = cluster.client().await;
+    other.lease_revoke(leadership.lease).await.unwrap();
+    let refused = store.commit(vec![account_write(2)]).await;
+    assert!(matches!(refused, Err(StoreError::Fenced)), "{refused:?}");
+    assert_eq!(store.load().await.unwrap().accounts.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_coordinator_loses_its_election_key_and_cannot_commit() {
+    let cluster = EtcdCluster::start(1).await;
+    let dir = TempDir::new("pause");
+    let first = CoordinatorProcess::spawn(
+        "c1",
+        &cluster.endpoints(),
+        &dir.0,
+        &["--election-ttl-ms", "1000"],
+    );
+    wait_for_leader(std::slice::from_ref(&first)).await;
+    first.pause();
+    // While it is stopped its lease expires and a second coordinator leads.
+    let second = CoordinatorProcess::spawn(
+        "c2",
+        &cluster.endpoints(),
+        &dir.0,
+        &["--election-ttl-ms", "1000"],
+    );
+    let leader = wait_for_leader(std::slice::from_ref(&second)).await;
+    assert_eq!(leader, 0);
+    let mut admin = pb::admin_client::AdminClient::connect(second.url.clone())
+        .await
+        .unwrap();
+    admin
+        .create_account(authed(pb::CreateAccountRequest {
+            account_id: "after".into(),
+            name: String::new(),
+        }))
+        .await
+        .unwrap();
+    first.resume();
+    // The resumed one may try to write as the leader it was; fenced, it
+    // steps down and answers as a standby.
+    let mut old = pb::admin_client::AdminClient::connect(first.url.clone())
+        .await
+        .unwrap();
+    let result = old
+        .create_account(authed(pb::CreateAccountRequest {
+            account_id: "stale".into(),
+            name: String::new(),
+        }))
+        .await;
+    assert!(result.is_err(), "a deposed leader must not accept writes");
+    let accounts = admin
+        .list_accounts(authed(pb::ListAccountsRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(accounts.accounts.iter().all(|a| a.account_id != "stale"));
+}
+
+/// Index of the coordinator that answers admin calls (the leader).
+async fn wait_for_leader(coordinators: &[CoordinatorProcess]) -> usize {
+    let urls: Vec<String> = coordinators.iter().map(|c| c.url.clone()).collect();
+    let found = Arc::new(AtomicU64::new(u64::MAX));
+    wait_until("a coordinator to lead", Duration::from_secs(30), || {
+        let (urls, found) = (urls.clone(), found.clone());
+        async move {
+            for (i, url) in urls.iter().enumerate() {
+                let Ok(mut admin) = pb::admin_client::AdminClient::connect(url.clone()).await
+                else {
+                    continue;
+                };
+                if admin
+                    .list_accounts(authed(pb::ListAccountsRequest {}))
+                    .await
+                    .is_ok()
+                {
+                    found.store(i as u64, Ordering::SeqCst);
+                    return true;
+                }
+            }
+            false
+        }
+    })
+    .await;
+    found.load(Ordering::SeqCst) as usize
+}
+
+struct Fleet {
+    neuron: FakeNeuron,
+    agent: Option<RunningAgent>,
+    agent_url: String,
+    http: reqwest::Client,
+    _dir: TempDir,
+}
+
+async fn fleet(coordinator_urls: Vec<String>) -> Fleet {
+    let dir = TempDir::new("fleet");
+    let neuron = FakeNeuron::new(FakeConfig {
+        models: vec![MODEL.into()],
+        neuron_id: "n1".into(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let neuron_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(neuron.clone().serve(listener, std::future::pending()));
+    let agent = start_agent(allot_agent::config::AgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        coordinators: coordinator_urls,
+        neuron_url,
+        spool_dir: dir.0.join("agent"),
+        allowance_wait_ms: 1_000,
+        ..Default::default()
+    })
+    .await;
+    let agent_url = agent.url.clone();
+    let http = reqwest::Client::new();
+    let ready = format!("{agent_url}/readyz");
+    wait_until("the agent to connect", Duration::from_secs(30), || {
+        let (http, ready) = (http.clone(), ready.clone());
+        async move {
+            http.get(ready)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
+    })
+    .await;
+    Fleet {
+        neuron,
+        agent: Some(agent),
+        agent_url,
+        http,
+        _dir: dir,
+    }
+}
+
+async fn create_key(url: &str, tokens: u64) -> (String, String) {
+    let mut admin = pb::admin_client::AdminClient::connect(url.to_string())
+        .await
+        .unwrap();
+    admin
+        .create_account(authed(pb::CreateAccountRequest {
+            account_id: "acme".into(),
+            name: String::new(),
+        }))
+        .await
+        .unwrap();
+    let created = admin
+        .create_key(authed(pb::CreateKeyRequest {
+            account_id: "acme".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let key_id = created.key.unwrap().key_id;
+    admin
+        .set_limits(authed(pb::SetLimitsRequest {
+            scope: Some(pb::set_limits_request::Scope::KeyId(key_id.clone())),
+            limits: vec![limit(pb::Unit::Tokens, &tokens.to_string(), balance())],
+        }))
+        .await
+        .unwrap();
+    (key_id, created.secret)
+}
+
+#[derive(Default, Debug)]
+struct LoadResult {
+    served: u64,
+    quota: u64,
+    unavailable: u64,
+    served_tokens: u64,
+}
+
+/// Sends requests from `workers` clients until each has been refused for
+/// quota (or a deadline passes); 503s during a fail-over are retried.
+/// Signals once `served_before_signal` requests were served.
+async fn load(
+    fleet: &Fleet,
+    secret: &str,
+    workers: usize,
+    served_before_signal: u64,
+    signal: tokio::sync::oneshot::Sender<()>,
+) -> LoadResult {
+    let result = Arc::new(tokio::sync::Mutex::new(LoadResult::default()));
+    let signal = Arc::new(std::sync::Mutex::new(Some(signal)));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (http, url, secret) = (
+            fleet.http.clone(),
+            format!("{}/v1/chat/completions", fleet.agent_url),
+            secret.to_string(),
+        );
+        let (result, signal) = (result.clone(), signal.clone());
+        tasks.push(tokio::spawn(async move {
+            while tokio::time::Instant::now() < deadline {
+                let response = http
+                    .post(&url)
+                    .bearer_auth(&secret)
+                    .json(&chat_body(20))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let body: serde_json::Value = response.json().await.unwrap_or_default();
+                let mut r = result.lock().await;
+                match status {
+                    200 => {
+                        r.served += 1;
+                        r.served_tokens += body["usage"]["total_tokens"].as_u64().unwrap();
+                        if r.served == served_before_signal {
+                            if let Some(tx) = signal.lock().unwrap().take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                    }
+                    429 => {
+                        assert_eq!(body["error"]["code"], "insufficient_quota");
+                        r.quota += 1;
+                        return;
+                    }
+                    503 => {
+                        r.unavailable += 1;
+                        drop(r);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    other => panic!("unexpected status {other}: {body}"),
+                }
+            }
+            panic!("the load did not reach the cap before its deadline");
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    Arc::try_unwrap(result).unwrap().into_inner()
+}
+
+async fn agents_high_water(url: &str) -> Option<u64> {
+    let mut admin = pb::admin_client::AdminClient::connect(url.to_string())
+        .await
+        .ok()?;
+    let agents = admin
+        .list_agents(authed(pb::ListAgentsRequest {}))
+        .await
+        .ok()?
+        .into_inner();
+    agents.agents.first().map(|a| a.high_water_seq)
+}
+
+async fn key_tokens(url: &str, key_id: &str) -> Option<(u64, u64)> {
+    let mut admin = pb::admin_client::AdminClient::connect(url.to_string())
+        .await
+        .ok()?;
+    let snapshot = admin
+        .get_snapshot(authed(pb::GetSnapshotRequest {
+            key_id: key_id.into(),
+        }))
+        .await
+        .ok()?
+        .into_inner();
+    let status = snapshot.limits.iter().find(|l| l.scope == "key")?;
+    Some((status.spent.parse().ok()?, status.reserved.parse().ok()?))
+}
+
+/// After a load: every served request settled exactly once, the neuron saw
+/// exactly the served requests, spend within the cap, nothing reserved.
+async fn assert_settled(url: &str, fleet: &mut Fleet, key_id: &str, result: &LoadResult, cap: u64) {
+    assert_eq!(fleet.neuron.hits(), result.served, "neuron hits == served");
+    let served = result.served;
+    wait_until(
+        "every served request to settle",
+        Duration::from_secs(30),
+        || async move { agents_high_water(url).await == Some(served) },
+    )
+    .await;
+    let (spent, _) = key_tokens(url, key_id).await.unwrap();
+    assert_eq!(
+        spent, result.served_tokens,
+        "settled exactly once: spent == what the neuron reported for served requests"
+    );
+    assert!(spent <= cap, "spent {spent} > cap {cap}");
+    fleet.agent.take().unwrap().stop().await;
+    wait_until(
+        "nothing left reserved",
+        Duration::from_secs(30),
+        || async move {
+            key_tokens(url, key_id)
+                .await
+                .is_some_and(|(_, reserved)| reserved == 0)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_under_load_loses_nothing_and_overspends_nothing() {
+    let cluster = EtcdCluster::start(1).await;
+    let dir = TempDir::new("failover");
+    let mut coordinators = vec![
+        CoordinatorProcess::spawn("c1", &cluster.endpoints(), &dir.0, &[]),
+        CoordinatorProcess::spawn("c2", &cluster.endpoints(), &dir.0, &[]),
+    ];
+    let leader = wait_for_leader(&coordinators).await;
+    let urls: Vec<String> = coordinators.iter().map(|c| c.url.clone()).collect();
+    let cap = 2_000;
+    let (key_id, secret) = create_key(&urls[leader], cap).await;
+    let mut fleet = fleet(urls.clone()).await;
+    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel();
+    let run = load(&fleet, &secret, 4, 15, signal_tx);
+    let kill = async {
+        signal_rx.await.unwrap();
+        coordinators[leader].kill();
+    };
+    let (result, ()) = tokio::join!(run, kill);
+    assert!(result.served > 15 && result.quota > 0, "{result:?}");
+    let standby = 1 - leader;
+    assert_eq!(wait_for_leader(&coordinators[standby..=standby]).await, 0);
+    assert_settled(&urls[standby], &mut fleet, &key_id, &result, cap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_member_lost_under_load_loses_nothing_and_overspends_nothing() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let dir = TempDir::new("member-loss");
+    let coordinators = vec![CoordinatorProcess::spawn(
+        "c1",
+        &cluster.endpoints(),
+        &dir.0,
+        &[],
+    )];
+    wait_for_leader(&coordinators).await;
+    let url = coordinators[0].url.clone();
+    let cap = 2_000;
+    let (key_id, secret) = create_key(&url, cap).await;
+    let mut fleet = fleet(vec![url.clone()]).await;
+    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel();
+    let run = load(&fleet, &secret, 4, 15, signal_tx);
+    let kill = async {
+        signal_rx.await.unwrap();
+        cluster.kill(0);
+    };
+    let (result, ()) = tokio::join!(run, kill);
+    assert!(result.served > 15 && result.quota > 0, "{result:?}");
+    assert_settled(&url, &mut fleet, &key_id, &result, cap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_means_not_serving_then_503_after_leases_and_recovery_settles_everything_once() {
+    let mut cluster = EtcdCluster::start(1).await;
+    let dir = TempDir::new("etcd-down");
+    let coordinators = vec![CoordinatorProcess::spawn(
+        "c1",
+        &cluster.endpoints(),
+        &dir.0,
+        &["--lease-ttl-ms", "3000", "--dead-after-ms", "60000"],
+    )];
+    wait_for_leader(&coordinators).await;
+    let url = coordinators[0].url.clone();
+    let (key_id, secret) = create_key(&url, 1_000_000).await;
+    let mut fleet = fleet(vec![url.clone()]).await;
+    let send = |fleet: &Fleet| {
+        fleet
+            .http
+            .post(format!("{}/v1/chat/completions", fleet.agent_url))
+            .bearer_auth(secret.clone())
+            .json(&chat_body(20))
+            .send()
+    };
+    let mut served_tokens = 0;
+    let response = send(&fleet).await.unwrap();
+    assert_eq!(response.status(), 200);
+    served_tokens += response.json::<serde_json::Value>().await.unwrap()["usage"]["total_tokens"]
+        .as_u64()
+        .unwrap();
+
+    cluster.stop_all();
+    let health_url = url.clone();
+    wait_until("health to go NOT_SERVING", Duration::from_secs(30), || {
+        let url = health_url.clone();
+        async move {
+            let Ok(channel) = tonic::transport::Channel::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+            else {
+                return false;
+            };
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok_and(|r| {
+                    r.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+                })
+        }
+    })
+    .await;
+    // Inside the lease the agent keeps admitting; once it lapses, 503.
+    let mut served_during_outage = 0;
+    let retry_after = loop {
+        let response = send(&fleet).await.unwrap();
+        match response.status().as_u16() {
+            200 => {
+                served_during_outage += 1;
+                served_tokens += response.json::<serde_json::Value>().await.unwrap()["usage"]
+                    ["total_tokens"]
+                    .as_u64()
+                    .unwrap();
+            }
+            503 => {
+                break response
+                    .headers()
+                    .get("retry-after")
+                    .expect("Retry-After")
+                    .to_str()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            }
+            other => panic!("unexpected {other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(retry_after >= 1);
+
+    cluster.restart_stopped().await;
+    let served = 1 + served_during_outage as u64;
+    assert_eq!(fleet.neuron.hits(), served);
+    wait_until(
+        "the spooled usage to settle after recovery",
+        Duration::from_secs(60),
+        || {
+            let url = url.clone();
+            async move { agents_high_water(&url).await == Some(served) }
+        },
+    )
+    .await;
+    assert_eq!(key_tokens(&url, &key_id).await.unwrap().0, served_tokens);
+    // Service resumes by itself.
+    wait_until(
+        "requests to be served again",
+        Duration::from_secs(30),
+        || async { send(&fleet).await.is_ok_and(|r| r.status() == 200) },
+    )
+    .await;
+    fleet.agent.take().unwrap().stop().await;
+}
