@@ -272,6 +272,7 @@ impl Engine {
         for job in batch {
             job(&mut self.core, &mut fx);
         }
+        self.core.ledger.flush(&mut fx.writes);
         let Effects {
             writes,
             after,
@@ -304,11 +305,25 @@ impl Engine {
                 tracing::error!(%error, writes = write_count, "store commit failed; reloading the ledger");
                 metrics::counter!("allot_store_commit_failures_total").increment(1);
                 self.reload().await;
+                self.end_sessions("the ledger was reloaded after a failed write; reconnect");
             }
         }
         let outcome_ref = outcome.as_ref().map(|_| ());
         for f in after {
             f(outcome_ref);
+        }
+    }
+
+    /// Ends every agent session: a write that may or may not have applied
+    /// (a grant, say) leaves the ledger unsure of what agents hold, and
+    /// each agent's Hello on reconnect is the truth for its slices.
+    fn end_sessions(&mut self, reason: &str) {
+        let now = Instant::now();
+        for (agent_id, link) in self.core.sessions.drain() {
+            let _ = link
+                .outbox
+                .try_send(Err(tonic::Status::unavailable(reason.to_string())));
+            self.core.disconnected.insert(agent_id, now);
         }
     }
 
@@ -349,12 +364,12 @@ impl Engine {
         let jobs: Vec<Job> = dead
             .into_iter()
             .map(|agent_id| -> Job {
-                Box::new(move |core: &mut Core, fx: &mut Effects| {
+                Box::new(move |core: &mut Core, _fx: &mut Effects| {
                     core.disconnected.remove(&agent_id);
                     if core.sessions.contains_key(&agent_id) {
                         return;
                     }
-                    let released = core.ledger.release_agent(&agent_id, &mut fx.writes);
+                    let released = core.ledger.release_agent(&agent_id);
                     if released > 0 {
                         tracing::warn!(
                             agent_id,

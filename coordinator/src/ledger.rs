@@ -236,9 +236,20 @@ struct ScopeState {
     held: [Decimal; 3],
 }
 
+/// State changed by hot-path decisions, written once per batch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Dirty {
+    Counters(Scope),
+    Slice(String, String),
+    Agent(String),
+}
+
 #[derive(Debug, Default)]
 pub struct Ledger {
     config: LedgerConfig,
+    /// What changed since the last [`Ledger::flush`]: written once per
+    /// batch however many records touched it.
+    dirty: HashSet<Dirty>,
     accounts: HashMap<String, AccountRecord>,
     keys: HashMap<String, KeyRecord>,
     key_by_hash: HashMap<KeyHash, String>,
@@ -611,13 +622,7 @@ impl Ledger {
         }
     }
 
-    fn put_slice(
-        &mut self,
-        agent_id: &str,
-        key_id: &str,
-        held: Amounts,
-        writes: &mut Vec<StoreWrite>,
-    ) {
+    fn put_slice(&mut self, agent_id: &str, key_id: &str, held: Amounts) {
         let old = self
             .slices
             .get(agent_id)
@@ -631,22 +636,17 @@ impl Ledger {
             .entry(agent_id.to_string())
             .or_default()
             .insert(key_id.to_string(), held);
-        writes.push(StoreWrite::PutSlice {
-            agent_id: agent_id.to_string(),
-            key_id: key_id.to_string(),
-            held,
-        });
+        self.dirty
+            .insert(Dirty::Slice(agent_id.to_string(), key_id.to_string()));
     }
 
-    fn delete_slice(&mut self, agent_id: &str, key_id: &str, writes: &mut Vec<StoreWrite>) {
+    fn delete_slice(&mut self, agent_id: &str, key_id: &str) {
         let Some(old) = self.slices.get_mut(agent_id).and_then(|s| s.remove(key_id)) else {
             return;
         };
         self.add_held(key_id, &old, -1);
-        writes.push(StoreWrite::DeleteSlice {
-            agent_id: agent_id.to_string(),
-            key_id: key_id.to_string(),
-        });
+        self.dirty
+            .insert(Dirty::Slice(agent_id.to_string(), key_id.to_string()));
     }
 
     /// An agent (re)connects. Its report replaces whatever the ledger
@@ -687,36 +687,30 @@ impl Ledger {
         let known: Vec<String> = self.slices_of(agent_id).map(|(k, _)| k.clone()).collect();
         for key_id in known {
             if !reported.contains_key(&key_id) {
-                self.delete_slice(agent_id, &key_id, writes);
+                self.delete_slice(agent_id, &key_id);
             }
         }
         for (key_id, held) in reported {
             if held.is_zero() {
-                self.delete_slice(agent_id, &key_id, writes);
+                self.delete_slice(agent_id, &key_id);
             } else {
-                self.put_slice(agent_id, &key_id, held, writes);
+                self.put_slice(agent_id, &key_id, held);
             }
         }
         Ok(high_water_seq)
     }
 
     /// Releases every slice of an agent declared dead.
-    pub fn release_agent(&mut self, agent_id: &str, writes: &mut Vec<StoreWrite>) -> usize {
+    pub fn release_agent(&mut self, agent_id: &str) -> usize {
         let keys: Vec<String> = self.slices_of(agent_id).map(|(k, _)| k.clone()).collect();
         for key_id in &keys {
-            self.delete_slice(agent_id, key_id, writes);
+            self.delete_slice(agent_id, key_id);
         }
         keys.len()
     }
 
     /// An agent gives back part of its slice.
-    pub fn give_back(
-        &mut self,
-        agent_id: &str,
-        key_id: &str,
-        amount: &Amounts,
-        writes: &mut Vec<StoreWrite>,
-    ) {
+    pub fn give_back(&mut self, agent_id: &str, key_id: &str, amount: &Amounts) {
         let Some(current) = self
             .slices
             .get(agent_id)
@@ -727,9 +721,9 @@ impl Ledger {
         };
         let left = current.saturating_sub(amount);
         if left.is_zero() {
-            self.delete_slice(agent_id, key_id, writes);
+            self.delete_slice(agent_id, key_id);
         } else {
-            self.put_slice(agent_id, key_id, left, writes);
+            self.put_slice(agent_id, key_id, left);
         }
     }
 
@@ -743,7 +737,6 @@ impl Ledger {
         need: &Amounts,
         want: &Amounts,
         now: UnixMs,
-        writes: &mut Vec<StoreWrite>,
     ) -> Result<GrantDecision, Refusal> {
         let Some(key) = self.keys.get(key_id) else {
             return Err(Refusal {
@@ -808,7 +801,7 @@ impl Ledger {
             None => grant,
         };
         if !grant.is_zero() || current.is_none() {
-            self.put_slice(agent_id, key_id, held, writes);
+            self.put_slice(agent_id, key_id, held);
         }
         let limits = views
             .iter()
@@ -919,7 +912,7 @@ impl Ledger {
                 self.ensure_counters(&scope, now, writes);
                 let state = self.scopes.entry(scope.clone()).or_default();
                 state.counters.record(&actual, now);
-                writes.push(StoreWrite::PutCounters(scope, state.counters.clone()));
+                self.dirty.insert(Dirty::Counters(scope));
             }
             if from_slice {
                 match self
@@ -930,7 +923,7 @@ impl Ledger {
                 {
                     Some(held) => {
                         let left = held.saturating_sub(&actual);
-                        self.put_slice(agent_id, &usage.key_id, left, writes);
+                        self.put_slice(agent_id, &usage.key_id, left);
                     }
                     None => late = true,
                 }
@@ -938,12 +931,41 @@ impl Ledger {
         }
         let agent = self.agents.get_mut(agent_id).expect("checked above");
         agent.high_water_seq = usage.seq;
-        writes.push(StoreWrite::PutAgent(agent.clone()));
+        self.dirty.insert(Dirty::Agent(agent_id.to_string()));
         SettleOutcome::Settled {
             cost,
             free: free && usage.charged,
             excess,
             late,
+        }
+    }
+
+    /// Appends the current value of everything changed since the last
+    /// flush. The engine calls it once per batch, before committing.
+    pub fn flush(&mut self, writes: &mut Vec<StoreWrite>) {
+        for dirty in self.dirty.drain() {
+            match dirty {
+                Dirty::Counters(scope) => {
+                    if let Some(state) = self.scopes.get(&scope) {
+                        writes.push(StoreWrite::PutCounters(scope, state.counters.clone()));
+                    }
+                }
+                Dirty::Slice(agent_id, key_id) => {
+                    match self.slices.get(&agent_id).and_then(|s| s.get(&key_id)) {
+                        Some(held) => writes.push(StoreWrite::PutSlice {
+                            agent_id,
+                            key_id,
+                            held: *held,
+                        }),
+                        None => writes.push(StoreWrite::DeleteSlice { agent_id, key_id }),
+                    }
+                }
+                Dirty::Agent(agent_id) => {
+                    if let Some(agent) = self.agents.get(&agent_id) {
+                        writes.push(StoreWrite::PutAgent(agent.clone()));
+                    }
+                }
+            }
         }
     }
 
@@ -1034,12 +1056,11 @@ mod tests {
     #[test]
     fn a_grant_is_carved_from_what_is_left_and_never_exceeds_the_cap() {
         let mut ledger = ledger_with_key(vec![token_limit(100, Window::Balance)]);
-        let mut w = Vec::new();
         let first = ledger
-            .ask("a1", "k1", &tokens(30), &tokens(1000), NOW, &mut w)
+            .ask("a1", "k1", &tokens(30), &tokens(1000), NOW)
             .unwrap();
         let second = ledger
-            .ask("a2", "k1", &tokens(30), &tokens(1000), NOW, &mut w)
+            .ask("a2", "k1", &tokens(30), &tokens(1000), NOW)
             .unwrap();
         let granted = first.amount.value(Unit::Tokens) + second.amount.value(Unit::Tokens);
         assert!(granted <= dec(100), "{granted}");
@@ -1050,7 +1071,7 @@ mod tests {
     fn units_without_a_limit_are_granted_unlimited() {
         let mut ledger = ledger_with_key(vec![token_limit(100, Window::Balance)]);
         let grant = ledger
-            .ask("a1", "k1", &tokens(10), &tokens(10), NOW, &mut Vec::new())
+            .ask("a1", "k1", &tokens(10), &tokens(10), NOW)
             .unwrap();
         assert_eq!(grant.amount.get(Unit::Requests), None);
         assert!(grant.amount.get(Unit::Tokens).is_some());
@@ -1062,14 +1083,7 @@ mod tests {
     fn an_exhausted_balance_is_insufficient_quota_without_retry() {
         let mut ledger = ledger_with_key(vec![token_limit(10, Window::Balance)]);
         let refusal = ledger
-            .ask(
-                "a1",
-                "k1",
-                &tokens(1000),
-                &tokens(1000),
-                NOW,
-                &mut Vec::new(),
-            )
+            .ask("a1", "k1", &tokens(1000), &tokens(1000), NOW)
             .unwrap_err();
         assert_eq!(refusal.reason, DenyReason::InsufficientQuota);
         assert_eq!(refusal.retry_at, None);
@@ -1080,11 +1094,11 @@ mod tests {
         let mut ledger = ledger_with_key(vec![token_limit(100, Window::Rolling { seconds: 60 })]);
         let mut w = Vec::new();
         ledger
-            .ask("a1", "k1", &tokens(80), &tokens(80), NOW, &mut w)
+            .ask("a1", "k1", &tokens(80), &tokens(80), NOW)
             .unwrap();
         ledger.settle("a1", &usage(1, 80, 80), true, NOW, &mut w);
         let refusal = ledger
-            .ask("a1", "k1", &tokens(50), &tokens(50), NOW, &mut w)
+            .ask("a1", "k1", &tokens(50), &tokens(50), NOW)
             .unwrap_err();
         assert_eq!(refusal.reason, DenyReason::RateLimited);
         // Spend at NOW counts until NOW + 1 s bucket + 60 s window.
@@ -1101,11 +1115,11 @@ mod tests {
         )]);
         let mut w = Vec::new();
         ledger
-            .ask("a1", "k1", &tokens(90), &tokens(90), NOW, &mut w)
+            .ask("a1", "k1", &tokens(90), &tokens(90), NOW)
             .unwrap();
         ledger.settle("a1", &usage(1, 90, 90), true, NOW, &mut w);
         let refusal = ledger
-            .ask("a1", "k1", &tokens(20), &tokens(20), NOW, &mut w)
+            .ask("a1", "k1", &tokens(20), &tokens(20), NOW)
             .unwrap_err();
         assert_eq!(refusal.retry_at, Some(allot::clock::next_day_start(NOW)));
     }
@@ -1123,7 +1137,7 @@ mod tests {
             )
             .unwrap();
         let refusal = ledger
-            .ask("a1", "k1", &tokens(60), &tokens(60), NOW, &mut w)
+            .ask("a1", "k1", &tokens(60), &tokens(60), NOW)
             .unwrap_err();
         assert_eq!(refusal.reason, DenyReason::InsufficientQuota);
         assert!(
@@ -1138,7 +1152,7 @@ mod tests {
         let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
         let mut w = Vec::new();
         ledger
-            .ask("a1", "k1", &tokens(100), &tokens(100), NOW, &mut w)
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
             .unwrap();
         assert!(matches!(
             ledger.settle("a1", &usage(1, 10, 20), true, NOW, &mut w),
@@ -1163,7 +1177,7 @@ mod tests {
         let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
         let mut w = Vec::new();
         ledger
-            .ask("a1", "k1", &tokens(100), &tokens(100), NOW, &mut w)
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
             .unwrap();
         let outcome = ledger.settle("a1", &usage(1, 30, 20), true, NOW, &mut w);
         assert!(matches!(
@@ -1178,7 +1192,7 @@ mod tests {
         let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
         let mut w = Vec::new();
         ledger
-            .ask("a1", "k1", &tokens(100), &tokens(100), NOW, &mut w)
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
             .unwrap();
         ledger
             .hello("a1", 2, "n1", vec![("k1".into(), tokens(40))], &mut w)
@@ -1197,9 +1211,9 @@ mod tests {
         let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
         let mut w = Vec::new();
         ledger
-            .ask("a1", "k1", &tokens(100), &tokens(100), NOW, &mut w)
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
             .unwrap();
-        assert_eq!(ledger.release_agent("a1", &mut w), 1);
+        assert_eq!(ledger.release_agent("a1"), 1);
         assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].held, dec(0));
         let outcome = ledger.settle("a1", &usage(1, 10, 20), true, NOW, &mut w);
         assert!(matches!(outcome, SettleOutcome::Settled { late: true, .. }));
@@ -1224,9 +1238,10 @@ mod tests {
         let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
         let mut w = Vec::new();
         ledger
-            .ask("a1", "k1", &tokens(100), &tokens(100), NOW, &mut w)
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
             .unwrap();
         ledger.settle("a1", &usage(1, 10, 20), true, NOW, &mut w);
+        ledger.flush(&mut w);
         // Replay every write into a stored state, as a store would.
         let mut kv = std::collections::BTreeMap::new();
         let mut all = ledger_with_key_writes();
@@ -1281,6 +1296,7 @@ mod tests {
             .unwrap();
         ledger.hello("a1", 1, "n1", vec![], &mut w).unwrap();
         ledger.hello("a2", 1, "n2", vec![], &mut w).unwrap();
+        ledger.flush(&mut w);
         w
     }
 }

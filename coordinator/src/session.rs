@@ -209,8 +209,7 @@ fn agent_job(agent_id: String, outbox: Outbox, msg: AgentMsg) -> Job {
             AgentMsg::GiveBack(give_back) => {
                 let amount = Amounts::from_pb("give_back.amount", give_back.amount.as_ref())
                     .unwrap_or(Amounts::UNLIMITED);
-                core.ledger
-                    .give_back(&agent_id, &give_back.key_id, &amount, &mut fx.writes);
+                core.ledger.give_back(&agent_id, &give_back.key_id, &amount);
                 metrics::counter!("allot_allowance_returns_total").increment(1);
             }
             AgentMsg::NodeStatus(_) => {}
@@ -265,10 +264,7 @@ fn allowance_ask(
     let need = Amounts::from_pb("ask.need", ask.need.as_ref()).unwrap_or_default();
     let want = Amounts::from_pb("ask.want", ask.want.as_ref()).unwrap_or_default();
     metrics::counter!("allot_allowance_asks_total").increment(1);
-    match core
-        .ledger
-        .ask(agent_id, &ask.key_id, &need, &want, fx.now, &mut fx.writes)
-    {
+    match core.ledger.ask(agent_id, &ask.key_id, &need, &want, fx.now) {
         Ok(grant) => {
             metrics::counter!("allot_allowance_grants_total").increment(1);
             let limits = grant

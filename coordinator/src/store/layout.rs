@@ -14,36 +14,44 @@
 use super::{StoreError, StoreWrite, StoredState};
 use crate::ledger::Scope;
 
-/// Encodes one write as a key and a value (`None`: delete).
-pub fn encode(prefix: &str, write: &StoreWrite) -> (String, Option<Vec<u8>>) {
-    let json = |v: &dyn erased::Json| Some(v.to_json());
+/// The key one write goes to.
+pub fn key_of(prefix: &str, write: &StoreWrite) -> String {
     match write {
-        StoreWrite::PutAccount(a) => (format!("{prefix}accounts/{}", a.account_id), json(a)),
-        StoreWrite::PutKey(k) => (format!("{prefix}keys/{}", k.key_id), json(k)),
-        StoreWrite::PutCounters(scope, counters) => (counters_key(prefix, scope), json(counters)),
+        StoreWrite::PutAccount(a) => format!("{prefix}accounts/{}", a.account_id),
+        StoreWrite::PutKey(k) => format!("{prefix}keys/{}", k.key_id),
+        StoreWrite::PutCounters(scope, _) => counters_key(prefix, scope),
         StoreWrite::PutSlice {
-            agent_id,
-            key_id,
-            held,
-        } => (format!("{prefix}slices/{agent_id}/{key_id}"), json(held)),
-        StoreWrite::DeleteSlice { agent_id, key_id } => {
-            (format!("{prefix}slices/{agent_id}/{key_id}"), None)
+            agent_id, key_id, ..
         }
-        StoreWrite::PutAgent(a) => (format!("{prefix}agents/{}", a.agent_id), json(a)),
-        StoreWrite::PutTariff(t) => (
-            format!(
-                "{prefix}tariffs/{}/{}/{}/{}",
-                t.model,
-                t.purpose.as_str(),
-                t.completion_window.as_deref().unwrap_or("-"),
-                t.valid_from
-            ),
-            json(t),
+        | StoreWrite::DeleteSlice { agent_id, key_id } => {
+            format!("{prefix}slices/{agent_id}/{key_id}")
+        }
+        StoreWrite::PutAgent(a) => format!("{prefix}agents/{}", a.agent_id),
+        StoreWrite::PutTariff(t) => format!(
+            "{prefix}tariffs/{}/{}/{}/{}",
+            t.model,
+            t.purpose.as_str(),
+            t.completion_window.as_deref().unwrap_or("-"),
+            t.valid_from
         ),
-        StoreWrite::PutTransaction(t) => (
-            format!("{prefix}txns/{}/{}", t.account_id, t.source_id),
-            json(t),
-        ),
+        StoreWrite::PutTransaction(t) => format!("{prefix}txns/{}/{}", t.account_id, t.source_id),
+    }
+}
+
+/// The value one write stores (`None`: delete).
+pub fn value_of(write: &StoreWrite) -> Option<Vec<u8>> {
+    fn json(v: &impl serde::Serialize) -> Option<Vec<u8>> {
+        Some(serde_json::to_vec(v).expect("ledger records always serialize"))
+    }
+    match write {
+        StoreWrite::PutAccount(a) => json(a),
+        StoreWrite::PutKey(k) => json(k),
+        StoreWrite::PutCounters(_, counters) => json(counters),
+        StoreWrite::PutSlice { held, .. } => json(held),
+        StoreWrite::DeleteSlice { .. } => None,
+        StoreWrite::PutAgent(a) => json(a),
+        StoreWrite::PutTariff(t) => json(t),
+        StoreWrite::PutTransaction(t) => json(t),
     }
 }
 
@@ -54,21 +62,22 @@ fn counters_key(prefix: &str, scope: &Scope) -> String {
     }
 }
 
-/// Keeps only the last write of each key, preserving first-seen order, so a
-/// batch touching one counter a thousand times writes it once.
+/// Keeps only the last write of each key, preserving first-seen order, and
+/// encodes only those: a batch touching one counter a thousand times
+/// encodes and writes it once.
 pub fn coalesce(prefix: &str, writes: &[StoreWrite]) -> Vec<(String, Option<Vec<u8>>)> {
     let mut order: Vec<String> = Vec::new();
-    let mut last: std::collections::HashMap<String, Option<Vec<u8>>> = Default::default();
-    for write in writes {
-        let (key, value) = encode(prefix, write);
-        if last.insert(key.clone(), value).is_none() {
+    let mut last: std::collections::HashMap<String, usize> = Default::default();
+    for (index, write) in writes.iter().enumerate() {
+        let key = key_of(prefix, write);
+        if last.insert(key.clone(), index).is_none() {
             order.push(key);
         }
     }
     order
         .into_iter()
         .map(|key| {
-            let value = last.remove(&key).flatten();
+            let value = value_of(&writes[last[&key]]);
             (key, value)
         })
         .collect()
@@ -118,16 +127,4 @@ pub fn decode<'a>(
         }
     }
     Ok(state)
-}
-
-mod erased {
-    /// Object-safe JSON encoding for the values of the layout.
-    pub trait Json {
-        fn to_json(&self) -> Vec<u8>;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Vec<u8> {
-            serde_json::to_vec(self).expect("ledger records always serialize")
-        }
-    }
 }
