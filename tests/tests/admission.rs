@@ -51,7 +51,7 @@ async fn within_cap_is_served_with_exactly_one_neuron_hit_and_settled(backend: B
     let body: serde_json::Value = response.json().await.unwrap();
     let reported = body["usage"]["total_tokens"].as_u64().unwrap();
     assert_eq!(stack.neuron.hits(), 1);
-    wait_until("the usage to settle", Duration::from_secs(10), || async {
+    wait_until("the usage to settle", Duration::from_secs(30), || async {
         stack.key_usage(&key_id, pb::Unit::Tokens).await.0 == reported
     })
     .await;
@@ -102,7 +102,7 @@ async fn fan_out(backend: Backend, concurrent: bool) {
     // Once every slice goes back, nothing stays reserved.
     wait_until(
         "every usage record to settle",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async {
             let agents = stack
                 .admin()
@@ -123,7 +123,7 @@ async fn fan_out(backend: Backend, concurrent: bool) {
     stack.agent.take().unwrap().stop().await;
     wait_until(
         "nothing to stay reserved",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async { stack.key_usage(&key_id, pb::Unit::Tokens).await.1 == 0 },
     )
     .await;

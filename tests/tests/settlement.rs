@@ -50,7 +50,7 @@ async fn streams_settle_at_reported_usage_and_only_askers_see_the_usage_chunk(ba
     // Both requests are the same size: each settles at what the neuron reported.
     wait_until(
         "both streams to settle",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async { stack.key_usage(&key_id, pb::Unit::Tokens).await.0 == 2 * total },
     )
     .await;
@@ -91,7 +91,7 @@ async fn a_failed_neuron_request_costs_nothing(backend: Backend) {
     assert_eq!(response.status(), 500);
     wait_until(
         "the failed request to settle",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async {
             let agents = stack
                 .admin()
@@ -193,7 +193,7 @@ async fn a_usage_batch_resent_on_a_new_session_is_charged_once(backend: Backend)
             .unwrap()
             .into_inner();
         let ack = loop {
-            let message = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            let message = tokio::time::timeout(Duration::from_secs(30), inbound.message())
                 .await
                 .expect("an ack in time")
                 .unwrap()
@@ -228,7 +228,7 @@ async fn usage_spooled_while_the_coordinator_is_down_is_settled_once_after_both_
     assert_eq!(stack.chat(&secret, chat_body(5)).await.status(), 200);
     wait_until(
         "the first request to settle",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async { stack.key_usage(&key_id, pb::Unit::Tokens).await.0 > 0 },
     )
     .await;
