@@ -268,7 +268,7 @@ impl Stack {
         let http = self.http.clone();
         wait_until(
             "the agent to connect to the coordinator",
-            Duration::from_secs(15),
+            Duration::from_secs(30),
             || {
                 let (url, http) = (url.clone(), http.clone());
                 async move { http.get(url).send().await.is_ok_and(|r| r.status() == 200) }
