@@ -46,6 +46,8 @@ pub struct CoordinatorConfig {
     pub dead_after_ms: u64,
     /// How long the engine collects jobs before one store commit.
     pub settle_window_ms: u64,
+    /// Most jobs (usage batches, asks, admin calls) in one store commit.
+    pub max_batch_jobs: usize,
     /// `text` or `json`.
     pub log_format: LogFormat,
 }
@@ -65,6 +67,7 @@ impl Default for CoordinatorConfig {
             lease_ttl_ms: 30_000,
             dead_after_ms: 120_000,
             settle_window_ms: 2,
+            max_batch_jobs: 4096,
             log_format: LogFormat::Text,
         }
     }
@@ -88,6 +91,9 @@ impl CoordinatorConfig {
         }
         if self.dead_after_ms < self.lease_ttl_ms {
             return Err("dead_after_ms: must be at least lease_ttl_ms".into());
+        }
+        if self.max_batch_jobs == 0 {
+            return Err("max_batch_jobs: must be at least 1".into());
         }
         if self.settle_window_ms > 1_000 {
             return Err("settle_window_ms: must be at most 1000".into());

@@ -39,6 +39,7 @@ pub fn engine_settings(config: &CoordinatorConfig) -> EngineSettings {
         lease_ttl: config.lease_ttl(),
         dead_after: Duration::from_millis(config.dead_after_ms),
         settle_window: Duration::from_millis(config.settle_window_ms),
+        max_batch: config.max_batch_jobs,
         ..EngineSettings::default()
     }
 }

@@ -40,6 +40,8 @@ struct Cli {
     dead_after_ms: Option<u64>,
     #[arg(long, env = "ALLOT_SETTLE_WINDOW_MS")]
     settle_window_ms: Option<u64>,
+    #[arg(long, env = "ALLOT_MAX_BATCH_JOBS")]
+    max_batch_jobs: Option<usize>,
     /// text or json.
     #[arg(long, env = "ALLOT_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -88,6 +90,9 @@ fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
     }
     if let Some(v) = cli.settle_window_ms {
         config.settle_window_ms = v;
+    }
+    if let Some(v) = cli.max_batch_jobs {
+        config.max_batch_jobs = v;
     }
     if let Some(v) = cli.log_format {
         config.log_format = v;
