@@ -18,6 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+/// Length of one demand-measuring window.
+const DEMAND_WINDOW: Duration = Duration::from_secs(1);
+
 /// Why the coordinator refused an ask, as the agent caches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DenyKind {
@@ -57,10 +60,13 @@ struct Slice {
     /// The shortfall the ask in flight was sent for.
     asked: Amounts,
     last_used: Instant,
-    last_grant_size: Amounts,
     limits: Vec<LimitSeen>,
     /// Spent locally since the last grant, per unit, for the headers.
     used_since_grant: [Decimal; 3],
+    /// Reservations taken in the current and the previous demand window.
+    demand_now: Amounts,
+    demand_prev: Amounts,
+    demand_since: Instant,
     notify: Arc<Notify>,
 }
 
@@ -77,11 +83,43 @@ impl Slice {
             ask_in_flight: false,
             asked: Amounts::zero(),
             last_used: now,
-            last_grant_size: Amounts::zero(),
             limits: Vec::new(),
             used_since_grant: [Decimal::ZERO; 3],
+            demand_now: Amounts::zero(),
+            demand_prev: Amounts::zero(),
+            demand_since: now,
             notify: Arc::new(Notify::new()),
         }
+    }
+
+    /// Rolls the demand windows forward to `now`.
+    fn roll_demand(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.demand_since);
+        if elapsed >= DEMAND_WINDOW * 2 {
+            self.demand_prev = Amounts::zero();
+            self.demand_now = Amounts::zero();
+            self.demand_since = now;
+        } else if elapsed >= DEMAND_WINDOW {
+            self.demand_prev = self.demand_now;
+            self.demand_now = Amounts::zero();
+            self.demand_since += DEMAND_WINDOW;
+        }
+    }
+
+    /// Recent demand scaled to `interval`: reservations per second over the
+    /// last one to two windows, times the interval.
+    fn demand_over(&self, interval: Duration, now: Instant) -> Amounts {
+        let span = DEMAND_WINDOW
+            + now
+                .saturating_duration_since(self.demand_since)
+                .min(DEMAND_WINDOW);
+        let scale = Decimal::from(interval.as_millis() as u64)
+            / Decimal::from(span.as_millis().max(1) as u64);
+        let mut out = self.demand_prev.add(&self.demand_now);
+        for v in out.0.iter_mut().flatten() {
+            *v *= scale;
+        }
+        out
     }
 
     fn lease_valid(&self, now: Instant) -> bool {
@@ -194,6 +232,8 @@ impl AllowanceTable {
                 }
             }
             slice.in_flight = slice.in_flight.add(&need);
+            slice.roll_demand(now);
+            slice.demand_now = slice.demand_now.add(&need);
             return Admission::Reserved(Reservation {
                 key_id: key_id.to_string(),
                 amount: need,
@@ -295,9 +335,6 @@ impl AllowanceTable {
         slice.lease_until = Some(now + ttl.saturating_sub(margin));
         slice.deny = None;
         slice.ask_in_flight = false;
-        if !amount.is_zero() {
-            slice.last_grant_size = *amount;
-        }
         slice.limits = limits;
         slice.used_since_grant = [Decimal::ZERO; 3];
         slice.notify.notify_waiters();
@@ -400,25 +437,40 @@ impl AllowanceTable {
         keys
     }
 
-    /// Whether a background ask should top the slice up now: what is left
-    /// is under a quarter of the last grant.
-    pub fn wants_refill(&self, key_id: &str) -> Option<Amounts> {
+    /// The key's recent demand over `interval`, for the `want` of an ask.
+    pub fn demand(&self, key_id: &str, interval: Duration, now: Instant) -> Amounts {
+        let mut state = self.lock();
+        match state.slices.get_mut(key_id) {
+            Some(slice) => {
+                slice.roll_demand(now);
+                slice.demand_over(interval, now)
+            }
+            None => Amounts::zero(),
+        }
+    }
+
+    /// The `want` of a background ask when the slice will not last half of
+    /// `interval` at its recent demand; marks the ask in flight.
+    pub fn wants_refill(&self, key_id: &str, interval: Duration, now: Instant) -> Option<Amounts> {
         let mut state = self.lock();
         let slice = state.slices.get_mut(key_id)?;
         if slice.ask_in_flight || slice.deny.is_some() {
             return None;
         }
-        let low = Unit::ALL.iter().any(|u| {
-            match (slice.available.get(*u), slice.last_grant_size.get(*u)) {
-                (Some(a), Some(g)) if g > Decimal::ZERO => a * Decimal::from(4) < g,
+        slice.roll_demand(now);
+        let demand = slice.demand_over(interval, now);
+        let low = Unit::ALL
+            .iter()
+            .any(|u| match (slice.available.get(*u), demand.get(*u)) {
+                (Some(a), Some(d)) if d > Decimal::ZERO => a * Decimal::from(2) < d,
                 _ => false,
-            }
-        });
+            });
         if !low {
             return None;
         }
         slice.ask_in_flight = true;
-        Some(slice.last_grant_size)
+        slice.asked = Amounts::zero();
+        Some(demand)
     }
 
     /// What each slice holds for a Hello, and the last sequence number taken

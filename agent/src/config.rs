@@ -31,8 +31,12 @@ pub struct AgentConfig {
     pub max_body_bytes: usize,
     /// How long a request may wait for an allowance grant.
     pub allowance_wait_ms: u64,
-    /// Asks cover this many requests like the one waiting.
+    /// Before a key has any measured demand, asks cover this many requests
+    /// like the one waiting.
     pub grant_multiplier: u64,
+    /// Asks cover this long of a key's measured demand; the agent asks
+    /// ahead when what it holds would last less than half of it.
+    pub refresh_interval_ms: u64,
     /// Stop admitting on a lease this long before it expires.
     pub lease_margin_ms: u64,
     /// Give back a slice unused for this long.
@@ -70,6 +74,7 @@ impl Default for AgentConfig {
             max_body_bytes: 8 * 1024 * 1024,
             allowance_wait_ms: 250,
             grant_multiplier: 16,
+            refresh_interval_ms: 2_000,
             lease_margin_ms: 1_000,
             idle_return_ms: 30_000,
             usage_resend_ms: 5_000,
@@ -129,6 +134,10 @@ impl AgentConfig {
 
     pub fn allowance_wait(&self) -> Duration {
         Duration::from_millis(self.allowance_wait_ms)
+    }
+
+    pub fn refresh_interval(&self) -> Duration {
+        Duration::from_millis(self.refresh_interval_ms.max(100))
     }
 
     pub fn first_byte_timeout(&self) -> Duration {

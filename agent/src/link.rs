@@ -304,7 +304,13 @@ fn apply(ctx: &LinkContext, msg: CoordMsg) {
                 _ => Duration::from_secs(30),
             };
             metrics::counter!("allot_agent_denies_total").increment(1);
-            let shortfall = ctx.table.pending_shortfall(&deny.key_id);
+            // An unsolicited refusal (ask id 0) is a pushed depletion: it
+            // stands for any shortfall.
+            let shortfall = if deny.ask_id == 0 {
+                Amounts::zero()
+            } else {
+                ctx.table.pending_shortfall(&deny.key_id)
+            };
             ctx.table.deny(
                 &deny.key_id,
                 CachedDeny {

@@ -225,7 +225,7 @@ async fn reserve(
                 send_ask,
             } => {
                 if send_ask {
-                    let want = scaled(&max_need, state.config.grant_multiplier);
+                    let want = want_for(state, &key.key_id, &max_need, now);
                     if !state.link.ask(&key.key_id, &shortfall, &want) {
                         state.table.ask_failed(&key.key_id);
                         return Err(ApiError::unavailable(
@@ -256,8 +256,26 @@ async fn reserve(
     }
 }
 
-/// `need × multiplier` in every unit: what to ask for so that the next
-/// requests of a busy key find their allowance already there.
+/// What to ask for: the key's recent demand over one refresh interval, or,
+/// before there is any, `grant_multiplier` requests like this one; never
+/// less than this request.
+fn want_for(state: &AgentState, key_id: &str, need: &Amounts, now: Instant) -> Amounts {
+    let demand = state
+        .table
+        .demand(key_id, state.config.refresh_interval(), now);
+    let base = if demand.is_zero() {
+        scaled(need, state.config.grant_multiplier)
+    } else {
+        demand
+    };
+    let mut want = base;
+    for unit in Unit::ALL {
+        want.set(unit, Some(base.value(unit).max(need.value(unit))));
+    }
+    want
+}
+
+/// `need × multiplier` in every unit.
 fn scaled(need: &Amounts, multiplier: u64) -> Amounts {
     let mut out = *need;
     for unit in Unit::ALL {
@@ -296,7 +314,11 @@ fn affordable_completion(
 
 /// Asks ahead, in the background, when a busy slice runs low.
 fn maybe_refill(state: &AgentState, key_id: &str) {
-    if let Some(want) = state.table.wants_refill(key_id) {
+    if let Some(want) =
+        state
+            .table
+            .wants_refill(key_id, state.config.refresh_interval(), Instant::now())
+    {
         if !state.link.ask(key_id, &Amounts::zero(), &want) {
             state.table.ask_failed(key_id);
         }

@@ -28,8 +28,26 @@ pub struct SessionLink {
     pub reconcile_seq: u64,
 }
 
+/// An ask waiting for other agents to give back revoked slices.
+pub struct ParkedAsk {
+    pub agent_id: String,
+    pub outbox: Outbox,
+    pub ask: pb::AllowanceAsk,
+    pub since: Instant,
+}
+
+/// How long an ask waits for reclaimed slices before it is decided as is.
+pub const PARK_LIMIT: Duration = Duration::from_millis(300);
+
 /// What the engine's jobs may touch.
 pub struct Core {
+    /// Asks waiting for reclaimed slices.
+    pub parked: Vec<ParkedAsk>,
+    /// When each `(agent, key)` slice was last revoked, so a storm of asks
+    /// revokes it once.
+    pub revoked_at: HashMap<(String, String), Instant>,
+    /// When each key's depletion was last pushed (pushes are coalesced).
+    pub depletion_pushed: HashMap<String, Instant>,
     pub ledger: Ledger,
     pub sessions: HashMap<String, SessionLink>,
     /// Agents that looked a key up, to push changes of that key to.
@@ -216,6 +234,9 @@ impl Engine {
         let (tx, rx) = mpsc::channel(65_536);
         let engine = Engine {
             core: Core {
+                parked: Vec::new(),
+                revoked_at: HashMap::new(),
+                depletion_pushed: HashMap::new(),
                 ledger,
                 sessions: HashMap::new(),
                 watchers: HashMap::new(),
@@ -234,6 +255,8 @@ impl Engine {
     pub async fn run(mut self) {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut parked_tick = tokio::time::interval(Duration::from_millis(50));
+        parked_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.fenced {
             let first = tokio::select! {
                 job = self.jobs.recv() => match job {
@@ -242,6 +265,11 @@ impl Engine {
                 },
                 _ = sweep.tick() => {
                     self.release_dead_agents().await;
+                    continue;
+                }
+                _ = parked_tick.tick(), if !self.core.parked.is_empty() => {
+                    let job: Job = Box::new(|core: &mut Core, fx: &mut Effects| crate::session::retry_parked(core, fx));
+                    self.run_batch(vec![job]).await;
                     continue;
                 }
             };

@@ -13,6 +13,7 @@
 //! reserved) or reported late by an agent declared dead: it is charged
 //! anyway, never lost, and counted.
 
+use crate::grant;
 use crate::store::{StoreWrite, StoredState};
 use allot::clock::UnixMs;
 use allot::key::{KeyHash, Purpose};
@@ -22,6 +23,9 @@ use allot::window::SpendCounter;
 use allot::{Amounts, Unit};
 use rust_decimal::Decimal;
 use std::collections::{HashMap, HashSet};
+
+/// Demand older than this no longer counts in anyone's share.
+pub const DEMAND_FRESH_MS: i64 = 10_000;
 
 /// Whose spend a counter counts.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -159,6 +163,9 @@ pub struct Refusal {
     /// When the ask could fit, for rate limits.
     pub retry_at: Option<UnixMs>,
     pub message: String,
+    /// `(agent, key)` slices whose return would make room; empty when the
+    /// refusal is final.
+    pub reclaim: Vec<(String, String)>,
 }
 
 /// One limit as seen from a grant or a snapshot.
@@ -256,6 +263,8 @@ pub struct Ledger {
     keys_by_account: HashMap<String, Vec<String>>,
     scopes: HashMap<Scope, ScopeState>,
     slices: HashMap<String, HashMap<String, Amounts>>,
+    /// Demand each agent last reported per key, and when.
+    demand: HashMap<String, HashMap<String, (Amounts, UnixMs)>>,
     agents: HashMap<String, AgentRecord>,
     tariffs: TariffBook,
     transactions: HashSet<(String, String)>,
@@ -727,9 +736,55 @@ impl Ledger {
         }
     }
 
+    /// Demand other agents reported for `key_id` within the last
+    /// [`DEMAND_FRESH_MS`], per unit.
+    fn others_demand(&self, agent_id: &str, key_id: &str, now: UnixMs) -> Amounts {
+        let mut total = Amounts::zero();
+        if let Some(agents) = self.demand.get(key_id) {
+            for (agent, (want, at)) in agents {
+                if agent != agent_id && now - at <= DEMAND_FRESH_MS {
+                    total = total.add(want);
+                }
+            }
+        }
+        total
+    }
+
+    /// Slices of other agents under `scope` (and their amounts) that could
+    /// be given back to make room.
+    fn reclaimable(
+        &self,
+        agent_id: &str,
+        key_id: &str,
+        scope: &Scope,
+    ) -> Vec<(String, String, Amounts)> {
+        let mut found = Vec::new();
+        for (agent, slices) in &self.slices {
+            for (slice_key, held) in slices {
+                if agent == agent_id && slice_key == key_id {
+                    continue;
+                }
+                let under = match scope {
+                    Scope::Key(k) => slice_key == k,
+                    Scope::Account(a) => {
+                        self.keys.get(slice_key).is_some_and(|k| &k.account_id == a)
+                    }
+                };
+                if under {
+                    found.push((agent.clone(), slice_key.clone(), *held));
+                }
+            }
+        }
+        found
+    }
+
     /// Decides an allowance ask: what to add to the agent's slice for
-    /// `key_id`, or why not. `need` is what a waiting request lacks; `want`
-    /// is what the agent would like to hold.
+    /// `key_id`, or why not. `need` is what a waiting request lacks (zero
+    /// when the agent asks ahead); `want` is its demand over one refresh
+    /// interval. When the cap still has room but other agents' slices hold
+    /// it, the refusal names those slices (`reclaim`): the caller revokes
+    /// them and asks again once they are given back. A refusal without
+    /// `reclaim` is final: the cap itself is exhausted.
     pub fn ask(
         &mut self,
         agent_id: &str,
@@ -743,6 +798,7 @@ impl Ledger {
                 reason: DenyReason::UnknownKey,
                 retry_at: None,
                 message: format!("key {key_id} does not exist"),
+                reclaim: Vec::new(),
             });
         };
         if key.revoked {
@@ -750,6 +806,7 @@ impl Ledger {
                 reason: DenyReason::KeyRevoked,
                 retry_at: None,
                 message: "the key was revoked".into(),
+                reclaim: Vec::new(),
             });
         }
         let views: Vec<LimitView> = self
@@ -757,6 +814,11 @@ impl Ledger {
             .iter()
             .map(|(scope, limit)| self.view(scope, limit, now))
             .collect();
+        self.demand
+            .entry(key_id.to_string())
+            .or_default()
+            .insert(agent_id.to_string(), (want.add(&Amounts::zero()), now));
+        let others = self.others_demand(agent_id, key_id, now);
         let mut grant = Amounts::UNLIMITED;
         for unit in Unit::ALL {
             let in_unit: Vec<&LimitView> = views.iter().filter(|v| v.limit.unit == unit).collect();
@@ -769,11 +831,17 @@ impl Ledger {
                 .map(|v| v.remaining)
                 .min()
                 .unwrap_or_default();
-            if need_u > room {
-                return Err(self.refusal(&in_unit, need_u, now));
-            }
-            let share = (room * self.config.grant_share).max(need_u);
-            let mut amount = want.value(unit).max(need_u).min(share).min(room);
+            let Some(mut amount) = grant::size(
+                need_u,
+                want.value(unit),
+                room,
+                others.value(unit),
+                self.config.grant_share,
+            ) else {
+                let mut refusal = self.refusal(&in_unit, need_u, now);
+                refusal.reclaim = self.reclaim_plan(agent_id, key_id, &in_unit, need_u, unit);
+                return Err(refusal);
+            };
             if unit.is_integral() {
                 amount = amount.floor();
             }
@@ -813,12 +881,41 @@ impl Ledger {
         })
     }
 
+    /// Slices to revoke so that `need` fits under every exhausted limit, or
+    /// nothing when even all of them would not make room (the cap, not the
+    /// slicing, is exhausted).
+    fn reclaim_plan(
+        &self,
+        agent_id: &str,
+        key_id: &str,
+        in_unit: &[&LimitView],
+        need: Decimal,
+        unit: Unit,
+    ) -> Vec<(String, String)> {
+        let mut plan: Vec<(String, String)> = Vec::new();
+        for view in in_unit.iter().filter(|v| v.remaining < need) {
+            let candidates = self.reclaimable(agent_id, key_id, &view.scope);
+            let available: Decimal = candidates.iter().map(|(_, _, held)| held.value(unit)).sum();
+            if view.remaining + available < need {
+                return Vec::new();
+            }
+            for (agent, key, held) in candidates {
+                if held.value(unit) > Decimal::ZERO && !plan.contains(&(agent.clone(), key.clone()))
+                {
+                    plan.push((agent, key));
+                }
+            }
+        }
+        plan
+    }
+
     fn refusal(&self, failing: &[&LimitView], need: Decimal, now: UnixMs) -> Refusal {
         let exhausted: Vec<&&LimitView> = failing.iter().filter(|v| v.remaining < need).collect();
         if let Some(balance) = exhausted.iter().find(|v| v.limit.window.is_balance()) {
             return Refusal {
                 reason: DenyReason::InsufficientQuota,
                 retry_at: None,
+                reclaim: Vec::new(),
                 message: format!(
                     "{} {} balance exhausted: {} of {} left, {} needed",
                     scope_label(&balance.scope),
@@ -858,6 +955,7 @@ impl Ledger {
             reason: DenyReason::RateLimited,
             retry_at: Some(retry_at.max(now + 1)),
             message,
+            reclaim: Vec::new(),
         }
     }
 

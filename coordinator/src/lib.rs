@@ -18,6 +18,7 @@ pub mod config;
 pub mod election;
 pub mod engine;
 pub mod error;
+pub mod grant;
 pub mod ledger;
 pub mod session;
 pub mod store;

@@ -3,7 +3,9 @@
 //! job; the engine answers through the session's outbox once its writes are
 //! durable. The stream's first message must be `Hello`.
 
-use crate::engine::{Core, Effects, EngineHandle, EngineSource, Job, Outbox, SessionLink};
+use crate::engine::{
+    Core, Effects, EngineHandle, EngineSource, Job, Outbox, ParkedAsk, SessionLink, PARK_LIMIT,
+};
 use crate::ledger::{DenyReason, SettleOutcome, Usage};
 use allot::key::{KeyHash, Purpose};
 use allot::pb::agent_message::Msg as AgentMsg;
@@ -204,13 +206,14 @@ fn agent_job(agent_id: String, outbox: Outbox, msg: AgentMsg) -> Job {
                 );
             }
             AgentMsg::KeyLookup(lookup) => key_lookup(core, fx, &agent_id, &outbox, lookup),
-            AgentMsg::Ask(ask) => allowance_ask(core, fx, &agent_id, &outbox, ask),
+            AgentMsg::Ask(ask) => allowance_ask(core, fx, &agent_id, &outbox, ask, None),
             AgentMsg::Usage(batch) => settle_batch(core, fx, &agent_id, &outbox, batch),
             AgentMsg::GiveBack(give_back) => {
                 let amount = Amounts::from_pb("give_back.amount", give_back.amount.as_ref())
                     .unwrap_or(Amounts::UNLIMITED);
                 core.ledger.give_back(&agent_id, &give_back.key_id, &amount);
                 metrics::counter!("allot_allowance_returns_total").increment(1);
+                retry_parked(core, fx);
             }
             AgentMsg::NodeStatus(_) => {}
         }
@@ -254,16 +257,39 @@ pub fn key_info(key: &crate::ledger::KeyRecord) -> pb::KeyInfo {
     }
 }
 
+/// Decides the asks waiting for reclaimed slices again; those that waited
+/// past [`PARK_LIMIT`] are decided without further reclaim.
+pub fn retry_parked(core: &mut Core, fx: &mut Effects) {
+    for parked in std::mem::take(&mut core.parked) {
+        if !is_current(core, &parked.agent_id, &parked.outbox) {
+            continue;
+        }
+        let since = parked.since;
+        allowance_ask(
+            core,
+            fx,
+            &parked.agent_id,
+            &parked.outbox,
+            parked.ask,
+            Some(since),
+        );
+    }
+}
+
+/// `parked_since`: when this ask was first parked (None: a fresh ask).
 fn allowance_ask(
     core: &mut Core,
     fx: &mut Effects,
     agent_id: &str,
     outbox: &Outbox,
     ask: pb::AllowanceAsk,
+    parked_since: Option<Instant>,
 ) {
     let need = Amounts::from_pb("ask.need", ask.need.as_ref()).unwrap_or_default();
     let want = Amounts::from_pb("ask.want", ask.want.as_ref()).unwrap_or_default();
-    metrics::counter!("allot_allowance_asks_total").increment(1);
+    if parked_since.is_none() {
+        metrics::counter!("allot_allowance_asks_total").increment(1);
+    }
     match core.ledger.ask(agent_id, &ask.key_id, &need, &want, fx.now) {
         Ok(grant) => {
             metrics::counter!("allot_allowance_grants_total").increment(1);
@@ -303,6 +329,42 @@ fn allowance_ask(
                     limits,
                 }),
             );
+        }
+        Err(refusal)
+            if !refusal.reclaim.is_empty()
+                && parked_since.is_none_or(|at| at.elapsed() < PARK_LIMIT) =>
+        {
+            // The cap has room, but other agents hold it: take their idle
+            // slices back before refusing anyone.
+            let now = Instant::now();
+            for (holder, key_id) in refusal.reclaim {
+                let recently = core
+                    .revoked_at
+                    .get(&(holder.clone(), key_id.clone()))
+                    .is_some_and(|at| now.duration_since(*at) < PARK_LIMIT);
+                if recently {
+                    continue;
+                }
+                if let Some(link) = core.sessions.get(&holder) {
+                    fx.send(
+                        &link.outbox,
+                        CoordMsg::Revoke(pb::Revoke {
+                            key_id: key_id.clone(),
+                            reason: "reclaim".into(),
+                        }),
+                    );
+                    metrics::counter!("allot_allowance_revokes_total").increment(1);
+                }
+                core.revoked_at.insert((holder, key_id), now);
+            }
+            core.revoked_at
+                .retain(|_, at| now.duration_since(*at) < PARK_LIMIT * 10);
+            core.parked.push(ParkedAsk {
+                agent_id: agent_id.to_string(),
+                outbox: outbox.clone(),
+                ask,
+                since: parked_since.unwrap_or(now),
+            });
         }
         Err(refusal) => {
             let reason = match refusal.reason {
@@ -418,4 +480,55 @@ fn settle_batch(
         .map(|a| a.high_water_seq)
         .unwrap_or(0);
     fx.send(outbox, CoordMsg::UsageAck(pb::UsageAck { high_water_seq }));
+    if !core.parked.is_empty() {
+        retry_parked(core, fx);
+    }
+    push_depletions(core, fx, &batch.records);
+}
+
+/// Tells every agent interested in a key whose cap is now fully spent, at
+/// most once a second per key however many records deplete it: agents then
+/// refuse beyond their slice locally instead of asking.
+fn push_depletions(core: &mut Core, fx: &mut Effects, records: &[pb::UsageRecord]) {
+    let now = Instant::now();
+    let mut keys: Vec<&str> = records.iter().map(|r| r.key_id.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for key_id in keys {
+        if core
+            .depletion_pushed
+            .get(key_id)
+            .is_some_and(|at| now.duration_since(*at) < std::time::Duration::from_secs(1))
+        {
+            continue;
+        }
+        let Ok(views) = core.ledger.limit_views(key_id, fx.now) else {
+            continue;
+        };
+        let Some(spent) = views.iter().find(|v| v.spent >= v.limit.amount) else {
+            continue;
+        };
+        let (reason, retry_after_ms) = if spent.limit.window.is_balance() {
+            (pb::DenyReason::InsufficientQuota, 0)
+        } else {
+            let at = spent.next_refill.unwrap_or(fx.now + 1000);
+            (pb::DenyReason::RateLimited, (at - fx.now).max(1) as u64)
+        };
+        let message = CoordMsg::Deny(pb::Deny {
+            ask_id: 0,
+            key_id: key_id.to_string(),
+            reason: reason as i32,
+            retry_after_ms,
+            message: format!(
+                "{} limit of {} is spent",
+                spent.limit.unit.as_str(),
+                spent.limit.amount
+            ),
+        });
+        core.push_to(fx, core.interested_in(key_id), message);
+        metrics::counter!("allot_depletion_pushes_total").increment(1);
+        core.depletion_pushed.insert(key_id.to_string(), now);
+    }
+    core.depletion_pushed
+        .retain(|_, at| now.duration_since(*at) < std::time::Duration::from_secs(10));
 }

@@ -1,0 +1,88 @@
+//! Grant sizing: how much of what is left one agent gets, as a plain
+//! function that tests, the simulation and benchmarks call directly.
+//!
+//! The algorithm is proportional share over reported demand (Doorman's
+//! ProportionalShare), bounded so that grants shrink geometrically as a
+//! budget runs out:
+//! - an agent asks with `need` (what a waiting request lacks, zero when it
+//!   asks ahead) and `want` (its recent demand over one refresh interval);
+//! - it gets `want`, but at most its share of what is left in proportion to
+//!   the demand of every agent active on the principal, and at most
+//!   `max_share` of what is left (so the last of a budget is handed out in
+//!   ever smaller pieces), and always at least `need` when `need` fits.
+
+use rust_decimal::Decimal;
+
+/// What to grant in one unit, or `None` when `need` does not fit in `room`.
+pub fn size(
+    need: Decimal,
+    want: Decimal,
+    room: Decimal,
+    others_demand: Decimal,
+    max_share: Decimal,
+) -> Option<Decimal> {
+    if need > room {
+        return None;
+    }
+    let want = want.max(need);
+    let total_demand = want + others_demand.max(Decimal::ZERO);
+    let proportional = if total_demand > Decimal::ZERO {
+        room * want / total_demand
+    } else {
+        room
+    };
+    let cap = proportional.min(room * max_share).max(need);
+    Some(want.min(cap).min(room))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(n: i64) -> Decimal {
+        Decimal::from(n)
+    }
+
+    fn half() -> Decimal {
+        Decimal::new(5, 1)
+    }
+
+    #[test]
+    fn a_lone_agent_gets_its_demand_up_to_half_of_what_is_left() {
+        assert_eq!(size(d(10), d(100), d(1000), d(0), half()), Some(d(100)));
+        assert_eq!(size(d(10), d(900), d(1000), d(0), half()), Some(d(500)));
+    }
+
+    #[test]
+    fn agents_share_in_proportion_to_their_demand() {
+        // Two agents want 800 each out of 1000: each gets at most 500.
+        assert_eq!(size(d(0), d(800), d(1000), d(800), half()), Some(d(500)));
+        // A heavy agent (80% of demand) against a light one.
+        assert_eq!(
+            size(d(0), d(800), d(1000), d(200), Decimal::ONE),
+            Some(d(800))
+        );
+        assert_eq!(
+            size(d(0), d(200), d(1000), d(800), Decimal::ONE),
+            Some(d(200))
+        );
+    }
+
+    #[test]
+    fn need_is_always_granted_when_it_fits_and_never_when_it_does_not() {
+        assert_eq!(size(d(60), d(60), d(100), d(10_000), half()), Some(d(60)));
+        assert_eq!(size(d(101), d(101), d(100), d(0), half()), None);
+    }
+
+    #[test]
+    fn grants_shrink_geometrically_as_the_budget_runs_out() {
+        let mut room = d(1024);
+        let mut grants = Vec::new();
+        while room >= d(1) {
+            let g = size(d(0), d(10_000), room, d(0), half()).unwrap();
+            grants.push(g);
+            room -= g;
+        }
+        assert_eq!(grants[..4], [d(512), d(256), d(128), d(64)]);
+    }
+}
