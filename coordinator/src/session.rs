@@ -336,6 +336,12 @@ fn allowance_ask(
         {
             // The cap has room, but other agents hold it: take their idle
             // slices back before refusing anyone.
+            tracing::debug!(
+                agent_id,
+                key_id = ask.key_id,
+                holders = refusal.reclaim.len(),
+                "ask parked; reclaiming slices"
+            );
             let now = Instant::now();
             for (holder, key_id) in refusal.reclaim {
                 let recently = core
@@ -367,6 +373,15 @@ fn allowance_ask(
             });
         }
         Err(refusal) => {
+            tracing::debug!(
+                agent_id,
+                key_id = ask.key_id,
+                ?need,
+                reclaim = refusal.reclaim.len(),
+                parked = parked_since.is_some(),
+                message = refusal.message,
+                "ask refused"
+            );
             let reason = match refusal.reason {
                 DenyReason::InsufficientQuota => pb::DenyReason::InsufficientQuota,
                 DenyReason::RateLimited => pb::DenyReason::RateLimited,
@@ -505,7 +520,10 @@ fn push_depletions(core: &mut Core, fx: &mut Effects, records: &[pb::UsageRecord
         let Ok(views) = core.ledger.limit_views(key_id, fx.now) else {
             continue;
         };
-        let Some(spent) = views.iter().find(|v| v.spent >= v.limit.amount) else {
+        let Some(spent) = views
+            .iter()
+            .find(|v| v.spent > rust_decimal::Decimal::ZERO && v.spent >= v.limit.amount)
+        else {
             continue;
         };
         let (reason, retry_after_ms) = if spent.limit.window.is_balance() {

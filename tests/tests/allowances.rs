@@ -1,0 +1,156 @@
+//! Allowances across many agents: nearly all of a cap is usable, never more.
+
+use allot::pb;
+use allot_e2e::*;
+use allot_fake_neuron::{FakeConfig, FakeNeuron};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Agents {
+    urls: Vec<String>,
+    agents: Vec<RunningAgent>,
+    neuron: FakeNeuron,
+    _dir: TempDir,
+}
+
+async fn agents(coordinator_url: &str, count: usize) -> Agents {
+    let dir = TempDir::new("agents");
+    let neuron = FakeNeuron::new(FakeConfig {
+        models: vec![MODEL.into()],
+        neuron_id: "n".into(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let neuron_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(neuron.clone().serve(listener, std::future::pending()));
+    let mut running = Vec::new();
+    for i in 0..count {
+        running.push(
+            start_agent(allot_agent::config::AgentConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                metrics_listen: None,
+                coordinators: vec![coordinator_url.to_string()],
+                agent_id: format!("agent-{i}"),
+                neuron_id: format!("neuron-{i}"),
+                neuron_url: neuron_url.clone(),
+                spool_dir: dir.0.join(format!("agent-{i}")),
+                allowance_wait_ms: 2_000,
+                ..Default::default()
+            })
+            .await,
+        );
+    }
+    let http = reqwest::Client::new();
+    for agent in &running {
+        let url = format!("{}/readyz", agent.url);
+        wait_until("an agent to connect", Duration::from_secs(30), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { http.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+        })
+        .await;
+    }
+    Agents {
+        urls: running.iter().map(|a| a.url.clone()).collect(),
+        agents: running,
+        neuron,
+        _dir: dir,
+    }
+}
+
+/// Eight agents share one key; one gets 80% of the requests. Load runs until
+/// the first final refusal. Spend stays within the cap and reaches 99% of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_agents_with_skewed_load_use_99_percent_of_a_cap_and_never_more() {
+    let stack = Stack::start().await;
+    let cap: u64 = 20_000;
+    let (key_id, secret) = stack
+        .key_with_limits(
+            "acme",
+            vec![limit(pb::Unit::Tokens, &cap.to_string(), balance())],
+        )
+        .await;
+    let fleet = agents(&stack.coordinator_url, 8).await;
+    let refused = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let http = reqwest::Client::new();
+    let mut workers = Vec::new();
+    for worker in 0..8u64 {
+        let (refused, served, http, urls, secret) = (
+            refused.clone(),
+            served.clone(),
+            http.clone(),
+            fleet.urls.clone(),
+            secret.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut seed = 0x2545_F491_4F6C_DD1D ^ (worker + 1);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while !refused.load(Ordering::SeqCst) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the cap was not reached in time"
+                );
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let agent = if seed % 10 < 8 {
+                    0
+                } else {
+                    1 + (seed / 10) as usize % 7
+                };
+                let response = http
+                    .post(format!("{}/v1/chat/completions", urls[agent]))
+                    .bearer_auth(&secret)
+                    .json(&chat_body(20))
+                    .send()
+                    .await
+                    .unwrap();
+                match response.status().as_u16() {
+                    200 => {
+                        served.fetch_add(1, Ordering::SeqCst);
+                    }
+                    429 => {
+                        let body: serde_json::Value = response.json().await.unwrap();
+                        assert_eq!(body["error"]["code"], "insufficient_quota");
+                        refused.store(true, Ordering::SeqCst);
+                    }
+                    503 => {}
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let served = served.load(Ordering::SeqCst);
+    assert_eq!(fleet.neuron.hits(), served);
+    wait_until(
+        "every served request to settle",
+        Duration::from_secs(30),
+        || async {
+            let agents = stack
+                .admin()
+                .await
+                .list_agents(authed(pb::ListAgentsRequest {}))
+                .await
+                .unwrap()
+                .into_inner();
+            agents.agents.iter().map(|a| a.high_water_seq).sum::<u64>() == served
+        },
+    )
+    .await;
+    let (spent, _) = stack.key_usage(&key_id, pb::Unit::Tokens).await;
+    assert!(spent <= cap, "spent {spent} over the cap {cap}");
+    assert!(
+        spent * 100 >= cap * 99,
+        "only {spent} of {cap} was usable before the first refusal"
+    );
+    println!(
+        "utilisation: spent {spent} of {cap} ({:.2}%), served {served}",
+        spent as f64 * 100.0 / cap as f64
+    );
+    for agent in fleet.agents {
+        agent.stop().await;
+    }
+}
