@@ -154,3 +154,115 @@ async fn eight_agents_with_skewed_load_use_99_percent_of_a_cap_and_never_more() 
         agent.stop().await;
     }
 }
+
+async fn put_tariff(stack: &Stack, input: &str, output: &str) {
+    stack
+        .admin()
+        .await
+        .put_tariff(authed(pb::PutTariffRequest {
+            tariff: Some(pb::Tariff {
+                model: MODEL.into(),
+                purpose: pb::Purpose::Realtime as i32,
+                input_price: input.into(),
+                output_price: output.into(),
+                valid_from: Some(allot::clock::to_pb(0)),
+                ..Default::default()
+            }),
+        }))
+        .await
+        .unwrap();
+}
+
+async fn credit(stack: &Stack, account: &str, amount: &str, source: &str) {
+    stack
+        .admin()
+        .await
+        .credit(authed(pb::CreditRequest {
+            account_id: account.into(),
+            amount: amount.into(),
+            source_id: source.into(),
+            kind: 0,
+        }))
+        .await
+        .unwrap();
+}
+
+/// SPEC Ledger 3: a top-up is pushed; a refused client is served again at
+/// once, without waiting for a cached refusal to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_top_up_a_refused_client_is_served_again_within_a_second() {
+    let stack = Stack::start().await;
+    put_tariff(&stack, "0.001", "0.001").await;
+    let (_, secret) = stack.key_with_limits("acme", vec![]).await;
+    // Wait until the agent has the tariff, so that it prices the request.
+    wait_until("the tariff to reach the agent", Duration::from_secs(30), || async {
+        stack.chat(&secret, chat_body(20)).await.status() == 429
+    })
+    .await;
+    let response = stack.chat(&secret, chat_body(20)).await;
+    assert_eq!(response.status(), 429);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "insufficient_quota");
+    assert_eq!(stack.neuron.hits(), 0);
+
+    credit(&stack, "acme", "10", "topup-1").await;
+    let topped_up = tokio::time::Instant::now();
+    wait_until("the top-up to serve the client again", Duration::from_secs(1), || async {
+        stack.chat(&secret, chat_body(20)).await.status() == 200
+    })
+    .await;
+    println!("top-up to first served request: {:?}", topped_up.elapsed());
+}
+
+/// SPEC Ledger 3: revoking a key is pushed to the agents that know it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_is_refused_by_agents_within_a_second() {
+    let stack = Stack::start().await;
+    let (key_id, secret) = stack.key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())]).await;
+    assert_eq!(stack.chat(&secret, chat_body(5)).await.status(), 200);
+    stack.admin().await.revoke_key(authed(pb::RevokeKeyRequest { key_id })).await.unwrap();
+    wait_until("the agent to refuse the revoked key", Duration::from_secs(1), || async {
+        stack.chat(&secret, chat_body(5)).await.status() == 401
+    })
+    .await;
+    assert_eq!(stack.neuron.hits(), 1);
+}
+
+/// SPEC Ledger 3: a spent cap is pushed to every agent holding a slice,
+/// which then refuses beyond its slice without asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_depleted_key_is_pushed_to_every_agent_holding_it() {
+    let stack = Stack::start().await;
+    let (_, secret) = stack.key_with_limits("acme", vec![limit(pb::Unit::Requests, "3", balance())]).await;
+    let fleet = agents(&stack.coordinator_url, 2).await;
+    let http = reqwest::Client::new();
+    let send = |url: String| {
+        let (http, secret) = (http.clone(), secret.clone());
+        async move {
+            http.post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(secret)
+                .json(&chat_body(5))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // The second agent takes part of the budget, the first spends the rest.
+    assert_eq!(send(fleet.urls[1].clone()).await, 200);
+    let mut served = 1;
+    while send(fleet.urls[0].clone()).await == 200 {
+        served += 1;
+    }
+    assert!(served <= 3);
+    // The second agent learns of the depletion by push and refuses locally.
+    wait_until("the depletion to reach the other agent", Duration::from_secs(1), || async {
+        send(fleet.urls[1].clone()).await == 429
+    })
+    .await;
+    assert_eq!(fleet.neuron.hits(), served);
+    for agent in fleet.agents {
+        agent.stop().await;
+    }
+}
