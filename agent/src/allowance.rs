@@ -172,6 +172,9 @@ struct TableState {
     slices: HashMap<String, Slice>,
     /// Sequence number of the last usage record numbered.
     last_seq: u64,
+    /// Usage of numbered records the coordinator has not acknowledged yet,
+    /// by sequence number: part of what this agent holds until settled.
+    unacked: std::collections::BTreeMap<u64, (String, Amounts)>,
 }
 
 /// What one slice holds, for a Hello.
@@ -187,6 +190,7 @@ impl AllowanceTable {
             inner: Mutex::new(TableState {
                 slices: HashMap::new(),
                 last_seq,
+                unacked: Default::default(),
             }),
         }
     }
@@ -294,8 +298,26 @@ impl AllowanceTable {
                 }
             }
         }
+        state
+            .unacked
+            .insert(seq, (reservation.key_id.clone(), *actual));
         emit(seq);
         seq
+    }
+
+    /// Records up to `high_water_seq` are settled: they no longer count in
+    /// what this agent holds.
+    pub fn ack(&self, high_water_seq: u64) {
+        let mut state = self.lock();
+        state.unacked = state.unacked.split_off(&(high_water_seq + 1));
+    }
+
+    /// Usage of a record recovered from the spool after a restart: it
+    /// counts in what this agent holds until the coordinator settles it.
+    pub fn recover(&self, seq: u64, key_id: &str, actual: Amounts) {
+        self.lock()
+            .unacked
+            .insert(seq, (key_id.to_string(), actual));
     }
 
     /// Sequence number of the last record numbered.
@@ -473,12 +495,18 @@ impl AllowanceTable {
         Some(demand)
     }
 
-    /// What each slice holds for a Hello, and the last sequence number taken
-    /// out of it. Slices whose lease lapsed report only what is in flight:
-    /// their unspent part is given back by this report.
-    pub fn report(&self, now: Instant) -> (Vec<SliceHeld>, u64) {
+    /// What each key's slice holds, for a Reconcile sent once the
+    /// coordinator's high-water mark is known (acknowledge it first with
+    /// [`AllowanceTable::ack`]): unspent allowance, reservations in flight,
+    /// and the usage of records not yet acknowledged. Slices whose lease
+    /// lapsed report no unspent allowance: this report gives it back.
+    pub fn report(&self, now: Instant) -> Vec<SliceHeld> {
         let mut state = self.lock();
-        let mut held = Vec::new();
+        let mut totals: HashMap<String, Amounts> = HashMap::new();
+        for slice_key in state.slices.keys() {
+            totals.insert(slice_key.clone(), Amounts::UNLIMITED);
+        }
+        let unacked: Vec<(String, Amounts)> = state.unacked.values().cloned().collect();
         for (key_id, slice) in state.slices.iter_mut() {
             slice.ask_in_flight = false;
             if !slice.lease_valid(now) {
@@ -497,12 +525,20 @@ impl AllowanceTable {
                     total.set(unit, None);
                 }
             }
-            held.push(SliceHeld {
-                key_id: key_id.clone(),
-                held: total,
-            });
+            totals.insert(key_id.clone(), total);
         }
-        (held, state.last_seq)
+        for (key_id, usage) in unacked {
+            let total = totals.entry(key_id).or_insert(Amounts::zero());
+            for unit in Unit::ALL {
+                if let Some(v) = total.0[unit.index()].as_mut() {
+                    *v += usage.value(unit);
+                }
+            }
+        }
+        totals
+            .into_iter()
+            .map(|(key_id, held)| SliceHeld { key_id, held })
+            .collect()
     }
 
     /// Limits seen at the last grant with local use since, for headers.
@@ -633,20 +669,29 @@ mod tests {
     }
 
     #[test]
-    fn report_counts_in_flight_and_numbers_consistently() {
+    fn report_counts_unacknowledged_usage_until_it_is_acknowledged() {
         let (table, now) = table_with(100);
         let Admission::Reserved(r) =
             table.try_reserve("k", &Amounts::request(30, Decimal::ZERO), now)
         else {
             panic!()
         };
-        let (held, last) = table.report(now);
-        assert_eq!(held[0].held.get(Unit::Tokens), Some(Decimal::from(100)));
-        assert_eq!(last, 0);
+        assert_eq!(
+            table.report(now)[0].held.get(Unit::Tokens),
+            Some(Decimal::from(100))
+        );
         let seq = table.settle(&r, &Amounts::request(10, Decimal::ZERO), |_| {});
-        let (held, last) = table.report(now);
-        assert_eq!((seq, last), (1, 1));
-        assert_eq!(held[0].held.get(Unit::Tokens), Some(Decimal::from(90)));
+        assert_eq!(seq, 1);
+        // 90 unspent, plus the 10 used that the coordinator has not settled.
+        assert_eq!(
+            table.report(now)[0].held.get(Unit::Tokens),
+            Some(Decimal::from(100))
+        );
+        table.ack(1);
+        assert_eq!(
+            table.report(now)[0].held.get(Unit::Tokens),
+            Some(Decimal::from(90))
+        );
     }
 
     #[test]
@@ -657,7 +702,7 @@ mod tests {
         else {
             panic!()
         };
-        let (held, _) = table.report(now + Duration::from_secs(60));
+        let held = table.report(now + Duration::from_secs(60));
         assert_eq!(held[0].held.get(Unit::Tokens), Some(Decimal::from(30)));
     }
 }

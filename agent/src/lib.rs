@@ -64,6 +64,9 @@ pub async fn run(
     config.validate().map_err(anyhow::Error::msg)?;
     let (spool, recovered) = spool::Spool::open(&config.spool_dir)?;
     let table = Arc::new(AllowanceTable::new(recovered.last_seq));
+    for record in recovered.pending.values() {
+        table.recover(record.seq, &record.key_id, recorded_usage(record));
+    }
     let link = Arc::new(CoordinatorLink::default());
     let keys = Arc::new(KeyCache::default());
     let (usage_tx, usage_rx) = mpsc::unbounded_channel();
@@ -147,6 +150,16 @@ pub async fn run(
     drop(state);
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The usage a spooled record charges, as the agent counted it when it
+/// settled the request.
+fn recorded_usage(record: &pb::UsageRecord) -> allot::Amounts {
+    if !record.charged {
+        return allot::Amounts::zero();
+    }
+    let cost = allot::money::parse_non_negative("cost", &record.cost).unwrap_or_default();
+    allot::Amounts::request(record.prompt_tokens + record.completion_tokens, cost)
 }
 
 /// Renews leases in use before they lapse and gives back idle slices.

@@ -198,20 +198,12 @@ async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
         .await?;
     let mut client = AgentSessionClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(4096);
-    let (slices, reconcile_seq) = ctx.table.report(Instant::now());
     tx.send(pb::AgentMessage {
         msg: Some(AgentMsg::Hello(pb::Hello {
             agent_id: ctx.settings.agent_id.clone(),
             epoch: ctx.settings.epoch,
             neuron_id: ctx.settings.neuron_id.clone(),
-            slices: slices
-                .into_iter()
-                .map(|s| pb::SliceReport {
-                    key_id: s.key_id,
-                    held: Some(s.held.to_pb()),
-                })
-                .collect(),
-            reconcile_seq,
+            ..Default::default()
         })),
     })
     .await?;
@@ -220,6 +212,22 @@ async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
         let Some(msg) = message.msg else { continue };
         if let CoordMsg::Welcome(welcome) = &msg {
             ctx.table.raise_seq(welcome.high_water_seq);
+            ctx.table.ack(welcome.high_water_seq);
+            // What this agent holds, before anything else on the session:
+            // the coordinator replaces its view with it.
+            let slices = ctx.table.report(Instant::now());
+            tx.send(pb::AgentMessage {
+                msg: Some(AgentMsg::Reconcile(pb::Reconcile {
+                    slices: slices
+                        .into_iter()
+                        .map(|s| pb::SliceReport {
+                            key_id: s.key_id,
+                            held: Some(s.held.to_pb()),
+                        })
+                        .collect(),
+                })),
+            })
+            .await?;
             ctx.link.set_session(Some(tx.clone()));
             let _ = ctx.spool.send(SpoolEvent::Session(tx.clone()));
             let _ = ctx.spool.send(SpoolEvent::Ack(welcome.high_water_seq));
@@ -341,6 +349,7 @@ fn apply(ctx: &LinkContext, msg: CoordMsg) {
                 .send_replace(Arc::new(TariffBook::new(tariffs)));
         }
         CoordMsg::UsageAck(ack) => {
+            ctx.table.ack(ack.high_water_seq);
             let _ = ctx.spool.send(SpoolEvent::Ack(ack.high_water_seq));
         }
     }

@@ -448,6 +448,7 @@ impl Settlement {
             neuron_id: self.state.config.neuron_id.clone(),
             charged,
             refusal_code: String::new(),
+            cost: allot::money::format(actual.value(Unit::Credits)),
         };
         let usage_tx = &self.state.usage;
         self.state.table.settle(&reservation, &actual, |seq| {

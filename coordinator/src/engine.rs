@@ -23,9 +23,6 @@ pub type Outbox = mpsc::Sender<Result<pb::CoordinatorMessage, tonic::Status>>;
 pub struct SessionLink {
     pub epoch: u64,
     pub outbox: Outbox,
-    /// Usage records up to this sequence number were already taken out of
-    /// the slices the agent reported in its Hello.
-    pub reconcile_seq: u64,
 }
 
 /// An ask waiting for other agents to give back revoked slices.

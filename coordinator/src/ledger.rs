@@ -180,6 +180,13 @@ pub struct LimitView {
     pub next_refill: Option<UnixMs>,
 }
 
+/// What the ledger answers a Hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Welcome {
+    /// Every usage record of the agent up to here is settled.
+    pub high_water_seq: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantDecision {
     pub amount: Amounts,
@@ -263,6 +270,8 @@ pub struct Ledger {
     keys_by_account: HashMap<String, Vec<String>>,
     scopes: HashMap<Scope, ScopeState>,
     slices: HashMap<String, HashMap<String, Amounts>>,
+    /// Agents declared dead since they last said Hello.
+    released: HashSet<String>,
     /// Demand each agent last reported per key, and when.
     demand: HashMap<String, HashMap<String, (Amounts, UnixMs)>>,
     agents: HashMap<String, AgentRecord>,
@@ -658,17 +667,15 @@ impl Ledger {
             .insert(Dirty::Slice(agent_id.to_string(), key_id.to_string()));
     }
 
-    /// An agent (re)connects. Its report replaces whatever the ledger
-    /// thought it held: only the agent knows what it admitted. Returns its
-    /// usage high-water mark.
+    /// An agent (re)connects: checks its epoch and answers its usage
+    /// high-water mark. Its slices are replaced by [`Ledger::reconcile`].
     pub fn hello(
         &mut self,
         agent_id: &str,
         epoch: u64,
         neuron_id: &str,
-        reported: Vec<(String, Amounts)>,
         writes: &mut Vec<StoreWrite>,
-    ) -> Result<u64, LedgerError> {
+    ) -> Result<Welcome, LedgerError> {
         let record = self
             .agents
             .entry(agent_id.to_string())
@@ -686,9 +693,20 @@ impl Ledger {
         }
         record.epoch = epoch;
         record.neuron_id = neuron_id.to_string();
-        let high_water_seq = record.high_water_seq;
         writes.push(StoreWrite::PutAgent(record.clone()));
+        Ok(Welcome {
+            high_water_seq: record.high_water_seq,
+        })
+    }
 
+    /// An agent's report of what it holds, sent once it knows its
+    /// high-water mark: unspent allowance, reservations in flight, and the
+    /// usage of its records above the mark. It replaces whatever the ledger
+    /// thought: only the agent knows what it admitted. Returns true when
+    /// the agent had been declared dead and still holds something: that
+    /// counts again and may take a cap past its amount (the documented
+    /// exception, counted and alarmed by the caller).
+    pub fn reconcile(&mut self, agent_id: &str, reported: Vec<(String, Amounts)>) -> bool {
         let reported: HashMap<String, Amounts> = reported
             .into_iter()
             .filter(|(key_id, _)| self.keys.contains_key(key_id))
@@ -699,18 +717,22 @@ impl Ledger {
                 self.delete_slice(agent_id, &key_id);
             }
         }
+        let returned_from_dead = self.released.remove(agent_id);
+        let mut late_held = false;
         for (key_id, held) in reported {
             if held.is_zero() {
                 self.delete_slice(agent_id, &key_id);
             } else {
+                late_held |= returned_from_dead;
                 self.put_slice(agent_id, &key_id, held);
             }
         }
-        Ok(high_water_seq)
+        late_held
     }
 
     /// Releases every slice of an agent declared dead.
     pub fn release_agent(&mut self, agent_id: &str) -> usize {
+        self.released.insert(agent_id.to_string());
         let keys: Vec<String> = self.slices_of(agent_id).map(|(k, _)| k.clone()).collect();
         for key_id in &keys {
             self.delete_slice(agent_id, key_id);
@@ -775,6 +797,9 @@ impl Ledger {
                 }
             }
         }
+        // A stable order keeps decisions reproducible (the simulation
+        // replays schedules by seed).
+        found.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         found
     }
 
@@ -969,14 +994,13 @@ impl Ledger {
         )
     }
 
-    /// Settles one usage record exactly once. `from_slice`: the record's
-    /// reservation came out of the agent's current slice (false for records
-    /// the agent had already taken out of the slice it reported in Hello).
+    /// Settles one usage record exactly once, out of the agent's slice
+    /// for its key (which holds the record's usage: as a reservation in
+    /// flight, or as reported at reconcile).
     pub fn settle(
         &mut self,
         agent_id: &str,
         usage: &Usage,
-        from_slice: bool,
         now: UnixMs,
         writes: &mut Vec<StoreWrite>,
     ) -> SettleOutcome {
@@ -1012,19 +1036,19 @@ impl Ledger {
                 state.counters.record(&actual, now);
                 self.dirty.insert(Dirty::Counters(scope));
             }
-            if from_slice {
-                match self
-                    .slices
-                    .get(agent_id)
-                    .and_then(|s| s.get(&usage.key_id))
-                    .copied()
-                {
-                    Some(held) => {
-                        let left = held.saturating_sub(&actual);
-                        self.put_slice(agent_id, &usage.key_id, left);
-                    }
-                    None => late = true,
+            match self
+                .slices
+                .get(agent_id)
+                .and_then(|s| s.get(&usage.key_id))
+                .copied()
+            {
+                Some(held) => {
+                    let left = held.saturating_sub(&actual);
+                    self.put_slice(agent_id, &usage.key_id, left);
                 }
+                // No slice: nothing held to take it from. Late when the
+                // agent's slices were released because it was declared dead.
+                None => late = self.released.contains(agent_id),
             }
         }
         let agent = self.agents.get_mut(agent_id).expect("checked above");
@@ -1123,8 +1147,8 @@ mod tests {
         ledger
             .set_limits(&Scope::Key("k1".into()), limits, NOW, &mut w)
             .unwrap();
-        ledger.hello("a1", 1, "n1", vec![], &mut w).unwrap();
-        ledger.hello("a2", 1, "n2", vec![], &mut w).unwrap();
+        ledger.hello("a1", 1, "n1", &mut w).unwrap();
+        ledger.hello("a2", 1, "n2", &mut w).unwrap();
         ledger
     }
 
@@ -1194,7 +1218,7 @@ mod tests {
         ledger
             .ask("a1", "k1", &tokens(80), &tokens(80), NOW)
             .unwrap();
-        ledger.settle("a1", &usage(1, 80, 80), true, NOW, &mut w);
+        ledger.settle("a1", &usage(1, 80, 80), NOW, &mut w);
         let refusal = ledger
             .ask("a1", "k1", &tokens(50), &tokens(50), NOW)
             .unwrap_err();
@@ -1215,7 +1239,7 @@ mod tests {
         ledger
             .ask("a1", "k1", &tokens(90), &tokens(90), NOW)
             .unwrap();
-        ledger.settle("a1", &usage(1, 90, 90), true, NOW, &mut w);
+        ledger.settle("a1", &usage(1, 90, 90), NOW, &mut w);
         let refusal = ledger
             .ask("a1", "k1", &tokens(20), &tokens(20), NOW)
             .unwrap_err();
@@ -1253,15 +1277,15 @@ mod tests {
             .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
             .unwrap();
         assert!(matches!(
-            ledger.settle("a1", &usage(1, 10, 20), true, NOW, &mut w),
+            ledger.settle("a1", &usage(1, 10, 20), NOW, &mut w),
             SettleOutcome::Settled { .. }
         ));
         assert_eq!(
-            ledger.settle("a1", &usage(1, 10, 20), true, NOW, &mut w),
+            ledger.settle("a1", &usage(1, 10, 20), NOW, &mut w),
             SettleOutcome::Duplicate
         );
         assert_eq!(
-            ledger.settle("a1", &usage(3, 10, 20), true, NOW, &mut w),
+            ledger.settle("a1", &usage(3, 10, 20), NOW, &mut w),
             SettleOutcome::Gap { expected: 2 }
         );
         let views = ledger.limit_views("k1", NOW).unwrap();
@@ -1277,7 +1301,7 @@ mod tests {
         ledger
             .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
             .unwrap();
-        let outcome = ledger.settle("a1", &usage(1, 30, 20), true, NOW, &mut w);
+        let outcome = ledger.settle("a1", &usage(1, 30, 20), NOW, &mut w);
         assert!(matches!(
             outcome,
             SettleOutcome::Settled { excess: true, .. }
@@ -1286,20 +1310,20 @@ mod tests {
     }
 
     #[test]
-    fn hello_replaces_what_the_ledger_thought_an_agent_held() {
+    fn reconcile_replaces_what_the_ledger_thought_an_agent_held() {
         let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
         let mut w = Vec::new();
         ledger
             .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
             .unwrap();
-        ledger
-            .hello("a1", 2, "n1", vec![("k1".into(), tokens(40))], &mut w)
-            .unwrap();
+        ledger.hello("a1", 2, "n1", &mut w).unwrap();
+        ledger.reconcile("a1", vec![("k1".into(), tokens(40))]);
         assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].held, dec(40));
-        ledger.hello("a1", 3, "n1", vec![], &mut w).unwrap();
+        ledger.hello("a1", 3, "n1", &mut w).unwrap();
+        ledger.reconcile("a1", vec![]);
         assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].held, dec(0));
         assert!(
-            ledger.hello("a1", 2, "n1", vec![], &mut w).is_err(),
+            ledger.hello("a1", 2, "n1", &mut w).is_err(),
             "an older epoch is refused"
         );
     }
@@ -1313,7 +1337,7 @@ mod tests {
             .unwrap();
         assert_eq!(ledger.release_agent("a1"), 1);
         assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].held, dec(0));
-        let outcome = ledger.settle("a1", &usage(1, 10, 20), true, NOW, &mut w);
+        let outcome = ledger.settle("a1", &usage(1, 10, 20), NOW, &mut w);
         assert!(matches!(outcome, SettleOutcome::Settled { late: true, .. }));
         assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].spent, dec(10));
     }
@@ -1338,7 +1362,7 @@ mod tests {
         ledger
             .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
             .unwrap();
-        ledger.settle("a1", &usage(1, 10, 20), true, NOW, &mut w);
+        ledger.settle("a1", &usage(1, 10, 20), NOW, &mut w);
         ledger.flush(&mut w);
         // Replay every write into a stored state, as a store would.
         let mut kv = std::collections::BTreeMap::new();
@@ -1392,8 +1416,8 @@ mod tests {
                 &mut w,
             )
             .unwrap();
-        ledger.hello("a1", 1, "n1", vec![], &mut w).unwrap();
-        ledger.hello("a2", 1, "n2", vec![], &mut w).unwrap();
+        ledger.hello("a1", 1, "n1", &mut w).unwrap();
+        ledger.hello("a2", 1, "n2", &mut w).unwrap();
         ledger.flush(&mut w);
         w
     }

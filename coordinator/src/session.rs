@@ -92,29 +92,10 @@ async fn accept_hello(engine: &EngineHandle, hello: pb::Hello, outbox: &Outbox) 
             .await;
         return None;
     }
-    let mut slices = Vec::with_capacity(hello.slices.len());
-    for (i, slice) in hello.slices.iter().enumerate() {
-        match Amounts::from_pb(&format!("hello.slices[{i}].held"), slice.held.as_ref()) {
-            Ok(held) => slices.push((slice.key_id.clone(), held)),
-            Err(e) => {
-                let _ = outbox
-                    .send(Err(Status::invalid_argument(e.to_string())))
-                    .await;
-                return None;
-            }
-        }
-    }
     let agent_id = hello.agent_id.clone();
     let link_outbox = outbox.clone();
     let result = engine
         .call(move |core: &mut Core, fx: &mut Effects| {
-            let high_water_seq = core.ledger.hello(
-                &hello.agent_id,
-                hello.epoch,
-                &hello.neuron_id,
-                slices,
-                &mut fx.writes,
-            )?;
             if let Some(old) = core.sessions.get(&hello.agent_id) {
                 if old.epoch > hello.epoch {
                     return Err(crate::ledger::LedgerError::FailedPrecondition(
@@ -123,6 +104,13 @@ async fn accept_hello(engine: &EngineHandle, hello: pb::Hello, outbox: &Outbox) 
                     .into());
                 }
             }
+            let welcome = core.ledger.hello(
+                &hello.agent_id,
+                hello.epoch,
+                &hello.neuron_id,
+                &mut fx.writes,
+            )?;
+            let high_water_seq = welcome.high_water_seq;
             // A newer session of the same agent replaces the old one; the
             // old stream ends when its outbox is dropped.
             core.sessions.insert(
@@ -130,7 +118,6 @@ async fn accept_hello(engine: &EngineHandle, hello: pb::Hello, outbox: &Outbox) 
                 SessionLink {
                     epoch: hello.epoch,
                     outbox: link_outbox.clone(),
-                    reconcile_seq: hello.reconcile_seq,
                 },
             );
             core.disconnected.remove(&hello.agent_id);
@@ -214,6 +201,21 @@ fn agent_job(agent_id: String, outbox: Outbox, msg: AgentMsg) -> Job {
                 core.ledger.give_back(&agent_id, &give_back.key_id, &amount);
                 metrics::counter!("allot_allowance_returns_total").increment(1);
                 retry_parked(core, fx);
+            }
+            AgentMsg::Reconcile(reconcile) => {
+                let mut slices = Vec::with_capacity(reconcile.slices.len());
+                for slice in &reconcile.slices {
+                    if let Ok(held) = Amounts::from_pb("held", slice.held.as_ref()) {
+                        slices.push((slice.key_id.clone(), held));
+                    }
+                }
+                if core.ledger.reconcile(&agent_id, slices) {
+                    metrics::counter!("allot_dead_agent_returns_total").increment(1);
+                    tracing::error!(
+                        agent_id,
+                        "an agent declared dead came back still holding usage; it counts again and may exceed a cap"
+                    );
+                }
             }
             AgentMsg::NodeStatus(_) => {}
         }
@@ -430,19 +432,10 @@ fn settle_batch(
     outbox: &Outbox,
     batch: pb::UsageBatch,
 ) {
-    let reconcile_seq = core
-        .sessions
-        .get(agent_id)
-        .map(|link| link.reconcile_seq)
-        .unwrap_or(0);
     metrics::histogram!("allot_usage_batch_records").record(batch.records.len() as f64);
     for record in &batch.records {
         let usage = usage_from_pb(record);
-        let from_slice = usage.seq > reconcile_seq;
-        match core
-            .ledger
-            .settle(agent_id, &usage, from_slice, fx.now, &mut fx.writes)
-        {
+        match core.ledger.settle(agent_id, &usage, fx.now, &mut fx.writes) {
             SettleOutcome::Settled {
                 cost,
                 free,
