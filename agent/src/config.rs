@@ -43,6 +43,10 @@ pub struct AgentConfig {
     pub idle_return_ms: u64,
     /// Resend unacknowledged usage after this long.
     pub usage_resend_ms: u64,
+    /// Send usage to the coordinator at most this often (0: at once).
+    /// Records are on disk before; a longer interval means fewer messages
+    /// and later settlement.
+    pub usage_flush_ms: u64,
     /// Time to connect to a coordinator.
     pub coordinator_connect_timeout_ms: u64,
     /// Time to connect to the neuron.
@@ -78,6 +82,7 @@ impl Default for AgentConfig {
             lease_margin_ms: 1_000,
             idle_return_ms: 30_000,
             usage_resend_ms: 5_000,
+            usage_flush_ms: 100,
             coordinator_connect_timeout_ms: 2_000,
             upstream_connect_timeout_ms: 2_000,
             first_byte_timeout_ms: 120_000,

@@ -81,6 +81,7 @@ pub async fn run(
         usage_rx,
         spool_events_rx,
         Duration::from_millis(config.usage_resend_ms),
+        Duration::from_millis(config.usage_flush_ms),
     ));
     tasks.spawn(link::run(
         LinkContext {

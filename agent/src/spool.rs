@@ -71,6 +71,9 @@ pub struct Spool {
     last_sent: Option<Instant>,
     state_dirty: bool,
     depth: Arc<AtomicUsize>,
+    /// Written and fsync'd, not yet sent: usage goes out in batches.
+    unsent: Vec<pb::UsageRecord>,
+    last_flush: Instant,
 }
 
 fn write_state(dir: &Path, state: &SpoolState) -> Result<(), SpoolError> {
@@ -176,6 +179,8 @@ impl Spool {
                 last_sent: None,
                 state_dirty: false,
                 depth: Arc::new(AtomicUsize::new(recovered_len)),
+                unsent: Vec::new(),
+                last_flush: Instant::now(),
             },
             recovered,
         ))
@@ -192,6 +197,7 @@ impl Spool {
     }
 
     fn send_pending(&mut self) {
+        self.unsent.clear();
         let Some(session) = &self.session else {
             return;
         };
@@ -228,16 +234,24 @@ impl Spool {
             tracing::error!(error = %e, "cannot fsync the usage spool");
         }
         self.set_depth();
+        self.unsent.extend(fresh);
+    }
+
+    /// Sends what was written since the last flush, in `UsageBatch`es.
+    fn send_unsent(&mut self) {
+        self.last_flush = Instant::now();
+        let unsent = std::mem::take(&mut self.unsent);
         let Some(session) = &self.session else {
             return;
         };
-        for chunk in fresh.chunks(BATCH) {
+        for chunk in unsent.chunks(BATCH) {
             let message = pb::AgentMessage {
                 msg: Some(pb::agent_message::Msg::Usage(pb::UsageBatch {
                     records: chunk.to_vec(),
                 })),
             };
             if session.try_send(message).is_err() {
+                // The resend timer or the next session sends them again.
                 break;
             }
         }
@@ -276,14 +290,19 @@ impl Spool {
     }
 
     /// Runs until the record channel closes and everything received is on
-    /// disk.
+    /// disk. Records are fsync'd as they come and sent every `flush_every`
+    /// (or as soon as a full batch is there), so a busy agent sends one
+    /// message per many requests.
     pub async fn run(
         mut self,
         mut records: mpsc::UnboundedReceiver<pb::UsageRecord>,
         mut events: mpsc::UnboundedReceiver<SpoolEvent>,
         resend_after: Duration,
+        flush_every: Duration,
     ) {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(
+            flush_every.clamp(Duration::from_millis(1), Duration::from_millis(100)),
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -297,6 +316,9 @@ impl Spool {
                         }
                     }
                     self.write_records(batch);
+                    if flush_every.is_zero() || self.unsent.len() >= BATCH {
+                        self.send_unsent();
+                    }
                 }
                 event = events.recv() => match event {
                     Some(SpoolEvent::Session(session)) => {
@@ -307,6 +329,9 @@ impl Spool {
                     None => {}
                 },
                 _ = tick.tick() => {
+                    if !self.unsent.is_empty() && self.last_flush.elapsed() >= flush_every {
+                        self.send_unsent();
+                    }
                     self.flush_state();
                     let stale = self.last_sent.is_some_and(|at| at.elapsed() >= resend_after);
                     if !self.pending.is_empty() && stale {
@@ -315,6 +340,7 @@ impl Spool {
                 }
             }
         }
+        self.send_unsent();
         self.flush_state();
     }
 }

@@ -459,6 +459,14 @@ impl Admin for AdminService {
                         agent_id: a.agent_id.clone(),
                         epoch: a.epoch,
                         connected: core.sessions.contains_key(&a.agent_id),
+                        messages_received: core.sessions.get(&a.agent_id).map_or(0, |l| {
+                            l.counters
+                                .received
+                                .load(std::sync::atomic::Ordering::Relaxed)
+                        }),
+                        messages_sent: core.sessions.get(&a.agent_id).map_or(0, |l| {
+                            l.counters.sent.load(std::sync::atomic::Ordering::Relaxed)
+                        }),
                         high_water_seq: a.high_water_seq,
                         neuron_id: a.neuron_id.clone(),
                         slices: core

@@ -19,10 +19,18 @@ use tokio::sync::{mpsc, oneshot};
 /// Messages to one agent, as its session stream expects them.
 pub type Outbox = mpsc::Sender<Result<pb::CoordinatorMessage, tonic::Status>>;
 
+/// Messages on one session, for operators (ListAgents) and benchmarks.
+#[derive(Debug, Default)]
+pub struct SessionCounters {
+    pub received: std::sync::atomic::AtomicU64,
+    pub sent: std::sync::atomic::AtomicU64,
+}
+
 /// A connected agent session.
 pub struct SessionLink {
     pub epoch: u64,
     pub outbox: Outbox,
+    pub counters: Arc<SessionCounters>,
 }
 
 /// An ask waiting for other agents to give back revoked slices.

@@ -4,7 +4,8 @@
 //! durable. The stream's first message must be `Hello`.
 
 use crate::engine::{
-    Core, Effects, EngineHandle, EngineSource, Job, Outbox, ParkedAsk, SessionLink, PARK_LIMIT,
+    Core, Effects, EngineHandle, EngineSource, Job, Outbox, ParkedAsk, SessionCounters,
+    SessionLink, PARK_LIMIT,
 };
 use crate::ledger::{DenyReason, SettleOutcome, Usage};
 use allot::key::{KeyHash, Purpose};
@@ -13,9 +14,12 @@ use allot::pb::coordinator_message::Msg as CoordMsg;
 use allot::pb::{self, agent_session_server::AgentSession};
 use allot::{money, Amounts};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 pub struct SessionService {
@@ -44,6 +48,9 @@ impl AgentSession for SessionService {
         leadership.borrow_and_update();
         let mut inbound = request.into_inner();
         let (outbox, outbound) = mpsc::channel(4096);
+        let counters = Arc::new(SessionCounters::default());
+        let counters_for_link = counters.clone();
+        let self_counters = counters.clone();
         tokio::spawn(async move {
             let hello = match inbound.message().await {
                 Ok(Some(pb::AgentMessage {
@@ -59,13 +66,15 @@ impl AgentSession for SessionService {
                 }
                 Err(_) => return,
             };
-            let Some(agent_id) = accept_hello(&engine, hello, &outbox).await else {
+            let Some(agent_id) = accept_hello(&engine, hello, &outbox, counters_for_link).await
+            else {
                 return;
             };
             loop {
                 tokio::select! {
                     message = inbound.message() => match message {
                         Ok(Some(pb::AgentMessage { msg: Some(msg) })) => {
+                            counters.received.fetch_add(1, Ordering::Relaxed);
                             if engine.submit(agent_job(agent_id.clone(), outbox.clone(), msg)).await.is_err() {
                                 break;
                             }
@@ -80,12 +89,22 @@ impl AgentSession for SessionService {
             }
             let _ = engine.submit(disconnect_job(agent_id, outbox)).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
+        let sent = self_counters;
+        let outbound = ReceiverStream::new(outbound).map(move |message| {
+            sent.sent.fetch_add(1, Ordering::Relaxed);
+            message
+        });
+        Ok(Response::new(Box::pin(outbound)))
     }
 }
 
 /// Registers the session; `None` when the Hello was refused.
-async fn accept_hello(engine: &EngineHandle, hello: pb::Hello, outbox: &Outbox) -> Option<String> {
+async fn accept_hello(
+    engine: &EngineHandle,
+    hello: pb::Hello,
+    outbox: &Outbox,
+    counters: Arc<SessionCounters>,
+) -> Option<String> {
     if let Err(e) = allot::key::validate_id("hello.agent_id", &hello.agent_id) {
         let _ = outbox
             .send(Err(Status::invalid_argument(e.to_string())))
@@ -118,6 +137,7 @@ async fn accept_hello(engine: &EngineHandle, hello: pb::Hello, outbox: &Outbox) 
                 SessionLink {
                     epoch: hello.epoch,
                     outbox: link_outbox.clone(),
+                    counters,
                 },
             );
             core.disconnected.remove(&hello.agent_id);
