@@ -385,3 +385,85 @@ mod tests {
         assert!(f.stream && f.client_wants_usage);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property-based fuzzing of request inspection: any JSON, and any
+    //! bytes that happen to parse, get an answer, never a panic.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,40}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::hash_map(
+                    prop_oneof![
+                        Just("model".to_string()),
+                        Just("messages".to_string()),
+                        Just("prompt".to_string()),
+                        Just("max_tokens".to_string()),
+                        Just("max_completion_tokens".to_string()),
+                        Just("n".to_string()),
+                        Just("best_of".to_string()),
+                        Just("stream".to_string()),
+                        Just("stream_options".to_string()),
+                        Just("include_usage".to_string()),
+                        Just("content".to_string()),
+                        Just("role".to_string()),
+                        Just("type".to_string()),
+                        Just("tools".to_string()),
+                        ".{0,8}".prop_map(|s| s),
+                    ],
+                    inner,
+                    0..8
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        #[test]
+        fn any_json_body_is_answered_without_panicking(body in json()) {
+            let policy = ReservationPolicy::default();
+            if let Value::Object(map) = &body {
+                for operation in [Operation::ChatCompletions, Operation::Completions] {
+                    if let Ok(facts) = inspect(operation, map, &policy) {
+                        prop_assert!(!facts.model.is_empty());
+                        prop_assert!(facts.choices >= 1);
+                        prop_assert!(facts.prompt_tokens_bound >= policy.per_request_tokens);
+                        let _ = facts.token_bound(u64::MAX);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn any_bytes_that_parse_are_answered_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(&bytes) {
+                let _ = inspect(Operation::ChatCompletions, &map, &ReservationPolicy::default());
+            }
+        }
+
+        #[test]
+        fn the_prompt_bound_covers_every_byte_of_text(texts in prop::collection::vec(".{0,200}", 1..10)) {
+            let messages: Vec<Value> = texts.iter().map(|t| serde_json::json!({"role": "user", "content": t})).collect();
+            let body = serde_json::json!({"model": "m", "messages": messages});
+            let facts = inspect(Operation::ChatCompletions, body.as_object().unwrap(), &ReservationPolicy::default()).unwrap();
+            let bytes: u64 = texts.iter().map(|t| t.len() as u64).sum();
+            prop_assert!(facts.prompt_tokens_bound >= bytes);
+        }
+    }
+}

@@ -323,3 +323,83 @@ mod tests {
         assert_eq!(retry_after_seconds(T0, T0 + 1001), 2);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const T0: UnixMs = 1_795_595_400_000;
+
+    fn rolling_counter(seconds: u64, records: &[(u32, u32)]) -> (SpendCounter, UnixMs) {
+        let mut counter = SpendCounter::new(Window::Rolling { seconds }, T0);
+        let mut at = T0;
+        for (gap, amount) in records {
+            at += i64::from(*gap);
+            counter.record(at, Decimal::from(*amount));
+        }
+        (counter, at)
+    }
+
+    proptest! {
+        #[test]
+        fn rolling_spend_never_grows_without_new_spend(
+            seconds in 1u64..7200,
+            records in prop::collection::vec((0u32..120_000, 0u32..1000), 0..200),
+            later in prop::collection::vec(0u32..600_000, 1..20),
+        ) {
+            let (counter, mut at) = rolling_counter(seconds, &records);
+            let mut last = counter.spent(at);
+            for step in later {
+                at += i64::from(step);
+                let now = counter.spent(at);
+                prop_assert!(now <= last);
+                last = now;
+            }
+            // Everything ages out once a window and a bucket have passed.
+            prop_assert_eq!(counter.spent(at + (seconds as i64 + 120) * 1000 + 1), Decimal::ZERO);
+        }
+
+        #[test]
+        fn fits_at_is_the_earliest_instant_the_request_fits(
+            seconds in 1u64..3600,
+            records in prop::collection::vec((0u32..60_000, 1u32..500), 1..100),
+            cap in 1u32..20_000,
+            held in 0u32..5_000,
+            need in 1u32..5_000,
+        ) {
+            let (counter, now) = rolling_counter(seconds, &records);
+            let (cap, held, need) = (Decimal::from(cap), Decimal::from(held), Decimal::from(need));
+            match counter.fits_at(now, cap, held, need) {
+                Some(at) => {
+                    prop_assert!(at >= now);
+                    prop_assert!(counter.spent(at) + held + need <= cap, "does not fit at the answer");
+                    if at > now {
+                        prop_assert!(counter.spent(at - 1) + held + need > cap, "it already fit earlier");
+                    }
+                    // Retry-After in whole seconds never undershoots.
+                    let seconds = retry_after_seconds(now, at);
+                    prop_assert!(seconds >= 1);
+                    prop_assert!(now + seconds as i64 * 1000 >= at);
+                }
+                None => prop_assert!(held + need > cap, "a request that fits a window must fit at some time"),
+            }
+        }
+
+        #[test]
+        fn calendar_spend_is_zero_from_the_refill_on(
+            day in any::<bool>(),
+            offset in 0i64..(40 * 86_400_000),
+            amount in 1u32..1000,
+        ) {
+            let period = if day { CalendarPeriod::Day } else { CalendarPeriod::Month };
+            let at = T0 + offset;
+            let mut counter = SpendCounter::new(Window::Calendar { period }, at);
+            counter.record(at, Decimal::from(amount));
+            let refill = counter.next_refill(at).unwrap();
+            prop_assert!(refill > at);
+            prop_assert_eq!(counter.spent(refill - 1), Decimal::from(amount));
+            prop_assert_eq!(counter.spent(refill), Decimal::ZERO);
+        }
+    }
+}
