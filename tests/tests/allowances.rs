@@ -195,9 +195,11 @@ async fn after_a_top_up_a_refused_client_is_served_again_within_a_second() {
     put_tariff(&stack, "0.001", "0.001").await;
     let (_, secret) = stack.key_with_limits("acme", vec![]).await;
     // Wait until the agent has the tariff, so that it prices the request.
-    wait_until("the tariff to reach the agent", Duration::from_secs(30), || async {
-        stack.chat(&secret, chat_body(20)).await.status() == 429
-    })
+    wait_until(
+        "the tariff to reach the agent",
+        Duration::from_secs(30),
+        || async { stack.chat(&secret, chat_body(20)).await.status() == 429 },
+    )
     .await;
     let response = stack.chat(&secret, chat_body(20)).await;
     assert_eq!(response.status(), 429);
@@ -207,9 +209,11 @@ async fn after_a_top_up_a_refused_client_is_served_again_within_a_second() {
 
     credit(&stack, "acme", "10", "topup-1").await;
     let topped_up = tokio::time::Instant::now();
-    wait_until("the top-up to serve the client again", Duration::from_secs(1), || async {
-        stack.chat(&secret, chat_body(20)).await.status() == 200
-    })
+    wait_until(
+        "the top-up to serve the client again",
+        Duration::from_secs(1),
+        || async { stack.chat(&secret, chat_body(20)).await.status() == 200 },
+    )
     .await;
     println!("top-up to first served request: {:?}", topped_up.elapsed());
 }
@@ -218,12 +222,21 @@ async fn after_a_top_up_a_refused_client_is_served_again_within_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_is_refused_by_agents_within_a_second() {
     let stack = Stack::start().await;
-    let (key_id, secret) = stack.key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())]).await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
     assert_eq!(stack.chat(&secret, chat_body(5)).await.status(), 200);
-    stack.admin().await.revoke_key(authed(pb::RevokeKeyRequest { key_id })).await.unwrap();
-    wait_until("the agent to refuse the revoked key", Duration::from_secs(1), || async {
-        stack.chat(&secret, chat_body(5)).await.status() == 401
-    })
+    stack
+        .admin()
+        .await
+        .revoke_key(authed(pb::RevokeKeyRequest { key_id }))
+        .await
+        .unwrap();
+    wait_until(
+        "the agent to refuse the revoked key",
+        Duration::from_secs(1),
+        || async { stack.chat(&secret, chat_body(5)).await.status() == 401 },
+    )
     .await;
     assert_eq!(stack.neuron.hits(), 1);
 }
@@ -233,7 +246,9 @@ async fn a_revoked_key_is_refused_by_agents_within_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_depleted_key_is_pushed_to_every_agent_holding_it() {
     let stack = Stack::start().await;
-    let (_, secret) = stack.key_with_limits("acme", vec![limit(pb::Unit::Requests, "3", balance())]).await;
+    let (_, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Requests, "3", balance())])
+        .await;
     let fleet = agents(&stack.coordinator_url, 2).await;
     let http = reqwest::Client::new();
     let send = |url: String| {
@@ -257,9 +272,11 @@ async fn a_depleted_key_is_pushed_to_every_agent_holding_it() {
     }
     assert!(served <= 3);
     // The second agent learns of the depletion by push and refuses locally.
-    wait_until("the depletion to reach the other agent", Duration::from_secs(1), || async {
-        send(fleet.urls[1].clone()).await == 429
-    })
+    wait_until(
+        "the depletion to reach the other agent",
+        Duration::from_secs(1),
+        || async { send(fleet.urls[1].clone()).await == 429 },
+    )
     .await;
     assert_eq!(fleet.neuron.hits(), served);
     for agent in fleet.agents {
