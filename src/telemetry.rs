@@ -1,8 +1,22 @@
-//! Logging and metrics set-up shared by the binaries: `tracing` logs
-//! (human-readable or JSON, levels from `RUST_LOG`) and a Prometheus
-//! exporter on a metrics port.
+//! Logging, tracing and metrics set-up shared by the binaries:
+//! - `tracing` logs on stderr, human-readable or JSON, levels from
+//!   `RUST_LOG`;
+//! - OpenTelemetry traces over OTLP/gRPC, configured only by the standard
+//!   `OTEL_*` variables (`OTEL_EXPORTER_OTLP_ENDPOINT`,
+//!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_SERVICE_NAME`,
+//!   `OTEL_TRACES_SAMPLER`, ...). Export is off unless an endpoint is set
+//!   (or `OTEL_TRACES_EXPORTER=otlp`), and `OTEL_TRACES_EXPORTER=none`
+//!   turns it off. W3C trace context is the propagator;
+//! - a Prometheus exporter on a metrics port.
 
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use std::net::SocketAddr;
+use std::time::Duration;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -13,18 +27,148 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global `tracing` subscriber. Levels come from `RUST_LOG`
-/// (default `info`).
-pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(text: &str) -> Result<LogFormat, String> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("log format must be text or json, not {other:?}")),
+        }
+    }
+}
+
+/// Keeps the trace pipeline alive; [`Telemetry::shutdown`] flushes it.
+#[derive(Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is buffered and stops the exporter.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            // The provider blocks while it flushes: keep that off the
+            // async workers.
+            let _ = std::thread::spawn(move || provider.shutdown()).join();
+        }
+    }
+}
+
+/// Whether the `OTEL_*` environment asks for OTLP trace export.
+pub fn otlp_requested(env: impl Fn(&str) -> Option<String>) -> bool {
+    match env("OTEL_TRACES_EXPORTER").as_deref() {
+        Some("none") => false,
+        Some("otlp") => true,
+        _ => {
+            env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+                || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+        }
+    }
+}
+
+/// Runs the OTLP/gRPC exporter on a small runtime of its own: the SDK's
+/// batch processor exports from a plain thread, where tonic would find no
+/// Tokio reactor.
+#[derive(Debug)]
+struct OwnRuntimeExporter {
+    inner: opentelemetry_otlp::SpanExporter,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl SpanExporter for OwnRuntimeExporter {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let result = self.runtime.block_on(self.inner.export(batch));
+        async move { result }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+fn otlp_provider(service_name: &str) -> Result<SdkTracerProvider, String> {
+    // Built on a plain thread: this may be called from inside the
+    // application's runtime, where blocking on another one is not allowed.
+    let exporter = std::thread::spawn(|| -> Result<OwnRuntimeExporter, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("otlp-export")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the OTLP export runtime: {e}"))?;
+        let inner = runtime
+            .block_on(async {
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .build()
+            })
+            .map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
+        Ok(OwnRuntimeExporter { inner, runtime })
+    })
+    .join()
+    .map_err(|_| "the OTLP exporter set-up panicked".to_string())??;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(service_name.to_string());
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+/// Installs the global `tracing` subscriber (logs, and traces when the
+/// environment asks for them) and the W3C trace-context propagator.
+/// `service_name` applies when `OTEL_SERVICE_NAME` is unset.
+pub fn init(format: LogFormat, service_name: &str) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
+    let mut telemetry = Telemetry::default();
+    let traces = if otlp_requested(|name| std::env::var(name).ok()) {
+        match otlp_provider(service_name) {
+            Ok(provider) => {
+                let tracer = provider.tracer("allot");
+                telemetry.provider = Some(provider);
+                Some(tracing_opentelemetry::layer().with_tracer(tracer))
+            }
+            Err(message) => {
+                eprintln!("{service_name}: traces disabled: {message}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let _ = tracing_subscriber::registry()
+        .with(logs.with_filter(filter()))
+        .with(traces.map(|layer| layer.with_filter(filter())))
+        .try_init();
+    telemetry
+}
+
+/// Logs only, for tests and tools.
+pub fn init_logging(format: LogFormat) {
+    let _ = init(format, "allot");
 }
 
 /// Serves Prometheus text format on `addr` (`GET /metrics`) for the global
@@ -36,13 +180,33 @@ pub fn install_metrics(addr: SocketAddr) -> Result<(), String> {
         .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))
 }
 
-impl std::str::FromStr for LogFormat {
-    type Err = String;
-    fn from_str(text: &str) -> Result<LogFormat, String> {
-        match text {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            other => Err(format!("log format must be text or json, not {other:?}")),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
         }
+    }
+
+    #[test]
+    fn export_is_off_unless_an_endpoint_or_the_exporter_is_named() {
+        assert!(!otlp_requested(env(&[])));
+        assert!(otlp_requested(env(&[(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://127.0.0.1:4317"
+        )])));
+        assert!(otlp_requested(env(&[(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://x:4317"
+        )])));
+        assert!(otlp_requested(env(&[("OTEL_TRACES_EXPORTER", "otlp")])));
+        assert!(!otlp_requested(env(&[
+            ("OTEL_TRACES_EXPORTER", "none"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+        ])));
     }
 }

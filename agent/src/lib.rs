@@ -17,6 +17,7 @@ pub mod keys;
 pub mod link;
 pub mod proxy;
 pub mod spool;
+pub mod trace;
 
 use crate::allowance::AllowanceTable;
 use crate::config::AgentConfig;

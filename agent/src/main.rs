@@ -100,12 +100,14 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    telemetry::init_logging(config.log_format);
+    let telemetry = telemetry::init(config.log_format, "allot-agent");
     if let Some(addr) = config.metrics_listen {
         telemetry::install_metrics(addr).map_err(anyhow::Error::msg)?;
     }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    allot_agent::run(config, listener, shutdown_signal()).await
+    let result = allot_agent::run(config, listener, shutdown_signal()).await;
+    telemetry.shutdown();
+    result
 }
 
 async fn shutdown_signal() {

@@ -30,6 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 pub type HttpClient = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
@@ -92,10 +93,37 @@ async fn handle(
     request: Request<Body>,
 ) -> Response {
     let started = Instant::now();
-    match admit_and_forward(&state, operation, path, request, started).await {
+    // One server span per request (OpenTelemetry HTTP and GenAI
+    // conventions); never the key's secret, only its id.
+    let span = tracing::info_span!(
+        "POST",
+        otel.name = %format!("POST {path}"),
+        otel.kind = "server",
+        http.request.method = "POST",
+        url.path = path,
+        http.response.status_code = tracing::field::Empty,
+        gen_ai.operation.name = match operation {
+            Operation::ChatCompletions => "chat",
+            Operation::Completions => "text_completion",
+        },
+        gen_ai.request.model = tracing::field::Empty,
+        gen_ai.request.max_tokens = tracing::field::Empty,
+        allot.key_id = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    crate::trace::continue_from(&span, request.headers());
+    let outcome = admit_and_forward(&state, operation, path, request, started)
+        .instrument(span.clone())
+        .await;
+    let response = match outcome {
         Ok(response) => response,
-        Err(error) => error.into_response(),
-    }
+        Err(error) => {
+            span.record("error.type", error.code_label());
+            error.into_response()
+        }
+    };
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }
 
 /// The bearer token's key, looked up in the cache or on the coordinator.
@@ -237,10 +265,10 @@ async fn reserve(
                 if now >= deadline {
                     return Err(ApiError::unavailable("no allowance was granted in time", 1));
                 }
-                if tokio::time::timeout_at(deadline.into(), notified)
-                    .await
-                    .is_err()
-                {
+                let waited = tokio::time::timeout_at(deadline.into(), notified)
+                    .instrument(tracing::info_span!("allowance.wait"))
+                    .await;
+                if waited.is_err() {
                     state.table.ask_failed(&key.key_id);
                     return Err(ApiError::unavailable(
                         if state.link.is_connected() {
@@ -332,6 +360,7 @@ struct RecordTemplate {
     model: String,
     admitted_at: i64,
     trace_id: String,
+    span_id: String,
     batch_id: String,
     completion_window: String,
 }
@@ -441,6 +470,7 @@ impl Settlement {
             usage_estimated: estimated,
             admitted_at_unix_ms: t.admitted_at,
             trace_id: t.trace_id.clone(),
+            span_id: t.span_id.clone(),
             batch_id: t.batch_id.clone(),
             completion_window: t.completion_window.clone(),
             origin: origin(t.key.purpose, &t.batch_id) as i32,
@@ -544,6 +574,9 @@ async fn admit_and_forward(
     );
     let facts = reservation::inspect(operation, &body, &policy)
         .map_err(|e| ApiError::bad_request(e.message, e.param))?;
+    let current = tracing::Span::current();
+    current.record("allot.key_id", key.key_id.as_str());
+    current.record("gen_ai.request.model", facts.model.as_str());
     if !key.allows_model(&facts.model) {
         return Err(ApiError::model_not_found(&facts.model));
     }
@@ -559,7 +592,10 @@ async fn admit_and_forward(
     if matches!(price, Price::Free) && !tariffs.is_empty() {
         metrics::counter!("allot_agent_unpriced_requests_total").increment(1);
     }
-    let plan = reserve(state, &key, &facts, price).await?;
+    let plan = reserve(state, &key, &facts, price)
+        .instrument(tracing::info_span!("admission"))
+        .await?;
+    current.record("gen_ai.request.max_tokens", plan.completion);
     metrics::counter!("allot_agent_admissions_total").increment(1);
 
     // Change the body only where it must change.
@@ -588,6 +624,7 @@ async fn admit_and_forward(
         _ => new_request_id(),
     };
     let traceparent = header_str(&parts.headers, "traceparent");
+    let (server_trace_id, server_span_id) = crate::trace::ids(&current);
     let mut settlement = Settlement {
         state: state.clone(),
         reservation: Some(plan.reservation),
@@ -596,7 +633,12 @@ async fn admit_and_forward(
             key: key.clone(),
             model: facts.model.clone(),
             admitted_at,
-            trace_id: trace_id_of(&traceparent),
+            trace_id: if server_trace_id.is_empty() {
+                trace_id_of(&traceparent)
+            } else {
+                server_trace_id
+            },
+            span_id: server_span_id,
             batch_id: header_str(&parts.headers, "x-allot-batch-id"),
             completion_window,
         },
@@ -609,13 +651,30 @@ async fn admit_and_forward(
         status: 0,
     };
 
+    let upstream_span = tracing::info_span!(
+        "upstream",
+        otel.name = %format!("POST {path}"),
+        otel.kind = "client",
+        http.request.method = "POST",
+        server.address = state.config.neuron_url.as_str(),
+    );
     let mut upstream = Request::post(format!("{}{}", state.config.neuron_url, path))
         .header(header::CONTENT_TYPE, "application/json")
         .header("x-request-id", &request_id);
-    for name in ["traceparent", "tracestate", "accept"] {
-        if let Some(value) = parts.headers.get(name) {
-            upstream = upstream.header(name, value);
+    let mut trace_headers = HeaderMap::new();
+    if !crate::trace::inject(&upstream_span, &mut trace_headers) {
+        // No exporter: pass the client's context on unchanged.
+        for name in ["traceparent", "tracestate"] {
+            if let Some(value) = parts.headers.get(name) {
+                trace_headers.insert(name, value.clone());
+            }
         }
+    }
+    for (name, value) in &trace_headers {
+        upstream = upstream.header(name, value);
+    }
+    if let Some(value) = parts.headers.get("accept") {
+        upstream = upstream.header("accept", value);
     }
     let upstream = upstream
         .body(Full::new(forwarded))
@@ -625,6 +684,7 @@ async fn admit_and_forward(
         state.config.first_byte_timeout(),
         state.client.request(upstream),
     )
+    .instrument(upstream_span)
     .await
     {
         Ok(Ok(response)) => response,

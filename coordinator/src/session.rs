@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub struct SessionService {
     engine: EngineSource,
@@ -312,6 +313,7 @@ fn allowance_ask(
     if parked_since.is_none() {
         metrics::counter!("allot_allowance_asks_total").increment(1);
     }
+    let _span = tracing::info_span!("grant", agent_id, key_id = ask.key_id.as_str()).entered();
     match core.ledger.ask(agent_id, &ask.key_id, &need, &want, fx.now) {
         Ok(grant) => {
             metrics::counter!("allot_allowance_grants_total").increment(1);
@@ -453,6 +455,23 @@ fn settle_batch(
     batch: pb::UsageBatch,
 ) {
     metrics::histogram!("allot_usage_batch_records").record(batch.records.len() as f64);
+    // The settlement span links to the traces of the requests it settles.
+    let span = tracing::info_span!("settle", agent_id, records = batch.records.len());
+    for record in batch.records.iter().take(128) {
+        if let (Ok(trace_id), Ok(span_id)) = (
+            opentelemetry::trace::TraceId::from_hex(&record.trace_id),
+            opentelemetry::trace::SpanId::from_hex(&record.span_id),
+        ) {
+            span.add_link(opentelemetry::trace::SpanContext::new(
+                trace_id,
+                span_id,
+                opentelemetry::trace::TraceFlags::SAMPLED,
+                true,
+                opentelemetry::trace::TraceState::default(),
+            ));
+        }
+    }
+    let _entered = span.enter();
     for record in &batch.records {
         let usage = usage_from_pb(record);
         match core.ledger.settle(agent_id, &usage, fx.now, &mut fx.writes) {

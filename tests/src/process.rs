@@ -108,3 +108,73 @@ impl Drop for CoordinatorProcess {
         self.kill();
     }
 }
+
+/// Any allot binary as a child process, killed on drop.
+pub struct ServiceProcess {
+    child: Option<Child>,
+    pub log: std::path::PathBuf,
+}
+
+impl ServiceProcess {
+    /// Starts `name` with `args` and extra environment `envs`; stderr goes
+    /// to `log`.
+    pub fn spawn(
+        name: &str,
+        args: &[String],
+        envs: &[(&str, String)],
+        log: std::path::PathBuf,
+    ) -> ServiceProcess {
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(binary(name));
+        command
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file));
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        ServiceProcess {
+            child: Some(
+                command
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("{name} starts: {e}")),
+            ),
+            log,
+        }
+    }
+
+    /// Stops it with SIGTERM (a graceful shutdown) and waits.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A free loopback address.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}

@@ -82,6 +82,8 @@ struct World {
     /// still held when they came back): the documented exception.
     late: u64,
     cap: u64,
+    /// Messages may be lost or duplicated (off while draining).
+    lossy: bool,
 }
 
 fn tokens_only(n: u64) -> Amounts {
@@ -142,6 +144,7 @@ impl World {
             completed: HashSet::new(),
             late: 0,
             cap,
+            lossy: true,
         };
         for i in 0..count {
             world.agents.push(Agent {
@@ -282,10 +285,10 @@ impl World {
         let Some((i, epoch, message)) = self.to_coordinator.pop_front() else {
             return;
         };
-        if self.rng.chance(3) {
+        if self.lossy && self.rng.chance(3) {
             return; // lost
         }
-        let duplicate = self.rng.chance(3);
+        let duplicate = self.lossy && self.rng.chance(3);
         let agent_id = self.agents[i].id.clone();
         if epoch != self.agents[i].epoch || !self.agents[i].connected {
             return;
@@ -358,7 +361,7 @@ impl World {
         if epoch != self.agents[i].epoch || !self.agents[i].connected {
             return;
         }
-        if self.rng.chance(3) {
+        if self.lossy && self.rng.chance(3) {
             // A lost reply: the agent's ask is as good as failed.
             self.agents[i].table.ask_failed(KEY);
             return;
@@ -538,6 +541,8 @@ impl World {
                 self.finish(i);
             }
         }
+        // No more losses while draining.
+        self.lossy = false;
         for _ in 0..50 {
             for i in 0..self.agents.len() {
                 if self.agents[i].connected {
@@ -546,22 +551,8 @@ impl World {
                 self.connect(i);
             }
             while !self.to_coordinator.is_empty() || !self.to_agent.is_empty() {
-                // No more losses while draining.
-                if let Some((i, epoch, message)) = self.to_coordinator.pop_front() {
-                    self.to_coordinator.push_front((i, epoch, message));
-                    let saved = self.rng.0;
-                    self.rng.0 = 7; // a state whose next draws are not "lost"
-                    self.deliver_to_coordinator();
-                    self.rng.0 = saved;
-                }
-                if let Some(entry) = self.to_agent.pop_front() {
-                    if let (i, epoch, ToAgent::Ack(high_water)) = &entry {
-                        if *epoch == self.agents[*i].epoch {
-                            self.agents[*i].spool.retain(|seq, _| seq > high_water);
-                            self.agents[*i].table.ack(*high_water);
-                        }
-                    }
-                }
+                self.deliver_to_coordinator();
+                self.deliver_to_agent();
                 self.check();
             }
             if self.agents.iter().all(|a| a.spool.is_empty()) {

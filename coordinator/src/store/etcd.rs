@@ -18,6 +18,7 @@ use super::{layout, BoxFuture, Store, StoreError, StoreWrite, StoredState};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use rand::Rng;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Operations per transaction: etcd's `--max-txn-ops` default is 128.
 pub const MAX_TXN_OPS: usize = 120;
@@ -90,6 +91,7 @@ impl EtcdStore {
             let txn = txn.clone();
             async move { client.txn(txn).await }
         })
+        .instrument(tracing::info_span!("etcd.txn", ops = ops.len()))
         .await?;
         metrics::histogram!("allot_etcd_txn_seconds").record(started.elapsed().as_secs_f64());
         if !response.succeeded() {
