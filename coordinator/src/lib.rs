@@ -143,7 +143,6 @@ async fn lead_when_elected(
                     continue;
                 }
             };
-        failures = 0;
         let store: Arc<dyn Store> = Arc::new(store::etcd::EtcdStore::new(
             client.clone(),
             &config.etcd_prefix,
@@ -154,9 +153,12 @@ async fn lead_when_elected(
             Err(error) => {
                 tracing::error!(%error, "cannot load the ledger as the new leader; resigning");
                 leadership.resign().await;
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(10)))).await;
                 continue;
             }
         };
+        failures = 0;
         tracing::info!(node_id = config.node_id, "elected leader");
         metrics::counter!("allot_leader_changes_total").increment(1);
         metrics::gauge!("allot_is_leader").set(1.0);

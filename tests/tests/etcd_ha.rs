@@ -544,3 +544,17 @@ async fn etcd_down_means_not_serving_then_503_after_leases_and_recovery_settles_
     .await;
     fleet.agent.take().unwrap().stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_larger_than_one_page_loads_whole() {
+    let cluster = EtcdCluster::start(1).await;
+    let store = EtcdStore::new(cluster.client().await, "/paged/", None);
+    for chunk in (0..4_500).collect::<Vec<_>>().chunks(1_500) {
+        store
+            .commit(chunk.iter().map(|i| account_write(*i)).collect())
+            .await
+            .unwrap();
+    }
+    let loaded = store.load().await.unwrap();
+    assert_eq!(loaded.accounts.len(), 4_500);
+}

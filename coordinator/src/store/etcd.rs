@@ -24,6 +24,20 @@ use tracing::Instrument;
 pub const MAX_TXN_OPS: usize = 120;
 const JOURNAL: &str = "journal";
 const ATTEMPTS: u32 = 6;
+/// Keys per page when loading the ledger.
+const LOAD_PAGE: i64 = 2_000;
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
 
 /// The election key this leader holds, compared by every write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,22 +204,43 @@ impl Store for EtcdStore {
             if self.fence.is_some() {
                 self.replay_journal().await?;
             }
-            let prefix = self.prefix.clone();
-            let response = retry("load", || {
-                let mut client = self.client.clone();
-                let prefix = prefix.clone();
-                async move {
-                    client
-                        .get(prefix, Some(GetOptions::new().with_prefix()))
-                        .await
+            // Paged, at one revision: a large ledger never needs one huge
+            // response (gRPC messages are capped at 4 MiB by default), and
+            // every page sees the same snapshot.
+            let end = prefix_end(self.prefix.as_bytes());
+            let mut start = self.prefix.as_bytes().to_vec();
+            let mut revision = 0i64;
+            let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
+            loop {
+                let mut options = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(LOAD_PAGE);
+                if revision > 0 {
+                    options = options.with_revision(revision);
                 }
-            })
-            .await?;
-            let entries: Vec<(String, Vec<u8>)> = response
-                .kvs()
-                .iter()
-                .filter_map(|kv| Some((kv.key_str().ok()?.to_string(), kv.value().to_vec())))
-                .collect();
+                let key = start.clone();
+                let response = retry("load", || {
+                    let mut client = self.client.clone();
+                    let (key, options) = (key.clone(), options.clone());
+                    async move { client.get(key, Some(options)).await }
+                })
+                .await?;
+                if revision == 0 {
+                    revision = response.header().map(|h| h.revision()).unwrap_or(0);
+                }
+                for kv in response.kvs() {
+                    if let Ok(key) = kv.key_str() {
+                        entries.push((key.to_string(), kv.value().to_vec()));
+                    }
+                }
+                match response.kvs().last() {
+                    Some(last) if response.more() => {
+                        start = last.key().to_vec();
+                        start.push(0);
+                    }
+                    _ => break,
+                }
+            }
             layout::decode(
                 &self.prefix,
                 entries.iter().map(|(k, v)| (k.as_str(), v.as_slice())),

@@ -1,0 +1,1087 @@
+//! Benchmarks of the etcd store (issue 3), each against a real `etcd`
+//! process and `allot-coordinator` process(es) from the same target
+//! directory as this binary, all on 127.0.0.1:
+//!
+//! * `throughput`: settled usage records per second with 8 raw agents
+//!   pipelining 512-record batches, then the same with one etcd
+//!   transaction per record; checks the spent tokens afterwards.
+//! * `memory --keys N --agents M [--store etcd|embedded]`: the leader's
+//!   resident memory after loading N keys, M agents and one slice per agent
+//!   written straight into the store beforehand.
+//! * `history [--secs S]`: the throughput workload for S seconds against an
+//!   etcd with periodic auto-compaction, sampling its database size.
+//! * `heap --keys N --agents M`: the heap bytes the engine's ledger takes
+//!   for that state, loaded in this process from an in-memory store
+//!   (counted by this binary's allocator; no store cache involved).
+//!
+//! Build `cargo build --release --workspace --bins`, then run
+//! `target/release/settle_bench <mode>`.
+
+use allot::pb;
+use allot_coordinator::ledger::{AccountRecord, AgentRecord, KeyRecord};
+use allot_coordinator::store::{Store, StoreWrite};
+use allot_e2e::etcd::EtcdCluster;
+use allot_e2e::{authed, balance, limit, TempDir, ADMIN_TOKEN, MODEL};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// Counts live heap bytes while `COUNTING` is on (the `heap` mode only; the
+/// other modes pay one relaxed load per allocation).
+struct CountingAlloc;
+
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static LIVE: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        std::alloc::System.alloc(layout)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        }
+        std::alloc::System.dealloc(ptr, layout)
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE.fetch_add(
+                new_size as isize - layout.size() as isize,
+                Ordering::Relaxed,
+            );
+        }
+        std::alloc::System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAlloc = CountingAlloc;
+
+const PROMPT_TOKENS: u64 = 10;
+const COMPLETION_TOKENS: u64 = 5;
+const TOKENS_PER_RECORD: u64 = PROMPT_TOKENS + COMPLETION_TOKENS;
+const BENCH_KEYS: usize = 1_000;
+const BENCH_AGENTS: usize = 8;
+const ACCOUNT: &str = "bench";
+
+// ---------------------------------------------------------------- processes
+
+/// `allot-coordinator` next to this executable (target/<profile>/).
+fn coordinator_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let path = exe
+        .parent()
+        .expect("target/<profile>")
+        .join("allot-coordinator");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Coordinator {
+    child: Option<Child>,
+    url: String,
+}
+
+impl Coordinator {
+    /// Starts a coordinator with `args` after the common ones.
+    fn spawn(log: &Path, args: &[String]) -> Coordinator {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(log).expect("log file");
+        let child = Command::new(coordinator_binary())
+            .args(["--listen", &addr])
+            .args(["--metrics-listen", "off"])
+            .args(["--admin-token", ADMIN_TOKEN])
+            .args(args)
+            .env("RUST_LOG", "info,h2=warn,tower=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("allot-coordinator starts");
+        Coordinator {
+            child: Some(child),
+            url: format!("http://{addr}"),
+        }
+    }
+
+    fn on_etcd(log: &Path, endpoints: &[String], node_id: &str, extra: &[&str]) -> Coordinator {
+        let mut args: Vec<String> = vec![
+            "--store".into(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            endpoints.join(","),
+            "--node-id".into(),
+            node_id.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Coordinator::spawn(log, &args)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One etcd member with extra flags (fsync on, as by default).
+struct OwnEtcd {
+    child: Option<Child>,
+    url: String,
+    _dir: TempDir,
+}
+
+impl OwnEtcd {
+    async fn start(label: &str, extra: &[&str]) -> anyhow::Result<OwnEtcd> {
+        let dir = TempDir::new(label);
+        let url = format!("http://127.0.0.1:{}", free_port());
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.0.join("etcd.log"))?;
+        let child = Command::new("etcd")
+            .args(["--name", "m0"])
+            .args(["--data-dir", dir.0.join("data").to_str().unwrap()])
+            .args(["--listen-client-urls", &url])
+            .args(["--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("m0={peer}")])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()?;
+        let etcd = OwnEtcd {
+            child: Some(child),
+            url,
+            _dir: dir,
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut client) = etcd.client().await {
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_secs(1), client.put("/probe", "ok", None))
+                        .await
+                {
+                    return Ok(etcd);
+                }
+            }
+            anyhow::ensure!(Instant::now() < end, "etcd did not answer within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn client(&self) -> anyhow::Result<etcd_client::Client> {
+        Ok(tokio::time::timeout(
+            Duration::from_secs(2),
+            etcd_client::Client::connect([self.url.clone()], None),
+        )
+        .await??)
+    }
+}
+
+impl Drop for OwnEtcd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls ListAccounts until this coordinator answers (it leads).
+async fn wait_leading(url: &str, deadline: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut admin = pb::admin_client::AdminClient::connect(url.to_string()).await?;
+            admin
+                .list_accounts(authed(pb::ListAccountsRequest {}))
+                .await?;
+            anyhow::Ok(())
+        })
+        .await;
+        if let Ok(Ok(())) = attempt {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            started.elapsed() < deadline,
+            "{url} did not lead within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/{pid}/status"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("bad {field} line"))?
+        .parse()?)
+}
+
+// ---------------------------------------------------------------- admin setup
+
+/// One account and `count` keys `bk00000..` with a huge token balance.
+async fn create_keys(url: &str, count: usize) -> anyhow::Result<Vec<String>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect()
+        .await?;
+    let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+    admin
+        .create_account(authed(pb::CreateAccountRequest {
+            account_id: ACCOUNT.into(),
+            name: ACCOUNT.into(),
+        }))
+        .await?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let (next, channel) = (next.clone(), channel.clone());
+        workers.spawn(async move {
+            let mut admin = pb::admin_client::AdminClient::new(channel);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    return anyhow::Ok(());
+                }
+                let key_id = format!("bk{i:05}");
+                admin
+                    .create_key(authed(pb::CreateKeyRequest {
+                        account_id: ACCOUNT.into(),
+                        key_id: key_id.clone(),
+                        ..Default::default()
+                    }))
+                    .await?;
+                admin
+                    .set_limits(authed(pb::SetLimitsRequest {
+                        scope: Some(pb::set_limits_request::Scope::KeyId(key_id)),
+                        limits: vec![limit(pb::Unit::Tokens, "1000000000000000", balance())],
+                    }))
+                    .await?;
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done??;
+    }
+    Ok((0..count).map(|i| format!("bk{i:05}")).collect())
+}
+
+/// Sum over `keys` of the tokens spent under each key's own limit.
+async fn spent_tokens(url: &str, keys: &[String]) -> anyhow::Result<u64> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect()
+        .await?;
+    let keys = Arc::new(keys.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let total = Arc::new(AtomicU64::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (next, channel, keys, total) =
+            (next.clone(), channel.clone(), keys.clone(), total.clone());
+        workers.spawn(async move {
+            let mut admin = pb::admin_client::AdminClient::new(channel);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(key_id) = keys.get(i) else {
+                    return anyhow::Ok(());
+                };
+                let snapshot = admin
+                    .get_snapshot(authed(pb::GetSnapshotRequest {
+                        key_id: key_id.clone(),
+                    }))
+                    .await?
+                    .into_inner();
+                let status = snapshot
+                    .limits
+                    .iter()
+                    .find(|l| {
+                        l.scope == "key"
+                            && l.limit
+                                .as_ref()
+                                .is_some_and(|x| x.unit == pb::Unit::Tokens as i32)
+                    })
+                    .ok_or_else(|| anyhow::anyhow!("{key_id} has no token limit"))?;
+                total.fetch_add(status.spent.parse::<u64>()?, Ordering::Relaxed);
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done??;
+    }
+    Ok(total.load(Ordering::Relaxed))
+}
+
+// ---------------------------------------------------------------- workload
+
+#[derive(Clone)]
+struct Workload {
+    url: String,
+    agent_prefix: String,
+    agents: usize,
+    batch: usize,
+    in_flight_per_agent: usize,
+    warm_up: Duration,
+    measure: Duration,
+}
+
+#[derive(Default)]
+struct Outcome {
+    /// Records whose ack arrived inside the measurement window.
+    acked_in_window: u64,
+    /// Ack latency of each batch acked inside the window.
+    latencies: Vec<Duration>,
+    /// Every record sent / acknowledged over the whole run.
+    sent: u64,
+    acked: u64,
+    batches_in_window: u64,
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+async fn run_workload(w: &Workload, keys: Arc<Vec<String>>) -> anyhow::Result<Outcome> {
+    let t0 = Instant::now();
+    let window = (t0 + w.warm_up, t0 + w.warm_up + w.measure);
+    let mut agents = tokio::task::JoinSet::new();
+    for i in 0..w.agents {
+        let (w, keys) = (w.clone(), keys.clone());
+        agents.spawn(async move { one_agent(&w, i, keys, window).await });
+    }
+    let mut total = Outcome::default();
+    while let Some(done) = agents.join_next().await {
+        let one = done??;
+        total.acked_in_window += one.acked_in_window;
+        total.latencies.extend(one.latencies);
+        total.sent += one.sent;
+        total.acked += one.acked;
+        total.batches_in_window += one.batches_in_window;
+    }
+    Ok(total)
+}
+
+struct AgentShared {
+    /// (last seq of the batch, records in it, sent at) in sending order.
+    pending: Mutex<VecDeque<(u64, u64, Instant)>>,
+    outcome: Mutex<Outcome>,
+}
+
+async fn one_agent(
+    w: &Workload,
+    index: usize,
+    keys: Arc<Vec<String>>,
+    (window_start, window_end): (Instant, Instant),
+) -> anyhow::Result<Outcome> {
+    let agent_id = format!("{}{index}", w.agent_prefix);
+    let mut client = pb::agent_session_client::AgentSessionClient::connect(w.url.clone()).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(w.in_flight_per_agent + 4);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            agent_id: agent_id.clone(),
+            epoch: 1,
+            neuron_id: "bench-neuron".into(),
+            // Every record is "not from a slice": this raw agent holds none.
+            reconcile_seq: u64::MAX,
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut inbound = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let welcome = loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("session ended before welcome"))?;
+        if let Some(pb::coordinator_message::Msg::Welcome(welcome)) = message.msg {
+            break welcome;
+        }
+    };
+    let first_seq = welcome.high_water_seq + 1;
+    let shared = Arc::new(AgentShared {
+        pending: Mutex::new(VecDeque::new()),
+        outcome: Mutex::new(Outcome::default()),
+    });
+    let permits = Arc::new(Semaphore::new(w.in_flight_per_agent));
+    let receiver = {
+        let (shared, permits) = (shared.clone(), permits.clone());
+        tokio::spawn(async move {
+            let mut high_water = first_seq - 1;
+            loop {
+                let message =
+                    match tokio::time::timeout(Duration::from_secs(30), inbound.message()).await {
+                        Err(_) => anyhow::bail!("no message from the coordinator for 30 s"),
+                        Ok(Err(status)) => anyhow::bail!("session failed: {status}"),
+                        Ok(Ok(None)) => return Ok(()),
+                        Ok(Ok(Some(message))) => message,
+                    };
+                let Some(pb::coordinator_message::Msg::UsageAck(ack)) = message.msg else {
+                    continue;
+                };
+                let now = Instant::now();
+                let in_window = now >= window_start && now < window_end;
+                let mut pending = shared.pending.lock().unwrap();
+                let mut outcome = shared.outcome.lock().unwrap();
+                if ack.high_water_seq > high_water {
+                    let newly = ack.high_water_seq - high_water;
+                    outcome.acked += newly;
+                    if in_window {
+                        outcome.acked_in_window += newly;
+                    }
+                    high_water = ack.high_water_seq;
+                }
+                while let Some(&(last, _, sent_at)) = pending.front() {
+                    if last > high_water {
+                        break;
+                    }
+                    pending.pop_front();
+                    permits.add_permits(1);
+                    if in_window {
+                        outcome.latencies.push(now - sent_at);
+                        outcome.batches_in_window += 1;
+                    }
+                }
+            }
+        })
+    };
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((index as u64 + 1) * 0x2545_F491_4F6C_DD1D);
+    let mut next_seq = first_seq;
+    let mut sent = 0u64;
+    while Instant::now() < window_end {
+        let permit =
+            match tokio::time::timeout_at(window_end.into(), permits.clone().acquire_owned()).await
+            {
+                Ok(permit) => permit?,
+                Err(_) => break,
+            };
+        permit.forget();
+        let records: Vec<pb::UsageRecord> = (0..w.batch as u64)
+            .map(|offset| pb::UsageRecord {
+                seq: next_seq + offset,
+                epoch: 1,
+                key_id: keys[(xorshift(&mut rng) % keys.len() as u64) as usize].clone(),
+                model_requested: MODEL.into(),
+                prompt_tokens: PROMPT_TOKENS,
+                completion_tokens: COMPLETION_TOKENS,
+                charged: true,
+                ..Default::default()
+            })
+            .collect();
+        let last = next_seq + w.batch as u64 - 1;
+        shared
+            .pending
+            .lock()
+            .unwrap()
+            .push_back((last, w.batch as u64, Instant::now()));
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Usage(pb::UsageBatch { records })),
+        })
+        .await?;
+        sent += w.batch as u64;
+        next_seq = last + 1;
+    }
+    // Drain: wait (bounded) for every batch sent to be acknowledged.
+    let drained = Instant::now() + Duration::from_secs(60);
+    while !shared.pending.lock().unwrap().is_empty() {
+        anyhow::ensure!(
+            Instant::now() < drained,
+            "{agent_id}: batches still unacknowledged 60 s after the run"
+        );
+        anyhow::ensure!(!receiver.is_finished(), "{agent_id}: session ended early");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(10), receiver).await???;
+    let mut outcome = std::mem::take(&mut *shared.outcome.lock().unwrap());
+    outcome.sent = sent;
+    Ok(outcome)
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+struct Row {
+    name: String,
+    records_per_s: f64,
+    p50: Duration,
+    p99: Duration,
+    batches: u64,
+}
+
+fn row(name: &str, w: &Workload, outcome: &mut Outcome) -> Row {
+    outcome.latencies.sort();
+    Row {
+        name: name.into(),
+        records_per_s: outcome.acked_in_window as f64 / w.measure.as_secs_f64(),
+        p50: percentile(&outcome.latencies, 50),
+        p99: percentile(&outcome.latencies, 99),
+        batches: outcome.batches_in_window,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+// ---------------------------------------------------------------- modes
+
+fn arg_value(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn arg_u64(args: &[String], name: &str, default: u64) -> anyhow::Result<u64> {
+    match arg_value(args, name) {
+        Some(v) => Ok(v.parse()?),
+        None => Ok(default),
+    }
+}
+
+async fn throughput(args: &[String]) -> anyhow::Result<()> {
+    let measure = Duration::from_secs(arg_u64(args, "--secs", 20)?);
+    let warm_up = Duration::from_secs(arg_u64(args, "--warmup", 3)?);
+    let dir = TempDir::new("settle-bench");
+    let cluster = EtcdCluster::start(1).await;
+    let endpoints = cluster.endpoints();
+    println!("etcd {} (single member, fsync on)", endpoints.join(","));
+
+    let mut coordinator = Coordinator::on_etcd(&dir.0.join("c1.log"), &endpoints, "c1", &[]);
+    wait_leading(&coordinator.url, Duration::from_secs(30)).await?;
+    let started = Instant::now();
+    let keys = Arc::new(create_keys(&coordinator.url, BENCH_KEYS).await?);
+    println!(
+        "created {} keys (CreateKey + SetLimits, 32 concurrent) in {:.1} s",
+        keys.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let batched = Workload {
+        url: coordinator.url.clone(),
+        agent_prefix: "batch-agent-".into(),
+        agents: BENCH_AGENTS,
+        batch: 512,
+        in_flight_per_agent: 8,
+        warm_up,
+        measure,
+    };
+    println!(
+        "run 1: default settings, {} agents x {} in flight x {} records per batch, {:?} warm-up + {:?}",
+        batched.agents, batched.in_flight_per_agent, batched.batch, warm_up, measure
+    );
+    let mut first = run_workload(&batched, keys.clone()).await?;
+    let spent_after_first = spent_tokens(&coordinator.url, &keys).await?;
+    println!(
+        "run 1: sent {} records, acked {}; sum of spent tokens over all {} keys = {} (expected {} = {} x {})",
+        first.sent,
+        first.acked,
+        keys.len(),
+        spent_after_first,
+        first.acked * TOKENS_PER_RECORD,
+        first.acked,
+        TOKENS_PER_RECORD
+    );
+    let first_ok =
+        first.sent == first.acked && spent_after_first == first.acked * TOKENS_PER_RECORD;
+
+    coordinator.kill();
+    let mut coordinator = Coordinator::on_etcd(
+        &dir.0.join("c1-per-record.log"),
+        &endpoints,
+        "c1",
+        &["--max-batch-jobs", "1", "--settle-window-ms", "0"],
+    );
+    let lead = wait_leading(&coordinator.url, Duration::from_secs(30)).await?;
+    println!(
+        "restarted the coordinator with --max-batch-jobs 1 --settle-window-ms 0 (leading after {:.2} s)",
+        lead.as_secs_f64()
+    );
+    let per_record = Workload {
+        url: coordinator.url.clone(),
+        agent_prefix: "record-agent-".into(),
+        batch: 1,
+        in_flight_per_agent: 8,
+        ..batched.clone()
+    };
+    println!(
+        "run 2: {} agents x {} in flight (64 total) x 1 record per batch, {:?} warm-up + {:?}",
+        per_record.agents, per_record.in_flight_per_agent, warm_up, measure
+    );
+    let mut second = run_workload(&per_record, keys.clone()).await?;
+    let spent_after_second = spent_tokens(&coordinator.url, &keys).await?;
+    let expected_second = (first.acked + second.acked) * TOKENS_PER_RECORD;
+    println!(
+        "run 2: sent {} records, acked {}; sum of spent tokens over all {} keys = {} (expected {} = ({} + {}) x {})",
+        second.sent,
+        second.acked,
+        keys.len(),
+        spent_after_second,
+        expected_second,
+        first.acked,
+        second.acked,
+        TOKENS_PER_RECORD
+    );
+    let second_ok = second.sent == second.acked && spent_after_second == expected_second;
+    coordinator.kill();
+
+    let rows = [
+        row(
+            "512 records/batch, 8 agents x 8 in flight, default settle window (2 ms) and max batch (4096 jobs)",
+            &batched,
+            &mut first,
+        ),
+        row(
+            "1 record/batch, 64 in flight, --max-batch-jobs 1 --settle-window-ms 0 (one etcd txn per record)",
+            &per_record,
+            &mut second,
+        ),
+    ];
+    println!();
+    println!("| workload | records/s settled | batch ack p50 (ms) | batch ack p99 (ms) | batches acked in window |");
+    println!("|---|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {} | {} | {} |",
+            r.name,
+            r.records_per_s,
+            ms(r.p50),
+            ms(r.p99),
+            r.batches
+        );
+    }
+    println!();
+    println!(
+        "correctness: run 1 {}, run 2 {}",
+        if first_ok { "OK" } else { "MISMATCH" },
+        if second_ok { "OK" } else { "MISMATCH" }
+    );
+    anyhow::ensure!(
+        first_ok && second_ok,
+        "spent tokens do not match acked records"
+    );
+    Ok(())
+}
+
+fn key_record(i: usize) -> KeyRecord {
+    KeyRecord {
+        key_id: format!("mk{i:07}"),
+        account_id: "ma".into(),
+        hash: allot::key::KeyHash::of_secret(&format!("secret-{i}")),
+        purpose: allot::key::Purpose::Realtime,
+        revoked: false,
+        allowed_models: vec![],
+        name: String::new(),
+        limits: vec![allot::limit::Limit {
+            unit: allot::Unit::Tokens,
+            amount: rust_decimal::Decimal::from(1_000_000_000i64),
+            window: allot::limit::Window::Balance,
+        }],
+        created_at_ms: 0,
+    }
+}
+
+/// Every write of the memory fixture, in chunks of `chunk`.
+fn fixture_chunks(keys: usize, agents: usize, chunk: usize) -> Vec<Vec<StoreWrite>> {
+    let mut writes = vec![StoreWrite::PutAccount(AccountRecord {
+        account_id: "ma".into(),
+        name: "memory".into(),
+        credited: rust_decimal::Decimal::ZERO,
+        limits: vec![],
+        created_at_ms: 0,
+    })];
+    let mut chunks = Vec::new();
+    let mut push = |write: StoreWrite, writes: &mut Vec<StoreWrite>| {
+        writes.push(write);
+        if writes.len() >= chunk {
+            chunks.push(std::mem::take(writes));
+        }
+    };
+    for i in 0..keys {
+        push(StoreWrite::PutKey(key_record(i)), &mut writes);
+    }
+    for j in 0..agents {
+        let agent_id = format!("ag{j:05}");
+        push(
+            StoreWrite::PutAgent(AgentRecord {
+                agent_id: agent_id.clone(),
+                epoch: 1,
+                high_water_seq: 0,
+                neuron_id: "n1".into(),
+            }),
+            &mut writes,
+        );
+        push(
+            StoreWrite::PutSlice {
+                agent_id,
+                key_id: format!("mk{:07}", j % keys.max(1)),
+                held: allot::Amounts([None, Some(rust_decimal::Decimal::from(100)), None]),
+            },
+            &mut writes,
+        );
+    }
+    if !writes.is_empty() {
+        chunks.push(writes);
+    }
+    chunks
+}
+
+async fn memory(args: &[String]) -> anyhow::Result<()> {
+    let keys = arg_u64(args, "--keys", 100_000)? as usize;
+    let agents = arg_u64(args, "--agents", 10_000)? as usize;
+    let store = arg_value(args, "--store").unwrap_or_else(|| "etcd".into());
+    let lead_deadline = Duration::from_secs(arg_u64(args, "--lead-timeout", 600)?);
+    let dir = TempDir::new("memory-bench");
+    let chunks = fixture_chunks(keys, agents, 120);
+    let writes: usize = chunks.iter().map(Vec::len).sum();
+    let started = Instant::now();
+    let (_etcd, coordinator_args) = match store.as_str() {
+        "etcd" => {
+            let etcd = OwnEtcd::start(
+                "memory-etcd",
+                &[
+                    "--quota-backend-bytes",
+                    "8589934592",
+                    "--max-request-bytes",
+                    "10485760",
+                ],
+            )
+            .await?;
+            let client = etcd.client().await?;
+            let store = Arc::new(allot_coordinator::store::etcd::EtcdStore::new(
+                client, "/allot/", None,
+            ));
+            // Chunks of at most 120 writes: one etcd transaction each, no
+            // journal, so 16 of them can run at once.
+            let chunks = Arc::new(Mutex::new(chunks));
+            let mut workers = tokio::task::JoinSet::new();
+            for _ in 0..16 {
+                let (chunks, store) = (chunks.clone(), store.clone());
+                workers.spawn(async move {
+                    loop {
+                        let Some(chunk) = chunks.lock().unwrap().pop() else {
+                            return anyhow::Ok(());
+                        };
+                        store.commit(chunk).await?;
+                    }
+                });
+            }
+            while let Some(done) = workers.join_next().await {
+                done??;
+            }
+            let mut client = etcd.client().await?;
+            let status = client.status().await?;
+            println!(
+                "wrote {writes} records ({keys} keys, {agents} agents, {agents} slices, 1 account) into etcd in {:.1} s; etcd db_size {} bytes",
+                started.elapsed().as_secs_f64(),
+                status.db_size()
+            );
+            let args: Vec<String> = [
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                &etcd.url,
+                "--node-id",
+                "c1",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            (Some(etcd), args)
+        }
+        "embedded" => {
+            let path = dir.0.join("coordinator.redb");
+            {
+                let store = allot_coordinator::store::embedded::EmbeddedStore::open(&path)?;
+                for chunk in chunks.chunks(1000) {
+                    store.commit(chunk.concat()).await?;
+                }
+            }
+            println!(
+                "wrote {writes} records ({keys} keys, {agents} agents, {agents} slices, 1 account) into {} in {:.1} s",
+                path.display(),
+                started.elapsed().as_secs_f64()
+            );
+            let args: Vec<String> = vec![
+                "--store".into(),
+                "embedded".into(),
+                "--data-path".into(),
+                path.to_str().unwrap().into(),
+            ];
+            (None, args)
+        }
+        other => anyhow::bail!("unknown store {other}"),
+    };
+    let log = dir.0.join("coordinator.log");
+    let coordinator = Coordinator::spawn(&log, &coordinator_args);
+    let pid = coordinator.pid();
+    let led = wait_leading(&coordinator.url, lead_deadline).await;
+    let led = match led {
+        Ok(led) => led,
+        Err(error) => {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
+            println!(
+                "the coordinator did not lead: {error}; {} ERROR lines in its log, first: {}",
+                errors.len(),
+                errors.first().unwrap_or(&"(none)")
+            );
+            println!(
+                "coordinator VmRSS {} KiB, VmHWM {} KiB at give-up",
+                status_kib(pid, "VmRSS:").unwrap_or(0),
+                status_kib(pid, "VmHWM:").unwrap_or(0)
+            );
+            anyhow::bail!("the coordinator did not load {keys} keys from {store}");
+        }
+    };
+    println!(
+        "the coordinator ({store} store) answered ListAccounts {:.2} s after it was started",
+        led.as_secs_f64()
+    );
+    let base = Instant::now();
+    for after in [1u64, 5, 10] {
+        tokio::time::sleep_until((base + Duration::from_secs(after)).into()).await;
+        println!(
+            "  +{after:>2} s: VmRSS {} KiB, VmHWM (peak) {} KiB",
+            status_kib(pid, "VmRSS:")?,
+            status_kib(pid, "VmHWM:")?
+        );
+    }
+    println!(
+        "RESULT store={store} keys={keys} agents={agents} load_s={:.2} rss_kib={} hwm_kib={}",
+        led.as_secs_f64(),
+        status_kib(pid, "VmRSS:")?,
+        status_kib(pid, "VmHWM:")?
+    );
+    Ok(())
+}
+
+/// A store that only hands out a fixed state.
+struct MemStore(allot_coordinator::store::StoredState);
+
+impl Store for MemStore {
+    fn load(
+        &self,
+    ) -> allot_coordinator::store::BoxFuture<
+        '_,
+        Result<allot_coordinator::store::StoredState, allot_coordinator::store::StoreError>,
+    > {
+        Box::pin(async move { Ok(self.0.clone()) })
+    }
+
+    fn commit(
+        &self,
+        _writes: Vec<StoreWrite>,
+    ) -> allot_coordinator::store::BoxFuture<'_, Result<(), allot_coordinator::store::StoreError>>
+    {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn ping(&self) -> allot_coordinator::store::BoxFuture<'_, bool> {
+        Box::pin(async { true })
+    }
+}
+
+async fn heap(args: &[String]) -> anyhow::Result<()> {
+    let keys = arg_u64(args, "--keys", 100_000)? as usize;
+    let agents = arg_u64(args, "--agents", 10_000)? as usize;
+    // Through the stores' own encoding and decoding, as a real load.
+    let writes: Vec<StoreWrite> = fixture_chunks(keys, agents, usize::MAX)
+        .into_iter()
+        .flatten()
+        .collect();
+    let encoded = allot_coordinator::store::layout::coalesce("/allot/", &writes);
+    drop(writes);
+    let entries: Vec<(String, Vec<u8>)> = encoded
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect();
+    let encoded_bytes: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let state = allot_coordinator::store::layout::decode(
+        "/allot/",
+        entries.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+    )?;
+    drop(entries);
+    let store: Arc<dyn Store> = Arc::new(MemStore(state));
+    COUNTING.store(true, Ordering::SeqCst);
+    let before = LIVE.load(Ordering::SeqCst);
+    let started = Instant::now();
+    let (engine, handle) = allot_coordinator::engine::Engine::load(
+        store,
+        allot_coordinator::engine::EngineSettings::default(),
+    )
+    .await?;
+    let took = started.elapsed();
+    let after = LIVE.load(Ordering::SeqCst);
+    COUNTING.store(false, Ordering::SeqCst);
+    let delta = after - before;
+    println!(
+        "RESULT heap keys={keys} agents={agents} engine_heap_bytes={delta} ({:.1} MiB) per_key_incl_agents={:.0} load_s={:.2} stored_json_bytes={encoded_bytes}",
+        delta as f64 / 1048576.0,
+        delta as f64 / keys.max(1) as f64,
+        took.as_secs_f64()
+    );
+    drop((engine, handle));
+    Ok(())
+}
+
+async fn history(args: &[String]) -> anyhow::Result<()> {
+    let secs = arg_u64(args, "--secs", 600)?;
+    let sample_every = Duration::from_secs(arg_u64(args, "--sample", 30)?);
+    let etcd = OwnEtcd::start(
+        "history-etcd",
+        &[
+            "--auto-compaction-mode",
+            "periodic",
+            "--auto-compaction-retention",
+            "1m",
+            "--max-request-bytes",
+            "10485760",
+        ],
+    )
+    .await?;
+    println!(
+        "etcd {} with --auto-compaction-mode periodic --auto-compaction-retention 1m (fsync on)",
+        etcd.url
+    );
+    let dir = TempDir::new("history-bench");
+    let coordinator = Coordinator::on_etcd(
+        &dir.0.join("c1.log"),
+        std::slice::from_ref(&etcd.url),
+        "c1",
+        &[],
+    );
+    wait_leading(&coordinator.url, Duration::from_secs(30)).await?;
+    let keys = Arc::new(create_keys(&coordinator.url, BENCH_KEYS).await?);
+    let workload = Workload {
+        url: coordinator.url.clone(),
+        agent_prefix: "history-agent-".into(),
+        agents: BENCH_AGENTS,
+        batch: 512,
+        in_flight_per_agent: 8,
+        warm_up: Duration::ZERO,
+        measure: Duration::from_secs(secs),
+    };
+    let mut client = etcd.client().await?;
+    let sampler = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut samples = Vec::new();
+        let end = started + Duration::from_secs(secs);
+        let mut next = started;
+        loop {
+            let status = tokio::time::timeout(Duration::from_secs(5), client.status()).await;
+            let revision = tokio::time::timeout(Duration::from_secs(5), client.get("/probe", None))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .and_then(|r| r.header().map(|h| h.revision()))
+                .unwrap_or(-1);
+            let line = match status {
+                Ok(Ok(s)) => format!(
+                    "| {:>4} | {} | {} | {} |",
+                    started.elapsed().as_secs(),
+                    s.db_size(),
+                    s.raft_used_db_size(),
+                    revision
+                ),
+                other => format!(
+                    "| {:>4} | status failed: {other:?} | | |",
+                    started.elapsed().as_secs()
+                ),
+            };
+            println!("{line}");
+            samples.push(line);
+            next += sample_every;
+            if next > end {
+                return samples;
+            }
+            tokio::time::sleep_until(next.into()).await;
+        }
+    });
+    println!("| t (s) | db_size (bytes) | db_size_in_use (bytes) | revision |");
+    println!("|---:|---:|---:|---:|");
+    let mut outcome = run_workload(&workload, keys.clone()).await?;
+    let samples = sampler.await?;
+    let r = row("history", &workload, &mut outcome);
+    println!(
+        "workload over {secs} s: {} records acked ({:.0} records/s), batch ack p50 {} ms, p99 {} ms, {} samples",
+        outcome.acked,
+        r.records_per_s,
+        ms(r.p50),
+        ms(r.p99),
+        samples.len()
+    );
+    let spent = spent_tokens(&coordinator.url, &keys).await?;
+    println!(
+        "correctness: sum of spent tokens {} vs expected {} ({})",
+        spent,
+        outcome.acked * TOKENS_PER_RECORD,
+        if spent == outcome.acked * TOKENS_PER_RECORD && outcome.acked == outcome.sent {
+            "OK"
+        } else {
+            "MISMATCH"
+        }
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("throughput") => throughput(&args).await,
+        Some("memory") => memory(&args).await,
+        Some("history") => history(&args).await,
+        Some("heap") => heap(&args).await,
+        _ => {
+            eprintln!("usage: settle_bench throughput [--secs 20] [--warmup 3] | memory --keys N --agents M [--store etcd|embedded] | history [--secs 600] [--sample 30] | heap --keys N --agents M");
+            std::process::exit(2);
+        }
+    }
+}
