@@ -126,6 +126,14 @@ impl Slice {
         self.lease_until.is_some_and(|until| now < until)
     }
 
+    /// Counts a lease that lapsed before it was renewed, once.
+    fn note_expiry(&mut self, now: Instant) {
+        if self.lease_until.is_some_and(|until| now >= until) {
+            metrics::counter!("allot_agent_lease_expiries_total").increment(1);
+            self.lease_until = None;
+        }
+    }
+
     /// What `need` lacks in each limited unit; zero when it fits.
     fn shortfall(&self, need: &Amounts, now: Instant) -> Amounts {
         let valid = self.lease_valid(now);
@@ -222,6 +230,7 @@ impl AllowanceTable {
             .entry(key_id.to_string())
             .or_insert_with(|| Slice::new(now));
         slice.last_used = now;
+        slice.note_expiry(now);
         let short = slice.shortfall(min_need, now);
         if short.is_zero() {
             let need = fit(&slice.available);

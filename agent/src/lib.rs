@@ -121,6 +121,10 @@ pub async fn run(
     let app = proxy::router(state.clone());
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let grace = Duration::from_millis(config.shutdown_grace_ms);
+    // No Nagle: SSE chunks and small JSON answers leave at once.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = drained_tx.send(());

@@ -474,6 +474,11 @@ fn settle_batch(
     let _entered = span.enter();
     for record in &batch.records {
         let usage = usage_from_pb(record);
+        let finished_at = record.admitted_at_unix_ms + record.duration_ms as i64;
+        if record.admitted_at_unix_ms > 0 {
+            metrics::histogram!("allot_usage_settle_lag_seconds")
+                .record((fx.now - finished_at).max(0) as f64 / 1000.0);
+        }
         match core.ledger.settle(agent_id, &usage, fx.now, &mut fx.writes) {
             SettleOutcome::Settled {
                 cost,

@@ -7,7 +7,8 @@
 //! Run: `cargo run --release -p allot-e2e --bin hop_bench`
 
 use allot::pb;
-use allot_e2e::{balance, limit, Stack};
+use allot_e2e::{balance, limit, start_agent, Stack};
+use axum::serve::ListenerExt;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
+const STREAM_REQUESTS: u64 = 500;
 const WARM_UP: Duration = Duration::from_secs(1);
 const MAX_RUN: Duration = Duration::from_secs(30);
 const BODY: &str =
@@ -69,6 +71,19 @@ async fn start_bare_hop(upstream: String) -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// The stack's fake neuron served once more, with TCP_NODELAY on accepted
+/// sockets (axum's default leaves Nagle on): a diagnostic for streaming.
+async fn start_nodelay_neuron(stack: &Stack) -> std::io::Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let router = stack.neuron.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(url)
+}
+
 #[derive(Default)]
 struct Outcome {
     ok: u64,
@@ -76,6 +91,7 @@ struct Outcome {
     first_error: Option<String>,
     latencies: Vec<Duration>,
     ttfbs: Vec<Duration>,
+    headers: Vec<Duration>,
     elapsed: Duration,
     timed_out: bool,
 }
@@ -83,6 +99,7 @@ struct Outcome {
 struct Sample {
     latency: Duration,
     ttfb: Duration,
+    headers: Duration,
 }
 
 async fn one_request(
@@ -98,6 +115,7 @@ async fn one_request(
         .map_err(|e| e.to_string())?;
     let begun = Instant::now();
     let response: Response<Incoming> = client.request(request).await.map_err(|e| e.to_string())?;
+    let headers = begun.elapsed();
     let status = response.status();
     let mut body = response.into_body();
     let mut ttfb = None;
@@ -120,6 +138,7 @@ async fn one_request(
     Ok(Sample {
         latency,
         ttfb: ttfb.unwrap_or(latency),
+        headers,
     })
 }
 
@@ -165,6 +184,7 @@ async fn load(
                                 outcome.ok += 1;
                                 outcome.latencies.push(sample.latency);
                                 outcome.ttfbs.push(sample.ttfb);
+                                outcome.headers.push(sample.headers);
                             }
                             Err(error) => {
                                 outcome.errors += 1;
@@ -184,6 +204,7 @@ async fn load(
             total.errors += outcome.errors;
             total.latencies.extend(outcome.latencies);
             total.ttfbs.extend(outcome.ttfbs);
+            total.headers.extend(outcome.headers);
             total.timed_out |= outcome.timed_out;
         }
         total.elapsed = begun.elapsed();
@@ -191,6 +212,7 @@ async fn load(
             total.first_error = first_error.lock().unwrap().take();
             total.latencies.sort();
             total.ttfbs.sort();
+            total.headers.sort();
             return total;
         }
         if total.errors > 0 {
@@ -232,6 +254,26 @@ impl Row {
     }
 }
 
+/// Waits (10 s at most) until `url` answers a chat completion with 200.
+async fn answers_200(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    name: &str,
+    url: &str,
+    auth: &str,
+) -> anyhow::Result<()> {
+    let body = Bytes::from_static(BODY.as_bytes());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match one_request(client, url, auth, &body).await {
+            Ok(_) => return Ok(()),
+            Err(error) if Instant::now() > deadline => {
+                anyhow::bail!("{name} never answered 200: {error}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 async fn bench() -> anyhow::Result<()> {
     let stack = Stack::start().await;
     let (_key_id, secret) = stack
@@ -249,19 +291,8 @@ async fn bench() -> anyhow::Result<()> {
         ("bare hop", format!("http://{bare}{path}")),
         ("agent", format!("{}{path}", stack.agent_url())),
     ];
-    // Every target must answer 200 before anything is measured.
     for (name, url) in &targets {
-        let body = Bytes::from_static(BODY.as_bytes());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match one_request(&client, url, &auth, &body).await {
-                Ok(_) => break,
-                Err(error) if Instant::now() > deadline => {
-                    anyhow::bail!("{name} never answered 200: {error}")
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+        answers_200(&client, name, url, &auth).await?;
     }
 
     let mut rows = Vec::new();
@@ -276,10 +307,37 @@ async fn bench() -> anyhow::Result<()> {
             });
         }
     }
+    // Streaming: the neuron as the stack serves it (axum, Nagle on), and as
+    // a diagnostic the same neuron served with TCP_NODELAY, with a second
+    // agent in front of it.
+    let nodelay_neuron = start_nodelay_neuron(&stack).await?;
+    let second_agent = start_agent(allot_agent::config::AgentConfig {
+        agent_id: "agent-2".into(),
+        neuron_id: "neuron-2".into(),
+        neuron_url: nodelay_neuron.clone(),
+        spool_dir: stack.dir.0.join("agent-2"),
+        ..stack.agent_config.clone()
+    })
+    .await;
+    let stream_targets = [
+        targets[0].clone(),
+        targets[2].clone(),
+        (
+            "direct neuron, TCP_NODELAY",
+            format!("{nodelay_neuron}{path}"),
+        ),
+        (
+            "agent → neuron with TCP_NODELAY",
+            format!("{}{path}", second_agent.url),
+        ),
+    ];
+    for (name, url) in &stream_targets[2..] {
+        answers_200(&client, name, url, &auth).await?;
+    }
     let mut ttfb_rows = Vec::new();
-    for (name, url) in [&targets[0], &targets[2]] {
-        eprintln!("measuring streamed TTFB of {name} at c=1 (2000 requests)...");
-        let outcome = load(&client, url, &auth, STREAM_BODY, 1, 2_000).await;
+    for (name, url) in &stream_targets {
+        eprintln!("measuring streamed TTFB of {name} at c=1 ({STREAM_REQUESTS} requests)...");
+        let outcome = load(&client, url, &auth, STREAM_BODY, 1, STREAM_REQUESTS).await;
         ttfb_rows.push((*name, outcome));
     }
 
@@ -323,24 +381,27 @@ async fn bench() -> anyhow::Result<()> {
         );
     }
     println!("\n## Streamed (`\"stream\": true`), concurrency 1: time to first body byte\n");
-    println!("| target | ok | errors | TTFB p50 (µs) | TTFB p99 (µs) | full response p50 (µs) |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| target | ok | errors | time (s) | headers p50 (µs) | TTFB p50 (µs) | TTFB p99 (µs) | full response p50 (µs) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (name, outcome) in &ttfb_rows {
         println!(
-            "| {name} | {} | {} | {:.1} | {:.1} | {:.1} |",
+            "| {name} | {} | {} | {:.2}{} | {:.1} | {:.1} | {:.1} | {:.1} |",
             outcome.ok,
             outcome.errors,
+            outcome.elapsed.as_secs_f64(),
+            if outcome.timed_out { " (30 s cap)" } else { "" },
+            micros(percentile(&outcome.headers, 0.50)),
             micros(percentile(&outcome.ttfbs, 0.50)),
             micros(percentile(&outcome.ttfbs, 0.99)),
             micros(percentile(&outcome.latencies, 0.50)),
         );
     }
-    if let [(_, direct), (_, agent)] = &ttfb_rows[..] {
-        println!(
-            "\nTTFB p50 added by the agent: {:.1} µs",
-            micros(percentile(&agent.ttfbs, 0.50)) - micros(percentile(&direct.ttfbs, 0.50))
-        );
-    }
+    let ttfb50 = |i: usize| micros(percentile(&ttfb_rows[i].1.ttfbs, 0.50));
+    println!(
+        "\nTTFB p50 added by the agent: {:.1} µs (neuron as served by the stack), {:.1} µs (TCP_NODELAY neuron)",
+        ttfb50(1) - ttfb50(0),
+        ttfb50(3) - ttfb50(2),
+    );
     let failures: Vec<_> = rows
         .iter()
         .map(|r| (r.target, r.concurrency, &r.outcome))
