@@ -62,7 +62,11 @@ async fn keep_alive(
             return;
         }
     };
+    // Beat every third of the TTL; one slow beat is not a loss, but once no
+    // beat has succeeded for two thirds of the TTL the lease may lapse
+    // before the next one: step down.
     let mut tick = tokio::time::interval(ttl / 3);
+    let mut last_ok = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         let beat = async {
@@ -71,16 +75,29 @@ async fn keep_alive(
         };
         match tokio::time::timeout(ttl / 3, beat).await {
             Ok(Ok(Some(response))) if response.ttl() > 0 => {
+                last_ok = tokio::time::Instant::now();
                 successes.send_modify(|n| *n += 1);
             }
+            Ok(Ok(Some(_))) => {
+                tracing::warn!(lease, "the election lease is gone; stepping down");
+                lost.send_replace(true);
+                return;
+            }
             outcome => {
+                if last_ok.elapsed() >= ttl * 2 / 3 {
+                    tracing::warn!(
+                        ?outcome,
+                        lease,
+                        "election lease keep-alive failing; stepping down"
+                    );
+                    lost.send_replace(true);
+                    return;
+                }
                 tracing::warn!(
                     ?outcome,
                     lease,
-                    "election lease keep-alive failed; stepping down"
+                    "an election lease keep-alive failed; retrying"
                 );
-                lost.send_replace(true);
-                return;
             }
         }
     }

@@ -233,7 +233,12 @@ impl Engine {
         settings: EngineSettings,
     ) -> Result<(Engine, EngineHandle), StoreError> {
         let stored = store.load().await?;
-        let ledger = Ledger::from_stored(settings.ledger.clone(), stored);
+        // Building a large ledger takes seconds of CPU: keep it off the
+        // async workers (the election's keep-alive runs there).
+        let config = settings.ledger.clone();
+        let ledger = tokio::task::spawn_blocking(move || Ledger::from_stored(config, stored))
+            .await
+            .map_err(|e| StoreError::NotApplied(format!("loading the ledger failed: {e}")))?;
         let now = Instant::now();
         let disconnected = ledger.agents().map(|a| (a.agent_id.clone(), now)).collect();
         let (tx, rx) = mpsc::channel(65_536);

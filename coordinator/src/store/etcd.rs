@@ -241,10 +241,16 @@ impl Store for EtcdStore {
                     _ => break,
                 }
             }
-            layout::decode(
-                &self.prefix,
-                entries.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
-            )
+            // Decoding a large ledger is CPU work: off the async workers.
+            let prefix = self.prefix.clone();
+            tokio::task::spawn_blocking(move || {
+                layout::decode(
+                    &prefix,
+                    entries.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                )
+            })
+            .await
+            .map_err(|e| StoreError::NotApplied(format!("decoding the ledger failed: {e}")))?
         })
     }
 
