@@ -43,7 +43,7 @@ async fn agents(coordinator_url: &str, count: usize) -> Agents {
     let http = reqwest::Client::new();
     for agent in &running {
         let url = format!("{}/readyz", agent.url);
-        wait_until("an agent to connect", Duration::from_secs(30), || {
+        wait_until("an agent to connect", Duration::from_secs(60), || {
             let (http, url) = (http.clone(), url.clone());
             async move { http.get(url).send().await.is_ok_and(|r| r.status() == 200) }
         })
@@ -127,7 +127,7 @@ async fn eight_agents_with_skewed_load_use_99_percent_of_a_cap_and_never_more() 
     assert_eq!(fleet.neuron.hits(), served);
     wait_until(
         "every served request to settle",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async {
             let agents = stack
                 .admin()
@@ -197,7 +197,7 @@ async fn after_a_top_up_a_refused_client_is_served_again_within_a_second() {
     // Wait until the agent has the tariff, so that it prices the request.
     wait_until(
         "the tariff to reach the agent",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async { stack.chat(&secret, chat_body(20)).await.status() == 429 },
     )
     .await;

@@ -155,7 +155,7 @@ async fn a_paused_coordinator_loses_its_election_key_and_cannot_commit() {
 async fn wait_for_leader(coordinators: &[CoordinatorProcess]) -> usize {
     let urls: Vec<String> = coordinators.iter().map(|c| c.url.clone()).collect();
     let found = Arc::new(AtomicU64::new(u64::MAX));
-    wait_until("a coordinator to lead", Duration::from_secs(30), || {
+    wait_until("a coordinator to lead", Duration::from_secs(60), || {
         let (urls, found) = (urls.clone(), found.clone());
         async move {
             for (i, url) in urls.iter().enumerate() {
@@ -209,7 +209,7 @@ async fn fleet(coordinator_urls: Vec<String>) -> Fleet {
     let agent_url = agent.url.clone();
     let http = reqwest::Client::new();
     let ready = format!("{agent_url}/readyz");
-    wait_until("the agent to connect", Duration::from_secs(30), || {
+    wait_until("the agent to connect", Duration::from_secs(60), || {
         let (http, ready) = (http.clone(), ready.clone());
         async move {
             http.get(ready)
@@ -365,7 +365,7 @@ async fn assert_settled(url: &str, fleet: &mut Fleet, key_id: &str, result: &Loa
     let served = result.served;
     wait_until(
         "every served request to settle",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async move { agents_high_water(url).await == Some(served) },
     )
     .await;
@@ -378,7 +378,7 @@ async fn assert_settled(url: &str, fleet: &mut Fleet, key_id: &str, result: &Loa
     fleet.agent.take().unwrap().stop().await;
     wait_until(
         "nothing left reserved",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async move {
             key_tokens(url, key_id)
                 .await
@@ -471,7 +471,7 @@ async fn etcd_down_means_not_serving_then_503_after_leases_and_recovery_settles_
 
     cluster.stop_all();
     let health_url = url.clone();
-    wait_until("health to go NOT_SERVING", Duration::from_secs(30), || {
+    wait_until("health to go NOT_SERVING", Duration::from_secs(60), || {
         let url = health_url.clone();
         async move {
             let Ok(channel) = tonic::transport::Channel::from_shared(url)
@@ -538,7 +538,7 @@ async fn etcd_down_means_not_serving_then_503_after_leases_and_recovery_settles_
     // Service resumes by itself.
     wait_until(
         "requests to be served again",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async { send(&fleet).await.is_ok_and(|r| r.status() == 200) },
     )
     .await;
