@@ -15,6 +15,7 @@ pub mod key;
 pub mod limit;
 pub mod money;
 pub mod reservation;
+pub mod signal;
 pub mod tariff;
 pub mod telemetry;
 pub mod window;

@@ -1125,6 +1125,12 @@ mod tests {
     }
 
     fn ledger_with_key(limits: Vec<Limit>) -> Ledger {
+        ledger_with_key_and_writes(limits).0
+    }
+
+    /// A ledger with account `acme`, key `k1` with `limits`, agents `a1`
+    /// and `a2`, and the writes that made it.
+    fn ledger_with_key_and_writes(limits: Vec<Limit>) -> (Ledger, Vec<StoreWrite>) {
         let mut ledger = Ledger::new(LedgerConfig::default());
         let mut w = Vec::new();
         ledger.create_account("acme", "Acme", NOW, &mut w).unwrap();
@@ -1149,7 +1155,8 @@ mod tests {
             .unwrap();
         ledger.hello("a1", 1, "n1", &mut w).unwrap();
         ledger.hello("a2", 1, "n2", &mut w).unwrap();
-        ledger
+        ledger.flush(&mut w);
+        (ledger, w)
     }
 
     fn token_limit(amount: i64, window: Window) -> Limit {
@@ -1366,7 +1373,7 @@ mod tests {
         ledger.flush(&mut w);
         // Replay every write into a stored state, as a store would.
         let mut kv = std::collections::BTreeMap::new();
-        let mut all = ledger_with_key_writes();
+        let (_, mut all) = ledger_with_key_and_writes(vec![token_limit(1000, Window::Balance)]);
         all.extend(w);
         for (k, v) in crate::store::layout::coalesce("/allot/", &all) {
             match v {
@@ -1385,40 +1392,5 @@ mod tests {
             ledger.limit_views("k1", NOW).unwrap()
         );
         assert_eq!(rebuilt.agent("a1").unwrap().high_water_seq, 1);
-    }
-
-    /// The writes `ledger_with_key` makes.
-    fn ledger_with_key_writes() -> Vec<StoreWrite> {
-        let mut ledger = Ledger::new(LedgerConfig::default());
-        let mut w = Vec::new();
-        ledger.create_account("acme", "Acme", NOW, &mut w).unwrap();
-        ledger
-            .create_key(
-                KeyRecord {
-                    key_id: "k1".into(),
-                    account_id: "acme".into(),
-                    hash: KeyHash::of_secret("s1"),
-                    purpose: Purpose::Realtime,
-                    revoked: false,
-                    allowed_models: vec![],
-                    name: String::new(),
-                    limits: vec![],
-                    created_at_ms: NOW,
-                },
-                &mut w,
-            )
-            .unwrap();
-        ledger
-            .set_limits(
-                &Scope::Key("k1".into()),
-                vec![token_limit(1000, Window::Balance)],
-                NOW,
-                &mut w,
-            )
-            .unwrap();
-        ledger.hello("a1", 1, "n1", &mut w).unwrap();
-        ledger.hello("a2", 1, "n2", &mut w).unwrap();
-        ledger.flush(&mut w);
-        w
     }
 }

@@ -115,23 +115,7 @@ async fn main() -> anyhow::Result<()> {
         telemetry::install_metrics(addr).map_err(anyhow::Error::msg)?;
     }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let result = allot_coordinator::run(config, listener, shutdown_signal()).await;
+    let result = allot_coordinator::run(config, listener, allot::signal::shutdown()).await;
     telemetry.shutdown();
     result
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -63,18 +63,21 @@ impl EtcdCluster {
         cluster
     }
 
-    fn spawn(&self, member: &mut EtcdMember) {
-        let log = std::fs::File::create(member.dir.with_extension("log")).expect("etcd log");
-        let child = Command::new("etcd")
+    /// The `etcd` command line of `member`; `new_cluster` on first start.
+    fn command(&self, member: &EtcdMember, new_cluster: bool) -> Command {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(member.dir.with_extension("log"))
+            .expect("etcd log");
+        let mut command = Command::new("etcd");
+        command
             .args(["--name", &member.name])
             .args(["--data-dir", member.dir.to_str().unwrap()])
             .args(["--listen-client-urls", &member.client_url])
             .args(["--advertise-client-urls", &member.client_url])
             .args(["--listen-peer-urls", &member.peer_url])
             .args(["--initial-advertise-peer-urls", &member.peer_url])
-            .args(["--initial-cluster", &self.initial_cluster])
-            .args(["--initial-cluster-state", "new"])
-            .args(["--initial-cluster-token", "allot-test"])
             .args([
                 "--auto-compaction-mode",
                 "revision",
@@ -84,10 +87,18 @@ impl EtcdCluster {
             .args(["--max-request-bytes", "10485760"])
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("etcd starts");
-        member.child = Some(child);
+            .stderr(Stdio::from(log));
+        if new_cluster {
+            command
+                .args(["--initial-cluster", &self.initial_cluster])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "allot-test"]);
+        }
+        command
+    }
+
+    fn spawn(&self, member: &mut EtcdMember) {
+        member.child = Some(self.command(member, true).spawn().expect("etcd starts"));
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -146,25 +157,7 @@ impl EtcdCluster {
         let mut members = std::mem::take(&mut self.members);
         for member in &mut members {
             if member.child.is_none() {
-                let log = std::fs::OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .open(member.dir.with_extension("log"))
-                    .unwrap();
-                let child = Command::new("etcd")
-                    .args(["--name", &member.name])
-                    .args(["--data-dir", member.dir.to_str().unwrap()])
-                    .args(["--listen-client-urls", &member.client_url])
-                    .args(["--advertise-client-urls", &member.client_url])
-                    .args(["--listen-peer-urls", &member.peer_url])
-                    .args(["--initial-advertise-peer-urls", &member.peer_url])
-                    .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
-                    .args(["--max-request-bytes", "10485760"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::from(log))
-                    .spawn()
-                    .expect("etcd restarts");
-                member.child = Some(child);
+                member.child = Some(self.command(member, false).spawn().expect("etcd restarts"));
             }
         }
         self.members = members;

@@ -315,30 +315,7 @@ impl Stack {
         account_id: &str,
         limits: Vec<pb::Limit>,
     ) -> (String, String) {
-        let mut admin = self.admin().await;
-        let _ = admin
-            .create_account(authed(pb::CreateAccountRequest {
-                account_id: account_id.into(),
-                name: account_id.into(),
-            }))
-            .await;
-        let created = admin
-            .create_key(authed(pb::CreateKeyRequest {
-                account_id: account_id.into(),
-                ..Default::default()
-            }))
-            .await
-            .expect("create key")
-            .into_inner();
-        let key_id = created.key.expect("key").key_id;
-        admin
-            .set_limits(authed(pb::SetLimitsRequest {
-                scope: Some(pb::set_limits_request::Scope::KeyId(key_id.clone())),
-                limits,
-            }))
-            .await
-            .expect("set limits");
-        (key_id, created.secret)
+        key_with_limits_at(&self.coordinator_url, account_id, limits).await
     }
 
     pub async fn snapshot(&self, key_id: &str) -> pb::Snapshot {
@@ -429,6 +406,41 @@ impl Stack {
         self.agent = Some(start_agent(self.agent_config.clone()).await);
         self.wait_for_agent().await;
     }
+}
+
+/// Creates the account (if new) and a key with `limits` through the Admin
+/// service at `url`; returns `(key_id, secret)`.
+pub async fn key_with_limits_at(
+    url: &str,
+    account_id: &str,
+    limits: Vec<pb::Limit>,
+) -> (String, String) {
+    let mut admin = pb::admin_client::AdminClient::connect(url.to_string())
+        .await
+        .expect("admin connects");
+    let _ = admin
+        .create_account(authed(pb::CreateAccountRequest {
+            account_id: account_id.into(),
+            name: account_id.into(),
+        }))
+        .await;
+    let created = admin
+        .create_key(authed(pb::CreateKeyRequest {
+            account_id: account_id.into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("create key")
+        .into_inner();
+    let key_id = created.key.expect("key").key_id;
+    admin
+        .set_limits(authed(pb::SetLimitsRequest {
+            scope: Some(pb::set_limits_request::Scope::KeyId(key_id.clone())),
+            limits,
+        }))
+        .await
+        .expect("set limits");
+    (key_id, created.secret)
 }
 
 pub fn limit(unit: pb::Unit, amount: &str, window: pb::window::Kind) -> pb::Limit {

@@ -229,33 +229,12 @@ async fn fleet(coordinator_urls: Vec<String>) -> Fleet {
 }
 
 async fn create_key(url: &str, tokens: u64) -> (String, String) {
-    let mut admin = pb::admin_client::AdminClient::connect(url.to_string())
-        .await
-        .unwrap();
-    admin
-        .create_account(authed(pb::CreateAccountRequest {
-            account_id: "acme".into(),
-            name: String::new(),
-        }))
-        .await
-        .unwrap();
-    let created = admin
-        .create_key(authed(pb::CreateKeyRequest {
-            account_id: "acme".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    let key_id = created.key.unwrap().key_id;
-    admin
-        .set_limits(authed(pb::SetLimitsRequest {
-            scope: Some(pb::set_limits_request::Scope::KeyId(key_id.clone())),
-            limits: vec![limit(pb::Unit::Tokens, &tokens.to_string(), balance())],
-        }))
-        .await
-        .unwrap();
-    (key_id, created.secret)
+    key_with_limits_at(
+        url,
+        "acme",
+        vec![limit(pb::Unit::Tokens, &tokens.to_string(), balance())],
+    )
+    .await
 }
 
 #[derive(Default, Debug)]

@@ -59,33 +59,12 @@ async fn main() {
     })
     .await;
 
-    let mut admin = pb::admin_client::AdminClient::connect(coordinator_url.clone())
-        .await
-        .unwrap();
-    admin
-        .create_account(authed(pb::CreateAccountRequest {
-            account_id: "acme".into(),
-            name: String::new(),
-        }))
-        .await
-        .unwrap();
-    let created = admin
-        .create_key(authed(pb::CreateKeyRequest {
-            account_id: "acme".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    let key_id = created.key.unwrap().key_id;
-    admin
-        .set_limits(authed(pb::SetLimitsRequest {
-            scope: Some(pb::set_limits_request::Scope::KeyId(key_id)),
-            limits: vec![limit(pb::Unit::Tokens, "1000000000", balance())],
-        }))
-        .await
-        .unwrap();
-    let secret = created.secret;
+    let (_, secret) = key_with_limits_at(
+        &coordinator_url,
+        "acme",
+        vec![limit(pb::Unit::Tokens, "1000000000", balance())],
+    )
+    .await;
 
     let mut urls = Vec::new();
     let mut running = Vec::new();
