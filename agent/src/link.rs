@@ -203,7 +203,6 @@ async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
             agent_id: ctx.settings.agent_id.clone(),
             epoch: ctx.settings.epoch,
             neuron_id: ctx.settings.neuron_id.clone(),
-            ..Default::default()
         })),
     })
     .await?;

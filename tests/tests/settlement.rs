@@ -174,7 +174,6 @@ async fn a_usage_batch_resent_on_a_new_session_is_charged_once(backend: Backend)
             msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
                 agent_id: "raw-agent".into(),
                 epoch,
-                reconcile_seq: 3,
                 ..Default::default()
             })),
         })

@@ -138,8 +138,6 @@ async fn attempt(
                 agent_id: AGENT.into(),
                 epoch,
                 neuron_id: "n1".into(),
-                reconcile_seq: 0,
-                ..Default::default()
             })),
         })
         .await?;

@@ -422,9 +422,6 @@ async fn one_agent(
             agent_id: agent_id.clone(),
             epoch: 1,
             neuron_id: "bench-neuron".into(),
-            // Every record is "not from a slice": this raw agent holds none.
-            reconcile_seq: u64::MAX,
-            ..Default::default()
         })),
     })
     .await?;
