@@ -826,11 +826,10 @@ fn format_reset(d: Duration) -> String {
 /// limits, from the last grant and local use since.
 fn add_rate_limit_headers(state: &AgentState, key_id: &str, headers: &mut HeaderMap) {
     let now = Instant::now();
+    let limits = state.table.limits_for_headers(key_id);
     for (unit, suffix) in [(Unit::Requests, "requests"), (Unit::Tokens, "tokens")] {
-        let tightest = state
-            .table
-            .limits_for_headers(key_id)
-            .into_iter()
+        let tightest = limits
+            .iter()
             .filter(|(l, _)| l.unit == unit)
             .min_by_key(|(_, remaining)| *remaining);
         let Some((limit, remaining)) = tightest else {

@@ -264,17 +264,12 @@ impl Stack {
 
     /// Waits until the agent has a session with the coordinator.
     pub async fn wait_for_agent(&self) {
-        let url = format!("{}/readyz", self.agent_url());
-        let http = self.http.clone();
-        wait_until(
-            "the agent to connect to the coordinator",
-            Duration::from_secs(30),
-            || {
-                let (url, http) = (url.clone(), http.clone());
-                async move { http.get(url).send().await.is_ok_and(|r| r.status() == 200) }
-            },
-        )
-        .await;
+        wait_agent_ready(&self.agent_url(), Duration::from_secs(30)).await;
+    }
+
+    /// Usage records settled so far, over every agent.
+    pub async fn settled_records(&self) -> u64 {
+        settled_records_at(&self.coordinator_url).await
     }
 
     async fn wait_for_coordinator(&self) {
@@ -405,6 +400,35 @@ impl Stack {
     pub async fn restart_agent(&mut self) {
         self.agent = Some(start_agent(self.agent_config.clone()).await);
         self.wait_for_agent().await;
+    }
+}
+
+/// Waits until the agent at `agent_url` has a coordinator session
+/// (`GET /readyz` answers 200).
+pub async fn wait_agent_ready(agent_url: &str, deadline: Duration) {
+    let url = format!("{agent_url}/readyz");
+    let http = reqwest::Client::new();
+    wait_until("an agent to connect to the coordinator", deadline, || {
+        let (url, http) = (url.clone(), http.clone());
+        async move { http.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+}
+
+/// Usage records settled so far by the coordinator at `url`: the sum of
+/// every agent's high-water mark.
+pub async fn settled_records_at(url: &str) -> u64 {
+    let Ok(mut admin) = pb::admin_client::AdminClient::connect(url.to_string()).await else {
+        return 0;
+    };
+    match admin.list_agents(authed(pb::ListAgentsRequest {})).await {
+        Ok(agents) => agents
+            .into_inner()
+            .agents
+            .iter()
+            .map(|a| a.high_water_seq)
+            .sum(),
+        Err(_) => 0,
     }
 }
 

@@ -103,19 +103,7 @@ async fn fan_out(backend: Backend, concurrent: bool) {
     wait_until(
         "every usage record to settle",
         Duration::from_secs(30),
-        || async {
-            let agents = stack
-                .admin()
-                .await
-                .list_agents(authed(pb::ListAgentsRequest {}))
-                .await
-                .unwrap()
-                .into_inner();
-            agents
-                .agents
-                .iter()
-                .all(|a| a.high_water_seq as usize == served)
-        },
+        || async { stack.settled_records().await as usize == served },
     )
     .await;
     let mut stack = stack;

@@ -40,14 +40,8 @@ async fn agents(coordinator_url: &str, count: usize) -> Agents {
             .await,
         );
     }
-    let http = reqwest::Client::new();
     for agent in &running {
-        let url = format!("{}/readyz", agent.url);
-        wait_until("an agent to connect", Duration::from_secs(60), || {
-            let (http, url) = (http.clone(), url.clone());
-            async move { http.get(url).send().await.is_ok_and(|r| r.status() == 200) }
-        })
-        .await;
+        wait_agent_ready(&agent.url, Duration::from_secs(60)).await;
     }
     Agents {
         urls: running.iter().map(|a| a.url.clone()).collect(),
@@ -128,16 +122,7 @@ async fn eight_agents_with_skewed_load_use_99_percent_of_a_cap_and_never_more() 
     wait_until(
         "every served request to settle",
         Duration::from_secs(60),
-        || async {
-            let agents = stack
-                .admin()
-                .await
-                .list_agents(authed(pb::ListAgentsRequest {}))
-                .await
-                .unwrap()
-                .into_inner();
-            agents.agents.iter().map(|a| a.high_water_seq).sum::<u64>() == served
-        },
+        || async { stack.settled_records().await == served },
     )
     .await;
     let (spent, _) = stack.key_usage(&key_id, pb::Unit::Tokens).await;

@@ -208,17 +208,7 @@ async fn fleet(coordinator_urls: Vec<String>) -> Fleet {
     .await;
     let agent_url = agent.url.clone();
     let http = reqwest::Client::new();
-    let ready = format!("{agent_url}/readyz");
-    wait_until("the agent to connect", Duration::from_secs(60), || {
-        let (http, ready) = (http.clone(), ready.clone());
-        async move {
-            http.get(ready)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        }
-    })
-    .await;
+    wait_agent_ready(&agent_url, Duration::from_secs(60)).await;
     Fleet {
         neuron,
         agent: Some(agent),
@@ -310,18 +300,6 @@ async fn load(
     Arc::try_unwrap(result).unwrap().into_inner()
 }
 
-async fn agents_high_water(url: &str) -> Option<u64> {
-    let mut admin = pb::admin_client::AdminClient::connect(url.to_string())
-        .await
-        .ok()?;
-    let agents = admin
-        .list_agents(authed(pb::ListAgentsRequest {}))
-        .await
-        .ok()?
-        .into_inner();
-    agents.agents.first().map(|a| a.high_water_seq)
-}
-
 async fn key_tokens(url: &str, key_id: &str) -> Option<(u64, u64)> {
     let mut admin = pb::admin_client::AdminClient::connect(url.to_string())
         .await
@@ -345,7 +323,7 @@ async fn assert_settled(url: &str, fleet: &mut Fleet, key_id: &str, result: &Loa
     wait_until(
         "every served request to settle",
         Duration::from_secs(60),
-        || async move { agents_high_water(url).await == Some(served) },
+        || async move { settled_records_at(url).await == served },
     )
     .await;
     let (spent, _) = key_tokens(url, key_id).await.unwrap();
@@ -509,7 +487,7 @@ async fn etcd_down_means_not_serving_then_503_after_leases_and_recovery_settles_
         Duration::from_secs(60),
         || {
             let url = url.clone();
-            async move { agents_high_water(&url).await == Some(served) }
+            async move { settled_records_at(&url).await == served }
         },
     )
     .await;

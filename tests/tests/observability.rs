@@ -146,16 +146,7 @@ async fn start() -> Running {
         receiver,
         _dir: dir,
     };
-    let ready = format!("{}/readyz", running.agent_url);
-    wait_until(
-        "the agent process to connect",
-        Duration::from_secs(30),
-        || {
-            let ready = ready.clone();
-            async move { reqwest::get(ready).await.is_ok_and(|r| r.status() == 200) }
-        },
-    )
-    .await;
+    wait_agent_ready(&running.agent_url, Duration::from_secs(30)).await;
     running
 }
 

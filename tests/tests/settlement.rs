@@ -92,16 +92,7 @@ async fn a_failed_neuron_request_costs_nothing(backend: Backend) {
     wait_until(
         "the failed request to settle",
         Duration::from_secs(30),
-        || async {
-            let agents = stack
-                .admin()
-                .await
-                .list_agents(authed(pb::ListAgentsRequest {}))
-                .await
-                .unwrap()
-                .into_inner();
-            agents.agents.iter().any(|a| a.high_water_seq == 1)
-        },
+        || async { stack.settled_records().await == 1 },
     )
     .await;
     assert_eq!(stack.key_usage(&key_id, pb::Unit::Tokens).await.0, 0);

@@ -85,17 +85,7 @@ async fn main() {
     }
     let http = reqwest::Client::new();
     for url in &urls {
-        let ready = format!("{url}/readyz");
-        wait_until("an agent", Duration::from_secs(30), || {
-            let (http, ready) = (http.clone(), ready.clone());
-            async move {
-                http.get(ready)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == 200)
-            }
-        })
-        .await;
+        wait_agent_ready(url, Duration::from_secs(30)).await;
     }
 
     let admitted = Arc::new(AtomicU64::new(0));
