@@ -28,6 +28,8 @@ pub enum DenyKind {
     RateLimited,
     KeyRevoked,
     UnknownKey,
+    /// The cap has room but other agents hold it (transient).
+    HeldElsewhere,
 }
 
 #[derive(Debug, Clone)]

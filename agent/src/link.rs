@@ -302,12 +302,15 @@ fn apply(ctx: &LinkContext, msg: CoordMsg) {
                 Ok(pb::DenyReason::RateLimited) => DenyKind::RateLimited,
                 Ok(pb::DenyReason::KeyRevoked) => DenyKind::KeyRevoked,
                 Ok(pb::DenyReason::UnknownKey) => DenyKind::UnknownKey,
+                Ok(pb::DenyReason::HeldElsewhere) => DenyKind::HeldElsewhere,
                 _ => DenyKind::InsufficientQuota,
             };
             // Balance refusals stand until a push says the key changed; the
             // cap on their life bounds the damage of a lost push.
             let stands_for = match kind {
-                DenyKind::RateLimited => Duration::from_millis(deny.retry_after_ms.max(1)),
+                DenyKind::RateLimited | DenyKind::HeldElsewhere => {
+                    Duration::from_millis(deny.retry_after_ms.max(1))
+                }
                 _ => Duration::from_secs(30),
             };
             metrics::counter!("allot_agent_denies_total").increment(1);

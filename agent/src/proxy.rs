@@ -188,6 +188,14 @@ fn deny_error(deny: &CachedDeny, now: Instant) -> ApiError {
                 wait.as_millis().div_ceil(1000) as u64,
             )
         }
+        DenyKind::HeldElsewhere => ApiError::unavailable(
+            "the key's remaining budget is held by other agents; retry shortly",
+            deny.until
+                .saturating_duration_since(now)
+                .as_millis()
+                .div_ceil(1000)
+                .max(1) as u64,
+        ),
         DenyKind::KeyRevoked => ApiError::invalid_api_key("the API key was revoked"),
         DenyKind::UnknownKey => ApiError::invalid_api_key("incorrect API key provided"),
     }

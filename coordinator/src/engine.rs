@@ -41,8 +41,14 @@ pub struct ParkedAsk {
     pub since: Instant,
 }
 
-/// How long an ask waits for reclaimed slices before it is decided as is.
-pub const PARK_LIMIT: Duration = Duration::from_millis(300);
+/// How long an ask waits for reclaimed slices. A holder that has not given
+/// its slice back by then is slow or cut off: the ask is refused as
+/// temporarily unavailable (never as an exhausted cap, which it is not).
+pub const PARK_LIMIT: Duration = Duration::from_secs(2);
+
+/// A holder still holding a reclaimable slice this long after a Revoke is
+/// sent another (the first may have crossed a fresh grant to it).
+pub const REVOKE_RESEND: Duration = Duration::from_millis(300);
 
 /// What the engine's jobs may touch.
 pub struct Core {

@@ -5,7 +5,7 @@
 
 use crate::engine::{
     Core, Effects, EngineHandle, EngineSource, Job, Outbox, ParkedAsk, SessionCounters,
-    SessionLink, PARK_LIMIT,
+    SessionLink, PARK_LIMIT, REVOKE_RESEND,
 };
 use crate::ledger::{DenyReason, SettleOutcome, Usage};
 use allot::key::{KeyHash, Purpose};
@@ -317,6 +317,9 @@ fn allowance_ask(
     match core.ledger.ask(agent_id, &ask.key_id, &need, &want, fx.now) {
         Ok(grant) => {
             metrics::counter!("allot_allowance_grants_total").increment(1);
+            // A slice granted after a Revoke may be reclaimed again at once.
+            core.revoked_at
+                .remove(&(agent_id.to_string(), ask.key_id.clone()));
             let limits = grant
                 .limits
                 .iter()
@@ -371,7 +374,7 @@ fn allowance_ask(
                 let recently = core
                     .revoked_at
                     .get(&(holder.clone(), key_id.clone()))
-                    .is_some_and(|at| now.duration_since(*at) < PARK_LIMIT);
+                    .is_some_and(|at| now.duration_since(*at) < REVOKE_RESEND);
                 if recently {
                     continue;
                 }
@@ -388,13 +391,37 @@ fn allowance_ask(
                 core.revoked_at.insert((holder, key_id), now);
             }
             core.revoked_at
-                .retain(|_, at| now.duration_since(*at) < PARK_LIMIT * 10);
+                .retain(|_, at| now.duration_since(*at) < PARK_LIMIT * 2);
             core.parked.push(ParkedAsk {
                 agent_id: agent_id.to_string(),
                 outbox: outbox.clone(),
                 ask,
                 since: parked_since.unwrap_or(now),
             });
+        }
+        Err(refusal) if !refusal.reclaim.is_empty() => {
+            // Parked for PARK_LIMIT and other agents still hold the room:
+            // the cap is not exhausted, so this is not a 429. The agent
+            // answers 503 with Retry-After and asks again.
+            tracing::warn!(
+                agent_id,
+                key_id = ask.key_id,
+                holders = refusal.reclaim.len(),
+                "reclaimed slices were not given back in time"
+            );
+            metrics::counter!("allot_allowance_denies_total", "reason" => pb::DenyReason::HeldElsewhere.as_str_name())
+                .increment(1);
+            fx.send(
+                outbox,
+                CoordMsg::Deny(pb::Deny {
+                    ask_id: ask.ask_id,
+                    key_id: ask.key_id,
+                    reason: pb::DenyReason::HeldElsewhere as i32,
+                    retry_after_ms: 1_000,
+                    message: "the budget is held by other agents that have not returned it yet"
+                        .into(),
+                }),
+            );
         }
         Err(refusal) => {
             tracing::debug!(

@@ -274,3 +274,133 @@ async fn a_depleted_key_is_pushed_to_every_agent_holding_it() {
         agent.stop().await;
     }
 }
+
+/// A raw session that takes a slice and then ignores Revokes, as a slow or
+/// cut-off agent would.
+struct StubbornAgent {
+    tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    inbound: tonic::Streaming<pb::CoordinatorMessage>,
+}
+
+impl StubbornAgent {
+    async fn holding(coordinator_url: &str, key_id: &str, tokens: u64) -> StubbornAgent {
+        let mut client =
+            pb::agent_session_client::AgentSessionClient::connect(coordinator_url.to_string())
+                .await
+                .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let send = |msg| pb::AgentMessage { msg: Some(msg) };
+        use pb::agent_message::Msg;
+        tx.send(send(Msg::Hello(pb::Hello {
+            agent_id: "stubborn".into(),
+            epoch: 1,
+            ..Default::default()
+        })))
+        .await
+        .unwrap();
+        tx.send(send(Msg::Reconcile(pb::Reconcile::default())))
+            .await
+            .unwrap();
+        let tokens_only = pb::Amounts {
+            tokens: Some(tokens),
+            ..Default::default()
+        };
+        tx.send(send(Msg::Ask(pb::AllowanceAsk {
+            ask_id: 1,
+            key_id: key_id.to_string(),
+            need: Some(tokens_only.clone()),
+            want: Some(tokens_only),
+        })))
+        .await
+        .unwrap();
+        let mut agent = StubbornAgent {
+            inbound: client
+                .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner(),
+            tx,
+        };
+        let grant = agent
+            .next(|msg| match msg {
+                pb::coordinator_message::Msg::Grant(grant) => Some(grant),
+                _ => None,
+            })
+            .await;
+        assert_eq!(grant.amount.unwrap().tokens, Some(tokens));
+        agent
+    }
+
+    async fn next<T>(&mut self, pick: impl Fn(pb::coordinator_message::Msg) -> Option<T>) -> T {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(30), self.inbound.message())
+                .await
+                .expect("a coordinator message in time")
+                .unwrap()
+                .expect("the session to stay open");
+            if let Some(found) = message.msg.and_then(&pick) {
+                return found;
+            }
+        }
+    }
+}
+
+/// Budget held by an agent that does not give it back is not an exhausted
+/// cap: clients get 503 with Retry-After (never 429 `insufficient_quota`),
+/// and are served once the slice comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_held_by_an_unresponsive_agent_is_a_503_not_a_429_until_it_returns() {
+    let stack = Stack::start().await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000", balance())])
+        .await;
+    let mut stubborn = StubbornAgent::holding(&stack.coordinator_url, &key_id, 990).await;
+    wait_until(
+        "the coordinator to give up on the reclaim",
+        Duration::from_secs(30),
+        || async {
+            let response = stack.chat(&secret, chat_body(20)).await;
+            let status = response.status().as_u16();
+            let retry_after = response.headers().get("retry-after").cloned();
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(
+                status, 503,
+                "held budget must not be refused as spent: {body}"
+            );
+            assert!(retry_after.is_some(), "a 503 carries Retry-After");
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("held by other agents")
+        },
+    )
+    .await;
+    let revoke = stubborn
+        .next(|msg| match msg {
+            pb::coordinator_message::Msg::Revoke(revoke) => Some(revoke),
+            _ => None,
+        })
+        .await;
+    assert_eq!(revoke.key_id, key_id);
+    assert_eq!(stack.neuron.hits(), 0);
+    // The slice comes back: the next ask is granted.
+    stubborn
+        .tx
+        .send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::GiveBack(pb::Return {
+                key_id: key_id.clone(),
+                amount: Some(pb::Amounts {
+                    tokens: Some(990),
+                    ..Default::default()
+                }),
+            })),
+        })
+        .await
+        .unwrap();
+    wait_until(
+        "the returned budget to serve the client",
+        Duration::from_secs(30),
+        || async { stack.chat(&secret, chat_body(20)).await.status() == 200 },
+    )
+    .await;
+}
