@@ -41,6 +41,56 @@ impl Default for ReservationPolicy {
 pub enum Operation {
     ChatCompletions,
     Completions,
+    /// `/v1/embeddings`: charged by input tokens, generates nothing.
+    Embeddings,
+    /// `/v1/responses`: the Responses API (`input`, `instructions`,
+    /// `max_output_tokens`); usage arrives as `input_tokens`/`output_tokens`.
+    Responses,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 4] = [
+        Operation::ChatCompletions,
+        Operation::Completions,
+        Operation::Embeddings,
+        Operation::Responses,
+    ];
+
+    /// The URL path the operation is served on.
+    pub fn path(self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "/v1/chat/completions",
+            Operation::Completions => "/v1/completions",
+            Operation::Embeddings => "/v1/embeddings",
+            Operation::Responses => "/v1/responses",
+        }
+    }
+
+    /// OpenTelemetry GenAI `gen_ai.operation.name`.
+    pub fn otel_name(self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "chat",
+            Operation::Completions => "text_completion",
+            Operation::Embeddings => "embeddings",
+            Operation::Responses => "responses",
+        }
+    }
+
+    /// The body field that bounds the completion, which the agent sets
+    /// when the client did not; `None` when the operation generates nothing.
+    pub fn completion_field(self) -> Option<&'static str> {
+        match self {
+            Operation::ChatCompletions | Operation::Completions => Some("max_tokens"),
+            Operation::Responses => Some("max_output_tokens"),
+            Operation::Embeddings => None,
+        }
+    }
+
+    /// Whether a stream reports usage only when asked with
+    /// `stream_options.include_usage` (Responses streams always do).
+    pub fn usage_chunk_on_request(self) -> bool {
+        matches!(self, Operation::ChatCompletions | Operation::Completions)
+    }
 }
 
 /// A request body that cannot be admitted: which parameter, and why.
@@ -168,7 +218,13 @@ pub fn inspect(
             ))
         }
     };
+    if operation == Operation::Embeddings {
+        return inspect_embeddings(model, body, policy);
+    }
     let stream = optional_bool(body, "stream")?.unwrap_or(false);
+    if operation == Operation::Responses {
+        return inspect_responses(model, stream, body, policy);
+    }
     let client_wants_usage = match body.get("stream_options") {
         None | Some(Value::Null) => false,
         Some(Value::Object(options)) => match options.get("include_usage") {
@@ -236,6 +292,7 @@ pub fn inspect(
             }
             bound
         }
+        Operation::Embeddings | Operation::Responses => unreachable!("inspected above"),
         Operation::Completions => {
             let prompt = match body.get("prompt") {
                 Some(prompt) => prompt,
@@ -281,6 +338,154 @@ pub fn inspect(
         max_completion_tokens,
         choices,
         prompt_tokens_bound,
+    })
+}
+
+/// Bytes of one prompt in the completions/embeddings forms: a string, or
+/// one token per element of a pre-tokenized array.
+fn prompt_items(param: &str, prompt: &Value) -> Result<(u64, u64), BadRequest> {
+    let shape = || {
+        BadRequest::new(
+            param,
+            format!("{param} must be a string, an array of strings or of token ids"),
+        )
+    };
+    match prompt {
+        Value::String(s) => Ok((s.len() as u64, 1)),
+        Value::Array(items) if items.is_empty() => {
+            Err(BadRequest::new(param, format!("{param} must not be empty")))
+        }
+        Value::Array(items) if items.iter().all(Value::is_number) => Ok((items.len() as u64, 1)),
+        Value::Array(items) => {
+            let mut total = 0u64;
+            for item in items {
+                total = total.saturating_add(match item {
+                    Value::String(s) => s.len() as u64,
+                    Value::Array(tokens) if tokens.iter().all(Value::is_number) => {
+                        tokens.len() as u64
+                    }
+                    _ => return Err(shape()),
+                });
+            }
+            Ok((total, items.len() as u64))
+        }
+        _ => Err(shape()),
+    }
+}
+
+/// `/v1/embeddings`: the input alone is charged; nothing is generated, so
+/// the completion is fixed at zero and the body is never changed.
+fn inspect_embeddings(
+    model: String,
+    body: &Map<String, Value>,
+    policy: &ReservationPolicy,
+) -> Result<RequestFacts, BadRequest> {
+    let input = match body.get("input") {
+        None | Some(Value::Null) => {
+            return Err(BadRequest::new("input", "you must provide an input"))
+        }
+        Some(input) => input,
+    };
+    let (bytes, items) = prompt_items("input", input)?;
+    if items > 2048 {
+        return Err(BadRequest::new(
+            "input",
+            "input must not have more than 2048 items",
+        ));
+    }
+    Ok(RequestFacts {
+        model,
+        stream: false,
+        client_wants_usage: false,
+        max_completion_tokens: Some(0),
+        choices: 1,
+        // Each input is encoded separately, with its special tokens.
+        prompt_tokens_bound: policy
+            .per_request_tokens
+            .saturating_add(bytes)
+            .saturating_add(items.saturating_mul(policy.per_message_tokens)),
+    })
+}
+
+/// `/v1/responses`: `instructions` and `input` (a string or a list of
+/// items) are the prompt, `max_output_tokens` bounds the output; one choice.
+fn inspect_responses(
+    model: String,
+    stream: bool,
+    body: &Map<String, Value>,
+    policy: &ReservationPolicy,
+) -> Result<RequestFacts, BadRequest> {
+    let mut bound = policy.per_request_tokens;
+    match body.get("input") {
+        None | Some(Value::Null) => {
+            return Err(BadRequest::new("input", "you must provide an input"))
+        }
+        Some(Value::String(s)) => {
+            bound = bound
+                .saturating_add(policy.per_message_tokens)
+                .saturating_add(s.len() as u64)
+        }
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                if !item.is_object() {
+                    return Err(BadRequest::new(
+                        &format!("input[{i}]"),
+                        format!("input[{i}] must be an object"),
+                    ));
+                }
+                bound = bound
+                    .saturating_add(policy.per_message_tokens)
+                    .saturating_add(text_bytes(item, policy));
+            }
+        }
+        Some(other) => {
+            return Err(BadRequest::new(
+                "input",
+                format!(
+                    "input must be a string or an array of items, got {}",
+                    type_name(other)
+                ),
+            ))
+        }
+    }
+    match body.get("instructions") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => {
+            bound = bound
+                .saturating_add(policy.per_message_tokens)
+                .saturating_add(s.len() as u64)
+        }
+        Some(other) => {
+            return Err(BadRequest::new(
+                "instructions",
+                format!("instructions must be a string, got {}", type_name(other)),
+            ))
+        }
+    }
+    for extra in ["tools", "text"] {
+        if let Some(value) = body.get(extra) {
+            bound = bound.saturating_add(text_bytes(value, policy));
+        }
+    }
+    if body.contains_key("previous_response_id") || body.contains_key("conversation") {
+        // The server would prepend history the agent cannot see or bound.
+        return Err(BadRequest::new(
+            if body.contains_key("conversation") {
+                "conversation"
+            } else {
+                "previous_response_id"
+            },
+            "stored conversation state is not supported: its prompt cannot be bounded before dispatch; send the full input",
+        ));
+    }
+    Ok(RequestFacts {
+        model,
+        stream,
+        // Responses streams always end with usage in response.completed.
+        client_wants_usage: true,
+        max_completion_tokens: optional_u64(body, "max_output_tokens")?,
+        choices: 1,
+        prompt_tokens_bound: bound,
     })
 }
 
@@ -376,6 +581,66 @@ mod tests {
     }
 
     #[test]
+    fn embeddings_are_bounded_by_input_and_generate_nothing() {
+        let f = facts(
+            Operation::Embeddings,
+            json!({"model": "m", "input": ["héllo", "ab"], "max_tokens": 99}),
+        )
+        .unwrap();
+        assert_eq!(f.max_completion_tokens, Some(0));
+        assert_eq!(f.prompt_tokens_bound, 16 + 6 + 2 + 2 * 8);
+        assert_eq!(f.token_bound(0), f.prompt_tokens_bound);
+        let tokens = facts(
+            Operation::Embeddings,
+            json!({"model": "m", "input": [1, 2, 3]}),
+        )
+        .unwrap();
+        assert_eq!(tokens.prompt_tokens_bound, 16 + 3 + 8);
+        for bad in [
+            json!({"model": "m"}),
+            json!({"model": "m", "input": 5}),
+            json!({"model": "m", "input": []}),
+            json!({"model": "m", "input": [{"a": 1}]}),
+        ] {
+            let err = facts(Operation::Embeddings, bad).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some("input"));
+        }
+    }
+
+    #[test]
+    fn responses_bound_input_instructions_and_max_output_tokens() {
+        let f = facts(
+            Operation::Responses,
+            json!({"model": "m", "input": "hello", "instructions": "be brief", "max_output_tokens": 7, "stream": true}),
+        )
+        .unwrap();
+        assert_eq!(f.prompt_tokens_bound, 16 + 8 + 5 + 8 + 8);
+        assert_eq!(f.max_completion_tokens, Some(7));
+        assert!(f.stream && f.client_wants_usage);
+        let items = facts(
+            Operation::Responses,
+            json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}, {"type": "input_image", "image_url": "data:..."}]}]}),
+        )
+        .unwrap();
+        assert!(items.prompt_tokens_bound >= 16 + 8 + 2 + 2_000);
+        assert_eq!(items.max_completion_tokens, None);
+        let err = facts(
+            Operation::Responses,
+            json!({"model": "m", "input": "x", "previous_response_id": "r1"}),
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("previous_response_id"));
+        let err = facts(
+            Operation::Responses,
+            json!({"model": "m", "input": "x", "max_output_tokens": -1}),
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("max_output_tokens"));
+        let err = facts(Operation::Responses, json!({"model": "m", "input": [1]})).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("input[0]"));
+    }
+
+    #[test]
     fn stream_usage_request_is_read() {
         let f = facts(
             Operation::Completions,
@@ -422,6 +687,10 @@ mod fuzz {
                         Just("role".to_string()),
                         Just("type".to_string()),
                         Just("tools".to_string()),
+                        Just("input".to_string()),
+                        Just("instructions".to_string()),
+                        Just("max_output_tokens".to_string()),
+                        Just("text".to_string()),
                         ".{0,8}".prop_map(|s| s),
                     ],
                     inner,
@@ -439,7 +708,7 @@ mod fuzz {
         fn any_json_body_is_answered_without_panicking(body in json()) {
             let policy = ReservationPolicy::default();
             if let Value::Object(map) = &body {
-                for operation in [Operation::ChatCompletions, Operation::Completions] {
+                for operation in Operation::ALL {
                     if let Ok(facts) = inspect(operation, map, &policy) {
                         prop_assert!(!facts.model.is_empty());
                         prop_assert!(facts.choices >= 1);
@@ -453,7 +722,9 @@ mod fuzz {
         #[test]
         fn any_bytes_that_parse_are_answered_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(&bytes) {
-                let _ = inspect(Operation::ChatCompletions, &map, &ReservationPolicy::default());
+                for operation in Operation::ALL {
+                    let _ = inspect(operation, &map, &ReservationPolicy::default());
+                }
             }
         }
 

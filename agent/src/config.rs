@@ -10,6 +10,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// What the agent does with paths it does not meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownPaths {
+    /// 404 with an OpenAI error naming the served paths.
+    Refuse,
+    /// Forwarded to the neuron as is for a valid key, never charged.
+    PassThrough,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
@@ -53,8 +63,31 @@ pub struct AgentConfig {
     pub upstream_connect_timeout_ms: u64,
     /// Time until the neuron's response headers.
     pub first_byte_timeout_ms: u64,
-    /// Time for a whole non-streamed response.
+    /// Time for a whole request, streamed or not, from admission to the
+    /// last byte.
     pub request_timeout_ms: u64,
+    /// A stream that sends nothing for this long is cut: the client gets an
+    /// error event, the request settles at what was delivered.
+    pub stream_idle_timeout_ms: u64,
+    /// Time a client has to send its request headers.
+    pub header_read_timeout_ms: u64,
+    /// Requests this agent serves at once (0: no limit); more get 503.
+    pub max_concurrent_requests: usize,
+    /// Requests one key may have in flight on this agent (0: no limit);
+    /// more get 429 `rate_limit_exceeded`.
+    pub max_concurrent_per_key: usize,
+    /// Speak HTTP/2 without TLS (h2c, prior knowledge) to upstreams.
+    pub upstream_http2: bool,
+    /// Per-model upstream base URLs, overriding `neuron_url`.
+    pub upstreams: HashMap<String, String>,
+    /// Ask the neuron `GET /models/{model_id}/endpoint` for models without
+    /// a fixed upstream.
+    pub endpoint_discovery: bool,
+    /// How long a discovered endpoint is used before it is looked up again.
+    pub endpoint_cache_ms: u64,
+    /// Paths other than the OpenAI ones allot meters: `refuse` (404) or
+    /// `pass_through` (authenticated, forwarded, not charged).
+    pub unknown_paths: UnknownPaths,
     /// Time given to in-flight requests at shutdown.
     pub shutdown_grace_ms: u64,
     /// Reservation overheads for every model...
@@ -87,6 +120,15 @@ impl Default for AgentConfig {
             upstream_connect_timeout_ms: 2_000,
             first_byte_timeout_ms: 120_000,
             request_timeout_ms: 600_000,
+            stream_idle_timeout_ms: 60_000,
+            header_read_timeout_ms: 30_000,
+            max_concurrent_requests: 0,
+            max_concurrent_per_key: 0,
+            upstream_http2: false,
+            upstreams: HashMap::new(),
+            endpoint_discovery: false,
+            endpoint_cache_ms: 60_000,
+            unknown_paths: UnknownPaths::Refuse,
             shutdown_grace_ms: 30_000,
             reservation: ReservationPolicy::default(),
             models: HashMap::new(),
@@ -127,6 +169,27 @@ impl AgentConfig {
         if self.max_body_bytes == 0 {
             return Err("max_body_bytes: must be greater than zero".into());
         }
+        for (model, url) in &self.upstreams {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!(
+                    "upstreams.{model}: {url:?} must start with http:// or https://"
+                ));
+            }
+        }
+        for (name, value) in [
+            ("first_byte_timeout_ms", self.first_byte_timeout_ms),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("stream_idle_timeout_ms", self.stream_idle_timeout_ms),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            (
+                "upstream_connect_timeout_ms",
+                self.upstream_connect_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{name}: must be greater than zero"));
+            }
+        }
         if self.grant_multiplier == 0 {
             return Err("grant_multiplier: must be at least 1".into());
         }
@@ -151,5 +214,9 @@ impl AgentConfig {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn stream_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.stream_idle_timeout_ms)
     }
 }

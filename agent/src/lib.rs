@@ -12,12 +12,14 @@
 
 pub mod allowance;
 pub mod api_error;
+pub mod concurrency;
 pub mod config;
 pub mod keys;
 pub mod link;
 pub mod proxy;
 pub mod spool;
 pub mod trace;
+pub mod upstream;
 
 use crate::allowance::AllowanceTable;
 use crate::config::AgentConfig;
@@ -39,6 +41,8 @@ pub struct AgentState {
     /// Settled usage records, to the spool.
     pub usage: mpsc::UnboundedSender<pb::UsageRecord>,
     pub client: proxy::HttpClient,
+    pub upstreams: upstream::Upstreams,
+    pub in_flight: Arc<concurrency::InFlight>,
     pub epoch: u64,
 }
 
@@ -51,6 +55,7 @@ fn http_client(config: &AgentConfig) -> proxy::HttpClient {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
+        .http2_only(config.upstream_http2)
         .build(connector)
 }
 
@@ -110,6 +115,11 @@ pub async fn run(
 
     let state = Arc::new(AgentState {
         client: http_client(&config),
+        upstreams: upstream::Upstreams::new(&config),
+        in_flight: concurrency::InFlight::new(
+            config.max_concurrent_requests,
+            config.max_concurrent_per_key,
+        ),
         config: config.clone(),
         table,
         link,
@@ -119,27 +129,14 @@ pub async fn run(
     });
     tracing::info!(listen = %listener.local_addr()?, agent_id = config.agent_id, epoch = recovered.epoch, "agent serving");
     let app = proxy::router(state.clone());
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let grace = Duration::from_millis(config.shutdown_grace_ms);
-    // No Nagle: SSE chunks and small JSON answers leave at once.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = drained_tx.send(());
-    });
-    let server = async move { server.await };
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => result?,
-        _ = drained_rx => {
-            // Stop accepting; give in-flight requests the grace period.
-            if tokio::time::timeout(grace, &mut server).await.is_err() {
-                tracing::warn!("in-flight requests outlived the shutdown grace period");
-            }
-        }
-    }
+    serve(
+        listener,
+        app,
+        Duration::from_millis(config.header_read_timeout_ms),
+        Duration::from_millis(config.shutdown_grace_ms),
+        shutdown,
+    )
+    .await;
     // Give every slice back, then let the coordinator acknowledge what is
     // spooled, briefly.
     for key_id in state.table.idle_keys(Duration::ZERO, Instant::now()) {
@@ -156,6 +153,62 @@ pub async fn run(
     drop(state);
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Accepts connections (HTTP/1.1 and h2c) until `shutdown`, then stops
+/// accepting and gives open requests, streams included, `grace` to finish.
+/// Clients get `header_read_timeout` to send their request headers.
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+    grace: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        // No Nagle: SSE chunks and small JSON answers leave at once.
+        let _ = tcp.set_nodelay(true);
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service.clone())
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        open = graceful.count(),
+        "shutting down: draining open connections"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests outlived the shutdown grace period");
+    }
 }
 
 /// The usage a spooled record charges, as the agent counted it when it

@@ -2,7 +2,7 @@
 //! anything, then runs the library's proxy until SIGINT or SIGTERM.
 
 use allot::telemetry::{self, LogFormat};
-use allot_agent::config::AgentConfig;
+use allot_agent::config::{AgentConfig, UnknownPaths};
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +38,18 @@ struct Cli {
     first_byte_timeout_ms: Option<u64>,
     #[arg(long, env = "ALLOT_AGENT_REQUEST_TIMEOUT_MS")]
     request_timeout_ms: Option<u64>,
+    #[arg(long, env = "ALLOT_AGENT_STREAM_IDLE_TIMEOUT_MS")]
+    stream_idle_timeout_ms: Option<u64>,
+    #[arg(long, env = "ALLOT_AGENT_MAX_CONCURRENT_REQUESTS")]
+    max_concurrent_requests: Option<usize>,
+    #[arg(long, env = "ALLOT_AGENT_MAX_CONCURRENT_PER_KEY")]
+    max_concurrent_per_key: Option<usize>,
+    /// Look model endpoints up with GET /models/{id}/endpoint on the neuron.
+    #[arg(long, env = "ALLOT_AGENT_ENDPOINT_DISCOVERY")]
+    endpoint_discovery: Option<bool>,
+    /// refuse or pass-through.
+    #[arg(long, env = "ALLOT_AGENT_UNKNOWN_PATHS")]
+    unknown_paths: Option<UnknownPaths>,
     /// text or json.
     #[arg(long, env = "ALLOT_AGENT_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -83,6 +95,21 @@ fn load(cli: Cli) -> Result<AgentConfig, String> {
     }
     if let Some(v) = cli.request_timeout_ms {
         config.request_timeout_ms = v;
+    }
+    if let Some(v) = cli.stream_idle_timeout_ms {
+        config.stream_idle_timeout_ms = v;
+    }
+    if let Some(v) = cli.max_concurrent_requests {
+        config.max_concurrent_requests = v;
+    }
+    if let Some(v) = cli.max_concurrent_per_key {
+        config.max_concurrent_per_key = v;
+    }
+    if let Some(v) = cli.endpoint_discovery {
+        config.endpoint_discovery = v;
+    }
+    if let Some(v) = cli.unknown_paths {
+        config.unknown_paths = v;
     }
     if let Some(v) = cli.log_format {
         config.log_format = v;

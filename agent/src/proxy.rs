@@ -8,7 +8,10 @@
 
 use crate::allowance::{Admission, CachedDeny, DenyKind, Reservation};
 use crate::api_error::ApiError;
+use crate::concurrency::{Full, Slot};
+use crate::config::UnknownPaths;
 use crate::keys::{KeyInfo, Known};
+use crate::upstream::LookupError;
 use crate::AgentState;
 use allot::clock;
 use allot::key::{KeyHash, Purpose};
@@ -22,10 +25,11 @@ use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Body as _;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -34,25 +38,94 @@ use tracing::Instrument;
 
 pub type HttpClient = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
+    http_body_util::Full<Bytes>,
 >;
 
 pub fn router(state: Arc<AgentState>) -> axum::Router {
-    axum::Router::new()
-        .route(
-            "/v1/chat/completions",
-            axum::routing::post(chat_completions),
-        )
-        .route("/v1/completions", axum::routing::post(completions))
+    let mut router = axum::Router::new();
+    for operation in Operation::ALL {
+        router = router.route(
+            operation.path(),
+            axum::routing::post(
+                move |State(state): State<Arc<AgentState>>, request: Request<Body>| {
+                    handle(state, operation, request)
+                },
+            ),
+        );
+    }
+    router
         .route("/v1/models", axum::routing::get(models))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .route("/readyz", axum::routing::get(ready))
-        .fallback(|| async {
-            ApiError::not_found(
-                "unknown path; allot serves /v1/chat/completions, /v1/completions and /v1/models",
-            )
-        })
+        .fallback(other_path)
         .with_state(state)
+}
+
+/// Paths allot does not meter: refused, or passed through for a valid key
+/// (`unknown_paths`), never charged.
+async fn other_path(State(state): State<Arc<AgentState>>, request: Request<Body>) -> Response {
+    if state.config.unknown_paths == UnknownPaths::Refuse {
+        return ApiError::not_found(format!(
+            "unknown path {}; allot serves /v1/chat/completions, /v1/completions, \
+             /v1/embeddings, /v1/responses and /v1/models",
+            request.uri().path()
+        ))
+        .into_response();
+    }
+    match pass_through(&state, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn pass_through(state: &AgentState, request: Request<Body>) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    authenticate(state, &parts.headers).await?;
+    let bytes = read_body(state, body).await?;
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut upstream = Request::builder()
+        .method(parts.method.clone())
+        .uri(format!("{}{path}", state.upstreams.default_url()));
+    for name in [header::CONTENT_TYPE, header::ACCEPT] {
+        if let Some(value) = parts.headers.get(&name) {
+            upstream = upstream.header(name, value);
+        }
+    }
+    let upstream = upstream
+        .body(http_body_util::Full::new(bytes))
+        .map_err(|e| ApiError::bad_request(format!("cannot forward this request: {e}"), None))?;
+    metrics::counter!("allot_agent_pass_through_total").increment(1);
+    let response = match tokio::time::timeout(
+        state.config.first_byte_timeout(),
+        state.client.request(upstream),
+    )
+    .await
+    {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            return Err(ApiError::bad_gateway(format!(
+                "the neuron is unreachable: {e}"
+            )))
+        }
+        Err(_) => {
+            return Err(ApiError::gateway_timeout(
+                "the neuron did not answer in time",
+            ))
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    for hop in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        parts.headers.remove(hop);
+    }
+    Ok(Response::from_parts(parts, Body::new(body)))
 }
 
 /// Ready when a session with the coordinator is up: before that, only
@@ -69,30 +142,9 @@ async fn ready(State(state): State<Arc<AgentState>>) -> Response {
     }
 }
 
-async fn chat_completions(
-    State(state): State<Arc<AgentState>>,
-    request: Request<Body>,
-) -> Response {
-    handle(
-        state,
-        Operation::ChatCompletions,
-        "/v1/chat/completions",
-        request,
-    )
-    .await
-}
-
-async fn completions(State(state): State<Arc<AgentState>>, request: Request<Body>) -> Response {
-    handle(state, Operation::Completions, "/v1/completions", request).await
-}
-
-async fn handle(
-    state: Arc<AgentState>,
-    operation: Operation,
-    path: &'static str,
-    request: Request<Body>,
-) -> Response {
+async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<Body>) -> Response {
     let started = Instant::now();
+    let path = operation.path();
     // One server span per request (OpenTelemetry HTTP and GenAI
     // conventions); never the key's secret, only its id.
     let span = tracing::info_span!(
@@ -102,10 +154,7 @@ async fn handle(
         http.request.method = "POST",
         url.path = path,
         http.response.status_code = tracing::field::Empty,
-        gen_ai.operation.name = match operation {
-            Operation::ChatCompletions => "chat",
-            Operation::Completions => "text_completion",
-        },
+        gen_ai.operation.name = operation.otel_name(),
         gen_ai.request.model = tracing::field::Empty,
         gen_ai.request.max_tokens = tracing::field::Empty,
         allot.key_id = tracing::field::Empty,
@@ -387,6 +436,8 @@ struct Settlement {
     chunks: u64,
     model_served: String,
     status: u16,
+    /// This request's place in the concurrency bounds, until it settles.
+    slot: Option<Slot>,
 }
 
 /// Usage a neuron reported.
@@ -397,19 +448,35 @@ struct Reported {
     reasoning: u64,
 }
 
+/// Usage in a response body or stream event: Chat/Completions/Embeddings
+/// (`prompt_tokens`, `completion_tokens`) at the top, or the Responses API's
+/// (`input_tokens`, `output_tokens`) at the top or under `response` (the
+/// `response.completed` event).
 fn read_usage(value: &Value) -> Option<Reported> {
-    let usage = value.get("usage")?.as_object()?;
-    Some(Reported {
-        prompt: usage.get("prompt_tokens")?.as_u64()?,
-        completion: usage
-            .get("completion_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-        reasoning: usage
-            .get("completion_tokens_details")
+    let usage = value
+        .get("usage")
+        .filter(|u| u.is_object())
+        .or_else(|| value.get("response")?.get("usage"))?
+        .as_object()?;
+    let number = |name: &str| usage.get(name).and_then(Value::as_u64);
+    let reasoning = |details: &str| {
+        usage
+            .get(details)
             .and_then(|d| d.get("reasoning_tokens"))
             .and_then(Value::as_u64)
-            .unwrap_or(0),
+            .unwrap_or(0)
+    };
+    if let Some(prompt) = number("prompt_tokens") {
+        return Some(Reported {
+            prompt,
+            completion: number("completion_tokens").unwrap_or(0),
+            reasoning: reasoning("completion_tokens_details"),
+        });
+    }
+    Some(Reported {
+        prompt: number("input_tokens")?,
+        completion: number("output_tokens").unwrap_or(0),
+        reasoning: reasoning("output_tokens_details"),
     })
 }
 
@@ -496,6 +563,7 @@ impl Settlement {
         if estimated {
             metrics::counter!("allot_agent_usage_estimated_total").increment(1);
         }
+        self.slot = None;
     }
 }
 
@@ -559,6 +627,19 @@ async fn admit_and_forward(
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let key = authenticate(state, &parts.headers).await?;
+    let slot = state
+        .in_flight
+        .enter(&key.key_id)
+        .map_err(|full| match full {
+            Full::Agent(max) => ApiError::unavailable(
+                format!("this agent is serving its maximum of {max} concurrent requests"),
+                1,
+            ),
+            Full::Key(max) => ApiError::rate_limited(
+                format!("rate limit reached: at most {max} concurrent requests per key"),
+                1,
+            ),
+        })?;
     let bytes = read_body(state, body).await?;
     let mut body: Map<String, Value> = match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => map,
@@ -588,6 +669,16 @@ async fn admit_and_forward(
     if !key.allows_model(&facts.model) {
         return Err(ApiError::model_not_found(&facts.model));
     }
+    let upstream_url = match state.upstreams.resolve(&state.client, &facts.model).await {
+        Ok(url) => url,
+        Err(LookupError::UnknownModel) => return Err(ApiError::model_not_found(&facts.model)),
+        Err(LookupError::Unavailable(why)) => {
+            return Err(ApiError::bad_gateway(format!(
+                "cannot find the endpoint of model {}: {why}",
+                facts.model
+            )))
+        }
+    };
     let admitted_at = clock::now_ms();
     let completion_window = header_str(&parts.headers, "x-allot-completion-window");
     let tariffs = state.link.tariffs.borrow().clone();
@@ -608,11 +699,11 @@ async fn admit_and_forward(
 
     // Change the body only where it must change.
     let mut changed = false;
-    if facts.max_completion_tokens.is_none() {
-        body.insert("max_tokens".into(), Value::from(plan.completion));
+    if let (None, Some(field)) = (facts.max_completion_tokens, operation.completion_field()) {
+        body.insert(field.into(), Value::from(plan.completion));
         changed = true;
     }
-    if facts.stream && !facts.client_wants_usage {
+    if facts.stream && operation.usage_chunk_on_request() && !facts.client_wants_usage {
         let options = body
             .entry("stream_options")
             .or_insert_with(|| Value::Object(Map::new()));
@@ -657,6 +748,7 @@ async fn admit_and_forward(
         chunks: 0,
         model_served: String::new(),
         status: 0,
+        slot: Some(slot),
     };
 
     let upstream_span = tracing::info_span!(
@@ -664,9 +756,9 @@ async fn admit_and_forward(
         otel.name = %format!("POST {path}"),
         otel.kind = "client",
         http.request.method = "POST",
-        server.address = state.config.neuron_url.as_str(),
+        server.address = &*upstream_url,
     );
-    let mut upstream = Request::post(format!("{}{}", state.config.neuron_url, path))
+    let mut upstream = Request::post(format!("{upstream_url}{path}"))
         .header(header::CONTENT_TYPE, "application/json")
         .header("x-request-id", &request_id);
     let mut trace_headers = HeaderMap::new();
@@ -685,7 +777,7 @@ async fn admit_and_forward(
         upstream = upstream.header("accept", value);
     }
     let upstream = upstream
-        .body(Full::new(forwarded))
+        .body(http_body_util::Full::new(forwarded))
         .map_err(|e| ApiError::bad_gateway(format!("cannot build the upstream request: {e}")))?;
 
     let response = match tokio::time::timeout(
@@ -699,6 +791,7 @@ async fn admit_and_forward(
         Ok(Err(e)) => {
             settlement.status = 502;
             settlement.finish(None, false);
+            state.upstreams.invalidate(&facts.model);
             return Err(ApiError::bad_gateway(format!(
                 "the neuron is unreachable: {e}"
             )));
@@ -744,35 +837,45 @@ async fn admit_and_forward(
             HeaderValue::from_static("text/event-stream"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        let idle_timeout = state.config.stream_idle_timeout();
         let stream = SseRelay {
             upstream: upstream_body,
             buffer: BytesMut::new(),
-            strip_usage: !facts.client_wants_usage,
+            strip_usage: operation.usage_chunk_on_request() && !facts.client_wants_usage,
             reported: None,
             settlement,
             done: false,
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            deadline: Box::pin(tokio::time::sleep_until(
+                (started + state.config.request_timeout()).into(),
+            )),
         };
         let mut response = Response::new(Body::from_stream(stream));
         *response.headers_mut() = headers;
         return Ok(response);
     }
 
-    let collected =
-        match tokio::time::timeout(state.config.request_timeout(), upstream_body.collect()).await {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(e)) => {
-                settlement.finish(None, true);
-                return Err(ApiError::bad_gateway(format!(
-                    "the neuron's response broke off: {e}"
-                )));
-            }
-            Err(_) => {
-                settlement.finish(None, true);
-                return Err(ApiError::gateway_timeout(
-                    "the neuron's response did not complete in time",
-                ));
-            }
-        };
+    let collected = match tokio::time::timeout_at(
+        (started + state.config.request_timeout()).into(),
+        upstream_body.collect(),
+    )
+    .await
+    {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => {
+            settlement.finish(None, true);
+            return Err(ApiError::bad_gateway(format!(
+                "the neuron's response broke off: {e}"
+            )));
+        }
+        Err(_) => {
+            settlement.finish(None, true);
+            return Err(ApiError::gateway_timeout(
+                "the neuron's response did not complete in time",
+            ));
+        }
+    };
     let parsed: Option<Value> = serde_json::from_slice(&collected).ok();
     if let Some(model) = parsed
         .as_ref()
@@ -801,6 +904,16 @@ async fn admit_and_forward(
 /// An estimate of completion tokens from a response without usage: one
 /// per byte of generated text (an upper bound for byte-level tokenizers).
 fn estimate_completion_tokens(value: &Value) -> u64 {
+    if let Some(output) = value.get("output").and_then(Value::as_array) {
+        // Responses API: output items with content parts.
+        return output
+            .iter()
+            .filter_map(|item| item.get("content")?.as_array())
+            .flatten()
+            .filter_map(|part| part.get("text")?.as_str())
+            .map(|text| text.len() as u64)
+            .sum();
+    }
     let Some(choices) = value.get("choices").and_then(Value::as_array) else {
         return 0;
     };
@@ -878,6 +991,11 @@ struct SseRelay {
     reported: Option<Reported>,
     settlement: Settlement,
     done: bool,
+    /// Cut the stream when the neuron sends nothing for this long...
+    idle_timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    /// ...or when the whole request outlives `request_timeout_ms`.
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl SseRelay {
@@ -932,6 +1050,14 @@ impl SseRelay {
     }
 }
 
+/// An OpenAI-shaped error as the last event of a stream.
+fn error_event(message: &str, code: &str) -> Bytes {
+    Bytes::from(format!(
+        "data: {}\n\n",
+        serde_json::json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}})
+    ))
+}
+
 fn find_event_end(buffer: &[u8]) -> Option<usize> {
     let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
     let crlf = buffer
@@ -954,11 +1080,35 @@ impl Stream for SseRelay {
         }
         loop {
             match Pin::new(&mut this.upstream).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    let idle = this.idle.as_mut().poll(cx).is_ready();
+                    if !idle && this.deadline.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // Cut: dropping the upstream body (with this relay)
+                    // cancels the neuron's request.
+                    this.done = true;
+                    let reported = this.reported;
+                    this.settlement.status = 504;
+                    this.settlement.finish(reported, true);
+                    let (what, code) = if idle {
+                        ("sent nothing for too long", "stream_idle_timeout")
+                    } else {
+                        ("did not finish in time", "request_timeout")
+                    };
+                    metrics::counter!("allot_agent_stream_timeouts_total", "kind" => code)
+                        .increment(1);
+                    return Poll::Ready(Some(Ok(error_event(
+                        &format!("the neuron's stream {what}"),
+                        code,
+                    ))));
+                }
                 Poll::Ready(Some(Ok(frame))) => {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
+                    let next = tokio::time::Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(next);
                     this.buffer.extend_from_slice(&data);
                     let out = this.take_events();
                     if !out.is_empty() {
@@ -969,11 +1119,10 @@ impl Stream for SseRelay {
                     this.done = true;
                     let reported = this.reported;
                     this.settlement.finish(reported, true);
-                    let event = format!(
-                        "data: {}\n\n",
-                        serde_json::json!({"error": {"message": format!("the neuron's stream broke off: {e}"), "type": "server_error", "param": null, "code": "upstream_error"}})
-                    );
-                    return Poll::Ready(Some(Ok(Bytes::from(event))));
+                    return Poll::Ready(Some(Ok(error_event(
+                        &format!("the neuron's stream broke off: {e}"),
+                        "upstream_error",
+                    ))));
                 }
                 Poll::Ready(None) => {
                     this.done = true;
@@ -996,8 +1145,8 @@ async fn models(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> Res
         Ok(key) => key,
         Err(e) => return e.into_response(),
     };
-    let request = match Request::get(format!("{}/v1/models", state.config.neuron_url))
-        .body(Full::new(Bytes::new()))
+    let request = match Request::get(format!("{}/v1/models", state.upstreams.default_url()))
+        .body(http_body_util::Full::new(Bytes::new()))
     {
         Ok(r) => r,
         Err(e) => return ApiError::bad_gateway(e.to_string()).into_response(),

@@ -1,14 +1,37 @@
 //! `allot-fake-neuron` is a test double for an OpenAI-compatible inference server
 //! (the "neuron" behind allot's budget enforcement). It mimics the response shapes of
-//! vLLM / llama.cpp servers for `/v1/chat/completions`, `/v1/completions` and
-//! `/v1/models`, with deterministic token accounting, real SSE streaming, and knobs
-//! (delays, injected failures, missing or inflated usage) that end-to-end tests and the
-//! demo use to exercise allot's reservation and settlement paths. It also counts hits and
-//! client cancellations so tests can assert on what actually reached the neuron.
+//! vLLM / llama.cpp / OpenAI servers for `/v1/chat/completions`, `/v1/completions`,
+//! `/v1/embeddings`, `/v1/responses` and `/v1/models`, with deterministic token
+//! accounting, real SSE streaming, and knobs (delays, injected failures, streams broken
+//! mid-way, missing or inflated usage) that end-to-end tests and the demo use to exercise
+//! allot's reservation and settlement paths. It also counts hits and client cancellations
+//! so tests can assert on what actually reached the neuron.
+//!
+//! Routes:
+//! - `POST /v1/chat/completions`, `POST /v1/completions`: plain JSON, or SSE ending with
+//!   `data: [DONE]` when `stream` is true (a usage chunk when
+//!   `stream_options.include_usage`).
+//! - `POST /v1/embeddings`: deterministic unit vectors (8 dimensions, or `dimensions` up
+//!   to 64), `encoding_format` `float` or `base64`; never streamed.
+//! - `POST /v1/responses`: the Responses API, plain JSON or, when `stream` is true, named
+//!   SSE events (`event: <type>`) ending with `response.completed` (or
+//!   `response.incomplete` when capped by `max_output_tokens`) and no `[DONE]`.
+//! - `GET /v1/models`, and `GET /models/{model_id}/endpoint` answering `{"url": ...}`:
+//!   this server's own address, or [`FakeConfig::endpoints`]' entry for the model.
+//! - `GET /_fake/hits`, `POST /_fake/behavior` (a [`Behavior`] as JSON),
+//!   `POST /_fake/reset`, `GET /health`.
+//!
+//! Token accounting: prompt tokens are whitespace-separated words (+1 per chat or
+//! Responses message item), or the length of pre-tokenized inputs; every generated token
+//! is the word `tok`.
+//!
+//! Per-request behavior headers, overriding the default [`Behavior`]: `x-fake-delay-ms`,
+//! `x-fake-chunk-delay-ms`, `x-fake-fail-status`, `x-fake-completion-tokens`,
+//! `x-fake-omit-usage` (`1`/`true`/`0`/`false`) and `x-fake-fail-after-chunks`.
 
 #![forbid(unsafe_code)]
 
-use std::convert::Infallible;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,7 +48,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 
 const DEFAULT_MODEL_NAME: &str = "fake-model";
 const DEFAULT_COMPLETION_TOKEN_CAP: u64 = 16;
@@ -33,6 +55,13 @@ const COMPLETION_WORD: &str = "tok";
 // Bounds the work a single request can ask for, so hostile input cannot exhaust memory.
 const MAXIMUM_CHOICE_COUNT: u64 = 128;
 const NEURON_ID_HEADER: &str = "x-fake-neuron-id";
+const DEFAULT_EMBEDDING_DIMENSIONS: u64 = 8;
+const MAXIMUM_EMBEDDING_DIMENSIONS: u64 = 64;
+// OpenAI's own limit on the inputs of one embeddings request.
+const MAXIMUM_EMBEDDING_INPUTS: usize = 2048;
+// How long a stream broken by `fail_after_chunks` idles before breaking, so the events
+// before the break are flushed to the client rather than lost with the connection.
+const STREAM_BREAK_FLUSH_PAUSE: Duration = Duration::from_millis(20);
 
 /// Static configuration of a fake neuron.
 #[derive(Clone, Debug, Default)]
@@ -41,6 +70,10 @@ pub struct FakeConfig {
     pub models: Vec<String>,
     /// Identifier echoed in the `x-fake-neuron-id` response header of inference responses.
     pub neuron_id: String,
+    /// Model to URL: `GET /models/{model_id}/endpoint` answers `{"url": <url>}` for these
+    /// models, served or not, so this fake can act as a node daemon pointing a model at
+    /// another server. Models without an entry get this server's own address.
+    pub endpoints: HashMap<String, String>,
 }
 
 /// How the fake neuron answers inference requests.
@@ -59,6 +92,11 @@ pub struct Behavior {
     pub completion_tokens: Option<u64>,
     /// Added to the reported prompt_tokens, to simulate a neuron over-reporting.
     pub overreport_prompt_tokens: u64,
+    /// Streamed responses only (chat, completions, responses): after this many SSE
+    /// events the body fails, so the connection is broken mid-stream instead of ending
+    /// cleanly (no `[DONE]`, no final event). A stream with no more events than this
+    /// ends normally. Header `x-fake-fail-after-chunks`.
+    pub fail_after_chunks: Option<u64>,
 }
 
 /// An inference request as the fake neuron received it.
@@ -91,6 +129,7 @@ pub struct FakeNeuron {
 struct SharedState {
     served_models: Vec<String>,
     neuron_id: String,
+    endpoints: HashMap<String, String>,
     hits: AtomicU64,
     cancellations: AtomicU64,
     response_sequence: AtomicU64,
@@ -119,6 +158,7 @@ impl FakeNeuron {
             shared: Arc::new(SharedState {
                 served_models,
                 neuron_id: config.neuron_id,
+                endpoints: config.endpoints,
                 hits: AtomicU64::new(0),
                 cancellations: AtomicU64::new(0),
                 response_sequence: AtomicU64::new(0),
@@ -133,6 +173,8 @@ impl FakeNeuron {
         Router::new()
             .route("/v1/chat/completions", post(chat_completions_handler))
             .route("/v1/completions", post(completions_handler))
+            .route("/v1/embeddings", post(embeddings_handler))
+            .route("/v1/responses", post(responses_handler))
             .route("/v1/models", get(list_models_handler))
             .route("/models/{model_id}/endpoint", get(model_endpoint_handler))
             .route("/_fake/hits", get(hits_handler))
@@ -219,6 +261,9 @@ impl SharedState {
             Some("0") | Some("false") => behavior.omit_usage = false,
             _ => {}
         }
+        if let Some(fail_after_chunks) = header_number::<u64>(headers, "x-fake-fail-after-chunks") {
+            behavior.fail_after_chunks = Some(fail_after_chunks);
+        }
         behavior
     }
 
@@ -291,6 +336,7 @@ impl IntoResponse for RequestRejection {
     }
 }
 
+/// The two completion-style APIs, which share their request and response shapes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum InferenceKind {
     ChatCompletions,
@@ -313,7 +359,23 @@ impl InferenceKind {
     }
 }
 
-/// Everything needed to answer one validated inference request.
+/// How the SSE events of a streamed response are paced, and whether the stream breaks.
+#[derive(Clone, Copy, Debug)]
+struct StreamPacing {
+    chunk_delay: Duration,
+    fail_after_events: Option<u64>,
+}
+
+impl StreamPacing {
+    fn from_behavior(behavior: &Behavior) -> StreamPacing {
+        StreamPacing {
+            chunk_delay: Duration::from_millis(behavior.chunk_delay_ms),
+            fail_after_events: behavior.fail_after_chunks,
+        }
+    }
+}
+
+/// Everything needed to answer one validated chat or text completion request.
 struct InferencePlan {
     kind: InferenceKind,
     model: String,
@@ -324,7 +386,7 @@ struct InferencePlan {
     tokens_per_choice: u64,
     finish_reason: &'static str,
     prompt_tokens: u64,
-    chunk_delay: Duration,
+    pacing: StreamPacing,
 }
 
 impl InferencePlan {
@@ -401,12 +463,11 @@ fn completions_prompt_words(body: &Value) -> Result<u64, RequestRejection> {
     }
 }
 
-fn plan_inference(
+/// The served model a request names, after checking the body is a JSON object.
+fn requested_model<'body>(
     shared: &SharedState,
-    kind: InferenceKind,
-    body: &Value,
-    behavior: &Behavior,
-) -> Result<InferencePlan, RequestRejection> {
+    body: &'body Value,
+) -> Result<&'body str, RequestRejection> {
     if !body.is_object() {
         return Err(RequestRejection::bad_request(
             "request body must be a json object",
@@ -420,6 +481,35 @@ fn plan_inference(
     if !shared.serves_model(model) {
         return Err(model_not_found(model));
     }
+    Ok(model)
+}
+
+/// Prompt tokens as reported: at least one, plus any configured over-reporting.
+fn reported_prompt_tokens(prompt_words: u64, behavior: &Behavior) -> u64 {
+    prompt_words
+        .max(1)
+        .saturating_add(behavior.overreport_prompt_tokens)
+}
+
+/// Tokens to generate (the behavior's forced count, else the requested maximum capped at
+/// the default cap) and whether the requested maximum cut the output short.
+fn generated_tokens(requested_maximum: Option<u64>, behavior: &Behavior) -> (u64, bool) {
+    let tokens = behavior.completion_tokens.unwrap_or_else(|| {
+        requested_maximum
+            .unwrap_or(DEFAULT_COMPLETION_TOKEN_CAP)
+            .min(DEFAULT_COMPLETION_TOKEN_CAP)
+    });
+    let cut_short = matches!(requested_maximum, Some(maximum) if tokens >= maximum);
+    (tokens, cut_short)
+}
+
+fn plan_inference(
+    shared: &SharedState,
+    kind: InferenceKind,
+    body: &Value,
+    behavior: &Behavior,
+) -> Result<InferencePlan, RequestRejection> {
+    let model = requested_model(shared, body)?;
     let prompt_words = match kind {
         InferenceKind::ChatCompletions => chat_prompt_words(body)?,
         InferenceKind::Completions => completions_prompt_words(body)?,
@@ -434,15 +524,8 @@ fn plan_inference(
         Some(maximum) => Some(maximum),
         None => optional_unsigned(body, "max_tokens")?,
     };
-    let tokens_per_choice = behavior.completion_tokens.unwrap_or_else(|| {
-        requested_maximum
-            .unwrap_or(DEFAULT_COMPLETION_TOKEN_CAP)
-            .min(DEFAULT_COMPLETION_TOKEN_CAP)
-    });
-    let finish_reason = match requested_maximum {
-        Some(maximum) if tokens_per_choice >= maximum => "length",
-        _ => "stop",
-    };
+    let (tokens_per_choice, cut_short) = generated_tokens(requested_maximum, behavior);
+    let finish_reason = if cut_short { "length" } else { "stop" };
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let include_usage = body
         .pointer("/stream_options/include_usage")
@@ -457,10 +540,8 @@ fn plan_inference(
         choice_count,
         tokens_per_choice,
         finish_reason,
-        prompt_tokens: prompt_words
-            .max(1)
-            .saturating_add(behavior.overreport_prompt_tokens),
-        chunk_delay: Duration::from_millis(behavior.chunk_delay_ms),
+        prompt_tokens: reported_prompt_tokens(prompt_words, behavior),
+        pacing: StreamPacing::from_behavior(behavior),
     })
 }
 
@@ -469,7 +550,15 @@ async fn chat_completions_handler(
     headers: HeaderMap,
     raw_body: Bytes,
 ) -> Response {
-    handle_inference(shared, InferenceKind::ChatCompletions, headers, raw_body).await
+    let kind = InferenceKind::ChatCompletions;
+    handle_inference(
+        shared,
+        kind.path(),
+        headers,
+        raw_body,
+        |shared, body, behavior| respond_to_completion(shared, kind, body, behavior),
+    )
+    .await
 }
 
 async fn completions_handler(
@@ -477,14 +566,56 @@ async fn completions_handler(
     headers: HeaderMap,
     raw_body: Bytes,
 ) -> Response {
-    handle_inference(shared, InferenceKind::Completions, headers, raw_body).await
+    let kind = InferenceKind::Completions;
+    handle_inference(
+        shared,
+        kind.path(),
+        headers,
+        raw_body,
+        |shared, body, behavior| respond_to_completion(shared, kind, body, behavior),
+    )
+    .await
 }
 
-async fn handle_inference(
-    shared: Arc<SharedState>,
-    kind: InferenceKind,
+async fn embeddings_handler(
+    State(shared): State<Arc<SharedState>>,
     headers: HeaderMap,
     raw_body: Bytes,
+) -> Response {
+    handle_inference(
+        shared,
+        "/v1/embeddings",
+        headers,
+        raw_body,
+        respond_to_embeddings,
+    )
+    .await
+}
+
+async fn responses_handler(
+    State(shared): State<Arc<SharedState>>,
+    headers: HeaderMap,
+    raw_body: Bytes,
+) -> Response {
+    handle_inference(
+        shared,
+        "/v1/responses",
+        headers,
+        raw_body,
+        respond_to_responses,
+    )
+    .await
+}
+
+/// What every inference route shares: counting the hit, recording the request, the
+/// behavior's delay and injected failure, and the neuron id header. `respond` answers a
+/// request whose body parsed as JSON.
+async fn handle_inference(
+    shared: Arc<SharedState>,
+    path: &'static str,
+    headers: HeaderMap,
+    raw_body: Bytes,
+    respond: impl FnOnce(&Arc<SharedState>, &Value, &Behavior) -> Result<Response, RequestRejection>,
 ) -> Response {
     shared.hits.fetch_add(1, Ordering::SeqCst);
     let parsed_body = serde_json::from_slice::<Value>(&raw_body);
@@ -492,14 +623,14 @@ async fn handle_inference(
         Ok(body) => body.clone(),
         Err(_) => Value::String(String::from_utf8_lossy(&raw_body).into_owned()),
     };
-    shared.record_request(kind.path(), recorded_body, &headers);
+    shared.record_request(path, recorded_body, &headers);
     let behavior = shared.effective_behavior(&headers);
-    tracing::debug!(path = kind.path(), ?behavior, "inference request");
+    tracing::debug!(path, ?behavior, "inference request");
 
     if behavior.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(behavior.delay_ms)).await;
     }
-    let mut response = respond_to_inference(&shared, kind, parsed_body, &behavior);
+    let mut response = respond_to_inference(&shared, parsed_body, &behavior, respond);
     if shared.neuron_id.is_empty() {
         return response;
     }
@@ -511,9 +642,9 @@ async fn handle_inference(
 
 fn respond_to_inference(
     shared: &Arc<SharedState>,
-    kind: InferenceKind,
     parsed_body: Result<Value, serde_json::Error>,
     behavior: &Behavior,
+    respond: impl FnOnce(&Arc<SharedState>, &Value, &Behavior) -> Result<Response, RequestRejection>,
 ) -> Response {
     let body = match parsed_body {
         Ok(body) => body,
@@ -533,16 +664,23 @@ fn respond_to_inference(
             None,
         );
     }
-    let plan = match plan_inference(shared, kind, &body, behavior) {
-        Ok(plan) => plan,
-        Err(rejection) => return rejection.into_response(),
-    };
+    respond(shared, &body, behavior).unwrap_or_else(IntoResponse::into_response)
+}
+
+fn respond_to_completion(
+    shared: &Arc<SharedState>,
+    kind: InferenceKind,
+    body: &Value,
+    behavior: &Behavior,
+) -> Result<Response, RequestRejection> {
+    let plan = plan_inference(shared, kind, body, behavior)?;
     let response_id = format!("{}-{}", kind.id_prefix(), shared.next_response_number());
     let created = unix_seconds_now();
     if plan.stream {
-        return streaming_response(Arc::clone(shared), plan, response_id, created);
+        let events = stream_events(&plan, &response_id, created);
+        return Ok(sse_response(Arc::clone(shared), events, plan.pacing));
     }
-    non_streaming_response(&plan, &response_id, created)
+    Ok(non_streaming_response(&plan, &response_id, created))
 }
 
 fn completion_text(token_count: u64) -> String {
@@ -659,48 +797,588 @@ fn stream_events(plan: &InferencePlan, response_id: &str, created: u64) -> Vec<B
     events
 }
 
-fn streaming_response(
-    shared: Arc<SharedState>,
-    plan: InferencePlan,
+/// One input of an embeddings request.
+struct EmbeddingInput {
+    tokens: u64,
+    /// Derived from the input's content, so equal inputs get equal vectors.
+    seed: u64,
+}
+
+impl EmbeddingInput {
+    fn from_text(text: &str) -> EmbeddingInput {
+        EmbeddingInput {
+            tokens: count_words(text).max(1),
+            seed: fnv1a(FNV_OFFSET_BASIS, text.as_bytes()),
+        }
+    }
+
+    fn from_token_ids(token_ids: &[Value]) -> Result<EmbeddingInput, RequestRejection> {
+        if token_ids.is_empty() {
+            return Err(RequestRejection::bad_request(
+                "`input` must not contain an empty token array",
+            ));
+        }
+        let mut seed = fnv1a(FNV_OFFSET_BASIS, b"token ids");
+        for token_id in token_ids {
+            let Some(token_id) = token_id.as_u64() else {
+                return Err(invalid_embedding_input());
+            };
+            seed = fnv1a(seed, &token_id.to_le_bytes());
+        }
+        Ok(EmbeddingInput {
+            tokens: token_ids.len() as u64,
+            seed,
+        })
+    }
+}
+
+fn invalid_embedding_input() -> RequestRejection {
+    RequestRejection::bad_request(
+        "`input` is required and must be a string, an array of strings, an array of token \
+         ids or an array of token id arrays",
+    )
+}
+
+/// The inputs of an embeddings request: `input` as a string, strings, one token id array
+/// or token id arrays.
+fn embedding_inputs(body: &Value) -> Result<Vec<EmbeddingInput>, RequestRejection> {
+    let items = match body.get("input") {
+        Some(Value::String(text)) => return Ok(vec![EmbeddingInput::from_text(text)]),
+        Some(Value::Array(items)) => items,
+        _ => return Err(invalid_embedding_input()),
+    };
+    if items.is_empty() {
+        return Err(RequestRejection::bad_request(
+            "`input` must not be an empty array",
+        ));
+    }
+    if items.iter().all(Value::is_number) {
+        return Ok(vec![EmbeddingInput::from_token_ids(items)?]);
+    }
+    if items.len() > MAXIMUM_EMBEDDING_INPUTS {
+        return Err(RequestRejection::bad_request(format!(
+            "`input` must have at most {MAXIMUM_EMBEDDING_INPUTS} items"
+        )));
+    }
+    if items.iter().all(Value::is_string) {
+        return Ok(items
+            .iter()
+            .map(|item| EmbeddingInput::from_text(item.as_str().unwrap_or_default()))
+            .collect());
+    }
+    items
+        .iter()
+        .map(|item| match item {
+            Value::Array(token_ids) => EmbeddingInput::from_token_ids(token_ids),
+            _ => Err(invalid_embedding_input()),
+        })
+        .collect()
+}
+
+/// How embedding vectors are written: a JSON array of floats, or base64 of their
+/// little-endian `f32` bytes (what the OpenAI SDKs ask for by default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EmbeddingEncoding {
+    Float,
+    Base64,
+}
+
+fn embedding_encoding(body: &Value) -> Result<EmbeddingEncoding, RequestRejection> {
+    match body.get("encoding_format") {
+        None | Some(Value::Null) => Ok(EmbeddingEncoding::Float),
+        Some(Value::String(format)) if format == "float" => Ok(EmbeddingEncoding::Float),
+        Some(Value::String(format)) if format == "base64" => Ok(EmbeddingEncoding::Base64),
+        Some(_) => Err(RequestRejection::bad_request(
+            "`encoding_format` must be `float` or `base64`",
+        )),
+    }
+}
+
+fn embedding_dimensions(body: &Value) -> Result<u64, RequestRejection> {
+    match optional_unsigned(body, "dimensions")? {
+        None => Ok(DEFAULT_EMBEDDING_DIMENSIONS),
+        Some(0) => Err(RequestRejection::bad_request(
+            "`dimensions` must be at least 1",
+        )),
+        Some(dimensions) => Ok(dimensions.min(MAXIMUM_EMBEDDING_DIMENSIONS)),
+    }
+}
+
+const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a: a stable hash, unlike the standard library's, across Rust versions.
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// SplitMix64's output function: spreads a counter into well-mixed bits.
+fn split_mix(state: u64) -> u64 {
+    let mut mixed = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    mixed ^ (mixed >> 31)
+}
+
+/// A deterministic unit vector for `seed`, like OpenAI's normalized embeddings.
+fn embedding_vector(seed: u64, dimensions: u64) -> Vec<f32> {
+    let mut vector: Vec<f32> = (0..dimensions)
+        .map(|dimension| {
+            let bits = split_mix(seed ^ dimension.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            // The top 24 bits, mapped onto [-1, 1).
+            (bits >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    let norm = vector
+        .iter()
+        .map(|component| component * component)
+        .sum::<f32>()
+        .sqrt();
+    if norm > 0.0 {
+        for component in &mut vector {
+            *component /= norm;
+        }
+    }
+    vector
+}
+
+/// Standard base64 with padding.
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut encoded = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let byte_at = |position: usize| u32::from(group.get(position).copied().unwrap_or(0));
+        let triple = (byte_at(0) << 16) | (byte_at(1) << 8) | byte_at(2);
+        for position in 0..4 {
+            if position <= group.len() {
+                let sextet = (triple >> (18 - 6 * position)) & 0x3f;
+                encoded.push(char::from(ALPHABET[sextet as usize]));
+            } else {
+                encoded.push('=');
+            }
+        }
+    }
+    encoded
+}
+
+/// An embeddings response; typed so vectors serialize as short `f32` literals.
+#[derive(Serialize)]
+struct EmbeddingList<'request> {
+    object: &'static str,
+    data: Vec<EmbeddingData>,
+    model: &'request str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<EmbeddingUsage>,
+}
+
+#[derive(Serialize)]
+struct EmbeddingData {
+    object: &'static str,
+    index: usize,
+    embedding: EncodedEmbedding,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum EncodedEmbedding {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: u64,
+    total_tokens: u64,
+}
+
+fn respond_to_embeddings(
+    shared: &Arc<SharedState>,
+    body: &Value,
+    behavior: &Behavior,
+) -> Result<Response, RequestRejection> {
+    let model = requested_model(shared, body)?;
+    let inputs = embedding_inputs(body)?;
+    let encoding = embedding_encoding(body)?;
+    let dimensions = embedding_dimensions(body)?;
+    let data = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, input)| {
+            let vector = embedding_vector(input.seed, dimensions);
+            let embedding = match encoding {
+                EmbeddingEncoding::Float => EncodedEmbedding::Float(vector),
+                EmbeddingEncoding::Base64 => {
+                    let bytes: Vec<u8> = vector
+                        .iter()
+                        .flat_map(|component| component.to_le_bytes())
+                        .collect();
+                    EncodedEmbedding::Base64(base64_encode(&bytes))
+                }
+            };
+            EmbeddingData {
+                object: "embedding",
+                index,
+                embedding,
+            }
+        })
+        .collect();
+    let input_tokens = inputs
+        .iter()
+        .map(|input| input.tokens)
+        .fold(0u64, u64::saturating_add);
+    let prompt_tokens = reported_prompt_tokens(input_tokens, behavior);
+    let usage = (!behavior.omit_usage).then_some(EmbeddingUsage {
+        prompt_tokens,
+        total_tokens: prompt_tokens,
+    });
+    let response_body = EmbeddingList {
+        object: "list",
+        data,
+        model,
+        usage,
+    };
+    Ok((StatusCode::OK, axum::Json(response_body)).into_response())
+}
+
+/// Everything needed to answer one validated Responses API request.
+struct ResponsesPlan {
+    model: String,
+    instructions: Option<String>,
+    max_output_tokens: Option<u64>,
+    stream: bool,
+    omit_usage: bool,
+    input_tokens: u64,
+    output_tokens: u64,
+    /// `max_output_tokens` cut the output short: the response is `incomplete`.
+    cut_short: bool,
+    pacing: StreamPacing,
+}
+
+impl ResponsesPlan {
+    fn usage(&self) -> Value {
+        json!({
+            "input_tokens": self.input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": self.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": self.input_tokens.saturating_add(self.output_tokens),
+        })
+    }
+
+    /// Status of the finished response and of its message item.
+    fn final_status(&self) -> &'static str {
+        if self.cut_short {
+            "incomplete"
+        } else {
+            "completed"
+        }
+    }
+}
+
+/// Words of a Responses API `input`: a string, or input items where each message item
+/// counts 1 plus the words of its text (a string, or `input_text` / `output_text` parts);
+/// other items (function call outputs, references, ...) count nothing.
+fn responses_input_words(body: &Value) -> Result<u64, RequestRejection> {
+    let items = match body.get("input") {
+        Some(Value::String(text)) => return Ok(count_words(text)),
+        Some(Value::Array(items)) => items,
+        _ => {
+            return Err(RequestRejection::bad_request(
+                "`input` is required and must be a string or an array of input items",
+            ))
+        }
+    };
+    let mut words = 0u64;
+    for item in items {
+        let Some(item) = item.as_object() else {
+            return Err(RequestRejection::bad_request(
+                "`input` items must be objects",
+            ));
+        };
+        let is_message = match item.get("type") {
+            None | Some(Value::Null) => item.contains_key("role"),
+            Some(item_type) => item_type.as_str() == Some("message"),
+        };
+        if !is_message {
+            continue;
+        }
+        words = words.saturating_add(1);
+        match item.get("content") {
+            Some(Value::String(text)) => words = words.saturating_add(count_words(text)),
+            Some(Value::Array(parts)) => {
+                for part in parts {
+                    let part_type = part.get("type").and_then(Value::as_str);
+                    if !matches!(part_type, Some("input_text") | Some("output_text")) {
+                        continue;
+                    }
+                    let text = part.get("text").and_then(Value::as_str).unwrap_or("");
+                    words = words.saturating_add(count_words(text));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(words)
+}
+
+fn plan_responses(
+    shared: &SharedState,
+    body: &Value,
+    behavior: &Behavior,
+) -> Result<ResponsesPlan, RequestRejection> {
+    let model = requested_model(shared, body)?;
+    let instructions = match body.get("instructions") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(text.clone()),
+        Some(_) => {
+            return Err(RequestRejection::bad_request(
+                "`instructions` must be a string",
+            ))
+        }
+    };
+    let input_words = responses_input_words(body)?;
+    let max_output_tokens = optional_unsigned(body, "max_output_tokens")?;
+    let (output_tokens, cut_short) = generated_tokens(max_output_tokens, behavior);
+    let instruction_words = instructions.as_deref().map_or(0, count_words);
+    Ok(ResponsesPlan {
+        model: model.to_string(),
+        instructions,
+        max_output_tokens,
+        stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        omit_usage: behavior.omit_usage,
+        input_tokens: reported_prompt_tokens(
+            instruction_words.saturating_add(input_words),
+            behavior,
+        ),
+        output_tokens,
+        cut_short,
+        pacing: StreamPacing::from_behavior(behavior),
+    })
+}
+
+/// Identifiers and timestamp of one Responses API response.
+struct ResponseIdentity {
     response_id: String,
-    created: u64,
-) -> Response {
-    let events = stream_events(&plan, &response_id, created);
+    message_id: String,
+    created_at: u64,
+}
+
+/// A `response` object; `usage: None` leaves the field out.
+fn response_object(
+    plan: &ResponsesPlan,
+    identity: &ResponseIdentity,
+    status: &str,
+    output: Vec<Value>,
+    usage: Option<Value>,
+) -> Value {
+    let incomplete_details = if status == "incomplete" {
+        json!({"reason": "max_output_tokens"})
+    } else {
+        Value::Null
+    };
+    let mut response = json!({
+        "id": identity.response_id,
+        "object": "response",
+        "created_at": identity.created_at,
+        "status": status,
+        "error": null,
+        "incomplete_details": incomplete_details,
+        "instructions": plan.instructions,
+        "max_output_tokens": plan.max_output_tokens,
+        "model": plan.model,
+        "output": output,
+        "parallel_tool_calls": true,
+        "previous_response_id": null,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "tool_choice": "auto",
+        "tools": [],
+        "truncation": "disabled",
+        "metadata": {},
+    });
+    if let Some(usage) = usage {
+        response["usage"] = usage;
+    }
+    response
+}
+
+fn output_message(identity: &ResponseIdentity, status: &str, content: Vec<Value>) -> Value {
+    json!({
+        "type": "message",
+        "id": identity.message_id,
+        "status": status,
+        "role": "assistant",
+        "content": content,
+    })
+}
+
+fn output_text_part(text: &str) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": []})
+}
+
+/// The finished response: the non-streamed body, and the final streamed event's
+/// `response`.
+fn finished_response(plan: &ResponsesPlan, identity: &ResponseIdentity) -> Value {
+    let text = completion_text(plan.output_tokens);
+    let message = output_message(identity, plan.final_status(), vec![output_text_part(&text)]);
+    let usage = (!plan.omit_usage).then(|| plan.usage());
+    response_object(plan, identity, plan.final_status(), vec![message], usage)
+}
+
+/// The SSE events of a streamed Responses API response, each `event: <type>` with its
+/// `sequence_number`, ending with `response.completed` (or `response.incomplete`) and no
+/// `[DONE]`.
+fn responses_stream_events(plan: &ResponsesPlan, identity: &ResponseIdentity) -> Vec<Bytes> {
+    let in_progress = response_object(plan, identity, "in_progress", Vec::new(), Some(Value::Null));
+    let item_id = identity.message_id.as_str();
+    let text = completion_text(plan.output_tokens);
+    let mut events: Vec<(&str, Value)> = vec![
+        ("response.created", json!({"response": in_progress})),
+        ("response.in_progress", json!({"response": in_progress})),
+        (
+            "response.output_item.added",
+            json!({"output_index": 0, "item": output_message(identity, "in_progress", Vec::new())}),
+        ),
+        (
+            "response.content_part.added",
+            json!({
+                "item_id": item_id, "output_index": 0, "content_index": 0,
+                "part": output_text_part(""),
+            }),
+        ),
+    ];
+    for position in 0..plan.output_tokens {
+        // The last piece drops its trailing space so the deltas concatenate to the text.
+        let piece = if position + 1 == plan.output_tokens {
+            COMPLETION_WORD.to_string()
+        } else {
+            format!("{COMPLETION_WORD} ")
+        };
+        events.push((
+            "response.output_text.delta",
+            json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": piece}),
+        ));
+    }
+    events.push((
+        "response.output_text.done",
+        json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": text}),
+    ));
+    events.push((
+        "response.content_part.done",
+        json!({
+            "item_id": item_id, "output_index": 0, "content_index": 0,
+            "part": output_text_part(&text),
+        }),
+    ));
+    events.push((
+        "response.output_item.done",
+        json!({
+            "output_index": 0,
+            "item": output_message(identity, plan.final_status(), vec![output_text_part(&text)]),
+        }),
+    ));
+    let final_event = if plan.cut_short {
+        "response.incomplete"
+    } else {
+        "response.completed"
+    };
+    events.push((
+        final_event,
+        json!({"response": finished_response(plan, identity)}),
+    ));
+
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(sequence_number, (event_type, mut payload))| {
+            payload["type"] = json!(event_type);
+            payload["sequence_number"] = json!(sequence_number);
+            Bytes::from(format!("event: {event_type}\ndata: {payload}\n\n"))
+        })
+        .collect()
+}
+
+fn respond_to_responses(
+    shared: &Arc<SharedState>,
+    body: &Value,
+    behavior: &Behavior,
+) -> Result<Response, RequestRejection> {
+    let plan = plan_responses(shared, body, behavior)?;
+    let response_number = shared.next_response_number();
+    let identity = ResponseIdentity {
+        response_id: format!("resp-{response_number}"),
+        message_id: format!("msg-{response_number}"),
+        created_at: unix_seconds_now(),
+    };
+    if plan.stream {
+        let events = responses_stream_events(&plan, &identity);
+        return Ok(sse_response(Arc::clone(shared), events, plan.pacing));
+    }
+    let response_body = finished_response(&plan, &identity);
+    Ok((StatusCode::OK, axum::Json(response_body)).into_response())
+}
+
+/// Streams `events` as an SSE body, paced and possibly broken as `pacing` says.
+fn sse_response(shared: Arc<SharedState>, events: Vec<Bytes>, pacing: StreamPacing) -> Response {
+    let mut body_items: Vec<Result<Bytes, std::io::Error>> = events.into_iter().map(Ok).collect();
+    if let Some(fail_after_events) = pacing.fail_after_events {
+        let kept_events = usize::try_from(fail_after_events).unwrap_or(usize::MAX);
+        if kept_events < body_items.len() {
+            body_items.truncate(kept_events);
+            // A body error makes hyper abort the response: no terminating chunk on
+            // HTTP/1.1, a stream reset on HTTP/2.
+            body_items.push(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                format!("fake neuron broke the stream after {kept_events} events"),
+            )));
+        }
+    }
     // Capacity 1 keeps the producer in step with the client, so a disconnect is noticed
     // while the stream is still being produced rather than after it was fully buffered.
-    let (event_sender, event_receiver) = mpsc::channel::<Bytes>(1);
+    let (item_sender, item_receiver) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
     tokio::spawn(produce_stream_events(
         shared,
-        events,
-        plan.chunk_delay,
-        event_sender,
+        body_items,
+        pacing.chunk_delay,
+        item_sender,
     ));
-    let body_stream = ReceiverStream::new(event_receiver).map(Ok::<Bytes, Infallible>);
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(body_stream))
+        .body(Body::from_stream(ReceiverStream::new(item_receiver)))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// Sends the body items one by one, `chunk_delay` apart; an `Err` item, which breaks the
+/// stream, is sent after at least `STREAM_BREAK_FLUSH_PAUSE`.
 async fn produce_stream_events(
     shared: Arc<SharedState>,
-    events: Vec<Bytes>,
+    body_items: Vec<Result<Bytes, std::io::Error>>,
     chunk_delay: Duration,
-    event_sender: mpsc::Sender<Bytes>,
+    item_sender: mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
-    for (position, event) in events.into_iter().enumerate() {
-        if position > 0 && !chunk_delay.is_zero() {
+    for (position, body_item) in body_items.into_iter().enumerate() {
+        let pause = if body_item.is_err() {
+            chunk_delay.max(STREAM_BREAK_FLUSH_PAUSE)
+        } else if position > 0 {
+            chunk_delay
+        } else {
+            Duration::ZERO
+        };
+        if !pause.is_zero() {
             tokio::select! {
-                _ = tokio::time::sleep(chunk_delay) => {}
-                _ = event_sender.closed() => {
+                _ = tokio::time::sleep(pause) => {}
+                _ = item_sender.closed() => {
                     record_cancellation(&shared);
                     return;
                 }
             }
         }
-        if event_sender.send(event).await.is_err() {
+        if item_sender.send(body_item).await.is_err() {
             record_cancellation(&shared);
             return;
         }
@@ -727,6 +1405,9 @@ async fn model_endpoint_handler(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
+    if let Some(url) = shared.endpoints.get(&model_id) {
+        return axum::Json(json!({"url": url})).into_response();
+    }
     if !shared.serves_model(&model_id) {
         return model_not_found(&model_id).into_response();
     }
@@ -772,4 +1453,19 @@ async fn reset_handler(State(shared): State<Arc<SharedState>>) -> Response {
     *lock_ignoring_poison(&shared.default_behavior) = Behavior::default();
     *lock_ignoring_poison(&shared.last_request) = None;
     axum::Json(counters_json(&shared)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_encodes_with_padding() {
+        assert_eq!(base64_encode(b""), "");
+        assert_eq!(base64_encode(b"f"), "Zg==");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        assert_eq!(base64_encode(b"foo"), "Zm9v");
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64_encode(&[0xff, 0xfe, 0xfd]), "//79");
+    }
 }

@@ -27,6 +27,18 @@ struct CommandLine {
     /// Identifier of this neuron.
     #[arg(long, default_value = "fake-neuron")]
     neuron_id: String,
+    /// `MODEL=URL`: answer `GET /models/MODEL/endpoint` with `{"url": URL}`; repeatable.
+    #[arg(long = "endpoint", value_name = "MODEL=URL", value_parser = parse_endpoint)]
+    endpoints: Vec<(String, String)>,
+}
+
+fn parse_endpoint(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((model, url)) if !model.is_empty() && !url.is_empty() => {
+            Ok((model.to_string(), url.to_string()))
+        }
+        _ => Err(format!("expected MODEL=URL, got `{text}`")),
+    }
 }
 
 #[tokio::main]
@@ -47,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
     let neuron = FakeNeuron::new(FakeConfig {
         models: command_line.models,
         neuron_id: command_line.neuron_id,
+        endpoints: command_line.endpoints.into_iter().collect(),
     });
 
     // Flushed at once: a piped stdout is block-buffered and scripts would never see it.

@@ -13,7 +13,11 @@ Sends, in order:
      choices and none carries usage;
   3. a streamed chat completion with stream_options.include_usage: the last
      chunk carries usage with total_tokens > 0;
-  4. a request far over the key's token balance, which must raise
+  4. embeddings for two inputs: two vectors and prompt usage;
+  5. a legacy completion, plain and streamed (no usage chunk reaches it);
+  6. a Responses API call, plain (output_text and usage) and streamed (text
+     deltas, then a final response.completed/incomplete event with usage);
+  7. a request far over the key's token balance, which must raise
      RateLimitError with code "insufficient_quota".
 
 Prints one JSON line per step and `ok` last; exits 0 only if every check
@@ -122,7 +126,47 @@ def main():
         total_tokens=last.usage.total_tokens,
     )
 
-    # 4. Far over the balance: RateLimitError, insufficient_quota.
+    # 4. Embeddings.
+    embedded = client.embeddings.create(model=model, input=["hello world", "again"])
+    check(len(embedded.data) == 2, f"embeddings: two vectors expected: {dump(embedded)}")
+    check(all(len(d.embedding) > 0 for d in embedded.data), "embeddings: empty vector")
+    check(embedded.usage.prompt_tokens > 0, f"embeddings: usage expected: {dump(embedded)}")
+    report("embeddings", vectors=len(embedded.data), total_tokens=embedded.usage.total_tokens)
+
+    # 5. Legacy completions, plain and streamed.
+    completion = client.completions.create(model=model, prompt="say hi", max_tokens=4)
+    check(completion.choices[0].text, f"completions: text expected: {dump(completion)}")
+    check(completion.usage.completion_tokens <= 4, f"completions: bounded: {dump(completion)}")
+    streamed = ""
+    for chunk in client.completions.create(model=model, prompt="say hi", max_tokens=4, stream=True):
+        check(chunk.usage is None, f"completions_stream: unexpected usage: {dump(chunk)}")
+        streamed += "".join(c.text for c in chunk.choices)
+    check(streamed, "completions_stream: no text")
+    report("completions", text=completion.choices[0].text, streamed=streamed,
+           total_tokens=completion.usage.total_tokens)
+
+    # 6. Responses API, plain and streamed.
+    response = client.responses.create(model=model, input="hello there", max_output_tokens=6)
+    check(response.output_text, f"responses: output_text expected: {dump(response)}")
+    check(response.usage is not None and response.usage.input_tokens > 0,
+          f"responses: usage expected: {dump(response)}")
+    check(response.usage.output_tokens <= 6, f"responses: bounded: {dump(response)}")
+    deltas = ""
+    final = None
+    for event in client.responses.create(model=model, input="hello there",
+                                         max_output_tokens=6, stream=True):
+        if event.type == "response.output_text.delta":
+            deltas += event.delta
+        if event.type in ("response.completed", "response.incomplete"):
+            final = event
+    check(deltas, "responses_stream: no text deltas")
+    check(final is not None and final.response.usage is not None,
+          f"responses_stream: no final event with usage: {dump(final)}")
+    report("responses", text=response.output_text, streamed=deltas,
+           total_tokens=response.usage.total_tokens,
+           streamed_total_tokens=final.response.usage.total_tokens)
+
+    # 7. Far over the balance: RateLimitError, insufficient_quota.
     try:
         refused = client.chat.completions.create(
             model=model, messages=messages, max_tokens=100000

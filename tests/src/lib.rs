@@ -223,6 +223,7 @@ impl Stack {
         let neuron = FakeNeuron::new(FakeConfig {
             models: vec![MODEL.into(), "other-model".into()],
             neuron_id: "neuron-1".into(),
+            ..Default::default()
         });
         let neuron_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let neuron_url = format!("http://{}", neuron_listener.local_addr().unwrap());

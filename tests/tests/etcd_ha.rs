@@ -192,6 +192,7 @@ async fn fleet(coordinator_urls: Vec<String>) -> Fleet {
     let neuron = FakeNeuron::new(FakeConfig {
         models: vec![MODEL.into()],
         neuron_id: "n1".into(),
+        ..Default::default()
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let neuron_url = format!("http://{}", listener.local_addr().unwrap());

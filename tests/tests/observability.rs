@@ -81,6 +81,7 @@ async fn start() -> Running {
     let neuron = FakeNeuron::new(FakeConfig {
         models: vec![MODEL.into()],
         neuron_id: "n".into(),
+        ..Default::default()
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let neuron_url = format!("http://{}", listener.local_addr().unwrap());

@@ -424,13 +424,21 @@ async fn openai_python_client_gets_plain_and_streamed_completions_and_a_rate_lim
     let names: Vec<&str> = steps.iter().filter_map(|s| s["step"].as_str()).collect();
     assert_eq!(
         names,
-        ["plain", "stream", "stream_usage", "over_quota"],
+        [
+            "plain",
+            "stream",
+            "stream_usage",
+            "embeddings",
+            "completions",
+            "responses",
+            "over_quota"
+        ],
         "{}",
         script.describe()
     );
-    assert_eq!(steps[3]["status"], 429, "{}", script.describe());
-    assert_eq!(steps[3]["code"], "insufficient_quota");
+    assert_eq!(steps[6]["status"], 429, "{}", script.describe());
+    assert_eq!(steps[6]["code"], "insufficient_quota");
 
-    // Three served requests; the refused one never reached the neuron.
-    assert_eq!(stack.neuron.hits(), 3, "{}", script.describe());
+    // Eight served requests; the refused one never reached the neuron.
+    assert_eq!(stack.neuron.hits(), 8, "{}", script.describe());
 }

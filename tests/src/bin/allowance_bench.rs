@@ -49,6 +49,7 @@ async fn main() {
     let neuron = FakeNeuron::new(FakeConfig {
         models: vec![MODEL.into()],
         neuron_id: "n".into(),
+        ..Default::default()
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let neuron_url = format!("http://{}", listener.local_addr().unwrap());
