@@ -196,6 +196,97 @@ fn text_bytes(value: &Value, policy: &ReservationPolicy) -> u64 {
     }
 }
 
+/// Parses a request body: a JSON object, with no key twice in any object.
+/// Servers disagree on which of two equal keys wins; a body read one way
+/// here and another way by the neuron could carry a bound the neuron does
+/// not honour, so such a body is refused.
+pub fn parse_body(bytes: &[u8]) -> Result<Map<String, Value>, BadRequest> {
+    match serde_json::from_slice::<Strict>(bytes) {
+        Ok(Strict(Value::Object(map))) => Ok(map),
+        Ok(_) => Err(BadRequest {
+            param: None,
+            message: "the request body must be a JSON object".into(),
+        }),
+        Err(e) => Err(BadRequest {
+            param: None,
+            message: format!("malformed JSON in the request body: {e}"),
+        }),
+    }
+}
+
+/// A JSON value whose objects have unique keys.
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Strict;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Strict, E> {
+        Ok(Strict(Value::Bool(v)))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Strict, E> {
+        Ok(Strict(Value::from(v)))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Strict, E> {
+        Ok(Strict(Value::from(v)))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Strict, E> {
+        Ok(Strict(
+            serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
+        ))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Strict, E> {
+        Ok(Strict(Value::String(v.to_string())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Strict, E> {
+        Ok(Strict(Value::String(v)))
+    }
+
+    fn visit_unit<E>(self) -> Result<Strict, E> {
+        Ok(Strict(Value::Null))
+    }
+
+    fn visit_none<E>(self) -> Result<Strict, E> {
+        Ok(Strict(Value::Null))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(Strict(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Strict(Value::Array(items)))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            let Strict(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Strict(Value::Object(object)))
+    }
+}
+
 /// Reads what admission needs from a parsed request body and bounds its
 /// prompt. Refuses bodies a neuron would refuse, naming the parameter.
 pub fn inspect(
@@ -578,6 +669,36 @@ mod tests {
         .unwrap();
         assert_eq!(f.prompt_tokens_bound, 3 + 2 + 16);
         assert!(facts(Operation::Completions, json!({"model": "m", "prompt": 5})).is_err());
+    }
+
+    #[test]
+    fn bodies_with_a_key_twice_or_out_of_range_numbers_are_refused() {
+        let dup =
+            parse_body(br#"{"model": "m", "max_tokens": 1, "max_tokens": 100000}"#).unwrap_err();
+        assert!(
+            dup.message.contains("duplicate key \"max_tokens\""),
+            "{}",
+            dup.message
+        );
+        let nested =
+            parse_body(br#"{"messages": [{"content": "a", "content": "b"}]}"#).unwrap_err();
+        assert!(
+            nested.message.contains("duplicate key"),
+            "{}",
+            nested.message
+        );
+        assert!(parse_body(br#"{"max_tokens": 1e400}"#).is_err());
+        assert!(parse_body(b"[1]")
+            .unwrap_err()
+            .message
+            .contains("JSON object"));
+        assert!(parse_body(b"{\"model\": \"\xff\"}").is_err());
+        let ok =
+            parse_body(br#"{"model": "m", "n": -1, "t": 0.5, "s": ["x", null, true]}"#).unwrap();
+        assert_eq!(
+            Value::Object(ok),
+            json!({"model": "m", "n": -1, "t": 0.5, "s": ["x", null, true]})
+        );
     }
 
     #[test]

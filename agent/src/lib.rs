@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod spool;
 pub mod trace;
 pub mod upstream;
+pub mod usage;
 
 use crate::allowance::AllowanceTable;
 use crate::config::AgentConfig;

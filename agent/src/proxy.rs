@@ -12,6 +12,7 @@ use crate::concurrency::{Full, Slot};
 use crate::config::UnknownPaths;
 use crate::keys::{KeyInfo, Known};
 use crate::upstream::LookupError;
+use crate::usage::{estimate_completion_tokens, read_usage, Reported, SseScanner};
 use crate::AgentState;
 use allot::clock;
 use allot::key::{KeyHash, Purpose};
@@ -23,9 +24,9 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::Stream;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
@@ -207,21 +208,40 @@ async fn authenticate(state: &AgentState, headers: &HeaderMap) -> Result<KeyInfo
     }
 }
 
-async fn read_body(state: &AgentState, body: Body) -> Result<Bytes, ApiError> {
+/// Past the size limit, the rest of a body is read and dropped, up to this
+/// much and for at most [`DRAIN_TIME`], so that the client, still sending,
+/// reads the 413 instead of a broken connection (nginx's lingering close).
+const DRAIN_BYTES: usize = 64 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+async fn read_body(state: &AgentState, mut body: Body) -> Result<Bytes, ApiError> {
     let limit = state.config.max_body_bytes;
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(ApiError::too_large(limit))
+    let mut collected = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::bad_request(format!("cannot read the request body: {e}"), None)
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if collected.len() + data.len() > limit {
+            let mut drained = collected.len() + data.len();
+            let _ = tokio::time::timeout(DRAIN_TIME, async {
+                while drained < DRAIN_BYTES {
+                    match body.frame().await {
+                        Some(Ok(frame)) => {
+                            drained += frame.data_ref().map_or(0, |d| d.len());
+                        }
+                        _ => break,
+                    }
+                }
+            })
+            .await;
+            return Err(ApiError::too_large(limit));
         }
-        Err(e) => Err(ApiError::bad_request(
-            format!("cannot read the request body: {e}"),
-            None,
-        )),
+        collected.extend_from_slice(&data);
     }
+    Ok(collected.freeze())
 }
 
 fn deny_error(deny: &CachedDeny, now: Instant) -> ApiError {
@@ -440,46 +460,6 @@ struct Settlement {
     slot: Option<Slot>,
 }
 
-/// Usage a neuron reported.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Reported {
-    prompt: u64,
-    completion: u64,
-    reasoning: u64,
-}
-
-/// Usage in a response body or stream event: Chat/Completions/Embeddings
-/// (`prompt_tokens`, `completion_tokens`) at the top, or the Responses API's
-/// (`input_tokens`, `output_tokens`) at the top or under `response` (the
-/// `response.completed` event).
-fn read_usage(value: &Value) -> Option<Reported> {
-    let usage = value
-        .get("usage")
-        .filter(|u| u.is_object())
-        .or_else(|| value.get("response")?.get("usage"))?
-        .as_object()?;
-    let number = |name: &str| usage.get(name).and_then(Value::as_u64);
-    let reasoning = |details: &str| {
-        usage
-            .get(details)
-            .and_then(|d| d.get("reasoning_tokens"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    };
-    if let Some(prompt) = number("prompt_tokens") {
-        return Some(Reported {
-            prompt,
-            completion: number("completion_tokens").unwrap_or(0),
-            reasoning: reasoning("completion_tokens_details"),
-        });
-    }
-    Some(Reported {
-        prompt: number("input_tokens")?,
-        completion: number("output_tokens").unwrap_or(0),
-        reasoning: reasoning("output_tokens_details"),
-    })
-}
-
 impl Settlement {
     /// Settles with reported usage, or an estimate bounded by the
     /// reservation; `charged == false` releases the reservation in full.
@@ -641,21 +621,8 @@ async fn admit_and_forward(
             ),
         })?;
     let bytes = read_body(state, body).await?;
-    let mut body: Map<String, Value> = match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(map)) => map,
-        Ok(_) => {
-            return Err(ApiError::bad_request(
-                "the request body must be a JSON object",
-                None,
-            ))
-        }
-        Err(e) => {
-            return Err(ApiError::bad_request(
-                format!("malformed JSON in the request body: {e}"),
-                None,
-            ))
-        }
-    };
+    let mut body: Map<String, Value> =
+        reservation::parse_body(&bytes).map_err(|e| ApiError::bad_request(e.message, e.param))?;
     let policy = state.config.policy_for(
         body.get("model")
             .and_then(Value::as_str)
@@ -840,9 +807,9 @@ async fn admit_and_forward(
         let idle_timeout = state.config.stream_idle_timeout();
         let stream = SseRelay {
             upstream: upstream_body,
-            buffer: BytesMut::new(),
-            strip_usage: operation.usage_chunk_on_request() && !facts.client_wants_usage,
-            reported: None,
+            scanner: SseScanner::new(
+                operation.usage_chunk_on_request() && !facts.client_wants_usage,
+            ),
             settlement,
             done: false,
             idle_timeout,
@@ -901,36 +868,6 @@ async fn admit_and_forward(
     Ok(response)
 }
 
-/// An estimate of completion tokens from a response without usage: one
-/// per byte of generated text (an upper bound for byte-level tokenizers).
-fn estimate_completion_tokens(value: &Value) -> u64 {
-    if let Some(output) = value.get("output").and_then(Value::as_array) {
-        // Responses API: output items with content parts.
-        return output
-            .iter()
-            .filter_map(|item| item.get("content")?.as_array())
-            .flatten()
-            .filter_map(|part| part.get("text")?.as_str())
-            .map(|text| text.len() as u64)
-            .sum();
-    }
-    let Some(choices) = value.get("choices").and_then(Value::as_array) else {
-        return 0;
-    };
-    choices
-        .iter()
-        .map(|choice| {
-            let text = choice
-                .get("message")
-                .and_then(|m| m.get("content"))
-                .or_else(|| choice.get("text"))
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            text.len() as u64
-        })
-        .sum()
-}
-
 fn format_reset(d: Duration) -> String {
     let ms = d.as_millis() as u64;
     if ms < 1000 {
@@ -986,9 +923,7 @@ fn add_rate_limit_headers(state: &AgentState, key_id: &str, headers: &mut Header
 /// stream ends (or, through the settlement's drop, when the client leaves).
 struct SseRelay {
     upstream: hyper::body::Incoming,
-    buffer: BytesMut,
-    strip_usage: bool,
-    reported: Option<Reported>,
+    scanner: SseScanner,
     settlement: Settlement,
     done: bool,
     /// Cut the stream when the neuron sends nothing for this long...
@@ -996,58 +931,6 @@ struct SseRelay {
     idle: Pin<Box<tokio::time::Sleep>>,
     /// ...or when the whole request outlives `request_timeout_ms`.
     deadline: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl SseRelay {
-    /// Splits complete events off the buffer and returns the bytes to pass on.
-    fn take_events(&mut self) -> Bytes {
-        let mut out = BytesMut::new();
-        while let Some(end) = find_event_end(&self.buffer) {
-            let event = self.buffer.split_to(end);
-            let keep = self.inspect_event(&event);
-            if keep {
-                out.extend_from_slice(&event);
-            }
-        }
-        out.freeze()
-    }
-
-    /// Reads one event; false when it must not reach the client.
-    fn inspect_event(&mut self, event: &[u8]) -> bool {
-        let text = std::str::from_utf8(event).unwrap_or_default();
-        let data = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .map(str::trim)
-            .collect::<Vec<_>>()
-            .join("");
-        if data.is_empty() || data == "[DONE]" {
-            return true;
-        }
-        // Parse only chunks that may carry usage or end the text.
-        if !data.contains("\"usage\":{") && !data.contains("\"usage\": {") {
-            self.settlement.chunks += 1;
-            if self.settlement.model_served.is_empty() {
-                if let Ok(value) = serde_json::from_str::<Value>(&data) {
-                    if let Some(model) = value.get("model").and_then(Value::as_str) {
-                        self.settlement.model_served = model.to_string();
-                    }
-                }
-            }
-            return true;
-        }
-        let Ok(value) = serde_json::from_str::<Value>(&data) else {
-            return true;
-        };
-        if let Some(usage) = read_usage(&value) {
-            self.reported = Some(usage);
-        }
-        let no_choices = value
-            .get("choices")
-            .and_then(Value::as_array)
-            .is_none_or(|c| c.is_empty());
-        !(self.strip_usage && no_choices)
-    }
 }
 
 /// An OpenAI-shaped error as the last event of a stream.
@@ -1058,15 +941,24 @@ fn error_event(message: &str, code: &str) -> Bytes {
     ))
 }
 
-fn find_event_end(buffer: &[u8]) -> Option<usize> {
-    let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
-    let crlf = buffer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+impl SseRelay {
+    /// Hands what the stream showed so far to the settlement; the usage
+    /// the neuron reported, if any.
+    fn relay_seen(&mut self) -> Option<Reported> {
+        let seen = &self.scanner.seen;
+        self.settlement.chunks = seen.chunks;
+        if let Some(model) = &seen.model {
+            self.settlement.model_served.clone_from(model);
+        }
+        seen.usage
+    }
+}
+
+impl Drop for SseRelay {
+    fn drop(&mut self) {
+        // The client left mid-stream: the settlement's own drop settles
+        // with what the stream showed.
+        self.relay_seen();
     }
 }
 
@@ -1088,7 +980,7 @@ impl Stream for SseRelay {
                     // Cut: dropping the upstream body (with this relay)
                     // cancels the neuron's request.
                     this.done = true;
-                    let reported = this.reported;
+                    let reported = this.relay_seen();
                     this.settlement.status = 504;
                     this.settlement.finish(reported, true);
                     let (what, code) = if idle {
@@ -1109,15 +1001,14 @@ impl Stream for SseRelay {
                     };
                     let next = tokio::time::Instant::now() + this.idle_timeout;
                     this.idle.as_mut().reset(next);
-                    this.buffer.extend_from_slice(&data);
-                    let out = this.take_events();
+                    let out = this.scanner.push(&data);
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(out)));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.done = true;
-                    let reported = this.reported;
+                    let reported = this.relay_seen();
                     this.settlement.finish(reported, true);
                     return Poll::Ready(Some(Ok(error_event(
                         &format!("the neuron's stream broke off: {e}"),
@@ -1126,13 +1017,13 @@ impl Stream for SseRelay {
                 }
                 Poll::Ready(None) => {
                     this.done = true;
-                    let rest = std::mem::take(&mut this.buffer);
-                    let reported = this.reported;
+                    let rest = this.scanner.finish();
+                    let reported = this.relay_seen();
                     this.settlement.finish(reported, true);
                     if rest.is_empty() {
                         return Poll::Ready(None);
                     }
-                    return Poll::Ready(Some(Ok(rest.freeze())));
+                    return Poll::Ready(Some(Ok(rest)));
                 }
             }
         }

@@ -1,0 +1,259 @@
+//! Reading usage out of neuron responses, as pure functions over bytes and
+//! JSON so that they are unit-tested and fuzzed apart from the proxy:
+//! - [`read_usage`]: the `usage` object of a body or stream event, in the
+//!   Chat/Completions/Embeddings shape or the Responses API's;
+//! - [`estimate_completion_tokens`]: an upper bound when a body has none;
+//! - [`SseScanner`]: splits an SSE byte stream into events as they arrive,
+//!   passes them on unchanged, notes usage and strips usage-only chunks for
+//!   clients that did not ask for them.
+
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+
+/// Usage a neuron reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reported {
+    pub prompt: u64,
+    pub completion: u64,
+    pub reasoning: u64,
+}
+
+/// Usage in a response body or stream event: Chat/Completions/Embeddings
+/// (`prompt_tokens`, `completion_tokens`) at the top, or the Responses API's
+/// (`input_tokens`, `output_tokens`) at the top or under `response` (the
+/// `response.completed` and `response.incomplete` events).
+pub fn read_usage(value: &Value) -> Option<Reported> {
+    let usage = value
+        .get("usage")
+        .filter(|u| u.is_object())
+        .or_else(|| value.get("response")?.get("usage"))?
+        .as_object()?;
+    let number = |name: &str| usage.get(name).and_then(Value::as_u64);
+    let reasoning = |details: &str| {
+        usage
+            .get(details)
+            .and_then(|d| d.get("reasoning_tokens"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    if let Some(prompt) = number("prompt_tokens") {
+        return Some(Reported {
+            prompt,
+            completion: number("completion_tokens").unwrap_or(0),
+            reasoning: reasoning("completion_tokens_details"),
+        });
+    }
+    Some(Reported {
+        prompt: number("input_tokens")?,
+        completion: number("output_tokens").unwrap_or(0),
+        reasoning: reasoning("output_tokens_details"),
+    })
+}
+
+/// An estimate of completion tokens from a response without usage: one
+/// per byte of generated text (an upper bound for byte-level tokenizers).
+pub fn estimate_completion_tokens(value: &Value) -> u64 {
+    if let Some(output) = value.get("output").and_then(Value::as_array) {
+        // Responses API: output items with content parts.
+        return output
+            .iter()
+            .filter_map(|item| item.get("content")?.as_array())
+            .flatten()
+            .filter_map(|part| part.get("text")?.as_str())
+            .map(|text| text.len() as u64)
+            .sum();
+    }
+    let Some(choices) = value.get("choices").and_then(Value::as_array) else {
+        return 0;
+    };
+    choices
+        .iter()
+        .map(|choice| {
+            let text = choice
+                .get("message")
+                .and_then(|m| m.get("content"))
+                .or_else(|| choice.get("text"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            text.len() as u64
+        })
+        .sum()
+}
+
+/// End of the first complete SSE event in `buffer` (after its blank line).
+pub fn find_event_end(buffer: &[u8]) -> Option<usize> {
+    let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
+    let crlf = buffer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// What the scanner has seen so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// The last usage reported.
+    pub usage: Option<Reported>,
+    /// Events with content (neither usage-only, nor `[DONE]`, nor empty).
+    pub chunks: u64,
+    /// The `model` of the first content event.
+    pub model: Option<String>,
+}
+
+/// Splits an SSE stream into whole events as bytes arrive.
+#[derive(Debug, Default)]
+pub struct SseScanner {
+    buffer: BytesMut,
+    strip_usage: bool,
+    pub seen: Seen,
+}
+
+impl SseScanner {
+    /// `strip_usage`: drop usage-only events (no choices) from the output.
+    pub fn new(strip_usage: bool) -> SseScanner {
+        SseScanner {
+            buffer: BytesMut::new(),
+            strip_usage,
+            seen: Seen::default(),
+        }
+    }
+
+    /// Takes arriving bytes; returns the complete events to pass on, in
+    /// order and unchanged (a partial event waits for its end).
+    pub fn push(&mut self, data: &[u8]) -> Bytes {
+        self.buffer.extend_from_slice(data);
+        let mut out = BytesMut::new();
+        while let Some(end) = find_event_end(&self.buffer) {
+            let event = self.buffer.split_to(end);
+            if self.inspect(&event) {
+                out.extend_from_slice(&event);
+            }
+        }
+        out.freeze()
+    }
+
+    /// The bytes of an unfinished last event, passed on as they are.
+    pub fn finish(&mut self) -> Bytes {
+        std::mem::take(&mut self.buffer).freeze()
+    }
+
+    /// Reads one event; false when it must not reach the client.
+    fn inspect(&mut self, event: &[u8]) -> bool {
+        let text = std::str::from_utf8(event).unwrap_or_default();
+        let mut data = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("data:") {
+                data.push_str(rest.trim());
+            }
+        }
+        if data.is_empty() || data == "[DONE]" {
+            return true;
+        }
+        // Parse in full only events that may carry usage.
+        if !data.contains("\"usage\":{") && !data.contains("\"usage\": {") {
+            self.seen.chunks += 1;
+            if self.seen.model.is_none() {
+                if let Ok(value) = serde_json::from_str::<Value>(&data) {
+                    if let Some(model) = value.get("model").and_then(Value::as_str) {
+                        self.seen.model = Some(model.to_string());
+                    }
+                }
+            }
+            return true;
+        }
+        let Ok(value) = serde_json::from_str::<Value>(&data) else {
+            return true;
+        };
+        if let Some(usage) = read_usage(&value) {
+            self.seen.usage = Some(usage);
+        }
+        let usage_only = value
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|c| c.is_empty());
+        if !usage_only {
+            self.seen.chunks += 1;
+        }
+        !(self.strip_usage && usage_only)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn usage_is_read_in_every_shape() {
+        let chat = json!({"usage": {"prompt_tokens": 3, "completion_tokens": 4,
+            "completion_tokens_details": {"reasoning_tokens": 2}}});
+        assert_eq!(
+            read_usage(&chat),
+            Some(Reported {
+                prompt: 3,
+                completion: 4,
+                reasoning: 2
+            })
+        );
+        let embeddings = json!({"usage": {"prompt_tokens": 7, "total_tokens": 7}});
+        assert_eq!(read_usage(&embeddings).unwrap().completion, 0);
+        let responses = json!({"type": "response.completed", "response": {"usage":
+            {"input_tokens": 5, "output_tokens": 6, "output_tokens_details": {"reasoning_tokens": 1}}}});
+        assert_eq!(
+            read_usage(&responses),
+            Some(Reported {
+                prompt: 5,
+                completion: 6,
+                reasoning: 1
+            })
+        );
+        assert_eq!(read_usage(&json!({"usage": null})), None);
+        assert_eq!(read_usage(&json!({"usage": {"total_tokens": 1}})), None);
+    }
+
+    #[test]
+    fn events_split_anywhere_pass_unchanged_and_usage_only_chunks_are_stripped() {
+        let stream = concat!(
+            "data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        for split in 0..stream.len() {
+            let mut scanner = SseScanner::new(true);
+            let mut out = scanner.push(&stream.as_bytes()[..split]).to_vec();
+            out.extend_from_slice(&scanner.push(&stream.as_bytes()[split..]));
+            out.extend_from_slice(&scanner.finish());
+            let text = String::from_utf8(out).unwrap();
+            assert!(!text.contains("usage"), "split {split}: {text}");
+            assert!(text.ends_with("data: [DONE]\n\n"));
+            assert_eq!(scanner.seen.chunks, 1);
+            assert_eq!(scanner.seen.model.as_deref(), Some("m"));
+            assert_eq!(scanner.seen.usage.unwrap().prompt, 2);
+        }
+        let mut keep = SseScanner::new(false);
+        let mut out = keep.push(stream.as_bytes()).to_vec();
+        out.extend_from_slice(&keep.finish());
+        assert_eq!(out, stream.as_bytes());
+    }
+
+    #[test]
+    fn estimates_cover_chat_completions_and_responses_text() {
+        assert_eq!(
+            estimate_completion_tokens(
+                &json!({"choices": [{"message": {"content": "abc"}}, {"text": "de"}]})
+            ),
+            5
+        );
+        assert_eq!(
+            estimate_completion_tokens(
+                &json!({"output": [{"content": [{"type": "output_text", "text": "hello"}]}]})
+            ),
+            5
+        );
+        assert_eq!(estimate_completion_tokens(&json!({"data": []})), 0);
+    }
+}
