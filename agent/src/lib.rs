@@ -84,12 +84,24 @@ pub async fn run(
     // tests) aborts them all.
     let mut tasks = tokio::task::JoinSet::new();
     let spool_depth = spool.depth();
-    tasks.spawn(spool.run(
-        usage_rx,
-        spool_events_rx,
+    // The spool writes and fsyncs: on its own thread, so a slow disk never
+    // stalls a request worker.
+    let (resend, flush) = (
         Duration::from_millis(config.usage_resend_ms),
         Duration::from_millis(config.usage_flush_ms),
-    ));
+    );
+    let spool_stop = stop_rx.clone();
+    tasks.spawn_blocking(move || {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(runtime) => {
+                runtime.block_on(spool.run(usage_rx, spool_events_rx, resend, flush, spool_stop))
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start the spool's runtime"),
+        }
+    });
     tasks.spawn(link::run(
         LinkContext {
             link: link.clone(),

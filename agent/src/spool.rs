@@ -147,10 +147,13 @@ impl Spool {
             .collect();
         // Rewrite the log with only what is pending, dropping a torn tail.
         let mut log = File::create(&log_path).map_err(|e| spool_error(&log_path, e))?;
-        let mut log_len = 0u64;
+        let mut frames = Vec::new();
         for record in pending.values() {
-            log_len += append(&mut log, record).map_err(|e| spool_error(&log_path, e))?;
+            frame(&mut frames, record);
         }
+        log.write_all(&frames)
+            .map_err(|e| spool_error(&log_path, e))?;
+        let log_len = frames.len() as u64;
         log.sync_all().map_err(|e| spool_error(&log_path, e))?;
         let log = OpenOptions::new()
             .append(true)
@@ -218,15 +221,20 @@ impl Spool {
     }
 
     fn write_records(&mut self, records: Vec<pb::UsageRecord>) {
+        // One write and one fsync for the whole batch.
+        let mut frames = Vec::with_capacity(records.len() * 128);
+        for record in &records {
+            frame(&mut frames, record);
+        }
+        match self.log.write_all(&frames) {
+            Ok(()) => self.log_len += frames.len() as u64,
+            Err(e) => {
+                metrics::counter!("allot_agent_spool_write_errors_total").increment(1);
+                tracing::error!(error = %e, records = records.len(), "cannot append to the usage spool; keeping the records in memory");
+            }
+        }
         let mut fresh = Vec::with_capacity(records.len());
         for record in records {
-            match append(&mut self.log, &record) {
-                Ok(n) => self.log_len += n,
-                Err(e) => {
-                    metrics::counter!("allot_agent_spool_write_errors_total").increment(1);
-                    tracing::error!(error = %e, seq = record.seq, "cannot append to the usage spool; keeping the record in memory");
-                }
-            }
             self.pending.insert(record.seq, record.clone());
             fresh.push(record);
         }
@@ -299,7 +307,9 @@ impl Spool {
         mut events: mpsc::UnboundedReceiver<SpoolEvent>,
         resend_after: Duration,
         flush_every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
+        let mut events_open = true;
         let mut tick = tokio::time::interval(
             flush_every.clamp(Duration::from_millis(1), Duration::from_millis(100)),
         );
@@ -320,14 +330,33 @@ impl Spool {
                         self.send_unsent();
                     }
                 }
-                event = events.recv() => match event {
+                event = events.recv(), if events_open => match event {
                     Some(SpoolEvent::Session(session)) => {
                         self.session = Some(session);
                         self.send_pending();
                     }
                     Some(SpoolEvent::Ack(high_water_seq)) => self.ack(high_water_seq),
-                    None => {}
+                    None => events_open = false,
                 },
+                changed = stop.changed() => {
+                    let stopping = changed.is_err() || *stop.borrow();
+                    if stopping {
+                        // Shutdown, or the agent is gone (its task dropped):
+                        // what was handed over is written, then the spool
+                        // ends.
+                        let mut rest = Vec::new();
+                        while let Ok(record) = records.try_recv() {
+                            rest.push(record);
+                        }
+                        if !rest.is_empty() {
+                            self.write_records(rest);
+                        }
+                        if changed.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                }
                 _ = tick.tick() => {
                     if !self.unsent.is_empty() && self.last_flush.elapsed() >= flush_every {
                         self.send_unsent();
@@ -345,13 +374,11 @@ impl Spool {
     }
 }
 
-fn append(file: &mut File, record: &pb::UsageRecord) -> std::io::Result<u64> {
-    let body = record.encode_to_vec();
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&body);
-    file.write_all(&frame)?;
-    Ok(frame.len() as u64)
+/// Appends one length-prefixed record to `out`.
+fn frame(out: &mut Vec<u8>, record: &pb::UsageRecord) {
+    let len = record.encoded_len();
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    record.encode(out).expect("a Vec grows to fit any record");
 }
 
 #[cfg(test)]
