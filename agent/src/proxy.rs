@@ -12,7 +12,7 @@ use crate::concurrency::{Full, Slot};
 use crate::config::UnknownPaths;
 use crate::keys::{KeyInfo, Known};
 use crate::upstream::LookupError;
-use crate::usage::{estimate_completion_tokens, read_usage, Reported, SseScanner};
+use crate::usage::{self, Reported, SseScanner};
 use crate::AgentState;
 use allot::clock;
 use allot::key::{KeyHash, Purpose};
@@ -843,20 +843,14 @@ async fn admit_and_forward(
             ));
         }
     };
-    let parsed: Option<Value> = serde_json::from_slice(&collected).ok();
-    if let Some(model) = parsed
-        .as_ref()
-        .and_then(|v| v.get("model"))
-        .and_then(Value::as_str)
-    {
-        settlement.model_served = model.to_string();
+    let read = usage::read_body(&collected);
+    if let Some(model) = read.model {
+        settlement.model_served = model;
     }
-    let reported = parsed.as_ref().and_then(read_usage);
+    let reported = read.usage;
     if reported.is_none() {
-        settlement.chunks = parsed
-            .as_ref()
-            .map(estimate_completion_tokens)
-            .unwrap_or(settlement.completion_bound);
+        // Not even JSON: charge the whole bound.
+        settlement.chunks = read.estimate.unwrap_or(settlement.completion_bound);
     }
     settlement.finish(reported, true);
     headers.insert(

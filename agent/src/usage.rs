@@ -50,6 +50,80 @@ pub fn read_usage(value: &Value) -> Option<Reported> {
     })
 }
 
+/// What settlement reads from a whole (non-streamed) response body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BodyFacts {
+    pub model: Option<String>,
+    pub usage: Option<Reported>,
+    /// Completion tokens estimated from the text when there is no usage;
+    /// `None` when the body is not JSON (nothing to estimate from).
+    pub estimate: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    usage: Option<UsageFields>,
+}
+
+#[derive(serde::Deserialize)]
+struct UsageFields {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    completion_tokens_details: Option<Details>,
+    output_tokens_details: Option<Details>,
+}
+
+#[derive(serde::Deserialize)]
+struct Details {
+    reasoning_tokens: Option<u64>,
+}
+
+/// Reads the model and usage of a response body without building the
+/// whole JSON tree (the choices' text is skipped, not copied); bodies
+/// without usage, or with an unexpected shape, are read in full.
+pub fn read_body(body: &[u8]) -> BodyFacts {
+    if let Ok(head) = serde_json::from_slice::<Head>(body) {
+        let usage = head.usage.and_then(|u| {
+            let reasoning = |d: Option<Details>| d.and_then(|d| d.reasoning_tokens).unwrap_or(0);
+            match (u.prompt_tokens, u.input_tokens) {
+                (Some(prompt), _) => Some(Reported {
+                    prompt,
+                    completion: u.completion_tokens.unwrap_or(0),
+                    reasoning: reasoning(u.completion_tokens_details),
+                }),
+                (None, Some(input)) => Some(Reported {
+                    prompt: input,
+                    completion: u.output_tokens.unwrap_or(0),
+                    reasoning: reasoning(u.output_tokens_details),
+                }),
+                (None, None) => None,
+            }
+        });
+        if usage.is_some() {
+            return BodyFacts {
+                model: head.model.map(|m| m.into_owned()),
+                usage,
+                estimate: None,
+            };
+        }
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(value) => BodyFacts {
+            model: value
+                .get("model")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            usage: read_usage(&value),
+            estimate: Some(estimate_completion_tokens(&value)),
+        },
+        Err(_) => BodyFacts::default(),
+    }
+}
+
 /// An estimate of completion tokens from a response without usage: one
 /// per byte of generated text (an upper bound for byte-level tokenizers).
 pub fn estimate_completion_tokens(value: &Value) -> u64 {
@@ -238,6 +312,36 @@ mod tests {
         let mut out = keep.push(stream.as_bytes()).to_vec();
         out.extend_from_slice(&keep.finish());
         assert_eq!(out, stream.as_bytes());
+    }
+
+    #[test]
+    fn bodies_are_read_in_every_shape_and_fall_back_to_estimates() {
+        let chat = br#"{"id":"x","model":"m","choices":[{"message":{"content":"hi \"there\""}}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+        let facts = read_body(chat);
+        assert_eq!(facts.model.as_deref(), Some("m"));
+        assert_eq!(
+            facts.usage,
+            Some(Reported {
+                prompt: 3,
+                completion: 2,
+                reasoning: 0
+            })
+        );
+        let responses = br#"{"model":"m","output":[],"usage":{"input_tokens":4,"output_tokens":5,"output_tokens_details":{"reasoning_tokens":1}}}"#;
+        assert_eq!(
+            read_body(responses).usage,
+            Some(Reported {
+                prompt: 4,
+                completion: 5,
+                reasoning: 1
+            })
+        );
+        let bare = br#"{"model":"m","choices":[{"text":"abcd"}]}"#;
+        let facts = read_body(bare);
+        assert_eq!((facts.usage, facts.estimate), (None, Some(4)));
+        let odd = br#"{"model":"m","choices":[{"text":"ab"}],"usage":{"prompt_tokens":"3"}}"#;
+        assert_eq!(read_body(odd).estimate, Some(2));
+        assert_eq!(read_body(b"not json"), BodyFacts::default());
     }
 
     #[test]
