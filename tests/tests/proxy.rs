@@ -600,3 +600,67 @@ async fn bad_bodies_are_refused_precisely_and_reach_nothing() {
     assert_eq!(stack.neuron.hits(), 0);
     assert_eq!(spent_tokens(&stack, &key_id).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_can_be_spoken_to_over_h2c() {
+    let stack = stack_with(|c| c.upstream_http2 = true).await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
+        .await;
+    for stream in [false, true] {
+        let mut body = chat_body(3);
+        body["stream"] = stream.into();
+        let response = post(&stack, &secret, "/v1/chat/completions", &body).await;
+        assert_eq!(response.status(), 200);
+        assert!(response.text().await.unwrap().contains("tok"));
+    }
+    // The neuron saw HTTP/2: no HTTP/1.1 `connection` semantics, and the
+    // authority arrives as :authority (recorded without a Host header).
+    let seen = stack.neuron.last_request().unwrap();
+    assert!(seen.header("host").is_none(), "{:?}", seen.headers);
+    wait_until("both to settle", Duration::from_secs(30), || async {
+        stack.settled_records().await == 2
+    })
+    .await;
+    assert!(spent_tokens(&stack, &key_id).await > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_lets_open_streams_finish_and_settles_them() {
+    let mut stack = Stack::start().await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
+        .await;
+    stack.neuron.set_behavior(Behavior {
+        chunk_delay_ms: 150,
+        ..Default::default()
+    });
+    let mut body = chat_body(8);
+    body["stream"] = true.into();
+    body["stream_options"] = json!({"include_usage": true});
+    let response = post(&stack, &secret, "/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    // Stop the agent while the stream is open.
+    let agent = stack.agent.take().unwrap();
+    let stopping = tokio::spawn(agent.stop());
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    while let Some(chunk) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    stopping.await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let usage = events(&text).last().unwrap()["usage"].clone();
+    assert_eq!(stack.neuron.cancellations(), 0);
+    // The agent flushed before exiting: the coordinator has the record.
+    stack.restart_agent().await;
+    wait_spent(
+        &stack,
+        &key_id,
+        total(&usage),
+        "the drained stream to settle",
+    )
+    .await;
+}
