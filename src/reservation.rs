@@ -66,6 +66,16 @@ impl Operation {
         }
     }
 
+    /// The span name of a request on this path (`POST /v1/...`).
+    pub fn span_name(self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "POST /v1/chat/completions",
+            Operation::Completions => "POST /v1/completions",
+            Operation::Embeddings => "POST /v1/embeddings",
+            Operation::Responses => "POST /v1/responses",
+        }
+    }
+
     /// OpenTelemetry GenAI `gen_ai.operation.name`.
     pub fn otel_name(self) -> &'static str {
         match self {

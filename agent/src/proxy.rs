@@ -150,7 +150,7 @@ async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<B
     // conventions); never the key's secret, only its id.
     let span = tracing::info_span!(
         "POST",
-        otel.name = %format!("POST {path}"),
+        otel.name = operation.span_name(),
         otel.kind = "server",
         http.request.method = "POST",
         url.path = path,
@@ -720,7 +720,7 @@ async fn admit_and_forward(
 
     let upstream_span = tracing::info_span!(
         "upstream",
-        otel.name = %format!("POST {path}"),
+        otel.name = operation.span_name(),
         otel.kind = "client",
         http.request.method = "POST",
         server.address = &*upstream_url,
