@@ -14,6 +14,7 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use std::net::SocketAddr;
 use std::time::Duration;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -159,8 +160,15 @@ pub fn init(format: LogFormat, service_name: &str) -> Telemetry {
     } else {
         None
     };
+    // Log lines carry their spans' fields only with ALLOT_LOG_SPANS set:
+    // otherwise the log layer ignores spans, and without an OTLP exporter
+    // no layer wants them, so the per-request spans cost nothing.
+    let log_spans = std::env::var_os("ALLOT_LOG_SPANS").is_some();
+    let logs_filter = filter().and(tracing_subscriber::filter::filter_fn(move |meta| {
+        log_spans || meta.is_event()
+    }));
     let _ = tracing_subscriber::registry()
-        .with(logs.with_filter(filter()))
+        .with(logs.with_filter(logs_filter))
         .with(traces.map(|layer| layer.with_filter(filter())))
         .try_init();
     telemetry

@@ -879,7 +879,25 @@ fn format_reset(d: Duration) -> String {
 fn add_rate_limit_headers(state: &AgentState, key_id: &str, headers: &mut HeaderMap) {
     let now = Instant::now();
     let limits = state.table.limits_for_headers(key_id);
-    for (unit, suffix) in [(Unit::Requests, "requests"), (Unit::Tokens, "tokens")] {
+    const NAMES: [(Unit, [&str; 3]); 2] = [
+        (
+            Unit::Requests,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+        ),
+        (
+            Unit::Tokens,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ),
+    ];
+    for (unit, [limit_name, remaining_name, reset_name]) in NAMES {
         let tightest = limits
             .iter()
             .filter(|(l, _)| l.unit == unit)
@@ -892,21 +910,12 @@ fn add_rate_limit_headers(state: &AgentState, key_id: &str, headers: &mut Header
             .map(|at| format_reset(at.saturating_duration_since(now)))
             .unwrap_or_else(|| "0s".into());
         for (name, value) in [
-            (
-                format!("x-ratelimit-limit-{suffix}"),
-                allot::money::format(limit.cap),
-            ),
-            (
-                format!("x-ratelimit-remaining-{suffix}"),
-                allot::money::format(remaining.floor()),
-            ),
-            (format!("x-ratelimit-reset-{suffix}"), reset),
+            (limit_name, allot::money::format(limit.cap)),
+            (remaining_name, allot::money::format(remaining.floor())),
+            (reset_name, reset),
         ] {
-            if let (Ok(name), Ok(value)) = (
-                header::HeaderName::try_from(name),
-                HeaderValue::from_str(&value),
-            ) {
-                headers.insert(name, value);
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(header::HeaderName::from_static(name), value);
             }
         }
     }
