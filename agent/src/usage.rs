@@ -178,10 +178,16 @@ pub struct Seen {
     pub model: Option<String>,
 }
 
+/// An event longer than this is passed on in pieces, unread: a neuron that
+/// never ends an event cannot grow the agent's memory without bound.
+const MAX_EVENT: usize = 1024 * 1024;
+
 /// Splits an SSE stream into whole events as bytes arrive.
 #[derive(Debug, Default)]
 pub struct SseScanner {
     buffer: BytesMut,
+    /// How much of `buffer` was searched for an event end already.
+    searched: usize,
     strip_usage: bool,
     pub seen: Seen,
 }
@@ -191,6 +197,7 @@ impl SseScanner {
     pub fn new(strip_usage: bool) -> SseScanner {
         SseScanner {
             buffer: BytesMut::new(),
+            searched: 0,
             strip_usage,
             seen: Seen::default(),
         }
@@ -201,11 +208,24 @@ impl SseScanner {
     pub fn push(&mut self, data: &[u8]) -> Bytes {
         self.buffer.extend_from_slice(data);
         let mut out = BytesMut::new();
-        while let Some(end) = find_event_end(&self.buffer) {
+        loop {
+            // Resume where the last search stopped (minus a possibly split
+            // blank line): arriving in small pieces stays linear.
+            let from = self.searched.saturating_sub(3);
+            let Some(end) = find_event_end(&self.buffer[from..]).map(|e| e + from) else {
+                self.searched = self.buffer.len();
+                break;
+            };
+            self.searched = 0;
             let event = self.buffer.split_to(end);
             if self.inspect(&event) {
                 out.extend_from_slice(&event);
             }
+        }
+        if self.buffer.len() > MAX_EVENT {
+            self.seen.chunks += 1;
+            self.searched = 0;
+            out.extend_from_slice(&self.buffer.split());
         }
         out.freeze()
     }
@@ -218,12 +238,18 @@ impl SseScanner {
     /// Reads one event; false when it must not reach the client.
     fn inspect(&mut self, event: &[u8]) -> bool {
         let text = std::str::from_utf8(event).unwrap_or_default();
+        // As the SSE spec reads it: `data:` lines, one leading space off,
+        // joined by newlines.
         let mut data = String::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("data:") {
-                data.push_str(rest.trim());
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
             }
         }
+        let data = data.trim_end();
         if data.is_empty() || data == "[DONE]" {
             return true;
         }
@@ -231,7 +257,7 @@ impl SseScanner {
         if !data.contains("\"usage\":{") && !data.contains("\"usage\": {") {
             self.seen.chunks += 1;
             if self.seen.model.is_none() {
-                if let Ok(value) = serde_json::from_str::<Value>(&data) {
+                if let Ok(value) = serde_json::from_str::<Value>(data) {
                     if let Some(model) = value.get("model").and_then(Value::as_str) {
                         self.seen.model = Some(model.to_string());
                     }
@@ -239,7 +265,7 @@ impl SseScanner {
             }
             return true;
         }
-        let Ok(value) = serde_json::from_str::<Value>(&data) else {
+        let Ok(value) = serde_json::from_str::<Value>(data) else {
             return true;
         };
         if let Some(usage) = read_usage(&value) {
@@ -342,6 +368,28 @@ mod tests {
         let odd = br#"{"model":"m","choices":[{"text":"ab"}],"usage":{"prompt_tokens":"3"}}"#;
         assert_eq!(read_body(odd).estimate, Some(2));
         assert_eq!(read_body(b"not json"), BodyFacts::default());
+    }
+
+    #[test]
+    fn data_lines_join_as_the_sse_spec_says_and_huge_events_pass_unread() {
+        // A key split over two data lines is not `usage` to a client.
+        let split = "data: {\"choices\":[],\"usa\ndata: ge\":{\"prompt_tokens\":1}}\n\n";
+        let mut scanner = SseScanner::new(true);
+        assert_eq!(scanner.push(split.as_bytes()), split.as_bytes());
+        assert_eq!(scanner.seen.usage, None);
+        // A JSON value over two lines is read.
+        let multi = "data: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":4}}\n\n";
+        let mut scanner = SseScanner::new(true);
+        assert!(scanner.push(multi.as_bytes()).is_empty());
+        assert_eq!(scanner.seen.usage.map(|u| u.prompt), Some(4));
+        // An event that never ends is passed on once it is too long.
+        let mut scanner = SseScanner::new(false);
+        let mut out = 0;
+        for _ in 0..300 {
+            out += scanner.push(&[b'x'; 4096]).len();
+        }
+        assert!(out >= MAX_EVENT, "{out}");
+        assert!(scanner.buffer.len() <= MAX_EVENT);
     }
 
     #[test]
