@@ -20,6 +20,7 @@ pub mod engine;
 pub mod error;
 pub mod grant;
 pub mod ledger;
+pub mod placement;
 pub mod session;
 pub mod store;
 
