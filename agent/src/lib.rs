@@ -90,7 +90,10 @@ pub async fn run(
         Duration::from_millis(config.usage_resend_ms),
         Duration::from_millis(config.usage_flush_ms),
     );
-    let spool_stop = stop_rx.clone();
+    // The spool stops before the link, so that its last records go out on
+    // the session the link then closes.
+    let (spool_stop_tx, spool_stop) = watch::channel(false);
+    let (spool_done_tx, spool_done_rx) = tokio::sync::oneshot::channel::<()>();
     tasks.spawn_blocking(move || {
         match tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -101,6 +104,7 @@ pub async fn run(
             }
             Err(e) => tracing::error!(error = %e, "cannot start the spool's runtime"),
         }
+        let _ = spool_done_tx.send(());
     });
     tasks.spawn(link::run(
         LinkContext {
@@ -162,6 +166,18 @@ pub async fn run(
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Stop the spool, then close the session: the give-backs and the last
+    // usage reach the coordinator before the end of the stream does; wait
+    // (briefly) for the coordinator to end its side.
+    let _ = spool_stop_tx.send(true);
+    let mut connected = state.link.subscribe_connected();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        // The spool drops its sender of the session as it ends.
+        let _ = spool_done_rx.await;
+        state.link.close();
+        let _ = connected.wait_for(|up| !*up).await;
+    })
+    .await;
     let _ = stop_tx.send(true);
     drop(state);
     while tasks.join_next().await.is_some() {}

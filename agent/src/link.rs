@@ -118,6 +118,16 @@ impl CoordinatorLink {
         }
     }
 
+    /// Ends this side of the session once what is queued is sent (the
+    /// spool must have dropped its sender already): the coordinator then
+    /// processes every message before it sees the end.
+    pub fn close(&self) {
+        self.outgoing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
     fn set_session(&self, session: Option<mpsc::Sender<pb::AgentMessage>>) {
         let up = session.is_some();
         *self.outgoing.lock().unwrap_or_else(|p| p.into_inner()) = session;
@@ -207,9 +217,15 @@ async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
     })
     .await?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    // After Welcome the link and the spool hold the only senders: closing
+    // the link (`close`) then ends this side of the stream.
+    let mut tx = Some(tx);
     while let Some(message) = inbound.message().await? {
         let Some(msg) = message.msg else { continue };
         if let CoordMsg::Welcome(welcome) = &msg {
+            let Some(tx) = tx.take() else {
+                anyhow::bail!("a second Welcome on one session");
+            };
             ctx.table.raise_seq(welcome.high_water_seq);
             ctx.table.ack(welcome.high_water_seq);
             // What this agent holds, before anything else on the session:
@@ -227,8 +243,8 @@ async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
                 })),
             })
             .await?;
-            ctx.link.set_session(Some(tx.clone()));
             let _ = ctx.spool.send(SpoolEvent::Session(tx.clone()));
+            ctx.link.set_session(Some(tx));
             let _ = ctx.spool.send(SpoolEvent::Ack(welcome.high_water_seq));
             // Keys may have changed while we were away: look them up again.
             for hash in ctx.keys.cached_hashes() {
