@@ -100,25 +100,7 @@ async fn pass_through(state: &AgentState, request: Request<Body>) -> Result<Resp
         .body(http_body_util::Full::new(bytes))
         .map_err(|e| ApiError::bad_request(format!("cannot forward this request: {e}"), None))?;
     metrics::counter!("allot_agent_pass_through_total").increment(1);
-    let response = match tokio::time::timeout(
-        state.config.first_byte_timeout(),
-        state.client.request(upstream),
-    )
-    .await
-    {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => {
-            return Err(ApiError::bad_gateway(format!(
-                "the neuron is unreachable: {e}"
-            )))
-        }
-        Err(_) => {
-            return Err(ApiError::gateway_timeout(
-                "the neuron did not answer in time",
-            ))
-        }
-    };
-    let (mut parts, body) = response.into_parts();
+    let (mut parts, body) = neuron_request(state, upstream).await?.into_parts();
     for hop in [
         header::CONNECTION,
         header::TRANSFER_ENCODING,
@@ -1033,6 +1015,28 @@ impl Stream for SseRelay {
     }
 }
 
+/// Sends an unmetered request to the neuron: 502 when it cannot be
+/// reached, 504 without response headers within `first_byte_timeout_ms`.
+async fn neuron_request(
+    state: &AgentState,
+    request: Request<http_body_util::Full<Bytes>>,
+) -> Result<Response<hyper::body::Incoming>, ApiError> {
+    match tokio::time::timeout(
+        state.config.first_byte_timeout(),
+        state.client.request(request),
+    )
+    .await
+    {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) => Err(ApiError::bad_gateway(format!(
+            "the neuron is unreachable: {e}"
+        ))),
+        Err(_) => Err(ApiError::gateway_timeout(
+            "the neuron did not answer in time",
+        )),
+    }
+}
+
 /// `GET /v1/models`: the neuron's list, narrowed to what the key may use.
 async fn models(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> Response {
     let key = match authenticate(&state, &headers).await {
@@ -1045,19 +1049,9 @@ async fn models(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> Res
         Ok(r) => r,
         Err(e) => return ApiError::bad_gateway(e.to_string()).into_response(),
     };
-    let response = match tokio::time::timeout(
-        state.config.first_byte_timeout(),
-        state.client.request(request),
-    )
-    .await
-    {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            return ApiError::bad_gateway(format!("the neuron is unreachable: {e}")).into_response()
-        }
-        Err(_) => {
-            return ApiError::gateway_timeout("the neuron did not answer in time").into_response()
-        }
+    let response = match neuron_request(&state, request).await {
+        Ok(response) => response,
+        Err(e) => return e.into_response(),
     };
     let status = response.status();
     let body = response

@@ -409,18 +409,13 @@ fn allowance_ask(
                 holders = refusal.reclaim.len(),
                 "reclaimed slices were not given back in time"
             );
-            metrics::counter!("allot_allowance_denies_total", "reason" => pb::DenyReason::HeldElsewhere.as_str_name())
-                .increment(1);
-            fx.send(
+            deny(
+                fx,
                 outbox,
-                CoordMsg::Deny(pb::Deny {
-                    ask_id: ask.ask_id,
-                    key_id: ask.key_id,
-                    reason: pb::DenyReason::HeldElsewhere as i32,
-                    retry_after_ms: 1_000,
-                    message: "the budget is held by other agents that have not returned it yet"
-                        .into(),
-                }),
+                ask,
+                pb::DenyReason::HeldElsewhere,
+                1_000,
+                "the budget is held by other agents that have not returned it yet".into(),
             );
         }
         Err(refusal) => {
@@ -439,23 +434,36 @@ fn allowance_ask(
                 DenyReason::KeyRevoked => pb::DenyReason::KeyRevoked,
                 DenyReason::UnknownKey => pb::DenyReason::UnknownKey,
             };
-            metrics::counter!("allot_allowance_denies_total", "reason" => reason.as_str_name())
-                .increment(1);
-            fx.send(
-                outbox,
-                CoordMsg::Deny(pb::Deny {
-                    ask_id: ask.ask_id,
-                    key_id: ask.key_id,
-                    reason: reason as i32,
-                    retry_after_ms: refusal
-                        .retry_at
-                        .map(|at| (at - fx.now).max(1) as u64)
-                        .unwrap_or(0),
-                    message: refusal.message,
-                }),
-            );
+            let retry_after_ms = refusal
+                .retry_at
+                .map(|at| (at - fx.now).max(1) as u64)
+                .unwrap_or(0);
+            deny(fx, outbox, ask, reason, retry_after_ms, refusal.message);
         }
     }
+}
+
+/// Answers an ask with a refusal, counted by reason.
+fn deny(
+    fx: &mut Effects,
+    outbox: &Outbox,
+    ask: pb::AllowanceAsk,
+    reason: pb::DenyReason,
+    retry_after_ms: u64,
+    message: String,
+) {
+    metrics::counter!("allot_allowance_denies_total", "reason" => reason.as_str_name())
+        .increment(1);
+    fx.send(
+        outbox,
+        CoordMsg::Deny(pb::Deny {
+            ask_id: ask.ask_id,
+            key_id: ask.key_id,
+            reason: reason as i32,
+            retry_after_ms,
+            message,
+        }),
+    );
 }
 
 fn usage_from_pb(record: &pb::UsageRecord) -> Usage {

@@ -35,6 +35,13 @@ async fn wait_spent(stack: &Stack, key_id: &str, expected: u64, what: &str) {
     .await;
 }
 
+async fn wait_settled(stack: &Stack, records: u64, what: &str) {
+    wait_until(what, Duration::from_secs(30), || async {
+        stack.settled_records().await == records
+    })
+    .await;
+}
+
 /// Total tokens in a usage object of either shape.
 fn total(usage: &Value) -> u64 {
     usage["total_tokens"].as_u64().unwrap_or_else(|| {
@@ -267,12 +274,7 @@ async fn a_client_that_leaves_mid_stream_cancels_the_neuron_and_pays_for_what_it
         || async { stack.neuron.cancellations() == 1 },
     )
     .await;
-    wait_until(
-        "the abandoned request to settle",
-        Duration::from_secs(30),
-        || async { stack.settled_records().await == 1 },
-    )
-    .await;
+    wait_settled(&stack, 1, "the abandoned request to settle").await;
     let spent = spent_tokens(&stack, &key_id).await;
     let reserved = reservation_of(Operation::ChatCompletions, &body, 40);
     assert!(
@@ -310,12 +312,7 @@ async fn a_neuron_that_breaks_mid_stream_ends_the_clients_stream_with_an_error_a
         "upstream_error",
         "{text}"
     );
-    wait_until(
-        "the broken stream to settle",
-        Duration::from_secs(30),
-        || async { stack.settled_records().await == 1 },
-    )
-    .await;
+    wait_settled(&stack, 1, "the broken stream to settle").await;
     let spent = spent_tokens(&stack, &key_id).await;
     assert!(spent >= 2, "two tokens were delivered, {spent} charged");
     assert!(spent <= reservation_of(Operation::ChatCompletions, &body, 10));
@@ -390,12 +387,7 @@ async fn timeouts_fire_map_to_their_status_and_leave_nothing_in_flight() {
         || async { stack.neuron.cancellations() == 2 },
     )
     .await;
-    wait_until(
-        "all three requests to settle",
-        Duration::from_secs(30),
-        || async { stack.settled_records().await == 3 },
-    )
-    .await;
+    wait_settled(&stack, 3, "all three requests to settle").await;
     // Nothing stays in flight: the key's single slot is free again.
     stack.neuron.set_behavior(Behavior::default());
     let response = post(&stack, &secret, "/v1/chat/completions", &chat(false)).await;
@@ -618,10 +610,7 @@ async fn upstreams_can_be_spoken_to_over_h2c() {
     // authority arrives as :authority (recorded without a Host header).
     let seen = stack.neuron.last_request().unwrap();
     assert!(seen.header("host").is_none(), "{:?}", seen.headers);
-    wait_until("both to settle", Duration::from_secs(30), || async {
-        stack.settled_records().await == 2
-    })
-    .await;
+    wait_settled(&stack, 2, "both to settle").await;
     assert!(spent_tokens(&stack, &key_id).await > 0);
 }
 
