@@ -941,9 +941,11 @@ impl SseRelay {
 
 impl Drop for SseRelay {
     fn drop(&mut self) {
-        // The client left mid-stream: the settlement's own drop settles
-        // with what the stream showed.
-        self.relay_seen();
+        // The client left mid-stream (a finished stream has settled
+        // already): settle at the usage the neuron reported, if it came,
+        // else at the estimate from what was forwarded.
+        let reported = self.relay_seen();
+        self.settlement.finish(reported, true);
     }
 }
 
