@@ -2,6 +2,7 @@
 //! package on free loopback ports, each member in its own temporary data
 //! directory, killed when the handle drops (a failing test included).
 
+use crate::process::free_port;
 use crate::{wait_until, TempDir};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -18,14 +19,6 @@ pub struct EtcdCluster {
     pub members: Vec<EtcdMember>,
     initial_cluster: String,
     _dir: TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl EtcdCluster {

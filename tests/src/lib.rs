@@ -106,7 +106,6 @@ pub struct Stack {
     pub agent_config: allot_agent::config::AgentConfig,
     pub http: reqwest::Client,
     coordinator_task: JoinHandle<anyhow::Result<()>>,
-    _neuron_task: JoinHandle<std::io::Result<()>>,
     /// The etcd cluster of an etcd-backed stack (dropped after the rest).
     pub etcd: Option<etcd::EtcdCluster>,
     pub dir: TempDir,
@@ -165,6 +164,24 @@ pub async fn start_coordinator(
     (addr, task)
 }
 
+/// A fake neuron serving `models` on a free loopback port, until the test
+/// ends; its base URL.
+pub async fn start_neuron(
+    models: &[&str],
+    neuron_id: &str,
+    endpoints: std::collections::HashMap<String, String>,
+) -> (FakeNeuron, String) {
+    let neuron = FakeNeuron::new(FakeConfig {
+        models: models.iter().map(|m| m.to_string()).collect(),
+        neuron_id: neuron_id.into(),
+        endpoints,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(neuron.clone().serve(listener, std::future::pending()));
+    (neuron, url)
+}
+
 pub async fn start_agent(config: allot_agent::config::AgentConfig) -> RunningAgent {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -220,18 +237,8 @@ impl Stack {
 
     async fn start_in(dir: TempDir, config: CoordinatorConfig) -> Stack {
         let (coordinator_addr, coordinator_task) = start_coordinator(config).await;
-        let neuron = FakeNeuron::new(FakeConfig {
-            models: vec![MODEL.into(), "other-model".into()],
-            neuron_id: "neuron-1".into(),
-            ..Default::default()
-        });
-        let neuron_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let neuron_url = format!("http://{}", neuron_listener.local_addr().unwrap());
-        let neuron_task = tokio::spawn(
-            neuron
-                .clone()
-                .serve(neuron_listener, std::future::pending()),
-        );
+        let (neuron, neuron_url) =
+            start_neuron(&[MODEL, "other-model"], "neuron-1", Default::default()).await;
         let coordinator_url = format!("http://{coordinator_addr}");
         let agent_config = allot_agent::config::AgentConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -254,7 +261,6 @@ impl Stack {
             agent_config,
             http: reqwest::Client::new(),
             coordinator_task,
-            _neuron_task: neuron_task,
             etcd: None,
             dir,
         };

@@ -6,20 +6,27 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
+/// A workspace binary from `target/<profile>/`: next to the running
+/// executable (a bench binary) or one level up (a test in `deps/`).
 pub fn binary(name: &str) -> PathBuf {
-    // The test executable lives in target/<profile>/deps/.
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target/<profile>");
-    let path = profile_dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
-        path.display()
-    );
-    path
+    let exe = std::env::current_exe().expect("own executable path");
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .collect();
+    candidates
+        .iter()
+        .find(|path| path.exists())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{} is missing: run `cargo build --workspace --bins` (with --release for the \
+                 benchmarks) first (scripts/test does)",
+                candidates[0].display()
+            )
+        })
 }
 
 pub struct CoordinatorProcess {
@@ -177,4 +184,9 @@ pub fn free_addr() -> SocketAddr {
         .unwrap()
         .local_addr()
         .unwrap()
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    free_addr().port()
 }

@@ -2,7 +2,7 @@
 
 use allot::pb;
 use allot_e2e::*;
-use allot_fake_neuron::{FakeConfig, FakeNeuron};
+use allot_fake_neuron::FakeNeuron;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,14 +16,7 @@ struct Agents {
 
 async fn agents(coordinator_url: &str, count: usize) -> Agents {
     let dir = TempDir::new("agents");
-    let neuron = FakeNeuron::new(FakeConfig {
-        models: vec![MODEL.into()],
-        neuron_id: "n".into(),
-        ..Default::default()
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let neuron_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(neuron.clone().serve(listener, std::future::pending()));
+    let (neuron, neuron_url) = start_neuron(&[MODEL], "n", Default::default()).await;
     let mut running = Vec::new();
     for i in 0..count {
         running.push(

@@ -9,7 +9,7 @@ use allot_coordinator::store::{Store, StoreError, StoreWrite};
 use allot_e2e::etcd::EtcdCluster;
 use allot_e2e::process::CoordinatorProcess;
 use allot_e2e::*;
-use allot_fake_neuron::{FakeConfig, FakeNeuron};
+use allot_fake_neuron::FakeNeuron;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -189,14 +189,7 @@ struct Fleet {
 
 async fn fleet(coordinator_urls: Vec<String>) -> Fleet {
     let dir = TempDir::new("fleet");
-    let neuron = FakeNeuron::new(FakeConfig {
-        models: vec![MODEL.into()],
-        neuron_id: "n1".into(),
-        ..Default::default()
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let neuron_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(neuron.clone().serve(listener, std::future::pending()));
+    let (neuron, neuron_url) = start_neuron(&[MODEL], "n1", Default::default()).await;
     let agent = start_agent(allot_agent::config::AgentConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,

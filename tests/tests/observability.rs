@@ -6,7 +6,7 @@
 use allot::pb;
 use allot_e2e::process::{free_addr, ServiceProcess};
 use allot_e2e::*;
-use allot_fake_neuron::{FakeConfig, FakeNeuron};
+use allot_fake_neuron::FakeNeuron;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -78,14 +78,7 @@ async fn start() -> Running {
             .add_service(TraceServiceServer::new(receiver.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(otlp)),
     );
-    let neuron = FakeNeuron::new(FakeConfig {
-        models: vec![MODEL.into()],
-        neuron_id: "n".into(),
-        ..Default::default()
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let neuron_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(neuron.clone().serve(listener, std::future::pending()));
+    let (neuron, neuron_url) = start_neuron(&[MODEL], "n", Default::default()).await;
 
     let (grpc, coordinator_metrics) = (free_addr(), free_addr());
     let otel = |service: &str| {

@@ -7,7 +7,7 @@
 use allot::pb;
 use allot::reservation::{self, Operation, ReservationPolicy};
 use allot_e2e::*;
-use allot_fake_neuron::{Behavior, FakeConfig, FakeNeuron};
+use allot_fake_neuron::Behavior;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -494,24 +494,13 @@ async fn other_paths_are_refused_by_default_and_passed_through_uncharged_when_co
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_go_to_the_endpoint_the_neuron_names() {
     // A model server for one model, and a node daemon that points to it.
-    let serve = |neuron: FakeNeuron| async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(neuron.serve(listener, std::future::pending()));
-        url
-    };
-    let server = FakeNeuron::new(FakeConfig {
-        models: vec!["model-b".into()],
-        neuron_id: "server-b".into(),
-        ..Default::default()
-    });
-    let server_url = serve(server.clone()).await;
-    let daemon = FakeNeuron::new(FakeConfig {
-        models: vec![MODEL.into()],
-        neuron_id: "daemon".into(),
-        endpoints: [("model-b".to_string(), format!("{server_url}/v1"))].into(),
-    });
-    let daemon_url = serve(daemon.clone()).await;
+    let (server, server_url) = start_neuron(&["model-b"], "server-b", Default::default()).await;
+    let (daemon, daemon_url) = start_neuron(
+        &[MODEL],
+        "daemon",
+        [("model-b".to_string(), format!("{server_url}/v1"))].into(),
+    )
+    .await;
     let stack = stack_with(|c| {
         c.neuron_url = daemon_url.clone();
         c.endpoint_discovery = true;

@@ -109,13 +109,7 @@ impl Drop for Proc {
 /// its soft open-file limit to the hard limit and then `exec`s the binary,
 /// so the pid is the binary's own.
 fn spawn(name: &'static str, args: &[String], log: &Path) -> anyhow::Result<Proc> {
-    let exe = std::env::current_exe()?;
-    let path = exe.parent().expect("bin dir").join(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} is missing: run `cargo build --release --workspace --bins`",
-        path.display()
-    );
+    let path = allot_e2e::process::binary(name);
     let child = Command::new("sh")
         .arg("-c")
         .arg(r#"ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" "$@""#)

@@ -6,7 +6,6 @@
 
 use allot::pb;
 use allot_e2e::*;
-use allot_fake_neuron::{FakeConfig, FakeNeuron};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,14 +45,7 @@ async fn main() {
     })
     .await;
     let coordinator_url = format!("http://{addr}");
-    let neuron = FakeNeuron::new(FakeConfig {
-        models: vec![MODEL.into()],
-        neuron_id: "n".into(),
-        ..Default::default()
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let neuron_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(neuron.clone().serve(listener, std::future::pending()));
+    let (_neuron, neuron_url) = start_neuron(&[MODEL], "n", Default::default()).await;
     wait_until("the coordinator", Duration::from_secs(10), || {
         let url = coordinator_url.clone();
         async move { message_admin_ready(&url).await }

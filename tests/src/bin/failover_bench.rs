@@ -10,36 +10,15 @@
 
 use allot::pb;
 use allot_e2e::etcd::EtcdCluster;
+use allot_e2e::process::{binary, free_port};
 use allot_e2e::{authed, balance, limit, TempDir, ADMIN_TOKEN};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Pause between two rounds of attempts (both endpoints) after a failure.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 const AGENT: &str = "failover-agent";
-
-fn coordinator_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let path = exe
-        .parent()
-        .expect("target/<profile>")
-        .join("allot-coordinator");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --release --workspace --bins` first",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Coordinator {
     child: Option<Child>,
@@ -50,7 +29,7 @@ impl Coordinator {
     fn spawn(node_id: &str, endpoints: &[String], log_dir: &Path) -> Coordinator {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(log_dir.join(format!("{node_id}.log"))).expect("log");
-        let child = Command::new(coordinator_binary())
+        let child = Command::new(binary("allot-coordinator"))
             .args(["--listen", &addr])
             .args(["--metrics-listen", "off"])
             .args(["--admin-token", ADMIN_TOKEN])

@@ -21,9 +21,10 @@ use allot::pb;
 use allot_coordinator::ledger::{AccountRecord, AgentRecord, KeyRecord};
 use allot_coordinator::store::{Store, StoreWrite};
 use allot_e2e::etcd::EtcdCluster;
+use allot_e2e::process::{binary, free_port};
 use allot_e2e::{authed, balance, limit, TempDir, ADMIN_TOKEN, MODEL};
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -76,29 +77,6 @@ const ACCOUNT: &str = "bench";
 
 // ---------------------------------------------------------------- processes
 
-/// `allot-coordinator` next to this executable (target/<profile>/).
-fn coordinator_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let path = exe
-        .parent()
-        .expect("target/<profile>")
-        .join("allot-coordinator");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --release --workspace --bins` first",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Coordinator {
     child: Option<Child>,
     url: String,
@@ -109,7 +87,7 @@ impl Coordinator {
     fn spawn(log: &Path, args: &[String]) -> Coordinator {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(log).expect("log file");
-        let child = Command::new(coordinator_binary())
+        let child = Command::new(binary("allot-coordinator"))
             .args(["--listen", &addr])
             .args(["--metrics-listen", "off"])
             .args(["--admin-token", ADMIN_TOKEN])
