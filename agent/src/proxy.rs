@@ -18,7 +18,7 @@ use allot::clock;
 use allot::key::{KeyHash, Purpose};
 use allot::pb;
 use allot::reservation::{self, Operation, RequestFacts};
-use allot::tariff::Price;
+use allot::tariff::{Price, TariffBook};
 use allot::{Amounts, Unit};
 use axum::body::Body;
 use axum::extract::State;
@@ -266,11 +266,11 @@ async fn reserve(
     state: &AgentState,
     key: &KeyInfo,
     facts: &RequestFacts,
+    default_max_tokens: u64,
     price: Price<'_>,
 ) -> Result<Plan, ApiError> {
-    let policy = state.config.policy_for(&facts.model);
     let fixed = facts.max_completion_tokens;
-    let most = fixed.unwrap_or(policy.default_max_tokens);
+    let most = fixed.unwrap_or(default_max_tokens);
     let least = fixed.unwrap_or(1);
     let cost_of = |completion: u64| {
         let completion_total = completion.saturating_mul(facts.choices);
@@ -422,6 +422,9 @@ struct RecordTemplate {
     span_id: String,
     batch_id: String,
     completion_window: String,
+    /// The tariffs in force at admission: the request is priced with them
+    /// (SPEC Admission 2), also when it settles after they changed.
+    tariffs: Arc<TariffBook>,
 }
 
 /// Settles one admitted request exactly once: explicitly with the usage
@@ -461,9 +464,8 @@ impl Settlement {
                 true,
             ),
         };
-        let tariffs = self.state.link.tariffs.borrow().clone();
         let t = &self.template;
-        let price = tariffs.choose(
+        let price = t.tariffs.choose(
             &t.model,
             t.key.purpose,
             non_empty(&t.completion_window),
@@ -640,7 +642,7 @@ async fn admit_and_forward(
     if matches!(price, Price::Free) && !tariffs.is_empty() {
         metrics::counter!("allot_agent_unpriced_requests_total").increment(1);
     }
-    let plan = reserve(state, &key, &facts, price)
+    let plan = reserve(state, &key, &facts, policy.default_max_tokens, price)
         .instrument(tracing::info_span!("admission"))
         .await?;
     current.record("gen_ai.request.max_tokens", plan.completion);
@@ -689,6 +691,7 @@ async fn admit_and_forward(
             span_id: server_span_id,
             batch_id: header_str(&parts.headers, "x-allot-batch-id"),
             completion_window,
+            tariffs,
         },
         prompt_bound: facts.prompt_tokens_bound,
         completion_bound: plan.completion.saturating_mul(facts.choices),
