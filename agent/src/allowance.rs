@@ -47,7 +47,11 @@ pub struct CachedDeny {
 pub struct LimitSeen {
     pub unit: Unit,
     pub cap: Decimal,
-    pub remaining_at_grant: Decimal,
+    /// What no agent held under this limit at the grant (the cap less
+    /// settled spend and every slice, this agent's included), plus what
+    /// this agent gave back since. The headers add the slice still
+    /// available here.
+    pub free: Decimal,
     pub reset_at: Option<Instant>,
 }
 
@@ -63,8 +67,6 @@ struct Slice {
     asked: Amounts,
     last_used: Instant,
     limits: Vec<LimitSeen>,
-    /// Spent locally since the last grant, per unit, for the headers.
-    used_since_grant: [Decimal; 3],
     /// Reservations taken in the current and the previous demand window.
     demand_now: Amounts,
     demand_prev: Amounts,
@@ -86,7 +88,6 @@ impl Slice {
             asked: Amounts::zero(),
             last_used: now,
             limits: Vec::new(),
-            used_since_grant: [Decimal::ZERO; 3],
             demand_now: Amounts::zero(),
             demand_prev: Amounts::zero(),
             demand_since: now,
@@ -243,7 +244,6 @@ impl AllowanceTable {
             for unit in Unit::ALL {
                 if let Some(available) = slice.available.0[unit.index()].as_mut() {
                     *available -= need.value(unit);
-                    slice.used_since_grant[unit.index()] += need.value(unit);
                 }
             }
             slice.in_flight = slice.in_flight.add(&need);
@@ -303,9 +303,7 @@ impl AllowanceTable {
             slice.in_flight = slice.in_flight.saturating_sub(&reservation.amount);
             for unit in Unit::ALL {
                 if let Some(available) = slice.available.0[unit.index()].as_mut() {
-                    let back = reservation.amount.value(unit) - actual.value(unit);
-                    *available += back;
-                    slice.used_since_grant[unit.index()] -= back;
+                    *available += reservation.amount.value(unit) - actual.value(unit);
                 }
             }
         }
@@ -369,7 +367,6 @@ impl AllowanceTable {
         slice.deny = None;
         slice.ask_in_flight = false;
         slice.limits = limits;
-        slice.used_since_grant = [Decimal::ZERO; 3];
         slice.notify.notify_waiters();
     }
 
@@ -433,6 +430,9 @@ impl AllowanceTable {
                 taken.set(unit, Some(available.max(Decimal::ZERO)));
                 slice.available.set(unit, Some(Decimal::ZERO));
             }
+        }
+        for limit in &mut slice.limits {
+            limit.free += taken.value(limit.unit);
         }
         slice.lease_until = None;
         let empty = slice.in_flight.is_zero();
@@ -552,7 +552,9 @@ impl AllowanceTable {
             .collect()
     }
 
-    /// Limits seen at the last grant with local use since, for headers.
+    /// Each limit seen at the last grant with what this agent may still
+    /// use under it now (what was free then, plus the slice still
+    /// available here), for the headers.
     pub fn limits_for_headers(&self, key_id: &str) -> Vec<(LimitSeen, Decimal)> {
         let state = self.lock();
         let Some(slice) = state.slices.get(key_id) else {
@@ -562,8 +564,8 @@ impl AllowanceTable {
             .limits
             .iter()
             .map(|l| {
-                let used = slice.used_since_grant[l.unit.index()];
-                (l.clone(), (l.remaining_at_grant - used).max(Decimal::ZERO))
+                let available = slice.available.value(l.unit).max(Decimal::ZERO);
+                (l.clone(), l.free + available)
             })
             .collect()
     }

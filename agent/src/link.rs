@@ -272,7 +272,7 @@ fn limits_seen(views: &[pb::LimitView], now: Instant) -> Vec<LimitSeen> {
             Some(LimitSeen {
                 unit,
                 cap: money::parse_decimal("cap", &v.cap).ok()?,
-                remaining_at_grant: money::parse_decimal("remaining", &v.remaining).ok()?,
+                free: money::parse_decimal("remaining", &v.remaining).ok()?,
                 reset_at: (v.reset_in_ms > 0).then(|| now + Duration::from_millis(v.reset_in_ms)),
             })
         })

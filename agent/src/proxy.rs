@@ -81,7 +81,9 @@ async fn other_path(State(state): State<Arc<AgentState>>, request: Request<Body>
 
 async fn pass_through(state: &AgentState, request: Request<Body>) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
-    authenticate(state, &parts.headers).await?;
+    let key = authenticate(state, &parts.headers).await?;
+    // Uncharged, but it occupies the neuron like any other request.
+    let slot = enter(state, &key.key_id)?;
     let bytes = read_body(state, body).await?;
     let path = parts
         .uri
@@ -108,6 +110,11 @@ async fn pass_through(state: &AgentState, request: Request<Body>) -> Result<Resp
     ] {
         parts.headers.remove(hop);
     }
+    // The slot is held until the body has been relayed (or dropped).
+    let body = body.map_frame(move |frame| {
+        let _held = &slot;
+        frame
+    });
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
@@ -144,10 +151,25 @@ async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<B
         error.type = tracing::field::Empty,
     );
     crate::trace::continue_from(&span, request.headers());
-    let outcome = admit_and_forward(&state, operation, path, request, started)
-        .instrument(span.clone())
-        .await;
-    let response = match outcome {
+    let request_id = match request.headers().get("x-request-id").map(|v| v.to_str()) {
+        Some(Ok(id)) if !id.is_empty() && id.len() <= 128 => id.to_string(),
+        _ => new_request_id(),
+    };
+    // The key, once authenticated: its x-ratelimit-* headers go on every
+    // response to it, refusals and neuron errors included.
+    let mut key_id = None;
+    let outcome = admit_and_forward(
+        &state,
+        operation,
+        path,
+        request,
+        started,
+        &request_id,
+        &mut key_id,
+    )
+    .instrument(span.clone())
+    .await;
+    let mut response = match outcome {
         Ok(response) => response,
         Err(error) => {
             span.record("error.type", error.code_label());
@@ -155,6 +177,13 @@ async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<B
         }
     };
     span.record("http.response.status_code", response.status().as_u16());
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-request-id", value);
+    }
+    if let Some(key_id) = key_id {
+        add_rate_limit_headers(&state, &key_id, headers);
+    }
     response
 }
 
@@ -188,6 +217,21 @@ async fn authenticate(state: &AgentState, headers: &HeaderMap) -> Result<KeyInfo
         Some(key) => Ok(key),
         None => Err(ApiError::invalid_api_key("incorrect API key provided")),
     }
+}
+
+/// Takes a place in the agent's and the key's concurrency bounds, or
+/// refuses: 503 when the agent is full, 429 when the key is.
+fn enter(state: &AgentState, key_id: &str) -> Result<Slot, ApiError> {
+    state.in_flight.enter(key_id).map_err(|full| match full {
+        Full::Agent(max) => ApiError::unavailable(
+            format!("this agent is serving its maximum of {max} concurrent requests"),
+            1,
+        ),
+        Full::Key(max) => ApiError::rate_limited(
+            format!("rate limit reached: at most {max} concurrent requests per key"),
+            1,
+        ),
+    })
 }
 
 /// Past the size limit, the rest of a body is read and dropped, up to this
@@ -491,15 +535,20 @@ impl Settlement {
                 "neuron reported more usage than was reserved; the excess is charged"
             );
         }
+        // Settled once (the reservation is gone after this): the record
+        // takes the template's strings instead of copying them.
+        use std::mem::take;
+        let origin = origin(self.template.key.purpose, &self.template.batch_id);
+        let t = &mut self.template;
         let record = pb::UsageRecord {
             seq: 0,
             epoch: self.state.epoch,
-            request_id: t.request_id.clone(),
-            key_id: t.key.key_id.clone(),
-            account_id: t.key.account_id.clone(),
+            request_id: take(&mut t.request_id),
+            key_id: take(&mut t.key.key_id),
+            account_id: take(&mut t.key.account_id),
             purpose: t.key.purpose.to_pb() as i32,
-            model_requested: t.model.clone(),
-            model_served: self.model_served.clone(),
+            model_requested: take(&mut t.model),
+            model_served: take(&mut self.model_served),
             http_status: u32::from(self.status),
             duration_ms: self.started.elapsed().as_millis() as u64,
             ttfb_ms: self.first_byte.map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -508,11 +557,11 @@ impl Settlement {
             reasoning_tokens: usage.reasoning,
             usage_estimated: estimated,
             admitted_at_unix_ms: t.admitted_at,
-            trace_id: t.trace_id.clone(),
-            span_id: t.span_id.clone(),
-            batch_id: t.batch_id.clone(),
-            completion_window: t.completion_window.clone(),
-            origin: origin(t.key.purpose, &t.batch_id) as i32,
+            trace_id: take(&mut t.trace_id),
+            span_id: take(&mut t.span_id),
+            batch_id: take(&mut t.batch_id),
+            completion_window: take(&mut t.completion_window),
+            origin: origin as i32,
             reserved: Some(reservation.amount.to_pb()),
             neuron_id: self.state.config.neuron_id.clone(),
             charged,
@@ -588,22 +637,13 @@ async fn admit_and_forward(
     path: &'static str,
     request: Request<Body>,
     started: Instant,
+    request_id: &str,
+    key_id: &mut Option<String>,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let key = authenticate(state, &parts.headers).await?;
-    let slot = state
-        .in_flight
-        .enter(&key.key_id)
-        .map_err(|full| match full {
-            Full::Agent(max) => ApiError::unavailable(
-                format!("this agent is serving its maximum of {max} concurrent requests"),
-                1,
-            ),
-            Full::Key(max) => ApiError::rate_limited(
-                format!("rate limit reached: at most {max} concurrent requests per key"),
-                1,
-            ),
-        })?;
+    *key_id = Some(key.key_id.clone());
+    let slot = enter(state, &key.key_id)?;
     let bytes = read_body(state, body).await?;
     let mut body: Map<String, Value> =
         reservation::parse_body(&bytes).map_err(|e| ApiError::bad_request(e.message, e.param))?;
@@ -669,17 +709,13 @@ async fn admit_and_forward(
         bytes
     };
 
-    let request_id = match header_str(&parts.headers, "x-request-id") {
-        id if !id.is_empty() && id.len() <= 128 => id,
-        _ => new_request_id(),
-    };
     let traceparent = header_str(&parts.headers, "traceparent");
     let (server_trace_id, server_span_id) = crate::trace::ids(&current);
     let mut settlement = Settlement {
         state: state.clone(),
         reservation: Some(plan.reservation),
         template: RecordTemplate {
-            request_id: request_id.clone(),
+            request_id: request_id.to_string(),
             key: key.clone(),
             model: facts.model.clone(),
             admitted_at,
@@ -712,7 +748,7 @@ async fn admit_and_forward(
     );
     let mut upstream = Request::post(format!("{upstream_url}{path}"))
         .header(header::CONTENT_TYPE, "application/json")
-        .header("x-request-id", &request_id);
+        .header("x-request-id", request_id);
     let mut trace_headers = HeaderMap::new();
     if !crate::trace::inject(&upstream_span, &mut trace_headers) {
         // No exporter: pass the client's context on unchanged.
@@ -777,12 +813,6 @@ async fn admit_and_forward(
     settlement.first_byte = Some(started.elapsed());
 
     let mut headers = HeaderMap::new();
-    headers.insert(
-        "x-request-id",
-        HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("invalid")),
-    );
-    add_rate_limit_headers(state, &key.key_id, &mut headers);
-
     if facts.stream {
         headers.insert(
             header::CONTENT_TYPE,

@@ -323,27 +323,17 @@ fn allowance_ask(
             let limits = grant
                 .limits
                 .iter()
-                .map(|view| {
-                    let mine = core
-                        .ledger
-                        .slices_of(agent_id)
-                        .find(|(k, _)| **k == ask.key_id)
-                        .map(|(_, held)| held.value(view.limit.unit))
-                        .unwrap_or_default();
-                    let others = (view.held - mine).max(rust_decimal::Decimal::ZERO);
-                    pb::LimitView {
-                        unit: view.limit.unit.to_pb() as i32,
-                        cap: money::format(view.limit.amount),
-                        remaining: money::format(
-                            (view.limit.amount - view.spent - others)
-                                .max(rust_decimal::Decimal::ZERO),
-                        ),
-                        reset_in_ms: view
-                            .next_refill
-                            .map(|at| (at - fx.now).max(0) as u64)
-                            .unwrap_or(0),
-                        window: Some(view.limit.window.to_pb()),
-                    }
+                .map(|view| pb::LimitView {
+                    unit: view.limit.unit.to_pb() as i32,
+                    cap: money::format(view.limit.amount),
+                    // Free under the cap: no agent holds it, this one's
+                    // new slice included (the agent adds what it holds).
+                    remaining: money::format(view.remaining),
+                    reset_in_ms: view
+                        .next_refill
+                        .map(|at| (at - fx.now).max(0) as u64)
+                        .unwrap_or(0),
+                    window: Some(view.limit.window.to_pb()),
                 })
                 .collect();
             fx.send(

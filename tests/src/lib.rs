@@ -3,6 +3,7 @@
 //! directory, and offers the helpers the tests share. Waiting is always on a
 //! condition with a deadline, never a bare sleep.
 
+pub mod bare_hop;
 pub mod etcd;
 pub mod process;
 

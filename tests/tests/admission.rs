@@ -136,3 +136,73 @@ on_both_stores!(
     rolling_over_cap_is_429_rate_limit_exceeded_with_retry_after,
     within_cap_is_served_with_exactly_one_neuron_hit_and_settled
 );
+
+fn header_u64(response: &reqwest::Response, name: &str) -> u64 {
+    response
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("{name} is missing"))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} is not a whole number"))
+}
+
+/// SPEC "x-ratelimit-*": with one agent the remaining figure is the cap
+/// less everything spent, on served responses and on the 429 alike, and it
+/// matches the coordinator's snapshot once the usage has settled there.
+#[tokio::test]
+async fn rate_limit_headers_agree_with_the_snapshot_on_served_and_refused_requests() {
+    let stack = Stack::start().await;
+    let (key_id, secret) = stack
+        .key_with_limits(
+            "acme",
+            vec![
+                limit(pb::Unit::Tokens, "300", balance()),
+                limit(pb::Unit::Requests, "50", rolling(3600)),
+            ],
+        )
+        .await;
+    // Every request uses its whole completion bound: a few fill the cap.
+    stack.neuron.set_behavior(allot_fake_neuron::Behavior {
+        completion_tokens: Some(60),
+        ..Default::default()
+    });
+    let mut spent = 0;
+    let mut served = 0;
+    let refused = loop {
+        let response = stack.chat(&secret, chat_body(60)).await;
+        assert_eq!(header_u64(&response, "x-ratelimit-limit-tokens"), 300);
+        assert_eq!(header_u64(&response, "x-ratelimit-limit-requests"), 50);
+        if response.status() != 200 {
+            break response;
+        }
+        let remaining = header_u64(&response, "x-ratelimit-remaining-tokens");
+        let remaining_requests = header_u64(&response, "x-ratelimit-remaining-requests");
+        let body: serde_json::Value = response.json().await.unwrap();
+        spent += body["usage"]["total_tokens"].as_u64().unwrap();
+        served += 1;
+        assert_eq!(remaining, 300 - spent, "after {served} requests");
+        assert_eq!(remaining_requests, 50 - served);
+        assert!(served < 10, "a 300-token cap served {served} requests");
+    };
+    assert_eq!(refused.status(), 429);
+    assert_eq!(
+        header_u64(&refused, "x-ratelimit-remaining-tokens"),
+        300 - spent
+    );
+    assert!(refused.headers().get("x-request-id").is_some());
+    wait_until("the usage to settle", Duration::from_secs(30), || async {
+        stack.key_usage(&key_id, pb::Unit::Tokens).await.0 == spent
+    })
+    .await;
+    let snapshot = stack.snapshot(&key_id).await;
+    let tokens = snapshot
+        .limits
+        .iter()
+        .find(|l| l.scope == "key" && l.limit.as_ref().unwrap().unit == pb::Unit::Tokens as i32)
+        .unwrap();
+    let held: u64 = tokens.reserved.parse().unwrap();
+    let free: u64 = tokens.remaining.parse().unwrap();
+    assert_eq!(free + held, 300 - spent, "snapshot {tokens:?}");
+}

@@ -610,6 +610,7 @@ async fn bench(options: Options) -> anyhow::Result<()> {
     }
 
     let mut cpu_run = None;
+    let mut bare_run = None;
     if options.cpu {
         eprintln!(
             "measuring: {} requests at c={}...",
@@ -650,6 +651,55 @@ async fn bench(options: Options) -> anyhow::Result<()> {
             neuron_cpu: after[1] - before[1],
             coordinator_cpu: after[2] - before[2],
         });
+        // The floor: the same load through the bare hop, as its own
+        // process on the same neuron, measured the same way.
+        let bare_addr = addr(());
+        let bare = spawn(
+            "bare_hop",
+            &[
+                "--listen".into(),
+                bare_addr.to_string(),
+                "--upstream".into(),
+                neuron_url.clone(),
+            ],
+            &dir.join("bare_hop.log"),
+        )?;
+        let bare_url = format!("http://{bare_addr}/v1/chat/completions");
+        let check = wait("the bare hop to answer 200");
+        loop {
+            let result = one_request(
+                &client,
+                &bare_url,
+                &auth,
+                &Bytes::from_static(BODY.as_bytes()),
+            )
+            .await;
+            if check(result.is_ok())? {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        run_workers(
+            &client,
+            &bare_url,
+            &auth,
+            options.concurrency,
+            u64::MAX,
+            WARM_UP,
+        )
+        .await;
+        eprintln!("measuring the bare hop: {} requests...", options.requests);
+        let before = cpu_seconds(bare.pid(), ticks)?;
+        let outcome = run_workers(
+            &client,
+            &bare_url,
+            &auth,
+            options.concurrency,
+            options.requests,
+            MAX_RUN,
+        )
+        .await;
+        bare_run = Some((outcome, cpu_seconds(bare.pid(), ticks)? - before));
     }
     drop(client);
 
@@ -763,6 +813,24 @@ async fn bench(options: Options) -> anyhow::Result<()> {
             run.agent_switches as f64 / o.ok.max(1) as f64,
             per_request(run.bench_cpu),
         );
+        if let Some((bare, bare_cpu)) = &bare_run {
+            let bare_per_request = bare_cpu / bare.ok.max(1) as f64 * 1e6;
+            println!(
+                "\nThe bare hop (`bare_hop`, its own process, same neuron, same load): {} ok, {} errors, \
+                 {:.0} req/s, p50 {:.1} µs, p99 {:.1} µs, **CPU/request {:.1} µs**. Agent CPU/request \
+                 over the bare hop's: +{:.1} µs ({:.2}×); agent req/s ÷ bare hop req/s: {:.3}.",
+                bare.ok,
+                bare.errors,
+                bare.ok as f64 / bare.elapsed.as_secs_f64(),
+                micros(percentile(&bare.latencies, 0.50)),
+                micros(percentile(&bare.latencies, 0.99)),
+                bare_per_request,
+                per_request(run.agent_cpu) - bare_per_request,
+                per_request(run.agent_cpu) / bare_per_request,
+                (o.ok as f64 / o.elapsed.as_secs_f64())
+                    / (bare.ok as f64 / bare.elapsed.as_secs_f64()),
+            );
+        }
         let target = per_request(run.agent_cpu) <= 20.0;
         println!(
             "\nTarget ≤ 20 µs agent CPU per request: {}",

@@ -7,6 +7,7 @@
 //! Run: `cargo run --release -p allot-e2e --bin hop_bench`
 
 use allot::pb;
+use allot_e2e::bare_hop::pooled_client;
 use allot_e2e::{balance, limit, start_agent, Stack};
 use axum::serve::ListenerExt;
 use bytes::Bytes;
@@ -16,8 +17,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,47 +28,6 @@ const MAX_RUN: Duration = Duration::from_secs(30);
 const BODY: &str =
     r#"{"model":"fake-model","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
 const STREAM_BODY: &str = r#"{"model":"fake-model","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"stream":true}"#;
-
-fn pooled_client<B>() -> Client<HttpConnector, B>
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-{
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .build(connector)
-}
-
-/// A reverse proxy with no logic: every request goes to `upstream` as is.
-async fn start_bare_hop(upstream: String) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let client: Client<HttpConnector, Incoming> = pooled_client();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (client, upstream) = (client.clone(), upstream.clone());
-            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                let client = client.clone();
-                let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-                let uri = format!("{upstream}{path}").parse();
-                async move {
-                    *request.uri_mut() = uri?;
-                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                        client.request(request).await?,
-                    )
-                }
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service),
-            );
-        }
-    });
-    Ok(addr)
-}
 
 /// The stack's fake neuron served once more, with TCP_NODELAY on accepted
 /// sockets (axum's default leaves Nagle on): a diagnostic for streaming.
@@ -283,7 +241,7 @@ async fn bench() -> anyhow::Result<()> {
         )
         .await;
     let auth = format!("Bearer {secret}");
-    let bare = start_bare_hop(stack.neuron_url.clone()).await?;
+    let bare = allot_e2e::bare_hop::start(stack.neuron_url.clone()).await?;
     let client: Client<HttpConnector, Full<Bytes>> = pooled_client();
     let path = "/v1/chat/completions";
     let targets = [
