@@ -118,6 +118,12 @@ fn load(cli: Cli) -> Result<AgentConfig, String> {
     Ok(config)
 }
 
+/// Every request allocates and frees buffers on both worker threads;
+/// glibc's allocator spent about a tenth of the agent's CPU on it under
+/// load (BENCHMARKS.md, "Agent CPU per request").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = match load(Cli::parse()) {

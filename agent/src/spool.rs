@@ -24,6 +24,10 @@ const LOG: &str = "usage.spool";
 const STATE: &str = "state.json";
 /// Records per `UsageBatch` message.
 const BATCH: usize = 512;
+/// How long the first record of a batch waits for others before the batch
+/// is written and fsync'd (only when usage is sent in batches, that is
+/// `usage_flush_ms` > 0).
+const GATHER: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct SpoolState {
@@ -318,6 +322,12 @@ impl Spool {
             tokio::select! {
                 record = records.recv() => {
                     let Some(record) = record else { break };
+                    // Group commit: let a busy agent's records gather for a
+                    // moment, so that one write and one fsync cover many of
+                    // them and request threads rarely have to wake this one.
+                    if !flush_every.is_zero() {
+                        tokio::time::sleep(GATHER.min(flush_every)).await;
+                    }
                     let mut batch = vec![record];
                     while batch.len() < 4096 {
                         match records.try_recv() {
