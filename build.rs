@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/allot/v1/common.proto",
         "proto/allot/v1/admin.proto",
         "proto/allot/v1/session.proto",
+        "proto/allot/v1/placement.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

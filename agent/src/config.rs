@@ -20,6 +20,19 @@ pub enum UnknownPaths {
     PassThrough,
 }
 
+/// How the agent reads its neuron's GPUs and models for placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum NeuronAdapterKind {
+    /// No node reports: the coordinator does not place models here.
+    #[default]
+    None,
+    /// allot's fake neuron (`/_fake/node`).
+    Fake,
+    /// Ollama (`/api/ps`, keep_alive); needs `gpu_vram_bytes`.
+    Ollama,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
@@ -96,6 +109,16 @@ pub struct AgentConfig {
     pub models: HashMap<String, ReservationPolicy>,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// `none`, `fake` or `ollama`: how node reports read the neuron.
+    pub neuron_adapter: NeuronAdapterKind,
+    /// Node reports go out on change and at least this often.
+    pub node_report_ms: u64,
+    /// VRAM of each GPU of the node, for adapters whose server does not
+    /// report it (Ollama).
+    pub gpu_vram_bytes: Vec<u64>,
+    /// Concurrent requests the neuron serves well (placement's load is
+    /// in flight ÷ capacity).
+    pub node_capacity: u32,
 }
 
 impl Default for AgentConfig {
@@ -133,6 +156,10 @@ impl Default for AgentConfig {
             reservation: ReservationPolicy::default(),
             models: HashMap::new(),
             log_format: LogFormat::Text,
+            neuron_adapter: NeuronAdapterKind::None,
+            node_report_ms: 2_000,
+            gpu_vram_bytes: Vec::new(),
+            node_capacity: 8,
         }
     }
 }
@@ -189,6 +216,17 @@ impl AgentConfig {
             if value == 0 {
                 return Err(format!("{name}: must be greater than zero"));
             }
+        }
+        if self.neuron_adapter == NeuronAdapterKind::Ollama && self.gpu_vram_bytes.is_empty() {
+            return Err(
+                "gpu_vram_bytes: the ollama adapter needs the VRAM of the node's GPUs".into(),
+            );
+        }
+        if self.node_report_ms < 100 {
+            return Err("node_report_ms: must be at least 100".into());
+        }
+        if self.node_capacity == 0 {
+            return Err("node_capacity: must be at least 1".into());
         }
         if self.grant_multiplier == 0 {
             return Err("grant_multiplier: must be at least 1".into());

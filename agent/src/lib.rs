@@ -16,6 +16,7 @@ pub mod concurrency;
 pub mod config;
 pub mod keys;
 pub mod link;
+pub mod neuron;
 pub mod proxy;
 pub mod spool;
 pub mod trace;
@@ -23,7 +24,7 @@ pub mod upstream;
 pub mod usage;
 
 use crate::allowance::AllowanceTable;
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, NeuronAdapterKind};
 use crate::keys::KeyCache;
 use crate::link::{CoordinatorLink, LinkContext, LinkSettings};
 use allot::pb;
@@ -44,6 +45,8 @@ pub struct AgentState {
     pub client: proxy::HttpClient,
     pub upstreams: upstream::Upstreams,
     pub in_flight: Arc<concurrency::InFlight>,
+    /// Requests in flight and last use per model, for node reports.
+    pub models: Arc<neuron::ModelActivity>,
     pub epoch: u64,
 }
 
@@ -142,8 +145,24 @@ pub async fn run(
         link,
         keys,
         usage: usage_tx,
+        models: Arc::default(),
         epoch: recovered.epoch,
     });
+    match config.neuron_adapter {
+        NeuronAdapterKind::None => {}
+        NeuronAdapterKind::Fake => {
+            let adapter = neuron::FakeAdapter::new(&config.neuron_url, state.client.clone());
+            tasks.spawn(neuron::report_loop(adapter, state.clone(), stop_rx.clone()));
+        }
+        NeuronAdapterKind::Ollama => {
+            let adapter = neuron::OllamaAdapter::new(
+                &config.neuron_url,
+                state.client.clone(),
+                config.gpu_vram_bytes.clone(),
+            );
+            tasks.spawn(neuron::report_loop(adapter, state.clone(), stop_rx.clone()));
+        }
+    }
     tracing::info!(listen = %listener.local_addr()?, agent_id = config.agent_id, epoch = recovered.epoch, "agent serving");
     let app = proxy::router(state.clone());
     serve(

@@ -50,6 +50,12 @@ struct Cli {
     /// refuse or pass-through.
     #[arg(long, env = "ALLOT_AGENT_UNKNOWN_PATHS")]
     unknown_paths: Option<UnknownPaths>,
+    /// none, fake or ollama: how node reports read the neuron.
+    #[arg(long, env = "ALLOT_AGENT_NEURON_ADAPTER")]
+    neuron_adapter: Option<allot_agent::config::NeuronAdapterKind>,
+    /// VRAM of a GPU of the node in bytes (ollama); repeat or comma-separate.
+    #[arg(long, env = "ALLOT_AGENT_GPU_VRAM_BYTES", value_delimiter = ',')]
+    gpu_vram_bytes: Vec<u64>,
     /// text or json.
     #[arg(long, env = "ALLOT_AGENT_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -107,6 +113,12 @@ fn load(cli: Cli) -> Result<AgentConfig, String> {
     }
     if let Some(v) = cli.endpoint_discovery {
         config.endpoint_discovery = v;
+    }
+    if let Some(v) = cli.neuron_adapter {
+        config.neuron_adapter = v;
+    }
+    if !cli.gpu_vram_bytes.is_empty() {
+        config.gpu_vram_bytes = cli.gpu_vram_bytes;
     }
     if let Some(v) = cli.unknown_paths {
         config.unknown_paths = v;

@@ -50,6 +50,12 @@ pub struct CoordinatorConfig {
     pub max_batch_jobs: usize,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// Model catalog for placement (TOML `[[model]]` tables with `name`,
+    /// `vram_bytes`, `load_ms`, `pinned`); models agents report that it
+    /// does not list are added with their reported VRAM.
+    pub placement_catalog: Option<PathBuf>,
+    /// `[placement]`: strategy, churn guard and the other knobs of `Route`.
+    pub placement: crate::placement::PlacementConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -69,6 +75,8 @@ impl Default for CoordinatorConfig {
             settle_window_ms: 2,
             max_batch_jobs: 4096,
             log_format: LogFormat::Text,
+            placement_catalog: None,
+            placement: crate::placement::PlacementConfig::default(),
         }
     }
 }

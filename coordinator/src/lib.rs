@@ -198,8 +198,18 @@ async fn serve(
         admin::AdminService::new(source.clone()),
         admin::AdminAuth::new(config.admin_token.clone()),
     );
+    let catalog = match &config.placement_catalog {
+        Some(path) => placement::load_catalog(path).map_err(|e| anyhow::anyhow!(e))?,
+        None => placement::Catalog::new(),
+    };
+    let live = placement::LivePlacement::new(catalog, config.placement.clone());
+    let placement_service = pb::placement_server::PlacementServer::with_interceptor(
+        placement::PlacementService::new(live.clone()),
+        admin::AdminAuth::new(config.admin_token.clone()),
+    );
     let sessions = pb::agent_session_server::AgentSessionServer::new(session::SessionService::new(
         source.clone(),
+        live,
     ))
     .max_decoding_message_size(64 * 1024 * 1024);
     tasks.spawn(report_health(health, store, ready));
@@ -211,6 +221,7 @@ async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(admin)
+        .add_service(placement_service)
         .add_service(sessions)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
@@ -222,7 +233,12 @@ async fn serve(
     Ok(())
 }
 
-const SERVICES: [&str; 3] = ["", "allot.v1.Admin", "allot.v1.AgentSession"];
+const SERVICES: [&str; 4] = [
+    "",
+    "allot.v1.Admin",
+    "allot.v1.AgentSession",
+    "allot.v1.Placement",
+];
 
 /// SERVING only while the store answers and this coordinator is leader or
 /// a standby able to take over.

@@ -45,6 +45,12 @@ struct Cli {
     /// text or json.
     #[arg(long, env = "ALLOT_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+    /// Model catalog (TOML) for placement.
+    #[arg(long, env = "ALLOT_PLACEMENT_CATALOG")]
+    placement_catalog: Option<std::path::PathBuf>,
+    /// Eviction strategy of placement: lru or demand.
+    #[arg(long, env = "ALLOT_PLACEMENT_STRATEGY")]
+    placement_strategy: Option<String>,
 }
 
 fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
@@ -96,6 +102,20 @@ fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
     }
     if let Some(v) = cli.log_format {
         config.log_format = v;
+    }
+    if let Some(v) = cli.placement_catalog {
+        config.placement_catalog = Some(v);
+    }
+    if let Some(v) = cli.placement_strategy {
+        config.placement.strategy = match v.as_str() {
+            "lru" => allot_coordinator::placement::Strategy::Lru,
+            "demand" => allot_coordinator::placement::Strategy::Demand,
+            other => {
+                return Err(format!(
+                    "placement_strategy: must be lru or demand, not {other:?}"
+                ))
+            }
+        };
     }
     config.validate()?;
     Ok(config)

@@ -8,6 +8,7 @@ use crate::engine::{
     SessionLink, PARK_LIMIT, REVOKE_RESEND,
 };
 use crate::ledger::{DenyReason, SettleOutcome, Usage};
+use crate::placement::LivePlacement;
 use allot::key::{KeyHash, Purpose};
 use allot::pb::agent_message::Msg as AgentMsg;
 use allot::pb::coordinator_message::Msg as CoordMsg;
@@ -25,11 +26,12 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub struct SessionService {
     engine: EngineSource,
+    placement: Arc<LivePlacement>,
 }
 
 impl SessionService {
-    pub fn new(engine: EngineSource) -> SessionService {
-        SessionService { engine }
+    pub fn new(engine: EngineSource, placement: Arc<LivePlacement>) -> SessionService {
+        SessionService { engine, placement }
     }
 }
 
@@ -52,6 +54,7 @@ impl AgentSession for SessionService {
         let counters = Arc::new(SessionCounters::default());
         let counters_for_link = counters.clone();
         let self_counters = counters.clone();
+        let placement = self.placement.clone();
         tokio::spawn(async move {
             let hello = match inbound.message().await {
                 Ok(Some(pb::AgentMessage {
@@ -76,6 +79,19 @@ impl AgentSession for SessionService {
                     message = inbound.message() => match message {
                         Ok(Some(pb::AgentMessage { msg: Some(msg) })) => {
                             counters.received.fetch_add(1, Ordering::Relaxed);
+                            // Placement is soft state beside the ledger: node
+                            // reports never wait on the engine.
+                            let msg = match msg {
+                                AgentMsg::NodeStatus(status) => {
+                                    placement.report(&agent_id, status, allot::clock::now_ms());
+                                    continue;
+                                }
+                                AgentMsg::Usage(batch) => {
+                                    placement.record_usage(&batch.records);
+                                    AgentMsg::Usage(batch)
+                                }
+                                other => other,
+                            };
                             if engine.submit(agent_job(agent_id.clone(), outbox.clone(), msg)).await.is_err() {
                                 break;
                             }
@@ -88,6 +104,7 @@ impl AgentSession for SessionService {
                     _ = leadership.changed() => break,
                 }
             }
+            placement.agent_gone(&agent_id);
             let _ = engine.submit(disconnect_job(agent_id, outbox)).await;
         });
         let sent = self_counters;
@@ -238,6 +255,7 @@ fn agent_job(agent_id: String, outbox: Outbox, msg: AgentMsg) -> Job {
                     );
                 }
             }
+            // Taken by the session task before it reaches the engine.
             AgentMsg::NodeStatus(_) => {}
         }
     })

@@ -20,6 +20,11 @@
 //!   this server's own address, or [`FakeConfig::endpoints`]' entry for the model.
 //! - `GET /_fake/hits`, `POST /_fake/behavior` (a [`Behavior`] as JSON),
 //!   `POST /_fake/reset`, `GET /health`.
+//! - The simulated node ([`node`]): `GET /_fake/node` (GPUs, VRAM, models and
+//!   their status), `POST /_fake/models/{id}/load` (a [`node::LoadRequest`]:
+//!   VRAM and simulated load time; 507 when no GPU has room) and
+//!   `POST /_fake/models/{id}/unload`. Only `loaded` models are served: a
+//!   request for any other model gets 404 `model_not_found`.
 //!
 //! Token accounting: prompt tokens are whitespace-separated words (+1 per chat or
 //! Responses message item), or the length of pre-tokenized inputs; every generated token
@@ -30,6 +35,8 @@
 //! `x-fake-omit-usage` (`1`/`true`/`0`/`false`) and `x-fake-fail-after-chunks`.
 
 #![forbid(unsafe_code)]
+
+pub mod node;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -74,6 +81,8 @@ pub struct FakeConfig {
     /// models, served or not, so this fake can act as a node daemon pointing a model at
     /// another server. Models without an entry get this server's own address.
     pub endpoints: HashMap<String, String>,
+    /// VRAM of each simulated GPU in bytes; empty means one 24 GiB GPU.
+    pub gpus: Vec<u64>,
 }
 
 /// How the fake neuron answers inference requests.
@@ -128,6 +137,7 @@ pub struct FakeNeuron {
 
 struct SharedState {
     served_models: Vec<String>,
+    node: Mutex<node::Node>,
     neuron_id: String,
     endpoints: HashMap<String, String>,
     hits: AtomicU64,
@@ -156,6 +166,7 @@ impl FakeNeuron {
         };
         FakeNeuron {
             shared: Arc::new(SharedState {
+                node: Mutex::new(node::Node::new(&config.gpus, &served_models)),
                 served_models,
                 neuron_id: config.neuron_id,
                 endpoints: config.endpoints,
@@ -180,6 +191,9 @@ impl FakeNeuron {
             .route("/_fake/hits", get(hits_handler))
             .route("/_fake/behavior", post(set_behavior_handler))
             .route("/_fake/reset", post(reset_handler))
+            .route("/_fake/node", get(node_handler))
+            .route("/_fake/models/{model_id}/load", post(load_handler))
+            .route("/_fake/models/{model_id}/unload", post(unload_handler))
             .route("/health", get(|| async { "ok" }))
             .with_state(Arc::clone(&self.shared))
     }
@@ -267,8 +281,9 @@ impl SharedState {
         behavior
     }
 
+    /// Whether `model` is loaded (and marks it used).
     fn serves_model(&self, model: &str) -> bool {
-        self.served_models.iter().any(|served| served == model)
+        lock_ignoring_poison(&self.node).touch(model)
     }
 
     fn next_response_number(&self) -> u64 {
@@ -1391,12 +1406,70 @@ fn record_cancellation(shared: &SharedState) {
 }
 
 async fn list_models_handler(State(shared): State<Arc<SharedState>>) -> Response {
-    let models: Vec<Value> = shared
-        .served_models
+    let loaded = lock_ignoring_poison(&shared.node).loaded();
+    let models: Vec<Value> = loaded
         .iter()
         .map(|model| json!({"id": model, "object": "model", "created": 0, "owned_by": "fake-neuron"}))
         .collect();
     axum::Json(json!({"object": "list", "data": models})).into_response()
+}
+
+async fn node_handler(State(shared): State<Arc<SharedState>>) -> Response {
+    axum::Json(lock_ignoring_poison(&shared.node).state()).into_response()
+}
+
+async fn load_handler(
+    State(shared): State<Arc<SharedState>>,
+    Path(model_id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let request: node::LoadRequest = if body.is_empty() {
+        node::LoadRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(error) => {
+                return openai_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid load request: {error}"),
+                    None,
+                )
+            }
+        }
+    };
+    let loaded = lock_ignoring_poison(&shared.node).load(&model_id, &request);
+    match loaded {
+        Ok(entry) => {
+            if entry.status == node::ModelStatus::Loading {
+                let (shared, model) = (Arc::clone(&shared), model_id.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(request.load_ms)).await;
+                    lock_ignoring_poison(&shared.node).finish_load(&model);
+                });
+            }
+            (StatusCode::ACCEPTED, axum::Json(entry)).into_response()
+        }
+        Err(error) => openai_error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            error.to_string(),
+            Some("insufficient_vram"),
+        ),
+    }
+}
+
+async fn unload_handler(
+    State(shared): State<Arc<SharedState>>,
+    Path(model_id): Path<String>,
+) -> Response {
+    if lock_ignoring_poison(&shared.node).unload(&model_id) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        openai_error(
+            StatusCode::NOT_FOUND,
+            format!("model {model_id} is not on this node"),
+            Some("model_not_found"),
+        )
+    }
 }
 
 async fn model_endpoint_handler(

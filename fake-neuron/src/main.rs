@@ -30,6 +30,9 @@ struct CommandLine {
     /// `MODEL=URL`: answer `GET /models/MODEL/endpoint` with `{"url": URL}`; repeatable.
     #[arg(long = "endpoint", value_name = "MODEL=URL", value_parser = parse_endpoint)]
     endpoints: Vec<(String, String)>,
+    /// VRAM of a simulated GPU in bytes; repeat for several (default: one of 24 GiB).
+    #[arg(long = "gpu-vram", value_name = "BYTES")]
+    gpus: Vec<u64>,
 }
 
 fn parse_endpoint(text: &str) -> Result<(String, String), String> {
@@ -60,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
         models: command_line.models,
         neuron_id: command_line.neuron_id,
         endpoints: command_line.endpoints.into_iter().collect(),
+        gpus: command_line.gpus,
     });
 
     // Flushed at once: a piped stdout is block-buffered and scripts would never see it.

@@ -1076,3 +1076,90 @@ async fn configured_endpoints_override_the_model_endpoint() {
         .await;
     assert_eq!(inference.status(), StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn the_simulated_node_loads_and_unloads_models_in_vram_and_serves_only_loaded_ones() {
+    const GIB: u64 = 1 << 30;
+    let running = start_neuron_with(FakeConfig {
+        models: vec!["fake-model".into()],
+        gpus: vec![6 * GIB],
+        ..FakeConfig::default()
+    })
+    .await;
+    let node = body_json(running.get("/_fake/node").await).await;
+    assert_eq!(node["gpus"][0]["vram_total"], 6 * GIB);
+    assert_eq!(node["gpus"][0]["vram_free"], 4 * GIB);
+    assert_eq!(node["models"][0]["id"], "fake-model");
+    assert_eq!(node["models"][0]["status"], "loaded");
+
+    // Not on the node: not served.
+    let chat = |model: &str| chat_request(json!({ "model": model }));
+    let refused = running
+        .post_json("/v1/chat/completions", chat("big-model"), &[])
+        .await;
+    assert_eq!(refused.status(), StatusCode::NOT_FOUND);
+
+    // Too large for what is free: 507, nothing changes.
+    let too_big = running
+        .post_json(
+            "/_fake/models/big-model/load",
+            json!({"vram_bytes": 5 * GIB}),
+            &[],
+        )
+        .await;
+    assert_eq!(too_big.status(), StatusCode::INSUFFICIENT_STORAGE);
+    assert_eq!(
+        body_json(too_big).await["error"]["code"],
+        "insufficient_vram"
+    );
+
+    // Room made by unloading, then a load that takes a while.
+    let unloaded = running
+        .send(
+            Method::POST,
+            "/_fake/models/fake-model/unload",
+            Bytes::new(),
+            &[],
+        )
+        .await;
+    assert_eq!(unloaded.status(), StatusCode::NO_CONTENT);
+    let loading = running
+        .post_json(
+            "/_fake/models/big-model/load",
+            json!({"vram_bytes": 5 * GIB, "load_ms": 300}),
+            &[],
+        )
+        .await;
+    assert_eq!(loading.status(), StatusCode::ACCEPTED);
+    assert_eq!(body_json(loading).await["status"], "loading");
+    let during = running
+        .post_json("/v1/chat/completions", chat("big-model"), &[])
+        .await;
+    assert_eq!(
+        during.status(),
+        StatusCode::NOT_FOUND,
+        "served while loading"
+    );
+    let node = body_json(running.get("/_fake/node").await).await;
+    assert_eq!(node["gpus"][0]["vram_free"], GIB);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let node = body_json(running.get("/_fake/node").await).await;
+        if node["models"][0]["status"] == "loaded" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never loaded: {node}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let served = running
+        .post_json("/v1/chat/completions", chat("big-model"), &[])
+        .await;
+    assert_eq!(served.status(), StatusCode::OK);
+    let models = body_json(running.get("/v1/models").await).await;
+    assert_eq!(models["data"].as_array().unwrap().len(), 1);
+    assert_eq!(models["data"][0]["id"], "big-model");
+}

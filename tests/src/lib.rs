@@ -176,6 +176,7 @@ pub async fn start_neuron(
         models: models.iter().map(|m| m.to_string()).collect(),
         neuron_id: neuron_id.into(),
         endpoints,
+        ..Default::default()
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -218,6 +218,7 @@ async fn grpcurl_lists_services_checks_health_creates_a_key_and_reads_a_snapshot
     for service in [
         "allot.v1.Admin",
         "allot.v1.AgentSession",
+        "allot.v1.Placement",
         "grpc.health.v1.Health",
     ] {
         assert!(
@@ -260,6 +261,21 @@ async fn grpcurl_lists_services_checks_health_creates_a_key_and_reads_a_snapshot
     )
     .await;
     assert_refused(&refused, "Unauthenticated", &[]);
+
+    // Placement: an empty fleet (no agent reports here), and a model no
+    // one knows is NOT_FOUND naming the field.
+    let fleet = grpcurl(&addr, true, Some("{}"), &["allot.v1.Placement/Fleet"])
+        .await
+        .expect_success();
+    assert_eq!(fleet.json(), serde_json::json!({}), "{}", fleet.describe());
+    let unknown = grpcurl(
+        &addr,
+        true,
+        Some(r#"{"model":"no-such-model"}"#),
+        &["allot.v1.Placement/Route"],
+    )
+    .await;
+    assert_refused(&unknown, "NotFound", &["model:"]);
 
     // Account, key, limits, snapshot.
     let account = grpcurl(

@@ -216,6 +216,58 @@ impl FleetView {
         }
     }
 
+    /// Replaces everything known of `node` with its agent's latest report:
+    /// GPUs as `(total, measured free)` bytes, the models on it (a model on
+    /// a GPU the node does not have is dropped), capacity, throughput,
+    /// health and the requests in flight (at least those of its models).
+    #[allow(clippy::too_many_arguments)]
+    pub fn replace(
+        &mut self,
+        node: NodeId,
+        endpoint: &str,
+        gpus: &[(u64, u64)],
+        residents: Vec<Resident>,
+        in_flight: u32,
+        capacity: u32,
+        throughput_tokens_per_s: f64,
+        healthy: bool,
+    ) {
+        let old: Vec<ModelId> = self.nodes[node.index()]
+            .residents
+            .iter()
+            .map(|r| r.model)
+            .collect();
+        for model in old {
+            self.remove(node, model);
+        }
+        let entry = &mut self.nodes[node.index()];
+        if *entry.endpoint != *endpoint {
+            entry.endpoint = Arc::from(endpoint);
+        }
+        entry.gpus = gpus
+            .iter()
+            .map(|&(total, _)| Gpu {
+                vram_total: total,
+                vram_free: total,
+            })
+            .collect();
+        entry.in_flight = 0;
+        entry.capacity = capacity.max(1);
+        entry.throughput_tokens_per_s = throughput_tokens_per_s;
+        entry.healthy = healthy;
+        let gpu_count = gpus.len();
+        for resident in residents {
+            if (resident.gpu as usize) < gpu_count {
+                self.upsert(node, resident);
+            }
+        }
+        for (index, &(_, free)) in gpus.iter().enumerate() {
+            self.set_gpu_free(node, index as u32, free);
+        }
+        let entry = &mut self.nodes[node.index()];
+        entry.in_flight = entry.in_flight.max(in_flight);
+    }
+
     /// A request for `model` starts on `node`.
     pub fn begin_request(&mut self, node: NodeId, model: ModelId, at: UnixMs) {
         let entry = &mut self.nodes[node.index()];
@@ -247,6 +299,35 @@ impl FleetView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_replaces_the_nodes_models_gpus_and_the_model_index() {
+        let mut view = FleetView::new();
+        let node = view.add_node("a:1", &[100], 4);
+        let (old, new) = (ModelId(0), ModelId(1));
+        view.upsert(node, Resident::new(old, 0, ModelStatus::Loaded, 40, 0));
+        view.replace(
+            node,
+            "a:2",
+            &[(100, 50), (200, 170)],
+            vec![
+                Resident::new(new, 1, ModelStatus::Loading, 30, 5),
+                Resident::new(ModelId(2), 7, ModelStatus::Loaded, 10, 5),
+            ],
+            3,
+            8,
+            12.5,
+            true,
+        );
+        assert!(view.holders(old).is_empty());
+        assert_eq!(view.holders(new), &[node]);
+        assert!(view.holders(ModelId(2)).is_empty(), "gpu 7 does not exist");
+        let entry = view.node(node);
+        assert_eq!(&*entry.endpoint, "a:2");
+        assert_eq!(entry.gpus[0].vram_free, 50, "the measured free vram");
+        assert_eq!(entry.gpus[1].vram_free, 170, "measured, not recomputed");
+        assert_eq!((entry.in_flight, entry.capacity), (3, 8));
+    }
 
     #[test]
     fn fleet_view_accounts_vram_in_flight_and_the_model_index() {

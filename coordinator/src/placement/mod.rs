@@ -27,11 +27,13 @@ mod catalog;
 mod defrag;
 mod demand;
 mod fleet;
+mod live;
 
 pub use catalog::{Catalog, ModelSpec};
 pub use defrag::{defrag_plan, DefragPlan, Move};
 pub use demand::{Demand, DemandTracker, NoDemand};
 pub use fleet::{FleetView, Gpu, ModelStatus, Node, Resident};
+pub use live::{load_catalog, parse_catalog, LivePlacement, PlacementService};
 
 use allot::clock::UnixMs;
 use fleet::load_cmp;

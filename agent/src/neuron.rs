@@ -1,0 +1,526 @@
+//! Neuron adapters: how the agent reads its inference server's state (GPUs,
+//! VRAM, models) and loads or unloads models, whatever server it is. The
+//! reporter sends what the adapter reads to the coordinator as `NodeStatus`,
+//! on change and at least every `node_report_ms`.
+//!
+//! An adapter implements [`NeuronAdapter`]:
+//! - `state()`: GPUs (total and free VRAM) and the models on the server with
+//!   their status, VRAM, context length and capabilities;
+//! - `load(model)` / `unload(model)`: what placement directives will call.
+//!
+//! Two adapters exist:
+//! - [`FakeAdapter`]: allot's fake neuron (`GET /_fake/node`,
+//!   `POST /_fake/models/{id}/load|unload`);
+//! - [`OllamaAdapter`]: Ollama (`GET /api/ps`; load with
+//!   `POST /api/generate {"model": m, "keep_alive": -1}`, unload with
+//!   `keep_alive: 0`). Ollama does not report GPU totals, so the agent's
+//!   `gpu_vram_bytes` says what the node has.
+
+use crate::proxy::HttpClient;
+use allot::pb;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The state an adapter reads.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NeuronState {
+    pub gpus: Vec<pb::GpuStatus>,
+    pub models: Vec<pb::ModelState>,
+}
+
+/// How the agent talks to one kind of inference server about its models.
+pub trait NeuronAdapter: Send + Sync + 'static {
+    fn state(&self) -> impl Future<Output = Result<NeuronState, String>> + Send;
+    fn load(&self, model: &str) -> impl Future<Output = Result<(), String>> + Send;
+    fn unload(&self, model: &str) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// How long an adapter call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn call(
+    client: &HttpClient,
+    method: hyper::Method,
+    url: String,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, Bytes), String> {
+    let mut request = Request::builder().method(method).uri(&url);
+    if body.is_some() {
+        request = request.header("content-type", "application/json");
+    }
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let request = request
+        .body(Full::new(body))
+        .map_err(|e| format!("{url}: {e}"))?;
+    let response = tokio::time::timeout(CALL_TIMEOUT, client.request(request))
+        .await
+        .map_err(|_| format!("{url}: no answer within {CALL_TIMEOUT:?}"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status().as_u16();
+    let bytes = tokio::time::timeout(CALL_TIMEOUT, response.into_body().collect())
+        .await
+        .map_err(|_| format!("{url}: body not complete within {CALL_TIMEOUT:?}"))?
+        .map_err(|e| format!("{url}: {e}"))?
+        .to_bytes();
+    Ok((status, bytes))
+}
+
+fn expect_success(url: &str, (status, body): (u16, Bytes)) -> Result<Bytes, String> {
+    if (200..300).contains(&status) {
+        Ok(body)
+    } else {
+        Err(format!(
+            "{url} answered {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(300)])
+        ))
+    }
+}
+
+// ---- the fake neuron ----
+
+#[derive(Deserialize)]
+struct FakeGpu {
+    index: u32,
+    vram_total: u64,
+    vram_free: u64,
+}
+
+#[derive(Deserialize)]
+struct FakeModel {
+    id: String,
+    status: String,
+    gpu: u32,
+    vram_bytes: u64,
+    last_access_ms: u64,
+    context_length: u32,
+    capabilities: Vec<String>,
+    tool_call: bool,
+    reasoning: bool,
+}
+
+#[derive(Deserialize)]
+struct FakeNode {
+    gpus: Vec<FakeGpu>,
+    models: Vec<FakeModel>,
+}
+
+fn model_status(text: &str) -> pb::ModelStatus {
+    match text {
+        "loaded" => pb::ModelStatus::Loaded,
+        "loading" => pb::ModelStatus::Loading,
+        "unloaded" => pb::ModelStatus::Unloaded,
+        _ => pb::ModelStatus::Failed,
+    }
+}
+
+pub struct FakeAdapter {
+    base: String,
+    client: HttpClient,
+}
+
+impl FakeAdapter {
+    pub fn new(base: &str, client: HttpClient) -> FakeAdapter {
+        FakeAdapter {
+            base: base.trim_end_matches('/').to_string(),
+            client,
+        }
+    }
+}
+
+/// Reads `GET /_fake/node`.
+pub fn parse_fake_node(body: &[u8]) -> Result<NeuronState, String> {
+    let node: FakeNode =
+        serde_json::from_slice(body).map_err(|e| format!("unexpected /_fake/node: {e}"))?;
+    Ok(NeuronState {
+        gpus: node
+            .gpus
+            .into_iter()
+            .map(|g| pb::GpuStatus {
+                index: g.index,
+                vram_total_bytes: g.vram_total,
+                vram_free_bytes: g.vram_free,
+            })
+            .collect(),
+        models: node
+            .models
+            .into_iter()
+            .map(|m| pb::ModelState {
+                status: model_status(&m.status) as i32,
+                model: m.id,
+                gpu: m.gpu,
+                vram_bytes: m.vram_bytes,
+                last_access_unix_ms: m.last_access_ms as i64,
+                capabilities: m.capabilities,
+                tool_call: m.tool_call,
+                reasoning: m.reasoning,
+                context_length: m.context_length,
+                in_flight: 0,
+            })
+            .collect(),
+    })
+}
+
+impl NeuronAdapter for FakeAdapter {
+    async fn state(&self) -> Result<NeuronState, String> {
+        let url = format!("{}/_fake/node", self.base);
+        let answer = call(&self.client, hyper::Method::GET, url.clone(), None).await?;
+        parse_fake_node(&expect_success(&url, answer)?)
+    }
+
+    async fn load(&self, model: &str) -> Result<(), String> {
+        let url = format!("{}/_fake/models/{model}/load", self.base);
+        let answer = call(&self.client, hyper::Method::POST, url.clone(), None).await?;
+        expect_success(&url, answer).map(drop)
+    }
+
+    async fn unload(&self, model: &str) -> Result<(), String> {
+        let url = format!("{}/_fake/models/{model}/unload", self.base);
+        let answer = call(&self.client, hyper::Method::POST, url.clone(), None).await?;
+        expect_success(&url, answer).map(drop)
+    }
+}
+
+// ---- Ollama ----
+
+#[derive(Deserialize)]
+struct OllamaRunning {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    size_vram: u64,
+    #[serde(default)]
+    context_length: u32,
+}
+
+#[derive(Deserialize)]
+struct OllamaPs {
+    #[serde(default)]
+    models: Vec<OllamaRunning>,
+}
+
+/// The body Ollama takes to load (`keep_alive` -1: keep it resident) or
+/// unload (`keep_alive` 0) a model: `POST /api/generate` with no prompt.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct OllamaKeepAlive<'a> {
+    pub model: &'a str,
+    pub keep_alive: i64,
+}
+
+pub struct OllamaAdapter {
+    base: String,
+    client: HttpClient,
+    /// VRAM of the node's GPUs as configured; Ollama does not report it.
+    gpu_vram_bytes: Vec<u64>,
+}
+
+impl OllamaAdapter {
+    pub fn new(base: &str, client: HttpClient, gpu_vram_bytes: Vec<u64>) -> OllamaAdapter {
+        OllamaAdapter {
+            base: base.trim_end_matches('/').to_string(),
+            client,
+            gpu_vram_bytes,
+        }
+    }
+
+    async fn keep_alive(&self, model: &str, keep_alive: i64) -> Result<(), String> {
+        let url = format!("{}/api/generate", self.base);
+        let body = serde_json::to_value(OllamaKeepAlive { model, keep_alive })
+            .map_err(|e| e.to_string())?;
+        let answer = call(&self.client, hyper::Method::POST, url.clone(), Some(body)).await?;
+        expect_success(&url, answer).map(drop)
+    }
+}
+
+/// Reads `GET /api/ps`: every running model is loaded. Ollama does not
+/// say which GPU holds a model, so all are placed on GPU 0, and the node
+/// is reported as one GPU of the configured total.
+pub fn parse_ollama_ps(body: &[u8], gpu_vram_bytes: &[u64]) -> Result<NeuronState, String> {
+    let ps: OllamaPs =
+        serde_json::from_slice(body).map_err(|e| format!("unexpected /api/ps: {e}"))?;
+    let total: u64 = gpu_vram_bytes.iter().sum();
+    let used: u64 = ps.models.iter().map(|m| m.size_vram).sum();
+    Ok(NeuronState {
+        gpus: vec![pb::GpuStatus {
+            index: 0,
+            vram_total_bytes: total,
+            vram_free_bytes: total.saturating_sub(used),
+        }],
+        models: ps
+            .models
+            .into_iter()
+            .map(|m| pb::ModelState {
+                model: if m.model.is_empty() { m.name } else { m.model },
+                status: pb::ModelStatus::Loaded as i32,
+                gpu: 0,
+                vram_bytes: m.size_vram,
+                context_length: m.context_length,
+                capabilities: vec!["chat".into(), "completions".into()],
+                ..Default::default()
+            })
+            .collect(),
+    })
+}
+
+impl NeuronAdapter for OllamaAdapter {
+    async fn state(&self) -> Result<NeuronState, String> {
+        let url = format!("{}/api/ps", self.base);
+        let answer = call(&self.client, hyper::Method::GET, url.clone(), None).await?;
+        parse_ollama_ps(&expect_success(&url, answer)?, &self.gpu_vram_bytes)
+    }
+
+    async fn load(&self, model: &str) -> Result<(), String> {
+        self.keep_alive(model, -1).await
+    }
+
+    async fn unload(&self, model: &str) -> Result<(), String> {
+        self.keep_alive(model, 0).await
+    }
+}
+
+// ---- what the agent itself knows of each model ----
+
+#[derive(Default, Clone, Copy)]
+struct Activity {
+    in_flight: u32,
+    last_access_ms: i64,
+}
+
+/// Requests in flight and last use per model, and completion tokens
+/// settled, as the proxy sees them: what the reports add to the adapter's
+/// view.
+#[derive(Default)]
+pub struct ModelActivity {
+    models: Mutex<HashMap<String, Activity>>,
+    tokens: std::sync::atomic::AtomicU64,
+}
+
+impl ModelActivity {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Activity>> {
+        self.models.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn begin(&self, model: &str, now_ms: i64) {
+        let mut models = self.lock();
+        let entry = models.entry(model.to_string()).or_default();
+        entry.in_flight += 1;
+        entry.last_access_ms = entry.last_access_ms.max(now_ms);
+    }
+
+    pub fn end(&self, model: &str, now_ms: i64, completion_tokens: u64) {
+        if let Some(entry) = self.lock().get_mut(model) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+            entry.last_access_ms = entry.last_access_ms.max(now_ms);
+        }
+        self.tokens
+            .fetch_add(completion_tokens, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Completion tokens settled since the agent started.
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Adds what the proxy saw to the adapter's models: requests in flight,
+    /// and the later of the two last-access times.
+    pub fn annotate(&self, models: &mut [pb::ModelState]) {
+        let seen = self.lock();
+        for model in models {
+            if let Some(activity) = seen.get(&model.model) {
+                model.in_flight = activity.in_flight;
+                model.last_access_unix_ms = model.last_access_unix_ms.max(activity.last_access_ms);
+            }
+        }
+    }
+}
+
+/// Reads the neuron through `adapter` and reports it to the coordinator:
+/// once a second when anything changed, at least every `node_report_ms`,
+/// and at once after each (re)connection.
+pub async fn report_loop<A: NeuronAdapter>(
+    adapter: A,
+    state: std::sync::Arc<crate::AgentState>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let every = Duration::from_millis(state.config.node_report_ms);
+    let poll = every.min(Duration::from_secs(1));
+    let mut connected = state.link.subscribe_connected();
+    let mut last_sent: Option<(pb::NodeStatus, tokio::time::Instant)> = None;
+    let mut last_known = NeuronState::default();
+    let mut tokens_at = (state.models.tokens(), tokio::time::Instant::now());
+    loop {
+        let (healthy, mut read) = match adapter.state().await {
+            Ok(read) => {
+                last_known = read.clone();
+                (true, read)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the neuron's state");
+                (false, last_known.clone())
+            }
+        };
+        state.models.annotate(&mut read.models);
+        let now = tokio::time::Instant::now();
+        let tokens = state.models.tokens();
+        let elapsed = now.duration_since(tokens_at.1).as_secs_f64();
+        let tokens_per_second = if elapsed > 0.0 {
+            (tokens - tokens_at.0) as f64 / elapsed
+        } else {
+            0.0
+        };
+        let status = pb::NodeStatus {
+            neuron_id: state.config.neuron_id.clone(),
+            in_flight: state.in_flight.total() as u32,
+            endpoint: state.config.neuron_url.clone(),
+            gpus: read.gpus,
+            models: read.models,
+            capacity: state.config.node_capacity,
+            tokens_per_second,
+            healthy,
+        };
+        // Throughput and last-access times move with every request: only
+        // a change of anything else is worth a report before `every`.
+        let differs = |sent: &pb::NodeStatus| {
+            let strip = |s: &pb::NodeStatus| {
+                let mut s = s.clone();
+                s.tokens_per_second = 0.0;
+                s.in_flight = 0;
+                for m in &mut s.models {
+                    m.last_access_unix_ms = 0;
+                    m.in_flight = 0;
+                }
+                s
+            };
+            strip(sent) != strip(&status)
+        };
+        let due = match &last_sent {
+            None => true,
+            Some((sent, at)) => now.duration_since(*at) >= every || differs(sent),
+        };
+        if due
+            && state
+                .link
+                .send(allot::pb::agent_message::Msg::NodeStatus(status.clone()))
+        {
+            metrics::counter!("allot_agent_node_reports_total").increment(1);
+            last_sent = Some((status, now));
+            tokens_at = (tokens, now);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            changed = connected.changed() => {
+                if changed.is_err() { return; }
+                if *connected.borrow() { last_sent = None; }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `GET /api/ps` as documented by Ollama (docs.ollama.com/api/ps).
+    const OLLAMA_PS: &str = r#"{
+      "models": [
+        {
+          "name": "gemma3",
+          "model": "gemma3",
+          "size": 6591830464,
+          "digest": "a2af6cc3eb7fa8be8504abaf9b04e88f17a119ec3f04a3addf55f92841195f5a",
+          "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "gemma3",
+            "families": ["gemma3"],
+            "parameter_size": "4.3B",
+            "quantization_level": "Q4_K_M"
+          },
+          "expires_at": "2025-10-17T16:47:07.93355-07:00",
+          "size_vram": 5333539264,
+          "context_length": 4096
+        }
+      ]
+    }"#;
+
+    #[test]
+    fn ollama_ps_becomes_loaded_models_on_the_configured_vram() {
+        let state = parse_ollama_ps(OLLAMA_PS.as_bytes(), &[24 << 30]).unwrap();
+        assert_eq!(state.gpus.len(), 1);
+        assert_eq!(state.gpus[0].vram_total_bytes, 24 << 30);
+        assert_eq!(state.gpus[0].vram_free_bytes, (24 << 30) - 5333539264);
+        let model = &state.models[0];
+        assert_eq!(model.model, "gemma3");
+        assert_eq!(model.status, pb::ModelStatus::Loaded as i32);
+        assert_eq!((model.vram_bytes, model.context_length), (5333539264, 4096));
+        assert_eq!(
+            parse_ollama_ps(br#"{"models": []}"#, &[1]).unwrap().models,
+            vec![]
+        );
+        assert!(parse_ollama_ps(b"<html>", &[1])
+            .unwrap_err()
+            .contains("/api/ps"));
+    }
+
+    #[test]
+    fn ollama_load_and_unload_bodies_match_its_keep_alive_api() {
+        // docs.ollama.com: "load a model" / "unload a model" with an empty prompt.
+        let load = serde_json::to_value(OllamaKeepAlive {
+            model: "llama3.2",
+            keep_alive: -1,
+        })
+        .unwrap();
+        assert_eq!(
+            load,
+            serde_json::json!({"model": "llama3.2", "keep_alive": -1})
+        );
+        let unload = serde_json::to_value(OllamaKeepAlive {
+            model: "llama3.2",
+            keep_alive: 0,
+        })
+        .unwrap();
+        assert_eq!(
+            unload,
+            serde_json::json!({"model": "llama3.2", "keep_alive": 0})
+        );
+    }
+
+    #[test]
+    fn the_fake_nodes_state_is_read_field_by_field() {
+        let body = br#"{"gpus":[{"index":0,"vram_total":100,"vram_free":40}],
+            "models":[{"id":"m","status":"loading","gpu":0,"vram_bytes":60,"last_access_ms":5,
+            "context_length":8192,"capabilities":["chat"],"tool_call":true,"reasoning":false}]}"#;
+        let state = parse_fake_node(body).unwrap();
+        assert_eq!(state.gpus[0].vram_free_bytes, 40);
+        assert_eq!(state.models[0].status, pb::ModelStatus::Loading as i32);
+        assert_eq!(state.models[0].last_access_unix_ms, 5);
+        assert!(state.models[0].tool_call);
+    }
+
+    #[test]
+    fn activity_counts_requests_in_flight_per_model_and_keeps_the_latest_access() {
+        let activity = ModelActivity::default();
+        activity.begin("m", 10);
+        activity.begin("m", 20);
+        activity.end("m", 30, 7);
+        let mut models = vec![pb::ModelState {
+            model: "m".into(),
+            last_access_unix_ms: 25,
+            ..Default::default()
+        }];
+        activity.annotate(&mut models);
+        assert_eq!(
+            (models[0].in_flight, models[0].last_access_unix_ms),
+            (1, 30)
+        );
+        assert_eq!(activity.tokens(), 7);
+    }
+}

@@ -1,0 +1,181 @@
+//! Placement (issue 5) through real processes' code: agents report their
+//! fake neuron's GPUs and models over the session stream, and
+//! `Placement.Route` / `Placement.Fleet` answer from those reports, the
+//! catalog file and the churn guard.
+
+use allot::pb;
+use allot_coordinator::config::CoordinatorConfig;
+use allot_e2e::*;
+use serde_json::json;
+use std::time::Duration;
+
+const GIB: u64 = 1 << 30;
+
+async fn placement(
+    stack: &Stack,
+) -> pb::placement_client::PlacementClient<tonic::transport::Channel> {
+    pb::placement_client::PlacementClient::connect(stack.coordinator_url.clone())
+        .await
+        .expect("connect")
+}
+
+async fn route(stack: &Stack, model: &str) -> Result<pb::RouteDecision, tonic::Status> {
+    placement(stack)
+        .await
+        .route(authed(pb::RouteRequest {
+            model: model.into(),
+        }))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn fleet(stack: &Stack) -> pb::FleetView {
+    placement(stack)
+        .await
+        .fleet(authed(pb::FleetRequest {}))
+        .await
+        .expect("fleet")
+        .into_inner()
+}
+
+fn loaded(view: &pb::FleetView, model: &str) -> bool {
+    view.nodes.iter().any(|n| {
+        n.healthy
+            && n.models
+                .iter()
+                .any(|m| m.model == model && m.status == pb::ModelStatus::Loaded as i32)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_follows_what_agents_report_loaded_cold_evict_and_gone() {
+    let dir = TempDir::new("placement");
+    let catalog = dir.0.join("catalog.toml");
+    std::fs::write(
+        &catalog,
+        format!(
+            "[[model]]\nname = \"cold\"\nvram_bytes = {}\nload_ms = 7000\n\n\
+             [[model]]\nname = \"huge\"\nvram_bytes = {}\nload_ms = 9000\n",
+            GIB,
+            3 * GIB
+        ),
+    )
+    .unwrap();
+    let mut config = CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        admin_token: ADMIN_TOKEN.into(),
+        data_path: dir.0.join("coordinator.redb"),
+        settle_window_ms: 1,
+        placement_catalog: Some(catalog),
+        ..CoordinatorConfig::default()
+    };
+    config.placement.churn_guard_ms = 0;
+    let mut stack = Stack::start_with(config).await;
+    stack.agent_config.neuron_adapter = allot_agent::config::NeuronAdapterKind::Fake;
+    stack.agent_config.node_report_ms = 200;
+    stack.agent.take().unwrap().stop().await;
+    stack.restart_agent().await;
+
+    // The stack's neuron starts with two 2 GiB models on one 24 GiB GPU.
+    wait_until(
+        "the agent's first node report",
+        Duration::from_secs(20),
+        || async { loaded(&fleet(&stack).await, MODEL) },
+    )
+    .await;
+    let view = fleet(&stack).await;
+    let node = &view.nodes[0];
+    assert_eq!(
+        (node.neuron_id.as_str(), node.agent_id.as_str()),
+        ("neuron-1", "agent-1")
+    );
+    assert_eq!(node.endpoint, stack.neuron_url);
+    assert_eq!(node.gpus[0].vram_total_bytes, 24 * GIB);
+    assert_eq!(node.gpus[0].vram_free_bytes, 20 * GIB);
+
+    let serve = route(&stack, MODEL).await.unwrap();
+    assert_eq!(serve.kind, pb::RouteKind::Serve as i32);
+    assert_eq!(serve.endpoint, stack.neuron_url);
+    assert_eq!(serve.agent_id, "agent-1");
+    let unknown = route(&stack, "no-such-model").await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert!(
+        unknown.message().starts_with("model:"),
+        "{}",
+        unknown.message()
+    );
+    let empty = route(&stack, " ").await.unwrap_err();
+    assert_eq!(empty.code(), tonic::Code::InvalidArgument);
+
+    // A 19 GiB model loads (it takes 400 ms): while loading, a route
+    // joins that load; once loaded, the catalog has its measured size.
+    let http = reqwest::Client::new();
+    let load = http
+        .post(format!("{}/_fake/models/big/load", stack.neuron_url))
+        .json(&json!({"vram_bytes": 19 * GIB, "load_ms": 400}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(load.status(), 202);
+    wait_until("big to be loaded", Duration::from_secs(20), || async {
+        loaded(&fleet(&stack).await, "big")
+    })
+    .await;
+    let view = fleet(&stack).await;
+    assert_eq!(view.nodes[0].gpus[0].vram_free_bytes, GIB);
+    let big = view.catalog.iter().find(|c| c.model == "big").unwrap();
+    assert_eq!(big.vram_bytes, 19 * GIB);
+    assert_eq!(
+        route(&stack, "big").await.unwrap().kind,
+        pb::RouteKind::Serve as i32
+    );
+
+    // 1 GiB free: "cold" (1 GiB) is a cold start with its catalog load time.
+    let cold = route(&stack, "cold").await.unwrap();
+    assert_eq!(cold.kind, pb::RouteKind::ColdStart as i32);
+    assert_eq!((cold.expected_load_ms, cold.gpu), (7_000, 0));
+
+    // "huge" (3 GiB) needs one 2 GiB model out: the least recently used,
+    // which is other-model once fake-model has served a request.
+    let (_, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    assert_eq!(stack.chat(&secret, chat_body(5)).await.status(), 200);
+    wait_until(
+        "the request to show in a report",
+        Duration::from_secs(20),
+        || async {
+            let view = fleet(&stack).await;
+            let models = &view.nodes[0].models;
+            let at = |name: &str| {
+                models
+                    .iter()
+                    .find(|m| m.model == name)
+                    .map(|m| m.last_access_unix_ms)
+            };
+            at(MODEL) > at("other-model")
+        },
+    )
+    .await;
+    let evict = route(&stack, "huge").await.unwrap();
+    assert_eq!(evict.kind, pb::RouteKind::Evict as i32, "{evict:?}");
+    assert_eq!(evict.victims, vec!["other-model".to_string()]);
+    assert_eq!(evict.strategy, "lru");
+
+    // The agent goes: nothing is routed to its neuron.
+    stack.agent.take().unwrap().stop().await;
+    let gone = route(&stack, MODEL).await.unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::Unavailable);
+}
+
+#[tokio::test]
+async fn placement_needs_the_admin_token() {
+    let stack = Stack::start().await;
+    let refused = placement(&stack)
+        .await
+        .fleet(pb::FleetRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+}
