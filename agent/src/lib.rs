@@ -82,6 +82,7 @@ pub async fn run(
     let (usage_tx, usage_rx) = mpsc::unbounded_channel();
     let (spool_events_tx, spool_events_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (directives_tx, directives_rx) = mpsc::unbounded_channel();
 
     // Every background task lives in this set: dropping `run` (a crash in
     // tests) aborts them all.
@@ -115,6 +116,7 @@ pub async fn run(
             table: table.clone(),
             keys: keys.clone(),
             spool: spool_events_tx,
+            directives: directives_tx,
             settings: LinkSettings {
                 agent_id: config.agent_id.clone(),
                 neuron_id: config.neuron_id.clone(),
@@ -149,10 +151,16 @@ pub async fn run(
         epoch: recovered.epoch,
     });
     match config.neuron_adapter {
-        NeuronAdapterKind::None => {}
+        // Directives are refused: their receiver is gone.
+        NeuronAdapterKind::None => drop(directives_rx),
         NeuronAdapterKind::Fake => {
             let adapter = neuron::FakeAdapter::new(&config.neuron_url, state.client.clone());
-            tasks.spawn(neuron::report_loop(adapter, state.clone(), stop_rx.clone()));
+            tasks.spawn(neuron::report_loop(
+                adapter,
+                state.clone(),
+                directives_rx,
+                stop_rx.clone(),
+            ));
         }
         NeuronAdapterKind::Ollama => {
             let adapter = neuron::OllamaAdapter::new(
@@ -160,7 +168,12 @@ pub async fn run(
                 state.client.clone(),
                 config.gpu_vram_bytes.clone(),
             );
-            tasks.spawn(neuron::report_loop(adapter, state.clone(), stop_rx.clone()));
+            tasks.spawn(neuron::report_loop(
+                adapter,
+                state.clone(),
+                directives_rx,
+                stop_rx.clone(),
+            ));
         }
     }
     tracing::info!(listen = %listener.local_addr()?, agent_id = config.agent_id, epoch = recovered.epoch, "agent serving");

@@ -159,6 +159,9 @@ pub struct LinkContext {
     pub table: Arc<AllowanceTable>,
     pub keys: Arc<KeyCache>,
     pub spool: mpsc::UnboundedSender<SpoolEvent>,
+    /// Placement directives, to the node reporter (which owns the neuron
+    /// adapter).
+    pub directives: mpsc::UnboundedSender<pb::PlacementDirective>,
     pub settings: LinkSettings,
 }
 
@@ -369,6 +372,17 @@ fn apply(ctx: &LinkContext, msg: CoordMsg) {
         CoordMsg::UsageAck(ack) => {
             ctx.table.ack(ack.high_water_seq);
             let _ = ctx.spool.send(SpoolEvent::Ack(ack.high_water_seq));
+        }
+        CoordMsg::Directive(directive) => {
+            let directive_id = directive.directive_id;
+            if ctx.directives.send(directive).is_err() {
+                ctx.link
+                    .send(AgentMsg::DirectiveResult(pb::DirectiveResult {
+                        directive_id,
+                        ok: false,
+                        message: "this agent has no neuron adapter (neuron_adapter = none)".into(),
+                    }));
+            }
         }
     }
 }

@@ -37,7 +37,14 @@ pub struct NeuronState {
 /// How the agent talks to one kind of inference server about its models.
 pub trait NeuronAdapter: Send + Sync + 'static {
     fn state(&self) -> impl Future<Output = Result<NeuronState, String>> + Send;
-    fn load(&self, model: &str) -> impl Future<Output = Result<(), String>> + Send;
+    /// Loads `model`; `vram_bytes` and `load_ms` are the catalog's
+    /// estimates, for adapters that need them (the fake neuron does).
+    fn load(
+        &self,
+        model: &str,
+        vram_bytes: u64,
+        load_ms: u64,
+    ) -> impl Future<Output = Result<(), String>> + Send;
     fn unload(&self, model: &str) -> impl Future<Output = Result<(), String>> + Send;
 }
 
@@ -173,9 +180,10 @@ impl NeuronAdapter for FakeAdapter {
         parse_fake_node(&expect_success(&url, answer)?)
     }
 
-    async fn load(&self, model: &str) -> Result<(), String> {
+    async fn load(&self, model: &str, vram_bytes: u64, load_ms: u64) -> Result<(), String> {
         let url = format!("{}/_fake/models/{model}/load", self.base);
-        let answer = call(&self.client, hyper::Method::POST, url.clone(), None).await?;
+        let body = serde_json::json!({"vram_bytes": vram_bytes, "load_ms": load_ms});
+        let answer = call(&self.client, hyper::Method::POST, url.clone(), Some(body)).await?;
         expect_success(&url, answer).map(drop)
     }
 
@@ -276,7 +284,7 @@ impl NeuronAdapter for OllamaAdapter {
         parse_ollama_ps(&expect_success(&url, answer)?, &self.gpu_vram_bytes)
     }
 
-    async fn load(&self, model: &str) -> Result<(), String> {
+    async fn load(&self, model: &str, _vram_bytes: u64, _load_ms: u64) -> Result<(), String> {
         self.keep_alive(model, -1).await
     }
 
@@ -323,6 +331,11 @@ impl ModelActivity {
             .fetch_add(completion_tokens, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Requests in flight for `model`.
+    pub fn in_flight(&self, model: &str) -> u32 {
+        self.lock().get(model).map_or(0, |a| a.in_flight)
+    }
+
     /// Completion tokens settled since the agent started.
     pub fn tokens(&self) -> u64 {
         self.tokens.load(std::sync::atomic::Ordering::Relaxed)
@@ -344,9 +357,13 @@ impl ModelActivity {
 /// Reads the neuron through `adapter` and reports it to the coordinator:
 /// once a second when anything changed, at least every `node_report_ms`,
 /// and at once after each (re)connection.
+/// Directives from the coordinator are carried out here, one at a time
+/// and in order (the unloads of an eviction before its load), each answered
+/// with a `DirectiveResult` and followed by a report at once.
 pub async fn report_loop<A: NeuronAdapter>(
     adapter: A,
     state: std::sync::Arc<crate::AgentState>,
+    mut directives: tokio::sync::mpsc::UnboundedReceiver<pb::PlacementDirective>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let every = Duration::from_millis(state.config.node_report_ms);
@@ -415,12 +432,50 @@ pub async fn report_loop<A: NeuronAdapter>(
         }
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
+            Some(directive) = directives.recv() => {
+                let result = carry_out(&adapter, &state, &directive).await;
+                state.link.send(pb::agent_message::Msg::DirectiveResult(result));
+                last_sent = None;
+            }
             changed = connected.changed() => {
                 if changed.is_err() { return; }
                 if *connected.borrow() { last_sent = None; }
             }
             _ = stop.changed() => return,
         }
+    }
+}
+
+async fn carry_out<A: NeuronAdapter>(
+    adapter: &A,
+    state: &crate::AgentState,
+    directive: &pb::PlacementDirective,
+) -> pb::DirectiveResult {
+    let outcome = match pb::DirectiveAction::try_from(directive.action) {
+        Ok(pb::DirectiveAction::Load) => {
+            adapter
+                .load(&directive.model, directive.vram_bytes, directive.load_ms)
+                .await
+        }
+        Ok(pb::DirectiveAction::Unload) => {
+            // Never unload under a request: the coordinator's view may be
+            // a report old.
+            match state.models.in_flight(&directive.model) {
+                0 => adapter.unload(&directive.model).await,
+                n => Err(format!("{} has {n} requests in flight", directive.model)),
+            }
+        }
+        _ => Err(format!("unknown directive action {}", directive.action)),
+    };
+    let label = if outcome.is_ok() { "ok" } else { "failed" };
+    metrics::counter!("allot_agent_directives_total", "outcome" => label).increment(1);
+    if let Err(error) = &outcome {
+        tracing::warn!(model = directive.model, %error, "a placement directive failed");
+    }
+    pb::DirectiveResult {
+        directive_id: directive.directive_id,
+        ok: outcome.is_ok(),
+        message: outcome.err().unwrap_or_default(),
     }
 }
 

@@ -203,6 +203,15 @@ async fn serve(
         None => placement::Catalog::new(),
     };
     let live = placement::LivePlacement::new(catalog, config.placement.clone());
+    let controller = live.clone();
+    tasks.spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            controller.tick(allot::clock::now_ms());
+        }
+    });
     let placement_service = pb::placement_server::PlacementServer::with_interceptor(
         placement::PlacementService::new(live.clone()),
         admin::AdminAuth::new(config.admin_token.clone()),

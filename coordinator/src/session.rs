@@ -74,6 +74,7 @@ impl AgentSession for SessionService {
             else {
                 return;
             };
+            placement.attach(&agent_id, outbox.clone());
             loop {
                 tokio::select! {
                     message = inbound.message() => match message {
@@ -84,6 +85,10 @@ impl AgentSession for SessionService {
                             let msg = match msg {
                                 AgentMsg::NodeStatus(status) => {
                                     placement.report(&agent_id, status, allot::clock::now_ms());
+                                    continue;
+                                }
+                                AgentMsg::DirectiveResult(result) => {
+                                    placement.directive_done(&agent_id, &result);
                                     continue;
                                 }
                                 AgentMsg::Usage(batch) => {
@@ -104,7 +109,7 @@ impl AgentSession for SessionService {
                     _ = leadership.changed() => break,
                 }
             }
-            placement.agent_gone(&agent_id);
+            placement.agent_gone(&agent_id, &outbox);
             let _ = engine.submit(disconnect_job(agent_id, outbox)).await;
         });
         let sent = self_counters;
@@ -256,7 +261,7 @@ fn agent_job(agent_id: String, outbox: Outbox, msg: AgentMsg) -> Job {
                 }
             }
             // Taken by the session task before it reaches the engine.
-            AgentMsg::NodeStatus(_) => {}
+            AgentMsg::NodeStatus(_) | AgentMsg::DirectiveResult(_) => {}
         }
     })
 }

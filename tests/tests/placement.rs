@@ -47,35 +47,46 @@ fn loaded(view: &pb::FleetView, model: &str) -> bool {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn route_follows_what_agents_report_loaded_cold_evict_and_gone() {
-    let dir = TempDir::new("placement");
-    let catalog = dir.0.join("catalog.toml");
-    std::fs::write(
-        &catalog,
-        format!(
-            "[[model]]\nname = \"cold\"\nvram_bytes = {}\nload_ms = 7000\n\n\
-             [[model]]\nname = \"huge\"\nvram_bytes = {}\nload_ms = 9000\n",
-            GIB,
-            3 * GIB
-        ),
-    )
-    .unwrap();
+/// A stack whose coordinator reads `catalog` (TOML) with no churn guard,
+/// `configure` applied, and whose agent reports its fake neuron every
+/// 200 ms.
+async fn placement_stack(
+    dir: &TempDir,
+    catalog: String,
+    configure: impl FnOnce(&mut allot_coordinator::placement::PlacementConfig),
+) -> Stack {
+    let path = dir.0.join("catalog.toml");
+    std::fs::write(&path, catalog).unwrap();
     let mut config = CoordinatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
         admin_token: ADMIN_TOKEN.into(),
         data_path: dir.0.join("coordinator.redb"),
         settle_window_ms: 1,
-        placement_catalog: Some(catalog),
+        placement_catalog: Some(path),
         ..CoordinatorConfig::default()
     };
     config.placement.churn_guard_ms = 0;
+    configure(&mut config.placement);
     let mut stack = Stack::start_with(config).await;
     stack.agent_config.neuron_adapter = allot_agent::config::NeuronAdapterKind::Fake;
     stack.agent_config.node_report_ms = 200;
     stack.agent.take().unwrap().stop().await;
     stack.restart_agent().await;
+    stack
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_follows_what_agents_report_loaded_cold_evict_and_gone() {
+    let dir = TempDir::new("placement");
+    let catalog = format!(
+        "[[model]]\nname = \"cold\"\nvram_bytes = {}\nload_ms = 7000\n\n\
+         [[model]]\nname = \"huge\"\nvram_bytes = {}\nload_ms = 9000\n",
+        GIB,
+        3 * GIB
+    );
+    // Route alone, with nothing acting on its answers.
+    let mut stack = placement_stack(&dir, catalog, |p| p.directives = false).await;
 
     // The stack's neuron starts with two 2 GiB models on one 24 GiB GPU.
     wait_until(
@@ -178,4 +189,145 @@ async fn placement_needs_the_admin_token() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+}
+
+/// A fake neuron with `gpus` (bytes each) serving the default model.
+async fn neuron_with_gpus(neuron_id: &str, gpus: Vec<u64>) -> String {
+    let neuron = allot_fake_neuron::FakeNeuron::new(allot_fake_neuron::FakeConfig {
+        neuron_id: neuron_id.into(),
+        gpus,
+        ..Default::default()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(neuron.serve(listener, std::future::pending()));
+    url
+}
+
+async fn node_has_loaded(neuron_url: &str, model: &str) -> bool {
+    let node: serde_json::Value = reqwest::get(format!("{neuron_url}/_fake/node"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    node["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == model && m["status"] == "loaded")
+}
+
+/// The router's loop for one model: ask `Route` until it says SERVE, and
+/// each time it does, check that the node really has the model loaded and
+/// serve a request there.
+async fn serve_through_route(
+    stack: &Stack,
+    agents: &std::collections::HashMap<String, (String, String)>,
+    secret: &str,
+    model: &str,
+) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let decision = route(stack, model).await.unwrap();
+        if decision.kind == pb::RouteKind::Serve as i32 {
+            let (agent_url, neuron_url) = &agents[&decision.agent_id];
+            assert!(
+                node_has_loaded(neuron_url, model).await,
+                "{model} routed to {} where it is not loaded",
+                decision.neuron_id
+            );
+            let response = reqwest::Client::new()
+                .post(format!("{agent_url}/v1/chat/completions"))
+                .bearer_auth(secret)
+                .json(
+                    &json!({"model": model, "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 3}),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{model} on {}", decision.neuron_id);
+            return decision.neuron_id;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{model} never became servable; last decision {decision:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_converges_to_shifting_demand_through_directives() {
+    let dir = TempDir::new("converge");
+    let catalog = format!(
+        "[[model]]\nname = \"m-a\"\nvram_bytes = {}\nload_ms = 300\n\n\
+         [[model]]\nname = \"m-c\"\nvram_bytes = {}\nload_ms = 300\n",
+        10 * GIB,
+        21 * GIB
+    );
+    // Three nodes: 24 GiB (the stack's, with two 2 GiB models), 16 GiB and
+    // 12 GiB (one 2 GiB model each).
+    let stack = placement_stack(&dir, catalog, |p| p.want_window_ms = 3_000).await;
+    let mut agents = std::collections::HashMap::new();
+    agents.insert(
+        "agent-1".to_string(),
+        (stack.agent_url(), stack.neuron_url.clone()),
+    );
+    let mut others = Vec::new();
+    for (n, gib) in [(2, 16), (3, 12)] {
+        let neuron_url = neuron_with_gpus(&format!("neuron-{n}"), vec![gib * GIB]).await;
+        let agent = start_agent(allot_agent::config::AgentConfig {
+            agent_id: format!("agent-{n}"),
+            neuron_id: format!("neuron-{n}"),
+            neuron_url: neuron_url.clone(),
+            spool_dir: dir.0.join(format!("agent-{n}")),
+            ..stack.agent_config.clone()
+        })
+        .await;
+        wait_agent_ready(&agent.url, Duration::from_secs(20)).await;
+        agents.insert(format!("agent-{n}"), (agent.url.clone(), neuron_url));
+        others.push(agent);
+    }
+    wait_until(
+        "all three nodes to report",
+        Duration::from_secs(20),
+        || async { fleet(&stack).await.nodes.len() == 3 },
+    )
+    .await;
+    let (_, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
+        .await;
+
+    // Demand for m-a (10 GiB), loaded nowhere: it is loaded where it fits
+    // best (the 12 GiB node), then served there.
+    assert_eq!(
+        route(&stack, "m-a").await.unwrap().kind,
+        pb::RouteKind::ColdStart as i32
+    );
+    let a_on = serve_through_route(&stack, &agents, &secret, "m-a").await;
+    assert_eq!(a_on, "neuron-3");
+
+    // Demand shifts to m-c (21 GiB): only the 24 GiB node can hold it, once
+    // one of its 2 GiB models is unloaded.
+    let c_on = serve_through_route(&stack, &agents, &secret, "m-c").await;
+    assert_eq!(c_on, "neuron-1");
+    let view = fleet(&stack).await;
+    let node_1 = view
+        .nodes
+        .iter()
+        .find(|n| n.neuron_id == "neuron-1")
+        .unwrap();
+    let resident: Vec<&str> = node_1.models.iter().map(|m| m.model.as_str()).collect();
+    assert_eq!(resident.len(), 2, "one 2 GiB model made room: {resident:?}");
+    assert!(resident.contains(&"m-c"));
+    // m-a was never disturbed.
+    assert_eq!(
+        serve_through_route(&stack, &agents, &secret, "m-a").await,
+        "neuron-3"
+    );
+    for agent in others {
+        agent.stop().await;
+    }
 }

@@ -12,6 +12,7 @@ use super::{
     route, Catalog, Decision, DemandTracker, FleetView, ModelId, ModelSpec, ModelStatus, NodeId,
     PlacementConfig, Resident, RouteError, Strategy,
 };
+use crate::engine::Outbox;
 use allot::clock::{self, UnixMs};
 use allot::pb;
 use serde::Deserialize;
@@ -79,7 +80,22 @@ struct NodeMeta {
     loading_since: HashMap<String, UnixMs>,
 }
 
+/// A directive sent and not yet answered.
+struct Pending {
+    directive_id: u64,
+    action: pb::DirectiveAction,
+    model: String,
+    /// Forgotten (and so retried) after this.
+    until: UnixMs,
+}
+
 struct Inner {
+    /// Sessions by agent id, for directives.
+    outboxes: HashMap<String, Outbox>,
+    /// Model → when a `Route` or a request last wanted it.
+    wanted: HashMap<String, UnixMs>,
+    pending: Vec<Pending>,
+    next_directive: u64,
     fleet: FleetView,
     catalog: Catalog,
     demand: DemandTracker,
@@ -109,6 +125,10 @@ impl LivePlacement {
     pub fn new(catalog: Catalog, config: PlacementConfig) -> Arc<LivePlacement> {
         Arc::new(LivePlacement {
             inner: Mutex::new(Inner {
+                outboxes: HashMap::new(),
+                wanted: HashMap::new(),
+                pending: Vec::new(),
+                next_directive: 1,
                 fleet: FleetView::new(),
                 catalog,
                 demand: DemandTracker::new(DEMAND_HALF_LIFE_MS),
@@ -222,9 +242,15 @@ impl LivePlacement {
 
     /// The agent's session ended: nothing is routed to its neurons until it
     /// reports again.
-    pub fn agent_gone(&self, agent_id: &str) {
+    pub fn agent_gone(&self, agent_id: &str, outbox: &Outbox) {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        // A newer session of the same agent may have replaced this one.
+        match inner.outboxes.get(agent_id) {
+            Some(current) if !current.same_channel(outbox) => return,
+            _ => {}
+        }
+        inner.outboxes.remove(agent_id);
         for meta in inner.nodes.values_mut() {
             if meta.agent_id == agent_id {
                 meta.session_up = false;
@@ -246,6 +272,9 @@ impl LivePlacement {
             } else {
                 &record.model_served
             };
+            inner
+                .wanted
+                .insert(model.clone(), record.admitted_at_unix_ms);
             if let Some(id) = inner.catalog.id(model) {
                 inner.demand.record(
                     id,
@@ -257,7 +286,7 @@ impl LivePlacement {
     }
 
     pub fn route(&self, model: &str, now: UnixMs) -> Result<pb::RouteDecision, Status> {
-        let inner = self.lock();
+        let mut inner = self.lock();
         let Some(id) = inner.catalog.id(model) else {
             return Err(Status::not_found(format!(
                 "model: {model} is neither in the catalog nor reported by any agent"
@@ -272,6 +301,9 @@ impl LivePlacement {
             now,
         )
         .map_err(|e| route_status(&inner.catalog, &e))?;
+        if !matches!(decision, Decision::Serve { .. }) {
+            inner.wanted.insert(model.to_string(), now);
+        }
         let kind = match &decision {
             Decision::Serve { .. } => "serve",
             Decision::ColdStart { .. } => "cold_start",
@@ -279,6 +311,130 @@ impl LivePlacement {
         };
         metrics::counter!("allot_route_decisions_total", "decision" => kind).increment(1);
         Ok(inner.decision_pb(model, decision))
+    }
+
+    /// The agent's session, to send it directives.
+    pub fn attach(&self, agent_id: &str, outbox: Outbox) {
+        self.lock().outboxes.insert(agent_id.to_string(), outbox);
+    }
+
+    /// An agent answered a directive: it is no longer pending (the next
+    /// node report shows what changed).
+    pub fn directive_done(&self, agent_id: &str, result: &pb::DirectiveResult) {
+        let mut inner = self.lock();
+        inner
+            .pending
+            .retain(|p| p.directive_id != result.directive_id);
+        let outcome = if result.ok { "ok" } else { "failed" };
+        metrics::counter!("allot_directive_results_total", "outcome" => outcome).increment(1);
+        if !result.ok {
+            tracing::warn!(
+                agent_id,
+                directive_id = result.directive_id,
+                message = result.message,
+                "a placement directive failed"
+            );
+        }
+    }
+
+    /// One pass of the placement controller: every model wanted within
+    /// `want_window_ms` and not loaded (or loading) on a healthy node is
+    /// loaded where `route` says, after unloading the victims it names.
+    /// Directives in flight are not repeated until answered or expired.
+    pub fn tick(&self, now: UnixMs) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        inner.pending.retain(|p| p.until > now);
+        if !inner.config.directives {
+            return;
+        }
+        let window = inner.config.want_window_ms;
+        inner.wanted.retain(|_, at| now - *at <= window);
+        let mut wanted: Vec<String> = inner.wanted.keys().cloned().collect();
+        wanted.sort();
+        for model in wanted {
+            let Some(id) = inner.catalog.id(&model) else {
+                continue;
+            };
+            if inner
+                .pending
+                .iter()
+                .any(|p| p.model == model && p.action == pb::DirectiveAction::Load)
+            {
+                continue;
+            }
+            let Ok(decision) = route(
+                &inner.fleet,
+                &inner.catalog,
+                &inner.demand,
+                &inner.config,
+                id,
+                now,
+            ) else {
+                continue;
+            };
+            let (node, victims) = match decision {
+                Decision::Serve { .. }
+                | Decision::ColdStart {
+                    in_progress: true, ..
+                } => continue,
+                Decision::ColdStart { node, .. } => (node, Vec::new()),
+                Decision::Evict { node, victims, .. } => (node, victims),
+            };
+            let neuron_id = inner.neuron_of[node.index()].clone();
+            let Some(agent_id) = inner.nodes.get(&neuron_id).map(|m| m.agent_id.clone()) else {
+                continue;
+            };
+            let Some(outbox) = inner.outboxes.get(&agent_id).cloned() else {
+                continue;
+            };
+            let spec = inner.catalog.get(id).cloned().expect("known model");
+            let mut steps: Vec<(pb::DirectiveAction, String, u64, u64)> = victims
+                .iter()
+                .map(|v| (pb::DirectiveAction::Unload, inner.name(*v), 0, 0))
+                .collect();
+            steps.push((
+                pb::DirectiveAction::Load,
+                model.clone(),
+                spec.vram_bytes,
+                spec.load_ms,
+            ));
+            for (action, target, vram_bytes, load_ms) in steps {
+                let directive_id = inner.next_directive;
+                inner.next_directive += 1;
+                let message = pb::CoordinatorMessage {
+                    msg: Some(pb::coordinator_message::Msg::Directive(
+                        pb::PlacementDirective {
+                            directive_id,
+                            action: action as i32,
+                            model: target.clone(),
+                            vram_bytes,
+                            load_ms,
+                        },
+                    )),
+                };
+                if outbox.try_send(Ok(message)).is_err() {
+                    break;
+                }
+                let label = match action {
+                    pb::DirectiveAction::Load => "load",
+                    _ => "unload",
+                };
+                metrics::counter!("allot_directives_total", "action" => label).increment(1);
+                tracing::info!(
+                    neuron_id,
+                    model = target,
+                    action = label,
+                    "placement directive"
+                );
+                inner.pending.push(Pending {
+                    directive_id,
+                    action,
+                    model: target,
+                    until: now + load_ms as i64 + 30_000,
+                });
+            }
+        }
     }
 
     pub fn fleet(&self, now: UnixMs) -> pb::FleetView {
@@ -523,7 +679,9 @@ mod tests {
             live.route("nowhere", 2_000).unwrap_err().code(),
             tonic::Code::NotFound
         );
-        live.agent_gone("agent-1");
+        let (outbox, _rx) = tokio::sync::mpsc::channel(1);
+        live.attach("agent-1", outbox.clone());
+        live.agent_gone("agent-1", &outbox);
         assert_eq!(
             live.route("hot", 2_000).unwrap_err().code(),
             tonic::Code::Unavailable

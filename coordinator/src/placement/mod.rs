@@ -99,6 +99,12 @@ pub struct PlacementConfig {
     pub demand_horizon_ms: i64,
     /// Most copies [`copies_wanted`] asks for one model.
     pub max_copies: u32,
+    /// Send agents load/unload directives so that every wanted model is
+    /// loaded somewhere.
+    pub directives: bool,
+    /// A model is wanted while a `Route` asked for it or a request used it
+    /// within this many milliseconds.
+    pub want_window_ms: i64,
 }
 
 impl Default for PlacementConfig {
@@ -109,6 +115,8 @@ impl Default for PlacementConfig {
             defrag_after_cycles: 16,
             demand_horizon_ms: 0,
             max_copies: 8,
+            directives: true,
+            want_window_ms: 60_000,
         }
     }
 }
