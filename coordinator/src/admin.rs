@@ -22,11 +22,23 @@ use tonic::{Request, Response, Status};
 
 pub struct AdminService {
     engine: EngineSource,
+    usage: Option<std::sync::Arc<dyn crate::usage::UsageStore>>,
 }
 
 impl AdminService {
-    pub fn new(engine: EngineSource) -> AdminService {
-        AdminService { engine }
+    pub fn new(
+        engine: EngineSource,
+        usage: Option<std::sync::Arc<dyn crate::usage::UsageStore>>,
+    ) -> AdminService {
+        AdminService { engine, usage }
+    }
+
+    fn usage_store(&self) -> Result<&std::sync::Arc<dyn crate::usage::UsageStore>, Status> {
+        self.usage.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "usage analytics are not kept by this coordinator (they need the embedded store)",
+            )
+        })
     }
 }
 
@@ -484,5 +496,60 @@ impl Admin for AdminService {
             })
             .await?;
         Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn list_usage(
+        &self,
+        request: Request<pb::ListUsageRequest>,
+    ) -> Result<Response<pb::ListUsageResponse>, Status> {
+        let request = request.into_inner();
+        let filter = request.filter.unwrap_or_default();
+        crate::usage::validate_filter(&filter).map_err(Status::invalid_argument)?;
+        let limit = crate::usage::page_size(request.page_size).map_err(Status::invalid_argument)?;
+        let after =
+            crate::usage::decode_token(&request.page_token).map_err(Status::invalid_argument)?;
+        let (rows, next) = self
+            .usage_store()?
+            .list(filter, after, limit)
+            .await
+            .map_err(|e| Status::unavailable(format!("usage store: {e}")))?;
+        Ok(Response::new(pb::ListUsageResponse {
+            rows,
+            next_page_token: next
+                .map(|key| crate::usage::encode_token(&key))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn usage_summary(
+        &self,
+        request: Request<pb::UsageSummaryRequest>,
+    ) -> Result<Response<pb::UsageSummaryResponse>, Status> {
+        let request = request.into_inner();
+        let filter = request.filter.unwrap_or_default();
+        crate::usage::validate_filter(&filter).map_err(Status::invalid_argument)?;
+        let granularity = pb::Granularity::try_from(request.granularity).map_err(|_| {
+            Status::invalid_argument(format!(
+                "granularity: unknown granularity {}",
+                request.granularity
+            ))
+        })?;
+        let store = self.usage_store()?;
+        let mut rows = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, next) = store
+                .list(filter.clone(), after, crate::usage::MAX_PAGE)
+                .await
+                .map_err(|e| Status::unavailable(format!("usage store: {e}")))?;
+            rows.extend(page);
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        Ok(Response::new(pb::UsageSummaryResponse {
+            buckets: crate::usage::summarize(rows, granularity),
+        }))
     }
 }

@@ -56,6 +56,9 @@ pub struct CoordinatorConfig {
     pub placement_catalog: Option<PathBuf>,
     /// `[placement]`: strategy, churn guard and the other knobs of `Route`.
     pub placement: crate::placement::PlacementConfig,
+    /// File of the embedded usage analytics store (embedded budget store
+    /// only); default: `usage.redb` beside `data_path`.
+    pub usage_data_path: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -77,6 +80,7 @@ impl Default for CoordinatorConfig {
             log_format: LogFormat::Text,
             placement_catalog: None,
             placement: crate::placement::PlacementConfig::default(),
+            usage_data_path: None,
         }
     }
 }
@@ -116,6 +120,13 @@ impl CoordinatorConfig {
             return Err("etcd_prefix: must start and end with '/'".into());
         }
         Ok(())
+    }
+
+    /// Where the embedded usage store lives.
+    pub fn usage_path(&self) -> PathBuf {
+        self.usage_data_path
+            .clone()
+            .unwrap_or_else(|| self.data_path.with_file_name("usage.redb"))
     }
 
     pub fn lease_ttl(&self) -> Duration {

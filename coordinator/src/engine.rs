@@ -133,6 +133,8 @@ pub struct EngineSettings {
     pub settle_window: Duration,
     pub max_batch: usize,
     pub ledger: LedgerConfig,
+    /// Where settled rows go once committed (usage analytics), if kept.
+    pub analytics: Option<tokio::sync::mpsc::UnboundedSender<Vec<pb::UsageRow>>>,
 }
 
 impl Default for EngineSettings {
@@ -143,6 +145,7 @@ impl Default for EngineSettings {
             settle_window: Duration::from_millis(2),
             max_batch: 4096,
             ledger: LedgerConfig::default(),
+            analytics: None,
         }
     }
 }

@@ -215,6 +215,8 @@ pub struct Usage {
 pub enum SettleOutcome {
     Settled {
         cost: Decimal,
+        /// The tariff that priced it (none: free).
+        tariff: Option<allot::tariff::Tariff>,
         free: bool,
         /// Usage beyond what the slice held (over-reporting neuron).
         excess: bool,
@@ -1016,9 +1018,13 @@ impl Ledger {
             };
         }
         let price = self.price(usage);
-        let (cost, free) = match price {
-            Price::Tariff(t) => (t.cost(usage.prompt_tokens, usage.completion_tokens), false),
-            Price::Free => (Decimal::ZERO, true),
+        let (cost, free, tariff) = match price {
+            Price::Tariff(t) => (
+                t.cost(usage.prompt_tokens, usage.completion_tokens),
+                false,
+                Some(t.clone()),
+            ),
+            Price::Free => (Decimal::ZERO, true, None),
         };
         let actual = if usage.charged {
             Amounts::request(usage.prompt_tokens + usage.completion_tokens, cost)
@@ -1056,6 +1062,7 @@ impl Ledger {
         self.dirty.insert(Dirty::Agent(agent_id.to_string()));
         SettleOutcome::Settled {
             cost,
+            tariff,
             free: free && usage.charged,
             excess,
             late,

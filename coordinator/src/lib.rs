@@ -23,6 +23,7 @@ pub mod ledger;
 pub mod placement;
 pub mod session;
 pub mod store;
+pub mod usage;
 
 use crate::config::{CoordinatorConfig, StoreKind};
 use crate::engine::{Engine, EngineHandle, EngineSettings, EngineSource};
@@ -78,12 +79,53 @@ pub async fn run_with_store(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (engine, handle) = Engine::load(store.clone(), engine_settings(&config)).await?;
+    // Usage analytics beside the embedded budget store (one coordinator).
+    let (usage, writer, mut settings) = if config.store == StoreKind::Embedded {
+        let usage: Arc<dyn usage::UsageStore> = Arc::new(open_usage_store(&config).await?);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::spawn(usage::run_writer(usage.clone(), rx));
+        let mut settings = engine_settings(&config);
+        settings.analytics = Some(tx);
+        (Some(usage), Some(writer), settings)
+    } else {
+        (None, None, engine_settings(&config))
+    };
+    let (engine, handle) = Engine::load(store.clone(), settings.clone()).await?;
+    settings.analytics = None;
     let (source, _keep) = EngineSource::fixed(handle);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(engine.run());
     let ready = watch::channel(true).1;
-    serve(config, source, store, ready, tasks, listener, shutdown).await
+    let served = serve(
+        config, source, store, ready, usage, tasks, listener, shutdown,
+    )
+    .await;
+    // The engine is gone with its sender: the writer drains what it holds.
+    if let Some(writer) = writer {
+        if tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .is_err()
+        {
+            tracing::error!("the usage writer did not drain within 10 s");
+        }
+    }
+    served
+}
+
+/// Opens the embedded usage store, waiting (at most 10 s) for a previous
+/// coordinator in this process whose writer is still draining into it.
+async fn open_usage_store(config: &CoordinatorConfig) -> anyhow::Result<usage::EmbeddedUsageStore> {
+    let path = config.usage_path();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match usage::EmbeddedUsageStore::open(&path) {
+            Ok(store) => return Ok(store),
+            Err(error) if tokio::time::Instant::now() >= deadline => {
+                anyhow::bail!("usage store: {error}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// Several coordinators on etcd: campaign, lead while the lease lives,
@@ -113,6 +155,7 @@ async fn run_etcd(
         EngineSource(source_rx),
         probe,
         ready_rx,
+        None,
         tasks,
         listener,
         shutdown,
@@ -176,11 +219,13 @@ async fn lead_when_elected(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: CoordinatorConfig,
     source: EngineSource,
     store: Arc<dyn Store>,
     ready: watch::Receiver<bool>,
+    usage: Option<Arc<dyn usage::UsageStore>>,
     mut tasks: tokio::task::JoinSet<()>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -195,7 +240,7 @@ async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let admin = pb::admin_server::AdminServer::with_interceptor(
-        admin::AdminService::new(source.clone()),
+        admin::AdminService::new(source.clone(), usage),
         admin::AdminAuth::new(config.admin_token.clone()),
     );
     let catalog = match &config.placement_catalog {

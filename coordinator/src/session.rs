@@ -520,6 +520,7 @@ fn settle_batch(
         }
     }
     let _entered = span.enter();
+    let mut rows = Vec::new();
     for record in &batch.records {
         let usage = usage_from_pb(record);
         let finished_at = record.admitted_at_unix_ms + record.duration_ms as i64;
@@ -530,11 +531,21 @@ fn settle_batch(
         match core.ledger.settle(agent_id, &usage, fx.now, &mut fx.writes) {
             SettleOutcome::Settled {
                 cost,
+                tariff,
                 free,
                 excess,
                 late,
             } => {
                 metrics::counter!("allot_usage_settled_total").increment(1);
+                if core.settings.analytics.is_some() {
+                    rows.push(crate::usage::settled_row(
+                        agent_id,
+                        record,
+                        tariff.as_ref(),
+                        cost,
+                        fx.now,
+                    ));
+                }
                 if free && !usage.model.is_empty() {
                     metrics::counter!("allot_usage_free_total").increment(1);
                 }
@@ -580,6 +591,15 @@ fn settle_batch(
         .map(|a| a.high_water_seq)
         .unwrap_or(0);
     fx.send(outbox, CoordMsg::UsageAck(pb::UsageAck { high_water_seq }));
+    // Analytics rows once the ledger has them: a failed commit sends
+    // nothing, and the agent's resend settles (and rows) them again.
+    if let (Some(analytics), false) = (core.settings.analytics.clone(), rows.is_empty()) {
+        fx.after_commit(move |outcome| {
+            if outcome.is_ok() {
+                let _ = analytics.send(rows);
+            }
+        });
+    }
     if !core.parked.is_empty() {
         retry_parked(core, fx);
     }

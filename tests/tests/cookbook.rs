@@ -59,6 +59,8 @@ async fn every_line_of_the_grpcurl_cookbook_works_as_written() {
         "PutTariff",
         "ListTariffs",
         "ListAgents",
+        "ListUsage",
+        "UsageSummary",
     ] {
         assert!(
             commands

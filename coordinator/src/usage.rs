@@ -1,0 +1,584 @@
+//! Usage analytics: one row per settled request, priced by the coordinator,
+//! kept in a usage store that is not the budget store (DESIGN: etcd holds
+//! small data only), and queried by `Admin.ListUsage` / `Admin.UsageSummary`.
+//!
+//! Rows are keyed by (agent id, epoch, sequence number): a record settled
+//! twice (re-sent after a lost ack) is the same row, written once. The
+//! writer takes rows from the leader after each ledger commit, so the
+//! agents' acks never wait on analytics; the analytics write lags, and
+//! `allot_usage_rows_lag_seconds` measures by how much.
+//!
+//! Implementations: [`EmbeddedUsageStore`] (a redb file beside the budget
+//! store, for the quick start and single-coordinator deployments).
+
+use allot::clock::UnixMs;
+use allot::pb;
+use prost::Message;
+use redb::{Database, ReadableTable, TableDefinition};
+use rust_decimal::Decimal;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// A page of rows and the key to continue after, if more match.
+pub type Page = (Vec<pb::UsageRow>, Option<Vec<u8>>);
+
+/// Most rows of one `ListUsage` page.
+pub const MAX_PAGE: usize = 1000;
+const DEFAULT_PAGE: usize = 100;
+
+/// The analytics store.
+pub trait UsageStore: Send + Sync + 'static {
+    /// Writes `rows` in one transaction; a row whose (agent id, epoch, seq)
+    /// is already there is left as it is. Returns how many were new.
+    fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, String>>;
+    /// Rows matching `filter`, in key order, starting after `after` (a
+    /// page token), at most `limit`; and the token of the next page.
+    fn list(
+        &self,
+        filter: pb::UsageFilter,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Page, String>>;
+}
+
+/// The unique key of a row: agent id, then epoch and seq big-endian, so
+/// that key order is (agent, epoch, seq) order.
+pub fn row_key(row: &pb::UsageRow) -> Vec<u8> {
+    let record = row.record.as_ref();
+    let mut key = Vec::with_capacity(row.agent_id.len() + 17);
+    key.extend_from_slice(row.agent_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&record.map_or(0, |r| r.epoch).to_be_bytes());
+    key.extend_from_slice(&record.map_or(0, |r| r.seq).to_be_bytes());
+    key
+}
+
+/// Whether `row` passes `filter`.
+pub fn matches(filter: &pb::UsageFilter, row: &pb::UsageRow) -> bool {
+    let Some(r) = row.record.as_ref() else {
+        return false;
+    };
+    let text = |wanted: &str, have: &str| wanted.is_empty() || wanted == have;
+    text(&filter.account_id, &r.account_id)
+        && text(&filter.key_id, &r.key_id)
+        && text(&filter.model, &r.model_requested)
+        && text(&filter.batch_id, &r.batch_id)
+        && (filter.from_unix_ms == 0 || r.admitted_at_unix_ms >= filter.from_unix_ms)
+        && (filter.to_unix_ms == 0 || r.admitted_at_unix_ms < filter.to_unix_ms)
+        && (filter.origin == 0 || filter.origin == r.origin)
+        && match pb::UsageStatus::try_from(filter.status) {
+            Ok(pb::UsageStatus::Charged) => r.charged,
+            Ok(pb::UsageStatus::NotCharged) => !r.charged,
+            _ => true,
+        }
+}
+
+/// Checks a filter's fields; the message names the field.
+pub fn validate_filter(filter: &pb::UsageFilter) -> Result<(), String> {
+    if filter.to_unix_ms != 0 && filter.to_unix_ms < filter.from_unix_ms {
+        return Err("filter.to_unix_ms: must not be before filter.from_unix_ms".into());
+    }
+    if pb::Origin::try_from(filter.origin).is_err() {
+        return Err(format!("filter.origin: unknown origin {}", filter.origin));
+    }
+    if pb::UsageStatus::try_from(filter.status).is_err() {
+        return Err(format!("filter.status: unknown status {}", filter.status));
+    }
+    Ok(())
+}
+
+/// Page size of a request: 0 → 100; more than [`MAX_PAGE`] is refused.
+pub fn page_size(requested: u32) -> Result<usize, String> {
+    match requested as usize {
+        0 => Ok(DEFAULT_PAGE),
+        n if n <= MAX_PAGE => Ok(n),
+        n => Err(format!("page_size: at most {MAX_PAGE}, not {n}")),
+    }
+}
+
+pub fn encode_token(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn decode_token(token: &str) -> Result<Option<Vec<u8>>, String> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || "page_token: not a token from a previous page".to_string();
+    if !token.len().is_multiple_of(2) {
+        return Err(invalid());
+    }
+    (0..token.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(token.get(i..i + 2).ok_or_else(invalid)?, 16).map_err(|_| invalid())
+        })
+        .collect::<Result<Vec<u8>, String>>()
+        .map(Some)
+}
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+
+/// Totals per (bucket, key, model) of `rows`, in that order.
+pub fn summarize(
+    rows: impl IntoIterator<Item = pb::UsageRow>,
+    granularity: pb::Granularity,
+) -> Vec<pb::UsageBucket> {
+    let width = match granularity {
+        pb::Granularity::Hour => HOUR_MS,
+        _ => DAY_MS,
+    };
+    // (start, key, model) → (requests, prompt, completion, cost)
+    type Totals = (u64, u64, u64, Decimal);
+    let mut buckets: BTreeMap<(i64, String, String), Totals> = BTreeMap::new();
+    for row in rows {
+        let Some(r) = row.record else { continue };
+        let start = r.admitted_at_unix_ms.div_euclid(width) * width;
+        let cost = allot::money::parse_decimal("cost", &row.cost).unwrap_or_default();
+        let entry = buckets
+            .entry((start, r.key_id, r.model_requested))
+            .or_default();
+        entry.0 += 1;
+        entry.1 += r.prompt_tokens;
+        entry.2 += r.completion_tokens;
+        entry.3 += cost;
+    }
+    buckets
+        .into_iter()
+        .map(
+            |((start, key_id, model), (requests, prompt, completion, cost))| pb::UsageBucket {
+                bucket_start_unix_ms: start,
+                key_id,
+                model,
+                requests,
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                cost: allot::money::format(cost),
+            },
+        )
+        .collect()
+}
+
+// ---- the embedded store ----
+
+const ROWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage_rows");
+
+pub struct EmbeddedUsageStore {
+    db: Arc<Database>,
+}
+
+impl EmbeddedUsageStore {
+    pub fn open(path: &Path) -> Result<EmbeddedUsageStore, String> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let db =
+            Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.open_table(ROWS).map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())?;
+        Ok(EmbeddedUsageStore { db: Arc::new(db) })
+    }
+}
+
+impl UsageStore for EmbeddedUsageStore {
+    fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, String>> {
+        let db = self.db.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let txn = db.begin_write().map_err(|e| e.to_string())?;
+                let mut new = 0;
+                {
+                    let mut table = txn.open_table(ROWS).map_err(|e| e.to_string())?;
+                    for row in &rows {
+                        let key = row_key(row);
+                        if table
+                            .get(key.as_slice())
+                            .map_err(|e| e.to_string())?
+                            .is_some()
+                        {
+                            continue;
+                        }
+                        table
+                            .insert(key.as_slice(), row.encode_to_vec().as_slice())
+                            .map_err(|e| e.to_string())?;
+                        new += 1;
+                    }
+                }
+                txn.commit().map_err(|e| e.to_string())?;
+                Ok(new)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        })
+    }
+
+    fn list(
+        &self,
+        filter: pb::UsageFilter,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Page, String>> {
+        let db = self.db.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let txn = db.begin_read().map_err(|e| e.to_string())?;
+                let table = txn.open_table(ROWS).map_err(|e| e.to_string())?;
+                let range = match &after {
+                    Some(after) => table.range::<&[u8]>((
+                        std::ops::Bound::Excluded(after.as_slice()),
+                        std::ops::Bound::Unbounded,
+                    )),
+                    None => table.range::<&[u8]>(..),
+                }
+                .map_err(|e| e.to_string())?;
+                let mut rows = Vec::new();
+                let mut last = None;
+                for entry in range {
+                    let (key, value) = entry.map_err(|e| e.to_string())?;
+                    let row = pb::UsageRow::decode(value.value())
+                        .map_err(|e| format!("corrupt usage row: {e}"))?;
+                    if !matches(&filter, &row) {
+                        continue;
+                    }
+                    if rows.len() == limit {
+                        // One more matches: there is a next page.
+                        return Ok((rows, last));
+                    }
+                    last = Some(key.value().to_vec());
+                    rows.push(row);
+                }
+                Ok((rows, None))
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        })
+    }
+}
+
+// ---- the writer ----
+
+/// Rows per store transaction.
+const WRITE_BATCH: usize = 2048;
+/// How long the writer gathers rows before a write.
+const GATHER: Duration = Duration::from_millis(5);
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Writes what the leader settled, in batches, retrying failed writes with
+/// exponential backoff and jitter for as long as it takes: a row is never
+/// dropped. When the channel closes (shutdown), it drains what it holds.
+pub async fn run_writer(
+    store: Arc<dyn UsageStore>,
+    mut rows: mpsc::UnboundedReceiver<Vec<pb::UsageRow>>,
+) {
+    let mut held: Vec<pb::UsageRow> = Vec::new();
+    let mut open = true;
+    while open || !held.is_empty() {
+        if held.is_empty() {
+            match rows.recv().await {
+                Some(batch) => held.extend(batch),
+                None => break,
+            }
+            tokio::time::sleep(GATHER).await;
+        }
+        loop {
+            match rows.try_recv() {
+                Ok(batch) => held.extend(batch),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        let take = held.len().min(WRITE_BATCH);
+        let batch: Vec<pb::UsageRow> = held[..take].to_vec();
+        let mut delay = RETRY_FIRST;
+        let mut attempt = 1u32;
+        loop {
+            match store.insert(batch.clone()).await {
+                Ok(new) => {
+                    let now = allot::clock::now_ms();
+                    for row in &batch {
+                        let lag = (now - row.settled_at_unix_ms).max(0) as f64 / 1000.0;
+                        metrics::histogram!("allot_usage_rows_lag_seconds").record(lag);
+                    }
+                    metrics::counter!("allot_usage_rows_written_total").increment(new as u64);
+                    metrics::counter!("allot_usage_rows_duplicates_total")
+                        .increment((batch.len() - new) as u64);
+                    break;
+                }
+                Err(error) => {
+                    metrics::counter!("allot_usage_rows_write_failures_total").increment(1);
+                    tracing::error!(attempt, rows = batch.len(), %error,
+                        "cannot write usage rows; keeping them and retrying");
+                    let jitter = rand::random::<f64>() * 0.5 + 0.75;
+                    tokio::time::sleep(delay.mul_f64(jitter)).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                    attempt += 1;
+                }
+            }
+        }
+        held.drain(..take);
+        metrics::gauge!("allot_usage_rows_pending").set(held.len() as f64);
+    }
+}
+
+/// The row of a settled record.
+pub fn settled_row(
+    agent_id: &str,
+    record: &pb::UsageRecord,
+    tariff: Option<&allot::tariff::Tariff>,
+    cost: Decimal,
+    now: UnixMs,
+) -> pb::UsageRow {
+    pb::UsageRow {
+        agent_id: agent_id.to_string(),
+        record: Some(record.clone()),
+        input_price: tariff
+            .map(|t| allot::money::format(t.input_price))
+            .unwrap_or_default(),
+        output_price: tariff
+            .map(|t| allot::money::format(t.output_price))
+            .unwrap_or_default(),
+        cost: allot::money::format(if record.charged { cost } else { Decimal::ZERO }),
+        tariff_purpose: tariff.map_or(0, |t| t.purpose.to_pb() as i32),
+        tariff_completion_window: tariff
+            .and_then(|t| t.completion_window.clone())
+            .unwrap_or_default(),
+        settled_at_unix_ms: now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(agent: &str, seq: u64, key: &str, model: &str, at: i64, charged: bool) -> pb::UsageRow {
+        pb::UsageRow {
+            agent_id: agent.into(),
+            record: Some(pb::UsageRecord {
+                seq,
+                epoch: 1,
+                key_id: key.into(),
+                account_id: format!("acct-{key}"),
+                model_requested: model.into(),
+                admitted_at_unix_ms: at,
+                prompt_tokens: 10,
+                completion_tokens: seq,
+                charged,
+                batch_id: if seq.is_multiple_of(2) {
+                    "b1".into()
+                } else {
+                    String::new()
+                },
+                origin: if seq.is_multiple_of(2) {
+                    pb::Origin::Batch as i32
+                } else {
+                    pb::Origin::Api as i32
+                },
+                ..Default::default()
+            }),
+            cost: if charged {
+                format!("0.{seq}")
+            } else {
+                "0".into()
+            },
+            settled_at_unix_ms: at,
+            ..Default::default()
+        }
+    }
+
+    fn sample() -> Vec<pb::UsageRow> {
+        let hour = 3_600_000;
+        vec![
+            row("a1", 1, "k1", "m1", 10 * hour, true),
+            row("a1", 2, "k1", "m2", 10 * hour + 5, true),
+            row("a1", 3, "k2", "m1", 11 * hour, false),
+            row("a2", 1, "k1", "m1", 10 * hour + 7, true),
+            row("a2", 2, "k2", "m1", 35 * hour, true),
+        ]
+    }
+
+    async fn all(
+        store: &dyn UsageStore,
+        filter: pb::UsageFilter,
+        page: usize,
+    ) -> Vec<pb::UsageRow> {
+        let (mut rows, mut after) = (Vec::new(), None);
+        loop {
+            let (got, next) = store.list(filter.clone(), after, page).await.unwrap();
+            assert!(got.len() <= page);
+            rows.extend(got);
+            match next {
+                Some(next) => after = Some(next),
+                None => return rows,
+            }
+        }
+    }
+
+    /// The cases every usage store must pass.
+    async fn conformance(store: &dyn UsageStore) {
+        assert_eq!(store.insert(sample()).await.unwrap(), 5);
+        // A re-sent record is the same row, written once.
+        assert_eq!(store.insert(sample()[..2].to_vec()).await.unwrap(), 0);
+        let everything = all(store, pb::UsageFilter::default(), 2).await;
+        assert_eq!(everything.len(), 5, "paged by 2, nothing lost or repeated");
+        let seqs: Vec<(String, u64)> = everything
+            .iter()
+            .map(|r| (r.agent_id.clone(), r.record.as_ref().unwrap().seq))
+            .collect();
+        assert_eq!(
+            seqs,
+            vec![
+                ("a1".into(), 1),
+                ("a1".into(), 2),
+                ("a1".into(), 3),
+                ("a2".into(), 1),
+                ("a2".into(), 2)
+            ]
+        );
+        let count = |filter: pb::UsageFilter| async move { all(store, filter, 100).await.len() };
+        let base = pb::UsageFilter::default;
+        assert_eq!(
+            count(pb::UsageFilter {
+                key_id: "k1".into(),
+                ..base()
+            })
+            .await,
+            3
+        );
+        assert_eq!(
+            count(pb::UsageFilter {
+                account_id: "acct-k2".into(),
+                ..base()
+            })
+            .await,
+            2
+        );
+        assert_eq!(
+            count(pb::UsageFilter {
+                model: "m2".into(),
+                ..base()
+            })
+            .await,
+            1
+        );
+        assert_eq!(
+            count(pb::UsageFilter {
+                batch_id: "b1".into(),
+                ..base()
+            })
+            .await,
+            2
+        );
+        assert_eq!(
+            count(pb::UsageFilter {
+                origin: pb::Origin::Batch as i32,
+                ..base()
+            })
+            .await,
+            2
+        );
+        assert_eq!(
+            count(pb::UsageFilter {
+                status: pb::UsageStatus::NotCharged as i32,
+                ..base()
+            })
+            .await,
+            1
+        );
+        assert_eq!(
+            count(pb::UsageFilter {
+                status: pb::UsageStatus::Charged as i32,
+                ..base()
+            })
+            .await,
+            4
+        );
+        let hour = 3_600_000;
+        assert_eq!(
+            count(pb::UsageFilter {
+                from_unix_ms: 10 * hour + 5,
+                to_unix_ms: 11 * hour,
+                ..base()
+            })
+            .await,
+            2,
+            "[from, to)"
+        );
+        // Summaries add up to the rows they summarize.
+        let buckets = summarize(everything.clone(), pb::Granularity::Hour);
+        let requests: u64 = buckets.iter().map(|b| b.requests).sum();
+        let completion: u64 = buckets.iter().map(|b| b.completion_tokens).sum();
+        assert_eq!(requests, 5);
+        assert_eq!(completion, 1 + 2 + 3 + 1 + 2);
+        let k1_m1 = buckets
+            .iter()
+            .find(|b| b.key_id == "k1" && b.model == "m1")
+            .unwrap();
+        assert_eq!((k1_m1.requests, k1_m1.cost.as_str()), (2, "0.2"));
+        let days = summarize(everything, pb::Granularity::Day);
+        assert_eq!(
+            days.iter().filter(|b| b.bucket_start_unix_ms == 0).count(),
+            3
+        );
+        assert_eq!(
+            days.iter()
+                .filter(|b| b.bucket_start_unix_ms == 24 * hour)
+                .count(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn the_embedded_store_passes_the_conformance_cases() {
+        let dir = std::env::temp_dir().join(format!("allot-usage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = EmbeddedUsageStore::open(&dir.join("usage.redb")).unwrap();
+        conformance(&store).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn page_tokens_and_filters_are_checked() {
+        let key = row_key(&sample()[0]);
+        assert_eq!(decode_token(&encode_token(&key)).unwrap(), Some(key));
+        assert!(decode_token("xyz").unwrap_err().starts_with("page_token"));
+        assert_eq!(page_size(0).unwrap(), 100);
+        assert!(page_size(5000).unwrap_err().starts_with("page_size"));
+        let backwards = pb::UsageFilter {
+            from_unix_ms: 10,
+            to_unix_ms: 5,
+            ..Default::default()
+        };
+        assert!(validate_filter(&backwards)
+            .unwrap_err()
+            .starts_with("filter.to_unix_ms"));
+    }
+
+    #[tokio::test]
+    async fn the_writer_drains_what_it_holds_when_its_channel_closes() {
+        let dir = std::env::temp_dir().join(format!("allot-usage-w-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store: Arc<dyn UsageStore> =
+            Arc::new(EmbeddedUsageStore::open(&dir.join("usage.redb")).unwrap());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(run_writer(store.clone(), rx));
+        tx.send(sample()).unwrap();
+        tx.send(sample()).unwrap();
+        drop(tx);
+        writer.await.unwrap();
+        assert_eq!(all(&*store, pb::UsageFilter::default(), 100).await.len(), 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

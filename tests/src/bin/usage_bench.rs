@@ -1,0 +1,94 @@
+//! Rows per second into the embedded usage analytics store, written the
+//! way the coordinator's writer writes them (batches of 2,048 rows, one
+//! transaction each), and the time to read a page back.
+//!
+//! Run: `cargo run --release -p allot-e2e --bin usage_bench [ROWS]`
+
+use allot::pb;
+use allot_coordinator::usage::{EmbeddedUsageStore, UsageStore};
+use std::time::{Duration, Instant};
+
+fn row(seq: u64) -> pb::UsageRow {
+    pb::UsageRow {
+        agent_id: format!("agent-{}", seq % 8),
+        record: Some(pb::UsageRecord {
+            seq,
+            epoch: 1,
+            request_id: format!("req_{seq:024x}"),
+            key_id: format!("key-{}", seq % 1000),
+            account_id: format!("acct-{}", seq % 100),
+            model_requested: "llama-3.1-8b".into(),
+            model_served: "llama-3.1-8b".into(),
+            http_status: 200,
+            duration_ms: 850,
+            ttfb_ms: 40,
+            prompt_tokens: 120,
+            completion_tokens: 300,
+            admitted_at_unix_ms: 1_764_000_000_000 + seq as i64,
+            trace_id: format!("{seq:032x}"),
+            origin: pb::Origin::Api as i32,
+            charged: true,
+            ..Default::default()
+        }),
+        input_price: "0.0000005".into(),
+        output_price: "0.0000015".into(),
+        cost: "0.00051".into(),
+        settled_at_unix_ms: 1_764_000_000_000 + seq as i64,
+        ..Default::default()
+    }
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let total: u64 = std::env::args()
+        .nth(1)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(200_000);
+    let dir = std::env::temp_dir().join(format!("allot-usage-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = EmbeddedUsageStore::open(&dir.join("usage.redb")).map_err(anyhow::Error::msg)?;
+    let mut batch_times = Vec::new();
+    let started = Instant::now();
+    let mut seq = 1;
+    while seq <= total {
+        let batch: Vec<pb::UsageRow> = (seq..(seq + 2048).min(total + 1)).map(row).collect();
+        seq += batch.len() as u64;
+        let at = Instant::now();
+        store.insert(batch).await.map_err(anyhow::Error::msg)?;
+        batch_times.push(at.elapsed());
+    }
+    let elapsed = started.elapsed();
+    batch_times.sort();
+    let filter = pb::UsageFilter {
+        key_id: "key-7".into(),
+        ..Default::default()
+    };
+    let read = Instant::now();
+    let (page, _) = store
+        .list(filter, None, 100)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let read = read.elapsed();
+    let size = std::fs::metadata(dir.join("usage.redb"))?.len();
+    println!("usage_bench: {total} rows in batches of 2048 into the embedded store");
+    println!(
+        "rows/s: {:.0}; batch write p50 {:.2} ms, p99 {:.2} ms; file {:.1} MiB ({:.0} bytes/row)",
+        total as f64 / elapsed.as_secs_f64(),
+        percentile(&batch_times, 0.5).as_secs_f64() * 1e3,
+        percentile(&batch_times, 0.99).as_secs_f64() * 1e3,
+        size as f64 / (1 << 20) as f64,
+        size as f64 / total as f64,
+    );
+    println!(
+        "ListUsage page of {} rows for one key of 1000 (full scan): {:.1} ms",
+        page.len(),
+        read.as_secs_f64() * 1e3
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

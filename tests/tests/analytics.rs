@@ -1,0 +1,294 @@
+//! Usage analytics (issue 7) through a real coordinator, agent and fake
+//! neuron: every settled request becomes one row, priced by the tariff
+//! rules of SPEC "Pricing", and `ListUsage` / `UsageSummary` read them.
+
+use allot::pb;
+use allot_e2e::*;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use std::str::FromStr;
+use std::time::Duration;
+
+async fn put_tariff(stack: &Stack, purpose: pb::Purpose, window: &str, input: &str, output: &str) {
+    stack
+        .admin()
+        .await
+        .put_tariff(authed(pb::PutTariffRequest {
+            tariff: Some(pb::Tariff {
+                model: MODEL.into(),
+                purpose: purpose as i32,
+                completion_window: window.into(),
+                input_price: input.into(),
+                output_price: output.into(),
+                valid_from: Some(allot::clock::to_pb(0)),
+                ..Default::default()
+            }),
+        }))
+        .await
+        .unwrap();
+}
+
+async fn batch_key(stack: &Stack) -> (String, String) {
+    let mut admin = stack.admin().await;
+    let _ = admin
+        .create_account(authed(pb::CreateAccountRequest {
+            account_id: "nightly".into(),
+            name: "nightly".into(),
+        }))
+        .await;
+    let created = admin
+        .create_key(authed(pb::CreateKeyRequest {
+            account_id: "nightly".into(),
+            purpose: pb::Purpose::Batch as i32,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    (created.key.unwrap().key_id, created.secret)
+}
+
+async fn list(stack: &Stack, filter: pb::UsageFilter) -> Vec<pb::UsageRow> {
+    stack
+        .admin()
+        .await
+        .list_usage(authed(pb::ListUsageRequest {
+            filter: Some(filter),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .rows
+}
+
+async fn chat(stack: &Stack, secret: &str, model: &str, window: Option<&str>) -> Value {
+    let mut request = stack
+        .http
+        .post(format!("{}/v1/chat/completions", stack.agent_url()))
+        .bearer_auth(secret)
+        .json(
+            &json!({"model": model, "messages": [{"role": "user", "content": "one two three"}],
+            "max_tokens": 4}),
+        );
+    if let Some(window) = window {
+        request = request.header("x-allot-completion-window", window);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+fn dec(text: &str) -> Decimal {
+    Decimal::from_str(text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_requests_become_priced_rows_that_list_and_summarize() {
+    let stack = Stack::start().await;
+    put_tariff(&stack, pb::Purpose::Realtime, "", "0.001", "0.002").await;
+    put_tariff(&stack, pb::Purpose::Batch, "24h", "0.0005", "0.001").await;
+    let (api_key, api_secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    let (batch_key, batch_secret) = batch_key(&stack).await;
+    for account in ["acme", "nightly"] {
+        stack
+            .admin()
+            .await
+            .credit(authed(pb::CreditRequest {
+                account_id: account.into(),
+                amount: "100".into(),
+                source_id: format!("top-up-{account}"),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+    }
+
+    let realtime = chat(&stack, &api_secret, MODEL, None).await;
+    let windowed = chat(&stack, &batch_secret, MODEL, Some("24h")).await;
+    // A batch key with a window that has no tariff pays the batch generic
+    // if there is one, else realtime: here there is none, so realtime.
+    let unknown_window = chat(&stack, &batch_secret, MODEL, Some("7d")).await;
+    // No tariff for this model: free.
+    let free = chat(&stack, &api_secret, "other-model", None).await;
+
+    wait_until("four rows", Duration::from_secs(30), || async {
+        list(&stack, pb::UsageFilter::default()).await.len() == 4
+    })
+    .await;
+    let usage = |body: &Value| {
+        (
+            body["usage"]["prompt_tokens"].as_u64().unwrap(),
+            body["usage"]["completion_tokens"].as_u64().unwrap(),
+        )
+    };
+    let rows = list(
+        &stack,
+        pb::UsageFilter {
+            key_id: api_key.clone(),
+            model: MODEL.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(rows.len(), 1);
+    let (prompt, completion) = usage(&realtime);
+    let record = rows[0].record.as_ref().unwrap();
+    assert_eq!(
+        (record.prompt_tokens, record.completion_tokens),
+        (prompt, completion)
+    );
+    assert_eq!(
+        (rows[0].input_price.as_str(), rows[0].output_price.as_str()),
+        ("0.001", "0.002")
+    );
+    assert_eq!(
+        dec(&rows[0].cost),
+        Decimal::from(prompt) * dec("0.001") + Decimal::from(completion) * dec("0.002")
+    );
+    assert_eq!(rows[0].agent_id, "agent-1");
+    assert_eq!(record.origin, pb::Origin::Api as i32);
+
+    let batch_rows = list(
+        &stack,
+        pb::UsageFilter {
+            key_id: batch_key.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(batch_rows.len(), 2);
+    let by_window = |w: &str| {
+        batch_rows
+            .iter()
+            .find(|r| r.record.as_ref().unwrap().completion_window == w)
+            .unwrap()
+    };
+    let (prompt, completion) = usage(&windowed);
+    let row = by_window("24h");
+    assert_eq!(row.tariff_completion_window, "24h");
+    assert_eq!(row.tariff_purpose, pb::Purpose::Batch as i32);
+    assert_eq!(
+        dec(&row.cost),
+        Decimal::from(prompt) * dec("0.0005") + Decimal::from(completion) * dec("0.001")
+    );
+    assert_eq!(
+        row.record.as_ref().unwrap().origin,
+        pb::Origin::Batch as i32
+    );
+    let (prompt, completion) = usage(&unknown_window);
+    let row = by_window("7d");
+    assert_eq!(
+        row.tariff_purpose,
+        pb::Purpose::Realtime as i32,
+        "never another window's price"
+    );
+    assert_eq!(
+        dec(&row.cost),
+        Decimal::from(prompt) * dec("0.001") + Decimal::from(completion) * dec("0.002")
+    );
+    assert!(usage(&free).1 > 0);
+    let free_rows = list(
+        &stack,
+        pb::UsageFilter {
+            model: "other-model".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        (
+            free_rows[0].cost.as_str(),
+            free_rows[0].input_price.as_str()
+        ),
+        ("0", "")
+    );
+
+    // The summary adds up to the rows.
+    let all = list(&stack, pb::UsageFilter::default()).await;
+    let buckets = stack
+        .admin()
+        .await
+        .usage_summary(authed(pb::UsageSummaryRequest {
+            granularity: pb::Granularity::Hour as i32,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .buckets;
+    let total = |f: &dyn Fn(&pb::UsageRow) -> Decimal| all.iter().map(f).sum::<Decimal>();
+    assert_eq!(
+        buckets.iter().map(|b| dec(&b.cost)).sum::<Decimal>(),
+        total(&|r| dec(&r.cost))
+    );
+    assert_eq!(buckets.iter().map(|b| b.requests).sum::<u64>(), 4);
+
+    // Bad input names the field.
+    let refused = stack
+        .admin()
+        .await
+        .list_usage(authed(pb::ListUsageRequest {
+            page_size: 5000,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().starts_with("page_size"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_settled_again_after_a_coordinator_restart_is_one_row() {
+    let mut stack = Stack::start().await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    for _ in 0..3 {
+        chat(&stack, &secret, MODEL, None).await;
+    }
+    let filter = pb::UsageFilter {
+        key_id: key_id.clone(),
+        ..Default::default()
+    };
+    wait_until("three rows", Duration::from_secs(30), || async {
+        list(&stack, filter.clone()).await.len() == 3
+    })
+    .await;
+    // The coordinator stops and starts on the same files; the agent
+    // reconnects and sends more.
+    let config = allot_coordinator::config::CoordinatorConfig {
+        listen: stack.coordinator_addr,
+        metrics_listen: None,
+        admin_token: ADMIN_TOKEN.into(),
+        data_path: stack.dir.0.join("coordinator.redb"),
+        settle_window_ms: 1,
+        ..Default::default()
+    };
+    stack.stop_coordinator().await;
+    stack.start_coordinator_again(config).await;
+    stack.wait_for_agent().await;
+    chat(&stack, &secret, MODEL, None).await;
+    wait_until("four rows", Duration::from_secs(30), || async {
+        list(&stack, filter.clone()).await.len() == 4
+    })
+    .await;
+    let rows = list(&stack, filter).await;
+    let mut seqs: Vec<u64> = rows
+        .iter()
+        .map(|r| r.record.as_ref().unwrap().seq)
+        .collect();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 4, "no row twice: {seqs:?}");
+    let (spent, _) = stack.key_usage(&key_id, pb::Unit::Tokens).await;
+    let rows_total: u64 = rows
+        .iter()
+        .map(|r| {
+            let r = r.record.as_ref().unwrap();
+            r.prompt_tokens + r.completion_tokens
+        })
+        .sum();
+    assert_eq!(rows_total, spent, "the ledger and the analytics agree");
+}
