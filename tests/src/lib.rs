@@ -347,6 +347,25 @@ impl Stack {
         )
     }
 
+    /// Puts a tariff for [`MODEL`] in force since the epoch.
+    pub async fn put_tariff(&self, purpose: pb::Purpose, window: &str, input: &str, output: &str) {
+        self.admin()
+            .await
+            .put_tariff(authed(pb::PutTariffRequest {
+                tariff: Some(pb::Tariff {
+                    model: MODEL.into(),
+                    purpose: purpose as i32,
+                    completion_window: window.into(),
+                    input_price: input.into(),
+                    output_price: output.into(),
+                    valid_from: Some(allot::clock::to_pb(0)),
+                    ..Default::default()
+                }),
+            }))
+            .await
+            .expect("put tariff");
+    }
+
     pub async fn chat(&self, secret: &str, body: serde_json::Value) -> reqwest::Response {
         self.http
             .post(format!("{}/v1/chat/completions", self.agent_url()))

@@ -134,24 +134,6 @@ async fn eight_agents_with_skewed_load_use_99_percent_of_a_cap_and_never_more() 
     }
 }
 
-async fn put_tariff(stack: &Stack, input: &str, output: &str) {
-    stack
-        .admin()
-        .await
-        .put_tariff(authed(pb::PutTariffRequest {
-            tariff: Some(pb::Tariff {
-                model: MODEL.into(),
-                purpose: pb::Purpose::Realtime as i32,
-                input_price: input.into(),
-                output_price: output.into(),
-                valid_from: Some(allot::clock::to_pb(0)),
-                ..Default::default()
-            }),
-        }))
-        .await
-        .unwrap();
-}
-
 async fn credit(stack: &Stack, account: &str, amount: &str, source: &str) {
     stack
         .admin()
@@ -171,7 +153,9 @@ async fn credit(stack: &Stack, account: &str, amount: &str, source: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_top_up_a_refused_client_is_served_again_within_a_second() {
     let stack = Stack::start().await;
-    put_tariff(&stack, "0.001", "0.001").await;
+    stack
+        .put_tariff(pb::Purpose::Realtime, "", "0.001", "0.001")
+        .await;
     let (_, secret) = stack.key_with_limits("acme", vec![]).await;
     // Wait until the agent has the tariff, so that it prices the request.
     wait_until(

@@ -9,25 +9,6 @@ use serde_json::{json, Value};
 use std::str::FromStr;
 use std::time::Duration;
 
-async fn put_tariff(stack: &Stack, purpose: pb::Purpose, window: &str, input: &str, output: &str) {
-    stack
-        .admin()
-        .await
-        .put_tariff(authed(pb::PutTariffRequest {
-            tariff: Some(pb::Tariff {
-                model: MODEL.into(),
-                purpose: purpose as i32,
-                completion_window: window.into(),
-                input_price: input.into(),
-                output_price: output.into(),
-                valid_from: Some(allot::clock::to_pb(0)),
-                ..Default::default()
-            }),
-        }))
-        .await
-        .unwrap();
-}
-
 async fn batch_key(stack: &Stack) -> (String, String) {
     let mut admin = stack.admin().await;
     let _ = admin
@@ -86,8 +67,12 @@ fn dec(text: &str) -> Decimal {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_requests_become_priced_rows_that_list_and_summarize() {
     let stack = Stack::start().await;
-    put_tariff(&stack, pb::Purpose::Realtime, "", "0.001", "0.002").await;
-    put_tariff(&stack, pb::Purpose::Batch, "24h", "0.0005", "0.001").await;
+    stack
+        .put_tariff(pb::Purpose::Realtime, "", "0.001", "0.002")
+        .await;
+    stack
+        .put_tariff(pb::Purpose::Batch, "24h", "0.0005", "0.001")
+        .await;
     let (api_key, api_secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
         .await;
