@@ -521,6 +521,75 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn check_usage(
+        &self,
+        request: Request<pb::CheckUsageRequest>,
+    ) -> Result<Response<pb::CheckUsageResponse>, Status> {
+        let req = request.into_inner();
+        check(validate_id("key_id", &req.key_id))?;
+        let store = self.usage_store()?.clone();
+        let key_id = req.key_id.clone();
+        let balances = self
+            .engine
+            .current()?
+            .call(move |core, fx| {
+                let views = core.ledger.limit_views(&key_id, fx.now)?;
+                let balances: Vec<(Scope, allot::Unit, rust_decimal::Decimal)> = views
+                    .iter()
+                    .filter(|v| v.limit.window.is_balance())
+                    .map(|v| (v.scope.clone(), v.limit.unit, v.spent))
+                    .collect();
+                Ok(balances)
+            })
+            .await?;
+        let mut checks = Vec::new();
+        for (scope, unit, ledger_spent) in balances {
+            let (scope_name, scope_id, filter) = match &scope {
+                Scope::Key(id) => (
+                    "key",
+                    id.clone(),
+                    pb::UsageFilter {
+                        key_id: id.clone(),
+                        ..Default::default()
+                    },
+                ),
+                Scope::Account(id) => (
+                    "account",
+                    id.clone(),
+                    pb::UsageFilter {
+                        account_id: id.clone(),
+                        ..Default::default()
+                    },
+                ),
+            };
+            let mut total = rust_decimal::Decimal::ZERO;
+            let mut after = None;
+            loop {
+                let (page, next) = store
+                    .list(filter.clone(), after, crate::usage::MAX_PAGE)
+                    .await
+                    .map_err(|e| Status::unavailable(format!("usage store: {e}")))?;
+                for row in &page {
+                    total += crate::usage::row_amount(row, unit);
+                }
+                match next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            checks.push(pb::UsageCheck {
+                scope: scope_name.into(),
+                scope_id,
+                unit: unit.to_pb() as i32,
+                ledger_spent: money::format(ledger_spent),
+                rows_total: money::format(total),
+                difference: money::format(total - ledger_spent),
+            });
+        }
+        let agrees = checks.iter().all(|c| c.ledger_spent == c.rows_total);
+        Ok(Response::new(pb::CheckUsageResponse { checks, agrees }))
+    }
+
     async fn usage_summary(
         &self,
         request: Request<pb::UsageSummaryRequest>,

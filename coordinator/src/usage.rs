@@ -166,6 +166,19 @@ pub fn summarize(
         .collect()
 }
 
+/// What a row counts in `unit` against a limit: one request, its tokens,
+/// or its cost; nothing when it was not charged.
+pub fn row_amount(row: &pb::UsageRow, unit: allot::Unit) -> Decimal {
+    let Some(r) = row.record.as_ref().filter(|r| r.charged) else {
+        return Decimal::ZERO;
+    };
+    match unit {
+        allot::Unit::Requests => Decimal::ONE,
+        allot::Unit::Tokens => Decimal::from(r.prompt_tokens + r.completion_tokens),
+        allot::Unit::Credits => allot::money::parse_decimal("cost", &row.cost).unwrap_or_default(),
+    }
+}
+
 // ---- the embedded store ----
 
 const ROWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage_rows");

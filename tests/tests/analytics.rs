@@ -211,6 +211,24 @@ async fn settled_requests_become_priced_rows_that_list_and_summarize() {
     );
     assert_eq!(buckets.iter().map(|b| b.requests).sum::<u64>(), 4);
 
+    // The account's credits: the ledger's spend is the rows' cost.
+    let check = stack
+        .admin()
+        .await
+        .check_usage(authed(pb::CheckUsageRequest {
+            key_id: api_key.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let credits = check
+        .checks
+        .iter()
+        .find(|c| c.scope == "account" && c.unit == pb::Unit::Credits as i32)
+        .unwrap();
+    assert!(dec(&credits.ledger_spent) > Decimal::ZERO);
+    assert!(check.agrees, "{check:?}");
+
     // Bad input names the field.
     let refused = stack
         .admin()
@@ -276,4 +294,22 @@ async fn a_record_settled_again_after_a_coordinator_restart_is_one_row() {
         })
         .sum();
     assert_eq!(rows_total, spent, "the ledger and the analytics agree");
+    // The same check as an Admin call.
+    let check = stack
+        .admin()
+        .await
+        .check_usage(authed(pb::CheckUsageRequest {
+            key_id: key_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(check.agrees, "{check:?}");
+    let tokens = check
+        .checks
+        .iter()
+        .find(|c| c.scope == "key" && c.unit == pb::Unit::Tokens as i32)
+        .unwrap();
+    assert_eq!(tokens.rows_total, spent.to_string());
+    assert_eq!(tokens.difference, "0");
 }

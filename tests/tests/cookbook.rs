@@ -61,6 +61,7 @@ async fn every_line_of_the_grpcurl_cookbook_works_as_written() {
         "ListAgents",
         "ListUsage",
         "UsageSummary",
+        "CheckUsage",
     ] {
         assert!(
             commands
@@ -130,4 +131,5 @@ async fn every_line_of_the_grpcurl_cookbook_works_as_written() {
     assert!(output_of("/GetSnapshot").contains("\"remaining\""));
     assert!(output_of("/ListTariffs").contains("\"completionWindow\": \"24h\""));
     assert!(output_of("/RevokeKey").contains("\"revoked\": true"));
+    assert!(output_of("/CheckUsage").contains("\"agrees\": true"));
 }

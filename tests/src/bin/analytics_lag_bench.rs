@@ -23,7 +23,10 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 async fn bench(rate: u64, seconds: u64) -> anyhow::Result<()> {
     let stack = Stack::start().await;
     let (_, secret) = stack
-        .key_with_limits("bench", vec![limit(pb::Unit::Tokens, "1000000000000", balance())])
+        .key_with_limits(
+            "bench",
+            vec![limit(pb::Unit::Tokens, "1000000000000", balance())],
+        )
         .await;
     let ended: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
