@@ -36,7 +36,7 @@ impl AdminService {
     fn usage_store(&self) -> Result<&std::sync::Arc<dyn crate::usage::UsageStore>, Status> {
         self.usage.as_ref().ok_or_else(|| {
             Status::failed_precondition(
-                "usage analytics are not kept by this coordinator (they need the embedded store)",
+                "usage analytics are not kept by this coordinator: set usage_postgres_url (or use the embedded store)",
             )
         })
     }

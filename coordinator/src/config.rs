@@ -59,6 +59,10 @@ pub struct CoordinatorConfig {
     /// File of the embedded usage analytics store (embedded budget store
     /// only); default: `usage.redb` beside `data_path`.
     pub usage_data_path: Option<PathBuf>,
+    /// PostgreSQL URL of the usage analytics store
+    /// (`postgres://user@host:port/db`); when set it is used whatever the
+    /// budget store, and it is the only analytics store with `etcd`.
+    pub usage_postgres_url: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -81,6 +85,7 @@ impl Default for CoordinatorConfig {
             placement_catalog: None,
             placement: crate::placement::PlacementConfig::default(),
             usage_data_path: None,
+            usage_postgres_url: None,
         }
     }
 }
@@ -115,6 +120,11 @@ impl CoordinatorConfig {
         }
         if self.election_ttl_ms < 1_000 {
             return Err("election_ttl_ms: must be at least 1000 (etcd's minimum lease)".into());
+        }
+        if let Some(url) = &self.usage_postgres_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err("usage_postgres_url: must start with postgres://".into());
+            }
         }
         if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {
             return Err("etcd_prefix: must start and end with '/'".into());

@@ -79,19 +79,14 @@ pub async fn run_with_store(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // Usage analytics beside the embedded budget store (one coordinator).
-    let (usage, writer, mut settings) = if config.store == StoreKind::Embedded {
-        let usage: Arc<dyn usage::UsageStore> = Arc::new(open_usage_store(&config).await?);
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let writer = tokio::spawn(usage::run_writer(usage.clone(), rx));
-        let mut settings = engine_settings(&config);
-        settings.analytics = Some(tx);
-        (Some(usage), Some(writer), settings)
-    } else {
-        (None, None, engine_settings(&config))
+    let analytics = Analytics::open(&config).await?;
+    let mut settings = engine_settings(&config);
+    settings.analytics = analytics.as_ref().map(|a| a.rows.clone());
+    let (engine, handle) = Engine::load(store.clone(), settings).await?;
+    let (usage, writer) = match analytics {
+        Some(a) => (Some(a.store), Some(a.writer)),
+        None => (None, None),
     };
-    let (engine, handle) = Engine::load(store.clone(), settings.clone()).await?;
-    settings.analytics = None;
     let (source, _keep) = EngineSource::fixed(handle);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(engine.run());
@@ -100,7 +95,12 @@ pub async fn run_with_store(
         config, source, store, ready, usage, tasks, listener, shutdown,
     )
     .await;
-    // The engine is gone with its sender: the writer drains what it holds.
+    drain_writer(writer).await;
+    served
+}
+
+/// The engine is gone with its sender: the writer drains what it holds.
+async fn drain_writer(writer: Option<tokio::task::JoinHandle<()>>) {
     if let Some(writer) = writer {
         if tokio::time::timeout(Duration::from_secs(10), writer)
             .await
@@ -109,7 +109,38 @@ pub async fn run_with_store(
             tracing::error!("the usage writer did not drain within 10 s");
         }
     }
-    served
+}
+
+/// The usage analytics store and its writer, fed through `rows`.
+struct Analytics {
+    store: Arc<dyn usage::UsageStore>,
+    rows: tokio::sync::mpsc::UnboundedSender<Vec<pb::UsageRow>>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Analytics {
+    /// PostgreSQL when configured, else the embedded file beside the
+    /// embedded budget store; none with etcd and no PostgreSQL.
+    async fn open(config: &CoordinatorConfig) -> anyhow::Result<Option<Analytics>> {
+        let store: Arc<dyn usage::UsageStore> = match &config.usage_postgres_url {
+            Some(url) => Arc::new(
+                usage::PostgresUsageStore::connect(url)
+                    .await
+                    .map_err(anyhow::Error::msg)?,
+            ),
+            None if config.store == StoreKind::Embedded => {
+                Arc::new(open_usage_store(config).await?)
+            }
+            None => return Ok(None),
+        };
+        let (rows, rx) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::spawn(usage::run_writer(store.clone(), rx));
+        Ok(Some(Analytics {
+            store,
+            rows,
+            writer,
+        }))
+    }
 }
 
 /// Opens the embedded usage store, waiting (at most 10 s) for a previous
@@ -138,29 +169,37 @@ async fn run_etcd(
     let client = connect_etcd(&config).await?;
     let (source_tx, source_rx) = watch::channel::<Option<EngineHandle>>(None);
     let (ready_tx, ready_rx) = watch::channel(false);
+    let analytics = Analytics::open(&config).await?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(lead_when_elected(
         config.clone(),
         client.clone(),
         source_tx,
         ready_tx,
+        analytics.as_ref().map(|a| a.rows.clone()),
     ));
+    let (usage, writer) = match analytics {
+        Some(a) => (Some(a.store), Some(a.writer)),
+        None => (None, None),
+    };
     let probe: Arc<dyn Store> = Arc::new(store::etcd::EtcdStore::new(
         client,
         &config.etcd_prefix,
         None,
     ));
-    serve(
+    let served = serve(
         config,
         EngineSource(source_rx),
         probe,
         ready_rx,
-        None,
+        usage,
         tasks,
         listener,
         shutdown,
     )
-    .await
+    .await;
+    drain_writer(writer).await;
+    served
 }
 
 /// The leadership loop: campaign, load, lead until the lease is lost,
@@ -170,6 +209,7 @@ async fn lead_when_elected(
     client: etcd_client::Client,
     source: watch::Sender<Option<EngineHandle>>,
     ready: watch::Sender<bool>,
+    analytics: Option<tokio::sync::mpsc::UnboundedSender<Vec<pb::UsageRow>>>,
 ) {
     let ttl = Duration::from_millis(config.election_ttl_ms);
     let mut failures = 0u32;
@@ -192,7 +232,9 @@ async fn lead_when_elected(
             &config.etcd_prefix,
             Some(leadership.fence.clone()),
         ));
-        let (engine, handle) = match Engine::load(store, engine_settings(&config)).await {
+        let mut settings = engine_settings(&config);
+        settings.analytics = analytics.clone();
+        let (engine, handle) = match Engine::load(store, settings).await {
             Ok(loaded) => loaded,
             Err(error) => {
                 tracing::error!(%error, "cannot load the ledger as the new leader; resigning");

@@ -48,6 +48,9 @@ struct Cli {
     /// Model catalog (TOML) for placement.
     #[arg(long, env = "ALLOT_PLACEMENT_CATALOG")]
     placement_catalog: Option<std::path::PathBuf>,
+    /// PostgreSQL URL of the usage analytics store.
+    #[arg(long, env = "ALLOT_USAGE_POSTGRES_URL", hide_env_values = true)]
+    usage_postgres_url: Option<String>,
     /// Eviction strategy of placement: lru or demand.
     #[arg(long, env = "ALLOT_PLACEMENT_STRATEGY")]
     placement_strategy: Option<String>,
@@ -102,6 +105,9 @@ fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
     }
     if let Some(v) = cli.log_format {
         config.log_format = v;
+    }
+    if let Some(v) = cli.usage_postgres_url {
+        config.usage_postgres_url = Some(v);
     }
     if let Some(v) = cli.placement_catalog {
         config.placement_catalog = Some(v);

@@ -8,8 +8,10 @@
 //! agents' acks never wait on analytics; the analytics write lags, and
 //! `allot_usage_rows_lag_seconds` measures by how much.
 //!
-//! Implementations: [`EmbeddedUsageStore`] (a redb file beside the budget
-//! store, for the quick start and single-coordinator deployments).
+//! Implementations: [`PostgresUsageStore`] (production, any budget store)
+//! and [`EmbeddedUsageStore`] (a redb file beside the embedded budget store,
+//! for the quick start and single-coordinator deployments). Both pass
+//! [`conformance`].
 
 use allot::clock::UnixMs;
 use allot::pb;
@@ -277,6 +279,190 @@ impl UsageStore for EmbeddedUsageStore {
     }
 }
 
+// ---- PostgreSQL ----
+
+/// The production usage store: PostgreSQL through sqlx, schema managed by
+/// `sqlx::migrate!` (`coordinator/migrations/`), rows upserted on
+/// (agent_id, epoch, seq) with `ON CONFLICT DO NOTHING`, indexes for the
+/// key, account, model and batch filters.
+pub struct PostgresUsageStore {
+    pool: sqlx::PgPool,
+}
+
+impl PostgresUsageStore {
+    /// Connects and brings the schema up to date.
+    pub async fn connect(url: &str) -> Result<PostgresUsageStore, String> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| format!("cannot connect to the usage database: {e}"))?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|e| format!("cannot migrate the usage database: {e}"))?;
+        Ok(PostgresUsageStore { pool })
+    }
+}
+
+/// Splits a page token back into (agent id, epoch, seq).
+fn parse_key(key: &[u8]) -> Option<(String, i64, i64)> {
+    let zero = key.iter().position(|b| *b == 0)?;
+    let agent = std::str::from_utf8(&key[..zero]).ok()?.to_string();
+    let rest = &key[zero + 1..];
+    if rest.len() != 16 {
+        return None;
+    }
+    let epoch = u64::from_be_bytes(rest[..8].try_into().ok()?) as i64;
+    let seq = u64::from_be_bytes(rest[8..].try_into().ok()?) as i64;
+    Some((agent, epoch, seq))
+}
+
+impl UsageStore for PostgresUsageStore {
+    fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, String>> {
+        Box::pin(async move {
+            let n = rows.len();
+            fn column<T>(n: usize) -> Vec<T> {
+                Vec::with_capacity(n)
+            }
+            let (mut agent, mut epoch, mut seq): (Vec<String>, Vec<i64>, Vec<i64>) =
+                (column(n), column(n), column(n));
+            let (mut account, mut key, mut model): (Vec<String>, Vec<String>, Vec<String>) =
+                (column(n), column(n), column(n));
+            let (mut admitted, mut batch, mut origin): (Vec<i64>, Vec<String>, Vec<i32>) =
+                (column(n), column(n), column(n));
+            let (mut charged, mut cost, mut settled): (Vec<bool>, Vec<String>, Vec<i64>) =
+                (column(n), column(n), column(n));
+            let mut bytes: Vec<Vec<u8>> = column(n);
+            for row in &rows {
+                let r = row.record.clone().unwrap_or_default();
+                agent.push(row.agent_id.clone());
+                epoch.push(r.epoch as i64);
+                seq.push(r.seq as i64);
+                account.push(r.account_id.clone());
+                key.push(r.key_id.clone());
+                model.push(r.model_requested.clone());
+                admitted.push(r.admitted_at_unix_ms);
+                batch.push(r.batch_id.clone());
+                origin.push(r.origin);
+                charged.push(r.charged);
+                cost.push(if row.cost.is_empty() {
+                    "0".to_string()
+                } else {
+                    row.cost.clone()
+                });
+                settled.push(row.settled_at_unix_ms);
+                bytes.push(row.encode_to_vec());
+            }
+            let mut txn = self.pool.begin().await.map_err(|e| e.to_string())?;
+            let done = sqlx::query(
+                "INSERT INTO usage_rows (agent_id, epoch, seq, account_id, key_id, model, \
+                 admitted_at, batch_id, origin, charged, cost, settled_at, row) \
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
+                 $6::text[], $7::int8[], $8::text[], $9::int4[], $10::bool[], \
+                 $11::text[]::numeric[], $12::int8[], $13::bytea[]) \
+                 ON CONFLICT (agent_id, epoch, seq) DO NOTHING",
+            )
+            .bind(&agent)
+            .bind(&epoch)
+            .bind(&seq)
+            .bind(&account)
+            .bind(&key)
+            .bind(&model)
+            .bind(&admitted)
+            .bind(&batch)
+            .bind(&origin)
+            .bind(&charged)
+            .bind(&cost)
+            .bind(&settled)
+            .bind(&bytes)
+            .execute(&mut *txn)
+            .await
+            .map_err(|e| e.to_string())?;
+            txn.commit().await.map_err(|e| e.to_string())?;
+            Ok(done.rows_affected() as usize)
+        })
+    }
+
+    fn list(
+        &self,
+        filter: pb::UsageFilter,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Page, String>> {
+        Box::pin(async move {
+            let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+                "SELECT agent_id, epoch, seq, row FROM usage_rows WHERE TRUE",
+            );
+            if let Some(after) = &after {
+                let (agent, epoch, seq) =
+                    parse_key(after).ok_or("page_token: not a token from a previous page")?;
+                query
+                    .push(" AND (agent_id, epoch, seq) > (")
+                    .push_bind(agent)
+                    .push(", ")
+                    .push_bind(epoch)
+                    .push(", ")
+                    .push_bind(seq)
+                    .push(")");
+            }
+            for (column, value) in [
+                ("account_id", &filter.account_id),
+                ("key_id", &filter.key_id),
+                ("model", &filter.model),
+                ("batch_id", &filter.batch_id),
+            ] {
+                if !value.is_empty() {
+                    query
+                        .push(format!(" AND {column} = "))
+                        .push_bind(value.clone());
+                }
+            }
+            if filter.from_unix_ms != 0 {
+                query
+                    .push(" AND admitted_at >= ")
+                    .push_bind(filter.from_unix_ms);
+            }
+            if filter.to_unix_ms != 0 {
+                query
+                    .push(" AND admitted_at < ")
+                    .push_bind(filter.to_unix_ms);
+            }
+            if filter.origin != 0 {
+                query.push(" AND origin = ").push_bind(filter.origin);
+            }
+            match pb::UsageStatus::try_from(filter.status) {
+                Ok(pb::UsageStatus::Charged) => {
+                    query.push(" AND charged");
+                }
+                Ok(pb::UsageStatus::NotCharged) => {
+                    query.push(" AND NOT charged");
+                }
+                _ => {}
+            }
+            query
+                .push(" ORDER BY agent_id, epoch, seq LIMIT ")
+                .push_bind(limit as i64 + 1);
+            let found: Vec<(String, i64, i64, Vec<u8>)> = query
+                .build_query_as()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| e.to_string())?;
+            let more = found.len() > limit;
+            let mut rows = Vec::with_capacity(found.len().min(limit));
+            for (_, _, _, bytes) in found.into_iter().take(limit) {
+                rows.push(
+                    pb::UsageRow::decode(bytes.as_slice())
+                        .map_err(|e| format!("corrupt usage row: {e}"))?,
+                );
+            }
+            let next = if more { rows.last().map(row_key) } else { None };
+            Ok((rows, next))
+        })
+    }
+}
+
 // ---- the writer ----
 
 /// Rows per store transaction.
@@ -372,8 +558,11 @@ pub fn settled_row(
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// The cases every usage store must pass, run against each implementation
+/// (the embedded store in this crate's tests, PostgreSQL in the end-to-end
+/// tests). Each run needs an empty store.
+#[doc(hidden)]
+pub mod conformance {
     use super::*;
 
     fn row(agent: &str, seq: u64, key: &str, model: &str, at: i64, charged: bool) -> pb::UsageRow {
@@ -411,7 +600,7 @@ mod tests {
         }
     }
 
-    fn sample() -> Vec<pb::UsageRow> {
+    pub fn sample() -> Vec<pb::UsageRow> {
         let hour = 3_600_000;
         vec![
             row("a1", 1, "k1", "m1", 10 * hour, true),
@@ -422,7 +611,7 @@ mod tests {
         ]
     }
 
-    async fn all(
+    pub async fn all(
         store: &dyn UsageStore,
         filter: pb::UsageFilter,
         page: usize,
@@ -440,7 +629,7 @@ mod tests {
     }
 
     /// The cases every usage store must pass.
-    async fn conformance(store: &dyn UsageStore) {
+    pub async fn run(store: &dyn UsageStore) {
         assert_eq!(store.insert(sample()).await.unwrap(), 5);
         // A re-sent record is the same row, written once.
         assert_eq!(store.insert(sample()[..2].to_vec()).await.unwrap(), 0);
@@ -552,13 +741,20 @@ mod tests {
             1
         );
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use conformance::{all, sample};
 
     #[tokio::test]
     async fn the_embedded_store_passes_the_conformance_cases() {
         let dir = std::env::temp_dir().join(format!("allot-usage-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = EmbeddedUsageStore::open(&dir.join("usage.redb")).unwrap();
-        conformance(&store).await;
+        conformance::run(&store).await;
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -2,10 +2,12 @@
 //! way the coordinator's writer writes them (batches of 2,048 rows, one
 //! transaction each), and the time to read a page back.
 //!
-//! Run: `cargo run --release -p allot-e2e --bin usage_bench [ROWS]`
+//! Run: `cargo run --release -p allot-e2e --bin usage_bench [ROWS] [embedded|postgres]`
+//! (`postgres` starts a PostgreSQL server of its own from Debian's
+//! `postgresql` package, as the tests do).
 
 use allot::pb;
-use allot_coordinator::usage::{EmbeddedUsageStore, UsageStore};
+use allot_coordinator::usage::{EmbeddedUsageStore, PostgresUsageStore, UsageStore};
 use std::time::{Duration, Instant};
 
 fn row(seq: u64) -> pb::UsageRow {
@@ -44,14 +46,30 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let total: u64 = std::env::args()
-        .nth(1)
+    let mut args = std::env::args().skip(1);
+    let total: u64 = args
+        .next()
         .map(|n| n.parse())
         .transpose()?
         .unwrap_or(200_000);
+    let kind = args.next().unwrap_or_else(|| "embedded".into());
     let dir = std::env::temp_dir().join(format!("allot-usage-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let store = EmbeddedUsageStore::open(&dir.join("usage.redb")).map_err(anyhow::Error::msg)?;
+    let mut _server = None;
+    let store: Box<dyn UsageStore> = match kind.as_str() {
+        "embedded" => {
+            Box::new(EmbeddedUsageStore::open(&dir.join("usage.redb")).map_err(anyhow::Error::msg)?)
+        }
+        "postgres" => {
+            let pg = allot_e2e::postgres::Postgres::start();
+            let store = PostgresUsageStore::connect(&pg.url())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            _server = Some(pg);
+            Box::new(store)
+        }
+        other => anyhow::bail!("unknown store {other}: embedded or postgres"),
+    };
     let mut batch_times = Vec::new();
     let started = Instant::now();
     let mut seq = 1;
@@ -74,18 +92,22 @@ async fn main() -> anyhow::Result<()> {
         .await
         .map_err(anyhow::Error::msg)?;
     let read = read.elapsed();
-    let size = std::fs::metadata(dir.join("usage.redb"))?.len();
-    println!("usage_bench: {total} rows in batches of 2048 into the embedded store");
+    println!("usage_bench: {total} rows in batches of 2048 into the {kind} store");
     println!(
-        "rows/s: {:.0}; batch write p50 {:.2} ms, p99 {:.2} ms; file {:.1} MiB ({:.0} bytes/row)",
+        "rows/s: {:.0}; batch write p50 {:.2} ms, p99 {:.2} ms",
         total as f64 / elapsed.as_secs_f64(),
         percentile(&batch_times, 0.5).as_secs_f64() * 1e3,
         percentile(&batch_times, 0.99).as_secs_f64() * 1e3,
-        size as f64 / (1 << 20) as f64,
-        size as f64 / total as f64,
     );
+    if let Ok(meta) = std::fs::metadata(dir.join("usage.redb")) {
+        println!(
+            "file {:.1} MiB ({:.0} bytes/row)",
+            meta.len() as f64 / (1 << 20) as f64,
+            meta.len() as f64 / total as f64
+        );
+    }
     println!(
-        "ListUsage page of {} rows for one key of 1000 (full scan): {:.1} ms",
+        "ListUsage page of {} rows for one key of 1000: {:.1} ms",
         page.len(),
         read.as_secs_f64() * 1e3
     );
