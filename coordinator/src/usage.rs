@@ -293,7 +293,7 @@ impl PostgresUsageStore {
     /// Connects and brings the schema up to date.
     pub async fn connect(url: &str) -> Result<PostgresUsageStore, String> {
         let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
+            .max_connections(WRITES_IN_FLIGHT as u32 + 2)
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await
@@ -467,6 +467,8 @@ impl UsageStore for PostgresUsageStore {
 
 /// Rows per store transaction.
 const WRITE_BATCH: usize = 2048;
+/// Transactions the writer runs at once (each its own batch of rows).
+pub const WRITES_IN_FLIGHT: usize = 3;
 /// How long the writer gathers rows before a write.
 const GATHER: Duration = Duration::from_millis(5);
 const RETRY_FIRST: Duration = Duration::from_millis(50);
@@ -499,36 +501,44 @@ pub async fn run_writer(
                 }
             }
         }
-        let take = held.len().min(WRITE_BATCH);
-        let batch: Vec<pb::UsageRow> = held[..take].to_vec();
-        let mut delay = RETRY_FIRST;
-        let mut attempt = 1u32;
-        loop {
-            match store.insert(batch.clone()).await {
-                Ok(new) => {
-                    let now = allot::clock::now_ms();
-                    for row in &batch {
-                        let lag = (now - row.settled_at_unix_ms).max(0) as f64 / 1000.0;
-                        metrics::histogram!("allot_usage_rows_lag_seconds").record(lag);
-                    }
-                    metrics::counter!("allot_usage_rows_written_total").increment(new as u64);
-                    metrics::counter!("allot_usage_rows_duplicates_total")
-                        .increment((batch.len() - new) as u64);
-                    break;
-                }
-                Err(error) => {
-                    metrics::counter!("allot_usage_rows_write_failures_total").increment(1);
-                    tracing::error!(attempt, rows = batch.len(), %error,
-                        "cannot write usage rows; keeping them and retrying");
-                    let jitter = rand::random::<f64>() * 0.5 + 0.75;
-                    tokio::time::sleep(delay.mul_f64(jitter)).await;
-                    delay = (delay * 2).min(RETRY_MAX);
-                    attempt += 1;
-                }
-            }
-        }
+        let take = held.len().min(WRITE_BATCH * WRITES_IN_FLIGHT);
+        let writes = held[..take]
+            .chunks(WRITE_BATCH)
+            .map(|chunk| write_until_done(store.as_ref(), chunk.to_vec()));
+        futures_util::future::join_all(writes).await;
         held.drain(..take);
         metrics::gauge!("allot_usage_rows_pending").set(held.len() as f64);
+    }
+}
+
+/// Writes one batch, retrying with exponential backoff and jitter until it
+/// is written.
+async fn write_until_done(store: &dyn UsageStore, batch: Vec<pb::UsageRow>) {
+    let mut delay = RETRY_FIRST;
+    let mut attempt = 1u32;
+    loop {
+        match store.insert(batch.clone()).await {
+            Ok(new) => {
+                let now = allot::clock::now_ms();
+                for row in &batch {
+                    let lag = (now - row.settled_at_unix_ms).max(0) as f64 / 1000.0;
+                    metrics::histogram!("allot_usage_rows_lag_seconds").record(lag);
+                }
+                metrics::counter!("allot_usage_rows_written_total").increment(new as u64);
+                metrics::counter!("allot_usage_rows_duplicates_total")
+                    .increment((batch.len() - new) as u64);
+                return;
+            }
+            Err(error) => {
+                metrics::counter!("allot_usage_rows_write_failures_total").increment(1);
+                tracing::error!(attempt, rows = batch.len(), %error,
+                    "cannot write usage rows; keeping them and retrying");
+                let jitter = rand::random::<f64>() * 0.5 + 0.75;
+                tokio::time::sleep(delay.mul_f64(jitter)).await;
+                delay = (delay * 2).min(RETRY_MAX);
+                attempt += 1;
+            }
+        }
     }
 }
 

@@ -73,11 +73,26 @@ async fn main() -> anyhow::Result<()> {
     let mut batch_times = Vec::new();
     let started = Instant::now();
     let mut seq = 1;
+    // `in_flight` batches at a time, as the writer does.
+    let in_flight: usize = std::env::var("ALLOT_BENCH_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(allot_coordinator::usage::WRITES_IN_FLIGHT);
     while seq <= total {
-        let batch: Vec<pb::UsageRow> = (seq..(seq + 2048).min(total + 1)).map(row).collect();
-        seq += batch.len() as u64;
+        let mut batches = Vec::new();
+        for _ in 0..in_flight {
+            if seq > total {
+                break;
+            }
+            let batch: Vec<pb::UsageRow> = (seq..(seq + 2048).min(total + 1)).map(row).collect();
+            seq += batch.len() as u64;
+            batches.push(batch);
+        }
         let at = Instant::now();
-        store.insert(batch).await.map_err(anyhow::Error::msg)?;
+        let writes = batches.into_iter().map(|b| store.insert(b));
+        for result in futures_util::future::join_all(writes).await {
+            result.map_err(anyhow::Error::msg)?;
+        }
         batch_times.push(at.elapsed());
     }
     let elapsed = started.elapsed();
@@ -92,9 +107,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .map_err(anyhow::Error::msg)?;
     let read = read.elapsed();
-    println!("usage_bench: {total} rows in batches of 2048 into the {kind} store");
+    println!("usage_bench: {total} rows in batches of 2048, {in_flight} at a time, into the {kind} store");
     println!(
-        "rows/s: {:.0}; batch write p50 {:.2} ms, p99 {:.2} ms",
+        "rows/s: {:.0}; write of {in_flight} batches p50 {:.2} ms, p99 {:.2} ms",
         total as f64 / elapsed.as_secs_f64(),
         percentile(&batch_times, 0.5).as_secs_f64() * 1e3,
         percentile(&batch_times, 0.99).as_secs_f64() * 1e3,
