@@ -123,11 +123,8 @@ impl Analytics {
     /// embedded budget store; none with etcd and no PostgreSQL.
     async fn open(config: &CoordinatorConfig) -> anyhow::Result<Option<Analytics>> {
         let store: Arc<dyn usage::UsageStore> = match &config.usage_postgres_url {
-            Some(url) => Arc::new(
-                usage::PostgresUsageStore::connect(url)
-                    .await
-                    .map_err(anyhow::Error::msg)?,
-            ),
+            // Lazy: a database that is down delays analytics, not budgets.
+            Some(url) => Arc::new(usage::PostgresUsageStore::new(url).map_err(anyhow::Error::msg)?),
             None if config.store == StoreKind::Embedded => {
                 Arc::new(open_usage_store(config).await?)
             }

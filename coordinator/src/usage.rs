@@ -287,22 +287,44 @@ impl UsageStore for EmbeddedUsageStore {
 /// key, account, model and batch filters.
 pub struct PostgresUsageStore {
     pool: sqlx::PgPool,
+    /// Set once the migrations ran: the coordinator starts (and keeps its
+    /// budgets) even while the analytics database is down.
+    schema: tokio::sync::OnceCell<()>,
 }
 
 impl PostgresUsageStore {
-    /// Connects and brings the schema up to date.
-    pub async fn connect(url: &str) -> Result<PostgresUsageStore, String> {
+    /// Prepares a pool without connecting: the first write or read
+    /// connects and brings the schema up to date, and retries that later
+    /// if the database is not there yet.
+    pub fn new(url: &str) -> Result<PostgresUsageStore, String> {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(WRITES_IN_FLIGHT as u32 + 2)
             .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect_lazy(url)
+            .map_err(|e| format!("usage_postgres_url: {e}"))?;
+        Ok(PostgresUsageStore {
+            pool,
+            schema: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// [`PostgresUsageStore::new`], then the schema at once.
+    pub async fn connect(url: &str) -> Result<PostgresUsageStore, String> {
+        let store = PostgresUsageStore::new(url)?;
+        store.ensure_schema().await?;
+        Ok(store)
+    }
+
+    async fn ensure_schema(&self) -> Result<(), String> {
+        self.schema
+            .get_or_try_init(|| async {
+                sqlx::migrate!("./migrations")
+                    .run(&self.pool)
+                    .await
+                    .map_err(|e| format!("cannot migrate the usage database: {e}"))
+            })
             .await
-            .map_err(|e| format!("cannot connect to the usage database: {e}"))?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .map_err(|e| format!("cannot migrate the usage database: {e}"))?;
-        Ok(PostgresUsageStore { pool })
+            .map(drop)
     }
 }
 
@@ -322,6 +344,7 @@ fn parse_key(key: &[u8]) -> Option<(String, i64, i64)> {
 impl UsageStore for PostgresUsageStore {
     fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, String>> {
         Box::pin(async move {
+            self.ensure_schema().await?;
             let n = rows.len();
             fn column<T>(n: usize) -> Vec<T> {
                 Vec::with_capacity(n)
@@ -392,6 +415,7 @@ impl UsageStore for PostgresUsageStore {
         limit: usize,
     ) -> BoxFuture<'_, Result<Page, String>> {
         Box::pin(async move {
+            self.ensure_schema().await?;
             let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(
                 "SELECT agent_id, epoch, seq, row FROM usage_rows WHERE TRUE",
             );

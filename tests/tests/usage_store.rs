@@ -49,7 +49,9 @@ async fn rows(stack: &Stack, key_id: &str) -> Result<Vec<pb::UsageRow>, tonic::S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_under_load_loses_and_duplicates_no_row() {
+    // PostgreSQL is down when the coordinator starts: budgets work anyway.
     let mut pg = Postgres::start();
+    pg.stop();
     let dir = TempDir::new("pg-outage");
     let stack = Stack::start_with(CoordinatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -73,32 +75,42 @@ async fn a_postgres_outage_under_load_loses_and_duplicates_no_row() {
             }
         }
     };
+    let settled = |n: u64| {
+        let stack = &stack;
+        async move {
+            wait_until("the ledger to settle", Duration::from_secs(30), || async {
+                stack.settled_records().await == n
+            })
+            .await
+        }
+    };
+    let rows_are = |n: usize| {
+        let (stack, key_id) = (&stack, key_id.clone());
+        async move {
+            wait_until(
+                "the rows to be written",
+                Duration::from_secs(60),
+                || async { rows(stack, &key_id).await.is_ok_and(|r| r.len() == n) },
+            )
+            .await
+        }
+    };
     serve(20).await;
-    wait_until("20 rows", Duration::from_secs(30), || async {
-        rows(&stack, &key_id).await.is_ok_and(|r| r.len() == 20)
-    })
-    .await;
-
-    // PostgreSQL goes away: requests are still served and settled.
-    pg.stop();
-    serve(30).await;
-    wait_until(
-        "all 50 settled in the ledger",
-        Duration::from_secs(30),
-        || async { stack.settled_records().await == 50 },
-    )
-    .await;
+    settled(20).await;
     let down = rows(&stack, &key_id).await.unwrap_err();
     assert_eq!(down.code(), tonic::Code::Unavailable, "{down:?}");
-
-    // Back: the writer's retries land every row once.
     pg.restart();
-    wait_until(
-        "50 rows after the outage",
-        Duration::from_secs(60),
-        || async { rows(&stack, &key_id).await.is_ok_and(|r| r.len() == 50) },
-    )
-    .await;
+    rows_are(20).await;
+
+    // Up, then down again under load, then back.
+    serve(30).await;
+    rows_are(50).await;
+    pg.stop();
+    serve(30).await;
+    settled(80).await;
+    pg.restart();
+    rows_are(80).await;
+
     let rows = rows(&stack, &key_id).await.unwrap();
     let mut seqs: Vec<u64> = rows
         .iter()
@@ -106,7 +118,7 @@ async fn a_postgres_outage_under_load_loses_and_duplicates_no_row() {
         .collect();
     seqs.sort_unstable();
     seqs.dedup();
-    assert_eq!(seqs.len(), 50, "every request once");
+    assert_eq!(seqs.len(), 80, "every request once");
     let check = stack
         .admin()
         .await
