@@ -562,21 +562,13 @@ impl Admin for AdminService {
                     },
                 ),
             };
-            let mut total = rust_decimal::Decimal::ZERO;
-            let mut after = None;
-            loop {
-                let (page, next) = store
-                    .list(filter.clone(), after, crate::usage::MAX_PAGE)
-                    .await
-                    .map_err(|e| Status::unavailable(format!("usage store: {e}")))?;
-                for row in &page {
-                    total += crate::usage::row_amount(row, unit);
-                }
-                match next {
-                    Some(next) => after = Some(next),
-                    None => break,
-                }
-            }
+            let rows = crate::usage::list_all(store.as_ref(), &filter)
+                .await
+                .map_err(|e| Status::unavailable(format!("usage store: {e}")))?;
+            let total: rust_decimal::Decimal = rows
+                .iter()
+                .map(|row| crate::usage::row_amount(row, unit))
+                .sum();
             checks.push(pb::UsageCheck {
                 scope: scope_name.into(),
                 scope_id,
@@ -603,20 +595,9 @@ impl Admin for AdminService {
                 request.granularity
             ))
         })?;
-        let store = self.usage_store()?;
-        let mut rows = Vec::new();
-        let mut after = None;
-        loop {
-            let (page, next) = store
-                .list(filter.clone(), after, crate::usage::MAX_PAGE)
-                .await
-                .map_err(|e| Status::unavailable(format!("usage store: {e}")))?;
-            rows.extend(page);
-            match next {
-                Some(next) => after = Some(next),
-                None => break,
-            }
-        }
+        let rows = crate::usage::list_all(self.usage_store()?.as_ref(), &filter)
+            .await
+            .map_err(|e| Status::unavailable(format!("usage store: {e}")))?;
         Ok(Response::new(pb::UsageSummaryResponse {
             buckets: crate::usage::summarize(rows, granularity),
         }))

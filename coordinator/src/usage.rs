@@ -168,6 +168,22 @@ pub fn summarize(
         .collect()
 }
 
+/// Every row matching `filter`, page after page.
+pub async fn list_all(
+    store: &dyn UsageStore,
+    filter: &pb::UsageFilter,
+) -> Result<Vec<pb::UsageRow>, String> {
+    let (mut rows, mut after) = (Vec::new(), None);
+    loop {
+        let (page, next) = store.list(filter.clone(), after, MAX_PAGE).await?;
+        rows.extend(page);
+        match next {
+            Some(next) => after = Some(next),
+            None => return Ok(rows),
+        }
+    }
+}
+
 /// What a row counts in `unit` against a limit: one request, its tokens,
 /// or its cost; nothing when it was not charged.
 pub fn row_amount(row: &pb::UsageRow, unit: allot::Unit) -> Decimal {
