@@ -211,12 +211,24 @@ pub struct Usage {
     pub reserved: Amounts,
 }
 
+/// The tariff that priced a settled record, as its usage row shows it:
+/// plain values, so settling copies nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppliedPrice {
+    pub input_price: Decimal,
+    pub output_price: Decimal,
+    pub purpose: Purpose,
+    /// The tariff of the record's own completion window (the tariff rules
+    /// take a windowed tariff only when the window matches exactly).
+    pub windowed: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SettleOutcome {
     Settled {
         cost: Decimal,
         /// The tariff that priced it (none: free).
-        tariff: Option<allot::tariff::Tariff>,
+        price: Option<AppliedPrice>,
         free: bool,
         /// Usage beyond what the slice held (over-reporting neuron).
         excess: bool,
@@ -1018,11 +1030,16 @@ impl Ledger {
             };
         }
         let price = self.price(usage);
-        let (cost, free, tariff) = match price {
+        let (cost, free, applied) = match price {
             Price::Tariff(t) => (
                 t.cost(usage.prompt_tokens, usage.completion_tokens),
                 false,
-                Some(t.clone()),
+                Some(AppliedPrice {
+                    input_price: t.input_price,
+                    output_price: t.output_price,
+                    purpose: t.purpose,
+                    windowed: t.completion_window.is_some(),
+                }),
             ),
             Price::Free => (Decimal::ZERO, true, None),
         };
@@ -1062,7 +1079,7 @@ impl Ledger {
         self.dirty.insert(Dirty::Agent(agent_id.to_string()));
         SettleOutcome::Settled {
             cost,
-            tariff,
+            price: applied,
             free: free && usage.charged,
             excess,
             late,

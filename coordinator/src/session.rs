@@ -520,8 +520,11 @@ fn settle_batch(
         }
     }
     let _entered = span.enter();
-    let mut rows = Vec::new();
-    for record in &batch.records {
+    let analytics = core.settings.analytics.clone();
+    // Records settled now, by position, with their pricing: their usage
+    // rows once the ledger commit is done.
+    let mut priced = Vec::new();
+    for (index, record) in batch.records.iter().enumerate() {
         let usage = usage_from_pb(record);
         let finished_at = record.admitted_at_unix_ms + record.duration_ms as i64;
         if record.admitted_at_unix_ms > 0 {
@@ -531,20 +534,14 @@ fn settle_batch(
         match core.ledger.settle(agent_id, &usage, fx.now, &mut fx.writes) {
             SettleOutcome::Settled {
                 cost,
-                tariff,
+                price,
                 free,
                 excess,
                 late,
             } => {
                 metrics::counter!("allot_usage_settled_total").increment(1);
-                if core.settings.analytics.is_some() {
-                    rows.push(crate::usage::settled_row(
-                        agent_id,
-                        record,
-                        tariff.as_ref(),
-                        cost,
-                        fx.now,
-                    ));
+                if analytics.is_some() {
+                    priced.push((index, price, cost));
                 }
                 if free && !usage.model.is_empty() {
                     metrics::counter!("allot_usage_free_total").increment(1);
@@ -591,19 +588,29 @@ fn settle_batch(
         .map(|a| a.high_water_seq)
         .unwrap_or(0);
     fx.send(outbox, CoordMsg::UsageAck(pb::UsageAck { high_water_seq }));
+    if !core.parked.is_empty() {
+        retry_parked(core, fx);
+    }
+    push_depletions(core, fx, &batch.records);
     // Analytics rows once the ledger has them: a failed commit sends
-    // nothing, and the agent's resend settles (and rows) them again.
-    if let (Some(analytics), false) = (core.settings.analytics.clone(), rows.is_empty()) {
+    // nothing, and the agent's resend settles (and rows) them again. The
+    // rows take the records; nothing is copied.
+    if let (Some(analytics), false) = (analytics, priced.is_empty()) {
+        let mut records = batch.records;
+        let now = fx.now;
+        let rows: Vec<pb::UsageRow> = priced
+            .into_iter()
+            .map(|(index, price, cost)| {
+                let record = std::mem::take(&mut records[index]);
+                crate::usage::settled_row(agent_id, record, price, cost, now)
+            })
+            .collect();
         fx.after_commit(move |outcome| {
             if outcome.is_ok() {
                 let _ = analytics.send(rows);
             }
         });
     }
-    if !core.parked.is_empty() {
-        retry_parked(core, fx);
-    }
-    push_depletions(core, fx, &batch.records);
 }
 
 /// Tells every agent interested in a key whose cap is now fully spent, at

@@ -585,26 +585,24 @@ async fn write_until_done(store: &dyn UsageStore, batch: Vec<pb::UsageRow>) {
 /// The row of a settled record.
 pub fn settled_row(
     agent_id: &str,
-    record: &pb::UsageRecord,
-    tariff: Option<&allot::tariff::Tariff>,
+    record: pb::UsageRecord,
+    price: Option<crate::ledger::AppliedPrice>,
     cost: Decimal,
     now: UnixMs,
 ) -> pb::UsageRow {
+    let format = allot::money::format;
     pb::UsageRow {
         agent_id: agent_id.to_string(),
-        record: Some(record.clone()),
-        input_price: tariff
-            .map(|t| allot::money::format(t.input_price))
-            .unwrap_or_default(),
-        output_price: tariff
-            .map(|t| allot::money::format(t.output_price))
-            .unwrap_or_default(),
-        cost: allot::money::format(if record.charged { cost } else { Decimal::ZERO }),
-        tariff_purpose: tariff.map_or(0, |t| t.purpose.to_pb() as i32),
-        tariff_completion_window: tariff
-            .and_then(|t| t.completion_window.clone())
-            .unwrap_or_default(),
+        input_price: price.map(|p| format(p.input_price)).unwrap_or_default(),
+        output_price: price.map(|p| format(p.output_price)).unwrap_or_default(),
+        cost: format(if record.charged { cost } else { Decimal::ZERO }),
+        tariff_purpose: price.map_or(0, |p| p.purpose.to_pb() as i32),
+        tariff_completion_window: match price {
+            Some(p) if p.windowed => record.completion_window.clone(),
+            _ => String::new(),
+        },
         settled_at_unix_ms: now,
+        record: Some(record),
     }
 }
 
