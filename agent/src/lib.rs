@@ -45,8 +45,9 @@ pub struct AgentState {
     pub client: proxy::HttpClient,
     pub upstreams: upstream::Upstreams,
     pub in_flight: Arc<concurrency::InFlight>,
-    /// Requests in flight and last use per model, for node reports.
-    pub models: Arc<neuron::ModelActivity>,
+    /// Requests in flight and last use per model, for node reports: only
+    /// kept when a neuron adapter reports them.
+    pub models: Option<Arc<neuron::ModelActivity>>,
     pub epoch: u64,
 }
 
@@ -147,14 +148,15 @@ pub async fn run(
         link,
         keys,
         usage: usage_tx,
-        models: Arc::default(),
+        models: (config.neuron_adapter != NeuronAdapterKind::None).then(Arc::default),
         epoch: recovered.epoch,
     });
     match config.neuron_adapter {
         // Directives are refused: their receiver is gone.
         NeuronAdapterKind::None => drop(directives_rx),
         NeuronAdapterKind::Fake => {
-            let adapter = neuron::FakeAdapter::new(&config.neuron_url, state.client.clone());
+            let adapter =
+                neuron::FakeAdapter::new(&state.upstreams.default_url(), state.client.clone());
             tasks.spawn(neuron::report_loop(
                 adapter,
                 state.clone(),
@@ -164,7 +166,7 @@ pub async fn run(
         }
         NeuronAdapterKind::Ollama => {
             let adapter = neuron::OllamaAdapter::new(
-                &config.neuron_url,
+                &state.upstreams.default_url(),
                 state.client.clone(),
                 config.gpu_vram_bytes.clone(),
             );

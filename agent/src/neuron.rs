@@ -134,7 +134,7 @@ pub struct FakeAdapter {
 impl FakeAdapter {
     pub fn new(base: &str, client: HttpClient) -> FakeAdapter {
         FakeAdapter {
-            base: base.trim_end_matches('/').to_string(),
+            base: base.to_string(),
             client,
         }
     }
@@ -232,7 +232,7 @@ pub struct OllamaAdapter {
 impl OllamaAdapter {
     pub fn new(base: &str, client: HttpClient, gpu_vram_bytes: Vec<u64>) -> OllamaAdapter {
         OllamaAdapter {
-            base: base.trim_end_matches('/').to_string(),
+            base: base.to_string(),
             client,
             gpu_vram_bytes,
         }
@@ -317,7 +317,11 @@ impl ModelActivity {
 
     pub fn begin(&self, model: &str, now_ms: i64) {
         let mut models = self.lock();
-        let entry = models.entry(model.to_string()).or_default();
+        // The model's name is copied once, on its first request.
+        let entry = match models.get_mut(model) {
+            Some(entry) => entry,
+            None => models.entry(model.to_string()).or_default(),
+        };
         entry.in_flight += 1;
         entry.last_access_ms = entry.last_access_ms.max(now_ms);
     }
@@ -366,12 +370,15 @@ pub async fn report_loop<A: NeuronAdapter>(
     mut directives: tokio::sync::mpsc::UnboundedReceiver<pb::PlacementDirective>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let Some(models) = state.models.clone() else {
+        return;
+    };
     let every = Duration::from_millis(state.config.node_report_ms);
     let poll = every.min(Duration::from_secs(1));
     let mut connected = state.link.subscribe_connected();
     let mut last_sent: Option<(pb::NodeStatus, tokio::time::Instant)> = None;
     let mut last_known = NeuronState::default();
-    let mut tokens_at = (state.models.tokens(), tokio::time::Instant::now());
+    let mut tokens_at = (models.tokens(), tokio::time::Instant::now());
     loop {
         let (healthy, mut read) = match adapter.state().await {
             Ok(read) => {
@@ -383,9 +390,9 @@ pub async fn report_loop<A: NeuronAdapter>(
                 (false, last_known.clone())
             }
         };
-        state.models.annotate(&mut read.models);
+        models.annotate(&mut read.models);
         let now = tokio::time::Instant::now();
-        let tokens = state.models.tokens();
+        let tokens = models.tokens();
         let elapsed = now.duration_since(tokens_at.1).as_secs_f64();
         let tokens_per_second = if elapsed > 0.0 {
             (tokens - tokens_at.0) as f64 / elapsed
@@ -395,7 +402,7 @@ pub async fn report_loop<A: NeuronAdapter>(
         let status = pb::NodeStatus {
             neuron_id: state.config.neuron_id.clone(),
             in_flight: state.in_flight.total() as u32,
-            endpoint: state.config.neuron_url.clone(),
+            endpoint: state.upstreams.default_url().to_string(),
             gpus: read.gpus,
             models: read.models,
             capacity: state.config.node_capacity,
@@ -433,7 +440,7 @@ pub async fn report_loop<A: NeuronAdapter>(
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
             Some(directive) = directives.recv() => {
-                let result = carry_out(&adapter, &state, &directive).await;
+                let result = carry_out(&adapter, &models, &directive).await;
                 state.link.send(pb::agent_message::Msg::DirectiveResult(result));
                 last_sent = None;
             }
@@ -448,7 +455,7 @@ pub async fn report_loop<A: NeuronAdapter>(
 
 async fn carry_out<A: NeuronAdapter>(
     adapter: &A,
-    state: &crate::AgentState,
+    models: &ModelActivity,
     directive: &pb::PlacementDirective,
 ) -> pb::DirectiveResult {
     let outcome = match pb::DirectiveAction::try_from(directive.action) {
@@ -460,7 +467,7 @@ async fn carry_out<A: NeuronAdapter>(
         Ok(pb::DirectiveAction::Unload) => {
             // Never unload under a request: the coordinator's view may be
             // a report old.
-            match state.models.in_flight(&directive.model) {
+            match models.in_flight(&directive.model) {
                 0 => adapter.unload(&directive.model).await,
                 n => Err(format!("{} has {n} requests in flight", directive.model)),
             }

@@ -535,9 +535,9 @@ impl Settlement {
                 "neuron reported more usage than was reserved; the excess is charged"
             );
         }
-        self.state
-            .models
-            .end(&self.template.model, clock::now_ms(), usage.completion);
+        if let Some(models) = &self.state.models {
+            models.end(&self.template.model, clock::now_ms(), usage.completion);
+        }
         // Settled once (the reservation is gone after this): the record
         // takes the template's strings instead of copying them.
         use std::mem::take;
@@ -710,7 +710,9 @@ async fn admit_and_forward(
 
     let traceparent = header_str(&parts.headers, "traceparent");
     let (server_trace_id, server_span_id) = crate::trace::ids(&current);
-    state.models.begin(&facts.model, admitted_at);
+    if let Some(models) = &state.models {
+        models.begin(&facts.model, admitted_at);
+    }
     let mut settlement = Settlement {
         state: state.clone(),
         reservation: Some(plan.reservation),
