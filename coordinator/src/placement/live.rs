@@ -272,9 +272,14 @@ impl LivePlacement {
             } else {
                 &record.model_served
             };
-            inner
-                .wanted
-                .insert(model.clone(), record.admitted_at_unix_ms);
+            match inner.wanted.get_mut(model) {
+                Some(at) => *at = (*at).max(record.admitted_at_unix_ms),
+                None => {
+                    inner
+                        .wanted
+                        .insert(model.clone(), record.admitted_at_unix_ms);
+                }
+            }
             if let Some(id) = inner.catalog.id(model) {
                 inner.demand.record(
                     id,
@@ -391,7 +396,14 @@ impl LivePlacement {
             let spec = inner.catalog.get(id).cloned().expect("known model");
             let mut steps: Vec<(pb::DirectiveAction, String, u64, u64)> = victims
                 .iter()
-                .map(|v| (pb::DirectiveAction::Unload, inner.name(*v), 0, 0))
+                .map(|v| {
+                    (
+                        pb::DirectiveAction::Unload,
+                        model_name(&inner.catalog, *v),
+                        0,
+                        0,
+                    )
+                })
                 .collect();
             steps.push((
                 pb::DirectiveAction::Load,
@@ -475,14 +487,15 @@ impl LivePlacement {
     }
 }
 
-impl Inner {
-    fn name(&self, model: ModelId) -> String {
-        self.catalog
-            .get(model)
-            .map(|s| s.name.clone())
-            .unwrap_or_else(|| model.to_string())
-    }
+/// A model's name, for operators (its id if the catalog lacks it).
+fn model_name(catalog: &Catalog, model: ModelId) -> String {
+    catalog
+        .get(model)
+        .map(|s| s.name.clone())
+        .unwrap_or_else(|| model.to_string())
+}
 
+impl Inner {
     fn decision_pb(&self, model: &str, decision: Decision) -> pb::RouteDecision {
         let node = decision.node();
         let neuron_id = self.neuron_of[node.index()].clone();
@@ -499,38 +512,35 @@ impl Inner {
             model: model.to_string(),
             neuron_id,
             agent_id,
+            endpoint: decision.endpoint().to_string(),
             ..Default::default()
         };
         match decision {
-            Decision::Serve { endpoint, .. } => {
-                out.kind = pb::RouteKind::Serve as i32;
-                out.endpoint = endpoint.to_string();
-            }
+            Decision::Serve { .. } => out.kind = pb::RouteKind::Serve as i32,
             Decision::ColdStart {
                 gpu,
-                endpoint,
                 expected_load_ms,
                 in_progress,
                 ..
             } => {
                 out.kind = pb::RouteKind::ColdStart as i32;
-                out.endpoint = endpoint.to_string();
                 out.gpu = gpu;
                 out.expected_load_ms = expected_load_ms;
                 out.load_in_progress = in_progress;
             }
             Decision::Evict {
                 gpu,
-                endpoint,
                 victims,
                 expected_load_ms,
                 ..
             } => {
                 out.kind = pb::RouteKind::Evict as i32;
-                out.endpoint = endpoint.to_string();
                 out.gpu = gpu;
                 out.expected_load_ms = expected_load_ms;
-                out.victims = victims.into_iter().map(|v| self.name(v)).collect();
+                out.victims = victims
+                    .into_iter()
+                    .map(|v| model_name(&self.catalog, v))
+                    .collect();
                 out.strategy = strategy.into();
             }
         }
@@ -539,12 +549,7 @@ impl Inner {
 }
 
 fn route_status(catalog: &Catalog, error: &RouteError) -> Status {
-    let name = |model: ModelId| {
-        catalog
-            .get(model)
-            .map(|s| s.name.clone())
-            .unwrap_or_else(|| model.to_string())
-    };
+    let name = |model: ModelId| model_name(catalog, model);
     match error {
         RouteError::UnknownModel(model) => {
             Status::not_found(format!("model: {} is not in the catalog", name(*model)))

@@ -154,6 +154,14 @@ impl Decision {
             | Decision::Evict { node, .. } => *node,
         }
     }
+
+    pub fn endpoint(&self) -> &Arc<str> {
+        match self {
+            Decision::Serve { endpoint, .. }
+            | Decision::ColdStart { endpoint, .. }
+            | Decision::Evict { endpoint, .. } => endpoint,
+        }
+    }
 }
 
 /// Models that would have freed room but may not be evicted, on GPUs large
