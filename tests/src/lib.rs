@@ -348,6 +348,43 @@ impl Stack {
         )
     }
 
+    /// Every usage row matching `filter`, read in pages of 7 (so that paging
+    /// is exercised too).
+    pub async fn list_usage(
+        &self,
+        filter: pb::UsageFilter,
+    ) -> Result<Vec<pb::UsageRow>, tonic::Status> {
+        let mut admin = self.admin().await;
+        let (mut rows, mut token) = (Vec::new(), String::new());
+        loop {
+            let page = admin
+                .list_usage(authed(pb::ListUsageRequest {
+                    filter: Some(filter.clone()),
+                    page_size: 7,
+                    page_token: token,
+                }))
+                .await?
+                .into_inner();
+            rows.extend(page.rows);
+            if page.next_page_token.is_empty() {
+                return Ok(rows);
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    /// `Admin.CheckUsage` for a key: the ledger against the usage rows.
+    pub async fn check_usage(&self, key_id: &str) -> pb::CheckUsageResponse {
+        self.admin()
+            .await
+            .check_usage(authed(pb::CheckUsageRequest {
+                key_id: key_id.into(),
+            }))
+            .await
+            .expect("check usage")
+            .into_inner()
+    }
+
     /// Puts a tariff for [`MODEL`] in force since the epoch.
     pub async fn put_tariff(&self, purpose: pb::Purpose, window: &str, input: &str, output: &str) {
         self.admin()

@@ -30,17 +30,7 @@ async fn batch_key(stack: &Stack) -> (String, String) {
 }
 
 async fn list(stack: &Stack, filter: pb::UsageFilter) -> Vec<pb::UsageRow> {
-    stack
-        .admin()
-        .await
-        .list_usage(authed(pb::ListUsageRequest {
-            filter: Some(filter),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .rows
+    stack.list_usage(filter).await.unwrap()
 }
 
 async fn chat(stack: &Stack, secret: &str, model: &str, window: Option<&str>) -> Value {
@@ -212,15 +202,7 @@ async fn settled_requests_become_priced_rows_that_list_and_summarize() {
     assert_eq!(buckets.iter().map(|b| b.requests).sum::<u64>(), 4);
 
     // The account's credits: the ledger's spend is the rows' cost.
-    let check = stack
-        .admin()
-        .await
-        .check_usage(authed(pb::CheckUsageRequest {
-            key_id: api_key.clone(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let check = stack.check_usage(&api_key).await;
     let credits = check
         .checks
         .iter()
@@ -295,15 +277,7 @@ async fn a_record_settled_again_after_a_coordinator_restart_is_one_row() {
         .sum();
     assert_eq!(rows_total, spent, "the ledger and the analytics agree");
     // The same check as an Admin call.
-    let check = stack
-        .admin()
-        .await
-        .check_usage(authed(pb::CheckUsageRequest {
-            key_id: key_id.clone(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let check = stack.check_usage(&key_id).await;
     assert!(check.agrees, "{check:?}");
     let tokens = check
         .checks

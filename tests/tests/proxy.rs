@@ -350,37 +350,42 @@ async fn timeouts_fire_map_to_their_status_and_leave_nothing_in_flight() {
     });
     let response = post(&stack, &secret, "/v1/chat/completions", &chat(false)).await;
     assert_eq!(response.status(), 504);
+    // The code of the error event that ends a stream the neuron answers
+    // with `behavior`.
+    let cut_by = |behavior: Behavior| {
+        stack.neuron.set_behavior(behavior);
+        let (stack, secret) = (&stack, &secret);
+        async move {
+            let text = post(stack, secret, "/v1/chat/completions", &chat(true))
+                .await
+                .text()
+                .await
+                .unwrap();
+            let last = events(&text).last().cloned().unwrap_or_default();
+            (
+                last["error"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                text,
+            )
+        }
+    };
     // A stream that goes quiet: cut with an error event.
-    stack.neuron.set_behavior(Behavior {
+    let (code, text) = cut_by(Behavior {
         chunk_delay_ms: 5_000,
         ..Default::default()
-    });
-    let text = post(&stack, &secret, "/v1/chat/completions", &chat(true))
-        .await
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(
-        events(&text).last().unwrap()["error"]["code"],
-        "stream_idle_timeout",
-        "{text}"
-    );
+    })
+    .await;
+    assert_eq!(code, "stream_idle_timeout", "{text}");
     // A stream that keeps talking past the whole-request deadline.
-    stack.neuron.set_behavior(Behavior {
+    let (code, text) = cut_by(Behavior {
         chunk_delay_ms: 200,
         completion_tokens: Some(16),
         ..Default::default()
-    });
-    let text = post(&stack, &secret, "/v1/chat/completions", &chat(true))
-        .await
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(
-        events(&text).last().unwrap()["error"]["code"],
-        "request_timeout",
-        "{text}"
-    );
+    })
+    .await;
+    assert_eq!(code, "request_timeout", "{text}");
     wait_until(
         "the neuron to see both streams cancelled",
         Duration::from_secs(10),
