@@ -314,6 +314,17 @@ impl AllowanceTable {
         seq
     }
 
+    /// Numbers a record that settles nothing (a refusal): it takes the
+    /// next sequence number and holds nothing; `emit` runs under the lock
+    /// so records leave in sequence order.
+    pub fn number(&self, emit: impl FnOnce(u64)) -> u64 {
+        let mut state = self.lock();
+        state.last_seq += 1;
+        let seq = state.last_seq;
+        emit(seq);
+        seq
+    }
+
     /// Records up to `high_water_seq` are settled: they no longer count in
     /// what this agent holds.
     pub fn ack(&self, high_water_seq: u64) {

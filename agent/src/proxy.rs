@@ -157,16 +157,17 @@ async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<B
     };
     // The key, once authenticated: its x-ratelimit-* headers go on every
     // response to it, refusals and neuron errors included.
-    let mut key_id = None;
-    let outcome = admit_and_forward(
-        &state,
-        operation,
-        path,
-        request,
-        started,
-        &request_id,
-        &mut key_id,
-    )
+    let (outcome, key) = async {
+        match authenticate(&state, request.headers()).await {
+            Err(error) => (Err(error), None),
+            Ok(key) => {
+                let outcome =
+                    admit_and_forward(&state, operation, path, request, started, &request_id, &key)
+                        .await;
+                (outcome, Some(key))
+            }
+        }
+    }
     .instrument(span.clone())
     .await;
     let mut response = match outcome {
@@ -181,8 +182,8 @@ async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<B
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         headers.insert("x-request-id", value);
     }
-    if let Some(key_id) = key_id {
-        add_rate_limit_headers(&state, &key_id, headers);
+    if let Some(key) = key {
+        add_rate_limit_headers(&state, &key.key_id, headers);
     }
     response
 }
@@ -462,6 +463,8 @@ struct RecordTemplate {
     key: KeyInfo,
     model: String,
     admitted_at: i64,
+    /// When the tariffs that price it were read (0: at admission).
+    priced_at: i64,
     trace_id: String,
     span_id: String,
     batch_id: String,
@@ -513,7 +516,7 @@ impl Settlement {
             &t.model,
             t.key.purpose,
             non_empty(&t.completion_window),
-            t.admitted_at,
+            t.priced_at,
         );
         let actual = if charged {
             Amounts::request(
@@ -570,6 +573,11 @@ impl Settlement {
             charged,
             refusal_code: String::new(),
             cost: allot::money::format(actual.value(Unit::Credits)),
+            priced_at_unix_ms: if t.priced_at == t.admitted_at {
+                0
+            } else {
+                t.priced_at
+            },
         };
         let usage_tx = &self.state.usage;
         self.state.table.settle(&reservation, &actual, |seq| {
@@ -592,6 +600,82 @@ impl Drop for Settlement {
             self.finish(None, charged);
         }
     }
+}
+
+/// The oldest batch creation time that may choose a request's tariffs.
+const MAX_BATCH_AGE_MS: i64 = 7 * 24 * 3_600_000;
+
+/// When the tariffs that price a request are read (SPEC Pricing 1): its
+/// admission time, or for a batch key's request the batch's creation time
+/// from `x-allot-batch-created-at` (Unix seconds, as the `created_at` of an
+/// OpenAI batch), at most [`MAX_BATCH_AGE_MS`] old and never in the future.
+fn pricing_time(headers: &HeaderMap, key: &KeyInfo, admitted_at: i64) -> Result<i64, ApiError> {
+    const HEADER: &str = "x-allot-batch-created-at";
+    let Some(value) = headers.get(HEADER) else {
+        return Ok(admitted_at);
+    };
+    let invalid =
+        |why: &str| ApiError::bad_request(format!("{HEADER}: {why}"), Some(HEADER.into()));
+    if key.purpose != Purpose::Batch {
+        return Err(invalid("only batch keys may give a batch creation time"));
+    }
+    let seconds: i64 = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| invalid("must be a whole number of seconds since the Unix epoch"))?;
+    let created_at = seconds.saturating_mul(1000);
+    if created_at > admitted_at {
+        return Err(invalid("must not be in the future"));
+    }
+    if admitted_at - created_at > MAX_BATCH_AGE_MS {
+        return Err(invalid("the batch is more than 7 days old"));
+    }
+    Ok(created_at)
+}
+
+/// Records a refusal of an authenticated request (status, code, no cost),
+/// then hands the error on. Only 4xx refusals, decisions about the request
+/// itself (its budget, its model, its body), are recorded: a 5xx says the
+/// system could not serve it (coordinator or neuron unreachable), is
+/// counted in metrics, and would otherwise fill the spool during the very
+/// outage that causes it.
+fn refuse(
+    state: &AgentState,
+    key: &KeyInfo,
+    model: &str,
+    request_id: &str,
+    headers: &HeaderMap,
+    error: ApiError,
+) -> ApiError {
+    if !error.status.is_client_error() {
+        return error;
+    }
+    let batch_id = header_str(headers, "x-allot-batch-id");
+    let record = pb::UsageRecord {
+        epoch: state.epoch,
+        request_id: request_id.to_string(),
+        key_id: key.key_id.clone(),
+        account_id: key.account_id.clone(),
+        purpose: key.purpose.to_pb() as i32,
+        model_requested: model.to_string(),
+        http_status: u32::from(error.status.as_u16()),
+        admitted_at_unix_ms: clock::now_ms(),
+        origin: origin(key.purpose, &batch_id) as i32,
+        batch_id,
+        completion_window: header_str(headers, "x-allot-completion-window"),
+        neuron_id: state.config.neuron_id.clone(),
+        charged: false,
+        refusal_code: error.code_label().to_string(),
+        cost: "0".into(),
+        ..Default::default()
+    };
+    let usage_tx = &state.usage;
+    state.table.number(|seq| {
+        let _ = usage_tx.send(pb::UsageRecord { seq, ..record });
+    });
+    metrics::counter!("allot_agent_refusals_recorded_total").increment(1);
+    error
 }
 
 fn non_empty(s: &str) -> Option<&str> {
@@ -637,53 +721,67 @@ async fn admit_and_forward(
     request: Request<Body>,
     started: Instant,
     request_id: &str,
-    key_id: &mut Option<String>,
+    key: &KeyInfo,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
-    let key = authenticate(state, &parts.headers).await?;
-    *key_id = Some(key.key_id.clone());
-    let slot = enter(state, &key.key_id)?;
-    let bytes = read_body(state, body).await?;
-    let mut body: Map<String, Value> =
-        reservation::parse_body(&bytes).map_err(|e| ApiError::bad_request(e.message, e.param))?;
+    // Every refusal of an authenticated request is recorded (at no cost),
+    // so operators can tell why it was refused.
+    let refused =
+        |error: ApiError, model: &str| refuse(state, key, model, request_id, &parts.headers, error);
+    let slot = enter(state, &key.key_id).map_err(|e| refused(e, ""))?;
+    let bytes = read_body(state, body).await.map_err(|e| refused(e, ""))?;
+    let mut body: Map<String, Value> = reservation::parse_body(&bytes)
+        .map_err(|e| refused(ApiError::bad_request(e.message, e.param), ""))?;
     let policy = state.config.policy_for(
         body.get("model")
             .and_then(Value::as_str)
             .unwrap_or_default(),
     );
     let facts = reservation::inspect(operation, &body, &policy)
-        .map_err(|e| ApiError::bad_request(e.message, e.param))?;
+        .map_err(|e| refused(ApiError::bad_request(e.message, e.param), ""))?;
     let current = tracing::Span::current();
     current.record("allot.key_id", key.key_id.as_str());
     current.record("gen_ai.request.model", facts.model.as_str());
     if !key.allows_model(&facts.model) {
-        return Err(ApiError::model_not_found(&facts.model));
+        return Err(refused(
+            ApiError::model_not_found(&facts.model),
+            &facts.model,
+        ));
     }
     let upstream_url = match state.upstreams.resolve(&state.client, &facts.model).await {
         Ok(url) => url,
-        Err(LookupError::UnknownModel) => return Err(ApiError::model_not_found(&facts.model)),
+        Err(LookupError::UnknownModel) => {
+            return Err(refused(
+                ApiError::model_not_found(&facts.model),
+                &facts.model,
+            ))
+        }
         Err(LookupError::Unavailable(why)) => {
-            return Err(ApiError::bad_gateway(format!(
+            let error = ApiError::bad_gateway(format!(
                 "cannot find the endpoint of model {}: {why}",
                 facts.model
-            )))
+            ));
+            return Err(refused(error, &facts.model));
         }
     };
     let admitted_at = clock::now_ms();
+    let priced_at =
+        pricing_time(&parts.headers, key, admitted_at).map_err(|e| refused(e, &facts.model))?;
     let completion_window = header_str(&parts.headers, "x-allot-completion-window");
     let tariffs = state.link.tariffs.borrow().clone();
     let price = tariffs.choose(
         &facts.model,
         key.purpose,
         non_empty(&completion_window),
-        admitted_at,
+        priced_at,
     );
     if matches!(price, Price::Free) && !tariffs.is_empty() {
         metrics::counter!("allot_agent_unpriced_requests_total").increment(1);
     }
-    let plan = reserve(state, &key, &facts, policy.default_max_tokens, price)
+    let plan = reserve(state, key, &facts, policy.default_max_tokens, price)
         .instrument(tracing::info_span!("admission"))
-        .await?;
+        .await
+        .map_err(|e| refused(e, &facts.model))?;
     current.record("gen_ai.request.max_tokens", plan.completion);
     metrics::counter!("allot_agent_admissions_total").increment(1);
 
@@ -721,6 +819,7 @@ async fn admit_and_forward(
             key: key.clone(),
             model: facts.model.clone(),
             admitted_at,
+            priced_at,
             trace_id: if server_trace_id.is_empty() {
                 trace_id_of(&traceparent)
             } else {

@@ -63,6 +63,10 @@ pub struct CoordinatorConfig {
     /// (`postgres://user@host:port/db`); when set it is used whatever the
     /// budget store, and it is the only analytics store with `etcd`.
     pub usage_postgres_url: Option<String>,
+    /// Directory where the usage writer keeps batches it could not write
+    /// after its retries, until the store takes them (also after a
+    /// restart); default: `usage-spill` beside `data_path`.
+    pub usage_spill_dir: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -86,6 +90,7 @@ impl Default for CoordinatorConfig {
             placement: crate::placement::PlacementConfig::default(),
             usage_data_path: None,
             usage_postgres_url: None,
+            usage_spill_dir: None,
         }
     }
 }
@@ -137,6 +142,12 @@ impl CoordinatorConfig {
         self.usage_data_path
             .clone()
             .unwrap_or_else(|| self.data_path.with_file_name("usage.redb"))
+    }
+
+    pub fn usage_spill_path(&self) -> PathBuf {
+        self.usage_spill_dir
+            .clone()
+            .unwrap_or_else(|| self.data_path.with_file_name("usage-spill"))
     }
 
     pub fn lease_ttl(&self) -> Duration {

@@ -201,7 +201,9 @@ pub struct Usage {
     pub model: String,
     pub purpose: Purpose,
     pub completion_window: Option<String>,
-    pub admitted_at: UnixMs,
+    /// Tariffs in force at this time price it: the admission time, or a
+    /// batch request's creation time (SPEC Pricing 1).
+    pub priced_at: UnixMs,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     /// The request reached a neuron and produced output: it counts as a
@@ -1004,7 +1006,7 @@ impl Ledger {
             &usage.model,
             usage.purpose,
             usage.completion_window.as_deref(),
-            usage.admitted_at,
+            usage.priced_at,
         )
     }
 
@@ -1052,7 +1054,14 @@ impl Ledger {
             .iter()
             .any(|u| usage.reserved.get(*u).is_some_and(|r| actual.value(*u) > r));
         let mut late = false;
-        if let Some(account_id) = self.keys.get(&usage.key_id).map(|k| k.account_id.clone()) {
+        // A record that costs nothing (a refusal, a request that failed
+        // before any output) changes no counter and no slice: it only
+        // moves the agent's high-water mark.
+        let account_id = match usage.charged {
+            true => self.keys.get(&usage.key_id).map(|k| k.account_id.clone()),
+            false => None,
+        };
+        if let Some(account_id) = account_id {
             for scope in [Scope::Key(usage.key_id.clone()), Scope::Account(account_id)] {
                 self.ensure_counters(&scope, now, writes);
                 let state = self.scopes.entry(scope.clone()).or_default();
@@ -1198,7 +1207,7 @@ mod tests {
             model: "m".into(),
             purpose: Purpose::Realtime,
             completion_window: None,
-            admitted_at: NOW,
+            priced_at: NOW,
             prompt_tokens: tokens,
             completion_tokens: 0,
             charged: true,

@@ -130,8 +130,9 @@ impl Analytics {
             }
             None => return Ok(None),
         };
+        let spill = usage::Spill::open(&config.usage_spill_path()).map_err(anyhow::Error::msg)?;
         let (rows, rx) = tokio::sync::mpsc::unbounded_channel();
-        let writer = tokio::spawn(usage::run_writer(store.clone(), rx));
+        let writer = tokio::spawn(usage::run_writer(store.clone(), rx, spill));
         Ok(Some(Analytics {
             store,
             rows,

@@ -51,6 +51,9 @@ struct Cli {
     /// PostgreSQL URL of the usage analytics store.
     #[arg(long, env = "ALLOT_USAGE_POSTGRES_URL", hide_env_values = true)]
     usage_postgres_url: Option<String>,
+    /// Directory of usage batches kept until the analytics store takes them.
+    #[arg(long, env = "ALLOT_USAGE_SPILL_DIR")]
+    usage_spill_dir: Option<PathBuf>,
     /// Eviction strategy of placement: lru or demand.
     #[arg(long, env = "ALLOT_PLACEMENT_STRATEGY")]
     placement_strategy: Option<String>,
@@ -108,6 +111,9 @@ fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
     }
     if let Some(v) = cli.usage_postgres_url {
         config.usage_postgres_url = Some(v);
+    }
+    if let Some(v) = cli.usage_spill_dir {
+        config.usage_spill_dir = Some(v);
     }
     if let Some(v) = cli.placement_catalog {
         config.placement_catalog = Some(v);

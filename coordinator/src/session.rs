@@ -487,7 +487,10 @@ fn usage_from_pb(record: &pb::UsageRecord) -> Usage {
         purpose: Purpose::from_pb("purpose", record.purpose).unwrap_or_default(),
         completion_window: (!record.completion_window.is_empty())
             .then(|| record.completion_window.clone()),
-        admitted_at: record.admitted_at_unix_ms,
+        priced_at: match record.priced_at_unix_ms {
+            0 => record.admitted_at_unix_ms,
+            at => at,
+        },
         prompt_tokens: record.prompt_tokens,
         completion_tokens: record.completion_tokens,
         charged: record.charged,

@@ -513,21 +513,42 @@ pub const WRITES_IN_FLIGHT: usize = 3;
 const GATHER: Duration = Duration::from_millis(5);
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Tries of one batch (backoff 50, 100, 200 ms between them) before it
+/// goes to the spill.
+const ATTEMPTS: u32 = 4;
 
-/// Writes what the leader settled, in batches, retrying failed writes with
-/// exponential backoff and jitter for as long as it takes: a row is never
-/// dropped. When the channel closes (shutdown), it drains what it holds.
+/// Writes what the leader settled, in batches of one transaction each. A
+/// failed write is retried with exponential backoff and jitter; a batch
+/// still not written after [`ATTEMPTS`] tries goes to the [`Spill`] on disk
+/// and is written from there once the store takes it again, also by a
+/// later run of the coordinator. A row is never dropped. When the channel
+/// closes (shutdown), the writer writes or spills what it holds, then
+/// returns.
 pub async fn run_writer(
     store: Arc<dyn UsageStore>,
     mut rows: mpsc::UnboundedReceiver<Vec<pb::UsageRow>>,
+    spill: Spill,
 ) {
     let mut held: Vec<pb::UsageRow> = Vec::new();
     let mut open = true;
+    let mut replay_delay = RETRY_FIRST;
+    let replay_due = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(replay_due);
     while open || !held.is_empty() {
         if held.is_empty() {
-            match rows.recv().await {
-                Some(batch) => held.extend(batch),
-                None => break,
+            tokio::select! {
+                batch = rows.recv() => match batch {
+                    Some(batch) => held.extend(batch),
+                    None => break,
+                },
+                () = &mut replay_due, if spill.has_files() => {
+                    replay_delay = match replay(store.as_ref(), &spill).await {
+                        true => RETRY_FIRST,
+                        false => (replay_delay * 2).min(RETRY_MAX),
+                    };
+                    replay_due.as_mut().reset(tokio::time::Instant::now() + replay_delay);
+                    continue;
+                }
             }
             tokio::time::sleep(GATHER).await;
         }
@@ -544,41 +565,232 @@ pub async fn run_writer(
         let take = held.len().min(WRITE_BATCH * WRITES_IN_FLIGHT);
         let writes = held[..take]
             .chunks(WRITE_BATCH)
-            .map(|chunk| write_until_done(store.as_ref(), chunk.to_vec()));
+            .map(|chunk| write_or_spill(store.as_ref(), &spill, chunk.to_vec()));
         futures_util::future::join_all(writes).await;
         held.drain(..take);
         metrics::gauge!("allot_usage_rows_pending").set(held.len() as f64);
     }
 }
 
-/// Writes one batch, retrying with exponential backoff and jitter until it
-/// is written.
-async fn write_until_done(store: &dyn UsageStore, batch: Vec<pb::UsageRow>) {
+/// Writes one batch, retrying with exponential backoff and jitter; after
+/// [`ATTEMPTS`] failures the batch goes to the spill (and only if the disk
+/// refuses that too does the writer keep it in memory and keep trying).
+async fn write_or_spill(store: &dyn UsageStore, spill: &Spill, batch: Vec<pb::UsageRow>) {
     let mut delay = RETRY_FIRST;
     let mut attempt = 1u32;
     loop {
         match store.insert(batch.clone()).await {
+            Ok(new) => return written(&batch, new),
+            Err(error) => {
+                metrics::counter!("allot_usage_rows_write_failures_total").increment(1);
+                tracing::error!(attempt, rows = batch.len(), %error, "cannot write usage rows");
+            }
+        }
+        if attempt >= ATTEMPTS {
+            match spill.put(&batch).await {
+                Ok(()) => return,
+                Err(error) => tracing::error!(rows = batch.len(), %error,
+                    "cannot spill usage rows to disk; keeping them in memory"),
+            }
+        }
+        let jitter = rand::random::<f64>() * 0.5 + 0.75;
+        tokio::time::sleep(delay.mul_f64(jitter)).await;
+        delay = (delay * 2).min(RETRY_MAX);
+        attempt += 1;
+    }
+}
+
+/// Counts a written batch: rows new and duplicate, and each row's lag from
+/// settlement.
+fn written(batch: &[pb::UsageRow], new: usize) {
+    let now = allot::clock::now_ms();
+    for row in batch {
+        let lag = (now - row.settled_at_unix_ms).max(0) as f64 / 1000.0;
+        metrics::histogram!("allot_usage_rows_lag_seconds").record(lag);
+    }
+    metrics::counter!("allot_usage_rows_written_total").increment(new as u64);
+    metrics::counter!("allot_usage_rows_duplicates_total").increment((batch.len() - new) as u64);
+}
+
+/// Writes spilled batches, oldest first, until the spill is empty or a
+/// write fails; whether every one was written.
+async fn replay(store: &dyn UsageStore, spill: &Spill) -> bool {
+    loop {
+        let Some((file, batch)) = spill.oldest().await else {
+            // Nothing left on disk (also if the count was off).
+            spill
+                .inner
+                .files
+                .store(0, std::sync::atomic::Ordering::SeqCst);
+            metrics::gauge!("allot_usage_spill_batches").set(0.0);
+            return true;
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(error) => {
+                // Unreadable: keep the file for an operator, never loop on it.
+                tracing::error!(file = %file.display(), %error, "cannot read a spilled usage batch; set aside");
+                spill.set_aside(&file).await;
+                continue;
+            }
+        };
+        match store.insert(batch.clone()).await {
             Ok(new) => {
-                let now = allot::clock::now_ms();
-                for row in &batch {
-                    let lag = (now - row.settled_at_unix_ms).max(0) as f64 / 1000.0;
-                    metrics::histogram!("allot_usage_rows_lag_seconds").record(lag);
-                }
-                metrics::counter!("allot_usage_rows_written_total").increment(new as u64);
-                metrics::counter!("allot_usage_rows_duplicates_total")
-                    .increment((batch.len() - new) as u64);
-                return;
+                written(&batch, new);
+                spill.remove(&file).await;
+                tracing::info!(rows = batch.len(), "spilled usage rows written");
             }
             Err(error) => {
                 metrics::counter!("allot_usage_rows_write_failures_total").increment(1);
-                tracing::error!(attempt, rows = batch.len(), %error,
-                    "cannot write usage rows; keeping them and retrying");
-                let jitter = rand::random::<f64>() * 0.5 + 0.75;
-                tokio::time::sleep(delay.mul_f64(jitter)).await;
-                delay = (delay * 2).min(RETRY_MAX);
-                attempt += 1;
+                tracing::error!(rows = batch.len(), %error, "cannot write spilled usage rows yet");
+                return false;
             }
         }
+    }
+}
+
+/// Batches of usage rows kept on disk until the usage store takes them:
+/// one file per batch (rows length-delimited, protobuf), written to a
+/// temporary name, fsync'd and renamed, so a file that exists is whole.
+#[derive(Clone)]
+pub struct Spill {
+    inner: Arc<SpillDir>,
+}
+
+struct SpillDir {
+    dir: std::path::PathBuf,
+    /// Batch files waiting: the writer looks at the disk only when some are.
+    files: std::sync::atomic::AtomicUsize,
+    next: std::sync::atomic::AtomicU64,
+}
+
+const SPILL_SUFFIX: &str = ".rows";
+
+impl Spill {
+    /// Opens (creating) the spill directory; batches already there, from an
+    /// earlier run, are written first.
+    pub fn open(dir: &Path) -> Result<Spill, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("usage_spill_dir: cannot create {}: {e}", dir.display()))?;
+        let files = Self::batch_files(dir)
+            .map_err(|e| format!("usage_spill_dir: cannot read {}: {e}", dir.display()))?
+            .len();
+        if files > 0 {
+            tracing::warn!(files, dir = %dir.display(), "usage batches from an earlier run are waiting to be written");
+        }
+        metrics::gauge!("allot_usage_spill_batches").set(files as f64);
+        Ok(Spill {
+            inner: Arc::new(SpillDir {
+                dir: dir.to_path_buf(),
+                files: files.into(),
+                next: 0.into(),
+            }),
+        })
+    }
+
+    pub fn has_files(&self) -> bool {
+        self.inner.files.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
+    /// Batch files, oldest first (names sort by time of writing).
+    fn batch_files(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(SPILL_SUFFIX))
+            })
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    /// Keeps `batch` on disk, durably.
+    pub async fn put(&self, batch: &[pb::UsageRow]) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        let mut bytes = Vec::new();
+        for row in batch {
+            row.encode_length_delimited(&mut bytes)
+                .map_err(|e| e.to_string())?;
+        }
+        let n = self.inner.next.fetch_add(1, Ordering::SeqCst);
+        let name = format!(
+            "{:016}-{}-{n:08}{SPILL_SUFFIX}",
+            allot::clock::now_ms(),
+            std::process::id()
+        );
+        let dir = self.inner.dir.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let temporary = dir.join(format!("{name}.tmp"));
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, dir.join(&name))?;
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let files = self.inner.files.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics::gauge!("allot_usage_spill_batches").set(files as f64);
+        metrics::counter!("allot_usage_rows_spilled_total").increment(batch.len() as u64);
+        tracing::error!(
+            rows = batch.len(),
+            "usage rows not written after {ATTEMPTS} tries: kept on disk, retried later"
+        );
+        Ok(())
+    }
+
+    /// The oldest batch file and its rows.
+    async fn oldest(&self) -> Option<(std::path::PathBuf, Result<Vec<pb::UsageRow>, String>)> {
+        let dir = self.inner.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let file = Self::batch_files(&dir).ok()?.into_iter().next()?;
+            let rows = std::fs::read(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    let mut rest = bytes.as_slice();
+                    let mut rows = Vec::new();
+                    while !rest.is_empty() {
+                        rows.push(
+                            pb::UsageRow::decode_length_delimited(&mut rest)
+                                .map_err(|e| format!("corrupt spilled row: {e}"))?,
+                        );
+                    }
+                    Ok(rows)
+                });
+            Some((file, rows))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    async fn remove(&self, file: &Path) {
+        let _ = tokio::fs::remove_file(file).await;
+        self.forget_one();
+    }
+
+    /// Renames an unreadable batch file so that it is no longer replayed.
+    async fn set_aside(&self, file: &Path) {
+        let _ = tokio::fs::rename(file, file.with_extension("unreadable")).await;
+        metrics::counter!("allot_usage_spill_unreadable_total").increment(1);
+        self.forget_one();
+    }
+
+    fn forget_one(&self) {
+        use std::sync::atomic::Ordering;
+        let left = self
+            .inner
+            .files
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(1))
+            })
+            .unwrap_or(0)
+            .saturating_sub(1);
+        metrics::gauge!("allot_usage_spill_batches").set(left as f64);
     }
 }
 
@@ -823,6 +1035,118 @@ mod tests {
             .starts_with("filter.to_unix_ms"));
     }
 
+    /// A store that refuses every write while `down`.
+    struct Flaky {
+        store: EmbeddedUsageStore,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl UsageStore for Flaky {
+        fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, String>> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Box::pin(async { Err("connection refused".to_string()) });
+            }
+            self.store.insert(rows)
+        }
+
+        fn list(
+            &self,
+            filter: pb::UsageFilter,
+            after: Option<Vec<u8>>,
+            limit: usize,
+        ) -> BoxFuture<'_, Result<Page, String>> {
+            self.store.list(filter, after, limit)
+        }
+    }
+
+    fn spilled(dir: &Path) -> usize {
+        Spill::batch_files(dir).unwrap().len()
+    }
+
+    async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !done().await {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_the_store_refuses_are_kept_on_disk_and_written_once_it_is_back() {
+        let dir = std::env::temp_dir().join(format!("allot-usage-s-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let flaky = Arc::new(Flaky {
+            store: EmbeddedUsageStore::open(&dir.join("usage.redb")).unwrap(),
+            down: true.into(),
+        });
+        let store: Arc<dyn UsageStore> = flaky.clone();
+        let spill_dir = dir.join("spill");
+
+        // Down through the retries: the batch goes to disk, and the writer
+        // still stops when asked.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(run_writer(
+            store.clone(),
+            rx,
+            Spill::open(&spill_dir).unwrap(),
+        ));
+        tx.send(sample()[..3].to_vec()).unwrap();
+        wait_for("the batch to be spilled", async || spilled(&spill_dir) == 1).await;
+        tx.send(sample()[3..].to_vec()).unwrap();
+        drop(tx);
+        writer.await.unwrap();
+        assert_eq!(spilled(&spill_dir), 2, "shutdown spills what it holds");
+        assert_eq!(all(&*store, pb::UsageFilter::default(), 100).await.len(), 0);
+
+        // A later run, store still down: nothing is lost or written; once
+        // it is back, every spilled row lands once and the spill empties.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(run_writer(
+            store.clone(),
+            rx,
+            Spill::open(&spill_dir).unwrap(),
+        ));
+        tx.send(sample()[..1].to_vec()).unwrap();
+        wait_for("the new batch to be spilled", async || {
+            spilled(&spill_dir) == 3
+        })
+        .await;
+        flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        wait_for("the spill to be written", async || spilled(&spill_dir) == 0).await;
+        let rows = all(&*store, pb::UsageFilter::default(), 100).await;
+        assert_eq!(rows.len(), 5, "every row once, the re-sent one too");
+        drop(tx);
+        writer.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_spill_file_is_set_aside_not_retried_forever() {
+        let dir = std::env::temp_dir().join(format!("allot-usage-u-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spill_dir = dir.join("spill");
+        std::fs::create_dir_all(&spill_dir).unwrap();
+        std::fs::write(
+            spill_dir.join("0000000000000001-1-00000000.rows"),
+            b"\xff\xff",
+        )
+        .unwrap();
+        let store: Arc<dyn UsageStore> =
+            Arc::new(EmbeddedUsageStore::open(&dir.join("usage.redb")).unwrap());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(run_writer(store, rx, Spill::open(&spill_dir).unwrap()));
+        wait_for("the file to be set aside", async || {
+            spill_dir
+                .join("0000000000000001-1-00000000.unreadable")
+                .exists()
+        })
+        .await;
+        assert_eq!(spilled(&spill_dir), 0);
+        drop(tx);
+        writer.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn the_writer_drains_what_it_holds_when_its_channel_closes() {
         let dir = std::env::temp_dir().join(format!("allot-usage-w-{}", std::process::id()));
@@ -830,7 +1154,8 @@ mod tests {
         let store: Arc<dyn UsageStore> =
             Arc::new(EmbeddedUsageStore::open(&dir.join("usage.redb")).unwrap());
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(run_writer(store.clone(), rx));
+        let spill = Spill::open(&dir.join("spill")).unwrap();
+        let writer = tokio::spawn(run_writer(store.clone(), rx, spill));
         tx.send(sample()).unwrap();
         tx.send(sample()).unwrap();
         drop(tx);

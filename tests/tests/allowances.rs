@@ -60,12 +60,14 @@ async fn eight_agents_with_skewed_load_use_99_percent_of_a_cap_and_never_more() 
     let fleet = agents(&stack.coordinator_url, 8).await;
     let refused = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
+    let refusals = Arc::new(AtomicU64::new(0));
     let http = reqwest::Client::new();
     let mut workers = Vec::new();
     for worker in 0..8u64 {
-        let (refused, served, http, urls, secret) = (
+        let (refused, served, refusals, http, urls, secret) = (
             refused.clone(),
             served.clone(),
+            refusals.clone(),
             http.clone(),
             fleet.urls.clone(),
             secret.clone(),
@@ -100,6 +102,7 @@ async fn eight_agents_with_skewed_load_use_99_percent_of_a_cap_and_never_more() 
                     429 => {
                         let body: serde_json::Value = response.json().await.unwrap();
                         assert_eq!(body["error"]["code"], "insufficient_quota");
+                        refusals.fetch_add(1, Ordering::SeqCst);
                         refused.store(true, Ordering::SeqCst);
                     }
                     503 => {}
@@ -113,10 +116,12 @@ async fn eight_agents_with_skewed_load_use_99_percent_of_a_cap_and_never_more() 
     }
     let served = served.load(Ordering::SeqCst);
     assert_eq!(fleet.neuron.hits(), served);
+    // Refusals are recorded too, at no cost.
+    let records = served + refusals.load(Ordering::SeqCst);
     wait_until(
-        "every served request to settle",
+        "every served and refused request to settle",
         Duration::from_secs(60),
-        || async { stack.settled_records().await == served },
+        || async { stack.settled_records().await == records },
     )
     .await;
     let (spent, _) = stack.key_usage(&key_id, pb::Unit::Tokens).await;

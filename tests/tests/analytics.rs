@@ -26,6 +26,15 @@ async fn batch_key(stack: &Stack) -> (String, String) {
         .await
         .unwrap()
         .into_inner();
+    admin
+        .credit(authed(pb::CreditRequest {
+            account_id: "nightly".into(),
+            amount: "100".into(),
+            source_id: "top-up-nightly-batch".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
     (created.key.unwrap().key_id, created.secret)
 }
 
@@ -286,4 +295,260 @@ async fn a_record_settled_again_after_a_coordinator_restart_is_one_row() {
         .unwrap();
     assert_eq!(tokens.rows_total, spent.to_string());
     assert_eq!(tokens.difference, "0");
+}
+
+/// Puts a tariff for [`MODEL`] in force over `[from, until)` (ms).
+async fn put_tariff_between(
+    stack: &Stack,
+    purpose: pb::Purpose,
+    prices: (&str, &str),
+    from: i64,
+    until: Option<i64>,
+) {
+    stack
+        .admin()
+        .await
+        .put_tariff(authed(pb::PutTariffRequest {
+            tariff: Some(pb::Tariff {
+                model: MODEL.into(),
+                purpose: purpose as i32,
+                input_price: prices.0.into(),
+                output_price: prices.1.into(),
+                valid_from: Some(allot::clock::to_pb(from)),
+                valid_until: until.map(allot::clock::to_pb),
+                ..Default::default()
+            }),
+        }))
+        .await
+        .expect("put tariff");
+}
+
+fn cost_at(body: &Value, input: &str, output: &str) -> Decimal {
+    Decimal::from(body["usage"]["prompt_tokens"].as_u64().unwrap()) * dec(input)
+        + Decimal::from(body["usage"]["completion_tokens"].as_u64().unwrap()) * dec(output)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_rows_with_their_code_at_no_cost() {
+    let stack = Stack::start().await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "60", balance())])
+        .await;
+    // Over the cap by itself: refused at once, never dispatched.
+    let over = stack.chat(&secret, chat_body(1000)).await;
+    assert_eq!(over.status(), 429);
+    let malformed = stack
+        .http
+        .post(format!("{}/v1/chat/completions", stack.agent_url()))
+        .bearer_auth(&secret)
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    // No principal, no row.
+    let unknown = stack.chat("sk-not-a-key", chat_body(5)).await;
+    assert_eq!(unknown.status(), 401);
+    let served = stack.chat(&secret, chat_body(5)).await;
+    assert_eq!(served.status(), 200);
+    assert_eq!(
+        stack.neuron.hits(),
+        1,
+        "refused requests never reach the neuron"
+    );
+
+    wait_until("three rows", Duration::from_secs(30), || async {
+        list(&stack, pb::UsageFilter::default()).await.len() == 3
+    })
+    .await;
+    let refused = list(
+        &stack,
+        pb::UsageFilter {
+            key_id: key_id.clone(),
+            status: pb::UsageStatus::NotCharged as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut seen: Vec<(u32, String, String, String)> = refused
+        .iter()
+        .map(|row| {
+            let r = row.record.as_ref().unwrap();
+            (
+                r.http_status,
+                r.refusal_code.clone(),
+                r.model_requested.clone(),
+                row.cost.clone(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            (400, "invalid_request_error".into(), "".into(), "0".into()),
+            (429, "insufficient_quota".into(), MODEL.into(), "0".into()),
+        ]
+    );
+    assert!(refused
+        .iter()
+        .all(|row| !row.record.as_ref().unwrap().request_id.is_empty()));
+    // Refusals spend nothing: the ledger and the rows agree.
+    let check = stack.check_usage(&key_id).await;
+    assert!(check.agrees, "{check:?}");
+    let tokens = check
+        .checks
+        .iter()
+        .find(|c| c.scope == "key" && c.unit == pb::Unit::Tokens as i32)
+        .unwrap();
+    assert_eq!(
+        dec(&tokens.ledger_spent),
+        Decimal::from(
+            served.json::<Value>().await.unwrap()["usage"]["total_tokens"]
+                .as_u64()
+                .unwrap()
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_without_its_own_tariff_pays_its_purposes_generic_price() {
+    let stack = Stack::start().await;
+    stack
+        .put_tariff(pb::Purpose::Realtime, "", "0.001", "0.002")
+        .await;
+    stack
+        .put_tariff(pb::Purpose::Batch, "", "0.0007", "0.0014")
+        .await;
+    stack
+        .put_tariff(pb::Purpose::Batch, "24h", "0.0005", "0.001")
+        .await;
+    let (key_id, secret) = batch_key(&stack).await;
+    let unknown_window = chat(&stack, &secret, MODEL, Some("7d")).await;
+    let no_window = chat(&stack, &secret, MODEL, None).await;
+    wait_until("two rows", Duration::from_secs(30), || async {
+        list(&stack, pb::UsageFilter::default()).await.len() == 2
+    })
+    .await;
+    let rows = list(
+        &stack,
+        pb::UsageFilter {
+            key_id,
+            ..Default::default()
+        },
+    )
+    .await;
+    for (window, body) in [("7d", &unknown_window), ("", &no_window)] {
+        let row = rows
+            .iter()
+            .find(|r| r.record.as_ref().unwrap().completion_window == window)
+            .unwrap();
+        assert_eq!(
+            (row.tariff_purpose, row.tariff_completion_window.as_str()),
+            (pb::Purpose::Batch as i32, ""),
+            "the batch generic, never the 24h window's price"
+        );
+        assert_eq!(dec(&row.cost), cost_at(body, "0.0007", "0.0014"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_request_pays_the_price_in_force_when_its_batch_was_created() {
+    let stack = Stack::start().await;
+    let now = allot::clock::now_ms();
+    let change = now - 3_600_000;
+    put_tariff_between(
+        &stack,
+        pb::Purpose::Batch,
+        ("0.0005", "0.001"),
+        0,
+        Some(change),
+    )
+    .await;
+    put_tariff_between(
+        &stack,
+        pb::Purpose::Batch,
+        ("0.0009", "0.0018"),
+        change,
+        None,
+    )
+    .await;
+    let (key_id, secret) = batch_key(&stack).await;
+    let batch_request = |created_at: Option<i64>, secret: String| {
+        let stack = &stack;
+        async move {
+            let mut request = stack
+                .http
+                .post(format!("{}/v1/chat/completions", stack.agent_url()))
+                .bearer_auth(secret)
+                .json(&chat_body(4));
+            if let Some(at) = created_at {
+                request = request.header("x-allot-batch-created-at", (at / 1000).to_string());
+            }
+            request.send().await.unwrap()
+        }
+    };
+    // Created two hours ago, before the price changed: the old price.
+    let created = now - 2 * 3_600_000;
+    let old = batch_request(Some(created), secret.clone()).await;
+    assert_eq!(old.status(), 200);
+    let old: Value = old.json().await.unwrap();
+    let current = batch_request(None, secret.clone()).await;
+    assert_eq!(current.status(), 200);
+    let current: Value = current.json().await.unwrap();
+
+    // Only a batch key may name a creation time, and only a past one.
+    let (_, realtime_secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    for (at, secret) in [
+        (Some(created), realtime_secret),
+        (Some(now + 3_600_000), secret.clone()),
+        (Some(now - 30 * 24 * 3_600_000), secret.clone()),
+    ] {
+        let refused = batch_request(at, secret).await;
+        assert_eq!(refused.status(), 400);
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["param"], "x-allot-batch-created-at", "{body}");
+    }
+
+    wait_until("two priced rows", Duration::from_secs(30), || async {
+        list(
+            &stack,
+            pb::UsageFilter {
+                status: pb::UsageStatus::Charged as i32,
+                ..Default::default()
+            },
+        )
+        .await
+        .len()
+            == 2
+    })
+    .await;
+    let rows = list(
+        &stack,
+        pb::UsageFilter {
+            key_id,
+            status: pb::UsageStatus::Charged as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    let historical = rows
+        .iter()
+        .find(|r| r.record.as_ref().unwrap().priced_at_unix_ms != 0)
+        .unwrap();
+    assert_eq!(
+        historical.record.as_ref().unwrap().priced_at_unix_ms,
+        created / 1000 * 1000
+    );
+    assert_eq!(historical.input_price, "0.0005");
+    assert_eq!(dec(&historical.cost), cost_at(&old, "0.0005", "0.001"));
+    let recent = rows
+        .iter()
+        .find(|r| r.record.as_ref().unwrap().priced_at_unix_ms == 0)
+        .unwrap();
+    assert_eq!(recent.input_price, "0.0009");
+    assert_eq!(dec(&recent.cost), cost_at(&current, "0.0009", "0.0018"));
 }

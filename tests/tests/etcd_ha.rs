@@ -313,11 +313,13 @@ async fn key_tokens(url: &str, key_id: &str) -> Option<(u64, u64)> {
 /// exactly the served requests, spend within the cap, nothing reserved.
 async fn assert_settled(url: &str, fleet: &mut Fleet, key_id: &str, result: &LoadResult, cap: u64) {
     assert_eq!(fleet.neuron.hits(), result.served, "neuron hits == served");
-    let served = result.served;
+    // One record per request served or refused for quota (refusals are
+    // recorded at no cost).
+    let records = result.served + result.quota;
     wait_until(
-        "every served request to settle",
+        "every served and refused request to settle",
         Duration::from_secs(60),
-        || async move { settled_records_at(url).await == served },
+        || async move { settled_records_at(url).await == records },
     )
     .await;
     let (spent, _) = key_tokens(url, key_id).await.unwrap();

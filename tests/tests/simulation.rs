@@ -265,7 +265,7 @@ impl World {
                 model: "m".into(),
                 purpose: Purpose::Realtime,
                 completion_window: None,
-                admitted_at: 0,
+                priced_at: 0,
                 prompt_tokens: actual,
                 completion_tokens: 0,
                 charged: true,

@@ -93,9 +93,28 @@ async fn a_postgres_outage_under_load_loses_and_duplicates_no_row() {
     rows_are(50).await;
     pg.stop();
     serve(30).await;
-    settled(80).await;
+    // Refusals are rows too (at no cost): five requests over the cap.
+    for _ in 0..5 {
+        let refused = stack.chat(&secret, chat_body(2_000_000)).await;
+        assert_eq!(refused.status(), 429);
+    }
+    settled(85).await;
+    // Long enough down for the writer's retries to give up: the rows wait
+    // on disk, and are written from there once PostgreSQL is back.
+    wait_until(
+        "the rows to be spilled",
+        Duration::from_secs(30),
+        || async {
+            std::fs::read_dir(dir.0.join("usage-spill")).is_ok_and(|files| {
+                files
+                    .flatten()
+                    .any(|f| f.path().extension().is_some_and(|e| e == "rows"))
+            })
+        },
+    )
+    .await;
     pg.restart();
-    rows_are(80).await;
+    rows_are(85).await;
 
     let rows = rows(&stack, &key_id).await.unwrap();
     let mut seqs: Vec<u64> = rows
@@ -104,7 +123,12 @@ async fn a_postgres_outage_under_load_loses_and_duplicates_no_row() {
         .collect();
     seqs.sort_unstable();
     seqs.dedup();
-    assert_eq!(seqs.len(), 80, "every request once");
+    assert_eq!(seqs.len(), 85, "every served and refused request once");
+    let refused = rows
+        .iter()
+        .filter(|r| r.record.as_ref().unwrap().refusal_code == "insufficient_quota")
+        .count();
+    assert_eq!(refused, 5);
     let check = stack.check_usage(&key_id).await;
     assert!(check.agrees, "{check:?}");
 }
