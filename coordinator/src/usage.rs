@@ -344,6 +344,13 @@ impl PostgresUsageStore {
     }
 }
 
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "23505")
+}
+
 /// Splits a page token back into (agent id, epoch, seq).
 fn parse_key(key: &[u8]) -> Option<(String, i64, i64)> {
     let zero = key.iter().position(|b| *b == 0)?;
@@ -357,70 +364,146 @@ fn parse_key(key: &[u8]) -> Option<(String, i64, i64)> {
     Some((agent, epoch, seq))
 }
 
+/// Columns of `usage_rows` in the order the writer sends them.
+const COLUMNS: &str = "agent_id, epoch, seq, account_id, key_id, model, admitted_at, \
+                       batch_id, origin, charged, cost, settled_at, row";
+
+/// `rows` in PostgreSQL's binary COPY format (a header, one tuple of
+/// length-prefixed fields per row, a trailer).
+fn copy_data(rows: &[pb::UsageRow]) -> Result<Vec<u8>, String> {
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let mut out = Vec::with_capacity(rows.len() * 640 + 32);
+    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    out.extend_from_slice(&0i32.to_be_bytes()); // flags
+    out.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+    let mut numeric = sqlx::postgres::PgArgumentBuffer::default();
+    let mut encoded = Vec::new();
+    for row in rows {
+        let r = row.record.clone().unwrap_or_default();
+        let cost = match row.cost.as_str() {
+            "" => Decimal::ZERO,
+            text => allot::money::parse_decimal("cost", text).map_err(|e| e.to_string())?,
+        };
+        numeric.clear();
+        // A decimal is never NULL.
+        let _not_null = sqlx::Encode::<sqlx::Postgres>::encode_by_ref(&cost, &mut numeric)
+            .map_err(|e| e.to_string())?;
+        encoded.clear();
+        row.encode(&mut encoded).map_err(|e| e.to_string())?;
+        out.extend_from_slice(&13i16.to_be_bytes());
+        field(&mut out, row.agent_id.as_bytes());
+        field(&mut out, &(r.epoch as i64).to_be_bytes());
+        field(&mut out, &(r.seq as i64).to_be_bytes());
+        field(&mut out, r.account_id.as_bytes());
+        field(&mut out, r.key_id.as_bytes());
+        field(&mut out, r.model_requested.as_bytes());
+        field(&mut out, &r.admitted_at_unix_ms.to_be_bytes());
+        field(&mut out, r.batch_id.as_bytes());
+        field(&mut out, &r.origin.to_be_bytes());
+        field(&mut out, &[u8::from(r.charged)]);
+        field(&mut out, &numeric);
+        field(&mut out, &row.settled_at_unix_ms.to_be_bytes());
+        field(&mut out, &encoded);
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+    Ok(out)
+}
+
+impl PostgresUsageStore {
+    /// Inserts with `INSERT ... ON CONFLICT DO NOTHING`: slower than COPY,
+    /// but skips rows already there (a batch with re-settled records).
+    async fn insert_skipping_duplicates(&self, rows: &[pb::UsageRow]) -> Result<usize, String> {
+        let n = rows.len();
+        fn column<T>(n: usize) -> Vec<T> {
+            Vec::with_capacity(n)
+        }
+        let (mut agent, mut epoch, mut seq): (Vec<&str>, Vec<i64>, Vec<i64>) =
+            (column(n), column(n), column(n));
+        let (mut account, mut key, mut model): (Vec<&str>, Vec<&str>, Vec<&str>) =
+            (column(n), column(n), column(n));
+        let (mut admitted, mut batch, mut origin): (Vec<i64>, Vec<&str>, Vec<i32>) =
+            (column(n), column(n), column(n));
+        let (mut charged, mut cost, mut settled): (Vec<bool>, Vec<&str>, Vec<i64>) =
+            (column(n), column(n), column(n));
+        let mut bytes: Vec<Vec<u8>> = column(n);
+        let empty = pb::UsageRecord::default();
+        for row in rows {
+            let r = row.record.as_ref().unwrap_or(&empty);
+            agent.push(&row.agent_id);
+            epoch.push(r.epoch as i64);
+            seq.push(r.seq as i64);
+            account.push(&r.account_id);
+            key.push(&r.key_id);
+            model.push(&r.model_requested);
+            admitted.push(r.admitted_at_unix_ms);
+            batch.push(&r.batch_id);
+            origin.push(r.origin);
+            charged.push(r.charged);
+            cost.push(if row.cost.is_empty() { "0" } else { &row.cost });
+            settled.push(row.settled_at_unix_ms);
+            bytes.push(row.encode_to_vec());
+        }
+        let done = sqlx::query(&format!(
+            "INSERT INTO usage_rows ({COLUMNS}) \
+             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
+             $6::text[], $7::int8[], $8::text[], $9::int4[], $10::bool[], \
+             $11::text[]::numeric[], $12::int8[], $13::bytea[]) \
+             ON CONFLICT (agent_id, epoch, seq) DO NOTHING"
+        ))
+        .bind(&agent)
+        .bind(&epoch)
+        .bind(&seq)
+        .bind(&account)
+        .bind(&key)
+        .bind(&model)
+        .bind(&admitted)
+        .bind(&batch)
+        .bind(&origin)
+        .bind(&charged)
+        .bind(&cost)
+        .bind(&settled)
+        .bind(&bytes)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(done.rows_affected() as usize)
+    }
+}
+
 impl UsageStore for PostgresUsageStore {
+    /// One binary `COPY` in one transaction, the fast path (COPY cannot
+    /// skip conflicts); a batch holding a row already written (a record
+    /// settled again after a lost ack) fails it whole on the primary key,
+    /// and is inserted again skipping the rows already there.
     fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, String>> {
         Box::pin(async move {
             self.ensure_schema().await?;
-            let n = rows.len();
-            fn column<T>(n: usize) -> Vec<T> {
-                Vec::with_capacity(n)
-            }
-            let (mut agent, mut epoch, mut seq): (Vec<String>, Vec<i64>, Vec<i64>) =
-                (column(n), column(n), column(n));
-            let (mut account, mut key, mut model): (Vec<String>, Vec<String>, Vec<String>) =
-                (column(n), column(n), column(n));
-            let (mut admitted, mut batch, mut origin): (Vec<i64>, Vec<String>, Vec<i32>) =
-                (column(n), column(n), column(n));
-            let (mut charged, mut cost, mut settled): (Vec<bool>, Vec<String>, Vec<i64>) =
-                (column(n), column(n), column(n));
-            let mut bytes: Vec<Vec<u8>> = column(n);
-            for row in &rows {
-                let r = row.record.clone().unwrap_or_default();
-                agent.push(row.agent_id.clone());
-                epoch.push(r.epoch as i64);
-                seq.push(r.seq as i64);
-                account.push(r.account_id.clone());
-                key.push(r.key_id.clone());
-                model.push(r.model_requested.clone());
-                admitted.push(r.admitted_at_unix_ms);
-                batch.push(r.batch_id.clone());
-                origin.push(r.origin);
-                charged.push(r.charged);
-                cost.push(if row.cost.is_empty() {
-                    "0".to_string()
-                } else {
-                    row.cost.clone()
-                });
-                settled.push(row.settled_at_unix_ms);
-                bytes.push(row.encode_to_vec());
-            }
+            let data = copy_data(&rows)?;
             let mut txn = self.pool.begin().await.map_err(|e| e.to_string())?;
-            let done = sqlx::query(
-                "INSERT INTO usage_rows (agent_id, epoch, seq, account_id, key_id, model, \
-                 admitted_at, batch_id, origin, charged, cost, settled_at, row) \
-                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
-                 $6::text[], $7::int8[], $8::text[], $9::int4[], $10::bool[], \
-                 $11::text[]::numeric[], $12::int8[], $13::bytea[]) \
-                 ON CONFLICT (agent_id, epoch, seq) DO NOTHING",
-            )
-            .bind(&agent)
-            .bind(&epoch)
-            .bind(&seq)
-            .bind(&account)
-            .bind(&key)
-            .bind(&model)
-            .bind(&admitted)
-            .bind(&batch)
-            .bind(&origin)
-            .bind(&charged)
-            .bind(&cost)
-            .bind(&settled)
-            .bind(&bytes)
-            .execute(&mut *txn)
-            .await
-            .map_err(|e| e.to_string())?;
-            txn.commit().await.map_err(|e| e.to_string())?;
-            Ok(done.rows_affected() as usize)
+            let copied = async {
+                let mut copy = txn
+                    .copy_in_raw(&format!(
+                        "COPY usage_rows ({COLUMNS}) FROM STDIN (FORMAT binary)"
+                    ))
+                    .await?;
+                copy.send(data).await?;
+                copy.finish().await
+            }
+            .await;
+            match copied {
+                Ok(new) => {
+                    txn.commit().await.map_err(|e| e.to_string())?;
+                    Ok(new as usize)
+                }
+                Err(error) if is_unique_violation(&error) => {
+                    txn.rollback().await.map_err(|e| e.to_string())?;
+                    self.insert_skipping_duplicates(&rows).await
+                }
+                Err(error) => Err(error.to_string()),
+            }
         })
     }
 
@@ -1000,6 +1083,12 @@ pub mod conformance {
                 .count(),
             1
         );
+        // A batch mixing rows already there with a new one writes the new
+        // one only.
+        let mut mixed = sample()[3..].to_vec();
+        mixed.push(row("a3", 1, "k3", "m1", 12 * hour, true));
+        assert_eq!(store.insert(mixed).await.unwrap(), 1);
+        assert_eq!(all(store, pb::UsageFilter::default(), 100).await.len(), 6);
     }
 }
 

@@ -20,7 +20,7 @@ async fn the_postgres_store_passes_the_conformance_cases() {
         conformance::all(&again, pb::UsageFilter::default(), 1000)
             .await
             .len(),
-        5
+        6
     );
 }
 
