@@ -298,9 +298,10 @@ impl UsageStore for EmbeddedUsageStore {
 // ---- PostgreSQL ----
 
 /// The production usage store: PostgreSQL through sqlx, schema managed by
-/// `sqlx::migrate!` (`coordinator/migrations/`), rows upserted on
-/// (agent_id, epoch, seq) with `ON CONFLICT DO NOTHING`, indexes for the
-/// key, account, model and batch filters.
+/// `sqlx::migrate!` (`coordinator/migrations/`), rows written once per
+/// (agent_id, epoch, seq), indexes for the key, model and batch filters;
+/// account filters go through `usage_keys` (each key's account) and the
+/// key index.
 pub struct PostgresUsageStore {
     pool: sqlx::PgPool,
     /// Set once the migrations ran: the coordinator starts (and keeps its
@@ -413,6 +414,30 @@ fn copy_data(rows: &[pb::UsageRow]) -> Result<Vec<u8>, String> {
 }
 
 impl PostgresUsageStore {
+    /// Notes the account of each key in `rows` (`usage_keys`, which the
+    /// account filter reads), in key order so that concurrent batches
+    /// never wait on each other in a cycle.
+    async fn note_keys(
+        txn: &mut sqlx::PgConnection,
+        rows: &[pb::UsageRow],
+    ) -> Result<(), sqlx::Error> {
+        let pairs: std::collections::BTreeMap<&str, &str> = rows
+            .iter()
+            .filter_map(|row| row.record.as_ref())
+            .map(|r| (r.key_id.as_str(), r.account_id.as_str()))
+            .collect();
+        let (keys, accounts): (Vec<&str>, Vec<&str>) = pairs.into_iter().unzip();
+        sqlx::query(
+            "INSERT INTO usage_keys (key_id, account_id) \
+             SELECT * FROM UNNEST($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&keys)
+        .bind(&accounts)
+        .execute(txn)
+        .await
+        .map(drop)
+    }
+
     /// Inserts with `INSERT ... ON CONFLICT DO NOTHING`: slower than COPY,
     /// but skips rows already there (a batch with re-settled records).
     async fn insert_skipping_duplicates(&self, rows: &[pb::UsageRow]) -> Result<usize, String> {
@@ -446,6 +471,10 @@ impl PostgresUsageStore {
             settled.push(row.settled_at_unix_ms);
             bytes.push(row.encode_to_vec());
         }
+        let mut txn = self.pool.begin().await.map_err(|e| e.to_string())?;
+        Self::note_keys(&mut txn, rows)
+            .await
+            .map_err(|e| e.to_string())?;
         let done = sqlx::query(&format!(
             "INSERT INTO usage_rows ({COLUMNS}) \
              SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
@@ -466,9 +495,10 @@ impl PostgresUsageStore {
         .bind(&cost)
         .bind(&settled)
         .bind(&bytes)
-        .execute(&self.pool)
+        .execute(&mut *txn)
         .await
         .map_err(|e| e.to_string())?;
+        txn.commit().await.map_err(|e| e.to_string())?;
         Ok(done.rows_affected() as usize)
     }
 }
@@ -484,6 +514,7 @@ impl UsageStore for PostgresUsageStore {
             let data = copy_data(&rows)?;
             let mut txn = self.pool.begin().await.map_err(|e| e.to_string())?;
             let copied = async {
+                Self::note_keys(&mut txn, &rows).await?;
                 let mut copy = txn
                     .copy_in_raw(&format!(
                         "COPY usage_rows ({COLUMNS}) FROM STDIN (FORMAT binary)"
@@ -530,8 +561,13 @@ impl UsageStore for PostgresUsageStore {
                     .push_bind(seq)
                     .push(")");
             }
+            if !filter.account_id.is_empty() {
+                query
+                    .push(" AND key_id IN (SELECT key_id FROM usage_keys WHERE account_id = ")
+                    .push_bind(filter.account_id.clone())
+                    .push(")");
+            }
             for (column, value) in [
-                ("account_id", &filter.account_id),
                 ("key_id", &filter.key_id),
                 ("model", &filter.model),
                 ("batch_id", &filter.batch_id),
