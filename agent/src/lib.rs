@@ -220,7 +220,10 @@ pub async fn run(
 
 /// Accepts connections (HTTP/1.1 and h2c) until `shutdown`, then stops
 /// accepting and gives open requests, streams included, `grace` to finish.
-/// Clients get `header_read_timeout` to send their request headers.
+/// Connections still open after that are cut, and returns only once they
+/// are gone: their requests settle (at what was delivered) while the spool
+/// still runs, so no usage is lost to a stop. Clients get
+/// `header_read_timeout` to send their request headers.
 async fn serve(
     listener: TcpListener,
     app: axum::Router,
@@ -238,8 +241,11 @@ async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let service = hyper_util::service::TowerToHyperService::new(app);
     tokio::pin!(shutdown);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (tcp, _) = tokio::select! {
+            // Reap finished connections as they end.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -257,7 +263,7 @@ async fn serve(
             .serve_connection_with_upgrades(TokioIo::new(tcp), service.clone())
             .into_owned();
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _ = connection.await;
         });
     }
@@ -270,8 +276,13 @@ async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!("in-flight requests outlived the shutdown grace period");
+        tracing::warn!(
+            open = connections.len(),
+            "in-flight requests outlived the shutdown grace period: cutting them"
+        );
+        connections.abort_all();
     }
+    while connections.join_next().await.is_some() {}
 }
 
 /// The usage a spooled record charges, as the agent counted it when it

@@ -649,6 +649,42 @@ async fn a_graceful_stop_lets_open_streams_finish_and_settles_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_outlives_the_shutdown_grace_is_cut_and_settled_before_the_agent_exits() {
+    let mut stack = stack_with(|c| c.shutdown_grace_ms = 300).await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
+        .await;
+    stack.neuron.set_behavior(Behavior {
+        chunk_delay_ms: 400,
+        ..Default::default()
+    });
+    let mut body = chat_body(100);
+    body["stream"] = true.into();
+    let response = post(&stack, &secret, "/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    // The stream would take 40 s; the agent gives it 300 ms.
+    stack.agent.take().unwrap().stop().await;
+    while let Some(Ok(_)) = stream.next().await {}
+    wait_until(
+        "the neuron to see the cut",
+        Duration::from_secs(20),
+        || async { stack.neuron.cancellations() == 1 },
+    )
+    .await;
+    // The cut request was settled before the agent exited: a new agent
+    // finds it in the spool and the coordinator charges it.
+    stack.restart_agent().await;
+    wait_settled(&stack, 1, "the cut stream to settle").await;
+    let spent = spent_tokens(&stack, &key_id).await;
+    let reserved = reservation_of(Operation::ChatCompletions, &body, 100);
+    assert!(spent > 0, "delivered tokens are charged");
+    assert!(spent < reserved, "spent {spent}, reserved {reserved}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stack = stack_with(|c| c.header_read_timeout_ms = 300).await;
