@@ -8,7 +8,10 @@
 //! pages continue after the last key), every 5 ms, so each lag figure is
 //! exact to about 5 ms.
 //!
-//! Run: `cargo run --release -p allot-e2e --bin analytics_lag_bench [RATE] [SECONDS]`
+//! With `postgres` the coordinator writes rows to a PostgreSQL server this
+//! bench starts (Debian's `postgresql`, as the tests do) instead.
+//!
+//! Run: `cargo run --release -p allot-e2e --bin analytics_lag_bench [RATE] [SECONDS] [embedded|postgres]`
 
 use allot::pb;
 use allot_e2e::{authed, balance, limit, Stack, MODEL};
@@ -20,8 +23,27 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-async fn bench(rate: u64, seconds: u64) -> anyhow::Result<()> {
-    let stack = Stack::start().await;
+async fn bench(rate: u64, seconds: u64, store: &str) -> anyhow::Result<()> {
+    let dir = allot_e2e::TempDir::new("lag-bench");
+    let mut _postgres = None;
+    let stack = match store {
+        "embedded" => Stack::start().await,
+        "postgres" => {
+            let pg = allot_e2e::postgres::Postgres::start();
+            let url = pg.url();
+            _postgres = Some(pg);
+            Stack::start_with(allot_coordinator::config::CoordinatorConfig {
+                listen: "127.0.0.1:0".parse()?,
+                metrics_listen: None,
+                admin_token: allot_e2e::ADMIN_TOKEN.into(),
+                data_path: dir.0.join("coordinator.redb"),
+                usage_postgres_url: Some(url),
+                ..Default::default()
+            })
+            .await
+        }
+        other => anyhow::bail!("unknown store {other}: embedded or postgres"),
+    };
     let (_, secret) = stack
         .key_with_limits(
             "bench",
@@ -132,7 +154,7 @@ async fn bench(rate: u64, seconds: u64) -> anyhow::Result<()> {
     lags.sort();
     let missing = ended.len() - lags.len();
     println!(
-        "analytics_lag_bench: {total} requests at {rate}/s (sent in {:.2} s), {} served, {} rows seen, {missing} never seen",
+        "analytics_lag_bench: {total} requests at {rate}/s (sent in {:.2} s), {} served, {} rows seen, {missing} never seen, {store} store",
         sent_for.as_secs_f64(),
         ended.len(),
         lags.len()
@@ -152,9 +174,10 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let rate: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1000);
     let seconds: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10);
+    let store = args.next().unwrap_or_else(|| "embedded".into());
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(bench(rate, seconds))
+        .block_on(bench(rate, seconds, &store))
 }

@@ -1,6 +1,7 @@
-//! Rows per second into the embedded usage analytics store, written the
-//! way the coordinator's writer writes them (batches of 2,048 rows, one
-//! transaction each), and the time to read a page back.
+//! Rows per second into a usage analytics store (embedded or PostgreSQL),
+//! written the way the coordinator's writer writes them (batches of 2,048
+//! rows, one transaction each, several at a time), and the time to read a
+//! page back.
 //!
 //! Run: `cargo run --release -p allot-e2e --bin usage_bench [ROWS] [embedded|postgres]`
 //! (`postgres` starts a PostgreSQL server of its own from Debian's
