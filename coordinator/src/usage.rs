@@ -137,8 +137,8 @@ pub fn summarize(
         pb::Granularity::Hour => HOUR_MS,
         _ => DAY_MS,
     };
-    // (start, key, model) → (requests, prompt, completion, cost)
-    type Totals = (u64, u64, u64, Decimal);
+    // (start, key, model) → (requests, prompt, completion, cost, refused)
+    type Totals = (u64, u64, u64, Decimal, u64);
     let mut buckets: BTreeMap<(i64, String, String), Totals> = BTreeMap::new();
     for row in rows {
         let Some(r) = row.record else { continue };
@@ -151,18 +151,22 @@ pub fn summarize(
         entry.1 += r.prompt_tokens;
         entry.2 += r.completion_tokens;
         entry.3 += cost;
+        entry.4 += u64::from(!r.refusal_code.is_empty());
     }
     buckets
         .into_iter()
         .map(
-            |((start, key_id, model), (requests, prompt, completion, cost))| pb::UsageBucket {
-                bucket_start_unix_ms: start,
-                key_id,
-                model,
-                requests,
-                prompt_tokens: prompt,
-                completion_tokens: completion,
-                cost: allot::money::format(cost),
+            |((start, key_id, model), (requests, prompt, completion, cost, refused))| {
+                pb::UsageBucket {
+                    bucket_start_unix_ms: start,
+                    key_id,
+                    model,
+                    requests,
+                    prompt_tokens: prompt,
+                    completion_tokens: completion,
+                    cost: allot::money::format(cost),
+                    refused,
+                }
             },
         )
         .collect()

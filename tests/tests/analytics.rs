@@ -394,6 +394,23 @@ async fn refusals_are_rows_with_their_code_at_no_cost() {
     assert!(refused
         .iter()
         .all(|row| !row.record.as_ref().unwrap().request_id.is_empty()));
+    // The summary tells refused requests apart.
+    let buckets = stack
+        .admin()
+        .await
+        .usage_summary(authed(pb::UsageSummaryRequest {
+            filter: Some(pb::UsageFilter {
+                key_id: key_id.clone(),
+                ..Default::default()
+            }),
+            granularity: pb::Granularity::Day as i32,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .buckets;
+    let count = |f: fn(&pb::UsageBucket) -> u64| buckets.iter().map(f).sum::<u64>();
+    assert_eq!((count(|b| b.requests), count(|b| b.refused)), (3, 2));
     // Refusals spend nothing: the ledger and the rows agree.
     let check = stack.check_usage(&key_id).await;
     assert!(check.agrees, "{check:?}");
