@@ -1138,11 +1138,17 @@ mod tests {
 
     use conformance::{all, sample};
 
-    #[tokio::test]
-    async fn the_embedded_store_passes_the_conformance_cases() {
-        let dir = std::env::temp_dir().join(format!("allot-usage-{}", std::process::id()));
+    /// A fresh directory for one test, and an embedded store in it.
+    fn scratch(label: &str) -> (std::path::PathBuf, EmbeddedUsageStore) {
+        let dir = std::env::temp_dir().join(format!("allot-usage-{label}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = EmbeddedUsageStore::open(&dir.join("usage.redb")).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn the_embedded_store_passes_the_conformance_cases() {
+        let (dir, store) = scratch("c");
         conformance::run(&store).await;
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1202,10 +1208,9 @@ mod tests {
 
     #[tokio::test]
     async fn rows_the_store_refuses_are_kept_on_disk_and_written_once_it_is_back() {
-        let dir = std::env::temp_dir().join(format!("allot-usage-s-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let (dir, store) = scratch("s");
         let flaky = Arc::new(Flaky {
-            store: EmbeddedUsageStore::open(&dir.join("usage.redb")).unwrap(),
+            store,
             down: true.into(),
         });
         let store: Arc<dyn UsageStore> = flaky.clone();
@@ -1251,8 +1256,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreadable_spill_file_is_set_aside_not_retried_forever() {
-        let dir = std::env::temp_dir().join(format!("allot-usage-u-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let (dir, store) = scratch("u");
         let spill_dir = dir.join("spill");
         std::fs::create_dir_all(&spill_dir).unwrap();
         std::fs::write(
@@ -1260,10 +1264,12 @@ mod tests {
             b"\xff\xff",
         )
         .unwrap();
-        let store: Arc<dyn UsageStore> =
-            Arc::new(EmbeddedUsageStore::open(&dir.join("usage.redb")).unwrap());
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(run_writer(store, rx, Spill::open(&spill_dir).unwrap()));
+        let writer = tokio::spawn(run_writer(
+            Arc::new(store),
+            rx,
+            Spill::open(&spill_dir).unwrap(),
+        ));
         wait_for("the file to be set aside", async || {
             spill_dir
                 .join("0000000000000001-1-00000000.unreadable")
@@ -1278,10 +1284,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_drains_what_it_holds_when_its_channel_closes() {
-        let dir = std::env::temp_dir().join(format!("allot-usage-w-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let store: Arc<dyn UsageStore> =
-            Arc::new(EmbeddedUsageStore::open(&dir.join("usage.redb")).unwrap());
+        let (dir, store) = scratch("w");
+        let store: Arc<dyn UsageStore> = Arc::new(store);
         let (tx, rx) = mpsc::unbounded_channel();
         let spill = Spill::open(&dir.join("spill")).unwrap();
         let writer = tokio::spawn(run_writer(store.clone(), rx, spill));
