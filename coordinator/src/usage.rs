@@ -926,6 +926,9 @@ pub fn settled_row(
     now: UnixMs,
 ) -> pb::UsageRow {
     let format = allot::money::format;
+    // A request that was refused or failed before any output had no price
+    // applied.
+    let price = price.filter(|_| record.charged);
     pb::UsageRow {
         agent_id: agent_id.to_string(),
         input_price: price.map(|p| format(p.input_price)).unwrap_or_default(),

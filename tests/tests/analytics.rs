@@ -331,9 +331,23 @@ fn cost_at(body: &Value, input: &str, output: &str) -> Decimal {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_rows_with_their_code_at_no_cost() {
     let stack = Stack::start().await;
+    stack
+        .put_tariff(pb::Purpose::Realtime, "", "0.001", "0.002")
+        .await;
     let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "60", balance())])
         .await;
+    stack
+        .admin()
+        .await
+        .credit(authed(pb::CreditRequest {
+            account_id: "acme".into(),
+            amount: "100".into(),
+            source_id: "top-up-acme".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
     // Over the cap by itself: refused at once, never dispatched.
     let over = stack.chat(&secret, chat_body(1000)).await;
     assert_eq!(over.status(), 429);
@@ -391,9 +405,11 @@ async fn refusals_are_rows_with_their_code_at_no_cost() {
             (429, "insufficient_quota".into(), MODEL.into(), "0".into()),
         ]
     );
-    assert!(refused
-        .iter()
-        .all(|row| !row.record.as_ref().unwrap().request_id.is_empty()));
+    assert!(refused.iter().all(|row| {
+        !row.record.as_ref().unwrap().request_id.is_empty()
+            && row.input_price.is_empty()
+            && row.tariff_purpose == 0
+    }));
     // The summary tells refused requests apart.
     let buckets = stack
         .admin()
