@@ -15,13 +15,22 @@
 //! The simulator applies each decision as an agent would: a cold start or
 //! an eviction plan loads the model for its catalog load time (VRAM held
 //! from the start), a request holds its model in flight for its generation
-//! time (50 tokens/s), and usage feeds a `DemandTracker`. It keeps one copy
-//! per model (no `copies_wanted`) and never defragments, identically for
-//! both strategies.
+//! time (50 tokens/s), and usage feeds the demand estimate as requests
+//! arrive. It keeps one copy per model (no `copies_wanted`) and never
+//! defragments, identically for every strategy. A request refused because
+//! every GPU that could hold its model is protected (in flight, loading,
+//! churn guard) is retried every second until served, so it still costs
+//! its cold start: no strategy can look better by refusing. "refused"
+//! counts requests refused at least once, "refused wait s" the seconds
+//! they waited in all.
+//!
+//! The last row is no strategy: it ranks victims by when each model is
+//! really requested next, and so bounds what any demand estimate could
+//! gain by ranking victims on this trace.
 
 use allot::clock::UnixMs;
 use allot_coordinator::placement::{
-    route, Catalog, Decision, DemandTracker, FleetView, ModelId, ModelSpec, ModelStatus,
+    route, Catalog, Decision, Demand, DemandTracker, FleetView, ModelId, ModelSpec, ModelStatus,
     PlacementConfig, Resident, RouteError, Strategy,
 };
 use std::cmp::Reverse;
@@ -258,21 +267,126 @@ struct Outcome {
     cold_starts: u64,
     evicted: u64,
     load_ms: u64,
+    /// Requests refused at least once (each retried until served).
     refused: u64,
+    /// Time refused requests spent waiting for a retry to succeed.
+    refused_wait_ms: u64,
     peak_vram: u64,
     wall_ms: u128,
 }
 
-fn simulate(requests: &[Request], config: &PlacementConfig, half_life_ms: i64) -> Outcome {
+/// A refused request is retried this long after, until it is served: the
+/// simulator never drops a request, so a strategy cannot win by refusing.
+const RETRY_MS: i64 = SECOND;
+
+/// What a strategy may know of demand: fed by every request as it arrives.
+trait Estimator: Demand {
+    fn record(&mut self, model: ModelId, at: UnixMs, tokens: u64);
+}
+
+impl Estimator for DemandTracker {
+    fn record(&mut self, model: ModelId, at: UnixMs, tokens: u64) {
+        DemandTracker::record(self, model, at, tokens);
+    }
+}
+
+/// Two time scales: a burst shows in the short one at once, a model used
+/// steadily but rarely keeps its rate in the long one.
+struct TwoScales {
+    short: DemandTracker,
+    long: DemandTracker,
+}
+
+impl Demand for TwoScales {
+    fn request_rate(&self, model: ModelId, now: UnixMs) -> f64 {
+        self.short
+            .request_rate(model, now)
+            .max(self.long.request_rate(model, now))
+    }
+    fn token_rate(&self, model: ModelId, now: UnixMs) -> f64 {
+        self.short.token_rate(model, now)
+    }
+}
+
+impl Estimator for TwoScales {
+    fn record(&mut self, model: ModelId, at: UnixMs, tokens: u64) {
+        self.short.record(model, at, tokens);
+        self.long.record(model, at, tokens);
+    }
+}
+
+/// Not a strategy: knows when each model is next requested and ranks
+/// victims by it (Belady's rule per byte freed), a reference for how far
+/// any estimate of demand could take victim ranking on this trace.
+struct Oracle {
+    arrivals: Vec<Vec<UnixMs>>,
+}
+
+impl Oracle {
+    fn new(requests: &[Request]) -> Self {
+        let mut arrivals = vec![Vec::new(); MODELS.len()];
+        for request in requests {
+            arrivals[request.model.index()].push(request.at);
+        }
+        Oracle { arrivals }
+    }
+}
+
+impl Demand for Oracle {
+    fn request_rate(&self, model: ModelId, now: UnixMs) -> f64 {
+        let times = &self.arrivals[model.index()];
+        let next = times.partition_point(|&at| at <= now);
+        // Tiny rates keep P(request within the window) proportional to the
+        // rate; dividing by the reload time squared cancels the reload
+        // weighting, so victims go furthest next request per byte first.
+        let reload_s = 3.0 + 0.9 * MODELS[model.index()].1 as f64;
+        times.get(next).map_or(0.0, |&at| {
+            1e-3 / (at - now).max(1) as f64 / (reload_s * reload_s)
+        })
+    }
+    fn token_rate(&self, _: ModelId, _: UnixMs) -> f64 {
+        0.0
+    }
+}
+
+impl Estimator for Oracle {
+    fn record(&mut self, _: ModelId, _: UnixMs, _: u64) {}
+}
+
+fn simulate<E: Estimator>(
+    requests: &[Request],
+    config: &PlacementConfig,
+    mut demand: E,
+) -> Outcome {
     let begun = Instant::now();
     let catalog = catalog();
     let mut view = fleet();
-    let mut demand = DemandTracker::new(half_life_ms);
     let mut events: BinaryHeap<Reverse<(UnixMs, Event)>> = BinaryHeap::new();
+    // (retry at, index of the request in the trace)
+    let mut retries: BinaryHeap<Reverse<(UnixMs, usize)>> = BinaryHeap::new();
     let mut outcome = Outcome::default();
-    for request in requests {
+    let mut next = 0;
+    loop {
+        let from_trace = requests.get(next).map(|r| r.at);
+        let from_retries = retries.peek().map(|r| r.0 .0);
+        let (now, index, retry) = match (from_trace, from_retries) {
+            (None, None) => break,
+            (Some(at), Some(retry_at)) if retry_at < at => retries
+                .pop()
+                .map(|Reverse((at, index))| (at, index, true))
+                .unwrap(),
+            (None, Some(_)) => retries
+                .pop()
+                .map(|Reverse((at, index))| (at, index, true))
+                .unwrap(),
+            (Some(at), _) => {
+                next += 1;
+                (at, next - 1, false)
+            }
+        };
+        let request = requests[index];
         while let Some(&Reverse((at, event))) = events.peek() {
-            if at > request.at {
+            if at > now {
                 break;
             }
             events.pop();
@@ -283,11 +397,14 @@ fn simulate(requests: &[Request], config: &PlacementConfig, half_life_ms: i64) -
                 Event::Done(node, model) => view.end_request(NodeId(node), ModelId(model), at),
             }
         }
-        let now = request.at;
-        outcome.requests += 1;
+        if !retry {
+            outcome.requests += 1;
+        }
         let generation_ms = (request.tokens * 1_000 / TOKENS_PER_S) as i64;
         let decision = route(&view, &catalog, &demand, config, request.model, now);
-        demand.record(request.model, now, request.tokens);
+        if !retry {
+            demand.record(request.model, now, request.tokens);
+        }
         let (node, ready_at) = match decision {
             Ok(Decision::Serve { node, .. }) => (node, now),
             Ok(Decision::ColdStart {
@@ -331,11 +448,17 @@ fn simulate(requests: &[Request], config: &PlacementConfig, half_life_ms: i64) -
                 )
             }
             Err(RouteError::NoRoom { .. }) => {
-                outcome.refused += 1;
+                if !retry {
+                    outcome.refused += 1;
+                }
+                retries.push(Reverse((now + RETRY_MS, index)));
                 continue;
             }
             Err(error) => panic!("unexpected: {error}"),
         };
+        if retry {
+            outcome.refused_wait_ms += (now - request.at) as u64;
+        }
         view.begin_request(node, request.model, now);
         events.push(Reverse((
             ready_at + generation_ms,
@@ -387,45 +510,76 @@ fn main() {
         ..PlacementConfig::default()
     };
     let runs = [
-        ("lru", Strategy::Lru, 0, 30 * MINUTE),
+        ("lru", Strategy::Lru, 0, Estimate::Tracker(30 * MINUTE)),
         (
             "demand (window = reload time)",
             Strategy::Demand,
             0,
-            30 * MINUTE,
+            Estimate::Tracker(30 * MINUTE),
         ),
         (
             "demand (window ≥ 10 min)",
             Strategy::Demand,
             10 * MINUTE,
-            30 * MINUTE,
+            Estimate::Tracker(30 * MINUTE),
         ),
-        ("demand (window ≥ 1 h)", Strategy::Demand, HOUR, 30 * MINUTE),
+        (
+            "demand (window ≥ 1 h)",
+            Strategy::Demand,
+            HOUR,
+            Estimate::Tracker(30 * MINUTE),
+        ),
         (
             "demand (≥ 1 h, half-life 2 h)",
             Strategy::Demand,
             HOUR,
-            2 * HOUR,
+            Estimate::Tracker(2 * HOUR),
         ),
         (
-            "demand (≥ 4 h, half-life 6 h)",
+            "demand (≥ 10 min, 10 min + 6 h scales)",
             Strategy::Demand,
-            4 * HOUR,
-            6 * HOUR,
+            10 * MINUTE,
+            Estimate::TwoScales(10 * MINUTE, 6 * HOUR),
+        ),
+        (
+            "oracle: knows the future",
+            Strategy::Demand,
+            0,
+            Estimate::Oracle,
         ),
     ];
     println!(
-        "{:<32} {:>11} {:>9} {:>13} {:>9} {:>14} {:>9}",
-        "strategy", "cold starts", "vs lru", "load seconds", "vs lru", "peak vram GB", "refused"
+        "{:<40} {:>11} {:>9} {:>13} {:>9} {:>14} {:>9} {:>14}",
+        "strategy",
+        "cold starts",
+        "vs lru",
+        "load seconds",
+        "vs lru",
+        "peak vram GB",
+        "refused",
+        "refused wait s"
     );
     let mut lru: Option<Outcome> = None;
-    for (label, strategy, horizon, half_life) in runs {
+    for (label, strategy, horizon, estimate) in runs {
         let config = PlacementConfig {
             strategy,
             demand_horizon_ms: horizon,
             ..base.clone()
         };
-        let outcome = simulate(&requests, &config, half_life);
+        let outcome = match estimate {
+            Estimate::Tracker(half_life) => {
+                simulate(&requests, &config, DemandTracker::new(half_life))
+            }
+            Estimate::Oracle => simulate(&requests, &config, Oracle::new(&requests)),
+            Estimate::TwoScales(short, long) => simulate(
+                &requests,
+                &config,
+                TwoScales {
+                    short: DemandTracker::new(short),
+                    long: DemandTracker::new(long),
+                },
+            ),
+        };
         let versus = |ours: u64, theirs: Option<u64>| match theirs {
             Some(theirs) if theirs > 0 => format!(
                 "{:+.1}%",
@@ -434,7 +588,7 @@ fn main() {
             _ => "-".to_string(),
         };
         println!(
-            "{:<32} {:>11} {:>9} {:>13.0} {:>9} {:>14.1} {:>9}   ({} ms)",
+            "{:<40} {:>11} {:>9} {:>13.0} {:>9} {:>14.1} {:>9} {:>14.0}   ({} ms)",
             label,
             outcome.cold_starts,
             versus(outcome.cold_starts, lru.as_ref().map(|l| l.cold_starts)),
@@ -442,10 +596,22 @@ fn main() {
             versus(outcome.load_ms, lru.as_ref().map(|l| l.load_ms)),
             outcome.peak_vram as f64 / GB as f64,
             outcome.refused,
+            outcome.refused_wait_ms as f64 / 1_000.0,
             outcome.wall_ms,
         );
         if lru.is_none() {
             lru = Some(outcome);
         }
     }
+}
+
+/// Where a run's demand estimates come from.
+#[derive(Clone, Copy)]
+enum Estimate {
+    /// `DemandTracker` with this half-life, fed as requests arrive.
+    Tracker(i64),
+    /// `TwoScales` with these half-lives.
+    TwoScales(i64, i64),
+    /// The future itself; a reference, not a strategy.
+    Oracle,
 }

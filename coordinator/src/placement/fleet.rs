@@ -1,7 +1,8 @@
 //! The fleet view: nodes, their GPUs' VRAM, the models on them and the load
 //! they carry, as agents report it. It keeps a per-model index of the nodes
 //! holding that model so that routing to a loaded model never scans the
-//! fleet. It never decides anything; `route` reads it.
+//! fleet, and per node the idle models oldest first so that an eviction
+//! plan never sorts them. It never decides anything; `route` reads it.
 
 use super::{ModelId, NodeId};
 use allot::clock::UnixMs;
@@ -62,6 +63,47 @@ impl Resident {
             in_flight: 0,
         }
     }
+
+    /// Its entry among the node's idle models, when it is one.
+    fn idle(&self) -> Option<Idle> {
+        (self.status == ModelStatus::Loaded && self.in_flight == 0).then_some(Idle {
+            gpu: self.gpu,
+            last_access: self.last_access,
+            model: self.model,
+            vram_bytes: self.vram_bytes,
+        })
+    }
+}
+
+/// A loaded model with no request in flight: all an eviction plan may take
+/// (pinned models and the churn guard are the plan's to check).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Idle {
+    pub gpu: u32,
+    pub last_access: UnixMs,
+    pub model: ModelId,
+    pub vram_bytes: u64,
+}
+
+impl Idle {
+    /// Grouped by GPU, least recently used first, ties by model: the LRU
+    /// victim order.
+    fn key(&self) -> (u32, UnixMs, ModelId) {
+        (self.gpu, self.last_access, self.model)
+    }
+}
+
+/// Moves a resident's idle entry from `before` to `after` (either absent).
+fn reindex(idle: &mut Vec<Idle>, before: Option<Idle>, after: Option<Idle>) {
+    if let Some(old) = before {
+        if let Ok(at) = idle.binary_search_by(|e| e.key().cmp(&old.key())) {
+            idle.remove(at);
+        }
+    }
+    if let Some(new) = after {
+        let at = idle.partition_point(|e| e.key() < new.key());
+        idle.insert(at, new);
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -76,6 +118,8 @@ pub struct Node {
     pub capacity: u32,
     /// Measured recent token throughput of the node, tokens per second.
     pub throughput_tokens_per_s: f64,
+    /// Its residents that are [`Idle`], in [`Idle::key`] order.
+    idle: Vec<Idle>,
 }
 
 impl Node {
@@ -83,12 +127,14 @@ impl Node {
         self.residents.iter().find(|r| r.model == model)
     }
 
-    fn resident_mut(&mut self, model: ModelId) -> Option<&mut Resident> {
-        self.residents.iter_mut().find(|r| r.model == model)
-    }
-
     pub fn vram_used(&self) -> u64 {
         self.gpus.iter().map(|g| g.vram_total - g.vram_free).sum()
+    }
+
+    /// Loaded models without requests in flight, by GPU, least recently
+    /// used first.
+    pub(crate) fn idle(&self) -> &[Idle] {
+        &self.idle
     }
 }
 
@@ -99,11 +145,51 @@ pub(crate) fn load_cmp(a: &Node, b: &Node) -> std::cmp::Ordering {
     left.cmp(&right)
 }
 
+/// One GPU as a scan of the fleet reads it: all GPUs sit in one array in
+/// node order, so choosing a GPU reads contiguous memory and touches a
+/// node's own data only for the few GPUs that could win. Derived from the
+/// nodes after every change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Slot {
+    pub vram_total: u64,
+    pub vram_free: u64,
+    pub node: u32,
+    pub gpu: u16,
+    pub healthy: bool,
+}
+
+/// The idle models of the [`Slot`] at the same index, kept apart so that a
+/// scan for free VRAM reads a third of the bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SlotIdle {
+    /// VRAM of the GPU's idle models.
+    pub idle_bytes: u64,
+    /// VRAM of its idle models but the most recently used one, and but
+    /// the smallest one: a plan that must free more takes that one, or all.
+    pub idle_bytes_but_newest: u64,
+    pub idle_bytes_but_smallest: u64,
+    /// Last access of its least and most recently used idle model.
+    pub oldest_idle: UnixMs,
+    pub newest_idle: UnixMs,
+    /// Bit `model % 64` set for each of its idle models.
+    pub idle_models: u64,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct FleetView {
     nodes: Vec<Node>,
     /// Model → sorted nodes holding a resident entry for it (any status).
     holders: Vec<Vec<NodeId>>,
+    /// Every node's GPUs, in node then GPU order.
+    slots: Vec<Slot>,
+    slots_idle: Vec<SlotIdle>,
+    /// Node → index of its first GPU in `slots`.
+    first_slot: Vec<usize>,
+    /// Model → nodes where it is idle.
+    idle_count: Vec<u32>,
+    /// Model → the most VRAM it ever held while idle (never lowered, so
+    /// always at least what any idle copy holds now).
+    idle_vram_max: Vec<u64>,
 }
 
 impl FleetView {
@@ -127,8 +213,118 @@ impl FleetView {
             in_flight: 0,
             capacity,
             throughput_tokens_per_s: 0.0,
+            idle: Vec::new(),
         });
+        self.first_slot.push(self.slots.len());
+        let count = self.slots.len() + gpu_vram_totals.len();
+        self.slots.resize(count, Slot::default());
+        self.slots_idle.resize(count, SlotIdle::default());
+        self.refresh(id);
         id
+    }
+
+    /// Every GPU of the fleet, in node order.
+    pub(crate) fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// The idle models of each of [`FleetView::slots`].
+    pub(crate) fn slots_idle(&self) -> &[SlotIdle] {
+        &self.slots_idle
+    }
+
+    /// Per model id, how many nodes hold it idle.
+    pub(crate) fn idle_counts(&self) -> &[u32] {
+        &self.idle_count
+    }
+
+    /// Per model id, at least the VRAM (≥ 1 byte) any idle copy of it holds.
+    pub(crate) fn idle_vram_max(&self) -> &[u64] {
+        &self.idle_vram_max
+    }
+
+    /// Moves a resident's idle entry on `node` from `before` to `after`.
+    fn reindex(&mut self, node: NodeId, before: Option<Idle>, after: Option<Idle>) {
+        if before == after {
+            return;
+        }
+        for (entry, delta) in [(before, -1i64), (after, 1)] {
+            if let Some(entry) = entry {
+                if self.idle_count.len() <= entry.model.index() {
+                    self.idle_count.resize(entry.model.index() + 1, 0);
+                }
+                let count = &mut self.idle_count[entry.model.index()];
+                *count = (i64::from(*count) + delta) as u32;
+            }
+        }
+        if let Some(entry) = after {
+            if self.idle_vram_max.len() <= entry.model.index() {
+                self.idle_vram_max.resize(entry.model.index() + 1, 0);
+            }
+            let most = &mut self.idle_vram_max[entry.model.index()];
+            *most = (*most).max(entry.vram_bytes.max(1));
+        }
+        reindex(&mut self.nodes[node.index()].idle, before, after);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn slots_rebuilt(&self) -> (Vec<Slot>, Vec<SlotIdle>) {
+        let mut copy = self.clone();
+        for node in &mut copy.nodes {
+            node.idle = node.residents.iter().filter_map(Resident::idle).collect();
+            node.idle.sort_by_key(Idle::key);
+        }
+        copy.rebuild_slots();
+        (copy.slots, copy.slots_idle)
+    }
+
+    /// Lays every node's GPUs out again, after a node's GPU count changed.
+    fn rebuild_slots(&mut self) {
+        self.slots.clear();
+        self.slots_idle.clear();
+        self.first_slot.clear();
+        for node in &self.nodes {
+            self.first_slot.push(self.slots.len());
+            let count = self.slots.len() + node.gpus.len();
+            self.slots.resize(count, Slot::default());
+            self.slots_idle.resize(count, SlotIdle::default());
+        }
+        for index in 0..self.nodes.len() {
+            self.refresh(NodeId(index as u32));
+        }
+    }
+
+    /// Derives the slots of `node`'s GPUs from the node.
+    fn refresh(&mut self, node: NodeId) {
+        let entry = &self.nodes[node.index()];
+        let first = self.first_slot[node.index()];
+        let mut idle = entry.idle.as_slice();
+        for (index, gpu) in entry.gpus.iter().enumerate() {
+            let split = idle.partition_point(|e| e.gpu as usize <= index);
+            let (on_gpu, rest) = idle.split_at(split);
+            idle = rest;
+            // As a plan counts them: at least one byte each.
+            let bytes = |e: &Idle| e.vram_bytes.max(1);
+            let idle_bytes: u64 = on_gpu.iter().map(bytes).sum();
+            let newest = on_gpu.last();
+            self.slots[first + index] = Slot {
+                vram_total: gpu.vram_total,
+                vram_free: gpu.vram_free,
+                node: node.0,
+                gpu: index as u16,
+                healthy: entry.healthy,
+            };
+            self.slots_idle[first + index] = SlotIdle {
+                idle_bytes,
+                idle_bytes_but_newest: idle_bytes - newest.map_or(0, bytes),
+                idle_bytes_but_smallest: idle_bytes - on_gpu.iter().map(bytes).min().unwrap_or(0),
+                oldest_idle: on_gpu.first().map_or(UnixMs::MAX, |e| e.last_access),
+                newest_idle: newest.map_or(UnixMs::MAX, |e| e.last_access),
+                idle_models: on_gpu
+                    .iter()
+                    .fold(0, |bits, e| bits | 1 << (e.model.0 % 64)),
+            };
+        }
     }
 
     pub fn nodes(&self) -> &[Node] {
@@ -146,6 +342,7 @@ impl FleetView {
 
     pub fn set_healthy(&mut self, node: NodeId, healthy: bool) {
         self.nodes[node.index()].healthy = healthy;
+        self.refresh(node);
     }
 
     pub fn set_throughput(&mut self, node: NodeId, tokens_per_s: f64) {
@@ -156,6 +353,7 @@ impl FleetView {
     pub fn set_gpu_free(&mut self, node: NodeId, gpu: u32, vram_free: u64) {
         let gpu = &mut self.nodes[node.index()].gpus[gpu as usize];
         gpu.vram_free = vram_free.min(gpu.vram_total);
+        self.refresh(node);
     }
 
     /// Records a model on a node, replacing any previous entry for it, and
@@ -170,7 +368,10 @@ impl FleetView {
             gpu.vram_free = gpu.vram_free.saturating_sub(resident.vram_bytes);
         }
         entry.in_flight += resident.in_flight;
+        let idle = resident.idle();
         entry.residents.push(resident);
+        self.reindex(node, None, idle);
+        self.refresh(node);
         if self.holders.len() <= model.index() {
             self.holders.resize(model.index() + 1, Vec::new());
         }
@@ -190,6 +391,8 @@ impl FleetView {
             gpu.vram_free = (gpu.vram_free + resident.vram_bytes).min(gpu.vram_total);
         }
         entry.in_flight -= resident.in_flight;
+        self.reindex(node, resident.idle(), None);
+        self.refresh(node);
         if let Some(holders) = self.holders.get_mut(model.index()) {
             if let Ok(at) = holders.binary_search(&node) {
                 holders.remove(at);
@@ -202,18 +405,22 @@ impl FleetView {
     /// stops holding any.
     pub fn set_status(&mut self, node: NodeId, model: ModelId, status: ModelStatus, at: UnixMs) {
         let entry = &mut self.nodes[node.index()];
-        let Some(resident) = entry.resident_mut(model) else {
+        let Some(resident) = entry.residents.iter_mut().find(|r| r.model == model) else {
             return;
         };
         let (was, gpu, vram) = (resident.status, resident.gpu, resident.vram_bytes);
+        let before = resident.idle();
         resident.status = status;
         resident.since = at;
+        let after = resident.idle();
         let gpu = &mut entry.gpus[gpu as usize];
         match (was.holds_vram(), status.holds_vram()) {
             (true, false) => gpu.vram_free = (gpu.vram_free + vram).min(gpu.vram_total),
             (false, true) => gpu.vram_free = gpu.vram_free.saturating_sub(vram),
             _ => {}
         }
+        self.reindex(node, before, after);
+        self.refresh(node);
     }
 
     /// Replaces everything known of `node` with its agent's latest report:
@@ -244,6 +451,7 @@ impl FleetView {
         if *entry.endpoint != *endpoint {
             entry.endpoint = Arc::from(endpoint);
         }
+        let gpus_before = entry.gpus.len();
         entry.gpus = gpus
             .iter()
             .map(|&(total, _)| Gpu {
@@ -255,6 +463,10 @@ impl FleetView {
         entry.capacity = capacity.max(1);
         entry.throughput_tokens_per_s = throughput_tokens_per_s;
         entry.healthy = healthy;
+        if gpus.len() != gpus_before {
+            self.rebuild_slots();
+        }
+        self.refresh(node);
         let gpu_count = gpus.len();
         for resident in residents {
             if (resident.gpu as usize) < gpu_count {
@@ -271,21 +483,32 @@ impl FleetView {
     /// A request for `model` starts on `node`.
     pub fn begin_request(&mut self, node: NodeId, model: ModelId, at: UnixMs) {
         let entry = &mut self.nodes[node.index()];
-        if let Some(resident) = entry.resident_mut(model) {
+        if let Some(resident) = entry.residents.iter_mut().find(|r| r.model == model) {
+            let before = resident.idle();
             resident.in_flight += 1;
             resident.last_access = resident.last_access.max(at);
             entry.in_flight += 1;
+            if before.is_some() {
+                self.reindex(node, before, None);
+                self.refresh(node);
+            }
         }
     }
 
     /// A request for `model` on `node` finished.
     pub fn end_request(&mut self, node: NodeId, model: ModelId, at: UnixMs) {
         let entry = &mut self.nodes[node.index()];
-        if let Some(resident) = entry.resident_mut(model) {
+        if let Some(resident) = entry.residents.iter_mut().find(|r| r.model == model) {
+            let before = resident.idle();
             resident.last_access = resident.last_access.max(at);
             if resident.in_flight > 0 {
                 resident.in_flight -= 1;
                 entry.in_flight -= 1;
+            }
+            let after = resident.idle();
+            if before != after {
+                self.reindex(node, before, after);
+                self.refresh(node);
             }
         }
     }

@@ -232,28 +232,26 @@ pub fn route<D: Demand + ?Sized>(
     let need = spec.vram_bytes;
     let mut largest_gpu = None;
     let mut best: Option<(u64, NodeId, u32)> = None;
-    for (index, node) in view.nodes().iter().enumerate() {
-        let id = NodeId(index as u32);
-        if !node.healthy || failed.contains(&id) {
+    for slot in view.slots() {
+        let id = NodeId(slot.node);
+        if !slot.healthy || (!failed.is_empty() && failed.contains(&id)) {
             continue;
         }
-        for (gpu_index, gpu) in node.gpus.iter().enumerate() {
-            largest_gpu = largest_gpu.max(Some(gpu.vram_total));
-            if gpu.vram_free < need {
-                continue;
-            }
-            let leftover = gpu.vram_free - need;
-            let better = match best {
-                None => true,
-                Some((best_leftover, best_node, _)) => match leftover.cmp(&best_leftover) {
-                    Ordering::Less => true,
-                    Ordering::Greater => false,
-                    Ordering::Equal => load_cmp(node, view.node(best_node)) == Ordering::Less,
-                },
-            };
-            if better {
-                best = Some((leftover, id, gpu_index as u32));
-            }
+        largest_gpu = largest_gpu.max(Some(slot.vram_total));
+        if slot.vram_free < need {
+            continue;
+        }
+        let leftover = slot.vram_free - need;
+        let better = match best {
+            None => true,
+            Some((best_leftover, best_node, _)) => match leftover.cmp(&best_leftover) {
+                Ordering::Less => true,
+                Ordering::Greater => false,
+                Ordering::Equal => load_cmp(view.node(id), view.node(best_node)) == Ordering::Less,
+            },
+        };
+        if better {
+            best = Some((leftover, id, u32::from(slot.gpu)));
         }
     }
     if let Some((_, node, gpu)) = best {
@@ -392,12 +390,13 @@ impl<D: Demand + ?Sized> ExpectedReload<'_, D> {
 /// Step 3: the cheapest allowed eviction plan over every healthy GPU large
 /// enough for the model.
 ///
-/// Speed: one pass over each node's residents keeps only the evictable
-/// models that could still be part of a plan beating the best one so far
-/// (see [`could_improve`]), cheapest tests first. A GPU is ranked (sorted,
-/// victims chosen) only when those free enough room, so once a good plan is
-/// found most GPUs are skipped without sorting. A skipped GPU had no better
-/// plan to offer.
+/// Speed: only the fleet view's idle models are read (models in flight or
+/// loading never are), already grouped by GPU and in LRU order, so LRU
+/// walks each GPU's oldest few and never sorts. Of those, only models that
+/// could still be part of a plan beating the best one so far are kept (see
+/// [`could_improve`]); a GPU is ranked (victims sorted and chosen) only when
+/// they free enough room, so once a good plan is found most GPUs are
+/// skipped. A skipped GPU had no better plan to offer.
 fn plan_eviction<D: Demand + ?Sized>(
     view: &FleetView,
     catalog: &Catalog,
@@ -416,84 +415,128 @@ fn plan_eviction<D: Demand + ?Sized>(
         now,
         memo: Vec::new(),
     };
-    let mut on_node: Vec<(u32, Candidate)> = Vec::with_capacity(32);
     let mut candidates: Vec<Candidate> = Vec::with_capacity(16);
     let mut best: Option<(PlanCost, NodeId, u32)> = None;
     let mut best_victims: Vec<ModelId> = Vec::new();
+    // Demand: per bit of `SlotIdle::idle_models`, the least expected reload and
+    // the most VRAM of the idle models it stands for.
+    let mut least: Option<[(f64, u64); 64]> = None;
 
-    for (index, node) in view.nodes().iter().enumerate() {
-        let id = NodeId(index as u32);
-        if !node.healthy || failed.contains(&id) {
+    for (slot, idle) in view.slots().iter().zip(view.slots_idle()) {
+        let id = NodeId(slot.node);
+        if !slot.healthy
+            || slot.vram_total < need
+            || idle.idle_bytes == 0
+            || (!failed.is_empty() && failed.contains(&id))
+        {
             continue;
         }
-        let bound = best.as_ref().map(|b| b.0);
-        on_node.clear();
-        for resident in &node.residents {
-            if resident.status != ModelStatus::Loaded
-                || resident.in_flight > 0
-                || now - resident.last_access < config.churn_guard_ms
-                || node.gpus[resident.gpu as usize].vram_total < need
-            {
+        let gap = need.saturating_sub(slot.vram_free);
+        if idle.idle_bytes < gap {
+            continue;
+        }
+        // Skip GPUs whose every plan costs more than the best: each plan
+        // takes the newest idle model when the others cannot free `gap`,
+        // and takes them all when all but the smallest cannot.
+        let takes_all = idle.idle_bytes_but_smallest < gap;
+        if let Some((cost, _, _)) = &best {
+            let beaten = match config.strategy {
+                Strategy::Lru => {
+                    let newest = if idle.idle_bytes_but_newest < gap {
+                        idle.newest_idle
+                    } else {
+                        idle.oldest_idle
+                    };
+                    newest > cost.newest_victim_access
+                }
+                Strategy::Demand => {
+                    let least = least.get_or_insert_with(|| {
+                        let mut least = [(f64::INFINITY, 0); 64];
+                        let most = view.idle_vram_max();
+                        for (index, &count) in view.idle_counts().iter().enumerate() {
+                            if count > 0 {
+                                let bucket = &mut least[index % 64];
+                                bucket.0 = bucket.0.min(expected.of(ModelId(index as u32)));
+                                bucket.1 = bucket.1.max(most[index]);
+                            }
+                        }
+                        least
+                    });
+                    plans_cost_more(
+                        least,
+                        idle.idle_models,
+                        gap,
+                        takes_all,
+                        cost.expected_reload_s,
+                    )
+                }
+            };
+            if beaten {
                 continue;
+            }
+        }
+        let node = view.node(id);
+        let gpu_index = u32::from(slot.gpu);
+        let on_node = node.idle();
+        let start = on_node.partition_point(|e| e.gpu < gpu_index);
+        let end = start + on_node[start..].partition_point(|e| e.gpu == gpu_index);
+        let bound = best.as_ref().map(|b| b.0);
+        candidates.clear();
+        let mut room = 0;
+        for entry in &on_node[start..end] {
+            if now - entry.last_access < config.churn_guard_ms {
+                // Oldest first: every later one is guarded too.
+                break;
             }
             let expected_reload_s = match config.strategy {
                 Strategy::Lru => 0.0,
-                Strategy::Demand => expected.of(resident.model),
+                Strategy::Demand => expected.of(entry.model),
             };
-            let vram = resident.vram_bytes.max(1);
+            let vram = entry.vram_bytes.max(1);
             let candidate = Candidate {
-                model: resident.model,
+                model: entry.model,
                 vram,
-                last_access: resident.last_access,
+                last_access: entry.last_access,
                 expected_reload_s,
                 rank: expected_reload_s / vram as f64,
                 chosen: false,
             };
-            if !could_improve(&candidate, bound.as_ref())
-                || catalog.get(resident.model).is_some_and(|spec| spec.pinned)
-            {
+            if !could_improve(&candidate, bound.as_ref()) {
+                if config.strategy == Strategy::Lru {
+                    // Oldest first: no later one can improve either.
+                    break;
+                }
                 continue;
             }
-            on_node.push((resident.gpu, candidate));
+            if catalog.get(entry.model).is_some_and(|spec| spec.pinned) {
+                continue;
+            }
+            room += vram;
+            candidates.push(candidate);
+            if config.strategy == Strategy::Lru && room >= gap {
+                // LRU takes victims in this order: later ones are never taken.
+                break;
+            }
         }
-        if on_node.is_empty() {
+        if room < gap {
             continue;
         }
-        for (gpu_index, gpu) in node.gpus.iter().enumerate() {
-            if gpu.vram_total < need {
-                continue;
-            }
-            let gap = need.saturating_sub(gpu.vram_free);
-            let bound = best.as_ref().map(|b| b.0);
-            candidates.clear();
-            let mut room = 0;
-            for (_, candidate) in on_node
-                .iter()
-                .filter(|(g, c)| *g as usize == gpu_index && could_improve(c, bound.as_ref()))
-            {
-                room += candidate.vram;
-                candidates.push(*candidate);
-            }
-            if room < gap {
-                continue;
-            }
-            order_victims(&mut candidates, config.strategy);
-            let Some(cost) = choose_victims(&mut candidates, gap) else {
-                continue;
-            };
-            let better = match &best {
-                None => true,
-                Some((best_cost, best_node, _)) => match cost.cmp(best_cost) {
-                    Ordering::Less => true,
-                    Ordering::Greater => false,
-                    Ordering::Equal => load_cmp(node, view.node(*best_node)) == Ordering::Less,
-                },
-            };
-            if better {
-                best = Some((cost, id, gpu_index as u32));
-                best_victims.clear();
-                best_victims.extend(candidates.iter().filter(|c| c.chosen).map(|c| c.model));
-            }
+        order_victims(&mut candidates, config.strategy);
+        let Some(cost) = choose_victims(&mut candidates, gap) else {
+            continue;
+        };
+        let better = match &best {
+            None => true,
+            Some((best_cost, best_node, _)) => match cost.cmp(best_cost) {
+                Ordering::Less => true,
+                Ordering::Greater => false,
+                Ordering::Equal => load_cmp(node, view.node(*best_node)) == Ordering::Less,
+            },
+        };
+        if better {
+            best = Some((cost, id, gpu_index));
+            best_victims.clear();
+            best_victims.extend(candidates.iter().filter(|c| c.chosen).map(|c| c.model));
         }
     }
     let Some((_, node, gpu)) = best else {
@@ -510,6 +553,70 @@ fn plan_eviction<D: Demand + ?Sized>(
         victims: best_victims,
         expected_load_ms: spec.load_ms,
     })
+}
+
+/// Whether every plan on a GPU holding the idle models of `bits` (per bit:
+/// least expected reload, most VRAM) that frees `gap` expects more reload
+/// than `best`: the sum of all models' when the plan must take all, else
+/// the cheapest covering of `gap` when models may be taken in part (a
+/// relaxation of the plan), tried cheapest test first.
+#[inline]
+fn plans_cost_more(
+    least: &[(f64, u64); 64],
+    bits: u64,
+    gap: u64,
+    takes_all: bool,
+    best: f64,
+) -> bool {
+    // Margin for rounding: the plan adds its costs in another order.
+    let best = best * (1.0 + 1e-9);
+    let mut rest = bits;
+    if takes_all {
+        let mut all = 0.0;
+        while rest != 0 {
+            all += least[rest.trailing_zeros() as usize].0;
+            rest &= rest - 1;
+        }
+        return all > best;
+    }
+    let (mut one, mut per_byte) = (f64::INFINITY, f64::INFINITY);
+    while rest != 0 {
+        let (value, vram) = least[rest.trailing_zeros() as usize];
+        one = one.min(value);
+        per_byte = per_byte.min(value / vram as f64);
+        rest &= rest - 1;
+    }
+    if one > best || per_byte * gap as f64 > best {
+        return true;
+    }
+    let mut items = [(0.0, 0u64); 8];
+    if bits.count_ones() as usize > items.len() {
+        return false;
+    }
+    let mut count = 0;
+    rest = bits;
+    while rest != 0 {
+        let item = least[rest.trailing_zeros() as usize];
+        rest &= rest - 1;
+        // Insertion by expected reload per byte.
+        let mut at = count;
+        while at > 0 && items[at - 1].0 * (item.1 as f64) > item.0 * items[at - 1].1 as f64 {
+            items[at] = items[at - 1];
+            at -= 1;
+        }
+        items[at] = item;
+        count += 1;
+    }
+    let (mut bound, mut left) = (0.0, gap);
+    for &(value, vram) in &items[..count] {
+        if vram >= left {
+            bound += value * left as f64 / vram as f64;
+            break;
+        }
+        bound += value;
+        left -= vram;
+    }
+    bound > best
 }
 
 /// Why no plan exists: the models on large enough healthy GPUs that may not

@@ -453,3 +453,238 @@ fn copies_wanted_grows_when_token_demand_exceeds_one_nodes_throughput() {
     let demand = Fixed(vec![(X, 1.0, 6_000.0)]);
     assert_eq!(copies_wanted(&view, &demand, &config, X, NOW), 3);
 }
+
+/// The eviction planner as it was before the fleet view indexed idle
+/// models: every resident of every node scanned on each call. Kept as the
+/// reference the indexed planner must agree with.
+#[allow(clippy::too_many_arguments)]
+fn scan_plan_eviction<D: Demand + ?Sized>(
+    view: &FleetView,
+    catalog: &Catalog,
+    demand: &D,
+    config: &PlacementConfig,
+    model: ModelId,
+    failed: &[NodeId],
+    now: UnixMs,
+) -> Result<Decision, RouteError> {
+    let spec = catalog.get(model).ok_or(RouteError::UnknownModel(model))?;
+    let need = spec.vram_bytes;
+    let mut expected = ExpectedReload {
+        demand,
+        catalog,
+        horizon_ms: config.demand_horizon_ms,
+        now,
+        memo: Vec::new(),
+    };
+    let mut on_node: Vec<(u32, Candidate)> = Vec::with_capacity(32);
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(16);
+    let mut best: Option<(PlanCost, NodeId, u32)> = None;
+    let mut best_victims: Vec<ModelId> = Vec::new();
+
+    for (index, node) in view.nodes().iter().enumerate() {
+        let id = NodeId(index as u32);
+        if !node.healthy || failed.contains(&id) {
+            continue;
+        }
+        let bound = best.as_ref().map(|b| b.0);
+        on_node.clear();
+        for resident in &node.residents {
+            if resident.status != ModelStatus::Loaded
+                || resident.in_flight > 0
+                || now - resident.last_access < config.churn_guard_ms
+                || node.gpus[resident.gpu as usize].vram_total < need
+            {
+                continue;
+            }
+            let expected_reload_s = match config.strategy {
+                Strategy::Lru => 0.0,
+                Strategy::Demand => expected.of(resident.model),
+            };
+            let vram = resident.vram_bytes.max(1);
+            let candidate = Candidate {
+                model: resident.model,
+                vram,
+                last_access: resident.last_access,
+                expected_reload_s,
+                rank: expected_reload_s / vram as f64,
+                chosen: false,
+            };
+            if !could_improve(&candidate, bound.as_ref())
+                || catalog.get(resident.model).is_some_and(|spec| spec.pinned)
+            {
+                continue;
+            }
+            on_node.push((resident.gpu, candidate));
+        }
+        if on_node.is_empty() {
+            continue;
+        }
+        for (gpu_index, gpu) in node.gpus.iter().enumerate() {
+            if gpu.vram_total < need {
+                continue;
+            }
+            let gap = need.saturating_sub(gpu.vram_free);
+            let bound = best.as_ref().map(|b| b.0);
+            candidates.clear();
+            let mut room = 0;
+            for (_, candidate) in on_node
+                .iter()
+                .filter(|(g, c)| *g as usize == gpu_index && could_improve(c, bound.as_ref()))
+            {
+                room += candidate.vram;
+                candidates.push(*candidate);
+            }
+            if room < gap {
+                continue;
+            }
+            order_victims(&mut candidates, config.strategy);
+            let Some(cost) = choose_victims(&mut candidates, gap) else {
+                continue;
+            };
+            let better = match &best {
+                None => true,
+                Some((best_cost, best_node, _)) => match cost.cmp(best_cost) {
+                    Ordering::Less => true,
+                    Ordering::Greater => false,
+                    Ordering::Equal => load_cmp(node, view.node(*best_node)) == Ordering::Less,
+                },
+            };
+            if better {
+                best = Some((cost, id, gpu_index as u32));
+                best_victims.clear();
+                best_victims.extend(candidates.iter().filter(|c| c.chosen).map(|c| c.model));
+            }
+        }
+    }
+    let Some((_, node, gpu)) = best else {
+        return Err(RouteError::NoRoom {
+            model,
+            need_bytes: need,
+            protected: protected(view, catalog, config, need, failed, now),
+        });
+    };
+    Ok(Decision::Evict {
+        node,
+        gpu,
+        endpoint: view.node(node).endpoint.clone(),
+        victims: best_victims,
+        expected_load_ms: spec.load_ms,
+    })
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[test]
+fn indexed_eviction_plans_equal_a_scan_of_every_resident_and_the_index_stays_exact() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut planned = 0;
+    for round in 0..3_000 {
+        let mut catalog = Catalog::new();
+        for index in 0..12 {
+            let mut spec = ModelSpec::new(
+                format!("m{index}"),
+                (5 + rng.below(40)) * GB,
+                1_000 * (1 + rng.below(60)),
+            );
+            spec.pinned = rng.below(10) == 0;
+            catalog.insert(spec);
+        }
+        let mut view = FleetView::new();
+        for index in 0..1 + rng.below(6) {
+            let gpus: Vec<u64> = (0..1 + rng.below(3))
+                .map(|_| (20 + rng.below(60)) * GB)
+                .collect();
+            let node = view.add_node(&format!("n{index}:1"), &gpus, 4);
+            for _ in 0..8 {
+                let model = ModelId(rng.below(12) as u32);
+                let gpu = rng.below(gpus.len() as u64) as u32;
+                let vram = catalog.get(model).unwrap().vram_bytes;
+                if view.node(node).resident(model).is_some()
+                    || view.node(node).gpus[gpu as usize].vram_free < vram
+                {
+                    continue;
+                }
+                let status = match rng.below(8) {
+                    0 => ModelStatus::Loading,
+                    1 => ModelStatus::Failed,
+                    _ => ModelStatus::Loaded,
+                };
+                let at = NOW - (rng.below(6) as i64) * 10 * MINUTE;
+                view.upsert(node, Resident::new(model, gpu, status, vram, at));
+                // Requests begin and end so the idle index is kept up to date.
+                for _ in 0..rng.below(3) {
+                    view.begin_request(node, model, at);
+                }
+                if rng.below(2) == 0 {
+                    view.end_request(node, model, at + (rng.below(3) as i64) * MINUTE);
+                }
+            }
+            view.set_healthy(node, rng.below(8) != 0);
+        }
+        if rng.below(4) == 0 {
+            // An agent report: the node's models, GPUs and health at once.
+            let node = NodeId(rng.below(view.nodes().len() as u64) as u32);
+            let entry = view.node(node).clone();
+            let gpus: Vec<(u64, u64)> = entry
+                .gpus
+                .iter()
+                .map(|g| (g.vram_total, g.vram_free))
+                .collect();
+            view.replace(
+                node,
+                "r:1",
+                &gpus[..1],
+                entry.residents.clone(),
+                0,
+                4,
+                0.0,
+                true,
+            );
+        }
+        let (slots, idle) = view.slots_rebuilt();
+        assert_eq!(view.slots(), slots.as_slice(), "round {round}");
+        assert_eq!(view.slots_idle(), idle.as_slice(), "round {round}");
+        let demand = Fixed(
+            (0..12)
+                .map(|m| (ModelId(m), rng.below(4) as f64 * 0.01, 0.0))
+                .collect(),
+        );
+        let model = ModelId(rng.below(12) as u32);
+        let failed: Vec<NodeId> = view
+            .holders(model)
+            .iter()
+            .copied()
+            .filter(|&n| {
+                view.node(n)
+                    .resident(model)
+                    .is_some_and(|r| r.status == ModelStatus::Failed)
+            })
+            .collect();
+        for strategy in [Strategy::Lru, Strategy::Demand] {
+            let config = PlacementConfig {
+                strategy,
+                churn_guard_ms: (rng.below(3) as i64) * 15 * MINUTE,
+                ..PlacementConfig::default()
+            };
+            match route(&view, &catalog, &demand, &config, model, NOW) {
+                Ok(Decision::Evict { .. }) => planned += 1,
+                Err(RouteError::NoRoom { .. }) => {}
+                _ => continue,
+            }
+            let indexed = plan_eviction(&view, &catalog, &demand, &config, model, &failed, NOW);
+            let scanned =
+                scan_plan_eviction(&view, &catalog, &demand, &config, model, &failed, NOW);
+            assert_eq!(indexed, scanned, "round {round}, {strategy:?}");
+        }
+    }
+    assert!(planned > 500, "only {planned} rounds found a plan");
+}
