@@ -385,6 +385,21 @@ impl Stack {
             .into_inner()
     }
 
+    /// Adds `amount` credits to `account` (a purchase with `source` as its
+    /// source id).
+    pub async fn credit(&self, account: &str, amount: &str, source: &str) {
+        self.admin()
+            .await
+            .credit(authed(pb::CreditRequest {
+                account_id: account.into(),
+                amount: amount.into(),
+                source_id: source.into(),
+                ..Default::default()
+            }))
+            .await
+            .expect("credit");
+    }
+
     /// Puts a tariff for [`MODEL`] in force since the epoch.
     pub async fn put_tariff(&self, purpose: pb::Purpose, window: &str, input: &str, output: &str) {
         self.admin()

@@ -139,20 +139,6 @@ async fn eight_agents_with_skewed_load_use_99_percent_of_a_cap_and_never_more() 
     }
 }
 
-async fn credit(stack: &Stack, account: &str, amount: &str, source: &str) {
-    stack
-        .admin()
-        .await
-        .credit(authed(pb::CreditRequest {
-            account_id: account.into(),
-            amount: amount.into(),
-            source_id: source.into(),
-            kind: 0,
-        }))
-        .await
-        .unwrap();
-}
-
 /// SPEC Ledger 3: a top-up is pushed; a refused client is served again at
 /// once, without waiting for a cached refusal to expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +161,7 @@ async fn after_a_top_up_a_refused_client_is_served_again_within_a_second() {
     assert_eq!(body["error"]["code"], "insufficient_quota");
     assert_eq!(stack.neuron.hits(), 0);
 
-    credit(&stack, "acme", "10", "topup-1").await;
+    stack.credit("acme", "10", "topup-1").await;
     let topped_up = tokio::time::Instant::now();
     wait_until(
         "the top-up to serve the client again",

@@ -26,15 +26,7 @@ async fn batch_key(stack: &Stack) -> (String, String) {
         .await
         .unwrap()
         .into_inner();
-    admin
-        .credit(authed(pb::CreditRequest {
-            account_id: "nightly".into(),
-            amount: "100".into(),
-            source_id: "top-up-nightly-batch".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    stack.credit("nightly", "100", "top-up-nightly-batch").await;
     (created.key.unwrap().key_id, created.secret)
 }
 
@@ -78,16 +70,8 @@ async fn settled_requests_become_priced_rows_that_list_and_summarize() {
     let (batch_key, batch_secret) = batch_key(&stack).await;
     for account in ["acme", "nightly"] {
         stack
-            .admin()
-            .await
-            .credit(authed(pb::CreditRequest {
-                account_id: account.into(),
-                amount: "100".into(),
-                source_id: format!("top-up-{account}"),
-                ..Default::default()
-            }))
-            .await
-            .unwrap();
+            .credit(account, "100", &format!("top-up-{account}"))
+            .await;
     }
 
     let realtime = chat(&stack, &api_secret, MODEL, None).await;
@@ -337,17 +321,7 @@ async fn refusals_are_rows_with_their_code_at_no_cost() {
     let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "60", balance())])
         .await;
-    stack
-        .admin()
-        .await
-        .credit(authed(pb::CreditRequest {
-            account_id: "acme".into(),
-            amount: "100".into(),
-            source_id: "top-up-acme".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    stack.credit("acme", "100", "top-up-acme").await;
     // Over the cap by itself: refused at once, never dispatched.
     let over = stack.chat(&secret, chat_body(1000)).await;
     assert_eq!(over.status(), 429);
