@@ -229,7 +229,7 @@ pub struct AppliedPrice {
 pub enum SettleOutcome {
     Settled {
         cost: Decimal,
-        /// The tariff that priced it (none: free).
+        /// The tariff that priced it (none: free, or not charged).
         price: Option<AppliedPrice>,
         free: bool,
         /// Usage beyond what the slice held (over-reporting neuron).
@@ -1031,9 +1031,11 @@ impl Ledger {
                 expected: agent.high_water_seq + 1,
             };
         }
-        let price = self.price(usage);
-        let (cost, free, applied) = match price {
-            Price::Tariff(t) => (
+        // A record that was not charged (a refusal, a request that failed
+        // before any output) is not priced.
+        let (cost, free, applied) = match (usage.charged, self.price(usage)) {
+            (false, _) => (Decimal::ZERO, false, None),
+            (true, Price::Tariff(t)) => (
                 t.cost(usage.prompt_tokens, usage.completion_tokens),
                 false,
                 Some(AppliedPrice {
@@ -1043,7 +1045,7 @@ impl Ledger {
                     windowed: t.completion_window.is_some(),
                 }),
             ),
-            Price::Free => (Decimal::ZERO, true, None),
+            (true, Price::Free) => (Decimal::ZERO, true, None),
         };
         let actual = if usage.charged {
             Amounts::request(usage.prompt_tokens + usage.completion_tokens, cost)
@@ -1089,7 +1091,7 @@ impl Ledger {
         SettleOutcome::Settled {
             cost,
             price: applied,
-            free: free && usage.charged,
+            free,
             excess,
             late,
         }

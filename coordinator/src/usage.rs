@@ -386,8 +386,9 @@ fn copy_data(rows: &[pb::UsageRow]) -> Result<Vec<u8>, String> {
     out.extend_from_slice(&0i32.to_be_bytes()); // header extension length
     let mut numeric = sqlx::postgres::PgArgumentBuffer::default();
     let mut encoded = Vec::new();
+    let empty = pb::UsageRecord::default();
     for row in rows {
-        let r = row.record.clone().unwrap_or_default();
+        let r = row.record.as_ref().unwrap_or(&empty);
         let cost = match row.cost.as_str() {
             "" => Decimal::ZERO,
             text => allot::money::parse_decimal("cost", text).map_err(|e| e.to_string())?,
@@ -740,12 +741,7 @@ fn written(batch: &[pb::UsageRow], new: usize) {
 async fn replay(store: &dyn UsageStore, spill: &Spill) -> bool {
     loop {
         let Some((file, batch)) = spill.oldest().await else {
-            // Nothing left on disk (also if the count was off).
-            spill
-                .inner
-                .files
-                .store(0, std::sync::atomic::Ordering::SeqCst);
-            metrics::gauge!("allot_usage_spill_batches").set(0.0);
+            spill.emptied();
             return true;
         };
         let batch = match batch {
@@ -903,6 +899,14 @@ impl Spill {
         self.forget_one();
     }
 
+    /// Nothing is left on disk (also if the count was off).
+    fn emptied(&self) {
+        self.inner
+            .files
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+        metrics::gauge!("allot_usage_spill_batches").set(0.0);
+    }
+
     fn forget_one(&self) {
         use std::sync::atomic::Ordering;
         let left = self
@@ -926,14 +930,11 @@ pub fn settled_row(
     now: UnixMs,
 ) -> pb::UsageRow {
     let format = allot::money::format;
-    // A request that was refused or failed before any output had no price
-    // applied.
-    let price = price.filter(|_| record.charged);
     pb::UsageRow {
         agent_id: agent_id.to_string(),
         input_price: price.map(|p| format(p.input_price)).unwrap_or_default(),
         output_price: price.map(|p| format(p.output_price)).unwrap_or_default(),
-        cost: format(if record.charged { cost } else { Decimal::ZERO }),
+        cost: format(cost),
         tariff_purpose: price.map_or(0, |p| p.purpose.to_pb() as i32),
         tariff_completion_window: match price {
             Some(p) if p.windowed => record.completion_window.clone(),
