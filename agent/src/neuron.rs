@@ -37,15 +37,31 @@ pub struct NeuronState {
 /// How the agent talks to one kind of inference server about its models.
 pub trait NeuronAdapter: Send + Sync + 'static {
     fn state(&self) -> impl Future<Output = Result<NeuronState, String>> + Send;
-    /// Loads `model`; `vram_bytes` and `load_ms` are the catalog's
-    /// estimates, for adapters that need them (the fake neuron does).
-    fn load(
-        &self,
-        model: &str,
-        vram_bytes: u64,
-        load_ms: u64,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Loads `model` as `hint` says, as far as the server lets the adapter
+    /// choose.
+    fn load(&self, model: &str, hint: LoadHint) -> impl Future<Output = Result<(), String>> + Send;
     fn unload(&self, model: &str) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// What the coordinator knows of a model it asks to load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadHint {
+    /// The catalog's VRAM estimate (the fake neuron takes it as the size).
+    pub vram_bytes: u64,
+    /// The catalog's load time (the fake neuron simulates it).
+    pub load_ms: u64,
+    /// The GPU placement planned for.
+    pub gpu: Option<u32>,
+}
+
+impl LoadHint {
+    pub fn of(directive: &pb::PlacementDirective) -> LoadHint {
+        LoadHint {
+            vram_bytes: directive.vram_bytes,
+            load_ms: directive.load_ms,
+            gpu: directive.gpu,
+        }
+    }
 }
 
 /// How long an adapter call may take.
@@ -180,9 +196,12 @@ impl NeuronAdapter for FakeAdapter {
         parse_fake_node(&expect_success(&url, answer)?)
     }
 
-    async fn load(&self, model: &str, vram_bytes: u64, load_ms: u64) -> Result<(), String> {
+    async fn load(&self, model: &str, hint: LoadHint) -> Result<(), String> {
         let url = format!("{}/_fake/models/{model}/load", self.base);
-        let body = serde_json::json!({"vram_bytes": vram_bytes, "load_ms": load_ms});
+        let mut body = serde_json::json!({"vram_bytes": hint.vram_bytes, "load_ms": hint.load_ms});
+        if let Some(gpu) = hint.gpu {
+            body["gpu"] = gpu.into();
+        }
         let answer = call(&self.client, hyper::Method::POST, url.clone(), Some(body)).await?;
         expect_success(&url, answer).map(drop)
     }
@@ -284,7 +303,8 @@ impl NeuronAdapter for OllamaAdapter {
         parse_ollama_ps(&expect_success(&url, answer)?, &self.gpu_vram_bytes)
     }
 
-    async fn load(&self, model: &str, _vram_bytes: u64, _load_ms: u64) -> Result<(), String> {
+    /// Ollama places models itself: the hint is not used.
+    async fn load(&self, model: &str, _hint: LoadHint) -> Result<(), String> {
         self.keep_alive(model, -1).await
     }
 
@@ -461,7 +481,7 @@ async fn carry_out<A: NeuronAdapter>(
     let outcome = match pb::DirectiveAction::try_from(directive.action) {
         Ok(pb::DirectiveAction::Load) => {
             adapter
-                .load(&directive.model, directive.vram_bytes, directive.load_ms)
+                .load(&directive.model, LoadHint::of(directive))
                 .await
         }
         Ok(pb::DirectiveAction::Unload) => {

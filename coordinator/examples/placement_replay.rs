@@ -16,7 +16,7 @@
 //! an eviction plan loads the model for its catalog load time (VRAM held
 //! from the start), a request holds its model in flight for its generation
 //! time (50 tokens/s), and usage feeds the demand estimate as requests
-//! arrive. It keeps one copy per model (no `copies_wanted`) and never
+//! arrive. It keeps one copy per model (no `wants_copy`) and never
 //! defragments, identically for every strategy. A request refused because
 //! every GPU that could hold its model is protected (in flight, loading,
 //! churn guard) is retried every second until served, so it still costs

@@ -22,7 +22,8 @@
 //!   `POST /_fake/reset`, `GET /health`.
 //! - The simulated node ([`node`]): `GET /_fake/node` (GPUs, VRAM, models and
 //!   their status), `POST /_fake/models/{id}/load` (a [`node::LoadRequest`]:
-//!   VRAM and simulated load time; 507 when no GPU has room) and
+//!   VRAM, simulated load time and optionally the GPU; 507 when no GPU, or
+//!   not the one asked for, has room; 400 for a GPU that does not exist) and
 //!   `POST /_fake/models/{id}/unload`. Only `loaded` models are served: a
 //!   request for any other model gets 404 `model_not_found`.
 //!
@@ -1448,6 +1449,9 @@ async fn load_handler(
                 });
             }
             (StatusCode::ACCEPTED, axum::Json(entry)).into_response()
+        }
+        Err(error @ node::LoadError::NoSuchGpu { .. }) => {
+            openai_error(StatusCode::BAD_REQUEST, error.to_string(), None)
         }
         Err(error) => openai_error(
             StatusCode::INSUFFICIENT_STORAGE,

@@ -59,12 +59,16 @@ pub struct LoadRequest {
     pub vram_bytes: Option<u64>,
     /// Simulated load time (default 0: loaded at once).
     pub load_ms: u64,
+    /// The GPU to load on; without it, the one the model fits most tightly.
+    pub gpu: Option<u32>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum LoadError {
     /// No GPU has this much VRAM free.
     NoRoom { need: u64, largest_free: u64 },
+    /// The GPU asked for does not exist.
+    NoSuchGpu { gpu: u32, gpus: usize },
 }
 
 impl std::fmt::Display for LoadError {
@@ -74,6 +78,9 @@ impl std::fmt::Display for LoadError {
                 f,
                 "no gpu has {need} bytes of vram free (largest free: {largest_free})"
             ),
+            LoadError::NoSuchGpu { gpu, gpus } => {
+                write!(f, "gpu: {gpu} does not exist (this node has {gpus})")
+            }
         }
     }
 }
@@ -141,15 +148,19 @@ impl Node {
             return Ok(existing.clone());
         }
         let need = request.vram_bytes.unwrap_or(DEFAULT_MODEL_VRAM);
-        let gpu = (0..self.vram_totals.len())
+        let gpus = self.vram_totals.len();
+        let asked = match request.gpu {
+            Some(gpu) if gpu as usize >= gpus => return Err(LoadError::NoSuchGpu { gpu, gpus }),
+            Some(gpu) => gpu as usize..gpu as usize + 1,
+            None => 0..gpus,
+        };
+        let gpu = asked
+            .clone()
             .filter(|&i| self.free(i) >= need)
             .min_by_key(|&i| self.free(i))
             .ok_or_else(|| LoadError::NoRoom {
                 need,
-                largest_free: (0..self.vram_totals.len())
-                    .map(|i| self.free(i))
-                    .max()
-                    .unwrap_or(0),
+                largest_free: asked.map(|i| self.free(i)).max().unwrap_or(0),
             })?;
         let entry = NodeModel {
             id: model.to_string(),
@@ -232,7 +243,7 @@ mod tests {
                 "big",
                 &LoadRequest {
                     vram_bytes: Some(3 * GIB),
-                    load_ms: 0,
+                    ..LoadRequest::default()
                 },
             )
             .unwrap_err();
@@ -255,6 +266,7 @@ mod tests {
                 &LoadRequest {
                     vram_bytes: Some(5 * GIB),
                     load_ms: 100,
+                    gpu: None,
                 },
             )
             .unwrap();
@@ -266,5 +278,34 @@ mod tests {
         assert!(node.unload("m"));
         assert!(!node.touch("m"));
         assert_eq!(node.state().gpus[0].vram_free, 8 * GIB);
+    }
+
+    #[test]
+    fn a_load_on_a_named_gpu_goes_there_or_is_refused() {
+        let mut node = Node::new(&[8 * GIB, 24 * GIB], &[]);
+        let on = |gpu| LoadRequest {
+            vram_bytes: Some(4 * GIB),
+            gpu: Some(gpu),
+            ..LoadRequest::default()
+        };
+        // Best fit alone would take GPU 0.
+        assert_eq!(node.load("a", &on(1)).unwrap().gpu, 1);
+        assert_eq!(
+            node.load("b", &on(2)).unwrap_err(),
+            LoadError::NoSuchGpu { gpu: 2, gpus: 2 }
+        );
+        let big = LoadRequest {
+            vram_bytes: Some(12 * GIB),
+            gpu: Some(0),
+            ..LoadRequest::default()
+        };
+        assert_eq!(
+            node.load("c", &big).unwrap_err(),
+            LoadError::NoRoom {
+                need: 12 * GIB,
+                largest_free: 8 * GIB
+            }
+        );
+        assert_eq!(node.loaded(), vec!["a".to_string()]);
     }
 }

@@ -193,6 +193,11 @@ async fn placement_needs_the_admin_token() {
 
 /// A fake neuron with `gpus` (bytes each) serving the default model.
 async fn neuron_with_gpus(neuron_id: &str, gpus: Vec<u64>) -> String {
+    spawn_neuron(neuron_id, gpus).await.1
+}
+
+/// The same, with a handle to change how it answers.
+async fn spawn_neuron(neuron_id: &str, gpus: Vec<u64>) -> (allot_fake_neuron::FakeNeuron, String) {
     let neuron = allot_fake_neuron::FakeNeuron::new(allot_fake_neuron::FakeConfig {
         neuron_id: neuron_id.into(),
         gpus,
@@ -200,8 +205,8 @@ async fn neuron_with_gpus(neuron_id: &str, gpus: Vec<u64>) -> String {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(neuron.serve(listener, std::future::pending()));
-    url
+    tokio::spawn(neuron.clone().serve(listener, std::future::pending()));
+    (neuron, url)
 }
 
 async fn node_has_loaded(neuron_url: &str, model: &str) -> bool {
@@ -330,4 +335,107 @@ async fn the_fleet_converges_to_shifting_demand_through_directives() {
     for agent in others {
         agent.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_keeps_its_node_saturated_gets_a_second_copy() {
+    let dir = TempDir::new("copies");
+    let catalog = format!(
+        "[[model]]\nname = \"hot\"\nvram_bytes = {}\nload_ms = 200\n",
+        4 * GIB
+    );
+    let stack = placement_stack(&dir, catalog, |p| p.copy_after_ms = 1_000).await;
+    // A second node of 16 GiB whose neuron answers slowly, so that two
+    // requests keep it at its capacity of 2.
+    let (slow, neuron_url) = spawn_neuron("neuron-2", vec![16 * GIB]).await;
+    slow.set_behavior(allot_fake_neuron::Behavior {
+        delay_ms: 400,
+        ..Default::default()
+    });
+    let agent = start_agent(allot_agent::config::AgentConfig {
+        agent_id: "agent-2".into(),
+        neuron_id: "neuron-2".into(),
+        neuron_url: neuron_url.clone(),
+        spool_dir: dir.0.join("agent-2"),
+        node_capacity: 2,
+        ..stack.agent_config.clone()
+    })
+    .await;
+    wait_agent_ready(&agent.url, Duration::from_secs(20)).await;
+    wait_until("both nodes to report", Duration::from_secs(20), || async {
+        fleet(&stack).await.nodes.len() == 2
+    })
+    .await;
+    let mut agents = std::collections::HashMap::new();
+    agents.insert(
+        "agent-1".to_string(),
+        (stack.agent_url(), stack.neuron_url.clone()),
+    );
+    agents.insert("agent-2".to_string(), (agent.url.clone(), neuron_url));
+    let (_, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
+        .await;
+    // Best fit puts the first copy on the 16 GiB node (14 GiB free against
+    // 20 on the stack's 24 GiB one).
+    assert_eq!(
+        serve_through_route(&stack, &agents, &secret, "hot").await,
+        "neuron-2"
+    );
+    let copies = |view: &pb::FleetView| -> Vec<String> {
+        let mut on: Vec<String> = view
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.models
+                    .iter()
+                    .any(|m| m.model == "hot" && m.status == pb::ModelStatus::Loaded as i32)
+            })
+            .map(|n| n.neuron_id.clone())
+            .collect();
+        on.sort();
+        on
+    };
+    assert_eq!(copies(&fleet(&stack).await), vec!["neuron-2"]);
+
+    // Four clients keep requests for "hot" in flight on agent-2 until a
+    // second copy is loaded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (url, secret, stop) = (agent.url.clone(), secret.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let response = client
+                    .post(format!("{url}/v1/chat/completions"))
+                    .bearer_auth(&secret)
+                    .json(&json!({"model": "hot",
+                        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}))
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(response.status().as_u16());
+            }
+            statuses
+        }));
+    }
+    wait_until(
+        "a second copy of the saturated model",
+        Duration::from_secs(30),
+        || async { copies(&fleet(&stack).await).len() == 2 },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for client in clients {
+        let statuses = client.await.unwrap();
+        assert!(!statuses.is_empty());
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    }
+    assert_eq!(
+        copies(&fleet(&stack).await),
+        vec!["neuron-1", "neuron-2"],
+        "the copy went to the node that did not hold it"
+    );
+    agent.stop().await;
 }

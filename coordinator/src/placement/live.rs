@@ -9,8 +9,8 @@
 //! here touches the store.
 
 use super::{
-    route, Catalog, Decision, DemandTracker, FleetView, ModelId, ModelSpec, ModelStatus, NodeId,
-    PlacementConfig, Resident, RouteError, Strategy,
+    defrag_plan, place_copy, route, wants_copy, Catalog, Decision, DemandTracker, FleetView,
+    ModelId, ModelSpec, ModelStatus, NodeId, PlacementConfig, Resident, RouteError, Strategy,
 };
 use crate::engine::Outbox;
 use allot::clock::{self, UnixMs};
@@ -78,6 +78,9 @@ struct NodeMeta {
     reported_at: UnixMs,
     /// Models seen loading, and since when, to measure load times.
     loading_since: HashMap<String, UnixMs>,
+    /// Since when every report showed the node at or over its capacity
+    /// (`in_flight >= capacity`); `None` once one did not.
+    saturated_since: Option<UnixMs>,
 }
 
 /// A directive sent and not yet answered.
@@ -85,8 +88,25 @@ struct Pending {
     directive_id: u64,
     action: pb::DirectiveAction,
     model: String,
+    neuron_id: String,
     /// Forgotten (and so retried) after this.
     until: UnixMs,
+}
+
+/// A consolidation under way: each model is loaded at its destination,
+/// then unloaded at its source once the destination reports it loaded, so
+/// it stays servable throughout.
+struct Consolidation {
+    moves: Vec<MoveJob>,
+    /// Given up (moves not yet done are left as they are) after this.
+    until: UnixMs,
+}
+
+struct MoveJob {
+    model: String,
+    from: String,
+    to: String,
+    done: bool,
 }
 
 struct Inner {
@@ -103,6 +123,10 @@ struct Inner {
     nodes: HashMap<String, NodeMeta>,
     /// NodeId index → neuron id.
     neuron_of: Vec<String>,
+    /// Eviction plans carried out since the last consolidation was
+    /// considered.
+    eviction_cycles: u32,
+    consolidation: Option<Consolidation>,
 }
 
 /// Shared by the session service (which feeds it) and the `Placement`
@@ -135,6 +159,8 @@ impl LivePlacement {
                 config,
                 nodes: HashMap::new(),
                 neuron_of: Vec::new(),
+                eviction_cycles: 0,
+                consolidation: None,
             }),
         })
     }
@@ -169,6 +195,7 @@ impl LivePlacement {
                         report: pb::NodeStatus::default(),
                         reported_at: now,
                         loading_since: HashMap::new(),
+                        saturated_since: None,
                     },
                 );
                 id
@@ -178,6 +205,11 @@ impl LivePlacement {
         meta.agent_id = agent_id.to_string();
         meta.session_up = true;
         meta.reported_at = now;
+        meta.saturated_since = if status.capacity > 0 && status.in_flight >= status.capacity {
+            Some(meta.saturated_since.unwrap_or(now))
+        } else {
+            None
+        };
         let mut residents = Vec::with_capacity(status.models.len());
         for model in &status.models {
             let Some(model_status) = status_of(model.status) else {
@@ -327,9 +359,21 @@ impl LivePlacement {
     /// node report shows what changed).
     pub fn directive_done(&self, agent_id: &str, result: &pb::DirectiveResult) {
         let mut inner = self.lock();
-        inner
+        let inner = &mut *inner;
+        let index = inner
             .pending
-            .retain(|p| p.directive_id != result.directive_id);
+            .iter()
+            .position(|p| p.directive_id == result.directive_id);
+        if let Some(done) = index.map(|index| inner.pending.swap_remove(index)) {
+            if !result.ok && done.action == pb::DirectiveAction::Load {
+                // A consolidation's load that failed ends that move.
+                for job in inner.consolidation.iter_mut().flat_map(|c| &mut c.moves) {
+                    if job.model == done.model && job.to == done.neuron_id {
+                        job.done = true;
+                    }
+                }
+            }
+        }
         let outcome = if result.ok { "ok" } else { "failed" };
         metrics::counter!("allot_directive_results_total", "outcome" => outcome).increment(1);
         if !result.ok {
@@ -342,9 +386,17 @@ impl LivePlacement {
         }
     }
 
-    /// One pass of the placement controller: every model wanted within
-    /// `want_window_ms` and not loaded (or loading) on a healthy node is
-    /// loaded where `route` says, after unloading the victims it names.
+    /// One pass of the placement controller:
+    /// - every model wanted within `want_window_ms` and not loaded (or
+    ///   loading) on a healthy node is loaded where `route` says, after
+    ///   unloading the victims it names;
+    /// - a loaded model gets one more copy (where [`place_copy`] says) when
+    ///   every node serving it has been saturated for `copy_after_ms`, up
+    ///   to `max_copies` ([`wants_copy`]);
+    /// - after `defrag_after_cycles` eviction plans, a consolidation that
+    ///   empties a whole GPU is started ([`defrag_plan`]), and carried on
+    ///   by later passes.
+    ///
     /// Directives in flight are not repeated until answered or expired.
     pub fn tick(&self, now: UnixMs) {
         let mut inner = self.lock();
@@ -378,75 +430,32 @@ impl LivePlacement {
             ) else {
                 continue;
             };
-            let (node, victims) = match decision {
-                Decision::Serve { .. }
-                | Decision::ColdStart {
+            let decision = match decision {
+                Decision::ColdStart {
                     in_progress: true, ..
                 } => continue,
-                Decision::ColdStart { node, .. } => (node, Vec::new()),
-                Decision::Evict { node, victims, .. } => (node, victims),
-            };
-            let neuron_id = inner.neuron_of[node.index()].clone();
-            let Some(agent_id) = inner.nodes.get(&neuron_id).map(|m| m.agent_id.clone()) else {
-                continue;
-            };
-            let Some(outbox) = inner.outboxes.get(&agent_id).cloned() else {
-                continue;
-            };
-            let spec = inner.catalog.get(id).cloned().expect("known model");
-            let mut steps: Vec<(pb::DirectiveAction, String, u64, u64)> = victims
-                .iter()
-                .map(|v| {
-                    (
-                        pb::DirectiveAction::Unload,
-                        model_name(&inner.catalog, *v),
-                        0,
-                        0,
-                    )
-                })
-                .collect();
-            steps.push((
-                pb::DirectiveAction::Load,
-                model.clone(),
-                spec.vram_bytes,
-                spec.load_ms,
-            ));
-            for (action, target, vram_bytes, load_ms) in steps {
-                let directive_id = inner.next_directive;
-                inner.next_directive += 1;
-                let message = pb::CoordinatorMessage {
-                    msg: Some(pb::coordinator_message::Msg::Directive(
-                        pb::PlacementDirective {
-                            directive_id,
-                            action: action as i32,
-                            model: target.clone(),
-                            vram_bytes,
-                            load_ms,
-                        },
-                    )),
-                };
-                if outbox.try_send(Ok(message)).is_err() {
-                    break;
+                Decision::Serve { .. } => {
+                    if !inner.more_copies(id, now) {
+                        continue;
+                    }
+                    let Ok(copy) = place_copy(
+                        &inner.fleet,
+                        &inner.catalog,
+                        &inner.demand,
+                        &inner.config,
+                        id,
+                        now,
+                    ) else {
+                        continue;
+                    };
+                    metrics::counter!("allot_placement_copies_total").increment(1);
+                    copy
                 }
-                let label = match action {
-                    pb::DirectiveAction::Load => "load",
-                    _ => "unload",
-                };
-                metrics::counter!("allot_directives_total", "action" => label).increment(1);
-                tracing::info!(
-                    neuron_id,
-                    model = target,
-                    action = label,
-                    "placement directive"
-                );
-                inner.pending.push(Pending {
-                    directive_id,
-                    action,
-                    model: target,
-                    until: now + load_ms as i64 + 30_000,
-                });
-            }
+                other => other,
+            };
+            inner.carry_out(id, decision, now);
         }
+        inner.consolidate(now);
     }
 
     pub fn fleet(&self, now: UnixMs) -> pb::FleetView {
@@ -496,6 +505,187 @@ fn model_name(catalog: &Catalog, model: ModelId) -> String {
 }
 
 impl Inner {
+    /// Sends one directive to the agent of `neuron_id`; whether it went.
+    fn send(&mut self, neuron_id: &str, directive: pb::PlacementDirective, now: UnixMs) -> bool {
+        let Some(outbox) = self
+            .nodes
+            .get(neuron_id)
+            .and_then(|meta| self.outboxes.get(&meta.agent_id))
+        else {
+            return false;
+        };
+        let directive_id = self.next_directive;
+        let action = directive.action();
+        let model = directive.model.clone();
+        let until = now + directive.load_ms as i64 + 30_000;
+        let message = pb::CoordinatorMessage {
+            msg: Some(pb::coordinator_message::Msg::Directive(
+                pb::PlacementDirective {
+                    directive_id,
+                    ..directive
+                },
+            )),
+        };
+        if outbox.try_send(Ok(message)).is_err() {
+            return false;
+        }
+        self.next_directive += 1;
+        let label = match action {
+            pb::DirectiveAction::Load => "load",
+            _ => "unload",
+        };
+        metrics::counter!("allot_directives_total", "action" => label).increment(1);
+        tracing::info!(neuron_id, model, action = label, "placement directive");
+        self.pending.push(Pending {
+            directive_id,
+            action,
+            model,
+            neuron_id: neuron_id.to_string(),
+            until,
+        });
+        true
+    }
+
+    fn load_directive(&self, model: ModelId, gpu: u32) -> pb::PlacementDirective {
+        let spec = self.catalog.get(model).expect("known model");
+        pb::PlacementDirective {
+            action: pb::DirectiveAction::Load as i32,
+            model: spec.name.clone(),
+            vram_bytes: spec.vram_bytes,
+            load_ms: spec.load_ms,
+            gpu: Some(gpu),
+            ..Default::default()
+        }
+    }
+
+    fn unload_directive(&self, model: String) -> pb::PlacementDirective {
+        pb::PlacementDirective {
+            action: pb::DirectiveAction::Unload as i32,
+            model,
+            ..Default::default()
+        }
+    }
+
+    /// Unloads the decision's victims, then loads the model on its GPU.
+    fn carry_out(&mut self, model: ModelId, decision: Decision, now: UnixMs) {
+        let (node, gpu, victims) = match decision {
+            Decision::Serve { .. } => return,
+            Decision::ColdStart { node, gpu, .. } => (node, gpu, Vec::new()),
+            Decision::Evict {
+                node, gpu, victims, ..
+            } => (node, gpu, victims),
+        };
+        let neuron_id = self.neuron_of[node.index()].clone();
+        let evicts = !victims.is_empty();
+        for victim in victims {
+            let directive = self.unload_directive(model_name(&self.catalog, victim));
+            if !self.send(&neuron_id, directive, now) {
+                return;
+            }
+        }
+        let directive = self.load_directive(model, gpu);
+        if self.send(&neuron_id, directive, now) && evicts {
+            self.eviction_cycles = self.eviction_cycles.saturating_add(1);
+        }
+    }
+
+    fn more_copies(&self, model: ModelId, now: UnixMs) -> bool {
+        let saturated_since = |node: NodeId| {
+            self.nodes
+                .get(&self.neuron_of[node.index()])
+                .and_then(|meta| meta.saturated_since)
+        };
+        wants_copy(&self.fleet, &self.config, model, saturated_since, now)
+    }
+
+    /// Starts a consolidation when it is due, or carries on the one under
+    /// way.
+    fn consolidate(&mut self, now: UnixMs) {
+        if let Some(mut consolidation) = self.consolidation.take() {
+            if now > consolidation.until {
+                tracing::warn!("a consolidation did not finish in time; left as it is");
+                metrics::counter!("allot_consolidations_total", "outcome" => "expired")
+                    .increment(1);
+                return;
+            }
+            for job in consolidation.moves.iter_mut().filter(|job| !job.done) {
+                self.advance(job, now);
+            }
+            if consolidation.moves.iter().all(|job| job.done) {
+                metrics::counter!("allot_consolidations_total", "outcome" => "done").increment(1);
+            } else {
+                self.consolidation = Some(consolidation);
+            }
+            return;
+        }
+        let due = self.config.defrag_after_cycles;
+        if due == 0 || self.eviction_cycles < due || !self.pending.is_empty() {
+            return;
+        }
+        let cycles = std::mem::take(&mut self.eviction_cycles);
+        let Some(plan) = defrag_plan(&self.fleet, &self.catalog, &self.config, cycles) else {
+            return;
+        };
+        let mut moves = Vec::with_capacity(plan.moves.len());
+        for step in &plan.moves {
+            let to = self.neuron_of[step.to_node.index()].clone();
+            let directive = self.load_directive(step.model, step.to_gpu);
+            if !self.send(&to, directive, now) {
+                continue;
+            }
+            moves.push(MoveJob {
+                model: model_name(&self.catalog, step.model),
+                from: self.neuron_of[step.from_node.index()].clone(),
+                to,
+                done: false,
+            });
+        }
+        if moves.is_empty() {
+            return;
+        }
+        tracing::info!(
+            neuron_id = self.neuron_of[plan.node.index()],
+            gpu = plan.gpu,
+            moves = moves.len(),
+            "consolidating to free a whole gpu"
+        );
+        self.consolidation = Some(Consolidation {
+            moves,
+            until: now + plan.expected_load_ms as i64 + 60_000,
+        });
+    }
+
+    /// One step of a move: once the destination reports the model loaded,
+    /// unload it at the source (again, if the source refused while it had
+    /// requests in flight). A load the destination failed ends the move
+    /// (see also [`LivePlacement::directive_done`]).
+    fn advance(&mut self, job: &mut MoveJob, now: UnixMs) {
+        let status_on = |neuron: &str| -> Option<ModelStatus> {
+            let meta = self.nodes.get(neuron)?;
+            let id = self.catalog.id(&job.model)?;
+            Some(self.fleet.node(meta.id).resident(id)?.status)
+        };
+        let (at_destination, at_source) = (status_on(&job.to), status_on(&job.from));
+        match at_destination {
+            Some(ModelStatus::Loaded) => {
+                if !matches!(at_source, Some(ModelStatus::Loaded | ModelStatus::Loading)) {
+                    job.done = true;
+                } else if !self.pending.iter().any(|p| {
+                    p.model == job.model
+                        && p.neuron_id == job.from
+                        && p.action == pb::DirectiveAction::Unload
+                }) {
+                    let directive = self.unload_directive(job.model.clone());
+                    self.send(&job.from, directive, now);
+                }
+            }
+            Some(ModelStatus::Failed) => job.done = true,
+            // Loading, or not yet reported: wait (at most until the
+            // consolidation expires).
+            Some(ModelStatus::Loading | ModelStatus::Unloaded) | None => {}
+        }
+    }
+
     fn decision_pb(&self, model: &str, decision: Decision) -> pb::RouteDecision {
         let node = decision.node();
         let neuron_id = self.neuron_of[node.index()].clone();
@@ -726,5 +916,167 @@ mod tests {
             (m.vram_bytes, m.load_ms, m.measurements),
             (3 * GIB, 2_500, 1)
         );
+    }
+
+    type Inbox = tokio::sync::mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>;
+
+    /// The directives an agent received so far, as (action, model, gpu).
+    fn received(inbox: &mut Inbox) -> Vec<(pb::DirectiveAction, String, Option<u32>)> {
+        let mut out = Vec::new();
+        while let Ok(Ok(message)) = inbox.try_recv() {
+            if let Some(pb::coordinator_message::Msg::Directive(d)) = message.msg {
+                out.push((d.action(), d.model, d.gpu));
+            }
+        }
+        out
+    }
+
+    fn connect(live: &LivePlacement, agent: &str) -> Inbox {
+        let (outbox, inbox) = tokio::sync::mpsc::channel(16);
+        live.attach(agent, outbox);
+        inbox
+    }
+
+    fn used(model: &str, at: UnixMs) -> pb::UsageRecord {
+        pb::UsageRecord {
+            model_requested: model.into(),
+            admitted_at_unix_ms: at,
+            charged: true,
+            completion_tokens: 10,
+            ..Default::default()
+        }
+    }
+
+    fn loaded(name: &str, vram: u64, in_flight: u32, last_access: UnixMs) -> pb::ModelState {
+        pb::ModelState {
+            in_flight,
+            last_access_unix_ms: last_access,
+            ..model(name, pb::ModelStatus::Loaded, vram)
+        }
+    }
+
+    const LOAD: pb::DirectiveAction = pb::DirectiveAction::Load;
+    const UNLOAD: pb::DirectiveAction = pb::DirectiveAction::Unload;
+
+    #[test]
+    fn a_model_whose_every_node_stays_saturated_gets_a_copy_on_another_node() {
+        let config = PlacementConfig {
+            copy_after_ms: 5_000,
+            ..PlacementConfig::default()
+        };
+        let catalog =
+            parse_catalog("[[model]]\nname = \"m\"\nvram_bytes = 4294967296\nload_ms = 1000\n")
+                .unwrap();
+        let live = LivePlacement::new(catalog, config);
+        let (mut one, mut two) = (connect(&live, "a1"), connect(&live, "a2"));
+        let busy = |in_flight: u32, at: UnixMs| {
+            let mut status = report("n1", 20 * GIB, vec![loaded("m", 4 * GIB, in_flight, at)]);
+            status.in_flight = in_flight;
+            status
+        };
+        live.report("a2", report("n2", 24 * GIB, vec![]), 1_000);
+        live.report("a1", busy(4, 1_000), 1_000);
+        live.record_usage(&[used("m", 1_000)]);
+        live.tick(2_000);
+        assert!(received(&mut two).is_empty(), "saturated for 1 s only");
+        // One report below capacity restarts the clock.
+        live.report("a1", busy(3, 4_000), 4_000);
+        live.report("a1", busy(4, 5_000), 5_000);
+        live.tick(9_000);
+        assert!(
+            received(&mut two).is_empty(),
+            "saturated for 4 s since the dip"
+        );
+        live.report("a1", busy(4, 10_000), 10_000);
+        live.tick(10_000);
+        assert_eq!(received(&mut two), vec![(LOAD, "m".to_string(), Some(0))]);
+        assert!(received(&mut one).is_empty());
+        // The copy is pending: the next pass does not ask again.
+        live.tick(10_500);
+        assert!(received(&mut two).is_empty());
+    }
+
+    #[test]
+    fn an_eviction_plan_is_carried_out_victims_first_and_counted() {
+        let catalog =
+            parse_catalog("[[model]]\nname = \"c\"\nvram_bytes = 12884901888\nload_ms = 1000\n")
+                .unwrap();
+        let live = LivePlacement::new(catalog, PlacementConfig::default());
+        let mut one = connect(&live, "a1");
+        live.report(
+            "a1",
+            report("n1", 4 * GIB, vec![loaded("old", 20 * GIB, 0, 0)]),
+            100_000,
+        );
+        live.record_usage(&[used("c", 100_000)]);
+        live.tick(100_000);
+        assert_eq!(
+            received(&mut one),
+            vec![
+                (UNLOAD, "old".to_string(), None),
+                (LOAD, "c".to_string(), Some(0))
+            ]
+        );
+        assert_eq!(live.lock().eviction_cycles, 1);
+    }
+
+    #[test]
+    fn after_enough_evictions_a_gpu_is_emptied_by_loading_elsewhere_then_unloading() {
+        let config = PlacementConfig {
+            defrag_after_cycles: 2,
+            ..PlacementConfig::default()
+        };
+        let catalog = parse_catalog(
+            "[[model]]\nname = \"a\"\nvram_bytes = 4294967296\nload_ms = 1000\n\
+             [[model]]\nname = \"b\"\nvram_bytes = 8589934592\nload_ms = 5000\n",
+        )
+        .unwrap();
+        let live = LivePlacement::new(catalog, config);
+        let (mut one, mut two) = (connect(&live, "a1"), connect(&live, "a2"));
+        let n1 = |models| {
+            report(
+                "n1",
+                24 * GIB - 4 * GIB * models as u64,
+                if models == 1 {
+                    vec![loaded("a", 4 * GIB, 0, 0)]
+                } else {
+                    vec![]
+                },
+            )
+        };
+        let n2 = |a: Option<pb::ModelStatus>| {
+            let mut models = vec![loaded("b", 8 * GIB, 0, 0)];
+            let mut free = 16 * GIB;
+            if let Some(status) = a {
+                models.push(model("a", status, 4 * GIB));
+                free -= 4 * GIB;
+            }
+            report("n2", free, models)
+        };
+        live.report("a1", n1(1), 1_000);
+        live.report("a2", n2(None), 1_000);
+        live.lock().eviction_cycles = 1;
+        live.tick(1_000);
+        assert!(received(&mut one).is_empty() && received(&mut two).is_empty());
+
+        // Emptying n1's GPU costs one 1 s load; emptying n2's a 5 s one.
+        live.lock().eviction_cycles = 2;
+        live.tick(2_000);
+        assert_eq!(live.lock().eviction_cycles, 0);
+        assert_eq!(received(&mut two), vec![(LOAD, "a".to_string(), Some(0))]);
+        assert!(received(&mut one).is_empty());
+        // Nothing is unloaded before the destination has it loaded.
+        live.report("a2", n2(Some(pb::ModelStatus::Loading)), 2_500);
+        live.tick(2_500);
+        assert!(received(&mut one).is_empty());
+        live.report("a2", n2(Some(pb::ModelStatus::Loaded)), 3_000);
+        live.tick(3_000);
+        assert_eq!(received(&mut one), vec![(UNLOAD, "a".to_string(), None)]);
+        live.tick(3_500);
+        assert!(received(&mut one).is_empty(), "the unload is pending");
+        live.report("a1", n1(0), 4_000);
+        live.tick(4_000);
+        assert!(live.lock().consolidation.is_none());
+        assert!(received(&mut one).is_empty() && received(&mut two).is_empty());
     }
 }

@@ -97,8 +97,13 @@ pub struct PlacementConfig {
     /// `demand` only: "a request within the reload time" looks at least this
     /// far ahead (0 keeps the window at exactly the reload time).
     pub demand_horizon_ms: i64,
-    /// Most copies [`copies_wanted`] asks for one model.
+    /// Most copies of one model the controller keeps loaded.
     pub max_copies: u32,
+    /// A loaded model gets one more copy once every node serving it has
+    /// reported itself saturated (`in_flight >= capacity`, with requests
+    /// for this model among them) for this many milliseconds; 0 disables
+    /// copies. See [`wants_copy`].
+    pub copy_after_ms: i64,
     /// Send agents load/unload directives so that every wanted model is
     /// loaded somewhere.
     pub directives: bool,
@@ -115,6 +120,7 @@ impl Default for PlacementConfig {
             defrag_after_cycles: 16,
             demand_horizon_ms: 0,
             max_copies: 8,
+            copy_after_ms: 10_000,
             directives: true,
             want_window_ms: 60_000,
         }
@@ -229,12 +235,42 @@ pub fn route<D: Demand + ?Sized>(
                 .is_some_and(|r| r.status == ModelStatus::Failed)
         })
         .collect();
+    place(view, catalog, demand, config, model, &failed, now)
+}
+
+/// Where to load one more copy of `model`, which is already loaded (or
+/// loading) somewhere: steps 2 and 3 of [`route`] over the healthy nodes that
+/// hold no copy of it. A node holds at most one copy of a model.
+pub fn place_copy<D: Demand + ?Sized>(
+    view: &FleetView,
+    catalog: &Catalog,
+    demand: &D,
+    config: &PlacementConfig,
+    model: ModelId,
+    now: UnixMs,
+) -> Result<Decision, RouteError> {
+    let holders = view.holders(model).to_vec();
+    place(view, catalog, demand, config, model, &holders, now)
+}
+
+/// Steps 2 and 3: a cold start where the model fits, else the cheapest
+/// eviction plan, never on a node in `excluded`.
+fn place<D: Demand + ?Sized>(
+    view: &FleetView,
+    catalog: &Catalog,
+    demand: &D,
+    config: &PlacementConfig,
+    model: ModelId,
+    excluded: &[NodeId],
+    now: UnixMs,
+) -> Result<Decision, RouteError> {
+    let spec = catalog.get(model).ok_or(RouteError::UnknownModel(model))?;
     let need = spec.vram_bytes;
     let mut largest_gpu = None;
     let mut best: Option<(u64, NodeId, u32)> = None;
     for slot in view.slots() {
         let id = NodeId(slot.node);
-        if !slot.healthy || (!failed.is_empty() && failed.contains(&id)) {
+        if !slot.healthy || (!excluded.is_empty() && excluded.contains(&id)) {
             continue;
         }
         largest_gpu = largest_gpu.max(Some(slot.vram_total));
@@ -273,7 +309,7 @@ pub fn route<D: Demand + ?Sized>(
             largest_gpu_bytes,
         });
     }
-    plan_eviction(view, catalog, demand, config, model, &failed, now)
+    plan_eviction(view, catalog, demand, config, model, excluded, now)
 }
 
 /// Step 1: a loaded copy, or a load already under way.
@@ -403,7 +439,7 @@ fn plan_eviction<D: Demand + ?Sized>(
     demand: &D,
     config: &PlacementConfig,
     model: ModelId,
-    failed: &[NodeId],
+    excluded: &[NodeId],
     now: UnixMs,
 ) -> Result<Decision, RouteError> {
     let spec = catalog.get(model).ok_or(RouteError::UnknownModel(model))?;
@@ -427,7 +463,7 @@ fn plan_eviction<D: Demand + ?Sized>(
         if !slot.healthy
             || slot.vram_total < need
             || idle.idle_bytes == 0
-            || (!failed.is_empty() && failed.contains(&id))
+            || (!excluded.is_empty() && excluded.contains(&id))
         {
             continue;
         }
@@ -543,7 +579,7 @@ fn plan_eviction<D: Demand + ?Sized>(
         return Err(RouteError::NoRoom {
             model,
             need_bytes: need,
-            protected: protected(view, catalog, config, need, failed, now),
+            protected: protected(view, catalog, config, need, excluded, now),
         });
     };
     Ok(Decision::Evict {
@@ -626,12 +662,12 @@ fn protected(
     catalog: &Catalog,
     config: &PlacementConfig,
     need: u64,
-    failed: &[NodeId],
+    excluded: &[NodeId],
     now: UnixMs,
 ) -> Protected {
     let mut protected = Protected::default();
     for (index, node) in view.nodes().iter().enumerate() {
-        if !node.healthy || failed.contains(&NodeId(index as u32)) {
+        if !node.healthy || excluded.contains(&NodeId(index as u32)) {
             continue;
         }
         for resident in &node.residents {
@@ -718,41 +754,48 @@ fn choose_victims(candidates: &mut [Candidate], gap: u64) -> Option<PlanCost> {
     Some(cost)
 }
 
-/// Copies of `model` its token demand calls for: demand divided by the
-/// measured token throughput of one node serving it (the mean over healthy
-/// nodes where it is loaded, else over all healthy nodes that measured
-/// any), rounded up, between 1 and `max_copies`.
-pub fn copies_wanted<D: Demand + ?Sized>(
+/// Whether `model` should get one more copy now: it is loaded on at least
+/// one healthy node, no copy is loading, it has fewer than `max_copies`
+/// copies, and every healthy node where it is loaded has been saturated
+/// (`saturated_since`: since when every report showed in flight ≥
+/// capacity) for `copy_after_ms`, with requests for this model among those
+/// in flight. 0 disables copies.
+///
+/// Saturation is the measured sign that the model's token demand exceeds
+/// what its nodes deliver. Token rates alone cannot show it: an agent's
+/// tokens per second is what its node served, and demand measured from
+/// settled usage is what was served too, so neither exceeds a node's
+/// throughput while requests queue in front of it.
+pub fn wants_copy(
     view: &FleetView,
-    demand: &D,
     config: &PlacementConfig,
     model: ModelId,
+    saturated_since: impl Fn(NodeId) -> Option<UnixMs>,
     now: UnixMs,
-) -> u32 {
-    let tokens_per_s = demand.token_rate(model, now);
-    let mean = |nodes: &mut dyn Iterator<Item = &Node>| {
-        let (sum, count) = nodes
-            .filter(|n| n.healthy && n.throughput_tokens_per_s > 0.0)
-            .fold((0.0, 0u32), |(sum, count), n| {
-                (sum + n.throughput_tokens_per_s, count + 1)
-            });
-        (count > 0).then(|| sum / f64::from(count))
-    };
-    let serving = mean(
-        &mut view
-            .holders(model)
-            .iter()
-            .map(|&id| view.node(id))
-            .filter(|n| {
-                n.resident(model)
-                    .is_some_and(|r| r.status == ModelStatus::Loaded)
-            }),
-    );
-    let Some(per_node) = serving.or_else(|| mean(&mut view.nodes().iter())) else {
-        return 1;
-    };
-    let wanted = (tokens_per_s / per_node).ceil();
-    (wanted.min(f64::from(config.max_copies.max(1))) as u32).max(1)
+) -> bool {
+    if config.copy_after_ms <= 0 {
+        return false;
+    }
+    let mut loaded = 0u32;
+    for &id in view.holders(model) {
+        let node = view.node(id);
+        let Some(resident) = node.resident(model).filter(|_| node.healthy) else {
+            continue;
+        };
+        match resident.status {
+            ModelStatus::Loading => return false,
+            ModelStatus::Loaded => {
+                let saturated = resident.in_flight > 0
+                    && saturated_since(id).is_some_and(|since| now - since >= config.copy_after_ms);
+                if !saturated {
+                    return false;
+                }
+                loaded += 1;
+            }
+            ModelStatus::Unloaded | ModelStatus::Failed => {}
+        }
+    }
+    loaded > 0 && loaded < config.max_copies.max(1)
 }
 
 #[cfg(test)]

@@ -434,24 +434,90 @@ fn defrag_proposes_nothing_when_no_gpu_can_be_emptied() {
 }
 
 #[test]
-fn copies_wanted_grows_when_token_demand_exceeds_one_nodes_throughput() {
+fn wants_copy_when_every_node_serving_the_model_stays_saturated() {
     let mut view = FleetView::new();
     let a = view.add_node("a:8000", &[80 * GB], 4);
     let b = view.add_node("b:8000", &[80 * GB], 4);
     loaded(&mut view, a, 0, M, 10, 0);
-    view.set_throughput(a, 1_000.0);
-    view.set_throughput(b, 4_000.0);
-    let config = PlacementConfig::default();
-    let at = |tokens_per_s| {
-        let demand = Fixed(vec![(M, 1.0, tokens_per_s)]);
-        copies_wanted(&view, &demand, &config, M, NOW)
+    let config = PlacementConfig {
+        copy_after_ms: 5_000,
+        max_copies: 2,
+        ..PlacementConfig::default()
     };
-    assert_eq!(at(500.0), 1);
-    assert_eq!(at(2_500.0), 3, "measured on a, where m is loaded");
-    assert_eq!(at(1_000_000.0), config.max_copies);
-    // Not loaded anywhere: the fleet's mean throughput (2,500 tokens/s).
-    let demand = Fixed(vec![(X, 1.0, 6_000.0)]);
-    assert_eq!(copies_wanted(&view, &demand, &config, X, NOW), 3);
+    let busy_since = |a_since: Option<UnixMs>, b_since: Option<UnixMs>| {
+        move |node: NodeId| if node == a { a_since } else { b_since }
+    };
+    let set_in_flight = |view: &mut FleetView, node: NodeId, in_flight: u32| {
+        let mut resident = Resident::new(M, 0, ModelStatus::Loaded, 10 * GB, NOW);
+        resident.in_flight = in_flight;
+        view.upsert(node, resident);
+    };
+    set_in_flight(&mut view, a, 4);
+    assert!(wants_copy(
+        &view,
+        &config,
+        M,
+        busy_since(Some(NOW - 5_000), None),
+        NOW
+    ));
+    assert!(
+        !wants_copy(&view, &config, M, busy_since(Some(NOW - 4_999), None), NOW),
+        "not saturated long enough"
+    );
+    assert!(!wants_copy(&view, &config, M, busy_since(None, None), NOW));
+    assert!(
+        !wants_copy(&view, &config, X, busy_since(Some(0), None), NOW),
+        "not loaded"
+    );
+    // The node is saturated by other models' requests: no copy of this one.
+    set_in_flight(&mut view, a, 0);
+    assert!(!wants_copy(
+        &view,
+        &config,
+        M,
+        busy_since(Some(0), None),
+        NOW
+    ));
+    set_in_flight(&mut view, a, 4);
+    // Two copies: both must be saturated, and two is `max_copies`.
+    loaded(&mut view, b, 0, M, 10, 0);
+    set_in_flight(&mut view, b, 4);
+    assert!(!wants_copy(
+        &view,
+        &config,
+        M,
+        busy_since(Some(0), Some(0)),
+        NOW
+    ));
+    let three = PlacementConfig {
+        max_copies: 3,
+        ..config.clone()
+    };
+    assert!(wants_copy(
+        &view,
+        &three,
+        M,
+        busy_since(Some(0), Some(0)),
+        NOW
+    ));
+    assert!(!wants_copy(
+        &view,
+        &three,
+        M,
+        busy_since(Some(0), None),
+        NOW
+    ));
+    let off = PlacementConfig {
+        copy_after_ms: 0,
+        ..three
+    };
+    assert!(!wants_copy(
+        &view,
+        &off,
+        M,
+        busy_since(Some(0), Some(0)),
+        NOW
+    ));
 }
 
 /// The eviction planner as it was before the fleet view indexed idle
