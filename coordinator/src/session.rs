@@ -92,7 +92,7 @@ impl AgentSession for SessionService {
                                     continue;
                                 }
                                 AgentMsg::Usage(batch) => {
-                                    placement.record_usage(&batch.records);
+                                    placement.record_usage(&agent_id, &batch.records);
                                     AgentMsg::Usage(batch)
                                 }
                                 other => other,

@@ -114,6 +114,8 @@ struct Inner {
     outboxes: HashMap<String, Outbox>,
     /// Model → when a `Route` or a request last wanted it.
     wanted: HashMap<String, UnixMs>,
+    /// Per agent, the highest usage sequence number counted as demand.
+    usage_seen: HashMap<String, u64>,
     pending: Vec<Pending>,
     next_directive: u64,
     fleet: FleetView,
@@ -151,6 +153,7 @@ impl LivePlacement {
             inner: Mutex::new(Inner {
                 outboxes: HashMap::new(),
                 wanted: HashMap::new(),
+                usage_seen: HashMap::new(),
                 pending: Vec::new(),
                 next_directive: 1,
                 fleet: FleetView::new(),
@@ -291,12 +294,23 @@ impl LivePlacement {
         }
     }
 
-    /// Feeds demand from a usage batch: one request per record.
-    pub fn record_usage(&self, records: &[pb::UsageRecord]) {
+    /// Feeds demand from one of `agent_id`'s usage batches: one request per
+    /// charged record. An agent re-sends records not yet acknowledged
+    /// (after a reconnect, or to a new leader); a record at or below the
+    /// highest sequence number already seen from that agent is not counted
+    /// again. (A coordinator that starts afresh counts re-sent records once
+    /// more: demand is soft state.)
+    pub fn record_usage(&self, agent_id: &str, records: &[pb::UsageRecord]) {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        let seen = match inner.usage_seen.get_mut(agent_id) {
+            Some(seen) => seen,
+            None => inner.usage_seen.entry(agent_id.to_string()).or_insert(0),
+        };
+        let counted_to = *seen;
+        *seen = records.iter().map(|r| r.seq).fold(counted_to, u64::max);
         for record in records {
-            if !record.charged {
+            if !record.charged || record.seq <= counted_to {
                 continue;
             }
             let model = if record.model_served.is_empty() {
@@ -939,6 +953,7 @@ mod tests {
 
     fn used(model: &str, at: UnixMs) -> pb::UsageRecord {
         pb::UsageRecord {
+            seq: 1,
             model_requested: model.into(),
             admitted_at_unix_ms: at,
             charged: true,
@@ -976,7 +991,7 @@ mod tests {
         };
         live.report("a2", report("n2", 24 * GIB, vec![]), 1_000);
         live.report("a1", busy(4, 1_000), 1_000);
-        live.record_usage(&[used("m", 1_000)]);
+        live.record_usage("a1", &[used("m", 1_000)]);
         live.tick(2_000);
         assert!(received(&mut two).is_empty(), "saturated for 1 s only");
         // One report below capacity restarts the clock.
@@ -1008,7 +1023,7 @@ mod tests {
             report("n1", 4 * GIB, vec![loaded("old", 20 * GIB, 0, 0)]),
             100_000,
         );
-        live.record_usage(&[used("c", 100_000)]);
+        live.record_usage("a1", &[used("c", 100_000)]);
         live.tick(100_000);
         assert_eq!(
             received(&mut one),
@@ -1078,5 +1093,36 @@ mod tests {
         live.tick(4_000);
         assert!(live.lock().consolidation.is_none());
         assert!(received(&mut one).is_empty() && received(&mut two).is_empty());
+    }
+
+    #[test]
+    fn a_re_sent_usage_record_is_not_counted_as_demand_twice() {
+        let catalog =
+            parse_catalog("[[model]]\nname = \"m\"\nvram_bytes = 1073741824\nload_ms = 1000\n")
+                .unwrap();
+        let live = LivePlacement::new(catalog, PlacementConfig::default());
+        let batch = |seqs: std::ops::RangeInclusive<u64>| -> Vec<pb::UsageRecord> {
+            seqs.map(|seq| pb::UsageRecord {
+                seq,
+                ..used("m", 1_000)
+            })
+            .collect()
+        };
+        let rate = |live: &LivePlacement| {
+            let fleet = live.fleet(1_000);
+            fleet.catalog[0].requests_per_second
+        };
+        live.record_usage("a1", &batch(1..=10));
+        let once = rate(&live);
+        assert!(once > 0.0);
+        // The same ten again (a reconnect re-sends them), then five new.
+        live.record_usage("a1", &batch(1..=10));
+        assert_eq!(rate(&live), once);
+        live.record_usage("a1", &batch(8..=15));
+        let fifteen = rate(&live);
+        assert!((fifteen / once - 1.5).abs() < 1e-9, "{fifteen} vs {once}");
+        // Another agent's sequence numbers are its own.
+        live.record_usage("a2", &batch(1..=5));
+        assert!((rate(&live) / once - 2.0).abs() < 1e-9);
     }
 }
