@@ -699,9 +699,13 @@ pub async fn run_writer(
 /// Writes one batch, retrying with exponential backoff and jitter; after
 /// [`ATTEMPTS`] failures the batch goes to the spill (and only if the disk
 /// refuses that too does the writer keep it in memory and keep trying).
+/// While earlier batches wait in the spill, the store is known to be
+/// failing: one failed try is enough, so an outage does not hold every new
+/// batch for the whole backoff.
 async fn write_or_spill(store: &dyn UsageStore, spill: &Spill, batch: Vec<pb::UsageRow>) {
     let mut delay = RETRY_FIRST;
     let mut attempt = 1u32;
+    let attempts = if spill.has_files() { 1 } else { ATTEMPTS };
     loop {
         match store.insert(batch.clone()).await {
             Ok(new) => return written(&batch, new),
@@ -710,7 +714,7 @@ async fn write_or_spill(store: &dyn UsageStore, spill: &Spill, batch: Vec<pb::Us
                 tracing::error!(attempt, rows = batch.len(), %error, "cannot write usage rows");
             }
         }
-        if attempt >= ATTEMPTS {
+        if attempt >= attempts {
             match spill.put(&batch).await {
                 Ok(()) => return,
                 Err(error) => tracing::error!(rows = batch.len(), %error,
@@ -1178,10 +1182,13 @@ mod tests {
     struct Flaky {
         store: EmbeddedUsageStore,
         down: std::sync::atomic::AtomicBool,
+        /// The size of every batch it was asked to write.
+        tries: std::sync::Mutex<Vec<usize>>,
     }
 
     impl UsageStore for Flaky {
         fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, String>> {
+            self.tries.lock().unwrap().push(rows.len());
             if self.down.load(std::sync::atomic::Ordering::SeqCst) {
                 return Box::pin(async { Err("connection refused".to_string()) });
             }
@@ -1216,6 +1223,7 @@ mod tests {
         let flaky = Arc::new(Flaky {
             store,
             down: true.into(),
+            tries: Default::default(),
         });
         let store: Arc<dyn UsageStore> = flaky.clone();
         let spill_dir = dir.join("spill");
@@ -1234,6 +1242,26 @@ mod tests {
         drop(tx);
         writer.await.unwrap();
         assert_eq!(spilled(&spill_dir), 2, "shutdown spills what it holds");
+        // Batches are told apart by their size (3, 2, then 1 row).
+        let tries_of = |rows: usize| {
+            flaky
+                .tries
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|&&n| n == rows)
+                .count()
+        };
+        // (Replays of the spilled file add tries of their own.)
+        assert!(
+            tries_of(3) >= ATTEMPTS as usize,
+            "the first failing batch is retried"
+        );
+        assert_eq!(
+            tries_of(2),
+            1,
+            "once one batch is spilled, one try is enough"
+        );
         assert_eq!(all(&*store, pb::UsageFilter::default(), 100).await.len(), 0);
 
         // A later run, store still down: nothing is lost or written; once
@@ -1249,6 +1277,11 @@ mod tests {
             spilled(&spill_dir) == 3
         })
         .await;
+        assert_eq!(
+            tries_of(1),
+            1,
+            "with batches already spilled, one try is enough"
+        );
         flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);
         wait_for("the spill to be written", async || spilled(&spill_dir) == 0).await;
         let rows = all(&*store, pb::UsageFilter::default(), 100).await;
