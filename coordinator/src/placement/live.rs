@@ -1125,4 +1125,41 @@ mod tests {
         live.record_usage("a2", &batch(1..=5));
         assert!((rate(&live) / once - 2.0).abs() < 1e-9);
     }
+
+    #[test]
+    fn a_change_of_a_loaded_models_options_alone_never_reloads_it() {
+        let catalog =
+            parse_catalog("[[model]]\nname = \"m\"\nvram_bytes = 4294967296\nload_ms = 1000\n")
+                .unwrap();
+        let live = LivePlacement::new(catalog, PlacementConfig::default());
+        let mut one = connect(&live, "a1");
+        let with = |context_length: u32, capabilities: Vec<String>, tool_call: bool| {
+            report(
+                "n1",
+                20 * GIB,
+                vec![pb::ModelState {
+                    context_length,
+                    capabilities,
+                    tool_call,
+                    ..loaded("m", 4 * GIB, 0, 1_000)
+                }],
+            )
+        };
+        live.report("a1", with(4_096, vec!["chat".into()], false), 1_000);
+        live.record_usage("a1", &[used("m", 1_000)]);
+        live.tick(1_000);
+        live.report(
+            "a1",
+            with(32_768, vec!["chat".into(), "embeddings".into()], true),
+            2_000,
+        );
+        live.tick(2_000);
+        assert!(received(&mut one).is_empty());
+        assert_eq!(
+            live.route("m", 2_000).unwrap().kind,
+            pb::RouteKind::Serve as i32
+        );
+        let fleet = live.fleet(2_000);
+        assert_eq!(fleet.nodes[0].models[0].context_length, 32_768);
+    }
 }
