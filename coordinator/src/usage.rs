@@ -288,7 +288,7 @@ impl UsageStore for EmbeddedUsageStore {
                 let mut new = 0;
                 {
                     let mut table = txn.open_table(ROWS).map_err(|e| e.to_string())?;
-                    let mut index = txn.open_table(BY_OWNER).map_err(|e| e.to_string())?;
+                    let mut entries = Vec::with_capacity(rows.len() * 2);
                     for row in &rows {
                         let key = row_key(row);
                         if table
@@ -301,12 +301,16 @@ impl UsageStore for EmbeddedUsageStore {
                         table
                             .insert(key.as_slice(), row.encode_to_vec().as_slice())
                             .map_err(|e| e.to_string())?;
-                        for entry in owner_entries(row, &key) {
-                            index
-                                .insert(entry.as_slice(), [].as_slice())
-                                .map_err(|e| e.to_string())?;
-                        }
+                        entries.extend(owner_entries(row, &key));
                         new += 1;
+                    }
+                    // In order: neighbouring entries share B-tree pages.
+                    entries.sort_unstable();
+                    let mut index = txn.open_table(BY_OWNER).map_err(|e| e.to_string())?;
+                    for entry in &entries {
+                        index
+                            .insert(entry.as_slice(), [].as_slice())
+                            .map_err(|e| e.to_string())?;
                     }
                 }
                 txn.commit().map_err(|e| e.to_string())?;
