@@ -343,15 +343,9 @@ impl LivePlacement {
                 "model: {model} is neither in the catalog nor reported by any agent"
             )));
         };
-        let decision = route(
-            &inner.fleet,
-            &inner.catalog,
-            &inner.demand,
-            &inner.config,
-            id,
-            now,
-        )
-        .map_err(|e| route_status(&inner.catalog, &e))?;
+        let decision = inner
+            .route(id, now)
+            .map_err(|e| route_status(&inner.catalog, &e))?;
         if !matches!(decision, Decision::Serve { .. }) {
             inner.wanted.insert(model.to_string(), now);
         }
@@ -434,14 +428,7 @@ impl LivePlacement {
             {
                 continue;
             }
-            let Ok(decision) = route(
-                &inner.fleet,
-                &inner.catalog,
-                &inner.demand,
-                &inner.config,
-                id,
-                now,
-            ) else {
+            let Ok(decision) = inner.route(id, now) else {
                 continue;
             };
             let decision = match decision {
@@ -452,14 +439,7 @@ impl LivePlacement {
                     if !inner.more_copies(id, now) {
                         continue;
                     }
-                    let Ok(copy) = place_copy(
-                        &inner.fleet,
-                        &inner.catalog,
-                        &inner.demand,
-                        &inner.config,
-                        id,
-                        now,
-                    ) else {
+                    let Ok(copy) = inner.place_copy(id, now) else {
                         continue;
                     };
                     metrics::counter!("allot_placement_copies_total").increment(1);
@@ -519,6 +499,28 @@ fn model_name(catalog: &Catalog, model: ModelId) -> String {
 }
 
 impl Inner {
+    fn route(&self, model: ModelId, now: UnixMs) -> Result<Decision, RouteError> {
+        route(
+            &self.fleet,
+            &self.catalog,
+            &self.demand,
+            &self.config,
+            model,
+            now,
+        )
+    }
+
+    fn place_copy(&self, model: ModelId, now: UnixMs) -> Result<Decision, RouteError> {
+        place_copy(
+            &self.fleet,
+            &self.catalog,
+            &self.demand,
+            &self.config,
+            model,
+            now,
+        )
+    }
+
     /// Sends one directive to the agent of `neuron_id`; whether it went.
     fn send(&mut self, neuron_id: &str, directive: pb::PlacementDirective, now: UnixMs) -> bool {
         let Some(outbox) = self
