@@ -93,15 +93,19 @@ struct Pending {
     until: UnixMs,
 }
 
-/// A consolidation under way: each model is loaded at its destination,
-/// then unloaded at its source once the destination reports it loaded, so
-/// it stays servable throughout.
+/// A consolidation under way. A model moving to another node is loaded
+/// there, then unloaded at its source once the destination reports it
+/// loaded, so it stays servable throughout. A node holds one copy of a
+/// model, so a model moving to another GPU of its own node is unloaded and
+/// loaded again there (its requests wait for that load, as for any cold
+/// start).
 struct Consolidation {
     moves: Vec<MoveJob>,
     /// Given up (moves not yet done are left as they are) after this.
     until: UnixMs,
 }
 
+/// A move to another node, followed until its source copy is unloaded.
 struct MoveJob {
     model: String,
     from: String,
@@ -644,37 +648,48 @@ impl Inner {
         };
         let mut moves = Vec::with_capacity(plan.moves.len());
         for step in &plan.moves {
+            let model = model_name(&self.catalog, step.model);
+            let from = self.neuron_of[step.from_node.index()].clone();
             let to = self.neuron_of[step.to_node.index()].clone();
-            let directive = self.load_directive(step.model, step.to_gpu);
-            if !self.send(&to, directive, now) {
+            let load = self.load_directive(step.model, step.to_gpu);
+            if from == to {
+                // The agent carries both out in order; nothing to follow
+                // up (if the unload is refused, the load changes nothing).
+                let unload = self.unload_directive(model);
+                if self.send(&from, unload, now) {
+                    self.send(&to, load, now);
+                }
                 continue;
             }
-            moves.push(MoveJob {
-                model: model_name(&self.catalog, step.model),
-                from: self.neuron_of[step.from_node.index()].clone(),
-                to,
-                done: false,
-            });
-        }
-        if moves.is_empty() {
-            return;
+            if self.send(&to, load, now) {
+                moves.push(MoveJob {
+                    model,
+                    from,
+                    to,
+                    done: false,
+                });
+            }
         }
         tracing::info!(
             neuron_id = self.neuron_of[plan.node.index()],
             gpu = plan.gpu,
-            moves = moves.len(),
+            moves = plan.moves.len(),
             "consolidating to free a whole gpu"
         );
+        if moves.is_empty() {
+            metrics::counter!("allot_consolidations_total", "outcome" => "done").increment(1);
+            return;
+        }
         self.consolidation = Some(Consolidation {
             moves,
             until: now + plan.expected_load_ms as i64 + 60_000,
         });
     }
 
-    /// One step of a move: once the destination reports the model loaded,
-    /// unload it at the source (again, if the source refused while it had
-    /// requests in flight). A load the destination failed ends the move
-    /// (see also [`LivePlacement::directive_done`]).
+    /// One step of a move to another node: once the destination reports
+    /// the model loaded, unload it at the source (again, if the source
+    /// refused while it had requests in flight). A load the destination
+    /// failed ends the move (see also [`LivePlacement::directive_done`]).
     fn advance(&mut self, job: &mut MoveJob, now: UnixMs) {
         let status_on = |neuron: &str| -> Option<ModelStatus> {
             let meta = self.nodes.get(neuron)?;
@@ -1163,5 +1178,49 @@ mod tests {
         );
         let fleet = live.fleet(2_000);
         assert_eq!(fleet.nodes[0].models[0].context_length, 32_768);
+    }
+
+    #[test]
+    fn a_model_moving_to_another_gpu_of_its_node_is_unloaded_then_loaded_there() {
+        let config = PlacementConfig {
+            defrag_after_cycles: 1,
+            ..PlacementConfig::default()
+        };
+        let catalog = parse_catalog(
+            "[[model]]\nname = \"a\"\nvram_bytes = 4294967296\nload_ms = 1000\n\
+             [[model]]\nname = \"b\"\nvram_bytes = 8589934592\nload_ms = 5000\n",
+        )
+        .unwrap();
+        let live = LivePlacement::new(catalog, config);
+        let mut one = connect(&live, "a1");
+        let mut status = report(
+            "n1",
+            20 * GIB,
+            vec![
+                loaded("a", 4 * GIB, 0, 0),
+                pb::ModelState {
+                    gpu: 1,
+                    ..loaded("b", 8 * GIB, 0, 0)
+                },
+            ],
+        );
+        status.gpus.push(pb::GpuStatus {
+            index: 1,
+            vram_total_bytes: 24 * GIB,
+            vram_free_bytes: 16 * GIB,
+        });
+        live.report("a1", status, 1_000);
+        live.lock().eviction_cycles = 1;
+        live.tick(1_000);
+        // A node holds one copy of a model: "a" cannot be loaded on GPU 1
+        // before it leaves GPU 0.
+        assert_eq!(
+            received(&mut one),
+            vec![
+                (UNLOAD, "a".to_string(), None),
+                (LOAD, "a".to_string(), Some(1))
+            ]
+        );
+        assert!(live.lock().consolidation.is_none(), "nothing to follow up");
     }
 }
