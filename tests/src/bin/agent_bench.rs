@@ -18,7 +18,12 @@
 //!   are read from `/proc/<pid>/status`.
 //!
 //! Run: `target/release/agent_bench [--part cpu|memory|both] [--requests N]
-//! [--concurrency N] [--streams N]`
+//! [--concurrency N] [--streams N] [--stream] [--agent PATH]`
+//!
+//! `--stream`: the CPU part sends streamed chat completions instead (the
+//! whole SSE response is read). `--agent PATH`: run that agent binary
+//! instead of the one beside this executable, e.g. a saved baseline for an
+//! A/B comparison in one session.
 
 use allot::pb;
 use allot_e2e::{authed, balance, key_with_limits_at, limit, wait_agent_ready, ADMIN_TOKEN};
@@ -31,7 +36,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,6 +56,10 @@ struct Options {
     requests: u64,
     concurrency: usize,
     streams: usize,
+    /// The CPU part sends streamed requests.
+    stream: bool,
+    /// The agent binary to run; `None`: the one beside this executable.
+    agent: Option<PathBuf>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -60,6 +69,8 @@ fn options() -> anyhow::Result<Options> {
         requests: 20_000,
         concurrency: 32,
         streams: 1_000,
+        stream: false,
+        agent: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -77,9 +88,11 @@ fn options() -> anyhow::Result<Options> {
             "--requests" => options.requests = value()?.parse()?,
             "--concurrency" => options.concurrency = value()?.parse()?,
             "--streams" => options.streams = value()?.parse()?,
+            "--stream" => options.stream = true,
+            "--agent" => options.agent = Some(PathBuf::from(value()?)),
             other => anyhow::bail!(
                 "unknown argument {other}; usage: agent_bench [--part cpu|memory|both] \
-                 [--requests N] [--concurrency N] [--streams N]"
+                 [--requests N] [--concurrency N] [--streams N] [--stream] [--agent PATH]"
             ),
         }
     }
@@ -109,11 +122,19 @@ impl Drop for Proc {
 /// its soft open-file limit to the hard limit and then `exec`s the binary,
 /// so the pid is the binary's own.
 fn spawn(name: &'static str, args: &[String], log: &Path) -> anyhow::Result<Proc> {
-    let path = allot_e2e::process::binary(name);
+    spawn_binary(name, &allot_e2e::process::binary(name), args, log)
+}
+
+fn spawn_binary(
+    name: &'static str,
+    path: &Path,
+    args: &[String],
+    log: &Path,
+) -> anyhow::Result<Proc> {
     let child = Command::new("sh")
         .arg("-c")
         .arg(r#"ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" "$@""#)
-        .arg(&path)
+        .arg(path)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -280,11 +301,12 @@ async fn run_workers(
     client: &Client<HttpConnector, Full<Bytes>>,
     url: &str,
     auth: &str,
+    body: &'static str,
     concurrency: usize,
     requests: u64,
     deadline: Duration,
 ) -> Outcome {
-    let body = Bytes::from_static(BODY.as_bytes());
+    let body = Bytes::from_static(body.as_bytes());
     let first_error = Arc::new(Mutex::new(None::<String>));
     let remaining = Arc::new(AtomicU64::new(requests));
     let begun = Instant::now();
@@ -546,8 +568,13 @@ async fn bench(options: Options) -> anyhow::Result<()> {
 
     let agent_addr = addr(());
     let agent_url = format!("http://{agent_addr}");
-    let agent = spawn(
+    let agent_path = options
+        .agent
+        .clone()
+        .unwrap_or_else(|| allot_e2e::process::binary("allot-agent"));
+    let agent = spawn_binary(
         "allot-agent",
+        &agent_path,
         &[
             "--listen".into(),
             agent_addr.to_string(),
@@ -571,15 +598,22 @@ async fn bench(options: Options) -> anyhow::Result<()> {
     wait_agent_ready(&agent_url, Duration::from_secs(30)).await;
     let pid = agent.pid();
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))?;
+    // The kernel keeps the first 15 bytes of the executable's name.
+    let file_name = agent_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let expected: String = file_name.chars().take(15).collect();
     anyhow::ensure!(
-        comm.trim() == "allot-agent",
-        "pid {pid} is {comm:?}, not allot-agent"
+        comm.trim() == expected,
+        "pid {pid} is {comm:?}, not {expected}"
     );
     let (agent_soft, agent_hard) = nofile_limits(&pid.to_string());
     let at_ready = memory(pid)?;
 
     let client = pooled_client();
     let url = format!("{agent_url}/v1/chat/completions");
+    let load_body = if options.stream { STREAM_BODY } else { BODY };
     let check = wait("the agent to answer 200");
     loop {
         let result = one_request(&client, &url, &auth, &Bytes::from_static(BODY.as_bytes())).await;
@@ -594,7 +628,16 @@ async fn bench(options: Options) -> anyhow::Result<()> {
         "warm-up: {} workers for {WARM_UP:?}...",
         options.concurrency
     );
-    let warm = run_workers(&client, &url, &auth, options.concurrency, u64::MAX, WARM_UP).await;
+    let warm = run_workers(
+        &client,
+        &url,
+        &auth,
+        load_body,
+        options.concurrency,
+        u64::MAX,
+        WARM_UP,
+    )
+    .await;
     if warm.errors > 0 {
         eprintln!(
             "warm-up: {} errors of {}, first: {}",
@@ -623,6 +666,7 @@ async fn bench(options: Options) -> anyhow::Result<()> {
             &client,
             &url,
             &auth,
+            load_body,
             options.concurrency,
             options.requests,
             MAX_RUN,
@@ -678,6 +722,7 @@ async fn bench(options: Options) -> anyhow::Result<()> {
             &client,
             &bare_url,
             &auth,
+            load_body,
             options.concurrency,
             u64::MAX,
             WARM_UP,
@@ -689,6 +734,7 @@ async fn bench(options: Options) -> anyhow::Result<()> {
             &client,
             &bare_url,
             &auth,
+            load_body,
             options.concurrency,
             options.requests,
             MAX_RUN,
@@ -769,9 +815,10 @@ async fn bench(options: Options) -> anyhow::Result<()> {
     println!("## agent_bench: the agent as its own process\n");
     println!("Command: `{command}`\n");
     println!(
-        "Processes: allot-agent pid {pid}, allot-fake-neuron pid {}, allot-coordinator pid {} \
+        "Processes: agent {} pid {pid}, allot-fake-neuron pid {}, allot-coordinator pid {} \
          (embedded store); clock ticks/s {ticks}; open-file limit (soft/hard) of this bench \
          {own_soft}/{own_hard}, of the agent {agent_soft}/{agent_hard}; agent threads {}.\n",
+        agent_path.display(),
         neuron.pid(),
         coordinator.pid(),
         at_ready.threads,
@@ -780,7 +827,12 @@ async fn bench(options: Options) -> anyhow::Result<()> {
         let o = &run.outcome;
         let per_request = |cpu: f64| cpu / o.ok.max(1) as f64 * 1e6;
         println!(
-            "### CPU per request: non-streamed chat completion (max_tokens 5), c={}, zero-delay neuron\n",
+            "### CPU per request: {} chat completion (max_tokens 5), c={}, zero-delay neuron\n",
+            if options.stream {
+                "streamed"
+            } else {
+                "non-streamed"
+            },
             options.concurrency
         );
         println!("| ok | errors | time (s) | req/s | p50 (µs) | p99 (µs) | agent CPU (s) | agent CPU/request (µs) | agent cores busy | neuron CPU/request (µs) | coordinator CPU/request (µs) |");
