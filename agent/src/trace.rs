@@ -1,7 +1,9 @@
 //! W3C trace context across the agent: continue an incoming `traceparent`,
 //! carry it on to the neuron, and read the ids for the usage record.
 //! Without an OpenTelemetry exporter the spans have no ids, and the
-//! incoming header is passed on as it came.
+//! incoming header is passed on as it came. A span no subscriber wants
+//! (no exporter, no span logging) has no context at all: it is not asked
+//! for one, which keeps the propagator off the hot path.
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector};
@@ -31,6 +33,9 @@ impl Injector for Inject<'_> {
 
 /// Makes `span` a child of the trace context in `headers`, if any.
 pub fn continue_from(span: &tracing::Span, headers: &HeaderMap) {
+    if span.is_disabled() {
+        return;
+    }
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extract(headers)));
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
@@ -40,6 +45,9 @@ pub fn continue_from(span: &tracing::Span, headers: &HeaderMap) {
 /// Writes `span`'s context into `headers` (`traceparent`, `tracestate`);
 /// false when the span has none (no exporter installed).
 pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) -> bool {
+    if span.is_disabled() {
+        return false;
+    }
     let context = span.context();
     if !context.span().span_context().is_valid() {
         return false;
@@ -52,6 +60,9 @@ pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) -> bool {
 
 /// `(trace_id, span_id)` of `span` in hex; empty when it has none.
 pub fn ids(span: &tracing::Span) -> (String, String) {
+    if span.is_disabled() {
+        return (String::new(), String::new());
+    }
     let context = span.context();
     let span_context = context.span().span_context().clone();
     if !span_context.is_valid() {
