@@ -219,7 +219,9 @@ impl SseScanner {
             self.searched = 0;
             let event = self.buffer.split_to(end);
             if self.inspect(&event) {
-                out.extend_from_slice(&event);
+                // Events passed on back to back stay one piece of the
+                // buffer: joining them copies nothing.
+                out.unsplit(event);
             }
         }
         if self.buffer.len() > MAX_EVENT {
@@ -239,14 +241,18 @@ impl SseScanner {
     fn inspect(&mut self, event: &[u8]) -> bool {
         let text = std::str::from_utf8(event).unwrap_or_default();
         // As the SSE spec reads it: `data:` lines, one leading space off,
-        // joined by newlines.
-        let mut data = String::new();
+        // joined by newlines (copied only when there are several).
+        let mut data = std::borrow::Cow::Borrowed("");
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("data:") {
-                if !data.is_empty() {
-                    data.push('\n');
+                let rest = rest.strip_prefix(' ').unwrap_or(rest);
+                if data.is_empty() {
+                    data = std::borrow::Cow::Borrowed(rest);
+                } else {
+                    let joined = data.to_mut();
+                    joined.push('\n');
+                    joined.push_str(rest);
                 }
-                data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
             }
         }
         let data = data.trim_end();
