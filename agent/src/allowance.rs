@@ -42,6 +42,14 @@ pub struct CachedDeny {
     pub message: String,
 }
 
+/// What a limit leaves this agent now, for the x-ratelimit-* headers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LimitLeft {
+    pub cap: Decimal,
+    pub remaining: Decimal,
+    pub reset_at: Option<Instant>,
+}
+
 /// A limit as last seen from a grant, for the x-ratelimit-* headers.
 #[derive(Debug, Clone)]
 pub struct LimitSeen {
@@ -563,22 +571,34 @@ impl AllowanceTable {
             .collect()
     }
 
-    /// Each limit seen at the last grant with what this agent may still
-    /// use under it now (what was free then, plus the slice still
-    /// available here), for the headers.
-    pub fn limits_for_headers(&self, key_id: &str) -> Vec<(LimitSeen, Decimal)> {
+    /// For each of `units`, the tightest limit seen at the last grant: the
+    /// one under which this agent may use the least now (what was free
+    /// then, plus the slice still available here; the first such limit on
+    /// a tie), for the headers.
+    pub fn tightest_limits<const N: usize>(
+        &self,
+        key_id: &str,
+        units: [Unit; N],
+    ) -> [Option<LimitLeft>; N] {
         let state = self.lock();
         let Some(slice) = state.slices.get(key_id) else {
-            return Vec::new();
+            return [None; N];
         };
-        slice
-            .limits
-            .iter()
-            .map(|l| {
-                let available = slice.available.value(l.unit).max(Decimal::ZERO);
-                (l.clone(), l.free + available)
-            })
-            .collect()
+        units.map(|unit| {
+            let mut tightest: Option<LimitLeft> = None;
+            for limit in slice.limits.iter().filter(|l| l.unit == unit) {
+                let available = slice.available.value(unit).max(Decimal::ZERO);
+                let remaining = limit.free + available;
+                if tightest.is_none_or(|t| remaining < t.remaining) {
+                    tightest = Some(LimitLeft {
+                        cap: limit.cap,
+                        remaining,
+                        reset_at: limit.reset_at,
+                    });
+                }
+            }
+            tightest
+        })
     }
 
     /// Available amount per unit (for tests and metrics).

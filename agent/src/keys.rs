@@ -6,7 +6,7 @@
 use allot::key::{KeyHash, Purpose};
 use allot::pb;
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// How long an unknown key stays unknown before it is looked up again.
@@ -38,7 +38,9 @@ impl KeyInfo {
 }
 
 struct Cached {
-    info: Option<KeyInfo>,
+    /// Shared with the requests using it: a hit costs a reference count,
+    /// not a copy of the key's strings.
+    info: Option<Arc<KeyInfo>>,
     at: Instant,
 }
 
@@ -49,7 +51,7 @@ pub struct KeyCache {
 
 /// What the cache knows of a key.
 pub enum Known {
-    Key(KeyInfo),
+    Key(Arc<KeyInfo>),
     Unknown,
     Miss,
 }
@@ -60,7 +62,7 @@ impl KeyCache {
         match map.get(hash) {
             Some(Cached {
                 info: Some(info), ..
-            }) => Known::Key(info.clone()),
+            }) => Known::Key(Arc::clone(info)),
             Some(Cached { info: None, at }) if now.duration_since(*at) < NEGATIVE_TTL => {
                 Known::Unknown
             }
@@ -72,11 +74,18 @@ impl KeyCache {
         self.by_hash
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(hash, Cached { info, at: now });
+            .insert(
+                hash,
+                Cached {
+                    info: info.map(Arc::new),
+                    at: now,
+                },
+            );
     }
 
     /// Applies a pushed change to a cached key.
     pub fn update(&self, info: KeyInfo) {
+        let info = Arc::new(info);
         let mut map = self.by_hash.write().unwrap_or_else(|p| p.into_inner());
         for cached in map.values_mut() {
             if cached
@@ -84,7 +93,7 @@ impl KeyCache {
                 .as_ref()
                 .is_some_and(|k| k.key_id == info.key_id)
             {
-                cached.info = Some(info.clone());
+                cached.info = Some(Arc::clone(&info));
             }
         }
     }

@@ -42,6 +42,16 @@ pub type HttpClient = hyper_util::client::legacy::Client<
     http_body_util::Full<Bytes>,
 >;
 
+/// Header names the hot path reads or writes, parsed once.
+const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+const TRACEPARENT: header::HeaderName = header::HeaderName::from_static("traceparent");
+const TRACESTATE: header::HeaderName = header::HeaderName::from_static("tracestate");
+const X_ALLOT_BATCH_ID: header::HeaderName = header::HeaderName::from_static("x-allot-batch-id");
+const X_ALLOT_COMPLETION_WINDOW: header::HeaderName =
+    header::HeaderName::from_static("x-allot-completion-window");
+const X_ALLOT_BATCH_CREATED_AT: header::HeaderName =
+    header::HeaderName::from_static("x-allot-batch-created-at");
+
 pub fn router(state: Arc<AgentState>) -> axum::Router {
     let mut router = axum::Router::new();
     for operation in Operation::ALL {
@@ -151,10 +161,7 @@ async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<B
         error.type = tracing::field::Empty,
     );
     crate::trace::continue_from(&span, request.headers());
-    let request_id = match request.headers().get("x-request-id").map(|v| v.to_str()) {
-        Some(Ok(id)) if !id.is_empty() && id.len() <= 128 => id.to_string(),
-        _ => new_request_id(),
-    };
+    let request_id = RequestId::of(request.headers());
     // The key, once authenticated: its x-ratelimit-* headers go on every
     // response to it, refusals and neuron errors included.
     let (outcome, key) = async {
@@ -162,8 +169,7 @@ async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<B
             Err(error) => (Err(error), None),
             Ok(key) => {
                 let outcome =
-                    admit_and_forward(&state, operation, path, request, started, &request_id, &key)
-                        .await;
+                    admit_and_forward(&state, operation, request, started, &request_id, &key).await;
                 (outcome, Some(key))
             }
         }
@@ -179,9 +185,7 @@ async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<B
     };
     span.record("http.response.status_code", response.status().as_u16());
     let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        headers.insert("x-request-id", value);
-    }
+    headers.insert(X_REQUEST_ID, request_id.header);
     if let Some(key) = key {
         add_rate_limit_headers(&state, &key.key_id, headers);
     }
@@ -189,7 +193,7 @@ async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<B
 }
 
 /// The bearer token's key, looked up in the cache or on the coordinator.
-async fn authenticate(state: &AgentState, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
+async fn authenticate(state: &AgentState, headers: &HeaderMap) -> Result<Arc<KeyInfo>, ApiError> {
     let secret = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -211,7 +215,8 @@ async fn authenticate(state: &AgentState, headers: &HeaderMap) -> Result<KeyInfo
             .await
             .map_err(|_| {
                 ApiError::unavailable("cannot reach the coordinator to check the API key", 1)
-            })?,
+            })?
+            .map(Arc::new),
     };
     match key {
         Some(key) if key.revoked => Err(ApiError::invalid_api_key("the API key was revoked")),
@@ -243,7 +248,11 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 
 async fn read_body(state: &AgentState, mut body: Body) -> Result<Bytes, ApiError> {
     let limit = state.config.max_body_bytes;
+    // A body that arrives in one frame (the common case) is kept as it
+    // came; only one in several frames is copied together.
+    let mut first: Option<Bytes> = None;
     let mut collected = bytes::BytesMut::new();
+    let mut length = 0;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             ApiError::bad_request(format!("cannot read the request body: {e}"), None)
@@ -251,8 +260,8 @@ async fn read_body(state: &AgentState, mut body: Body) -> Result<Bytes, ApiError
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        if collected.len() + data.len() > limit {
-            let mut drained = collected.len() + data.len();
+        if length + data.len() > limit {
+            let mut drained = length + data.len();
             let _ = tokio::time::timeout(DRAIN_TIME, async {
                 while drained < DRAIN_BYTES {
                     match body.frame().await {
@@ -266,9 +275,18 @@ async fn read_body(state: &AgentState, mut body: Body) -> Result<Bytes, ApiError
             .await;
             return Err(ApiError::too_large(limit));
         }
-        collected.extend_from_slice(&data);
+        length += data.len();
+        match first.take() {
+            None if collected.is_empty() => first = Some(data),
+            None => collected.extend_from_slice(&data),
+            Some(earlier) => {
+                collected.reserve(earlier.len() + data.len());
+                collected.extend_from_slice(&earlier);
+                collected.extend_from_slice(&data);
+            }
+        }
     }
-    Ok(collected.freeze())
+    Ok(first.unwrap_or_else(|| collected.freeze()))
 }
 
 fn deny_error(deny: &CachedDeny, now: Instant) -> ApiError {
@@ -326,13 +344,7 @@ async fn reserve(
     };
     let min_need = cost_of(least);
     let max_need = cost_of(most);
-    let deadline = Instant::now() + state.config.allowance_wait();
-    loop {
-        let now = Instant::now();
-        let notify = state.table.notify_of(&key.key_id, now);
-        let notified = notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+    let attempt = |now: Instant| {
         let mut chosen = most;
         let admission = state.table.try_reserve_with(
             &key.key_id,
@@ -343,6 +355,22 @@ async fn reserve(
             },
             now,
         );
+        (admission, chosen)
+    };
+    let deadline = Instant::now() + state.config.allowance_wait();
+    // Most requests fit the slice: the first attempt is made without the
+    // key's wake-up. One that falls short registers for it and looks
+    // again before it waits, so a grant arriving in between is not missed.
+    let mut registered = false;
+    loop {
+        let now = Instant::now();
+        let notify = registered.then(|| state.table.notify_of(&key.key_id, now));
+        let notified = notify.as_deref().map(tokio::sync::Notify::notified);
+        tokio::pin!(notified);
+        if let Some(notified) = notified.as_mut().as_pin_mut() {
+            notified.enable();
+        }
+        let (admission, chosen) = attempt(now);
         match admission {
             Admission::Reserved(reservation) => {
                 maybe_refill(state, &key.key_id);
@@ -366,6 +394,10 @@ async fn reserve(
                         ));
                     }
                 }
+                let Some(notified) = notified.as_pin_mut() else {
+                    registered = true;
+                    continue;
+                };
                 if now >= deadline {
                     return Err(ApiError::unavailable("no allowance was granted in time", 1));
                 }
@@ -460,7 +492,7 @@ fn maybe_refill(state: &AgentState, key_id: &str) {
 /// Fields of the usage record known at admission.
 struct RecordTemplate {
     request_id: String,
-    key: KeyInfo,
+    key: Arc<KeyInfo>,
     model: String,
     admitted_at: i64,
     /// When the tariffs that price it were read (0: at admission).
@@ -550,8 +582,8 @@ impl Settlement {
             seq: 0,
             epoch: self.state.epoch,
             request_id: take(&mut t.request_id),
-            key_id: take(&mut t.key.key_id),
-            account_id: take(&mut t.key.account_id),
+            key_id: t.key.key_id.clone(),
+            account_id: t.key.account_id.clone(),
             purpose: t.key.purpose.to_pb() as i32,
             model_requested: take(&mut t.model),
             model_served: take(&mut self.model_served),
@@ -611,7 +643,7 @@ const MAX_BATCH_AGE_MS: i64 = 7 * 24 * 3_600_000;
 /// OpenAI batch), at most [`MAX_BATCH_AGE_MS`] old and never in the future.
 fn pricing_time(headers: &HeaderMap, key: &KeyInfo, admitted_at: i64) -> Result<i64, ApiError> {
     const HEADER: &str = "x-allot-batch-created-at";
-    let Some(value) = headers.get(HEADER) else {
+    let Some(value) = headers.get(X_ALLOT_BATCH_CREATED_AT) else {
         return Ok(admitted_at);
     };
     let invalid =
@@ -651,7 +683,7 @@ fn refuse(
     if !error.status.is_client_error() {
         return error;
     }
-    let batch_id = header_str(headers, "x-allot-batch-id");
+    let batch_id = header_str(headers, X_ALLOT_BATCH_ID);
     let record = pb::UsageRecord {
         epoch: state.epoch,
         request_id: request_id.to_string(),
@@ -663,7 +695,7 @@ fn refuse(
         admitted_at_unix_ms: clock::now_ms(),
         origin: origin(key.purpose, &batch_id) as i32,
         batch_id,
-        completion_window: header_str(headers, "x-allot-completion-window"),
+        completion_window: header_str(headers, X_ALLOT_COMPLETION_WINDOW),
         neuron_id: state.config.neuron_id.clone(),
         charged: false,
         refusal_code: error.code_label().to_string(),
@@ -691,7 +723,7 @@ fn origin(purpose: Purpose, batch_id: &str) -> pb::Origin {
     }
 }
 
-fn header_str(headers: &HeaderMap, name: &str) -> String {
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> String {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -701,33 +733,73 @@ fn header_str(headers: &HeaderMap, name: &str) -> String {
 
 /// The trace id of a W3C `traceparent` header, if well-formed.
 fn trace_id_of(traceparent: &str) -> String {
-    let parts: Vec<&str> = traceparent.split('-').collect();
-    match parts.as_slice() {
-        [_, trace_id, _, _] if trace_id.len() == 32 => trace_id.to_string(),
+    let mut parts = traceparent.split('-');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some(_), Some(trace_id), Some(_), Some(_), None) if trace_id.len() == 32 => {
+            trace_id.to_string()
+        }
         _ => String::new(),
+    }
+}
+
+/// A request's id: the client's `x-request-id` when it sent a usable one,
+/// else a new one; as text for the usage record and as the header value
+/// sent to the neuron and back to the client.
+struct RequestId {
+    text: String,
+    header: HeaderValue,
+}
+
+impl RequestId {
+    fn of(headers: &HeaderMap) -> RequestId {
+        if let Some(value) = headers.get(X_REQUEST_ID) {
+            if let Ok(id) = value.to_str() {
+                if !id.is_empty() && id.len() <= 128 {
+                    return RequestId {
+                        text: id.to_string(),
+                        header: value.clone(),
+                    };
+                }
+            }
+        }
+        let text = new_request_id();
+        let header = HeaderValue::from_str(&text).expect("a generated id is visible ASCII");
+        RequestId { text, header }
     }
 }
 
 fn new_request_id() -> String {
     // 96 random bits as 24 hex digits, in one allocation.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits: u128 = rand::random::<u128>() >> 32;
-    format!("req_{bits:024x}")
+    let mut id = String::with_capacity(28);
+    id.push_str("req_");
+    for shift in (0..24).rev() {
+        id.push(char::from(HEX[((bits >> (shift * 4)) & 0xf) as usize]));
+    }
+    id
 }
 
 async fn admit_and_forward(
     state: &Arc<AgentState>,
     operation: Operation,
-    path: &'static str,
     request: Request<Body>,
     started: Instant,
-    request_id: &str,
-    key: &KeyInfo,
+    request_id: &RequestId,
+    key: &Arc<KeyInfo>,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     // Every refusal of an authenticated request is recorded (at no cost),
     // so operators can tell why it was refused.
-    let refused =
-        |error: ApiError, model: &str| refuse(state, key, model, request_id, &parts.headers, error);
+    let refused = |error: ApiError, model: &str| {
+        refuse(state, key, model, &request_id.text, &parts.headers, error)
+    };
     let slot = enter(state, &key.key_id).map_err(|e| refused(e, ""))?;
     let bytes = read_body(state, body).await.map_err(|e| refused(e, ""))?;
     let mut body: Map<String, Value> = reservation::parse_body(&bytes)
@@ -748,8 +820,8 @@ async fn admit_and_forward(
             &facts.model,
         ));
     }
-    let upstream_url = match state.upstreams.resolve(&state.client, &facts.model).await {
-        Ok(url) => url,
+    let upstream = match state.upstreams.resolve(&state.client, &facts.model).await {
+        Ok(upstream) => upstream,
         Err(LookupError::UnknownModel) => {
             return Err(refused(
                 ApiError::model_not_found(&facts.model),
@@ -767,7 +839,7 @@ async fn admit_and_forward(
     let admitted_at = clock::now_ms();
     let priced_at =
         pricing_time(&parts.headers, key, admitted_at).map_err(|e| refused(e, &facts.model))?;
-    let completion_window = header_str(&parts.headers, "x-allot-completion-window");
+    let completion_window = header_str(&parts.headers, X_ALLOT_COMPLETION_WINDOW);
     let tariffs = state.link.tariffs.borrow().clone();
     let price = tariffs.choose(
         &facts.model,
@@ -806,7 +878,6 @@ async fn admit_and_forward(
         bytes
     };
 
-    let traceparent = header_str(&parts.headers, "traceparent");
     let (server_trace_id, server_span_id) = crate::trace::ids(&current);
     if let Some(models) = &state.models {
         models.begin(&facts.model, admitted_at);
@@ -815,18 +886,19 @@ async fn admit_and_forward(
         state: state.clone(),
         reservation: Some(plan.reservation),
         template: RecordTemplate {
-            request_id: request_id.to_string(),
+            request_id: request_id.text.clone(),
             key: key.clone(),
             model: facts.model.clone(),
             admitted_at,
             priced_at,
             trace_id: if server_trace_id.is_empty() {
-                trace_id_of(&traceparent)
+                let traceparent = parts.headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
+                trace_id_of(traceparent.unwrap_or_default())
             } else {
                 server_trace_id
             },
             span_id: server_span_id,
-            batch_id: header_str(&parts.headers, "x-allot-batch-id"),
+            batch_id: header_str(&parts.headers, X_ALLOT_BATCH_ID),
             completion_window,
             tariffs,
         },
@@ -845,29 +917,32 @@ async fn admit_and_forward(
         otel.name = operation.span_name(),
         otel.kind = "client",
         http.request.method = "POST",
-        server.address = &*upstream_url,
+        server.address = &*upstream.url,
     );
-    let mut upstream = Request::post(format!("{upstream_url}{path}"))
-        .header(header::CONTENT_TYPE, "application/json")
-        .header("x-request-id", request_id);
-    let mut trace_headers = HeaderMap::new();
-    if !crate::trace::inject(&upstream_span, &mut trace_headers) {
+    let uri = upstream
+        .uri(operation)
+        .map_err(|e| ApiError::bad_gateway(format!("cannot build the upstream request: {e}")))?;
+    let mut upstream = Request::new(http_body_util::Full::new(forwarded));
+    *upstream.method_mut() = http::Method::POST;
+    *upstream.uri_mut() = uri;
+    *upstream.headers_mut() = HeaderMap::with_capacity(6);
+    let upstream_headers = upstream.headers_mut();
+    upstream_headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    upstream_headers.insert(X_REQUEST_ID, request_id.header.clone());
+    if !crate::trace::inject(&upstream_span, upstream_headers) {
         // No exporter: pass the client's context on unchanged.
-        for name in ["traceparent", "tracestate"] {
-            if let Some(value) = parts.headers.get(name) {
-                trace_headers.insert(name, value.clone());
+        for name in [TRACEPARENT, TRACESTATE] {
+            if let Some(value) = parts.headers.get(&name) {
+                upstream_headers.insert(name, value.clone());
             }
         }
     }
-    for (name, value) in &trace_headers {
-        upstream = upstream.header(name, value);
+    if let Some(value) = parts.headers.get(header::ACCEPT) {
+        upstream_headers.insert(header::ACCEPT, value.clone());
     }
-    if let Some(value) = parts.headers.get("accept") {
-        upstream = upstream.header("accept", value);
-    }
-    let upstream = upstream
-        .body(http_body_util::Full::new(forwarded))
-        .map_err(|e| ApiError::bad_gateway(format!("cannot build the upstream request: {e}")))?;
 
     let response = match tokio::time::timeout(
         state.config.first_byte_timeout(),
@@ -913,7 +988,8 @@ async fn admit_and_forward(
     }
     settlement.first_byte = Some(started.elapsed());
 
-    let mut headers = HeaderMap::new();
+    // Room for the content headers, x-request-id and six x-ratelimit-*.
+    let mut headers = HeaderMap::with_capacity(10);
     if facts.stream {
         headers.insert(
             header::CONTENT_TYPE,
@@ -978,66 +1054,60 @@ async fn admit_and_forward(
     Ok(response)
 }
 
-fn format_reset(d: Duration) -> String {
+/// A reset time as OpenAI writes it (`250ms`, `12s`, `1m5s`).
+fn format_reset(d: Duration) -> HeaderValue {
+    use std::io::Write;
     let ms = d.as_millis() as u64;
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    let secs = ms / 1000;
-    if secs < 60 {
-        return format!("{secs}s");
-    }
-    format!("{}m{}s", secs / 60, secs % 60)
+    // Longest: u64::MAX / 60000 minutes and 59 seconds, 20 bytes.
+    let mut buffer = [0u8; 40];
+    let mut out = &mut buffer[..];
+    let unused = {
+        let _ = if ms < 1000 {
+            write!(out, "{ms}ms")
+        } else if ms < 60_000 {
+            write!(out, "{}s", ms / 1000)
+        } else {
+            let secs = ms / 1000;
+            write!(out, "{}m{}s", secs / 60, secs % 60)
+        };
+        out.len()
+    };
+    let written = buffer.len() - unused;
+    HeaderValue::from_bytes(&buffer[..written]).expect("digits and letters")
 }
 
 /// OpenAI-style `x-ratelimit-*` headers for the tightest request and token
 /// limits, from the last grant and local use since.
 fn add_rate_limit_headers(state: &AgentState, key_id: &str, headers: &mut HeaderMap) {
-    let now = Instant::now();
-    let limits = state.table.limits_for_headers(key_id);
-    const NAMES: [(Unit, [&str; 3]); 2] = [
-        (
-            Unit::Requests,
-            [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ],
-        ),
-        (
-            Unit::Tokens,
-            [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ],
-        ),
+    use header::HeaderName;
+    const NAMES: [[HeaderName; 3]; 2] = [
+        [
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static("x-ratelimit-reset-requests"),
+        ],
+        [
+            HeaderName::from_static("x-ratelimit-limit-tokens"),
+            HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            HeaderName::from_static("x-ratelimit-reset-tokens"),
+        ],
     ];
-    for (unit, [limit_name, remaining_name, reset_name]) in NAMES {
-        let tightest = limits
-            .iter()
-            .filter(|(l, _)| l.unit == unit)
-            .min_by_key(|(_, remaining)| *remaining);
-        let Some((limit, remaining)) = tightest else {
+    let now = Instant::now();
+    let tightest = state
+        .table
+        .tightest_limits(key_id, [Unit::Requests, Unit::Tokens]);
+    for (limit, [limit_name, remaining_name, reset_name]) in tightest.into_iter().zip(NAMES) {
+        let Some(limit) = limit else {
             continue;
         };
-        let reset = limit
-            .reset_at
-            .map(|at| format_reset(at.saturating_duration_since(now)))
-            .unwrap_or_else(|| "0s".into());
+        let reset = limit.reset_at.map_or(HeaderValue::from_static("0s"), |at| {
+            format_reset(at.saturating_duration_since(now))
+        });
         // Requests and tokens are whole numbers.
         let whole = |d: Decimal| HeaderValue::from(allot::amounts::decimal_to_u64(d.floor()));
-        headers.insert(
-            header::HeaderName::from_static(limit_name),
-            whole(limit.cap),
-        );
-        headers.insert(
-            header::HeaderName::from_static(remaining_name),
-            whole(*remaining),
-        );
-        if let Ok(reset) = HeaderValue::from_str(&reset) {
-            headers.insert(header::HeaderName::from_static(reset_name), reset);
-        }
+        headers.insert(limit_name, whole(limit.cap));
+        headers.insert(remaining_name, whole(limit.remaining));
+        headers.insert(reset_name, reset);
     }
 }
 

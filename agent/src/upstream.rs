@@ -6,7 +6,9 @@
 
 use crate::config::AgentConfig;
 use crate::proxy::HttpClient;
+use allot::reservation::Operation;
 use bytes::Bytes;
+use http::Uri;
 use http_body_util::{BodyExt, Full};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,12 +16,41 @@ use std::time::{Duration, Instant};
 
 /// Per-model base URLs (without a trailing `/v1`).
 pub struct Upstreams {
-    default: Arc<str>,
-    fixed: HashMap<String, Arc<str>>,
+    default: Arc<Upstream>,
+    fixed: HashMap<String, Arc<Upstream>>,
     discovery: bool,
     ttl: Duration,
     lookup_timeout: Duration,
-    cache: Mutex<HashMap<String, (Arc<str>, Instant)>>,
+    cache: Mutex<HashMap<String, (Arc<Upstream>, Instant)>>,
+}
+
+/// One upstream server: its base URL, and the URI of each metered path on
+/// it, parsed once instead of per request.
+#[derive(Debug)]
+pub struct Upstream {
+    pub url: Arc<str>,
+    /// By the operation's place in [`Operation::ALL`]; the parse error of a
+    /// URL that cannot be one.
+    uris: [Result<Uri, String>; Operation::ALL.len()],
+}
+
+impl Upstream {
+    fn new(url: &str) -> Upstream {
+        let url: Arc<str> = Arc::from(base_url(url));
+        let uris = Operation::ALL.map(|operation| {
+            Uri::try_from(format!("{url}{}", operation.path())).map_err(|e| e.to_string())
+        });
+        Upstream { url, uris }
+    }
+
+    /// The URI `operation` is sent to on this upstream.
+    pub fn uri(&self, operation: Operation) -> Result<Uri, String> {
+        let index = Operation::ALL
+            .iter()
+            .position(|o| *o == operation)
+            .expect("every operation is in Operation::ALL");
+        self.uris[index].clone()
+    }
 }
 
 /// Why a model's endpoint could not be found.
@@ -41,11 +72,11 @@ pub fn base_url(url: &str) -> &str {
 impl Upstreams {
     pub fn new(config: &AgentConfig) -> Upstreams {
         Upstreams {
-            default: Arc::from(base_url(&config.neuron_url)),
+            default: Arc::new(Upstream::new(&config.neuron_url)),
             fixed: config
                 .upstreams
                 .iter()
-                .map(|(model, url)| (model.clone(), Arc::from(base_url(url))))
+                .map(|(model, url)| (model.clone(), Arc::new(Upstream::new(url))))
                 .collect(),
             discovery: config.endpoint_discovery,
             ttl: Duration::from_millis(config.endpoint_cache_ms),
@@ -56,11 +87,15 @@ impl Upstreams {
 
     /// The neuron itself: `/v1/models` and pass-through go here.
     pub fn default_url(&self) -> Arc<str> {
-        self.default.clone()
+        self.default.url.clone()
     }
 
-    /// The base URL serving `model` now.
-    pub async fn resolve(&self, client: &HttpClient, model: &str) -> Result<Arc<str>, LookupError> {
+    /// The upstream serving `model` now.
+    pub async fn resolve(
+        &self,
+        client: &HttpClient,
+        model: &str,
+    ) -> Result<Arc<Upstream>, LookupError> {
         if let Some(url) = self.fixed.get(model) {
             return Ok(url.clone());
         }
@@ -73,11 +108,11 @@ impl Upstreams {
                 return Ok(url.clone());
             }
         }
-        let url = self.discover(client, model).await?;
+        let upstream = Arc::new(Upstream::new(&self.discover(client, model).await?));
         metrics::counter!("allot_agent_endpoint_lookups_total").increment(1);
         self.lock()
-            .insert(model.to_string(), (url.clone(), Instant::now()));
-        Ok(url)
+            .insert(model.to_string(), (upstream.clone(), Instant::now()));
+        Ok(upstream)
     }
 
     /// Forgets a discovered endpoint after a request to it failed.
@@ -90,11 +125,12 @@ impl Upstreams {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<str>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<Upstream>, Instant)>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn discover(&self, client: &HttpClient, model: &str) -> Result<Arc<str>, LookupError> {
+    /// The URL the neuron names for `model`.
+    async fn discover(&self, client: &HttpClient, model: &str) -> Result<String, LookupError> {
         let escaped: String = model
             .bytes()
             .flat_map(|b| match b {
@@ -104,9 +140,10 @@ impl Upstreams {
                 _ => format!("%{b:02X}").chars().collect(),
             })
             .collect();
-        let request = hyper::Request::get(format!("{}/models/{escaped}/endpoint", self.default))
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| LookupError::Unavailable(e.to_string()))?;
+        let request =
+            hyper::Request::get(format!("{}/models/{escaped}/endpoint", self.default.url))
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| LookupError::Unavailable(e.to_string()))?;
         let response = tokio::time::timeout(self.lookup_timeout, client.request(request))
             .await
             .map_err(|_| LookupError::Unavailable("the endpoint lookup timed out".into()))?
@@ -134,7 +171,7 @@ impl Upstreams {
                     "the endpoint lookup did not answer {\"url\": \"http://...\"}".into(),
                 )
             })?;
-        Ok(Arc::from(base_url(&url)))
+        Ok(url)
     }
 }
 
