@@ -198,9 +198,19 @@ async fn neuron_with_gpus(neuron_id: &str, gpus: Vec<u64>) -> String {
 
 /// The same, with a handle to change how it answers.
 async fn spawn_neuron(neuron_id: &str, gpus: Vec<u64>) -> (allot_fake_neuron::FakeNeuron, String) {
+    spawn_neuron_with(neuron_id, gpus, Vec::new()).await
+}
+
+/// A fake neuron with `gpus` that loads `models` (2 GiB each) at start.
+async fn spawn_neuron_with(
+    neuron_id: &str,
+    gpus: Vec<u64>,
+    models: Vec<String>,
+) -> (allot_fake_neuron::FakeNeuron, String) {
     let neuron = allot_fake_neuron::FakeNeuron::new(allot_fake_neuron::FakeConfig {
         neuron_id: neuron_id.into(),
         gpus,
+        models,
         ..Default::default()
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -438,4 +448,81 @@ async fn a_model_that_keeps_its_node_saturated_gets_a_second_copy() {
         "the copy went to the node that did not hold it"
     );
     agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_eviction_a_gpu_is_emptied_by_moving_its_model_and_it_stays_servable() {
+    let dir = TempDir::new("consolidate");
+    let catalog = format!(
+        "[[model]]\nname = \"big\"\nvram_bytes = {}\nload_ms = 200\n\n\
+         [[model]]\nname = \"tiny\"\nvram_bytes = {}\nload_ms = 100\n\n\
+         [[model]]\nname = \"small\"\nvram_bytes = {}\nload_ms = 300\n",
+        21 * GIB,
+        2 * GIB,
+        2 * GIB
+    );
+    let stack = placement_stack(&dir, catalog, |p| p.defrag_after_cycles = 1).await;
+    // neuron-1 (the stack's): 24 GiB with two 2 GiB models; neuron-2:
+    // 16 GiB with "tiny"; neuron-3: 8 GiB with "small".
+    let mut others = Vec::new();
+    for (n, gib, model) in [(2, 16, "tiny"), (3, 8, "small")] {
+        let (_, neuron_url) =
+            spawn_neuron_with(&format!("neuron-{n}"), vec![gib * GIB], vec![model.into()]).await;
+        let agent = start_agent(allot_agent::config::AgentConfig {
+            agent_id: format!("agent-{n}"),
+            neuron_id: format!("neuron-{n}"),
+            neuron_url,
+            spool_dir: dir.0.join(format!("agent-{n}")),
+            ..stack.agent_config.clone()
+        })
+        .await;
+        wait_agent_ready(&agent.url, Duration::from_secs(20)).await;
+        others.push(agent);
+    }
+    wait_until(
+        "all three nodes to report",
+        Duration::from_secs(20),
+        || async { fleet(&stack).await.nodes.len() == 3 },
+    )
+    .await;
+    let models_on = |view: &pb::FleetView, neuron: &str| -> Vec<String> {
+        let node = view.nodes.iter().find(|n| n.neuron_id == neuron).unwrap();
+        let mut models: Vec<String> = node
+            .models
+            .iter()
+            .filter(|m| m.status == pb::ModelStatus::Loaded as i32)
+            .map(|m| m.model.clone())
+            .collect();
+        models.sort();
+        models
+    };
+    // "big" fits nowhere: one of neuron-1's models makes room (one
+    // eviction cycle, enough with defrag_after_cycles = 1).
+    assert_eq!(
+        route(&stack, "big").await.unwrap().kind,
+        pb::RouteKind::Evict as i32
+    );
+    // Then the cheapest GPU to empty is neuron-2's: "tiny" (100 ms to load)
+    // fits in neuron-3's free 6 GiB; moving "small" would cost 300 ms.
+    // "tiny" must be servable at every moment of the move.
+    wait_until(
+        "big loaded, neuron-2 emptied, tiny on neuron-3",
+        Duration::from_secs(30),
+        || async {
+            let decision = route(&stack, "tiny").await.unwrap();
+            assert_eq!(
+                decision.kind,
+                pb::RouteKind::Serve as i32,
+                "tiny stopped being servable during the move: {decision:?}"
+            );
+            let view = fleet(&stack).await;
+            models_on(&view, "neuron-1").contains(&"big".to_string())
+                && models_on(&view, "neuron-2").is_empty()
+                && models_on(&view, "neuron-3") == vec!["small".to_string(), "tiny".to_string()]
+        },
+    )
+    .await;
+    for agent in others {
+        agent.stop().await;
+    }
 }
