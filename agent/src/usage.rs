@@ -263,11 +263,7 @@ impl SseScanner {
         if !data.contains("\"usage\":{") && !data.contains("\"usage\": {") {
             self.seen.chunks += 1;
             if self.seen.model.is_none() {
-                if let Ok(value) = serde_json::from_str::<Value>(data) {
-                    if let Some(model) = value.get("model").and_then(Value::as_str) {
-                        self.seen.model = Some(model.to_string());
-                    }
-                }
+                self.seen.model = model_of(data);
             }
             return true;
         }
@@ -285,6 +281,187 @@ impl SseScanner {
             self.seen.chunks += 1;
         }
         !(self.strip_usage && usage_only)
+    }
+}
+
+/// The top-level `model` string of a JSON text, as
+/// `serde_json::from_str::<Value>(text)?.get("model")?.as_str()` reads it
+/// (the same texts are JSON, the last of two `model` keys wins), without
+/// building the tree: nothing but the model is copied.
+pub fn model_of(text: &str) -> Option<String> {
+    serde_json::from_str::<ModelOf>(text).ok()?.0
+}
+
+struct ModelOf(Option<String>);
+
+impl<'de> serde::Deserialize<'de> for ModelOf {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Top;
+        impl<'de> serde::de::Visitor<'de> for Top {
+            type Value = ModelOf;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ModelOf, A::Error> {
+                let mut model = None;
+                while let Some(IsModel(is_model)) = map.next_key()? {
+                    if is_model {
+                        model = map.next_value::<StringOrNot>()?.0;
+                    } else {
+                        map.next_value::<Skip>()?;
+                    }
+                }
+                Ok(ModelOf(model))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<ModelOf, A::Error> {
+                Skip::seq(seq).map(|_| ModelOf(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<ModelOf, E> {
+                Ok(ModelOf(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<ModelOf, E> {
+                Ok(ModelOf(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<ModelOf, E> {
+                Ok(ModelOf(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<ModelOf, E> {
+                Ok(ModelOf(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<ModelOf, E> {
+                Ok(ModelOf(None))
+            }
+            fn visit_unit<E>(self) -> Result<ModelOf, E> {
+                Ok(ModelOf(None))
+            }
+        }
+        deserializer.deserialize_any(Top)
+    }
+}
+
+/// A map key, read for whether it is `model` (not copied).
+struct IsModel(bool);
+
+impl<'de> serde::Deserialize<'de> for IsModel {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Key;
+        impl serde::de::Visitor<'_> for Key {
+            type Value = IsModel;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_str<E>(self, key: &str) -> Result<IsModel, E> {
+                Ok(IsModel(key == "model"))
+            }
+        }
+        deserializer.deserialize_str(Key)
+    }
+}
+
+/// A JSON value: the string if it is one (what `Value::as_str` gives).
+struct StringOrNot(Option<String>);
+
+impl<'de> serde::Deserialize<'de> for StringOrNot {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Any;
+        impl<'de> serde::de::Visitor<'de> for Any {
+            type Value = StringOrNot;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<StringOrNot, E> {
+                Ok(StringOrNot(Some(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<StringOrNot, E> {
+                Ok(StringOrNot(Some(v)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<StringOrNot, A::Error> {
+                Skip::map(map).map(|_| StringOrNot(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<StringOrNot, A::Error> {
+                Skip::seq(seq).map(|_| StringOrNot(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<StringOrNot, E> {
+                Ok(StringOrNot(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<StringOrNot, E> {
+                Ok(StringOrNot(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<StringOrNot, E> {
+                Ok(StringOrNot(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<StringOrNot, E> {
+                Ok(StringOrNot(None))
+            }
+            fn visit_unit<E>(self) -> Result<StringOrNot, E> {
+                Ok(StringOrNot(None))
+            }
+        }
+        deserializer.deserialize_any(Any)
+    }
+}
+
+/// Any JSON value, read as `Value` would read it (the same numbers,
+/// strings and nesting are accepted) but kept nowhere. Unlike
+/// `serde::de::IgnoredAny`, numbers are parsed, so a number out of range
+/// fails here as it fails `Value`.
+struct Skip;
+
+impl Skip {
+    fn seq<'de, A: serde::de::SeqAccess<'de>>(mut seq: A) -> Result<Skip, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+
+    fn map<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Skip, A::Error> {
+        while map.next_entry::<IsModel, Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Skip {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Any;
+        impl<'de> serde::de::Visitor<'de> for Any {
+            type Value = Skip;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Skip, A::Error> {
+                Skip::map(map)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Skip, A::Error> {
+                Skip::seq(seq)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_unit<E>(self) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+        }
+        deserializer.deserialize_any(Any)
     }
 }
 
@@ -396,6 +573,38 @@ mod tests {
         }
         assert!(out >= MAX_EVENT, "{out}");
         assert!(scanner.buffer.len() <= MAX_EVENT);
+    }
+
+    #[test]
+    fn the_model_is_read_as_a_json_tree_would_read_it() {
+        let tree = |text: &str| {
+            serde_json::from_str::<Value>(text)
+                .ok()
+                .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_string))
+        };
+        for text in [
+            r#"{"model":"m","choices":[{"delta":{"content":"a"}}],"usage":null}"#,
+            r#"{"choices":[],"model":"m\u00e9"}"#,
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"model":"a","model":7}"#,
+            r#"{"model":{"model":"inner"}}"#,
+            r#"{"x":[1,-2,3.5,true,null,{"model":"no"}],"model":"yes"}"#,
+            r#"{"model":"m","big":1e400}"#,
+            r#"{"model":"m"} trailing"#,
+            r#"{"model":"m""#,
+            r#"["model","m"]"#,
+            r#""model""#,
+            "17",
+            "",
+        ] {
+            assert_eq!(model_of(text), tree(text), "{text}");
+        }
+        let deep = format!(
+            "{{\"model\":\"m\",\"x\":{}{}}}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(model_of(&deep), tree(&deep));
     }
 
     #[test]
