@@ -23,10 +23,15 @@ pub struct Reported {
 /// (`input_tokens`, `output_tokens`) at the top or under `response` (the
 /// `response.completed` and `response.incomplete` events).
 pub fn read_usage(value: &Value) -> Option<Reported> {
-    let usage = value
-        .get("usage")
+    read_usage_of(value.get("usage"), value.get("response"))
+}
+
+/// [`read_usage`] of a value whose top-level `usage` and `response` are
+/// these.
+fn read_usage_of(usage: Option<&Value>, response: Option<&Value>) -> Option<Reported> {
+    let usage = usage
         .filter(|u| u.is_object())
-        .or_else(|| value.get("response")?.get("usage"))?
+        .or_else(|| response?.get("usage"))?
         .as_object()?;
     let number = |name: &str| usage.get(name).and_then(Value::as_u64);
     let reasoning = |details: &str| {
@@ -267,16 +272,12 @@ impl SseScanner {
             }
             return true;
         }
-        let Ok(value) = serde_json::from_str::<Value>(data) else {
+        let Some((usage, usage_only)) = read_event(data) else {
             return true;
         };
-        if let Some(usage) = read_usage(&value) {
+        if let Some(usage) = usage {
             self.seen.usage = Some(usage);
         }
-        let usage_only = value
-            .get("choices")
-            .and_then(Value::as_array)
-            .is_some_and(|c| c.is_empty());
         if !usage_only {
             self.seen.chunks += 1;
         }
@@ -289,75 +290,166 @@ impl SseScanner {
 /// (the same texts are JSON, the last of two `model` keys wins), without
 /// building the tree: nothing but the model is copied.
 pub fn model_of(text: &str) -> Option<String> {
-    serde_json::from_str::<ModelOf>(text).ok()?.0
+    serde_json::from_str::<EventFields>(text).ok()?.model
 }
 
-struct ModelOf(Option<String>);
+/// The usage a stream event reports ([`read_usage`]) and whether it is
+/// usage-only (its `choices` an empty array), as the event's `Value` tree
+/// gives them, without building the tree; `None` when it is not JSON.
+pub fn read_event(text: &str) -> Option<(Option<Reported>, bool)> {
+    let event = serde_json::from_str::<EventFields>(text).ok()?;
+    Some((
+        read_usage_of(event.usage.as_ref(), event.response.as_ref()),
+        event.choices_empty == Some(true),
+    ))
+}
 
-impl<'de> serde::Deserialize<'de> for ModelOf {
+/// The top-level fields of a stream event that the scanner reads, as a
+/// `Value` tree of the event would give them (the same texts are JSON, the
+/// last of two equal keys wins), without building the rest of the tree.
+#[derive(Default)]
+struct EventFields {
+    /// `model`, when it is a string.
+    model: Option<String>,
+    usage: Option<Value>,
+    response: Option<Value>,
+    /// Whether `choices` is an empty array; `None` when it is no array.
+    choices_empty: Option<bool>,
+}
+
+impl<'de> serde::Deserialize<'de> for EventFields {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Top;
         impl<'de> serde::de::Visitor<'de> for Top {
-            type Value = ModelOf;
+            type Value = EventFields;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON value")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut map: A,
-            ) -> Result<ModelOf, A::Error> {
-                let mut model = None;
-                while let Some(IsModel(is_model)) = map.next_key()? {
-                    if is_model {
-                        model = map.next_value::<StringOrNot>()?.0;
-                    } else {
-                        map.next_value::<Skip>()?;
+            ) -> Result<EventFields, A::Error> {
+                let mut fields = EventFields::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::Model => fields.model = map.next_value::<StringOrNot>()?.0,
+                        Key::Usage => fields.usage = Some(map.next_value()?),
+                        Key::Response => fields.response = Some(map.next_value()?),
+                        Key::Choices => fields.choices_empty = map.next_value::<ArrayEmpty>()?.0,
+                        Key::Other => {
+                            map.next_value::<Skip>()?;
+                        }
                     }
                 }
-                Ok(ModelOf(model))
+                Ok(fields)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<ModelOf, A::Error> {
-                Skip::seq(seq).map(|_| ModelOf(None))
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<EventFields, A::Error> {
+                Skip::seq(seq).map(|_| EventFields::default())
             }
-            fn visit_bool<E>(self, _: bool) -> Result<ModelOf, E> {
-                Ok(ModelOf(None))
+            fn visit_bool<E>(self, _: bool) -> Result<EventFields, E> {
+                Ok(EventFields::default())
             }
-            fn visit_i64<E>(self, _: i64) -> Result<ModelOf, E> {
-                Ok(ModelOf(None))
+            fn visit_i64<E>(self, _: i64) -> Result<EventFields, E> {
+                Ok(EventFields::default())
             }
-            fn visit_u64<E>(self, _: u64) -> Result<ModelOf, E> {
-                Ok(ModelOf(None))
+            fn visit_u64<E>(self, _: u64) -> Result<EventFields, E> {
+                Ok(EventFields::default())
             }
-            fn visit_f64<E>(self, _: f64) -> Result<ModelOf, E> {
-                Ok(ModelOf(None))
+            fn visit_f64<E>(self, _: f64) -> Result<EventFields, E> {
+                Ok(EventFields::default())
             }
-            fn visit_str<E>(self, _: &str) -> Result<ModelOf, E> {
-                Ok(ModelOf(None))
+            fn visit_str<E>(self, _: &str) -> Result<EventFields, E> {
+                Ok(EventFields::default())
             }
-            fn visit_unit<E>(self) -> Result<ModelOf, E> {
-                Ok(ModelOf(None))
+            fn visit_unit<E>(self) -> Result<EventFields, E> {
+                Ok(EventFields::default())
             }
         }
         deserializer.deserialize_any(Top)
     }
 }
 
-/// A map key, read for whether it is `model` (not copied).
-struct IsModel(bool);
+/// A top-level key of a stream event (not copied).
+enum Key {
+    Model,
+    Usage,
+    Response,
+    Choices,
+    Other,
+}
 
-impl<'de> serde::Deserialize<'de> for IsModel {
+impl<'de> serde::Deserialize<'de> for Key {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Key;
-        impl serde::de::Visitor<'_> for Key {
-            type Value = IsModel;
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = Key;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a string key")
             }
-            fn visit_str<E>(self, key: &str) -> Result<IsModel, E> {
-                Ok(IsModel(key == "model"))
+            fn visit_str<E>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "model" => Key::Model,
+                    "usage" => Key::Usage,
+                    "response" => Key::Response,
+                    "choices" => Key::Choices,
+                    _ => Key::Other,
+                })
             }
         }
-        deserializer.deserialize_str(Key)
+        deserializer.deserialize_str(Name)
+    }
+}
+
+/// A JSON value: whether it is an empty array, if it is an array.
+struct ArrayEmpty(Option<bool>);
+
+impl<'de> serde::Deserialize<'de> for ArrayEmpty {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Any;
+        impl<'de> serde::de::Visitor<'de> for Any {
+            type Value = ArrayEmpty;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ArrayEmpty, A::Error> {
+                let mut empty = true;
+                while seq.next_element::<Skip>()?.is_some() {
+                    empty = false;
+                }
+                Ok(ArrayEmpty(Some(empty)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ArrayEmpty, A::Error> {
+                Skip::map(map).map(|_| ArrayEmpty(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<ArrayEmpty, E> {
+                Ok(ArrayEmpty(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<ArrayEmpty, E> {
+                Ok(ArrayEmpty(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<ArrayEmpty, E> {
+                Ok(ArrayEmpty(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<ArrayEmpty, E> {
+                Ok(ArrayEmpty(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<ArrayEmpty, E> {
+                Ok(ArrayEmpty(None))
+            }
+            fn visit_unit<E>(self) -> Result<ArrayEmpty, E> {
+                Ok(ArrayEmpty(None))
+            }
+        }
+        deserializer.deserialize_any(Any)
     }
 }
 
@@ -423,7 +515,7 @@ impl Skip {
     }
 
     fn map<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Skip, A::Error> {
-        while map.next_entry::<IsModel, Skip>()?.is_some() {}
+        while map.next_entry::<Key, Skip>()?.is_some() {}
         Ok(Skip)
     }
 }
@@ -605,6 +697,32 @@ mod tests {
             "]".repeat(200)
         );
         assert_eq!(model_of(&deep), tree(&deep));
+    }
+
+    #[test]
+    fn an_events_usage_and_choices_are_read_as_a_json_tree_would_read_them() {
+        let tree = |text: &str| {
+            let value = serde_json::from_str::<Value>(text).ok()?;
+            let empty = value
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(|c| c.is_empty());
+            Some((read_usage(&value), empty))
+        };
+        for text in [
+            r#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":5,"completion_tokens_details":{"reasoning_tokens":1}}}"#,
+            r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":2}}"#,
+            r#"{"choices":{},"usage":{"prompt_tokens":2}}"#,
+            r#"{"choices":[],"choices":[1],"usage":null,"usage":{"prompt_tokens":-1}}"#,
+            r#"{"usage":{"prompt_tokens":2.5,"input_tokens":3}}"#,
+            r#"{"usage":"x","response":{"usage":{"input_tokens":4,"output_tokens":6}}}"#,
+            r#"{"type":"response.completed","response":{"usage":{"input_tokens":5,"output_tokens_details":{"reasoning_tokens":2}}}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1},"n":1e400}"#,
+            r#"[{"usage":{"prompt_tokens":1}}]"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1}"#,
+        ] {
+            assert_eq!(read_event(text), tree(text), "{text}");
+        }
     }
 
     #[test]
