@@ -1,10 +1,14 @@
 //! A neuron's SSE stream, arriving in pieces the fuzzer chooses (the first
 //! byte seeds the piece sizes). The pass-through scanner must hand on every
 //! byte in order; the usage-stripping one may only drop whole events, and
-//! only events that carry usage; neither may depend on how bytes arrive.
+//! only events that carry usage; neither may depend on how bytes arrive. The
+//! model and usage read from an event without building its JSON tree are
+//! the tree's.
 #![no_main]
 
-use allot_agent::usage::{estimate_completion_tokens, read_usage, SseScanner};
+use allot_agent::usage::{
+    estimate_completion_tokens, model_of, read_event, read_usage, SseScanner,
+};
 use libfuzzer_sys::fuzz_target;
 
 /// Piece sizes from a one-byte seed: 0 feeds everything at once, otherwise
@@ -103,8 +107,28 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(once.seen, strip.seen, "seen depends on how bytes arrive");
 
     // A whole body (or one event's data) as JSON.
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(input) {
-        let _ = read_usage(&value);
-        let _ = estimate_completion_tokens(&value);
+    let tree = serde_json::from_slice::<serde_json::Value>(input).ok();
+    if let Some(value) = &tree {
+        let _ = read_usage(value);
+        let _ = estimate_completion_tokens(value);
+    }
+    // What the scanner reads from an event without the tree is the tree's.
+    if let Ok(text) = std::str::from_utf8(input) {
+        let from_tree = tree
+            .as_ref()
+            .and_then(|v| v.get("model")?.as_str().map(str::to_string));
+        assert_eq!(model_of(text), from_tree, "model_of disagrees with Value");
+        let from_tree = tree.as_ref().map(|v| {
+            let usage_only = v
+                .get("choices")
+                .and_then(|c| c.as_array())
+                .is_some_and(|c| c.is_empty());
+            (read_usage(v), usage_only)
+        });
+        assert_eq!(
+            read_event(text),
+            from_tree,
+            "read_event disagrees with Value"
+        );
     }
 });
