@@ -925,7 +925,6 @@ async fn admit_and_forward(
     let mut upstream = Request::new(http_body_util::Full::new(forwarded));
     *upstream.method_mut() = http::Method::POST;
     *upstream.uri_mut() = uri;
-    *upstream.headers_mut() = HeaderMap::with_capacity(6);
     let upstream_headers = upstream.headers_mut();
     upstream_headers.insert(
         header::CONTENT_TYPE,
@@ -988,8 +987,7 @@ async fn admit_and_forward(
     }
     settlement.first_byte = Some(started.elapsed());
 
-    // Room for the content headers, x-request-id and six x-ratelimit-*.
-    let mut headers = HeaderMap::with_capacity(10);
+    let mut headers = HeaderMap::new();
     if facts.stream {
         headers.insert(
             header::CONTENT_TYPE,
