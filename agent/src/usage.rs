@@ -285,6 +285,34 @@ impl SseScanner {
     }
 }
 
+/// The scalar `visit_*` methods of a visitor that answers `$value` for
+/// every number, boolean and null (and string, with `str`).
+macro_rules! scalars_are {
+    ($out:ty, $value:expr) => {
+        fn visit_bool<E>(self, _: bool) -> Result<$out, E> {
+            Ok($value)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<$out, E> {
+            Ok($value)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<$out, E> {
+            Ok($value)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<$out, E> {
+            Ok($value)
+        }
+        fn visit_unit<E>(self) -> Result<$out, E> {
+            Ok($value)
+        }
+    };
+    ($out:ty, $value:expr, str) => {
+        scalars_are!($out, $value);
+        fn visit_str<E>(self, _: &str) -> Result<$out, E> {
+            Ok($value)
+        }
+    };
+}
+
 /// The top-level `model` string of a JSON text, as
 /// `serde_json::from_str::<Value>(text)?.get("model")?.as_str()` reads it
 /// (the same texts are JSON, the last of two `model` keys wins), without
@@ -349,24 +377,7 @@ impl<'de> serde::Deserialize<'de> for EventFields {
             ) -> Result<EventFields, A::Error> {
                 Skip::seq(seq).map(|_| EventFields::default())
             }
-            fn visit_bool<E>(self, _: bool) -> Result<EventFields, E> {
-                Ok(EventFields::default())
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<EventFields, E> {
-                Ok(EventFields::default())
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<EventFields, E> {
-                Ok(EventFields::default())
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<EventFields, E> {
-                Ok(EventFields::default())
-            }
-            fn visit_str<E>(self, _: &str) -> Result<EventFields, E> {
-                Ok(EventFields::default())
-            }
-            fn visit_unit<E>(self) -> Result<EventFields, E> {
-                Ok(EventFields::default())
-            }
+            scalars_are!(EventFields, EventFields::default(), str);
         }
         deserializer.deserialize_any(Top)
     }
@@ -430,24 +441,7 @@ impl<'de> serde::Deserialize<'de> for ArrayEmpty {
             ) -> Result<ArrayEmpty, A::Error> {
                 Skip::map(map).map(|_| ArrayEmpty(None))
             }
-            fn visit_bool<E>(self, _: bool) -> Result<ArrayEmpty, E> {
-                Ok(ArrayEmpty(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<ArrayEmpty, E> {
-                Ok(ArrayEmpty(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<ArrayEmpty, E> {
-                Ok(ArrayEmpty(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<ArrayEmpty, E> {
-                Ok(ArrayEmpty(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<ArrayEmpty, E> {
-                Ok(ArrayEmpty(None))
-            }
-            fn visit_unit<E>(self) -> Result<ArrayEmpty, E> {
-                Ok(ArrayEmpty(None))
-            }
+            scalars_are!(ArrayEmpty, ArrayEmpty(None), str);
         }
         deserializer.deserialize_any(Any)
     }
@@ -482,21 +476,7 @@ impl<'de> serde::Deserialize<'de> for StringOrNot {
             ) -> Result<StringOrNot, A::Error> {
                 Skip::seq(seq).map(|_| StringOrNot(None))
             }
-            fn visit_bool<E>(self, _: bool) -> Result<StringOrNot, E> {
-                Ok(StringOrNot(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<StringOrNot, E> {
-                Ok(StringOrNot(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<StringOrNot, E> {
-                Ok(StringOrNot(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<StringOrNot, E> {
-                Ok(StringOrNot(None))
-            }
-            fn visit_unit<E>(self) -> Result<StringOrNot, E> {
-                Ok(StringOrNot(None))
-            }
+            scalars_are!(StringOrNot, StringOrNot(None));
         }
         deserializer.deserialize_any(Any)
     }
@@ -534,24 +514,7 @@ impl<'de> serde::Deserialize<'de> for Skip {
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Skip, A::Error> {
                 Skip::seq(seq)
             }
-            fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_unit<E>(self) -> Result<Skip, E> {
-                Ok(Skip)
-            }
+            scalars_are!(Skip, Skip, str);
         }
         deserializer.deserialize_any(Any)
     }
