@@ -20,6 +20,11 @@
 //! `churn_guard_ms`. Victims are taken in strategy order until the model
 //! fits, then any victim not needed for the fit is dropped again.
 //!
+//! Beside `route`, the controller (`LivePlacement::tick`) uses
+//! [`wants_copy`] and [`place_copy`] to add a copy of a model whose every
+//! serving node stays saturated, and [`defrag_plan`] to empty a whole GPU
+//! after enough eviction cycles.
+//!
 //! Limit: a model is placed on a single GPU; models larger than any one GPU
 //! (tensor-parallel deployments) are refused with [`RouteError::TooLarge`].
 
