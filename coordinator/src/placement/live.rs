@@ -837,6 +837,20 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
+    /// A catalog of `(name, GiB, load ms)` models, read from its file text.
+    fn catalog(models: &[(&str, u64, u64)]) -> Catalog {
+        let text: String = models
+            .iter()
+            .map(|(name, gib, load_ms)| {
+                format!(
+                    "[[model]]\nname = \"{name}\"\nvram_bytes = {}\nload_ms = {load_ms}\n",
+                    gib * GIB
+                )
+            })
+            .collect();
+        parse_catalog(&text).unwrap()
+    }
+
     fn report(neuron: &str, free: u64, models: Vec<pb::ModelState>) -> pb::NodeStatus {
         pb::NodeStatus {
             neuron_id: neuron.into(),
@@ -877,11 +891,7 @@ mod tests {
 
     #[test]
     fn reports_feed_route_and_a_gone_agent_takes_its_node_out() {
-        let live = LivePlacement::new(
-            parse_catalog("[[model]]\nname = \"cold\"\nvram_bytes = 1073741824\nload_ms = 7000\n")
-                .unwrap(),
-            PlacementConfig::default(),
-        );
+        let live = LivePlacement::new(catalog(&[("cold", 1, 7000)]), PlacementConfig::default());
         live.report(
             "agent-1",
             report(
@@ -916,11 +926,7 @@ mod tests {
 
     #[test]
     fn a_load_seen_finishing_corrects_the_catalog() {
-        let live = LivePlacement::new(
-            parse_catalog("[[model]]\nname = \"m\"\nvram_bytes = 1073741824\nload_ms = 9000\n")
-                .unwrap(),
-            PlacementConfig::default(),
-        );
+        let live = LivePlacement::new(catalog(&[("m", 1, 9000)]), PlacementConfig::default());
         live.report(
             "a",
             report(
@@ -996,9 +1002,7 @@ mod tests {
             copy_after_ms: 5_000,
             ..PlacementConfig::default()
         };
-        let catalog =
-            parse_catalog("[[model]]\nname = \"m\"\nvram_bytes = 4294967296\nload_ms = 1000\n")
-                .unwrap();
+        let catalog = catalog(&[("m", 4, 1000)]);
         let live = LivePlacement::new(catalog, config);
         let (mut one, mut two) = (connect(&live, "a1"), connect(&live, "a2"));
         let busy = |in_flight: u32, at: UnixMs| {
@@ -1030,9 +1034,7 @@ mod tests {
 
     #[test]
     fn an_eviction_plan_is_carried_out_victims_first_and_counted() {
-        let catalog =
-            parse_catalog("[[model]]\nname = \"c\"\nvram_bytes = 12884901888\nload_ms = 1000\n")
-                .unwrap();
+        let catalog = catalog(&[("c", 12, 1000)]);
         let live = LivePlacement::new(catalog, PlacementConfig::default());
         let mut one = connect(&live, "a1");
         live.report(
@@ -1058,11 +1060,7 @@ mod tests {
             defrag_after_cycles: 2,
             ..PlacementConfig::default()
         };
-        let catalog = parse_catalog(
-            "[[model]]\nname = \"a\"\nvram_bytes = 4294967296\nload_ms = 1000\n\
-             [[model]]\nname = \"b\"\nvram_bytes = 8589934592\nload_ms = 5000\n",
-        )
-        .unwrap();
+        let catalog = catalog(&[("a", 4, 1000), ("b", 8, 5000)]);
         let live = LivePlacement::new(catalog, config);
         let (mut one, mut two) = (connect(&live, "a1"), connect(&live, "a2"));
         let n1 = |models| {
@@ -1114,9 +1112,7 @@ mod tests {
 
     #[test]
     fn a_re_sent_usage_record_is_not_counted_as_demand_twice() {
-        let catalog =
-            parse_catalog("[[model]]\nname = \"m\"\nvram_bytes = 1073741824\nload_ms = 1000\n")
-                .unwrap();
+        let catalog = catalog(&[("m", 1, 1000)]);
         let live = LivePlacement::new(catalog, PlacementConfig::default());
         let batch = |seqs: std::ops::RangeInclusive<u64>| -> Vec<pb::UsageRecord> {
             seqs.map(|seq| pb::UsageRecord {
@@ -1145,9 +1141,7 @@ mod tests {
 
     #[test]
     fn a_change_of_a_loaded_models_options_alone_never_reloads_it() {
-        let catalog =
-            parse_catalog("[[model]]\nname = \"m\"\nvram_bytes = 4294967296\nload_ms = 1000\n")
-                .unwrap();
+        let catalog = catalog(&[("m", 4, 1000)]);
         let live = LivePlacement::new(catalog, PlacementConfig::default());
         let mut one = connect(&live, "a1");
         let with = |context_length: u32, capabilities: Vec<String>, tool_call: bool| {
@@ -1186,11 +1180,7 @@ mod tests {
             defrag_after_cycles: 1,
             ..PlacementConfig::default()
         };
-        let catalog = parse_catalog(
-            "[[model]]\nname = \"a\"\nvram_bytes = 4294967296\nload_ms = 1000\n\
-             [[model]]\nname = \"b\"\nvram_bytes = 8589934592\nload_ms = 5000\n",
-        )
-        .unwrap();
+        let catalog = catalog(&[("a", 4, 1000), ("b", 8, 5000)]);
         let live = LivePlacement::new(catalog, config);
         let mut one = connect(&live, "a1");
         let mut status = report(
