@@ -39,12 +39,68 @@ async fn fleet(stack: &Stack) -> pb::FleetView {
 }
 
 fn loaded(view: &pb::FleetView, model: &str) -> bool {
-    view.nodes.iter().any(|n| {
-        n.healthy
-            && n.models
-                .iter()
-                .any(|m| m.model == model && m.status == pb::ModelStatus::Loaded as i32)
-    })
+    view.nodes
+        .iter()
+        .any(|n| n.healthy && loaded_on(n).any(|m| m == model))
+}
+
+/// The models a node reports loaded.
+fn loaded_on(node: &pb::FleetNode) -> impl Iterator<Item = &str> {
+    node.models
+        .iter()
+        .filter(|m| m.status == pb::ModelStatus::Loaded as i32)
+        .map(|m| m.model.as_str())
+}
+
+/// The neurons where `model` is loaded, sorted.
+fn holders(view: &pb::FleetView, model: &str) -> Vec<String> {
+    let mut on: Vec<String> = view
+        .nodes
+        .iter()
+        .filter(|n| loaded_on(n).any(|m| m == model))
+        .map(|n| n.neuron_id.clone())
+        .collect();
+    on.sort();
+    on
+}
+
+/// The models `neuron` reports loaded, sorted.
+fn models_on(view: &pb::FleetView, neuron: &str) -> Vec<String> {
+    let node = view.nodes.iter().find(|n| n.neuron_id == neuron).unwrap();
+    let mut models: Vec<String> = loaded_on(node).map(str::to_string).collect();
+    models.sort();
+    models
+}
+
+/// `agent-{n}` for `neuron-{n}` at `neuron_url`, with the stack's agent
+/// settings and `configure` applied, once it answers.
+async fn node_agent(
+    stack: &Stack,
+    dir: &TempDir,
+    n: u32,
+    neuron_url: &str,
+    configure: impl FnOnce(&mut allot_agent::config::AgentConfig),
+) -> RunningAgent {
+    let mut config = allot_agent::config::AgentConfig {
+        agent_id: format!("agent-{n}"),
+        neuron_id: format!("neuron-{n}"),
+        neuron_url: neuron_url.to_string(),
+        spool_dir: dir.0.join(format!("agent-{n}")),
+        ..stack.agent_config.clone()
+    };
+    configure(&mut config);
+    let agent = start_agent(config).await;
+    wait_agent_ready(&agent.url, Duration::from_secs(20)).await;
+    agent
+}
+
+async fn wait_nodes(stack: &Stack, count: usize) {
+    wait_until(
+        &format!("{count} nodes to report"),
+        Duration::from_secs(20),
+        || async { fleet(stack).await.nodes.len() == count },
+    )
+    .await;
 }
 
 /// A stack whose coordinator reads `catalog` (TOML) with no churn guard,
@@ -191,18 +247,9 @@ async fn placement_needs_the_admin_token() {
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
 }
 
-/// A fake neuron with `gpus` (bytes each) serving the default model.
-async fn neuron_with_gpus(neuron_id: &str, gpus: Vec<u64>) -> String {
-    spawn_neuron(neuron_id, gpus).await.1
-}
-
-/// The same, with a handle to change how it answers.
-async fn spawn_neuron(neuron_id: &str, gpus: Vec<u64>) -> (allot_fake_neuron::FakeNeuron, String) {
-    spawn_neuron_with(neuron_id, gpus, Vec::new()).await
-}
-
-/// A fake neuron with `gpus` that loads `models` (2 GiB each) at start.
-async fn spawn_neuron_with(
+/// A fake neuron with `gpus` (bytes each) that loads `models` (2 GiB
+/// each; none: the default model) at start, and its URL.
+async fn spawn_neuron(
     neuron_id: &str,
     gpus: Vec<u64>,
     models: Vec<String>,
@@ -292,25 +339,12 @@ async fn the_fleet_converges_to_shifting_demand_through_directives() {
     );
     let mut others = Vec::new();
     for (n, gib) in [(2, 16), (3, 12)] {
-        let neuron_url = neuron_with_gpus(&format!("neuron-{n}"), vec![gib * GIB]).await;
-        let agent = start_agent(allot_agent::config::AgentConfig {
-            agent_id: format!("agent-{n}"),
-            neuron_id: format!("neuron-{n}"),
-            neuron_url: neuron_url.clone(),
-            spool_dir: dir.0.join(format!("agent-{n}")),
-            ..stack.agent_config.clone()
-        })
-        .await;
-        wait_agent_ready(&agent.url, Duration::from_secs(20)).await;
+        let (_, neuron_url) = spawn_neuron(&format!("neuron-{n}"), vec![gib * GIB], vec![]).await;
+        let agent = node_agent(&stack, &dir, n, &neuron_url, |_| {}).await;
         agents.insert(format!("agent-{n}"), (agent.url.clone(), neuron_url));
         others.push(agent);
     }
-    wait_until(
-        "all three nodes to report",
-        Duration::from_secs(20),
-        || async { fleet(&stack).await.nodes.len() == 3 },
-    )
-    .await;
+    wait_nodes(&stack, 3).await;
     let (_, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
         .await;
@@ -357,25 +391,13 @@ async fn a_model_that_keeps_its_node_saturated_gets_a_second_copy() {
     let stack = placement_stack(&dir, catalog, |p| p.copy_after_ms = 1_000).await;
     // A second node of 16 GiB whose neuron answers slowly, so that two
     // requests keep it at its capacity of 2.
-    let (slow, neuron_url) = spawn_neuron("neuron-2", vec![16 * GIB]).await;
+    let (slow, neuron_url) = spawn_neuron("neuron-2", vec![16 * GIB], vec![]).await;
     slow.set_behavior(allot_fake_neuron::Behavior {
         delay_ms: 400,
         ..Default::default()
     });
-    let agent = start_agent(allot_agent::config::AgentConfig {
-        agent_id: "agent-2".into(),
-        neuron_id: "neuron-2".into(),
-        neuron_url: neuron_url.clone(),
-        spool_dir: dir.0.join("agent-2"),
-        node_capacity: 2,
-        ..stack.agent_config.clone()
-    })
-    .await;
-    wait_agent_ready(&agent.url, Duration::from_secs(20)).await;
-    wait_until("both nodes to report", Duration::from_secs(20), || async {
-        fleet(&stack).await.nodes.len() == 2
-    })
-    .await;
+    let agent = node_agent(&stack, &dir, 2, &neuron_url, |c| c.node_capacity = 2).await;
+    wait_nodes(&stack, 2).await;
     let mut agents = std::collections::HashMap::new();
     agents.insert(
         "agent-1".to_string(),
@@ -391,20 +413,7 @@ async fn a_model_that_keeps_its_node_saturated_gets_a_second_copy() {
         serve_through_route(&stack, &agents, &secret, "hot").await,
         "neuron-2"
     );
-    let copies = |view: &pb::FleetView| -> Vec<String> {
-        let mut on: Vec<String> = view
-            .nodes
-            .iter()
-            .filter(|n| {
-                n.models
-                    .iter()
-                    .any(|m| m.model == "hot" && m.status == pb::ModelStatus::Loaded as i32)
-            })
-            .map(|n| n.neuron_id.clone())
-            .collect();
-        on.sort();
-        on
-    };
+    let copies = |view: &pb::FleetView| holders(view, "hot");
     assert_eq!(copies(&fleet(&stack).await), vec!["neuron-2"]);
 
     // Four clients keep requests for "hot" in flight on agent-2 until a
@@ -467,35 +476,10 @@ async fn after_an_eviction_a_gpu_is_emptied_by_moving_its_model_and_it_stays_ser
     let mut others = Vec::new();
     for (n, gib, model) in [(2, 16, "tiny"), (3, 8, "small")] {
         let (_, neuron_url) =
-            spawn_neuron_with(&format!("neuron-{n}"), vec![gib * GIB], vec![model.into()]).await;
-        let agent = start_agent(allot_agent::config::AgentConfig {
-            agent_id: format!("agent-{n}"),
-            neuron_id: format!("neuron-{n}"),
-            neuron_url,
-            spool_dir: dir.0.join(format!("agent-{n}")),
-            ..stack.agent_config.clone()
-        })
-        .await;
-        wait_agent_ready(&agent.url, Duration::from_secs(20)).await;
-        others.push(agent);
+            spawn_neuron(&format!("neuron-{n}"), vec![gib * GIB], vec![model.into()]).await;
+        others.push(node_agent(&stack, &dir, n, &neuron_url, |_| {}).await);
     }
-    wait_until(
-        "all three nodes to report",
-        Duration::from_secs(20),
-        || async { fleet(&stack).await.nodes.len() == 3 },
-    )
-    .await;
-    let models_on = |view: &pb::FleetView, neuron: &str| -> Vec<String> {
-        let node = view.nodes.iter().find(|n| n.neuron_id == neuron).unwrap();
-        let mut models: Vec<String> = node
-            .models
-            .iter()
-            .filter(|m| m.status == pb::ModelStatus::Loaded as i32)
-            .map(|m| m.model.clone())
-            .collect();
-        models.sort();
-        models
-    };
+    wait_nodes(&stack, 3).await;
     // "big" fits nowhere: one of neuron-1's models makes room (one
     // eviction cycle, enough with defrag_after_cycles = 1).
     assert_eq!(
