@@ -135,6 +135,8 @@ pub struct EngineSettings {
     pub ledger: LedgerConfig,
     /// Where settled rows go once committed (usage analytics), if kept.
     pub analytics: Option<tokio::sync::mpsc::UnboundedSender<Vec<pb::UsageRow>>>,
+    /// Placement's demand, fed with each request once committed.
+    pub placement: Option<std::sync::Arc<crate::placement::LivePlacement>>,
 }
 
 impl Default for EngineSettings {
@@ -146,6 +148,7 @@ impl Default for EngineSettings {
             max_batch: 4096,
             ledger: LedgerConfig::default(),
             analytics: None,
+            placement: None,
         }
     }
 }

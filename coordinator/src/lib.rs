@@ -80,8 +80,10 @@ pub async fn run_with_store(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let analytics = Analytics::open(&config).await?;
+    let live = live_placement(&config)?;
     let mut settings = engine_settings(&config);
     settings.analytics = analytics.as_ref().map(|a| a.rows.clone());
+    settings.placement = Some(live.clone());
     let (engine, handle) = Engine::load(store.clone(), settings).await?;
     let (usage, writer) = match analytics {
         Some(a) => (Some(a.store), Some(a.writer)),
@@ -92,7 +94,7 @@ pub async fn run_with_store(
     tasks.spawn(engine.run());
     let ready = watch::channel(true).1;
     let served = serve(
-        config, source, store, ready, usage, tasks, listener, shutdown,
+        config, source, store, ready, usage, live, tasks, listener, shutdown,
     )
     .await;
     drain_writer(writer).await;
@@ -168,6 +170,7 @@ async fn run_etcd(
     let (source_tx, source_rx) = watch::channel::<Option<EngineHandle>>(None);
     let (ready_tx, ready_rx) = watch::channel(false);
     let analytics = Analytics::open(&config).await?;
+    let live = live_placement(&config)?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(lead_when_elected(
         config.clone(),
@@ -175,6 +178,7 @@ async fn run_etcd(
         source_tx,
         ready_tx,
         analytics.as_ref().map(|a| a.rows.clone()),
+        live.clone(),
     ));
     let (usage, writer) = match analytics {
         Some(a) => (Some(a.store), Some(a.writer)),
@@ -191,6 +195,7 @@ async fn run_etcd(
         probe,
         ready_rx,
         usage,
+        live,
         tasks,
         listener,
         shutdown,
@@ -198,6 +203,19 @@ async fn run_etcd(
     .await;
     drain_writer(writer).await;
     served
+}
+
+/// Placement's live state, with the operator's catalog if one is set. It
+/// outlives leadership changes: agents' reports keep it current.
+fn live_placement(config: &CoordinatorConfig) -> anyhow::Result<Arc<placement::LivePlacement>> {
+    let catalog = match &config.placement_catalog {
+        Some(path) => placement::load_catalog(path).map_err(|e| anyhow::anyhow!(e))?,
+        None => placement::Catalog::new(),
+    };
+    Ok(placement::LivePlacement::new(
+        catalog,
+        config.placement.clone(),
+    ))
 }
 
 /// The leadership loop: campaign, load, lead until the lease is lost,
@@ -208,6 +226,7 @@ async fn lead_when_elected(
     source: watch::Sender<Option<EngineHandle>>,
     ready: watch::Sender<bool>,
     analytics: Option<tokio::sync::mpsc::UnboundedSender<Vec<pb::UsageRow>>>,
+    live: Arc<placement::LivePlacement>,
 ) {
     let ttl = Duration::from_millis(config.election_ttl_ms);
     let mut failures = 0u32;
@@ -232,6 +251,7 @@ async fn lead_when_elected(
         ));
         let mut settings = engine_settings(&config);
         settings.analytics = analytics.clone();
+        settings.placement = Some(live.clone());
         let (engine, handle) = match Engine::load(store, settings).await {
             Ok(loaded) => loaded,
             Err(error) => {
@@ -266,6 +286,7 @@ async fn serve(
     store: Arc<dyn Store>,
     ready: watch::Receiver<bool>,
     usage: Option<Arc<dyn usage::UsageStore>>,
+    live: Arc<placement::LivePlacement>,
     mut tasks: tokio::task::JoinSet<()>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -283,11 +304,6 @@ async fn serve(
         admin::AdminService::new(source.clone(), usage),
         admin::AdminAuth::new(config.admin_token.clone()),
     );
-    let catalog = match &config.placement_catalog {
-        Some(path) => placement::load_catalog(path).map_err(|e| anyhow::anyhow!(e))?,
-        None => placement::Catalog::new(),
-    };
-    let live = placement::LivePlacement::new(catalog, config.placement.clone());
     let controller = live.clone();
     tasks.spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));

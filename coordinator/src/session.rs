@@ -8,7 +8,7 @@ use crate::engine::{
     SessionLink, PARK_LIMIT, REVOKE_RESEND,
 };
 use crate::ledger::{DenyReason, SettleOutcome, Usage};
-use crate::placement::LivePlacement;
+use crate::placement::{LivePlacement, Served};
 use allot::key::{KeyHash, Purpose};
 use allot::pb::agent_message::Msg as AgentMsg;
 use allot::pb::coordinator_message::Msg as CoordMsg;
@@ -90,10 +90,6 @@ impl AgentSession for SessionService {
                                 AgentMsg::DirectiveResult(result) => {
                                     placement.directive_done(&agent_id, &result);
                                     continue;
-                                }
-                                AgentMsg::Usage(batch) => {
-                                    placement.record_usage(&agent_id, &batch.records);
-                                    AgentMsg::Usage(batch)
                                 }
                                 other => other,
                             };
@@ -527,6 +523,8 @@ fn settle_batch(
     // Records settled now, by position, with their pricing: their usage
     // rows once the ledger commit is done.
     let mut priced = Vec::new();
+    // And the requests they served, for placement's demand.
+    let mut served = Vec::new();
     for (index, record) in batch.records.iter().enumerate() {
         let usage = usage_from_pb(record);
         let finished_at = record.admitted_at_unix_ms + record.duration_ms as i64;
@@ -545,6 +543,9 @@ fn settle_batch(
                 metrics::counter!("allot_usage_settled_total").increment(1);
                 if analytics.is_some() {
                     priced.push((index, price, cost));
+                }
+                if core.settings.placement.is_some() {
+                    served.extend(Served::of(record));
                 }
                 if free && !usage.model.is_empty() {
                     metrics::counter!("allot_usage_free_total").increment(1);
@@ -595,6 +596,13 @@ fn settle_batch(
         retry_parked(core, fx);
     }
     push_depletions(core, fx, &batch.records);
+    if let (Some(placement), false) = (core.settings.placement.clone(), served.is_empty()) {
+        fx.after_commit(move |outcome| {
+            if outcome.is_ok() {
+                placement.record_settled(&served);
+            }
+        });
+    }
     // Analytics rows once the ledger has them: a failed commit sends
     // nothing, and the agent's resend settles (and rows) them again. The
     // rows take the records; nothing is copied.

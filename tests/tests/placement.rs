@@ -510,3 +510,106 @@ async fn after_an_eviction_a_gpu_is_emptied_by_moving_its_model_and_it_stays_ser
         agent.stop().await;
     }
 }
+
+/// Requests per second the coordinator estimates for `model`.
+async fn demand_for(stack: &Stack, model: &str) -> f64 {
+    let view = fleet(stack).await;
+    view.catalog
+        .iter()
+        .find(|c| c.model == model)
+        .map_or(0.0, |c| c.requests_per_second)
+}
+
+/// A raw agent session: `Hello` with `epoch`, then each of `batches`, each
+/// waited for until acknowledged.
+async fn send_usage(stack: &Stack, epoch: u64, batches: Vec<Vec<pb::UsageRecord>>) {
+    let mut client =
+        pb::agent_session_client::AgentSessionClient::connect(stack.coordinator_url.clone())
+            .await
+            .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            agent_id: "raw-agent".into(),
+            epoch,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for records in batches {
+        let last = records.last().unwrap().seq;
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Usage(pb::UsageBatch { records })),
+        })
+        .await
+        .unwrap();
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+                .await
+                .expect("an ack in time")
+                .unwrap()
+                .unwrap();
+            if let Some(pb::coordinator_message::Msg::UsageAck(ack)) = message.msg {
+                if ack.high_water_seq == last {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_batch_resent_on_a_new_session_counts_as_demand_once() {
+    let dir = TempDir::new("demand-once");
+    let catalog = format!(
+        "[[model]]\nname = \"{MODEL}\"\nvram_bytes = {}\nload_ms = 100\n",
+        2 * GIB
+    );
+    let stack = placement_stack(&dir, catalog, |p| p.directives = false).await;
+    let (key_id, _) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
+        .await;
+    let now = allot::clock::now_ms();
+    let records = |seqs: std::ops::RangeInclusive<u64>| -> Vec<pb::UsageRecord> {
+        seqs.map(|seq| pb::UsageRecord {
+            seq,
+            key_id: key_id.clone(),
+            model_requested: MODEL.into(),
+            admitted_at_unix_ms: now,
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            charged: true,
+            ..Default::default()
+        })
+        .collect()
+    };
+    send_usage(&stack, 1, vec![records(1..=10)]).await;
+    wait_until(
+        "ten requests of demand",
+        Duration::from_secs(10),
+        || async { demand_for(&stack, MODEL).await > 0.0 },
+    )
+    .await;
+    let ten = demand_for(&stack, MODEL).await;
+    // A reconnect re-sends the ten (not acknowledged, as far as the agent
+    // knows), then one new record follows.
+    send_usage(&stack, 2, vec![records(1..=10), records(11..=11)]).await;
+    wait_until("the eleventh request", Duration::from_secs(10), || async {
+        demand_for(&stack, MODEL).await >= ten * 1.09
+    })
+    .await;
+    // Demand is fed in settlement order: once the eleventh counts, the
+    // re-sent ten would have. Half-life 10 min: the estimate barely decays
+    // meanwhile; counted twice it would be 2.1 times the first.
+    let eleven = demand_for(&stack, MODEL).await;
+    assert!(
+        (eleven / ten - 1.1).abs() < 0.01,
+        "the re-sent batch counted again: {ten} then {eleven}"
+    );
+}

@@ -1,6 +1,6 @@
 //! The coordinator's live placement state: the fleet view fed by agents'
 //! `NodeStatus` reports, the catalog (the operator's file, corrected by
-//! measured loads), demand fed by usage batches, and the `Placement` gRPC
+//! measured loads), demand fed by the requests the ledger settles, and the `Placement` gRPC
 //! service that answers `Route` and `Fleet` from them.
 //!
 //! This is soft state, kept in memory by the coordinator the agents are
@@ -118,8 +118,6 @@ struct Inner {
     outboxes: HashMap<String, Outbox>,
     /// Model → when a `Route` or a request last wanted it.
     wanted: HashMap<String, UnixMs>,
-    /// Per agent, the highest usage sequence number counted as demand.
-    usage_seen: HashMap<String, u64>,
     pending: Vec<Pending>,
     next_directive: u64,
     fleet: FleetView,
@@ -135,10 +133,40 @@ struct Inner {
     consolidation: Option<Consolidation>,
 }
 
-/// Shared by the session service (which feeds it) and the `Placement`
-/// service (which reads it).
+/// Shared by the session service (node reports, directive results), the
+/// engine (settled requests) and the `Placement` service (which reads it).
 pub struct LivePlacement {
     inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for LivePlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LivePlacement").finish_non_exhaustive()
+    }
+}
+
+/// A charged request the ledger settled, as demand sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Served {
+    /// The model that served it (else the one requested).
+    pub model: String,
+    pub admitted_at: UnixMs,
+    pub tokens: u64,
+}
+
+impl Served {
+    /// `None` for a record that charged nothing (a refusal).
+    pub fn of(record: &pb::UsageRecord) -> Option<Served> {
+        record.charged.then(|| Served {
+            model: if record.model_served.is_empty() {
+                record.model_requested.clone()
+            } else {
+                record.model_served.clone()
+            },
+            admitted_at: record.admitted_at_unix_ms,
+            tokens: record.prompt_tokens + record.completion_tokens,
+        })
+    }
 }
 
 fn status_of(pb_status: i32) -> Option<ModelStatus> {
@@ -157,7 +185,6 @@ impl LivePlacement {
             inner: Mutex::new(Inner {
                 outboxes: HashMap::new(),
                 wanted: HashMap::new(),
-                usage_seen: HashMap::new(),
                 pending: Vec::new(),
                 next_directive: 1,
                 fleet: FleetView::new(),
@@ -298,44 +325,24 @@ impl LivePlacement {
         }
     }
 
-    /// Feeds demand from one of `agent_id`'s usage batches: one request per
-    /// charged record. An agent re-sends records not yet acknowledged
-    /// (after a reconnect, or to a new leader); a record at or below the
-    /// highest sequence number already seen from that agent is not counted
-    /// again. (A coordinator that starts afresh counts re-sent records once
-    /// more: demand is soft state.)
-    pub fn record_usage(&self, agent_id: &str, records: &[pb::UsageRecord]) {
+    /// Feeds demand from requests the ledger has just settled, once each:
+    /// the engine calls it after the commit, so a record an agent re-sends
+    /// (after a reconnect, or to a new leader) is a ledger duplicate and
+    /// never reaches it twice.
+    pub fn record_settled(&self, served: &[Served]) {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let seen = match inner.usage_seen.get_mut(agent_id) {
-            Some(seen) => seen,
-            None => inner.usage_seen.entry(agent_id.to_string()).or_insert(0),
-        };
-        let counted_to = *seen;
-        *seen = records.iter().map(|r| r.seq).fold(counted_to, u64::max);
-        for record in records {
-            if !record.charged || record.seq <= counted_to {
-                continue;
-            }
-            let model = if record.model_served.is_empty() {
-                &record.model_requested
-            } else {
-                &record.model_served
-            };
-            match inner.wanted.get_mut(model) {
-                Some(at) => *at = (*at).max(record.admitted_at_unix_ms),
+        for request in served {
+            match inner.wanted.get_mut(&request.model) {
+                Some(at) => *at = (*at).max(request.admitted_at),
                 None => {
                     inner
                         .wanted
-                        .insert(model.clone(), record.admitted_at_unix_ms);
+                        .insert(request.model.clone(), request.admitted_at);
                 }
             }
-            if let Some(id) = inner.catalog.id(model) {
-                inner.demand.record(
-                    id,
-                    record.admitted_at_unix_ms,
-                    record.prompt_tokens + record.completion_tokens,
-                );
+            if let Some(id) = inner.catalog.id(&request.model) {
+                inner.demand.record(id, request.admitted_at, request.tokens);
             }
         }
     }
@@ -974,15 +981,15 @@ mod tests {
         inbox
     }
 
-    fn used(model: &str, at: UnixMs) -> pb::UsageRecord {
-        pb::UsageRecord {
-            seq: 1,
+    fn used(model: &str, at: UnixMs) -> Served {
+        Served::of(&pb::UsageRecord {
             model_requested: model.into(),
             admitted_at_unix_ms: at,
             charged: true,
             completion_tokens: 10,
             ..Default::default()
-        }
+        })
+        .expect("charged")
     }
 
     fn loaded(name: &str, vram: u64, in_flight: u32, last_access: UnixMs) -> pb::ModelState {
@@ -1012,7 +1019,7 @@ mod tests {
         };
         live.report("a2", report("n2", 24 * GIB, vec![]), 1_000);
         live.report("a1", busy(4, 1_000), 1_000);
-        live.record_usage("a1", &[used("m", 1_000)]);
+        live.record_settled(&[used("m", 1_000)]);
         live.tick(2_000);
         assert!(received(&mut two).is_empty(), "saturated for 1 s only");
         // One report below capacity restarts the clock.
@@ -1042,7 +1049,7 @@ mod tests {
             report("n1", 4 * GIB, vec![loaded("old", 20 * GIB, 0, 0)]),
             100_000,
         );
-        live.record_usage("a1", &[used("c", 100_000)]);
+        live.record_settled(&[used("c", 100_000)]);
         live.tick(100_000);
         assert_eq!(
             received(&mut one),
@@ -1111,35 +1118,6 @@ mod tests {
     }
 
     #[test]
-    fn a_re_sent_usage_record_is_not_counted_as_demand_twice() {
-        let catalog = catalog(&[("m", 1, 1000)]);
-        let live = LivePlacement::new(catalog, PlacementConfig::default());
-        let batch = |seqs: std::ops::RangeInclusive<u64>| -> Vec<pb::UsageRecord> {
-            seqs.map(|seq| pb::UsageRecord {
-                seq,
-                ..used("m", 1_000)
-            })
-            .collect()
-        };
-        let rate = |live: &LivePlacement| {
-            let fleet = live.fleet(1_000);
-            fleet.catalog[0].requests_per_second
-        };
-        live.record_usage("a1", &batch(1..=10));
-        let once = rate(&live);
-        assert!(once > 0.0);
-        // The same ten again (a reconnect re-sends them), then five new.
-        live.record_usage("a1", &batch(1..=10));
-        assert_eq!(rate(&live), once);
-        live.record_usage("a1", &batch(8..=15));
-        let fifteen = rate(&live);
-        assert!((fifteen / once - 1.5).abs() < 1e-9, "{fifteen} vs {once}");
-        // Another agent's sequence numbers are its own.
-        live.record_usage("a2", &batch(1..=5));
-        assert!((rate(&live) / once - 2.0).abs() < 1e-9);
-    }
-
-    #[test]
     fn a_change_of_a_loaded_models_options_alone_never_reloads_it() {
         let catalog = catalog(&[("m", 4, 1000)]);
         let live = LivePlacement::new(catalog, PlacementConfig::default());
@@ -1157,7 +1135,7 @@ mod tests {
             )
         };
         live.report("a1", with(4_096, vec!["chat".into()], false), 1_000);
-        live.record_usage("a1", &[used("m", 1_000)]);
+        live.record_settled(&[used("m", 1_000)]);
         live.tick(1_000);
         live.report(
             "a1",
@@ -1212,5 +1190,31 @@ mod tests {
             ]
         );
         assert!(live.lock().consolidation.is_none(), "nothing to follow up");
+    }
+
+    #[test]
+    fn demand_counts_charged_requests_by_the_model_that_served_them() {
+        let record = pb::UsageRecord {
+            model_requested: "alias".into(),
+            model_served: "m".into(),
+            admitted_at_unix_ms: 5,
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            charged: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            Served::of(&record),
+            Some(Served {
+                model: "m".into(),
+                admitted_at: 5,
+                tokens: 7
+            })
+        );
+        let refused = pb::UsageRecord {
+            charged: false,
+            ..record
+        };
+        assert_eq!(Served::of(&refused), None);
     }
 }
