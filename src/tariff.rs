@@ -39,9 +39,12 @@ impl Tariff {
     }
 
     /// The exact cost of a request priced with this tariff.
+    /// Saturating: a count no request reaches prices at `Decimal::MAX`
+    /// (refused everywhere) instead of panicking.
     pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> Decimal {
-        Decimal::from(prompt_tokens) * self.input_price
-            + Decimal::from(completion_tokens) * self.output_price
+        Decimal::from(prompt_tokens)
+            .saturating_mul(self.input_price)
+            .saturating_add(Decimal::from(completion_tokens).saturating_mul(self.output_price))
     }
 
     /// Identity of a tariff in the book: putting a tariff with the same

@@ -122,13 +122,15 @@ impl SpendCounter {
         self.roll(now);
         match self {
             SpendCounter::Balance { spent } | SpendCounter::Calendar { spent, .. } => {
-                *spent = (*spent + amount).max(Decimal::ZERO);
+                *spent = spent.saturating_add(amount).max(Decimal::ZERO);
             }
             SpendCounter::Rolling { seconds, buckets } => {
                 let width = bucket_width_ms(*seconds);
                 let start = now - now.rem_euclid(width);
                 match buckets.back_mut() {
-                    Some(last) if last.start >= start => last.spent += amount,
+                    Some(last) if last.start >= start => {
+                        last.spent = last.spent.saturating_add(amount)
+                    }
                     _ => buckets.push_back(Bucket {
                         start,
                         spent: amount,
@@ -146,8 +148,7 @@ impl SpendCounter {
             SpendCounter::Rolling { seconds, buckets } => buckets
                 .iter()
                 .filter(|b| Self::bucket_expiry(*seconds, b.start) > now)
-                .map(|b| b.spent)
-                .sum::<Decimal>()
+                .fold(Decimal::ZERO, |sum, b| sum.saturating_add(b.spent))
                 .max(Decimal::ZERO),
             SpendCounter::Calendar {
                 period,
@@ -199,7 +200,7 @@ impl SpendCounter {
         held: Decimal,
         need: Decimal,
     ) -> Option<UnixMs> {
-        if held + need > cap {
+        if held.saturating_add(need) > cap {
             return None;
         }
         let budget_for_spend = cap - held - need;

@@ -37,7 +37,7 @@ pub struct SessionLink {
 pub struct ParkedAsk {
     pub agent_id: String,
     pub outbox: Outbox,
-    pub ask: pb::AllowanceAsk,
+    pub ask: crate::wire::Ask,
     pub since: Instant,
 }
 

@@ -14,6 +14,11 @@
 use rust_decimal::Decimal;
 
 /// What to grant in one unit, or `None` when `need` does not fit in `room`.
+///
+/// Every input may come from an agent: `want` is clamped to `room` before
+/// any arithmetic, and the proportional share is computed as
+/// `room × (want ÷ total)` with a ratio ≤ 1, so that no product can leave
+/// `Decimal`'s range whatever the agent asked. Negative inputs count as 0.
 pub fn size(
     need: Decimal,
     want: Decimal,
@@ -21,17 +26,26 @@ pub fn size(
     others_demand: Decimal,
     max_share: Decimal,
 ) -> Option<Decimal> {
+    let need = need.max(Decimal::ZERO);
     if need > room {
         return None;
     }
-    let want = want.max(need);
-    let total_demand = want + others_demand.max(Decimal::ZERO);
+    let room = room.max(Decimal::ZERO);
+    let want = want.max(need).min(room);
+    let others = others_demand.max(Decimal::ZERO);
+    let total_demand = want.saturating_add(others);
     let proportional = if total_demand > Decimal::ZERO {
-        room * want / total_demand
+        // want ≤ total_demand: the ratio is in [0, 1].
+        want.checked_div(total_demand)
+            .and_then(|ratio| room.checked_mul(ratio))
+            .unwrap_or(need)
     } else {
         room
     };
-    let cap = proportional.min(room * max_share).max(need);
+    let share = room
+        .checked_mul(max_share.clamp(Decimal::ZERO, Decimal::ONE))
+        .unwrap_or(need);
+    let cap = proportional.min(share).max(need);
     Some(want.min(cap).min(room))
 }
 
@@ -84,5 +98,30 @@ mod tests {
             room -= g;
         }
         assert_eq!(grants[..4], [d(512), d(256), d(128), d(64)]);
+    }
+
+    #[test]
+    fn any_ask_is_answered_without_overflow_and_never_beyond_room() {
+        let big = Decimal::MAX;
+        let cases = [
+            (d(0), big, big, big),
+            (
+                d(0),
+                Decimal::from(u64::MAX),
+                Decimal::new(1, 0) * Decimal::from(1_000_000_000_000_000u64),
+                d(0),
+            ),
+            (d(1), big, d(10), big),
+            (d(0), big, big, d(0)),
+            (Decimal::NEGATIVE_ONE, Decimal::MIN, d(10), Decimal::MIN),
+        ];
+        for (need, want, room, others) in cases {
+            for share in [Decimal::ZERO, half(), Decimal::ONE, big] {
+                if let Some(g) = size(need, want, room, others, share) {
+                    assert!(g <= room, "{g} > {room}");
+                    assert!(g >= Decimal::ZERO);
+                }
+            }
+        }
     }
 }

@@ -449,7 +449,10 @@ impl Ledger {
             limit: *limit,
             spent,
             held,
-            remaining: (limit.amount - spent - held).max(Decimal::ZERO),
+            remaining: limit
+                .amount
+                .saturating_sub(spent.saturating_add(held))
+                .max(Decimal::ZERO),
             next_refill: counter.and_then(|c| c.next_refill(now)),
         }
     }
@@ -650,7 +653,7 @@ impl Ledger {
             for unit in Unit::ALL {
                 if let Some(v) = amounts.get(unit) {
                     let held = &mut state.held[unit.index()];
-                    *held = (*held + sign * v).max(Decimal::ZERO);
+                    *held = held.saturating_add(sign * v).max(Decimal::ZERO);
                 }
             }
         }
@@ -901,7 +904,7 @@ impl Ledger {
                         unit,
                         match (current.get(unit), grant.get(unit)) {
                             (_, None) => None,
-                            (c, Some(g)) => Some(c.unwrap_or_default() + g),
+                            (c, Some(g)) => Some(c.unwrap_or_default().saturating_add(g)),
                         },
                     );
                 }
@@ -936,8 +939,10 @@ impl Ledger {
         let mut plan: Vec<(String, String)> = Vec::new();
         for view in in_unit.iter().filter(|v| v.remaining < need) {
             let candidates = self.reclaimable(agent_id, key_id, &view.scope);
-            let available: Decimal = candidates.iter().map(|(_, _, held)| held.value(unit)).sum();
-            if view.remaining + available < need {
+            let available = candidates.iter().fold(Decimal::ZERO, |sum, (_, _, held)| {
+                sum.saturating_add(held.value(unit))
+            });
+            if view.remaining.saturating_add(available) < need {
                 return Vec::new();
             }
             for (agent, key, held) in candidates {

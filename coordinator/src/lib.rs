@@ -24,6 +24,7 @@ pub mod placement;
 pub mod session;
 pub mod store;
 pub mod usage;
+pub mod wire;
 
 use crate::config::{CoordinatorConfig, StoreKind};
 use crate::engine::{Engine, EngineHandle, EngineSettings, EngineSource};
@@ -91,14 +92,53 @@ pub async fn run_with_store(
     };
     let (source, _keep) = EngineSource::fixed(handle);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(engine.run());
+    let (fatal_tx, fatal) = watch::channel(None);
+    tasks.spawn(async move {
+        if let Err(reason) = supervise_engine(engine.run()).await {
+            fatal_tx.send_replace(Some(reason));
+        }
+    });
     let ready = watch::channel(true).1;
     let served = serve(
-        config, source, store, ready, usage, live, tasks, listener, shutdown,
+        config, source, store, ready, fatal, usage, live, tasks, listener, shutdown,
     )
     .await;
     drain_writer(writer).await;
     served
+}
+
+/// Runs the engine in a task of its own and waits for it: `Err` with the
+/// panic's message when it died. A panicked engine may have left the
+/// ledger half-changed, so nothing restarts it in place: the coordinator
+/// turns NOT_SERVING and exits non-zero (a supervisor restarts it, and
+/// with etcd another coordinator leads meanwhile).
+async fn supervise_engine(run: impl Future<Output = ()> + Send + 'static) -> Result<(), String> {
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let task = tokio::spawn(run);
+    let _abort = AbortOnDrop(task.abort_handle());
+    match task.await {
+        Ok(()) => Ok(()),
+        Err(error) if error.is_panic() => {
+            let panic = error.into_panic();
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            metrics::counter!("allot_engine_panics_total").increment(1);
+            tracing::error!(
+                panic = message,
+                "the engine panicked; the coordinator stops serving and exits"
+            );
+            Err(format!("the engine panicked: {message}"))
+        }
+        Err(_) => Ok(()),
+    }
 }
 
 /// The engine is gone with its sender: the writer drains what it holds.
@@ -169,6 +209,7 @@ async fn run_etcd(
     let client = connect_etcd(&config).await?;
     let (source_tx, source_rx) = watch::channel::<Option<EngineHandle>>(None);
     let (ready_tx, ready_rx) = watch::channel(false);
+    let (fatal_tx, fatal) = watch::channel(None);
     let analytics = Analytics::open(&config).await?;
     let live = live_placement(&config)?;
     let mut tasks = tokio::task::JoinSet::new();
@@ -177,6 +218,7 @@ async fn run_etcd(
         client.clone(),
         source_tx,
         ready_tx,
+        fatal_tx,
         analytics.as_ref().map(|a| a.rows.clone()),
         live.clone(),
     ));
@@ -194,6 +236,7 @@ async fn run_etcd(
         EngineSource(source_rx),
         probe,
         ready_rx,
+        fatal,
         usage,
         live,
         tasks,
@@ -225,6 +268,7 @@ async fn lead_when_elected(
     client: etcd_client::Client,
     source: watch::Sender<Option<EngineHandle>>,
     ready: watch::Sender<bool>,
+    fatal: watch::Sender<Option<String>>,
     analytics: Option<tokio::sync::mpsc::UnboundedSender<Vec<pb::UsageRow>>>,
     live: Arc<placement::LivePlacement>,
 ) {
@@ -267,15 +311,25 @@ async fn lead_when_elected(
         metrics::counter!("allot_leader_changes_total").increment(1);
         metrics::gauge!("allot_is_leader").set(1.0);
         source.send_replace(Some(handle));
-        let mut engine_task = tokio::spawn(engine.run());
-        tokio::select! {
-            _ = leadership.wait_lost() => tracing::warn!("leadership lost"),
-            _ = &mut engine_task => tracing::warn!("the engine stopped"),
-        }
+        let engine_task = supervise_engine(engine.run());
+        let died = tokio::select! {
+            _ = leadership.wait_lost() => {
+                tracing::warn!("leadership lost");
+                None
+            }
+            outcome = engine_task => {
+                tracing::warn!("the engine stopped");
+                outcome.err()
+            }
+        };
         source.send_replace(None);
         metrics::gauge!("allot_is_leader").set(0.0);
-        engine_task.abort();
         leadership.resign().await;
+        if let Some(reason) = died {
+            // Resigned first, so that another coordinator leads at once.
+            fatal.send_replace(Some(reason));
+            return;
+        }
     }
 }
 
@@ -285,6 +339,7 @@ async fn serve(
     source: EngineSource,
     store: Arc<dyn Store>,
     ready: watch::Receiver<bool>,
+    fatal: watch::Receiver<Option<String>>,
     usage: Option<Arc<dyn usage::UsageStore>>,
     live: Arc<placement::LivePlacement>,
     mut tasks: tokio::task::JoinSet<()>,
@@ -322,7 +377,19 @@ async fn serve(
         live,
     ))
     .max_decoding_message_size(64 * 1024 * 1024);
-    tasks.spawn(report_health(health, store, ready));
+    tasks.spawn(report_health(health.clone(), store, ready, fatal.clone()));
+    // A dead engine stops the server: NOT_SERVING first, then no more calls.
+    let mut died = fatal.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = async { died.wait_for(Option::is_some).await.is_ok() } => {
+                for service in SERVICES {
+                    health.set_service_status(service, ServingStatus::NotServing).await;
+                }
+            }
+        }
+    };
     tracing::info!(listen = %listener.local_addr()?, store = ?config.store, node_id = config.node_id, "coordinator serving");
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -340,6 +407,10 @@ async fn serve(
     // that stops resigns with its lease when the process exits.
     tasks.shutdown().await;
     served?;
+    let died = fatal.borrow().clone();
+    if let Some(reason) = died {
+        anyhow::bail!("{reason}");
+    }
     Ok(())
 }
 
@@ -356,10 +427,12 @@ async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     store: Arc<dyn Store>,
     ready: watch::Receiver<bool>,
+    fatal: watch::Receiver<Option<String>>,
 ) {
     let mut last = None;
     loop {
-        let status = if *ready.borrow() && store.ping().await {
+        let able = *ready.borrow() && fatal.borrow().is_none();
+        let status = if able && store.ping().await {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing

@@ -7,13 +7,14 @@ use crate::engine::{
     Core, Effects, EngineHandle, EngineSource, Job, Outbox, ParkedAsk, SessionCounters,
     SessionLink, PARK_LIMIT, REVOKE_RESEND,
 };
-use crate::ledger::{DenyReason, SettleOutcome, Usage};
+use crate::ledger::{DenyReason, SettleOutcome};
 use crate::placement::{LivePlacement, Served};
-use allot::key::{KeyHash, Purpose};
+use crate::wire::{Ask, Command, UsageBatch};
+use allot::key::KeyHash;
+use allot::money;
 use allot::pb::agent_message::Msg as AgentMsg;
 use allot::pb::coordinator_message::Msg as CoordMsg;
 use allot::pb::{self, agent_session_server::AgentSession};
-use allot::{money, Amounts};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -93,7 +94,18 @@ impl AgentSession for SessionService {
                                 }
                                 other => other,
                             };
-                            if engine.submit(agent_job(agent_id.clone(), outbox.clone(), msg)).await.is_err() {
+                            // Checked at the edge: a message the engine
+                            // cannot trust ends the session, naming the field.
+                            let command = match crate::wire::command(msg) {
+                                Ok(command) => command,
+                                Err(invalid) => {
+                                    metrics::counter!("allot_session_invalid_messages_total").increment(1);
+                                    tracing::warn!(agent_id, field = invalid.field, "invalid agent message; ending the session");
+                                    let _ = outbox.send(Err(Status::invalid_argument(invalid.to_string()))).await;
+                                    break;
+                                }
+                            };
+                            if engine.submit(agent_job(agent_id.clone(), outbox.clone(), command)).await.is_err() {
                                 break;
                             }
                         }
@@ -215,39 +227,22 @@ fn is_current(core: &Core, agent_id: &str, outbox: &Outbox) -> bool {
         .is_some_and(|link| link.outbox.same_channel(outbox))
 }
 
-fn agent_job(agent_id: String, outbox: Outbox, msg: AgentMsg) -> Job {
+fn agent_job(agent_id: String, outbox: Outbox, command: Command) -> Job {
     Box::new(move |core: &mut Core, fx: &mut Effects| {
         // Messages of a replaced session are ignored: the new one owns the agent.
         if !is_current(core, &agent_id, &outbox) {
             return;
         }
-        match msg {
-            AgentMsg::Hello(_) => {
-                fx.send(
-                    &outbox,
-                    CoordMsg::Deny(pb::Deny {
-                        message: "hello may only be sent once per session".into(),
-                        ..Default::default()
-                    }),
-                );
-            }
-            AgentMsg::KeyLookup(lookup) => key_lookup(core, fx, &agent_id, &outbox, lookup),
-            AgentMsg::Ask(ask) => allowance_ask(core, fx, &agent_id, &outbox, ask, None),
-            AgentMsg::Usage(batch) => settle_batch(core, fx, &agent_id, &outbox, batch),
-            AgentMsg::GiveBack(give_back) => {
-                let amount = Amounts::from_pb("give_back.amount", give_back.amount.as_ref())
-                    .unwrap_or(Amounts::UNLIMITED);
-                core.ledger.give_back(&agent_id, &give_back.key_id, &amount);
+        match command {
+            Command::KeyLookup { hash, raw } => key_lookup(core, fx, &agent_id, &outbox, hash, raw),
+            Command::Ask(ask) => allowance_ask(core, fx, &agent_id, &outbox, ask, None),
+            Command::Usage(batch) => settle_batch(core, fx, &agent_id, &outbox, batch),
+            Command::GiveBack { key_id, amount } => {
+                core.ledger.give_back(&agent_id, &key_id, &amount);
                 metrics::counter!("allot_allowance_returns_total").increment(1);
                 retry_parked(core, fx);
             }
-            AgentMsg::Reconcile(reconcile) => {
-                let mut slices = Vec::with_capacity(reconcile.slices.len());
-                for slice in &reconcile.slices {
-                    if let Ok(held) = Amounts::from_pb("held", slice.held.as_ref()) {
-                        slices.push((slice.key_id.clone(), held));
-                    }
-                }
+            Command::Reconcile(slices) => {
                 if core.ledger.reconcile(&agent_id, slices) {
                     metrics::counter!("allot_dead_agent_returns_total").increment(1);
                     tracing::error!(
@@ -256,8 +251,6 @@ fn agent_job(agent_id: String, outbox: Outbox, msg: AgentMsg) -> Job {
                     );
                 }
             }
-            // Taken by the session task before it reaches the engine.
-            AgentMsg::NodeStatus(_) | AgentMsg::DirectiveResult(_) => {}
         }
     })
 }
@@ -267,10 +260,10 @@ fn key_lookup(
     fx: &mut Effects,
     agent_id: &str,
     outbox: &Outbox,
-    lookup: pb::KeyLookup,
+    hash: Option<KeyHash>,
+    key_hash: Vec<u8>,
 ) {
-    let key = KeyHash::from_slice("key_lookup.key_hash", &lookup.key_hash)
-        .ok()
+    let key = hash
         .and_then(|hash| core.ledger.key_by_hash(&hash))
         .map(key_info);
     if let Some(key) = &key {
@@ -279,13 +272,7 @@ fn key_lookup(
             .or_default()
             .insert(agent_id.to_string());
     }
-    fx.send(
-        outbox,
-        CoordMsg::Key(pb::KeyLookupResult {
-            key_hash: lookup.key_hash,
-            key,
-        }),
-    );
+    fx.send(outbox, CoordMsg::Key(pb::KeyLookupResult { key_hash, key }));
 }
 
 pub fn key_info(key: &crate::ledger::KeyRecord) -> pb::KeyInfo {
@@ -324,11 +311,10 @@ fn allowance_ask(
     fx: &mut Effects,
     agent_id: &str,
     outbox: &Outbox,
-    ask: pb::AllowanceAsk,
+    ask: Ask,
     parked_since: Option<Instant>,
 ) {
-    let need = Amounts::from_pb("ask.need", ask.need.as_ref()).unwrap_or_default();
-    let want = Amounts::from_pb("ask.want", ask.want.as_ref()).unwrap_or_default();
+    let Ask { need, want, .. } = ask;
     if parked_since.is_none() {
         metrics::counter!("allot_allowance_asks_total").increment(1);
     }
@@ -456,7 +442,7 @@ fn allowance_ask(
 fn deny(
     fx: &mut Effects,
     outbox: &Outbox,
-    ask: pb::AllowanceAsk,
+    ask: Ask,
     reason: pb::DenyReason,
     retry_after_ms: u64,
     message: String,
@@ -475,33 +461,23 @@ fn deny(
     );
 }
 
-fn usage_from_pb(record: &pb::UsageRecord) -> Usage {
-    Usage {
-        seq: record.seq,
-        key_id: record.key_id.clone(),
-        model: record.model_requested.clone(),
-        purpose: Purpose::from_pb("purpose", record.purpose).unwrap_or_default(),
-        completion_window: (!record.completion_window.is_empty())
-            .then(|| record.completion_window.clone()),
-        priced_at: match record.priced_at_unix_ms {
-            0 => record.admitted_at_unix_ms,
-            at => at,
-        },
-        prompt_tokens: record.prompt_tokens,
-        completion_tokens: record.completion_tokens,
-        charged: record.charged,
-        reserved: Amounts::from_pb("reserved", record.reserved.as_ref()).unwrap_or_default(),
-    }
-}
-
 fn settle_batch(
     core: &mut Core,
     fx: &mut Effects,
     agent_id: &str,
     outbox: &Outbox,
-    batch: pb::UsageBatch,
+    batch: UsageBatch,
 ) {
     metrics::histogram!("allot_usage_batch_records").record(batch.records.len() as f64);
+    if batch.clamped > 0 {
+        metrics::counter!("allot_usage_clamped_total").increment(batch.clamped as u64);
+        tracing::error!(
+            agent_id,
+            records = batch.clamped,
+            "usage records with more than {} tokens are charged at that bound",
+            crate::wire::MAX_RECORD_TOKENS
+        );
+    }
     // The settlement span links to the traces of the requests it settles.
     let span = tracing::info_span!("settle", agent_id, records = batch.records.len());
     for record in batch.records.iter().take(128) {
@@ -525,14 +501,13 @@ fn settle_batch(
     let mut priced = Vec::new();
     // And the requests they served, for placement's demand.
     let mut served = Vec::new();
-    for (index, record) in batch.records.iter().enumerate() {
-        let usage = usage_from_pb(record);
+    for (index, (record, usage)) in batch.records.iter().zip(&batch.usages).enumerate() {
         let finished_at = record.admitted_at_unix_ms + record.duration_ms as i64;
         if record.admitted_at_unix_ms > 0 {
             metrics::histogram!("allot_usage_settle_lag_seconds")
                 .record((fx.now - finished_at).max(0) as f64 / 1000.0);
         }
-        match core.ledger.settle(agent_id, &usage, fx.now, &mut fx.writes) {
+        match core.ledger.settle(agent_id, usage, fx.now, &mut fx.writes) {
             SettleOutcome::Settled {
                 cost,
                 price,

@@ -164,7 +164,9 @@ impl Served {
                 record.model_served.clone()
             },
             admitted_at: record.admitted_at_unix_ms,
-            tokens: record.prompt_tokens + record.completion_tokens,
+            tokens: record
+                .prompt_tokens
+                .saturating_add(record.completion_tokens),
         })
     }
 }

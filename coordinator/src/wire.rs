@@ -1,0 +1,373 @@
+//! The edge between the agent session protocol and the engine. Every
+//! `AgentMessage` an agent sends becomes a checked command here, or an
+//! `INVALID_ARGUMENT` naming the field; the engine's jobs never read a raw
+//! wire amount. In doubt this module refuses: a bad amount is never read as
+//! "unlimited" or as zero.
+//!
+//! Bounds (the same for every agent, documented in the README):
+//! - requests and tokens in one amount: at most [`MAX_UNITS`];
+//! - credits: decimal strings of at most 10^15 (see `allot::money`);
+//! - tokens of one usage record: at most [`MAX_RECORD_TOKENS`] each; a
+//!   larger count (a neuron's bug or a hostile agent) is charged at the
+//!   bound, counted and logged, so that a record can neither wrap a sum nor
+//!   wedge the agent's usage stream;
+//! - strings of a usage record: at most [`MAX_RECORD_STRING`] bytes;
+//! - records in one batch: at most [`MAX_BATCH_RECORDS`], slices in one
+//!   reconcile: at most [`MAX_RECONCILE_SLICES`].
+
+use crate::ledger::Usage;
+use allot::error::InvalidArgument;
+use allot::key::{validate_id, KeyHash, Purpose};
+use allot::pb;
+use allot::pb::agent_message::Msg as AgentMsg;
+use allot::{money, Amounts, Unit};
+use rust_decimal::Decimal;
+
+/// Largest count of requests or tokens one wire amount may carry (10^15):
+/// any product of two admitted amounts stays inside `Decimal`'s range.
+pub const MAX_UNITS: u64 = 1_000_000_000_000_000;
+/// Largest count of prompt, completion or reasoning tokens one usage record
+/// is charged (10^12): no single request comes near it.
+pub const MAX_RECORD_TOKENS: u64 = 1_000_000_000_000;
+/// Longest string field of a usage record, in bytes.
+pub const MAX_RECORD_STRING: usize = 512;
+/// Most records in one `UsageBatch` (agents send at most 512).
+pub const MAX_BATCH_RECORDS: usize = 4_096;
+/// Most slices in one `Reconcile`.
+pub const MAX_RECONCILE_SLICES: usize = 100_000;
+
+/// An allowance ask, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ask {
+    pub ask_id: u64,
+    pub key_id: String,
+    /// What the waiting request lacks (zero when the agent asks ahead).
+    pub need: Amounts,
+    /// What the agent would like to hold.
+    pub want: Amounts,
+}
+
+/// A usage batch: each record as received (its usage row keeps it) and as
+/// the ledger settles it.
+#[derive(Debug, Clone)]
+pub struct UsageBatch {
+    pub records: Vec<pb::UsageRecord>,
+    pub usages: Vec<Usage>,
+    /// Records whose token counts were over [`MAX_RECORD_TOKENS`].
+    pub clamped: usize,
+}
+
+/// What an agent asks the engine to do.
+#[derive(Debug, Clone)]
+pub enum Command {
+    KeyLookup { hash: Option<KeyHash>, raw: Vec<u8> },
+    Ask(Ask),
+    Usage(UsageBatch),
+    GiveBack { key_id: String, amount: Amounts },
+    Reconcile(Vec<(String, Amounts)>),
+}
+
+/// Checks one message that the engine handles (not `Hello`, node reports
+/// or directive results, which the session takes itself).
+pub fn command(message: AgentMsg) -> Result<Command, InvalidArgument> {
+    match message {
+        AgentMsg::KeyLookup(lookup) => Ok(Command::KeyLookup {
+            hash: KeyHash::from_slice("key_lookup.key_hash", &lookup.key_hash).ok(),
+            raw: bounded_bytes("key_lookup.key_hash", lookup.key_hash, 64)?,
+        }),
+        AgentMsg::Ask(ask) => {
+            validate_id("ask.key_id", &ask.key_id)?;
+            Ok(Command::Ask(Ask {
+                ask_id: ask.ask_id,
+                need: amounts("ask.need", ask.need.as_ref())?.unwrap_or_else(Amounts::zero),
+                want: amounts("ask.want", ask.want.as_ref())?.unwrap_or_else(Amounts::zero),
+                key_id: ask.key_id,
+            }))
+        }
+        AgentMsg::Usage(batch) => usage_batch(batch).map(Command::Usage),
+        AgentMsg::GiveBack(give_back) => {
+            validate_id("give_back.key_id", &give_back.key_id)?;
+            let amount = amounts("give_back.amount", give_back.amount.as_ref())?
+                .ok_or_else(|| InvalidArgument::new("give_back.amount", "is required"))?;
+            Ok(Command::GiveBack {
+                key_id: give_back.key_id,
+                amount,
+            })
+        }
+        AgentMsg::Reconcile(reconcile) => {
+            if reconcile.slices.len() > MAX_RECONCILE_SLICES {
+                return Err(InvalidArgument::new(
+                    "reconcile.slices",
+                    format!("must hold at most {MAX_RECONCILE_SLICES} slices"),
+                ));
+            }
+            let mut slices = Vec::with_capacity(reconcile.slices.len());
+            for (i, slice) in reconcile.slices.into_iter().enumerate() {
+                validate_id(&format!("reconcile.slices[{i}].key_id"), &slice.key_id)?;
+                let held = amounts(&format!("reconcile.slices[{i}].held"), slice.held.as_ref())?
+                    .ok_or_else(|| {
+                        InvalidArgument::new(format!("reconcile.slices[{i}].held"), "is required")
+                    })?;
+                slices.push((slice.key_id, held));
+            }
+            Ok(Command::Reconcile(slices))
+        }
+        AgentMsg::Hello(_) => Err(InvalidArgument::new(
+            "hello",
+            "may only be sent once, as the first message of a session",
+        )),
+        AgentMsg::NodeStatus(_) | AgentMsg::DirectiveResult(_) => Err(InvalidArgument::new(
+            "msg",
+            "node reports are not engine commands",
+        )),
+    }
+}
+
+fn bounded_bytes(field: &str, bytes: Vec<u8>, max: usize) -> Result<Vec<u8>, InvalidArgument> {
+    if bytes.len() > max {
+        return Err(InvalidArgument::new(
+            field,
+            format!("must be at most {max} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// A wire amount, checked: `None` when absent. Units left unset stay unset
+/// (a slice of a key with no limit in that unit).
+pub fn amounts(
+    field: &str,
+    value: Option<&pb::Amounts>,
+) -> Result<Option<Amounts>, InvalidArgument> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let count = |unit: &str, v: Option<u64>| match v {
+        Some(v) if v > MAX_UNITS => Err(InvalidArgument::new(
+            format!("{field}.{unit}"),
+            format!("is too large: at most {MAX_UNITS}"),
+        )),
+        v => Ok(v.map(Decimal::from)),
+    };
+    let credits = match &value.credits {
+        Some(text) => Some(money::parse_non_negative(
+            &format!("{field}.credits"),
+            text,
+        )?),
+        None => None,
+    };
+    let mut out = Amounts::UNLIMITED;
+    out.set(Unit::Requests, count("requests", value.requests)?);
+    out.set(Unit::Tokens, count("tokens", value.tokens)?);
+    out.set(Unit::Credits, credits);
+    Ok(Some(out))
+}
+
+fn bounded_str(field: &str, index: usize, value: &str) -> Result<(), InvalidArgument> {
+    if value.len() > MAX_RECORD_STRING {
+        return Err(InvalidArgument::new(
+            format!("usage.records[{index}].{field}"),
+            format!("must be at most {MAX_RECORD_STRING} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn usage_batch(batch: pb::UsageBatch) -> Result<UsageBatch, InvalidArgument> {
+    if batch.records.len() > MAX_BATCH_RECORDS {
+        return Err(InvalidArgument::new(
+            "usage.records",
+            format!("must hold at most {MAX_BATCH_RECORDS} records"),
+        ));
+    }
+    let mut records = batch.records;
+    let mut usages = Vec::with_capacity(records.len());
+    let mut clamped = 0;
+    for (i, record) in records.iter_mut().enumerate() {
+        let (usage, was_clamped) = usage_record(i, record)?;
+        if was_clamped {
+            // Rows, demand and sums downstream read the clamped counts.
+            clamped += 1;
+            for count in [
+                &mut record.prompt_tokens,
+                &mut record.completion_tokens,
+                &mut record.reasoning_tokens,
+            ] {
+                *count = (*count).min(MAX_RECORD_TOKENS);
+            }
+        }
+        usages.push(usage);
+    }
+    Ok(UsageBatch {
+        records,
+        usages,
+        clamped,
+    })
+}
+
+/// One record, checked; `true` when a token count was clamped.
+fn usage_record(i: usize, record: &pb::UsageRecord) -> Result<(Usage, bool), InvalidArgument> {
+    let field = |name: &str| format!("usage.records[{i}].{name}");
+    if record.seq == 0 {
+        return Err(InvalidArgument::new(field("seq"), "must be at least 1"));
+    }
+    validate_id(&field("key_id"), &record.key_id)?;
+    for (name, value) in [
+        ("request_id", &record.request_id),
+        ("account_id", &record.account_id),
+        ("model_requested", &record.model_requested),
+        ("model_served", &record.model_served),
+        ("trace_id", &record.trace_id),
+        ("span_id", &record.span_id),
+        ("batch_id", &record.batch_id),
+        ("completion_window", &record.completion_window),
+        ("neuron_id", &record.neuron_id),
+        ("refusal_code", &record.refusal_code),
+        ("cost", &record.cost),
+    ] {
+        bounded_str(name, i, value)?;
+    }
+    let purpose = Purpose::from_pb(&field("purpose"), record.purpose)?;
+    let reserved =
+        amounts(&field("reserved"), record.reserved.as_ref())?.unwrap_or_else(Amounts::zero);
+    let clamp = |v: u64| v.min(MAX_RECORD_TOKENS);
+    let clamped = record.prompt_tokens > MAX_RECORD_TOKENS
+        || record.completion_tokens > MAX_RECORD_TOKENS
+        || record.reasoning_tokens > MAX_RECORD_TOKENS;
+    Ok((
+        Usage {
+            seq: record.seq,
+            key_id: record.key_id.clone(),
+            model: record.model_requested.clone(),
+            purpose,
+            completion_window: (!record.completion_window.is_empty())
+                .then(|| record.completion_window.clone()),
+            priced_at: match record.priced_at_unix_ms {
+                0 => record.admitted_at_unix_ms,
+                at => at,
+            },
+            prompt_tokens: clamp(record.prompt_tokens),
+            completion_tokens: clamp(record.completion_tokens),
+            charged: record.charged,
+            reserved,
+        },
+        clamped,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(need: pb::Amounts, want: pb::Amounts) -> AgentMsg {
+        AgentMsg::Ask(pb::AllowanceAsk {
+            ask_id: 1,
+            key_id: "k1".into(),
+            need: Some(need),
+            want: Some(want),
+        })
+    }
+
+    #[test]
+    fn an_ask_over_the_bound_is_refused_naming_the_field() {
+        let huge = pb::Amounts {
+            tokens: Some(u64::MAX),
+            ..Default::default()
+        };
+        let err = command(ask(pb::Amounts::default(), huge)).unwrap_err();
+        assert_eq!(err.field, "ask.want.tokens");
+        assert!(err.message.contains("too large"), "{}", err.message);
+        let bad_credits = pb::Amounts {
+            credits: Some("lots".into()),
+            ..Default::default()
+        };
+        let err = command(ask(bad_credits, pb::Amounts::default())).unwrap_err();
+        assert_eq!(err.field, "ask.need.credits");
+    }
+
+    #[test]
+    fn an_ask_without_amounts_asks_for_nothing_never_for_everything() {
+        let Command::Ask(ask) = command(AgentMsg::Ask(pb::AllowanceAsk {
+            ask_id: 1,
+            key_id: "k1".into(),
+            need: None,
+            want: None,
+        }))
+        .unwrap() else {
+            panic!("an ask");
+        };
+        assert!(ask.need.is_zero() && ask.want.is_zero());
+        assert_eq!(ask.want, Amounts::zero());
+    }
+
+    #[test]
+    fn a_give_back_or_slice_with_a_bad_amount_is_refused_not_read_as_unlimited() {
+        let err = command(AgentMsg::GiveBack(pb::Return {
+            key_id: "k1".into(),
+            amount: Some(pb::Amounts {
+                credits: Some("-1".into()),
+                ..Default::default()
+            }),
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "give_back.amount.credits");
+        let err = command(AgentMsg::GiveBack(pb::Return {
+            key_id: "k1".into(),
+            amount: None,
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "give_back.amount");
+        let err = command(AgentMsg::Reconcile(pb::Reconcile {
+            slices: vec![pb::SliceReport {
+                key_id: "k1".into(),
+                held: Some(pb::Amounts {
+                    requests: Some(MAX_UNITS + 1),
+                    ..Default::default()
+                }),
+            }],
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "reconcile.slices[0].held.requests");
+    }
+
+    #[test]
+    fn usage_records_are_checked_and_huge_token_counts_are_clamped() {
+        let record = pb::UsageRecord {
+            seq: 1,
+            key_id: "k1".into(),
+            prompt_tokens: u64::MAX,
+            completion_tokens: 5,
+            charged: true,
+            ..Default::default()
+        };
+        let Command::Usage(batch) = command(AgentMsg::Usage(pb::UsageBatch {
+            records: vec![record.clone()],
+        }))
+        .unwrap() else {
+            panic!("a batch");
+        };
+        assert_eq!(batch.clamped, 1);
+        assert_eq!(batch.records[0].prompt_tokens, MAX_RECORD_TOKENS);
+        assert_eq!(batch.usages[0].prompt_tokens, MAX_RECORD_TOKENS);
+        assert_eq!(batch.usages[0].completion_tokens, 5);
+
+        let bad_purpose = pb::UsageRecord {
+            purpose: 99,
+            ..record.clone()
+        };
+        let err = command(AgentMsg::Usage(pb::UsageBatch {
+            records: vec![record.clone(), bad_purpose],
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "usage.records[1].purpose");
+        let long_model = pb::UsageRecord {
+            model_requested: "m".repeat(MAX_RECORD_STRING + 1),
+            ..record
+        };
+        let err = command(AgentMsg::Usage(pb::UsageBatch {
+            records: vec![long_model],
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "usage.records[0].model_requested");
+    }
+}

@@ -1,0 +1,285 @@
+//! The coordinator against agents that send what no honest agent sends:
+//! the engine can be neither crashed nor opened by a message, and if it
+//! still dies the coordinator stops serving and exits non-zero instead of
+//! answering "shutting down" forever while health says SERVING.
+
+use allot::pb;
+use allot_coordinator::config::CoordinatorConfig;
+use allot_coordinator::store::BoxFuture;
+use allot_coordinator::store::{Store, StoreError, StoreWrite, StoredState};
+use allot_e2e::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Opens a raw session as `agent_id`, sends `messages` after the Hello and
+/// returns the inbound stream.
+async fn raw_session(
+    url: &str,
+    agent_id: &str,
+    messages: Vec<pb::agent_message::Msg>,
+) -> tonic::Streaming<pb::CoordinatorMessage> {
+    let mut client = pb::agent_session_client::AgentSessionClient::connect(url.to_string())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            agent_id: agent_id.into(),
+            epoch: 1,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    for msg in messages {
+        tx.send(pb::AgentMessage { msg: Some(msg) }).await.unwrap();
+    }
+    // The sender stays open (leaked into a task) so the session lives on.
+    tokio::spawn(async move {
+        tx.closed().await;
+    });
+    client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The next message that is not Welcome or a tariff update, or the status
+/// that ended the stream.
+async fn next_answer(
+    inbound: &mut tonic::Streaming<pb::CoordinatorMessage>,
+) -> Result<pb::coordinator_message::Msg, tonic::Status> {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(20), inbound.message())
+            .await
+            .expect("an answer in time")?;
+        match message.and_then(|m| m.msg) {
+            Some(pb::coordinator_message::Msg::Welcome(_))
+            | Some(pb::coordinator_message::Msg::Tariffs(_)) => continue,
+            Some(msg) => return Ok(msg),
+            None => return Err(tonic::Status::cancelled("the stream ended")),
+        }
+    }
+}
+
+fn ask(key_id: &str, tokens: u64) -> pb::agent_message::Msg {
+    pb::agent_message::Msg::Ask(pb::AllowanceAsk {
+        ask_id: 7,
+        key_id: key_id.into(),
+        need: Some(pb::Amounts::default()),
+        want: Some(pb::Amounts {
+            tokens: Some(tokens),
+            ..Default::default()
+        }),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ask_for_u64_max_tokens_is_refused_naming_the_field_and_budgets_keep_working() {
+    let stack = Stack::start().await;
+    let (key_id, _) = stack
+        .key_with_limits(
+            "acme",
+            vec![limit(pb::Unit::Tokens, "1000000000000000", balance())],
+        )
+        .await;
+    let mut inbound = raw_session(
+        &stack.coordinator_url,
+        "hostile-agent",
+        vec![ask(&key_id, u64::MAX)],
+    )
+    .await;
+    let status = next_answer(&mut inbound)
+        .await
+        .expect_err("the session ends");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("ask.want.tokens") && status.message().contains("too large"),
+        "{}",
+        status.message()
+    );
+
+    // The largest ask the wire admits, on a cap just as large, is granted
+    // (its sizing once multiplied cap × ask, out of Decimal's range).
+    let mut inbound = raw_session(
+        &stack.coordinator_url,
+        "big-agent",
+        vec![ask(&key_id, 1_000_000_000_000_000)],
+    )
+    .await;
+    match next_answer(&mut inbound).await.expect("an answer") {
+        pb::coordinator_message::Msg::Grant(grant) => {
+            let tokens = grant.amount.and_then(|a| a.tokens).expect("tokens");
+            assert!(tokens > 0 && tokens <= 1_000_000_000_000_000, "{tokens}");
+        }
+        other => panic!("expected a grant, got {other:?}"),
+    }
+
+    // The engine is alive: Admin still changes budgets.
+    let mut admin = stack.admin().await;
+    admin
+        .create_account(authed(pb::CreateAccountRequest {
+            account_id: "after".into(),
+            name: "after".into(),
+        }))
+        .await
+        .expect("admin works after the hostile asks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_with_absurd_token_counts_is_charged_at_the_bound_without_wrapping() {
+    let stack = Stack::start().await;
+    let (key_id, _) = stack
+        .key_with_limits(
+            "acme",
+            vec![limit(pb::Unit::Tokens, "1000000000000000", balance())],
+        )
+        .await;
+    let record = |seq| pb::UsageRecord {
+        seq,
+        key_id: key_id.clone(),
+        model_requested: MODEL.into(),
+        prompt_tokens: u64::MAX,
+        completion_tokens: u64::MAX,
+        charged: true,
+        ..Default::default()
+    };
+    let mut inbound = raw_session(
+        &stack.coordinator_url,
+        "wrapping-agent",
+        vec![pb::agent_message::Msg::Usage(pb::UsageBatch {
+            records: vec![record(1), record(2)],
+        })],
+    )
+    .await;
+    match next_answer(&mut inbound).await.expect("an ack") {
+        pb::coordinator_message::Msg::UsageAck(ack) => assert_eq!(ack.high_water_seq, 2),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+    // Two records of 2 × 10^12 tokens each: never a wrapped, small sum.
+    let (spent, _) = stack.key_usage(&key_id, pb::Unit::Tokens).await;
+    assert_eq!(spent, 4_000_000_000_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_record_with_an_unknown_purpose_is_refused_not_priced_as_realtime() {
+    let stack = Stack::start().await;
+    let (key_id, _) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000", balance())])
+        .await;
+    let mut inbound = raw_session(
+        &stack.coordinator_url,
+        "odd-agent",
+        vec![pb::agent_message::Msg::Usage(pb::UsageBatch {
+            records: vec![pb::UsageRecord {
+                seq: 1,
+                key_id: key_id.clone(),
+                purpose: 42,
+                prompt_tokens: 5,
+                charged: true,
+                ..Default::default()
+            }],
+        })],
+    )
+    .await;
+    let status = next_answer(&mut inbound).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("usage.records[0].purpose"),
+        "{}",
+        status.message()
+    );
+}
+
+/// The embedded store, until `poisoned`: then a commit panics, as a bug in
+/// the engine's path would.
+struct PanickingStore {
+    inner: allot_coordinator::store::embedded::EmbeddedStore,
+    poisoned: AtomicBool,
+}
+
+impl Store for PanickingStore {
+    fn load(&self) -> BoxFuture<'_, Result<StoredState, StoreError>> {
+        self.inner.load()
+    }
+
+    fn commit(&self, writes: Vec<StoreWrite>) -> BoxFuture<'_, Result<(), StoreError>> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            panic!("injected engine failure");
+        }
+        self.inner.commit(writes)
+    }
+
+    fn ping(&self) -> BoxFuture<'_, bool> {
+        self.inner.ping()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_engine_turns_health_not_serving_and_the_coordinator_exits_with_an_error() {
+    let dir = TempDir::new("panic");
+    let config = CoordinatorConfig {
+        metrics_listen: None,
+        admin_token: ADMIN_TOKEN.into(),
+        data_path: dir.0.join("coordinator.redb"),
+        ..Default::default()
+    };
+    let store = Arc::new(PanickingStore {
+        inner: allot_coordinator::store::embedded::EmbeddedStore::open(&config.data_path).unwrap(),
+        poisoned: AtomicBool::new(false),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let run = tokio::spawn(allot_coordinator::run_with_store(
+        config,
+        store.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    let health = |url: String| async move {
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "allot.v1.Admin".into(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner().status)
+    };
+    wait_until("the coordinator serves", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move { health(url).await == Some(1) }
+    })
+    .await;
+
+    store.poisoned.store(true, Ordering::SeqCst);
+    let mut admin = pb::admin_client::AdminClient::connect(url.clone())
+        .await
+        .unwrap();
+    let refused = admin
+        .create_account(authed(pb::CreateAccountRequest {
+            account_id: "doomed".into(),
+            name: "doomed".into(),
+        }))
+        .await;
+    assert!(refused.is_err(), "a call whose commit panicked fails");
+
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the coordinator stops by itself")
+        .expect("no panic escapes run");
+    let error = outcome.expect_err("a dead engine is an error exit");
+    assert!(
+        error.to_string().contains("injected engine failure"),
+        "{error}"
+    );
+    // Nothing answers SERVING once it stopped.
+    assert_ne!(health(url).await, Some(1));
+}
