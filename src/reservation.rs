@@ -5,7 +5,14 @@
 //! UTF-8 length of every piece of prompt text, plus a fixed overhead per
 //! message and per request for the chat template, bounds the prompt tokens.
 //! Images and other non-text parts are charged a configured amount. The
-//! completion is bounded by `max_completion_tokens`/`max_tokens` times `n`.
+//! completion is bounded by the smallest completion limit the client gave
+//! in any field a supported server honours ([`COMPLETION_LIMIT_FIELDS`]),
+//! times every fan-out (`n`, `best_of`, prompt arrays); the agent then
+//! writes the bound it reserved into every such field
+//! ([`write_completion_bound`]), so that no server, whichever field it
+//! prefers, generates more than was reserved. What cannot be bounded before
+//! dispatch (`background` responses, stored prompts, unknown media parts)
+//! is refused, naming the parameter.
 
 use serde_json::{Map, Value};
 
@@ -86,8 +93,8 @@ impl Operation {
         }
     }
 
-    /// The body field that bounds the completion, which the agent sets
-    /// when the client did not; `None` when the operation generates nothing.
+    /// The body field that bounds the completion, which the agent always
+    /// sets; `None` when the operation generates nothing.
     pub fn completion_field(self) -> Option<&'static str> {
         match self {
             Operation::ChatCompletions | Operation::Completions => Some("max_tokens"),
@@ -101,6 +108,203 @@ impl Operation {
     pub fn usage_chunk_on_request(self) -> bool {
         matches!(self, Operation::ChatCompletions | Operation::Completions)
     }
+}
+
+/// A body field that some server reads as the completion limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitField {
+    /// Its path in the body (`["options", "num_predict"]`).
+    pub path: &'static [&'static str],
+    /// Which servers honour it, and how (for the README's table).
+    pub honoured_by: &'static str,
+    /// A negative value means "no limit" to its servers (llama.cpp's and
+    /// Ollama's `-1`); the agent reads it as absent and rewrites it.
+    pub negative_is_unlimited: bool,
+}
+
+/// Every completion-limit field of chat and legacy completions that a
+/// supported server honours. The agent reads all of them (the smallest
+/// wins) and overwrites each one present with the bound it reserved.
+pub const COMPLETION_LIMIT_FIELDS: [LimitField; 5] = [
+    LimitField {
+        path: &["max_tokens"],
+        honoured_by: "OpenAI, vLLM, llama.cpp, Ollama, TGI (always written)",
+        negative_is_unlimited: false,
+    },
+    LimitField {
+        path: &["max_completion_tokens"],
+        honoured_by: "OpenAI; vLLM (`max_completion_tokens or max_tokens`)",
+        negative_is_unlimited: false,
+    },
+    LimitField {
+        path: &["n_predict"],
+        honoured_by: "llama.cpp (wins over max_tokens; -1 is unlimited)",
+        negative_is_unlimited: true,
+    },
+    LimitField {
+        path: &["max_new_tokens"],
+        honoured_by: "TGI",
+        negative_is_unlimited: false,
+    },
+    LimitField {
+        path: &["options", "num_predict"],
+        honoured_by: "Ollama (-1 and -2 are unlimited)",
+        negative_is_unlimited: true,
+    },
+];
+
+/// The Responses API's completion limit.
+pub const RESPONSES_LIMIT_FIELD: LimitField = LimitField {
+    path: &["max_output_tokens"],
+    honoured_by: "OpenAI, vLLM (always written)",
+    negative_is_unlimited: false,
+};
+
+/// The limit fields `operation` reads.
+pub fn limit_fields(operation: Operation) -> &'static [LimitField] {
+    match operation {
+        Operation::ChatCompletions | Operation::Completions => &COMPLETION_LIMIT_FIELDS,
+        Operation::Responses => std::slice::from_ref(&RESPONSES_LIMIT_FIELD),
+        Operation::Embeddings => &[],
+    }
+}
+
+/// Most prompts in one legacy completions request (as for embeddings).
+pub const MAX_PROMPTS: u64 = 2048;
+/// Longest model name accepted, in bytes.
+pub const MAX_MODEL_BYTES: usize = 256;
+
+/// Content part types whose tokens the agent can bound: text is counted by
+/// its bytes, media are charged `image_tokens` each. Any other type
+/// (`video_url`, say) is refused before dispatch.
+const TEXT_PARTS: [&str; 6] = [
+    "text",
+    "input_text",
+    "output_text",
+    "refusal",
+    "summary_text",
+    "reasoning_text",
+];
+const MEDIA_PARTS: [&str; 6] = [
+    "image_url",
+    "input_image",
+    "image",
+    "input_audio",
+    "file",
+    "input_file",
+];
+
+/// Refuses content parts of a type whose tokens cannot be bounded.
+fn check_parts(param: &str, content: Option<&Value>) -> Result<(), BadRequest> {
+    let Some(Value::Array(parts)) = content else {
+        return Ok(());
+    };
+    for (j, part) in parts.iter().enumerate() {
+        let Some(kind) = part.get("type") else {
+            continue;
+        };
+        let known = kind
+            .as_str()
+            .is_some_and(|k| TEXT_PARTS.contains(&k) || MEDIA_PARTS.contains(&k));
+        if !known {
+            return Err(BadRequest::new(
+                &format!("{param}[{j}].type"),
+                format!(
+                    "content part type {kind} is not supported: its tokens cannot be bounded before dispatch"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn field_at<'a>(body: &'a Map<String, Value>, path: &[&str]) -> Option<&'a Value> {
+    let (last, parents) = path.split_last()?;
+    let mut map = body;
+    for parent in parents {
+        map = map.get(*parent)?.as_object()?;
+    }
+    map.get(*last)
+}
+
+/// The smallest completion limit the client gave in any of `fields`.
+fn client_limit(
+    body: &Map<String, Value>,
+    fields: &[LimitField],
+) -> Result<Option<u64>, BadRequest> {
+    let mut limit: Option<u64> = None;
+    for field in fields {
+        if let [parent, _] = field.path {
+            match body.get(*parent) {
+                None | Some(Value::Null) | Some(Value::Object(_)) => {}
+                Some(other) => {
+                    return Err(BadRequest::new(
+                        parent,
+                        format!("{parent} must be an object, got {}", type_name(other)),
+                    ))
+                }
+            }
+        }
+        let name = field.path.join(".");
+        let value = match field_at(body, field.path) {
+            None | Some(Value::Null) => continue,
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+                (Some(v), _) => v,
+                (None, Some(v)) if v < 0 && field.negative_is_unlimited => continue,
+                _ => {
+                    return Err(BadRequest::new(
+                        &name,
+                        format!("{name} must be a non-negative integer, got {n}"),
+                    ))
+                }
+            },
+            Some(other) => {
+                return Err(BadRequest::new(
+                    &name,
+                    format!("{name} must be an integer, got {}", type_name(other)),
+                ))
+            }
+        };
+        limit = Some(limit.map_or(value, |l| l.min(value)));
+    }
+    Ok(limit)
+}
+
+/// Writes `bound`, the completion tokens per choice the agent reserved,
+/// into the operation's own limit field and into every other limit field
+/// the client sent, so that whichever field a server honours holds the
+/// bound. Returns whether the body changed.
+pub fn write_completion_bound(
+    operation: Operation,
+    body: &mut Map<String, Value>,
+    bound: u64,
+) -> bool {
+    let mut changed = false;
+    for field in limit_fields(operation) {
+        let Some((last, parents)) = field.path.split_last() else {
+            continue;
+        };
+        let primary = parents.is_empty() && operation.completion_field() == Some(*last);
+        // Limit fields are at most one object deep (`options.num_predict`).
+        let map = match parents {
+            [] => &mut *body,
+            [parent] => match body.get_mut(*parent).and_then(Value::as_object_mut) {
+                Some(inner) => inner,
+                None => continue,
+            },
+            _ => continue,
+        };
+        let present = map.get(*last).is_some_and(|v| !v.is_null());
+        if !(present || primary) {
+            continue;
+        }
+        let value = Value::from(bound);
+        if map.get(*last) != Some(&value) {
+            map.insert((*last).to_string(), value);
+            changed = true;
+        }
+    }
+    changed
 }
 
 /// A request body that cannot be admitted: which parameter, and why.
@@ -305,6 +509,12 @@ pub fn inspect(
     policy: &ReservationPolicy,
 ) -> Result<RequestFacts, BadRequest> {
     let model = match body.get("model") {
+        Some(Value::String(m)) if m.len() > MAX_MODEL_BYTES => {
+            return Err(BadRequest::new(
+                "model",
+                format!("model must be at most {MAX_MODEL_BYTES} bytes"),
+            ))
+        }
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         Some(Value::String(_)) | None | Some(Value::Null) => {
             return Err(BadRequest::new(
@@ -345,16 +555,18 @@ pub fn inspect(
             ))
         }
     };
-    let max_completion_tokens = match optional_u64(body, "max_completion_tokens")? {
-        Some(v) => Some(v),
-        None => optional_u64(body, "max_tokens")?,
-    };
+    let max_completion_tokens = client_limit(body, &COMPLETION_LIMIT_FIELDS)?;
     let n = optional_u64(body, "n")?.unwrap_or(1);
     let best_of = optional_u64(body, "best_of")?.unwrap_or(1);
     if n == 0 || n > 128 {
         return Err(BadRequest::new("n", "n must be between 1 and 128"));
     }
-    let choices = n.max(best_of.min(128));
+    if best_of > 128 {
+        return Err(BadRequest::new("best_of", "best_of must be at most 128"));
+    }
+    // Each choice (and each candidate of best_of) is generated for each
+    // prompt of a legacy completions request.
+    let mut choices = n.max(best_of);
 
     let prompt_tokens_bound = match operation {
         Operation::ChatCompletions => {
@@ -375,12 +587,13 @@ pub fn inspect(
             };
             let mut bound = policy.per_request_tokens;
             for (i, message) in messages.iter().enumerate() {
-                if !message.is_object() {
+                let Some(fields) = message.as_object() else {
                     return Err(BadRequest::new(
                         &format!("messages[{i}]"),
                         format!("messages[{i}] must be an object"),
                     ));
-                }
+                };
+                check_parts(&format!("messages[{i}].content"), fields.get("content"))?;
                 bound = bound
                     .saturating_add(policy.per_message_tokens)
                     .saturating_add(text_bytes(message, policy));
@@ -399,37 +612,22 @@ pub fn inspect(
                 Some(prompt) => prompt,
                 None => return Err(BadRequest::new("prompt", "you must provide a prompt")),
             };
-            let prompt_bound = match prompt {
-                Value::String(s) => s.len() as u64,
-                Value::Array(items) => {
-                    let mut total = 0u64;
-                    for item in items {
-                        total =
-                            total.saturating_add(match item {
-                                Value::String(s) => s.len() as u64,
-                                // A pre-tokenized prompt: one token per element.
-                                Value::Number(_) => 1,
-                                Value::Array(tokens) => tokens.len() as u64,
-                                _ => return Err(BadRequest::new(
-                                    "prompt",
-                                    "prompt must be a string, an array of strings or of token ids",
-                                )),
-                            });
-                    }
-                    total
-                }
-                _ => {
-                    return Err(BadRequest::new(
-                        "prompt",
-                        "prompt must be a string, an array of strings or of token ids",
-                    ))
-                }
-            };
+            let (prompt_bytes, prompts) = prompt_items("prompt", prompt)?;
+            if prompts > MAX_PROMPTS {
+                return Err(BadRequest::new(
+                    "prompt",
+                    format!("prompt must not have more than {MAX_PROMPTS} items"),
+                ));
+            }
+            // Every prompt gets its own choices, each rendered with its own
+            // special tokens and suffix.
+            choices = choices.saturating_mul(prompts);
             let suffix = body.get("suffix").map_or(0, |s| text_bytes(s, policy));
             policy
                 .per_request_tokens
-                .saturating_add(prompt_bound)
                 .saturating_add(suffix)
+                .saturating_mul(prompts)
+                .saturating_add(prompt_bytes)
         }
     };
     Ok(RequestFacts {
@@ -528,12 +726,19 @@ fn inspect_responses(
         }
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                if !item.is_object() {
+                let Some(fields) = item.as_object() else {
                     return Err(BadRequest::new(
                         &format!("input[{i}]"),
                         format!("input[{i}] must be an object"),
                     ));
+                };
+                if fields.get("type").and_then(Value::as_str) == Some("item_reference") {
+                    return Err(BadRequest::new(
+                        &format!("input[{i}].type"),
+                        "item references are not supported: the referenced item cannot be bounded before dispatch; send it in full",
+                    ));
                 }
+                check_parts(&format!("input[{i}].content"), fields.get("content"))?;
                 bound = bound
                     .saturating_add(policy.per_message_tokens)
                     .saturating_add(text_bytes(item, policy));
@@ -568,6 +773,20 @@ fn inspect_responses(
             bound = bound.saturating_add(text_bytes(value, policy));
         }
     }
+    if optional_bool(body, "background")? == Some(true) {
+        // A queued response is answered without usage; what it generates
+        // later never passes through the agent to be metered.
+        return Err(BadRequest::new(
+            "background",
+            "background responses are not supported: their usage cannot be metered; send the request without background",
+        ));
+    }
+    if body.get("prompt").is_some_and(|p| !p.is_null()) {
+        return Err(BadRequest::new(
+            "prompt",
+            "stored prompt templates are not supported: their text cannot be bounded before dispatch; send the full input",
+        ));
+    }
     if body.contains_key("previous_response_id") || body.contains_key("conversation") {
         // The server would prepend history the agent cannot see or bound.
         return Err(BadRequest::new(
@@ -584,7 +803,7 @@ fn inspect_responses(
         stream,
         // Responses streams always end with usage in response.completed.
         client_wants_usage: true,
-        max_completion_tokens: optional_u64(body, "max_output_tokens")?,
+        max_completion_tokens: client_limit(body, std::slice::from_ref(&RESPONSES_LIMIT_FIELD))?,
         choices: 1,
         prompt_tokens_bound: bound,
     })
@@ -631,15 +850,173 @@ mod tests {
     }
 
     #[test]
-    fn max_completion_tokens_wins_over_max_tokens_and_n_multiplies() {
+    fn the_smallest_limit_of_any_field_a_server_honours_wins_and_n_multiplies() {
         let f = facts(
             Operation::ChatCompletions,
             json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
                    "max_tokens": 10, "max_completion_tokens": 20, "n": 3}),
         )
         .unwrap();
-        assert_eq!(f.max_completion_tokens, Some(20));
-        assert_eq!(f.token_bound(20), f.prompt_tokens_bound + 60);
+        assert_eq!(f.max_completion_tokens, Some(10));
+        assert_eq!(f.token_bound(10), f.prompt_tokens_bound + 30);
+        // vLLM reads `max_completion_tokens or max_tokens`: 0 is falsy.
+        let f = facts(
+            Operation::ChatCompletions,
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                   "max_completion_tokens": 0, "max_tokens": 50000}),
+        )
+        .unwrap();
+        assert_eq!(f.max_completion_tokens, Some(0));
+        for (field, value, limit) in [
+            ("n_predict", json!(7), Some(7)),
+            ("n_predict", json!(-1), None),
+            ("max_new_tokens", json!(9), Some(9)),
+        ] {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+            body[field] = value;
+            assert_eq!(
+                facts(Operation::ChatCompletions, body)
+                    .unwrap()
+                    .max_completion_tokens,
+                limit,
+                "{field}"
+            );
+        }
+        let f = facts(
+            Operation::Completions,
+            json!({"model": "m", "prompt": "x", "max_tokens": 100, "options": {"num_predict": 3}}),
+        )
+        .unwrap();
+        assert_eq!(f.max_completion_tokens, Some(3));
+        let err = facts(
+            Operation::Completions,
+            json!({"model": "m", "prompt": "x", "max_new_tokens": -4}),
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("max_new_tokens"));
+        let err = facts(
+            Operation::Completions,
+            json!({"model": "m", "prompt": "x", "options": 5}),
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("options"));
+    }
+
+    #[test]
+    fn the_bound_is_written_into_every_limit_field_present_and_the_operations_own() {
+        let mut body = json!({"model": "m", "max_completion_tokens": 0, "max_tokens": 50000,
+            "n_predict": -1, "options": {"num_predict": -2, "temperature": 0}})
+        .as_object()
+        .unwrap()
+        .clone();
+        assert!(write_completion_bound(
+            Operation::ChatCompletions,
+            &mut body,
+            41
+        ));
+        assert_eq!(
+            Value::Object(body),
+            json!({"model": "m", "max_completion_tokens": 41, "max_tokens": 41,
+                "n_predict": 41, "options": {"num_predict": 41, "temperature": 0}})
+        );
+        // Absent fields other than the operation's own are not added.
+        let mut body = json!({"model": "m"}).as_object().unwrap().clone();
+        assert!(write_completion_bound(Operation::Completions, &mut body, 5));
+        assert_eq!(
+            Value::Object(body.clone()),
+            json!({"model": "m", "max_tokens": 5})
+        );
+        // Already the bound: nothing changes (the body is forwarded as sent).
+        assert!(!write_completion_bound(
+            Operation::Completions,
+            &mut body,
+            5
+        ));
+        let mut body = json!({"model": "m"}).as_object().unwrap().clone();
+        assert!(write_completion_bound(Operation::Responses, &mut body, 9));
+        assert_eq!(
+            Value::Object(body),
+            json!({"model": "m", "max_output_tokens": 9})
+        );
+        let mut body = json!({"model": "m", "max_tokens": 3})
+            .as_object()
+            .unwrap()
+            .clone();
+        assert!(!write_completion_bound(Operation::Embeddings, &mut body, 0));
+    }
+
+    #[test]
+    fn every_prompt_of_a_completions_array_multiplies_the_completion() {
+        let prompts: Vec<String> = (0..100).map(|i| format!("p{i}")).collect();
+        let f = facts(
+            Operation::Completions,
+            json!({"model": "m", "prompt": prompts, "max_tokens": 100, "n": 2}),
+        )
+        .unwrap();
+        assert_eq!(f.choices, 200);
+        assert!(f.token_bound(100) >= 100 * 100 * 2);
+        let err = facts(
+            Operation::Completions,
+            json!({"model": "m", "prompt": vec!["x"; 2049]}),
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn what_cannot_be_bounded_before_dispatch_is_refused_naming_the_param() {
+        let err = facts(
+            Operation::ChatCompletions,
+            json!({"model": "m", "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "look"},
+                {"type": "video_url", "video_url": {"url": "https://example.invalid/v.mp4"}}
+            ]}]}),
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("messages[0].content[1].type"));
+        let err = facts(
+            Operation::Responses,
+            json!({"model": "m", "input": "x", "background": true}),
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("background"));
+        assert!(facts(
+            Operation::Responses,
+            json!({"model": "m", "input": "x", "background": false}),
+        )
+        .is_ok());
+        let err = facts(
+            Operation::Responses,
+            json!({"model": "m", "input": "x", "prompt": {"id": "pmpt_1"}}),
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("prompt"));
+        let err = facts(
+            Operation::Responses,
+            json!({"model": "m", "input": [{"type": "item_reference", "id": "msg_1"}]}),
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("input[0].type"));
+        let err = facts(
+            Operation::Responses,
+            json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_video"}]}]}),
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("input[0].content[0].type"));
+        let err = facts(
+            Operation::ChatCompletions,
+            json!({"model": "m".repeat(300), "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("model"));
+        // Tool calls carry a `type` too; they are text, not content parts.
+        assert!(facts(
+            Operation::ChatCompletions,
+            json!({"model": "m", "messages": [{"role": "assistant", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ]}]}),
+        )
+        .is_ok());
     }
 
     #[test]
@@ -677,7 +1054,9 @@ mod tests {
             json!({"model": "m", "prompt": [[1, 2, 3], "ab"]}),
         )
         .unwrap();
-        assert_eq!(f.prompt_tokens_bound, 3 + 2 + 16);
+        // Two prompts: each has its own per-request overhead.
+        assert_eq!(f.prompt_tokens_bound, 3 + 2 + 2 * 16);
+        assert_eq!(f.choices, 2);
         assert!(facts(Operation::Completions, json!({"model": "m", "prompt": 5})).is_err());
     }
 
@@ -822,6 +1201,11 @@ mod fuzz {
                         Just("instructions".to_string()),
                         Just("max_output_tokens".to_string()),
                         Just("text".to_string()),
+                        Just("n_predict".to_string()),
+                        Just("max_new_tokens".to_string()),
+                        Just("options".to_string()),
+                        Just("num_predict".to_string()),
+                        Just("background".to_string()),
                         ".{0,8}".prop_map(|s| s),
                     ],
                     inner,
@@ -845,6 +1229,14 @@ mod fuzz {
                         prop_assert!(facts.choices >= 1);
                         prop_assert!(facts.prompt_tokens_bound >= policy.per_request_tokens);
                         let _ = facts.token_bound(u64::MAX);
+                        // Once the bound is written, every field any server
+                        // honours says exactly the bound.
+                        if operation != Operation::Embeddings {
+                            let mut rewritten = map.clone();
+                            write_completion_bound(operation, &mut rewritten, 17);
+                            let again = inspect(operation, &rewritten, &policy).expect("still admitted");
+                            prop_assert_eq!(again.max_completion_tokens, Some(17));
+                        }
                     }
                 }
             }

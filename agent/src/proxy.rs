@@ -586,7 +586,7 @@ impl Settlement {
             account_id: t.key.account_id.clone(),
             purpose: t.key.purpose.to_pb() as i32,
             model_requested: take(&mut t.model),
-            model_served: take(&mut self.model_served),
+            model_served: bounded_model(take(&mut self.model_served)),
             http_status: u32::from(self.status),
             duration_ms: self.started.elapsed().as_millis() as u64,
             ttfb_ms: self.first_byte.map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -632,6 +632,20 @@ impl Drop for Settlement {
             self.finish(None, charged);
         }
     }
+}
+
+/// The served model as the neuron named it, cut to
+/// [`reservation::MAX_MODEL_BYTES`] (on a character boundary): the
+/// coordinator refuses records with longer strings.
+fn bounded_model(mut model: String) -> String {
+    if model.len() > reservation::MAX_MODEL_BYTES {
+        let mut end = reservation::MAX_MODEL_BYTES;
+        while !model.is_char_boundary(end) {
+            end -= 1;
+        }
+        model.truncate(end);
+    }
+    model
 }
 
 /// The oldest batch creation time that may choose a request's tariffs.
@@ -857,12 +871,9 @@ async fn admit_and_forward(
     current.record("gen_ai.request.max_tokens", plan.completion);
     metrics::counter!("allot_agent_admissions_total").increment(1);
 
-    // Change the body only where it must change.
-    let mut changed = false;
-    if let (None, Some(field)) = (facts.max_completion_tokens, operation.completion_field()) {
-        body.insert(field.into(), Value::from(plan.completion));
-        changed = true;
-    }
+    // Change the body only where it must change: the bound reserved goes
+    // into every completion-limit field a server may honour.
+    let mut changed = reservation::write_completion_bound(operation, &mut body, plan.completion);
     if facts.stream && operation.usage_chunk_on_request() && !facts.client_wants_usage {
         let options = body
             .entry("stream_options")
@@ -996,6 +1007,7 @@ async fn admit_and_forward(
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         let idle_timeout = state.config.stream_idle_timeout();
         let stream = SseRelay {
+            cut_after: stream_event_bound(settlement.completion_bound, facts.choices),
             upstream: upstream_body,
             scanner: SseScanner::new(
                 operation.usage_chunk_on_request() && !facts.client_wants_usage,
@@ -1113,6 +1125,9 @@ fn add_rate_limit_headers(state: &AgentState, key_id: &str, headers: &mut Header
 /// stripping it for clients that did not ask for it, and settles when the
 /// stream ends (or, through the settlement's drop, when the client leaves).
 struct SseRelay {
+    /// More content events than this and the neuron is generating past the
+    /// bound it was given: the stream is cut there.
+    cut_after: u64,
     upstream: hyper::body::Incoming,
     scanner: SseScanner,
     settlement: Settlement,
@@ -1122,6 +1137,16 @@ struct SseRelay {
     idle: Pin<Box<tokio::time::Sleep>>,
     /// ...or when the whole request outlives `request_timeout_ms`.
     deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// Events a stream may carry beyond one per completion token: the role
+/// and finish events of each choice, and the lifecycle events of the
+/// Responses API (created, in progress, item and part added and done,
+/// completed).
+fn stream_event_bound(completion_tokens: u64, choices: u64) -> u64 {
+    completion_tokens
+        .saturating_add(choices.saturating_mul(8))
+        .saturating_add(16)
 }
 
 /// An OpenAI-shaped error as the last event of a stream.
@@ -1195,6 +1220,24 @@ impl Stream for SseRelay {
                     let next = tokio::time::Instant::now() + this.idle_timeout;
                     this.idle.as_mut().reset(next);
                     let out = this.scanner.push(&data);
+                    if this.scanner.seen.chunks > this.cut_after {
+                        // Last line of defence: a neuron that ignores the
+                        // limit it was sent is cut, and the request settles
+                        // at its whole reservation (estimated), never more.
+                        this.done = true;
+                        metrics::counter!("allot_agent_streams_cut_total").increment(1);
+                        tracing::error!(
+                            key_id = this.settlement.template.key.key_id,
+                            request_id = this.settlement.template.request_id,
+                            "the neuron streamed past the completion bound it was sent; the stream is cut"
+                        );
+                        this.settlement.chunks = this.settlement.completion_bound;
+                        this.settlement.finish(None, true);
+                        return Poll::Ready(Some(Ok(error_event(
+                            "the neuron generated more than this request reserved; the stream was cut",
+                            "reservation_exceeded",
+                        ))));
+                    }
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(out)));
                     }

@@ -102,11 +102,76 @@ pub struct Behavior {
     pub completion_tokens: Option<u64>,
     /// Added to the reported prompt_tokens, to simulate a neuron over-reporting.
     pub overreport_prompt_tokens: u64,
+    /// Which completion-limit field wins, as the server family named does.
+    pub limit_rule: LimitRule,
+    /// Generate exactly the honoured limit per choice (at most
+    /// [`MAXIMUM_GENERATED_TOKENS`]) instead of at most 16 tokens: a server
+    /// that runs to its limit. Without a limit it generates the maximum.
+    pub generate_to_limit: bool,
     /// Streamed responses only (chat, completions, responses): after this many SSE
     /// events the body fails, so the connection is broken mid-stream instead of ending
     /// cleanly (no `[DONE]`, no final event). A stream with no more events than this
     /// ends normally. Header `x-fake-fail-after-chunks`.
     pub fail_after_chunks: Option<u64>,
+}
+
+/// Which body field bounds the completion, per server family, as each
+/// documents it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitRule {
+    /// OpenAI: `max_completion_tokens`, else `max_tokens`.
+    #[default]
+    Openai,
+    /// vLLM: `max_completion_tokens or max_tokens` (Python `or`: 0 is
+    /// falsy and falls through to `max_tokens`).
+    Vllm,
+    /// llama.cpp server: `n_predict`, else `max_tokens`; -1 is unlimited.
+    LlamaCpp,
+    /// Ollama: `options.num_predict`, else `max_tokens`; negative is
+    /// unlimited.
+    Ollama,
+    /// TGI: `max_new_tokens`, else `max_tokens`.
+    Tgi,
+}
+
+/// What a `generate_to_limit` server generates per choice at most.
+pub const MAXIMUM_GENERATED_TOKENS: u64 = 200_000;
+
+impl LimitRule {
+    /// The completion limit the family reads from `body`: `None` when it
+    /// finds none (or an unlimited one).
+    fn read(self, body: &Value) -> Result<Option<u64>, RequestRejection> {
+        let signed = |value: Option<&Value>, name: &str| -> Result<Option<i64>, RequestRejection> {
+            match value {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_i64().map(Some).ok_or_else(|| {
+                    RequestRejection::bad_request(format!("`{name}` must be an integer"))
+                }),
+            }
+        };
+        let max_tokens = optional_unsigned(body, "max_tokens")?;
+        Ok(match self {
+            LimitRule::Openai => optional_unsigned(body, "max_completion_tokens")?.or(max_tokens),
+            LimitRule::Vllm => match optional_unsigned(body, "max_completion_tokens")? {
+                Some(0) | None => max_tokens,
+                some => some,
+            },
+            LimitRule::LlamaCpp => match signed(body.get("n_predict"), "n_predict")? {
+                Some(n) if n < 0 => None,
+                Some(n) => Some(n as u64),
+                None => max_tokens,
+            },
+            LimitRule::Ollama => {
+                match signed(body.pointer("/options/num_predict"), "options.num_predict")? {
+                    Some(n) if n < 0 => None,
+                    Some(n) => Some(n as u64),
+                    None => max_tokens,
+                }
+            }
+            LimitRule::Tgi => optional_unsigned(body, "max_new_tokens")?.or(max_tokens),
+        })
+    }
 }
 
 /// An inference request as the fake neuron received it.
@@ -511,6 +576,11 @@ fn reported_prompt_tokens(prompt_words: u64, behavior: &Behavior) -> u64 {
 /// the default cap) and whether the requested maximum cut the output short.
 fn generated_tokens(requested_maximum: Option<u64>, behavior: &Behavior) -> (u64, bool) {
     let tokens = behavior.completion_tokens.unwrap_or_else(|| {
+        if behavior.generate_to_limit {
+            return requested_maximum
+                .unwrap_or(MAXIMUM_GENERATED_TOKENS)
+                .min(MAXIMUM_GENERATED_TOKENS);
+        }
         requested_maximum
             .unwrap_or(DEFAULT_COMPLETION_TOKEN_CAP)
             .min(DEFAULT_COMPLETION_TOKEN_CAP)
@@ -536,10 +606,22 @@ fn plan_inference(
             "`n` must be between 1 and {MAXIMUM_CHOICE_COUNT}"
         )));
     }
-    let requested_maximum = match optional_unsigned(body, "max_completion_tokens")? {
-        Some(maximum) => Some(maximum),
-        None => optional_unsigned(body, "max_tokens")?,
+    // Legacy completions answer every prompt of an array with `n` choices.
+    let prompts = match (kind, body.get("prompt")) {
+        (InferenceKind::Completions, Some(Value::Array(items)))
+            if !items.iter().all(Value::is_number) =>
+        {
+            items.len() as u64
+        }
+        _ => 1,
     };
+    let choice_count = choice_count.saturating_mul(prompts.max(1));
+    if choice_count > MAXIMUM_CHOICE_COUNT * 2048 {
+        return Err(RequestRejection::bad_request(
+            "too many prompts and choices",
+        ));
+    }
+    let requested_maximum = behavior.limit_rule.read(body)?;
     let (tokens_per_choice, cut_short) = generated_tokens(requested_maximum, behavior);
     let finish_reason = if cut_short { "length" } else { "stop" };
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
@@ -1329,6 +1411,12 @@ fn respond_to_responses(
         message_id: format!("msg-{response_number}"),
         created_at: unix_seconds_now(),
     };
+    if body.get("background").and_then(Value::as_bool) == Some(true) {
+        // As OpenAI does: queued at once, without usage; the output (and
+        // its usage) is fetched later with GET /v1/responses/{id}.
+        let queued = response_object(&plan, &identity, "queued", Vec::new(), None);
+        return Ok((StatusCode::OK, axum::Json(queued)).into_response());
+    }
     if plan.stream {
         let events = responses_stream_events(&plan, &identity);
         return Ok(sse_response(Arc::clone(shared), events, plan.pacing));

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use allot_fake_neuron::{Behavior, FakeConfig, FakeNeuron};
+use allot_fake_neuron::{Behavior, FakeConfig, FakeNeuron, LimitRule, MAXIMUM_GENERATED_TOKENS};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -226,13 +226,14 @@ async fn non_stream_completions_honour_n_and_behavior() {
     let body = body_json(response).await;
     assert!(body["id"].as_str().expect("id").starts_with("cmpl-"));
     assert_eq!(body["object"], "text_completion");
-    assert_eq!(body["choices"].as_array().expect("choices").len(), 2);
+    // Two prompts, two choices each (as OpenAI and vLLM answer arrays).
+    assert_eq!(body["choices"].as_array().expect("choices").len(), 4);
     assert_eq!(body["choices"][1]["index"], 1);
     assert_eq!(body["choices"][1]["text"], "tok tok tok");
     assert_eq!(body["choices"][1]["finish_reason"], "stop");
     assert_eq!(body["usage"]["prompt_tokens"], 3 + 10);
-    assert_eq!(body["usage"]["completion_tokens"], 6);
-    assert_eq!(body["usage"]["total_tokens"], 19);
+    assert_eq!(body["usage"]["completion_tokens"], 12);
+    assert_eq!(body["usage"]["total_tokens"], 25);
 
     let omitted = running
         .post_json(
@@ -1162,4 +1163,95 @@ async fn the_simulated_node_loads_and_unloads_models_in_vram_and_serves_only_loa
     let models = body_json(running.get("/v1/models").await).await;
     assert_eq!(models["data"].as_array().unwrap().len(), 1);
     assert_eq!(models["data"][0]["id"], "big-model");
+}
+
+#[tokio::test]
+async fn each_server_family_reads_its_own_limit_field_and_generates_to_it() {
+    let running = start_neuron().await;
+    let cases = [
+        (
+            LimitRule::Openai,
+            json!({"max_completion_tokens": 7, "max_tokens": 3}),
+            7,
+        ),
+        (
+            LimitRule::Vllm,
+            json!({"max_completion_tokens": 0, "max_tokens": 9}),
+            9,
+        ),
+        (
+            LimitRule::Vllm,
+            json!({"max_completion_tokens": 4, "max_tokens": 9}),
+            4,
+        ),
+        (
+            LimitRule::LlamaCpp,
+            json!({"n_predict": 5, "max_tokens": 2}),
+            5,
+        ),
+        (LimitRule::LlamaCpp, json!({"max_tokens": 2}), 2),
+        (
+            LimitRule::Ollama,
+            json!({"options": {"num_predict": 6}, "max_tokens": 2}),
+            6,
+        ),
+        (
+            LimitRule::Tgi,
+            json!({"max_new_tokens": 8, "max_tokens": 2}),
+            8,
+        ),
+    ];
+    for (rule, limits, expected) in cases {
+        running.neuron.set_behavior(Behavior {
+            limit_rule: rule,
+            generate_to_limit: true,
+            ..Behavior::default()
+        });
+        let mut body =
+            json!({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in limits.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let response = running.post_json("/v1/chat/completions", body, &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let answer = body_json(response).await;
+        assert_eq!(
+            answer["usage"]["completion_tokens"], expected,
+            "{rule:?} {limits}"
+        );
+    }
+    // Unlimited (-1) runs to the generator's own maximum.
+    running.neuron.set_behavior(Behavior {
+        limit_rule: LimitRule::LlamaCpp,
+        generate_to_limit: true,
+        ..Behavior::default()
+    });
+    let response = running
+        .post_json(
+            "/v1/completions",
+            json!({"model": "fake-model", "prompt": "x", "n_predict": -1, "max_tokens": 3}),
+            &[],
+        )
+        .await;
+    let answer = body_json(response).await;
+    assert_eq!(
+        answer["usage"]["completion_tokens"],
+        MAXIMUM_GENERATED_TOKENS
+    );
+}
+
+#[tokio::test]
+async fn a_background_response_is_queued_without_usage() {
+    let running = start_neuron().await;
+    let response = running
+        .post_json(
+            "/v1/responses",
+            json!({"model": "fake-model", "input": "hello", "background": true}),
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer = body_json(response).await;
+    assert_eq!(answer["status"], "queued");
+    assert!(answer.get("usage").is_none(), "{answer}");
 }

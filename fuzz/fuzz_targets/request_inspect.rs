@@ -2,7 +2,7 @@
 //! operation must be a usable bound or a refusal that names its parameter.
 #![no_main]
 
-use allot::reservation::{inspect, Operation, ReservationPolicy};
+use allot::reservation::{inspect, write_completion_bound, Operation, ReservationPolicy};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 
@@ -35,6 +35,14 @@ fuzz_target!(|data: &[u8]| {
                         "embeddings generate nothing"
                     );
                     assert!(!facts.stream);
+                }
+                // Once the bound is written, every limit field any server
+                // honours says exactly the bound.
+                if op != Operation::Embeddings {
+                    let mut rewritten = body.clone();
+                    write_completion_bound(op, &mut rewritten, 17);
+                    let again = inspect(op, &rewritten, &policy).expect("a rewritten body is admitted");
+                    assert_eq!(again.max_completion_tokens, Some(17), "{op:?}: {rewritten:?}");
                 }
                 // The model is the body's, unchanged.
                 assert_eq!(
