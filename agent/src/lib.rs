@@ -17,6 +17,7 @@ pub mod config;
 pub mod keys;
 pub mod link;
 pub mod neuron;
+pub mod overhead;
 pub mod proxy;
 pub mod spool;
 pub mod trace;
@@ -49,6 +50,8 @@ pub struct AgentState {
     /// kept when a neuron adapter reports them.
     pub models: Option<Arc<neuron::ModelActivity>>,
     pub epoch: u64,
+    /// Prompt overheads learned from the neuron, per model.
+    pub overheads: Arc<overhead::LearnedOverheads>,
 }
 
 fn http_client(config: &AgentConfig) -> proxy::HttpClient {
@@ -80,6 +83,7 @@ pub async fn run(
     }
     let link = Arc::new(CoordinatorLink::default());
     let keys = Arc::new(KeyCache::default());
+    let overheads = Arc::new(overhead::LearnedOverheads::open(&config.spool_dir));
     let (usage_tx, usage_rx) = mpsc::unbounded_channel();
     let (spool_events_tx, spool_events_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -118,6 +122,7 @@ pub async fn run(
             keys: keys.clone(),
             spool: spool_events_tx,
             directives: directives_tx,
+            overheads: overheads.clone(),
             settings: LinkSettings {
                 agent_id: config.agent_id.clone(),
                 neuron_id: config.neuron_id.clone(),
@@ -150,6 +155,7 @@ pub async fn run(
         usage: usage_tx,
         models: (config.neuron_adapter != NeuronAdapterKind::None).then(Arc::default),
         epoch: recovered.epoch,
+        overheads,
     });
     match config.neuron_adapter {
         // Directives are refused: their receiver is gone.

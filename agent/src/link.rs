@@ -162,6 +162,7 @@ pub struct LinkContext {
     /// Placement directives, to the node reporter (which owns the neuron
     /// adapter).
     pub directives: mpsc::UnboundedSender<pb::PlacementDirective>,
+    pub overheads: Arc<crate::overhead::LearnedOverheads>,
     pub settings: LinkSettings,
 }
 
@@ -246,6 +247,12 @@ async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
                 })),
             })
             .await?;
+            if !ctx.overheads.snapshot().is_empty() {
+                tx.send(pb::AgentMessage {
+                    msg: Some(ctx.overheads.message()),
+                })
+                .await?;
+            }
             let _ = ctx.spool.send(SpoolEvent::Session(tx.clone()));
             ctx.link.set_session(Some(tx));
             let _ = ctx.spool.send(SpoolEvent::Ack(welcome.high_water_seq));

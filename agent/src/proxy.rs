@@ -513,6 +513,8 @@ struct Settlement {
     reservation: Option<Reservation>,
     template: RecordTemplate,
     prompt_bound: u64,
+    /// The learned overhead included in `prompt_bound`.
+    learned_overhead: u64,
     completion_bound: u64,
     started: Instant,
     first_byte: Option<Duration>,
@@ -569,6 +571,17 @@ impl Settlement {
                 request_id = t.request_id,
                 "neuron reported more usage than was reserved; the excess is charged"
             );
+        }
+        if charged
+            && !estimated
+            && self.state.overheads.learn(
+                &self.template.model,
+                self.learned_overhead,
+                self.prompt_bound,
+                usage.prompt,
+            )
+        {
+            self.state.link.send(self.state.overheads.message());
         }
         if let Some(models) = &self.state.models {
             models.end(&self.template.model, clock::now_ms(), usage.completion);
@@ -823,8 +836,11 @@ async fn admit_and_forward(
             .and_then(Value::as_str)
             .unwrap_or_default(),
     );
-    let facts = reservation::inspect(operation, &body, &policy)
+    let mut facts = reservation::inspect(operation, &body, &policy)
         .map_err(|e| refused(ApiError::bad_request(e.message, e.param), ""))?;
+    // What this model's neuron was seen to bill beyond the bound.
+    let learned_overhead = state.overheads.extra(&facts.model);
+    facts.prompt_tokens_bound = facts.prompt_tokens_bound.saturating_add(learned_overhead);
     let current = tracing::Span::current();
     current.record("allot.key_id", key.key_id.as_str());
     current.record("gen_ai.request.model", facts.model.as_str());
@@ -914,6 +930,7 @@ async fn admit_and_forward(
             tariffs,
         },
         prompt_bound: facts.prompt_tokens_bound,
+        learned_overhead,
         completion_bound: plan.completion.saturating_mul(facts.choices),
         started,
         first_byte: None,

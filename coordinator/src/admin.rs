@@ -481,6 +481,11 @@ impl Admin for AdminService {
                         }),
                         high_water_seq: a.high_water_seq,
                         neuron_id: a.neuron_id.clone(),
+                        prompt_overheads: core
+                            .sessions
+                            .get(&a.agent_id)
+                            .map(|l| l.prompt_overheads.clone().into_iter().collect())
+                            .unwrap_or_default(),
                         slices: core
                             .ledger
                             .slices_of(&a.agent_id)

@@ -31,6 +31,8 @@ pub struct SessionLink {
     pub epoch: u64,
     pub outbox: Outbox,
     pub counters: Arc<SessionCounters>,
+    /// Prompt overheads the agent learned, as it last reported them.
+    pub prompt_overheads: std::collections::BTreeMap<String, u64>,
 }
 
 /// An ask waiting for other agents to give back revoked slices.

@@ -169,6 +169,7 @@ async fn accept_hello(
                     epoch: hello.epoch,
                     outbox: link_outbox.clone(),
                     counters,
+                    prompt_overheads: Default::default(),
                 },
             );
             core.disconnected.remove(&hello.agent_id);
@@ -241,6 +242,11 @@ fn agent_job(agent_id: String, outbox: Outbox, command: Command) -> Job {
                 core.ledger.give_back(&agent_id, &key_id, &amount);
                 metrics::counter!("allot_allowance_returns_total").increment(1);
                 retry_parked(core, fx);
+            }
+            Command::PromptOverheads(overheads) => {
+                if let Some(link) = core.sessions.get_mut(&agent_id) {
+                    link.prompt_overheads = overheads;
+                }
             }
             Command::Reconcile(slices) => {
                 if core.ledger.reconcile(&agent_id, slices) {

@@ -65,7 +65,11 @@ pub enum Command {
     Usage(UsageBatch),
     GiveBack { key_id: String, amount: Amounts },
     Reconcile(Vec<(String, Amounts)>),
+    PromptOverheads(std::collections::BTreeMap<String, u64>),
 }
+
+/// Most models in one `PromptOverheads` (agents learn at most 256).
+pub const MAX_OVERHEAD_MODELS: usize = 256;
 
 /// Checks one message that the engine handles (not `Hello`, node reports
 /// or directive results, which the session takes itself).
@@ -111,6 +115,31 @@ pub fn command(message: AgentMsg) -> Result<Command, InvalidArgument> {
                 slices.push((slice.key_id, held));
             }
             Ok(Command::Reconcile(slices))
+        }
+        AgentMsg::PromptOverheads(overheads) => {
+            if overheads.tokens_by_model.len() > MAX_OVERHEAD_MODELS {
+                return Err(InvalidArgument::new(
+                    "prompt_overheads.tokens_by_model",
+                    format!("must hold at most {MAX_OVERHEAD_MODELS} models"),
+                ));
+            }
+            for (model, tokens) in &overheads.tokens_by_model {
+                if model.is_empty() || model.len() > MAX_RECORD_STRING {
+                    return Err(InvalidArgument::new(
+                        "prompt_overheads.tokens_by_model",
+                        format!("model names must be 1 to {MAX_RECORD_STRING} bytes"),
+                    ));
+                }
+                if *tokens > MAX_RECORD_TOKENS {
+                    return Err(InvalidArgument::new(
+                        format!("prompt_overheads.tokens_by_model[{model}]"),
+                        format!("is too large: at most {MAX_RECORD_TOKENS}"),
+                    ));
+                }
+            }
+            Ok(Command::PromptOverheads(
+                overheads.tokens_by_model.into_iter().collect(),
+            ))
         }
         AgentMsg::Hello(_) => Err(InvalidArgument::new(
             "hello",
