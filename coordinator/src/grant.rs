@@ -26,8 +26,10 @@ pub fn size(
     }
     let want = want.max(need);
     let total_demand = want + others_demand.max(Decimal::ZERO);
+    // The share first: `want` comes from an agent and may be any u64, so
+    // `room * want` could leave Decimal's range; a share is at most 1.
     let proportional = if total_demand > Decimal::ZERO {
-        room * want / total_demand
+        room * (want / total_demand)
     } else {
         room
     };
@@ -45,6 +47,13 @@ mod tests {
 
     fn half() -> Decimal {
         Decimal::new(5, 1)
+    }
+
+    #[test]
+    fn the_largest_demand_an_agent_can_send_does_not_overflow() {
+        let huge = Decimal::from(u64::MAX);
+        let room = Decimal::from(allot::bounds::MAX_AMOUNT) * d(1000);
+        assert_eq!(size(d(0), huge, room, huge, half()), Some(room * half()));
     }
 
     #[test]
