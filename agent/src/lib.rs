@@ -18,6 +18,7 @@ pub mod keys;
 pub mod link;
 pub mod neuron;
 pub mod proxy;
+pub mod refusals;
 pub mod spool;
 pub mod trace;
 pub mod upstream;
@@ -49,6 +50,8 @@ pub struct AgentState {
     /// kept when a neuron adapter reports them.
     pub models: Option<Arc<neuron::ModelActivity>>,
     pub epoch: u64,
+    /// How many refusals per key and minute are still recorded.
+    pub refusal_records: refusals::RefusalRecords,
 }
 
 fn http_client(config: &AgentConfig) -> proxy::HttpClient {
@@ -150,6 +153,7 @@ pub async fn run(
         usage: usage_tx,
         models: (config.neuron_adapter != NeuronAdapterKind::None).then(Arc::default),
         epoch: recovered.epoch,
+        refusal_records: refusals::RefusalRecords::new(config.refusal_records_per_key_per_minute),
     });
     match config.neuron_adapter {
         // Directives are refused: their receiver is gone.

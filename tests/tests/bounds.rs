@@ -4,10 +4,12 @@
 //! refused key, or sending huge headers, cannot grow the usage store
 //! without bound.
 
-use allot::bounds::{MAX_ALLOWED_MODELS, MAX_LIMITS, MAX_MODEL_BYTES};
+use allot::bounds::{MAX_ALLOWED_MODELS, MAX_HEADER_VALUE_BYTES, MAX_LIMITS, MAX_MODEL_BYTES};
 use allot::pb;
 use allot_e2e::*;
 use prost::Message;
+use serde_json::Value;
+use std::time::Duration;
 
 /// The message of a call that must fail with INVALID_ARGUMENT.
 fn refused<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> String {
@@ -245,4 +247,147 @@ async fn a_list_of_many_large_keys_pages_and_every_page_fits_a_default_grpc_clie
         .into_inner();
     assert_eq!(second.accounts[0].account_id, "small");
     assert!(second.next_page_token.is_empty());
+}
+
+async fn rows(stack: &Stack, filter: pb::UsageFilter) -> Vec<pb::UsageRow> {
+    stack.list_usage(filter).await.unwrap()
+}
+
+/// Waits until every record the agent numbered up to a served request is a
+/// row (records are numbered 1, 2, ... by a fresh agent).
+async fn wait_for_every_row(stack: &Stack) {
+    wait_until(
+        "every record to be a row",
+        Duration::from_secs(30),
+        || async {
+            let all = rows(stack, pb::UsageFilter::default()).await;
+            let highest = all
+                .iter()
+                .map(|r| r.record.as_ref().unwrap().seq)
+                .max()
+                .unwrap_or(0);
+            all.iter().any(|r| r.record.as_ref().unwrap().charged) && all.len() as u64 == highest
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_recorded_at_most_n_per_key_per_minute_with_header_values_capped() {
+    const PER_MINUTE: u32 = 5;
+    const SENT: usize = 30;
+    let mut stack = Stack::start().await;
+    stack.agent.take().unwrap().stop().await;
+    stack.agent_config.refusal_records_per_key_per_minute = PER_MINUTE;
+    stack.restart_agent().await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "10", balance())])
+        .await;
+    let huge = "h".repeat(16 * 1024);
+    for _ in 0..SENT {
+        let response = stack
+            .http
+            .post(format!("{}/v1/chat/completions", stack.agent_url()))
+            .bearer_auth(&secret)
+            .header("x-allot-batch-id", &huge)
+            .header("x-allot-completion-window", &huge)
+            .json(&chat_body(1000))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "the headers are over their bound");
+    }
+    // A served request of another key marks the end of the refusals.
+    let (_, served_secret) = stack
+        .key_with_limits("other", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    assert_eq!(stack.chat(&served_secret, chat_body(5)).await.status(), 200);
+    wait_for_every_row(&stack).await;
+
+    let refused = rows(
+        &stack,
+        pb::UsageFilter {
+            key_id,
+            ..Default::default()
+        },
+    )
+    .await;
+    // The refusals may straddle a minute boundary: at most N in each.
+    let mut per_minute = std::collections::BTreeMap::<i64, u32>::new();
+    for row in &refused {
+        let record = row.record.as_ref().unwrap();
+        *per_minute
+            .entry(record.admitted_at_unix_ms.div_euclid(60_000))
+            .or_default() += 1;
+        assert_eq!(record.refusal_code, "invalid_request_error");
+        assert_eq!(record.batch_id.len(), MAX_HEADER_VALUE_BYTES);
+        assert_eq!(record.completion_window.len(), MAX_HEADER_VALUE_BYTES);
+    }
+    assert!(
+        per_minute.values().all(|n| *n <= PER_MINUTE),
+        "{per_minute:?}"
+    );
+    assert!(
+        refused.len() >= PER_MINUTE as usize && refused.len() <= 2 * PER_MINUTE as usize,
+        "{} rows of {SENT} refusals",
+        refused.len()
+    );
+    assert_eq!(stack.neuron.hits(), 1, "refusals never reach the neuron");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_request_with_an_over_long_or_malformed_header_is_400_naming_it() {
+    let stack = Stack::start().await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    let send = |name: &'static str, value: String| {
+        let (stack, secret) = (&stack, secret.clone());
+        async move {
+            stack
+                .http
+                .post(format!("{}/v1/chat/completions", stack.agent_url()))
+                .bearer_auth(secret)
+                .header(name, value)
+                .json(&chat_body(5))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for (name, value) in [
+        ("x-allot-batch-id", "b".repeat(MAX_HEADER_VALUE_BYTES + 1)),
+        ("x-allot-completion-window", "yesterday".to_string()),
+        ("x-allot-completion-window", "0h".to_string()),
+        ("x-allot-completion-window", "w".repeat(10_000)),
+    ] {
+        let response = send(name, value).await;
+        assert_eq!(response.status(), 400);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["param"], name, "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().starts_with(name),
+            "{body}"
+        );
+    }
+    assert_eq!(stack.neuron.hits(), 0, "never served cut");
+    let served = send("x-allot-batch-id", "b".repeat(MAX_HEADER_VALUE_BYTES)).await;
+    assert_eq!(served.status(), 200);
+    let windowed = send("x-allot-completion-window", "24h".to_string()).await;
+    assert_eq!(windowed.status(), 200);
+    wait_for_every_row(&stack).await;
+    let kept = rows(
+        &stack,
+        pb::UsageFilter {
+            key_id,
+            status: pb::UsageStatus::Charged as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(kept.len(), 2);
+    assert!(kept.iter().any(|r| {
+        let record = r.record.as_ref().unwrap();
+        record.batch_id.len() == MAX_HEADER_VALUE_BYTES && record.completion_window.is_empty()
+    }));
 }
