@@ -81,6 +81,7 @@ fn check(result: Result<(), InvalidArgument>) -> Result<(), Status> {
 }
 
 /// Where a List page starts and how many items it may hold.
+#[derive(Debug)]
 struct PageRequest {
     size: usize,
     /// The sort key of the previous page's last item.
@@ -759,5 +760,72 @@ impl Admin for AdminService {
             )));
         }
         Ok(Response::new(pb::UsageSummaryResponse { buckets }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("id-{i:03}")).collect()
+    }
+
+    /// Every page of `ids`, each item a key of `name_bytes` bytes of name.
+    fn pages(ids: &[String], page_size: u32, name_bytes: usize) -> Vec<Vec<pb::KeyInfo>> {
+        let (mut pages, mut token) = (Vec::new(), String::new());
+        loop {
+            let page = PageRequest::of(page_size, &token).unwrap();
+            let (items, next) = page_of(ids.iter().map(String::as_str), &page, |id| {
+                Ok(pb::KeyInfo {
+                    key_id: id.to_string(),
+                    name: "n".repeat(name_bytes),
+                    ..Default::default()
+                })
+            })
+            .unwrap();
+            pages.push(items);
+            if next.is_empty() {
+                return pages;
+            }
+            token = next;
+        }
+    }
+
+    #[test]
+    fn pages_hold_at_most_page_size_items_in_order_each_once() {
+        let ids = ids(25);
+        let got = pages(&ids, 10, 10);
+        assert_eq!(
+            got.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![10, 10, 5]
+        );
+        let seen: Vec<String> = got.into_iter().flatten().map(|k| k.key_id).collect();
+        assert_eq!(seen, ids);
+    }
+
+    #[test]
+    fn a_page_stops_before_the_response_bound_and_the_next_continues() {
+        let ids = ids(10);
+        let got = pages(&ids, 0, 1 << 20);
+        assert!(got.len() >= 4, "{} pages", got.len());
+        for page in &got {
+            let response = pb::ListKeysResponse {
+                keys: page.clone(),
+                next_page_token: String::new(),
+            };
+            assert!(response.encoded_len() <= MAX_RESPONSE_BYTES);
+        }
+        let seen: Vec<String> = got.into_iter().flatten().map(|k| k.key_id).collect();
+        assert_eq!(seen, ids);
+    }
+
+    #[test]
+    fn page_requests_are_checked() {
+        assert_eq!(PageRequest::of(0, "").unwrap().size, MAX_PAGE);
+        let err = PageRequest::of(1001, "").unwrap_err();
+        assert_eq!(err.message(), "page_size: must be at most 1000, not 1001");
+        assert!(PageRequest::of(0, "zz").is_err());
+        assert!(PageRequest::of(0, &"ab".repeat(300)).is_err());
     }
 }

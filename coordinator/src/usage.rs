@@ -1536,6 +1536,24 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn a_row_keeps_an_agents_strings_cut_to_the_admin_bounds() {
+        let record = pb::UsageRecord {
+            batch_id: "b".repeat(150_000),
+            completion_window: "w".repeat(150_000),
+            model_requested: "é".repeat(1_000),
+            ..Default::default()
+        };
+        let row = settled_row("agent-1", record, None, Decimal::ZERO, 0);
+        let r = row.record.unwrap();
+        assert_eq!(r.batch_id.len(), allot::bounds::MAX_HEADER_VALUE_BYTES);
+        assert_eq!(
+            r.completion_window.len(),
+            allot::bounds::MAX_HEADER_VALUE_BYTES
+        );
+        assert_eq!(r.model_requested.len(), allot::bounds::MAX_MODEL_BYTES);
+    }
+
     #[tokio::test]
     async fn retention_leaves_no_index_entry_behind_in_the_embedded_store() {
         let (dir, store) = scratch("retention-index");
@@ -1578,7 +1596,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_file_written_before_the_key_index_is_indexed_when_opened() {
+    async fn a_file_written_before_the_key_and_retention_indexes_is_indexed_when_opened() {
         let (dir, store) = scratch("old");
         drop(store);
         let path = dir.join("usage.redb");
@@ -1608,6 +1626,8 @@ mod tests {
         later.agent_id = "a3".into();
         store.insert(vec![later]).await.unwrap();
         assert_eq!(conformance::all(&store, by_key, 2).await.len(), 4);
+        // The old rows are in the retention index too.
+        assert_eq!(store.delete_settled_before(i64::MAX, 100).await.unwrap(), 6);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
