@@ -1,6 +1,7 @@
 //! API keys and principals. A key's secret is never stored: only its SHA-256,
 //! compared in constant time.
 
+use crate::bounds::{check_len, check_model, MAX_ALLOWED_MODELS, MAX_ID_BYTES, MAX_NAME_BYTES};
 use crate::error::InvalidArgument;
 use crate::pb;
 use sha2::{Digest, Sha256};
@@ -101,10 +102,13 @@ mod hex_bytes {
     }
 }
 
-/// Ids of accounts and keys: 1 to 64 of `[A-Za-z0-9._-]`.
+/// Ids of accounts and keys: 1 to [`MAX_ID_BYTES`] of `[A-Za-z0-9._-]`.
 pub fn validate_id(field: &str, id: &str) -> Result<(), InvalidArgument> {
-    if id.is_empty() || id.len() > 64 {
-        return Err(InvalidArgument::new(field, "must be 1 to 64 characters"));
+    if id.is_empty() || id.len() > MAX_ID_BYTES {
+        return Err(InvalidArgument::new(
+            field,
+            format!("must be 1 to {MAX_ID_BYTES} characters"),
+        ));
     }
     if !id
         .bytes()
@@ -114,6 +118,20 @@ pub fn validate_id(field: &str, id: &str) -> Result<(), InvalidArgument> {
             field,
             "may only hold letters, digits, '-', '_' and '.'",
         ));
+    }
+    Ok(())
+}
+
+/// A free-text name of an account or a key: at most [`MAX_NAME_BYTES`].
+pub fn validate_name(field: &str, name: &str) -> Result<(), InvalidArgument> {
+    check_len(field, name, MAX_NAME_BYTES)
+}
+
+/// A key's `allowed_models`: at most [`MAX_ALLOWED_MODELS`] model names.
+pub fn validate_allowed_models(field: &str, models: &[String]) -> Result<(), InvalidArgument> {
+    crate::bounds::check_count(field, models.len(), MAX_ALLOWED_MODELS)?;
+    for (i, model) in models.iter().enumerate() {
+        check_model(&format!("{field}[{i}]"), model)?;
     }
     Ok(())
 }
@@ -156,5 +174,31 @@ mod tests {
         assert!(validate_id("key_id", "team-a.key_1").is_ok());
         assert_eq!(validate_id("key_id", "").unwrap_err().field, "key_id");
         assert!(validate_id("key_id", "a/b").is_err());
+    }
+
+    #[test]
+    fn names_and_allowed_models_are_bounded() {
+        assert!(validate_name("name", &"n".repeat(MAX_NAME_BYTES)).is_ok());
+        assert_eq!(
+            validate_name("name", &"n".repeat(MAX_NAME_BYTES + 1))
+                .unwrap_err()
+                .to_string(),
+            "invalid name: must be at most 256 bytes"
+        );
+        let mut models = vec!["m".to_string(); 4];
+        models[3] = "m".repeat(300);
+        assert_eq!(
+            validate_allowed_models("allowed_models", &models)
+                .unwrap_err()
+                .field,
+            "allowed_models[3]"
+        );
+        let many = vec!["m".to_string(); MAX_ALLOWED_MODELS + 1];
+        assert_eq!(
+            validate_allowed_models("allowed_models", &many)
+                .unwrap_err()
+                .field,
+            "allowed_models"
+        );
     }
 }

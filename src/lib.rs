@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amounts;
+pub mod bounds;
 pub mod clock;
 pub mod error;
 pub mod key;

@@ -2,6 +2,7 @@
 //! the edge so the ledger never sees an unchecked value.
 
 use crate::amounts::Unit;
+use crate::bounds::{check_count, MAX_LIMITS};
 use crate::error::InvalidArgument;
 use crate::money;
 use crate::pb;
@@ -99,7 +100,10 @@ impl Limit {
     pub fn from_pb(field: &str, limit: &pb::Limit) -> Result<Limit, InvalidArgument> {
         let unit = Unit::from_pb(&format!("{field}.unit"), limit.unit)?;
         let amount_field = format!("{field}.amount");
-        let amount = money::parse_non_negative(&amount_field, &limit.amount)?;
+        let amount = money::parse_amount(&amount_field, &limit.amount)?;
+        if amount.is_sign_negative() && !amount.is_zero() {
+            return Err(InvalidArgument::new(amount_field, "must not be negative"));
+        }
         if unit.is_integral() && !amount.fract().is_zero() {
             return Err(InvalidArgument::new(
                 amount_field,
@@ -123,8 +127,10 @@ impl Limit {
     }
 }
 
-/// Validates a whole list of limits, naming the offending element.
+/// Validates a whole list of limits (at most [`MAX_LIMITS`]), naming the
+/// offending element.
 pub fn limits_from_pb(field: &str, limits: &[pb::Limit]) -> Result<Vec<Limit>, InvalidArgument> {
+    check_count(field, limits.len(), MAX_LIMITS)?;
     limits
         .iter()
         .enumerate()
@@ -174,6 +180,22 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.field, "limits[2].unit");
+    }
+
+    #[test]
+    fn too_many_or_too_large_limits_are_refused_naming_the_bound() {
+        let one = pb_limit(pb::Unit::Requests, "5", Some(Window::Balance.to_pb()));
+        let err = limits_from_pb("limits", &vec![one; MAX_LIMITS + 1]).unwrap_err();
+        assert_eq!(err.field, "limits");
+        assert!(err.message.contains("at most 32"), "{err}");
+        let huge = pb_limit(
+            pb::Unit::Tokens,
+            "1000000000000000",
+            Some(Window::Balance.to_pb()),
+        );
+        let err = limits_from_pb("limits", &[huge]).unwrap_err();
+        assert_eq!(err.field, "limits[0].amount");
+        assert!(err.message.starts_with("is too large"), "{err}");
     }
 
     #[test]

@@ -172,7 +172,7 @@ pub fn limit_fields(operation: Operation) -> &'static [LimitField] {
 /// Most prompts in one legacy completions request (as for embeddings).
 pub const MAX_PROMPTS: u64 = 2048;
 /// Longest model name accepted, in bytes.
-pub const MAX_MODEL_BYTES: usize = 256;
+pub use crate::bounds::MAX_MODEL_BYTES;
 
 /// Content part types whose tokens the agent can bound: text is counted by
 /// its bytes, media are charged `image_tokens` each. Any other type

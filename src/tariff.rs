@@ -59,24 +59,15 @@ impl Tariff {
     }
 
     pub fn from_pb(field: &str, tariff: &pb::Tariff) -> Result<Tariff, InvalidArgument> {
-        if tariff.model.trim().is_empty() {
-            return Err(InvalidArgument::new(
-                format!("{field}.model"),
-                "must not be empty",
-            ));
-        }
+        crate::bounds::check_model(&format!("{field}.model"), &tariff.model)?;
         let purpose = Purpose::from_pb(&format!("{field}.purpose"), tariff.purpose)?;
         let window = tariff.completion_window.trim();
-        if window.len() > 32 {
-            return Err(InvalidArgument::new(
-                format!("{field}.completion_window"),
-                "must be at most 32 characters",
-            ));
+        if !window.is_empty() {
+            crate::bounds::check_completion_window(&format!("{field}.completion_window"), window)?;
         }
-        let input_price =
-            money::parse_non_negative(&format!("{field}.input_price"), &tariff.input_price)?;
+        let input_price = money::parse_price(&format!("{field}.input_price"), &tariff.input_price)?;
         let output_price =
-            money::parse_non_negative(&format!("{field}.output_price"), &tariff.output_price)?;
+            money::parse_price(&format!("{field}.output_price"), &tariff.output_price)?;
         let valid_from = tariff
             .valid_from
             .as_ref()
@@ -402,5 +393,26 @@ mod tests {
             Tariff::from_pb("tariff", &wire).unwrap_err().field,
             "tariff.valid_from"
         );
+    }
+
+    #[test]
+    fn tariff_windows_models_and_prices_are_bounded() {
+        let mut wire = tariff(Purpose::Batch, Some("24h"), "0.1", NOW, None).to_pb();
+        wire.completion_window = "yesterday".into();
+        let err = Tariff::from_pb("tariff", &wire).unwrap_err();
+        assert_eq!(err.field, "tariff.completion_window");
+        assert!(err.message.contains("at most 366d"), "{err}");
+        let mut wire = tariff(Purpose::Realtime, None, "0.1", NOW, None).to_pb();
+        wire.model = "m".repeat(257);
+        let err = Tariff::from_pb("tariff", &wire).unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.message.as_str()),
+            ("tariff.model", "must be at most 256 bytes")
+        );
+        let mut wire = tariff(Purpose::Realtime, None, "0.1", NOW, None).to_pb();
+        wire.output_price = "1".repeat(40);
+        let err = Tariff::from_pb("tariff", &wire).unwrap_err();
+        assert_eq!(err.field, "tariff.output_price");
+        assert!(err.message.starts_with("is too large"), "{err}");
     }
 }

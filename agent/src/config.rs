@@ -89,6 +89,10 @@ pub struct AgentConfig {
     /// Requests one key may have in flight on this agent (0: no limit);
     /// more get 429 `rate_limit_exceeded`.
     pub max_concurrent_per_key: usize,
+    /// Refusals of one key recorded per UTC minute (as usage rows at no
+    /// cost); further refusals in that minute are only counted in
+    /// `allot_agent_refusals_unrecorded_total`. 0 records none.
+    pub refusal_records_per_key_per_minute: u32,
     /// Speak HTTP/2 without TLS (h2c, prior knowledge) to upstreams.
     pub upstream_http2: bool,
     /// Per-model upstream base URLs, overriding `neuron_url`.
@@ -147,6 +151,7 @@ impl Default for AgentConfig {
             header_read_timeout_ms: 30_000,
             max_concurrent_requests: 0,
             max_concurrent_per_key: 0,
+            refusal_records_per_key_per_minute: 60,
             upstream_http2: false,
             upstreams: HashMap::new(),
             endpoint_discovery: false,

@@ -19,6 +19,7 @@ pub mod link;
 pub mod neuron;
 pub mod overhead;
 pub mod proxy;
+pub mod refusals;
 pub mod spool;
 pub mod trace;
 pub mod upstream;
@@ -52,6 +53,8 @@ pub struct AgentState {
     pub epoch: u64,
     /// Prompt overheads learned from the neuron, per model.
     pub overheads: Arc<overhead::LearnedOverheads>,
+    /// How many refusals per key and minute are still recorded.
+    pub refusal_records: refusals::RefusalRecords,
 }
 
 fn http_client(config: &AgentConfig) -> proxy::HttpClient {
@@ -156,6 +159,7 @@ pub async fn run(
         models: (config.neuron_adapter != NeuronAdapterKind::None).then(Arc::default),
         epoch: recovered.epoch,
         overheads,
+        refusal_records: refusals::RefusalRecords::new(config.refusal_records_per_key_per_minute),
     });
     match config.neuron_adapter {
         // Directives are refused: their receiver is gone.

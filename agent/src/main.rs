@@ -44,6 +44,9 @@ struct Cli {
     max_concurrent_requests: Option<usize>,
     #[arg(long, env = "ALLOT_AGENT_MAX_CONCURRENT_PER_KEY")]
     max_concurrent_per_key: Option<usize>,
+    /// Refusals of one key recorded per minute; the rest are only counted.
+    #[arg(long, env = "ALLOT_AGENT_REFUSAL_RECORDS_PER_KEY_PER_MINUTE")]
+    refusal_records_per_key_per_minute: Option<u32>,
     /// Look model endpoints up with GET /models/{id}/endpoint on the neuron.
     #[arg(long, env = "ALLOT_AGENT_ENDPOINT_DISCOVERY")]
     endpoint_discovery: Option<bool>,
@@ -110,6 +113,9 @@ fn load(cli: Cli) -> Result<AgentConfig, String> {
     }
     if let Some(v) = cli.max_concurrent_per_key {
         config.max_concurrent_per_key = v;
+    }
+    if let Some(v) = cli.refusal_records_per_key_per_minute {
+        config.refusal_records_per_key_per_minute = v;
     }
     if let Some(v) = cli.endpoint_discovery {
         config.endpoint_discovery = v;

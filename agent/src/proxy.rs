@@ -651,13 +651,8 @@ impl Drop for Settlement {
 /// [`reservation::MAX_MODEL_BYTES`] (on a character boundary): the
 /// coordinator refuses records with longer strings.
 fn bounded_model(mut model: String) -> String {
-    if model.len() > reservation::MAX_MODEL_BYTES {
-        let mut end = reservation::MAX_MODEL_BYTES;
-        while !model.is_char_boundary(end) {
-            end -= 1;
-        }
-        model.truncate(end);
-    }
+    let kept = allot::bounds::truncated(&model, reservation::MAX_MODEL_BYTES).len();
+    model.truncate(kept);
     model
 }
 
@@ -698,7 +693,10 @@ fn pricing_time(headers: &HeaderMap, key: &KeyInfo, admitted_at: i64) -> Result<
 /// itself (its budget, its model, its body), are recorded: a 5xx says the
 /// system could not serve it (coordinator or neuron unreachable), is
 /// counted in metrics, and would otherwise fill the spool during the very
-/// outage that causes it.
+/// outage that causes it. At most `refusal_records_per_key_per_minute`
+/// refusals of one key are recorded per minute; the rest are counted in
+/// `allot_agent_refusals_unrecorded_total`. Header values are kept cut to
+/// [`MAX_HEADER_VALUE_BYTES`](allot::bounds::MAX_HEADER_VALUE_BYTES).
 fn refuse(
     state: &AgentState,
     key: &KeyInfo,
@@ -710,6 +708,11 @@ fn refuse(
     if !error.status.is_client_error() {
         return error;
     }
+    let now = clock::now_ms();
+    if !state.refusal_records.admit(&key.key_id, now) {
+        metrics::counter!("allot_agent_refusals_unrecorded_total").increment(1);
+        return error;
+    }
     let batch_id = header_str(headers, X_ALLOT_BATCH_ID);
     let record = pb::UsageRecord {
         epoch: state.epoch,
@@ -717,9 +720,10 @@ fn refuse(
         key_id: key.key_id.clone(),
         account_id: key.account_id.clone(),
         purpose: key.purpose.to_pb() as i32,
-        model_requested: model.to_string(),
+        model_requested: allot::bounds::truncated(model, allot::bounds::MAX_MODEL_BYTES)
+            .to_string(),
         http_status: u32::from(error.status.as_u16()),
-        admitted_at_unix_ms: clock::now_ms(),
+        admitted_at_unix_ms: now,
         origin: origin(key.purpose, &batch_id) as i32,
         batch_id,
         completion_window: header_str(headers, X_ALLOT_COMPLETION_WINDOW),
@@ -750,12 +754,46 @@ fn origin(purpose: Purpose, batch_id: &str) -> pb::Origin {
     }
 }
 
+/// A client header's value as a refusal record keeps it: cut to
+/// [`MAX_HEADER_VALUE_BYTES`](allot::bounds::MAX_HEADER_VALUE_BYTES);
+/// empty when absent or not visible ASCII.
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> String {
-    headers
+    let value = headers
         .get(name)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
+        .unwrap_or_default();
+    allot::bounds::truncated(value, allot::bounds::MAX_HEADER_VALUE_BYTES).to_string()
+}
+
+/// The client headers a served request's usage record keeps, checked:
+/// `x-allot-batch-id` of at most
+/// [`MAX_HEADER_VALUE_BYTES`](allot::bounds::MAX_HEADER_VALUE_BYTES) and an
+/// `x-allot-completion-window` such as `24h` (see
+/// [`check_completion_window`](allot::bounds::check_completion_window)).
+/// Anything else is refused with 400 naming the header, never cut and
+/// served. Returns `(batch_id, completion_window)`, empty when absent.
+fn recorded_headers(headers: &HeaderMap) -> Result<(String, String), ApiError> {
+    let checked = |name: header::HeaderName| -> Result<String, ApiError> {
+        let invalid =
+            |why: &str| ApiError::bad_request(format!("{name}: {why}"), Some(name.as_str().into()));
+        let Some(value) = headers.get(&name) else {
+            return Ok(String::new());
+        };
+        let text = value
+            .to_str()
+            .map_err(|_| invalid("must be visible ASCII"))?;
+        allot::bounds::check_len(name.as_str(), text, allot::bounds::MAX_HEADER_VALUE_BYTES)
+            .map_err(|e| invalid(&e.message))?;
+        if name == X_ALLOT_COMPLETION_WINDOW && !text.is_empty() {
+            allot::bounds::check_completion_window(name.as_str(), text)
+                .map_err(|e| invalid(&e.message))?;
+        }
+        Ok(text.to_string())
+    };
+    Ok((
+        checked(X_ALLOT_BATCH_ID)?,
+        checked(X_ALLOT_COMPLETION_WINDOW)?,
+    ))
 }
 
 /// The trace id of a W3C `traceparent` header, if well-formed.
@@ -869,7 +907,8 @@ async fn admit_and_forward(
     let admitted_at = clock::now_ms();
     let priced_at =
         pricing_time(&parts.headers, key, admitted_at).map_err(|e| refused(e, &facts.model))?;
-    let completion_window = header_str(&parts.headers, X_ALLOT_COMPLETION_WINDOW);
+    let (batch_id, completion_window) =
+        recorded_headers(&parts.headers).map_err(|e| refused(e, &facts.model))?;
     let tariffs = state.link.tariffs.borrow().clone();
     let price = tariffs.choose(
         &facts.model,
@@ -925,7 +964,7 @@ async fn admit_and_forward(
                 server_trace_id
             },
             span_id: server_span_id,
-            batch_id: header_str(&parts.headers, X_ALLOT_BATCH_ID),
+            batch_id,
             completion_window,
             tariffs,
         },

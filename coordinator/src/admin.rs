@@ -6,8 +6,9 @@ use crate::engine::{Core, Effects, EngineError, EngineSource};
 use crate::error::invalid_argument;
 use crate::ledger::{KeyRecord, LimitView, Scope, TransactionKind};
 use crate::session::{key_info, tariff_update};
+use allot::bounds::{self, check_len, MAX_PAGE, MAX_RESPONSE_BYTES};
 use allot::clock;
-use allot::key::{validate_id, KeyHash, Purpose};
+use allot::key::{validate_allowed_models, validate_id, validate_name, KeyHash, Purpose};
 use allot::limit::limits_from_pb;
 use allot::money;
 use allot::pb::admin_server::Admin;
@@ -15,6 +16,7 @@ use allot::pb::coordinator_message::Msg as CoordMsg;
 use allot::pb::{self};
 use allot::tariff::Tariff;
 use allot::InvalidArgument;
+use prost::Message;
 use rand::RngCore;
 
 use subtle::ConstantTimeEq;
@@ -76,6 +78,103 @@ impl tonic::service::Interceptor for AdminAuth {
 
 fn check(result: Result<(), InvalidArgument>) -> Result<(), Status> {
     result.map_err(invalid_argument)
+}
+
+/// Where a List page starts and how many items it may hold.
+#[derive(Debug)]
+struct PageRequest {
+    size: usize,
+    /// The sort key of the previous page's last item.
+    after: Option<String>,
+}
+
+impl PageRequest {
+    /// `page_size` 0 means [`MAX_PAGE`]; more is refused. The token is the
+    /// previous page's last sort key, hex-encoded.
+    fn of(page_size: u32, page_token: &str) -> Result<PageRequest, Status> {
+        let size = match page_size as usize {
+            0 => MAX_PAGE,
+            n if n <= MAX_PAGE => n,
+            n => {
+                return Err(invalid_argument(InvalidArgument::new(
+                    "page_size",
+                    format!("must be at most {MAX_PAGE}, not {n}"),
+                )))
+            }
+        };
+        check(check_len(
+            "page_token",
+            page_token,
+            bounds::MAX_PAGE_TOKEN_BYTES,
+        ))?;
+        let after = crate::usage::decode_token(page_token)
+            .map_err(Status::invalid_argument)?
+            .map(String::from_utf8)
+            .transpose()
+            .map_err(|_| {
+                Status::invalid_argument("page_token: not a token from a previous page")
+            })?;
+        Ok(PageRequest { size, after })
+    }
+}
+
+/// Bytes an item adds to a response: itself, its field tag and its length.
+fn encoded_item_len(item: &impl Message) -> usize {
+    let len = item.encoded_len();
+    1 + prost::length_delimiter_len(len) + len
+}
+
+/// One page of a List call: of the items whose sort keys are `keys`, those
+/// after the page token, in sort-key order, at most `page.size` of them and
+/// at most [`MAX_RESPONSE_BYTES`] encoded (but always at least one); and
+/// the next page's token, empty on the last page. Only the page's own
+/// items are built (by `view`), so a page costs one pass over the keys,
+/// not a view of every item.
+fn page_of<'k, T: Message>(
+    keys: impl Iterator<Item = &'k str>,
+    page: &PageRequest,
+    mut view: impl FnMut(&str) -> Result<T, EngineError>,
+) -> Result<(Vec<T>, String), EngineError> {
+    let mut candidates: Vec<&str> = keys
+        .filter(|key| page.after.as_deref().is_none_or(|after| *key > after))
+        .collect();
+    let mut more = candidates.len() > page.size;
+    if more {
+        candidates.select_nth_unstable(page.size);
+        candidates.truncate(page.size);
+    }
+    candidates.sort_unstable();
+    let mut items = Vec::with_capacity(candidates.len());
+    let mut bytes = 0;
+    let mut last = None;
+    for key in candidates {
+        let item = view(key)?;
+        let len = encoded_item_len(&item);
+        if !items.is_empty() && bytes + len > MAX_RESPONSE_BYTES {
+            more = true;
+            break;
+        }
+        bytes += len;
+        items.push(item);
+        last = Some(key);
+    }
+    let next = match (more, last) {
+        (true, Some(last)) => crate::usage::encode_token(last.as_bytes()),
+        _ => String::new(),
+    };
+    Ok((items, next))
+}
+
+/// The sort key of a tariff in `ListTariffs`: model, then start, purpose
+/// and window (its identity), as text that sorts in that order.
+fn tariff_sort_key(tariff: &Tariff) -> String {
+    let from = (i128::from(tariff.valid_from) - i128::from(i64::MIN)) as u64;
+    format!(
+        "{}\0{from:020}\0{}\0{}",
+        tariff.model,
+        tariff.purpose.as_str(),
+        tariff.completion_window.as_deref().unwrap_or_default()
+    )
 }
 
 fn account_view(core: &Core, account_id: &str) -> Result<pb::Account, EngineError> {
@@ -165,6 +264,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Account>, Status> {
         let req = request.into_inner();
         check(validate_id("account_id", &req.account_id))?;
+        check(validate_name("name", &req.name))?;
         let account = self
             .engine
             .current()?
@@ -193,22 +293,25 @@ impl Admin for AdminService {
 
     async fn list_accounts(
         &self,
-        _request: Request<pb::ListAccountsRequest>,
+        request: Request<pb::ListAccountsRequest>,
     ) -> Result<Response<pb::ListAccountsResponse>, Status> {
-        let accounts = self
+        let req = request.into_inner();
+        let page = PageRequest::of(req.page_size, &req.page_token)?;
+        let (accounts, next_page_token) = self
             .engine
             .current()?
-            .call(|core, _| {
-                let mut ids: Vec<String> = core
-                    .ledger
-                    .accounts()
-                    .map(|a| a.account_id.clone())
-                    .collect();
-                ids.sort();
-                ids.iter().map(|id| account_view(core, id)).collect()
+            .call(move |core, _| {
+                page_of(
+                    core.ledger.accounts().map(|a| a.account_id.as_str()),
+                    &page,
+                    |id| account_view(core, id),
+                )
             })
             .await?;
-        Ok(Response::new(pb::ListAccountsResponse { accounts }))
+        Ok(Response::new(pb::ListAccountsResponse {
+            accounts,
+            next_page_token,
+        }))
     }
 
     async fn credit(
@@ -217,11 +320,14 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::CreditResponse>, Status> {
         let req = request.into_inner();
         check(validate_id("account_id", &req.account_id))?;
-        if req.source_id.trim().is_empty() || req.source_id.len() > 256 {
-            return Err(Status::invalid_argument(
-                "source_id: must be 1 to 256 characters",
-            ));
+        if req.source_id.trim().is_empty() {
+            return Err(Status::invalid_argument("source_id: must not be empty"));
         }
+        check(check_len(
+            "source_id",
+            &req.source_id,
+            bounds::MAX_SOURCE_ID_BYTES,
+        ))?;
         let kind = match pb::CreditKind::try_from(req.kind) {
             Ok(pb::CreditKind::Unspecified) | Ok(pb::CreditKind::Purchase) => {
                 TransactionKind::Purchase
@@ -229,11 +335,12 @@ impl Admin for AdminService {
             Ok(pb::CreditKind::Adjustment) => TransactionKind::Adjustment,
             Err(_) => return Err(Status::invalid_argument("kind: unknown credit kind")),
         };
-        let amount = match kind {
-            TransactionKind::Purchase => money::parse_positive("amount", &req.amount),
-            TransactionKind::Adjustment => money::parse_decimal("amount", &req.amount),
+        let amount = money::parse_amount("amount", &req.amount).map_err(invalid_argument)?;
+        if kind == TransactionKind::Purchase && amount <= rust_decimal::Decimal::ZERO {
+            return Err(Status::invalid_argument(
+                "amount: must be greater than zero",
+            ));
         }
-        .map_err(invalid_argument)?;
         let response = self
             .engine
             .current()?
@@ -272,13 +379,11 @@ impl Admin for AdminService {
         };
         check(validate_id("key_id", &key_id))?;
         let purpose = Purpose::from_pb("purpose", req.purpose).map_err(invalid_argument)?;
-        for (i, model) in req.allowed_models.iter().enumerate() {
-            if model.trim().is_empty() {
-                return Err(Status::invalid_argument(format!(
-                    "allowed_models[{i}]: must not be empty"
-                )));
-            }
-        }
+        check(validate_allowed_models(
+            "allowed_models",
+            &req.allowed_models,
+        ))?;
+        check(validate_name("name", &req.name))?;
         let secret = new_secret();
         let record = KeyRecord {
             key_id,
@@ -312,21 +417,30 @@ impl Admin for AdminService {
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let req = request.into_inner();
-        let keys = self
+        if !req.account_id.is_empty() {
+            check(validate_id("account_id", &req.account_id))?;
+        }
+        let page = PageRequest::of(req.page_size, &req.page_token)?;
+        let (keys, next_page_token) = self
             .engine
             .current()?
             .call(move |core, _| {
-                let mut keys: Vec<pb::KeyInfo> = core
-                    .ledger
-                    .keys()
-                    .filter(|k| req.account_id.is_empty() || k.account_id == req.account_id)
-                    .map(key_info)
-                    .collect();
-                keys.sort_by(|a, b| a.key_id.cmp(&b.key_id));
-                Ok(keys)
+                let view = |id: &str| {
+                    let key = core.ledger.key(id).expect("listed keys exist");
+                    Ok(key_info(key))
+                };
+                if req.account_id.is_empty() {
+                    page_of(core.ledger.keys().map(|k| k.key_id.as_str()), &page, view)
+                } else {
+                    let ids = core.ledger.keys_of_account(&req.account_id);
+                    page_of(ids.iter().map(String::as_str), &page, view)
+                }
             })
             .await?;
-        Ok(Response::new(pb::ListKeysResponse { keys }))
+        Ok(Response::new(pb::ListKeysResponse {
+            keys,
+            next_page_token,
+        }))
     }
 
     async fn revoke_key(
@@ -421,6 +535,19 @@ impl Admin for AdminService {
         self.engine
             .current()?
             .call(move |core, fx| {
+                let book = core.ledger.tariffs();
+                let replaces = book.all().any(|t| t.identity() == tariff.identity());
+                if !replaces && book.all().count() >= bounds::MAX_TARIFFS {
+                    return Err(EngineError::Ledger(crate::ledger::LedgerError::Invalid(
+                        InvalidArgument::new(
+                            "tariff",
+                            format!(
+                                "the tariff book holds at most {} tariffs: replace or end one",
+                                bounds::MAX_TARIFFS
+                            ),
+                        ),
+                    )));
+                }
                 core.ledger.put_tariff(tariff, &mut fx.writes);
                 let update = tariff_update(core);
                 core.push_to(
@@ -439,35 +566,43 @@ impl Admin for AdminService {
         request: Request<pb::ListTariffsRequest>,
     ) -> Result<Response<pb::ListTariffsResponse>, Status> {
         let req = request.into_inner();
-        let tariffs = self
+        check(check_len("model", &req.model, bounds::MAX_MODEL_BYTES))?;
+        let page = PageRequest::of(req.page_size, &req.page_token)?;
+        let (tariffs, next_page_token) = self
             .engine
             .current()?
             .call(move |core, _| {
-                let mut tariffs: Vec<&Tariff> = core
+                let by_key: std::collections::HashMap<String, &Tariff> = core
                     .ledger
                     .tariffs()
                     .all()
                     .filter(|t| req.model.is_empty() || t.model == req.model)
+                    .map(|t| (tariff_sort_key(t), t))
                     .collect();
-                tariffs.sort_by(|a, b| (&a.model, a.valid_from).cmp(&(&b.model, b.valid_from)));
-                Ok(tariffs.into_iter().map(Tariff::to_pb).collect())
+                page_of(by_key.keys().map(String::as_str), &page, |key| {
+                    Ok(by_key[key].to_pb())
+                })
             })
             .await?;
-        Ok(Response::new(pb::ListTariffsResponse { tariffs }))
+        Ok(Response::new(pb::ListTariffsResponse {
+            tariffs,
+            next_page_token,
+        }))
     }
 
     async fn list_agents(
         &self,
-        _request: Request<pb::ListAgentsRequest>,
+        request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        let agents = self
+        let req = request.into_inner();
+        let page = PageRequest::of(req.page_size, &req.page_token)?;
+        let (agents, next_page_token) = self
             .engine
             .current()?
-            .call(|core, _| {
-                let mut agents: Vec<pb::AgentView> = core
-                    .ledger
-                    .agents()
-                    .map(|a| pb::AgentView {
+            .call(move |core, _| {
+                let view = |agent_id: &str| {
+                    let a = core.ledger.agent(agent_id).expect("listed agents exist");
+                    Ok(pb::AgentView {
                         agent_id: a.agent_id.clone(),
                         epoch: a.epoch,
                         connected: core.sessions.contains_key(&a.agent_id),
@@ -495,12 +630,18 @@ impl Admin for AdminService {
                             })
                             .collect(),
                     })
-                    .collect();
-                agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
-                Ok(agents)
+                };
+                page_of(
+                    core.ledger.agents().map(|a| a.agent_id.as_str()),
+                    &page,
+                    view,
+                )
             })
             .await?;
-        Ok(Response::new(pb::ListAgentsResponse { agents }))
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents,
+            next_page_token,
+        }))
     }
 
     async fn list_usage(
@@ -513,11 +654,21 @@ impl Admin for AdminService {
         let limit = crate::usage::page_size(request.page_size).map_err(Status::invalid_argument)?;
         let after =
             crate::usage::decode_token(&request.page_token).map_err(Status::invalid_argument)?;
-        let (rows, next) = self
+        let (mut rows, mut next) = self
             .usage_store()?
             .list(filter, after, limit)
             .await
             .map_err(|e| Status::unavailable(format!("usage store: {e}")))?;
+        // Cut the page where it would pass the response bound; the next
+        // page continues after the last row kept.
+        let mut bytes = 0;
+        if let Some(cut) = rows.iter().position(|row| {
+            bytes += encoded_item_len(row);
+            bytes > MAX_RESPONSE_BYTES
+        }) {
+            rows.truncate(cut.max(1));
+            next = rows.last().map(crate::usage::row_key);
+        }
         Ok(Response::new(pb::ListUsageResponse {
             rows,
             next_page_token: next
@@ -603,8 +754,83 @@ impl Admin for AdminService {
         let rows = crate::usage::list_all(self.usage_store()?.as_ref(), &filter)
             .await
             .map_err(|e| Status::unavailable(format!("usage store: {e}")))?;
-        Ok(Response::new(pb::UsageSummaryResponse {
-            buckets: crate::usage::summarize(rows, granularity),
-        }))
+        let buckets = crate::usage::summarize(rows, granularity);
+        let bytes: usize = buckets.iter().map(encoded_item_len).sum();
+        if bytes > MAX_RESPONSE_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "filter: the summary has {} buckets ({bytes} bytes), more than one response \
+                 holds ({MAX_RESPONSE_BYTES} bytes): narrow filter.from_unix_ms and \
+                 filter.to_unix_ms, or filter by key or model",
+                buckets.len()
+            )));
+        }
+        Ok(Response::new(pb::UsageSummaryResponse { buckets }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("id-{i:03}")).collect()
+    }
+
+    /// Every page of `ids`, each item a key of `name_bytes` bytes of name.
+    fn pages(ids: &[String], page_size: u32, name_bytes: usize) -> Vec<Vec<pb::KeyInfo>> {
+        let (mut pages, mut token) = (Vec::new(), String::new());
+        loop {
+            let page = PageRequest::of(page_size, &token).unwrap();
+            let (items, next) = page_of(ids.iter().map(String::as_str), &page, |id| {
+                Ok(pb::KeyInfo {
+                    key_id: id.to_string(),
+                    name: "n".repeat(name_bytes),
+                    ..Default::default()
+                })
+            })
+            .unwrap();
+            pages.push(items);
+            if next.is_empty() {
+                return pages;
+            }
+            token = next;
+        }
+    }
+
+    #[test]
+    fn pages_hold_at_most_page_size_items_in_order_each_once() {
+        let ids = ids(25);
+        let got = pages(&ids, 10, 10);
+        assert_eq!(
+            got.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![10, 10, 5]
+        );
+        let seen: Vec<String> = got.into_iter().flatten().map(|k| k.key_id).collect();
+        assert_eq!(seen, ids);
+    }
+
+    #[test]
+    fn a_page_stops_before_the_response_bound_and_the_next_continues() {
+        let ids = ids(10);
+        let got = pages(&ids, 0, 1 << 20);
+        assert!(got.len() >= 4, "{} pages", got.len());
+        for page in &got {
+            let response = pb::ListKeysResponse {
+                keys: page.clone(),
+                next_page_token: String::new(),
+            };
+            assert!(response.encoded_len() <= MAX_RESPONSE_BYTES);
+        }
+        let seen: Vec<String> = got.into_iter().flatten().map(|k| k.key_id).collect();
+        assert_eq!(seen, ids);
+    }
+
+    #[test]
+    fn page_requests_are_checked() {
+        assert_eq!(PageRequest::of(0, "").unwrap().size, MAX_PAGE);
+        let err = PageRequest::of(1001, "").unwrap_err();
+        assert_eq!(err.message(), "page_size: must be at most 1000, not 1001");
+        assert!(PageRequest::of(0, "zz").is_err());
+        assert!(PageRequest::of(0, &"ab".repeat(300)).is_err());
     }
 }

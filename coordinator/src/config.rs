@@ -19,6 +19,9 @@ pub enum StoreKind {
     Etcd,
 }
 
+/// The longest `usage_retention_days` short of forever: 100 years.
+pub const MAX_USAGE_RETENTION_DAYS: u32 = 36_500;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoordinatorConfig {
@@ -67,6 +70,10 @@ pub struct CoordinatorConfig {
     /// after its retries, until the store takes them (also after a
     /// restart); default: `usage-spill` beside `data_path`.
     pub usage_spill_dir: Option<PathBuf>,
+    /// Days a usage row is kept after it was settled; older rows are
+    /// deleted in the background (hourly) from either usage store. 0 keeps
+    /// rows forever.
+    pub usage_retention_days: u32,
 }
 
 impl Default for CoordinatorConfig {
@@ -91,6 +98,7 @@ impl Default for CoordinatorConfig {
             usage_data_path: None,
             usage_postgres_url: None,
             usage_spill_dir: None,
+            usage_retention_days: 90,
         }
     }
 }
@@ -131,6 +139,11 @@ impl CoordinatorConfig {
                 return Err("usage_postgres_url: must start with postgres://".into());
             }
         }
+        if self.usage_retention_days > MAX_USAGE_RETENTION_DAYS {
+            return Err(format!(
+                "usage_retention_days: must be at most {MAX_USAGE_RETENTION_DAYS} (0 keeps rows forever)"
+            ));
+        }
         if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {
             return Err("etcd_prefix: must start and end with '/'".into());
         }
@@ -148,6 +161,12 @@ impl CoordinatorConfig {
         self.usage_spill_dir
             .clone()
             .unwrap_or_else(|| self.data_path.with_file_name("usage-spill"))
+    }
+
+    /// How long usage rows are kept; `None`: forever.
+    pub fn usage_retention(&self) -> Option<Duration> {
+        (self.usage_retention_days > 0)
+            .then(|| Duration::from_secs(u64::from(self.usage_retention_days) * 86_400))
     }
 
     pub fn lease_ttl(&self) -> Duration {

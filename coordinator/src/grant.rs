@@ -15,10 +15,10 @@ use rust_decimal::Decimal;
 
 /// What to grant in one unit, or `None` when `need` does not fit in `room`.
 ///
-/// Every input may come from an agent: `want` is clamped to `room` before
-/// any arithmetic, and the proportional share is computed as
-/// `room × (want ÷ total)` with a ratio ≤ 1, so that no product can leave
-/// `Decimal`'s range whatever the agent asked. Negative inputs count as 0.
+/// Every input may come from an agent: the proportional share is computed
+/// as `room × (want ÷ total)` with a ratio ≤ 1, sums saturate, and the
+/// grant is clamped to `room`, so that no product can leave `Decimal`'s
+/// range whatever the agent asked. Negative inputs count as 0.
 pub fn size(
     need: Decimal,
     want: Decimal,
@@ -31,7 +31,7 @@ pub fn size(
         return None;
     }
     let room = room.max(Decimal::ZERO);
-    let want = want.max(need).min(room);
+    let want = want.max(need);
     let others = others_demand.max(Decimal::ZERO);
     let total_demand = want.saturating_add(others);
     let proportional = if total_demand > Decimal::ZERO {
@@ -59,6 +59,13 @@ mod tests {
 
     fn half() -> Decimal {
         Decimal::new(5, 1)
+    }
+
+    #[test]
+    fn the_largest_demand_an_agent_can_send_does_not_overflow() {
+        let huge = Decimal::from(u64::MAX);
+        let room = Decimal::from(allot::bounds::MAX_AMOUNT) * d(1000);
+        assert_eq!(size(d(0), huge, room, huge, half()), Some(room * half()));
     }
 
     #[test]

@@ -174,7 +174,12 @@ impl Analytics {
         };
         let spill = usage::Spill::open(&config.usage_spill_path()).map_err(anyhow::Error::msg)?;
         let (rows, rx) = tokio::sync::mpsc::unbounded_channel();
-        let writer = tokio::spawn(usage::run_writer(store.clone(), rx, spill));
+        let writer = tokio::spawn(usage::run_writer(
+            store.clone(),
+            rx,
+            spill,
+            config.usage_retention(),
+        ));
         Ok(Some(Analytics {
             store,
             rows,

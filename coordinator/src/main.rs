@@ -54,6 +54,9 @@ struct Cli {
     /// Directory of usage batches kept until the analytics store takes them.
     #[arg(long, env = "ALLOT_USAGE_SPILL_DIR")]
     usage_spill_dir: Option<PathBuf>,
+    /// Days usage rows are kept; 0 keeps them forever.
+    #[arg(long, env = "ALLOT_USAGE_RETENTION_DAYS")]
+    usage_retention_days: Option<u32>,
     /// Eviction strategy of placement: lru or demand.
     #[arg(long, env = "ALLOT_PLACEMENT_STRATEGY")]
     placement_strategy: Option<String>,
@@ -114,6 +117,9 @@ fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
     }
     if let Some(v) = cli.usage_spill_dir {
         config.usage_spill_dir = Some(v);
+    }
+    if let Some(v) = cli.usage_retention_days {
+        config.usage_retention_days = v;
     }
     if let Some(v) = cli.placement_catalog {
         config.placement_catalog = Some(v);

@@ -47,6 +47,13 @@ pub trait UsageStore: Send + Sync + 'static {
         after: Option<Vec<u8>>,
         limit: usize,
     ) -> BoxFuture<'_, Result<Page, String>>;
+    /// Deletes at most `limit` rows settled before `cutoff` (Unix ms),
+    /// with their index entries; returns how many went.
+    fn delete_settled_before(
+        &self,
+        cutoff: UnixMs,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<usize, String>>;
 }
 
 /// The unique key of a row: agent id, then epoch and seq big-endian, so
@@ -91,6 +98,15 @@ pub fn validate_filter(filter: &pb::UsageFilter) -> Result<(), String> {
     }
     if pb::UsageStatus::try_from(filter.status).is_err() {
         return Err(format!("filter.status: unknown status {}", filter.status));
+    }
+    use allot::bounds::{check_len, MAX_HEADER_VALUE_BYTES, MAX_ID_BYTES, MAX_MODEL_BYTES};
+    for (field, value, max) in [
+        ("filter.account_id", &filter.account_id, MAX_ID_BYTES),
+        ("filter.key_id", &filter.key_id, MAX_ID_BYTES),
+        ("filter.model", &filter.model, MAX_MODEL_BYTES),
+        ("filter.batch_id", &filter.batch_id, MAX_HEADER_VALUE_BYTES),
+    ] {
+        check_len(field, value, max).map_err(|e| format!("{}: {}", e.field, e.message))?;
     }
     Ok(())
 }
@@ -208,9 +224,25 @@ const ROWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage_rows");
 /// `a` + account id + 0 + row key, each to nothing. Within one key or
 /// account, entries are in row-key order, the order pages are in.
 const BY_OWNER: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage_rows_by_owner");
-/// `owner_index` = 1 once every row is in [`BY_OWNER`] (files written
-/// before the index existed are indexed when opened).
+/// Index of retention: settled time (big-endian, sign bit flipped so that
+/// byte order is time order) + row key, each to nothing.
+const BY_SETTLED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage_rows_by_settled");
+/// `owner_index` = 1 once every row is in [`BY_OWNER`], `settled_index` = 1
+/// once every row is in [`BY_SETTLED`] (files written before an index
+/// existed are indexed when opened).
 const META: TableDefinition<&str, u64> = TableDefinition::new("usage_meta");
+
+fn settled_prefix(at: UnixMs) -> [u8; 8] {
+    ((at as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// The retention index entry of one row.
+fn settled_entry(row: &pb::UsageRow, row_key: &[u8]) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(8 + row_key.len());
+    entry.extend_from_slice(&settled_prefix(row.settled_at_unix_ms));
+    entry.extend_from_slice(row_key);
+    entry
+}
 
 fn owner_prefix(kind: u8, id: &str) -> Vec<u8> {
     let mut prefix = Vec::with_capacity(id.len() + 2);
@@ -250,7 +282,23 @@ impl EmbeddedUsageStore {
         {
             let rows = txn.open_table(ROWS).map_err(|e| e.to_string())?;
             let mut index = txn.open_table(BY_OWNER).map_err(|e| e.to_string())?;
+            let mut by_settled = txn.open_table(BY_SETTLED).map_err(|e| e.to_string())?;
             let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+            if meta
+                .get("settled_index")
+                .map_err(|e| e.to_string())?
+                .is_none()
+            {
+                for entry in rows.iter().map_err(|e| e.to_string())? {
+                    let (key, value) = entry.map_err(|e| e.to_string())?;
+                    let row = pb::UsageRow::decode(value.value())
+                        .map_err(|e| format!("corrupt usage row: {e}"))?;
+                    by_settled
+                        .insert(settled_entry(&row, key.value()).as_slice(), [].as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                meta.insert("settled_index", 1).map_err(|e| e.to_string())?;
+            }
             if meta
                 .get("owner_index")
                 .map_err(|e| e.to_string())?
@@ -289,6 +337,7 @@ impl UsageStore for EmbeddedUsageStore {
                 {
                     let mut table = txn.open_table(ROWS).map_err(|e| e.to_string())?;
                     let mut entries = Vec::with_capacity(rows.len() * 2);
+                    let mut settled = Vec::with_capacity(rows.len());
                     for row in &rows {
                         let key = row_key(row);
                         if table
@@ -302,6 +351,7 @@ impl UsageStore for EmbeddedUsageStore {
                             .insert(key.as_slice(), row.encode_to_vec().as_slice())
                             .map_err(|e| e.to_string())?;
                         entries.extend(owner_entries(row, &key));
+                        settled.push(settled_entry(row, &key));
                         new += 1;
                     }
                     // In order: neighbouring entries share B-tree pages.
@@ -309,6 +359,13 @@ impl UsageStore for EmbeddedUsageStore {
                     let mut index = txn.open_table(BY_OWNER).map_err(|e| e.to_string())?;
                     for entry in &entries {
                         index
+                            .insert(entry.as_slice(), [].as_slice())
+                            .map_err(|e| e.to_string())?;
+                    }
+                    settled.sort_unstable();
+                    let mut by_settled = txn.open_table(BY_SETTLED).map_err(|e| e.to_string())?;
+                    for entry in &settled {
+                        by_settled
                             .insert(entry.as_slice(), [].as_slice())
                             .map_err(|e| e.to_string())?;
                     }
@@ -412,6 +469,58 @@ impl UsageStore for EmbeddedUsageStore {
             .await
             .map_err(|e| e.to_string())?
         })
+    }
+
+    fn delete_settled_before(
+        &self,
+        cutoff: UnixMs,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<usize, String>> {
+        let db = self.db.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || Self::delete_before(&db, cutoff, limit))
+                .await
+                .map_err(|e| e.to_string())?
+        })
+    }
+}
+
+impl EmbeddedUsageStore {
+    /// Deletes what [`UsageStore::delete_settled_before`] deletes, in one
+    /// write transaction (`limit` bounds how long it holds the writer).
+    fn delete_before(db: &Database, cutoff: UnixMs, limit: usize) -> Result<usize, String> {
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        let mut deleted = 0;
+        {
+            let mut rows = txn.open_table(ROWS).map_err(|e| e.to_string())?;
+            let mut index = txn.open_table(BY_OWNER).map_err(|e| e.to_string())?;
+            let mut by_settled = txn.open_table(BY_SETTLED).map_err(|e| e.to_string())?;
+            let end = settled_prefix(cutoff);
+            let old: Vec<Vec<u8>> = by_settled
+                .range::<&[u8]>(..end.as_slice())
+                .map_err(|e| e.to_string())?
+                .take(limit)
+                .map(|entry| entry.map(|(key, _)| key.value().to_vec()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?;
+            for entry in &old {
+                let key = &entry[8..];
+                let removed = rows.remove(key).map_err(|e| e.to_string())?;
+                if let Some(value) = removed {
+                    let row = pb::UsageRow::decode(value.value())
+                        .map_err(|e| format!("corrupt usage row: {e}"))?;
+                    for owner in owner_entries(&row, key) {
+                        index.remove(owner.as_slice()).map_err(|e| e.to_string())?;
+                    }
+                    deleted += 1;
+                }
+                by_settled
+                    .remove(entry.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        txn.commit().map_err(|e| e.to_string())?;
+        Ok(deleted)
     }
 }
 
@@ -741,6 +850,29 @@ impl UsageStore for PostgresUsageStore {
             Ok((rows, next))
         })
     }
+
+    /// Through the BRIN index on `settled_at` (migration 0003): cheap to
+    /// keep up, as rows arrive roughly in settlement order.
+    fn delete_settled_before(
+        &self,
+        cutoff: UnixMs,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<usize, String>> {
+        Box::pin(async move {
+            self.ensure_schema().await?;
+            let done = sqlx::query(
+                "DELETE FROM usage_rows WHERE (agent_id, epoch, seq) IN \
+                 (SELECT agent_id, epoch, seq FROM usage_rows WHERE settled_at < $1 \
+                  LIMIT $2)",
+            )
+            .bind(cutoff)
+            .bind(limit as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+            Ok(done.rows_affected() as usize)
+        })
+    }
 }
 
 // ---- the writer ----
@@ -756,6 +888,11 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Tries of one batch (backoff 50, 100, 200 ms between them) before it
 /// goes to the spill.
 const ATTEMPTS: u32 = 4;
+/// How often retention deletes rows older than `usage_retention_days`.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// Rows one retention step deletes: one short transaction, after which
+/// the writer writes what arrived meanwhile before the next step.
+const RETENTION_STEP: usize = 5_000;
 
 /// Writes what the leader settled, in batches of one transaction each. A
 /// failed write is retried with exponential backoff and jitter; a batch
@@ -764,16 +901,23 @@ const ATTEMPTS: u32 = 4;
 /// later run of the coordinator. A row is never dropped. When the channel
 /// closes (shutdown), the writer writes or spills what it holds, then
 /// returns.
+///
+/// With a `retention`, the writer also deletes rows settled longer ago
+/// than that: at start and every [`RETENTION_EVERY`], in steps of
+/// [`RETENTION_STEP`] rows between which it writes what arrived.
 pub async fn run_writer(
     store: Arc<dyn UsageStore>,
     mut rows: mpsc::UnboundedReceiver<Vec<pb::UsageRow>>,
     spill: Spill,
+    retention: Option<Duration>,
 ) {
     let mut held: Vec<pb::UsageRow> = Vec::new();
     let mut open = true;
     let mut replay_delay = RETRY_FIRST;
     let replay_due = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(replay_due);
+    let retention_due = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(retention_due);
     while open || !held.is_empty() {
         if held.is_empty() {
             tokio::select! {
@@ -781,6 +925,15 @@ pub async fn run_writer(
                     Some(batch) => held.extend(batch),
                     None => break,
                 },
+                () = &mut retention_due, if retention.is_some() => {
+                    let window = retention.expect("checked by the branch condition");
+                    let next = match retain(store.as_ref(), window).await {
+                        true => Duration::ZERO,
+                        false => RETENTION_EVERY,
+                    };
+                    retention_due.as_mut().reset(tokio::time::Instant::now() + next);
+                    continue;
+                }
                 () = &mut replay_due, if spill.has_files() => {
                     replay_delay = match replay(store.as_ref(), &spill).await {
                         true => RETRY_FIRST,
@@ -841,6 +994,26 @@ async fn write_or_spill(store: &dyn UsageStore, spill: &Spill, batch: Vec<pb::Us
         tokio::time::sleep(delay.mul_f64(jitter)).await;
         delay = (delay * 2).min(RETRY_MAX);
         attempt += 1;
+    }
+}
+
+/// One retention step: deletes up to [`RETENTION_STEP`] rows settled more
+/// than `window` ago; whether there may be more to delete.
+async fn retain(store: &dyn UsageStore, window: Duration) -> bool {
+    let cutoff = allot::clock::now_ms().saturating_sub(window.as_millis() as i64);
+    match store.delete_settled_before(cutoff, RETENTION_STEP).await {
+        Ok(deleted) => {
+            metrics::counter!("allot_usage_rows_deleted_total").increment(deleted as u64);
+            if deleted > 0 {
+                tracing::info!(deleted, cutoff, "usage rows past retention deleted");
+            }
+            deleted == RETENTION_STEP
+        }
+        Err(error) => {
+            metrics::counter!("allot_usage_retention_failures_total").increment(1);
+            tracing::error!(%error, "cannot delete usage rows past retention");
+            false
+        }
     }
 }
 
@@ -1041,14 +1214,32 @@ impl Spill {
     }
 }
 
-/// The row of a settled record.
+/// The row of a settled record. The free-text fields an agent sends are
+/// cut to the same bounds the Admin API applies (`allot::bounds`), so that
+/// a row stays small whatever the agent's version: the record was already
+/// priced and settled with them as sent.
 pub fn settled_row(
     agent_id: &str,
-    record: pb::UsageRecord,
+    mut record: pb::UsageRecord,
     price: Option<crate::ledger::AppliedPrice>,
     cost: Decimal,
     now: UnixMs,
 ) -> pb::UsageRow {
+    use allot::bounds::{MAX_HEADER_VALUE_BYTES, MAX_ID_BYTES, MAX_MODEL_BYTES};
+    for (field, max) in [
+        (&mut record.request_id, MAX_HEADER_VALUE_BYTES),
+        (&mut record.model_requested, MAX_MODEL_BYTES),
+        (&mut record.model_served, MAX_MODEL_BYTES),
+        (&mut record.trace_id, MAX_HEADER_VALUE_BYTES),
+        (&mut record.span_id, MAX_HEADER_VALUE_BYTES),
+        (&mut record.batch_id, MAX_HEADER_VALUE_BYTES),
+        (&mut record.completion_window, MAX_HEADER_VALUE_BYTES),
+        (&mut record.neuron_id, MAX_ID_BYTES),
+        (&mut record.refusal_code, MAX_HEADER_VALUE_BYTES),
+    ] {
+        let kept = allot::bounds::truncated(field, max).len();
+        field.truncate(kept);
+    }
     let format = allot::money::format;
     pb::UsageRow {
         agent_id: agent_id.to_string(),
@@ -1254,6 +1445,73 @@ pub mod conformance {
         assert_eq!(store.insert(mixed).await.unwrap(), 1);
         assert_eq!(all(store, pb::UsageFilter::default(), 100).await.len(), 6);
     }
+
+    /// Retention deletes the rows settled before the cutoff, and only
+    /// those, from every filter's view; at most `limit` per call. Runs on
+    /// the six rows [`run`] leaves.
+    pub async fn retention(store: &dyn UsageStore) {
+        let hour = 3_600_000;
+        let seqs = |rows: Vec<pb::UsageRow>| -> Vec<(String, u64)> {
+            rows.iter()
+                .map(|r| (r.agent_id.clone(), r.record.as_ref().unwrap().seq))
+                .collect()
+        };
+        // Settled at 10 h: a1/1, a1/2 and a2/1; at 11 h, 12 h, 35 h: the rest.
+        assert_eq!(
+            store.delete_settled_before(10 * hour, 100).await.unwrap(),
+            0
+        );
+        assert_eq!(
+            store.delete_settled_before(10 * hour + 6, 1).await.unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .delete_settled_before(10 * hour + 6, 100)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store.delete_settled_before(11 * hour, 100).await.unwrap(),
+            1
+        );
+        assert_eq!(
+            store.delete_settled_before(11 * hour, 100).await.unwrap(),
+            0
+        );
+        let left = all(store, pb::UsageFilter::default(), 2).await;
+        assert_eq!(
+            seqs(left),
+            vec![("a1".into(), 3), ("a2".into(), 2), ("a3".into(), 1)]
+        );
+        let k1 = pb::UsageFilter {
+            key_id: "k1".into(),
+            ..Default::default()
+        };
+        assert!(
+            all(store, k1, 100).await.is_empty(),
+            "the key index forgot them"
+        );
+        let acct = pb::UsageFilter {
+            account_id: "acct-k1".into(),
+            ..Default::default()
+        };
+        assert!(all(store, acct, 100).await.is_empty());
+        let k2 = pb::UsageFilter {
+            key_id: "k2".into(),
+            ..Default::default()
+        };
+        assert_eq!(all(store, k2, 100).await.len(), 2);
+        // A row re-sent after its deletion is a row again (it was settled
+        // again), and the next deletion takes it again.
+        assert_eq!(store.insert(sample()[..1].to_vec()).await.unwrap(), 1);
+        assert_eq!(
+            store.delete_settled_before(36 * hour, 100).await.unwrap(),
+            4
+        );
+        assert!(all(store, pb::UsageFilter::default(), 100).await.is_empty());
+    }
 }
 
 #[cfg(test)]
@@ -1274,11 +1532,71 @@ mod tests {
     async fn the_embedded_store_passes_the_conformance_cases() {
         let (dir, store) = scratch("c");
         conformance::run(&store).await;
+        conformance::retention(&store).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_row_keeps_an_agents_strings_cut_to_the_admin_bounds() {
+        let record = pb::UsageRecord {
+            batch_id: "b".repeat(150_000),
+            completion_window: "w".repeat(150_000),
+            model_requested: "é".repeat(1_000),
+            ..Default::default()
+        };
+        let row = settled_row("agent-1", record, None, Decimal::ZERO, 0);
+        let r = row.record.unwrap();
+        assert_eq!(r.batch_id.len(), allot::bounds::MAX_HEADER_VALUE_BYTES);
+        assert_eq!(
+            r.completion_window.len(),
+            allot::bounds::MAX_HEADER_VALUE_BYTES
+        );
+        assert_eq!(r.model_requested.len(), allot::bounds::MAX_MODEL_BYTES);
+    }
+
+    #[tokio::test]
+    async fn retention_leaves_no_index_entry_behind_in_the_embedded_store() {
+        let (dir, store) = scratch("retention-index");
+        store.insert(sample()).await.unwrap();
+        assert_eq!(store.delete_settled_before(i64::MAX, 100).await.unwrap(), 5);
+        let txn = store.db.begin_read().unwrap();
+        for table in [ROWS, BY_OWNER, BY_SETTLED] {
+            assert_eq!(
+                redb::ReadableTableMetadata::len(&txn.open_table(table).unwrap()).unwrap(),
+                0
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
-    async fn a_file_written_before_the_key_index_is_indexed_when_opened() {
+    async fn the_writer_deletes_rows_past_retention_in_the_background() {
+        let (dir, store) = scratch("retention-writer");
+        let store = Arc::new(store);
+        let now = allot::clock::now_ms();
+        let mut rows = sample();
+        // Two rows settled now, the others long ago (hours after 1970).
+        rows[0].settled_at_unix_ms = now;
+        rows[4].settled_at_unix_ms = now;
+        store.insert(rows).await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(run_writer(
+            store.clone(),
+            rx,
+            Spill::open(&dir.join("spill")).unwrap(),
+            Some(Duration::from_secs(86_400)),
+        ));
+        wait_for("old rows to be deleted", async || {
+            all(&*store, pb::UsageFilter::default(), 100).await.len() == 2
+        })
+        .await;
+        drop(tx);
+        writer.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_file_written_before_the_key_and_retention_indexes_is_indexed_when_opened() {
         let (dir, store) = scratch("old");
         drop(store);
         let path = dir.join("usage.redb");
@@ -1308,6 +1626,8 @@ mod tests {
         later.agent_id = "a3".into();
         store.insert(vec![later]).await.unwrap();
         assert_eq!(conformance::all(&store, by_key, 2).await.len(), 4);
+        // The old rows are in the retention index too.
+        assert_eq!(store.delete_settled_before(i64::MAX, 100).await.unwrap(), 6);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1353,6 +1673,14 @@ mod tests {
         ) -> BoxFuture<'_, Result<Page, String>> {
             self.store.list(filter, after, limit)
         }
+
+        fn delete_settled_before(
+            &self,
+            cutoff: UnixMs,
+            limit: usize,
+        ) -> BoxFuture<'_, Result<usize, String>> {
+            self.store.delete_settled_before(cutoff, limit)
+        }
     }
 
     fn spilled(dir: &Path) -> usize {
@@ -1385,6 +1713,7 @@ mod tests {
             store.clone(),
             rx,
             Spill::open(&spill_dir).unwrap(),
+            None,
         ));
         tx.send(sample()[..3].to_vec()).unwrap();
         wait_for("the batch to be spilled", async || spilled(&spill_dir) == 1).await;
@@ -1421,6 +1750,7 @@ mod tests {
             store.clone(),
             rx,
             Spill::open(&spill_dir).unwrap(),
+            None,
         ));
         tx.send(sample()[..1].to_vec()).unwrap();
         wait_for("the new batch to be spilled", async || {
@@ -1456,6 +1786,7 @@ mod tests {
             Arc::new(store),
             rx,
             Spill::open(&spill_dir).unwrap(),
+            None,
         ));
         wait_for("the file to be set aside", async || {
             spill_dir
@@ -1475,7 +1806,7 @@ mod tests {
         let store: Arc<dyn UsageStore> = Arc::new(store);
         let (tx, rx) = mpsc::unbounded_channel();
         let spill = Spill::open(&dir.join("spill")).unwrap();
-        let writer = tokio::spawn(run_writer(store.clone(), rx, spill));
+        let writer = tokio::spawn(run_writer(store.clone(), rx, spill, None));
         tx.send(sample()).unwrap();
         tx.send(sample()).unwrap();
         drop(tx);

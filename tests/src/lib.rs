@@ -294,7 +294,7 @@ impl Stack {
                         return false;
                     };
                     admin
-                        .list_accounts(authed(pb::ListAccountsRequest {}))
+                        .list_accounts(authed(pb::ListAccountsRequest::default()))
                         .await
                         .is_ok()
                 }
@@ -502,7 +502,10 @@ pub async fn settled_records_at(url: &str) -> u64 {
     let Ok(mut admin) = pb::admin_client::AdminClient::connect(url.to_string()).await else {
         return 0;
     };
-    match admin.list_agents(authed(pb::ListAgentsRequest {})).await {
+    match admin
+        .list_agents(authed(pb::ListAgentsRequest::default()))
+        .await
+    {
         Ok(agents) => agents
             .into_inner()
             .agents

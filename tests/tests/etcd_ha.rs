@@ -144,7 +144,7 @@ async fn a_paused_coordinator_loses_its_election_key_and_cannot_commit() {
         .await;
     assert!(result.is_err(), "a deposed leader must not accept writes");
     let accounts = admin
-        .list_accounts(authed(pb::ListAccountsRequest {}))
+        .list_accounts(authed(pb::ListAccountsRequest::default()))
         .await
         .unwrap()
         .into_inner();
@@ -164,7 +164,7 @@ async fn wait_for_leader(coordinators: &[CoordinatorProcess]) -> usize {
                     continue;
                 };
                 if admin
-                    .list_accounts(authed(pb::ListAccountsRequest {}))
+                    .list_accounts(authed(pb::ListAccountsRequest::default()))
                     .await
                     .is_ok()
                 {

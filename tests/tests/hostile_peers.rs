@@ -82,7 +82,7 @@ async fn an_ask_for_u64_max_tokens_is_refused_naming_the_field_and_budgets_keep_
     let (key_id, _) = stack
         .key_with_limits(
             "acme",
-            vec![limit(pb::Unit::Tokens, "1000000000000000", balance())],
+            vec![limit(pb::Unit::Tokens, "100000000000000", balance())],
         )
         .await;
     let mut inbound = raw_session(
@@ -101,8 +101,8 @@ async fn an_ask_for_u64_max_tokens_is_refused_naming_the_field_and_budgets_keep_
         status.message()
     );
 
-    // The largest ask the wire admits, on a cap just as large, is granted
-    // (its sizing once multiplied cap × ask, out of Decimal's range).
+    // The largest ask the wire admits, on the largest cap Admin admits, is
+    // granted (its sizing once multiplied cap × ask, out of Decimal's range).
     let mut inbound = raw_session(
         &stack.coordinator_url,
         "big-agent",
@@ -134,7 +134,7 @@ async fn usage_with_absurd_token_counts_is_charged_at_the_bound_without_wrapping
     let (key_id, _) = stack
         .key_with_limits(
             "acme",
-            vec![limit(pb::Unit::Tokens, "1000000000000000", balance())],
+            vec![limit(pb::Unit::Tokens, "100000000000000", balance())],
         )
         .await;
     let record = |seq| pb::UsageRecord {

@@ -242,7 +242,7 @@ async fn usage_spooled_while_the_coordinator_is_down_is_settled_once_after_both_
     let agents = stack
         .admin()
         .await
-        .list_agents(authed(pb::ListAgentsRequest {}))
+        .list_agents(authed(pb::ListAgentsRequest::default()))
         .await
         .unwrap()
         .into_inner();

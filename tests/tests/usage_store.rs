@@ -1,5 +1,6 @@
 //! The PostgreSQL usage store (issue 7) against a real PostgreSQL server:
-//! the conformance cases every usage store passes, and an outage under
+//! the conformance cases every usage store passes (retention included),
+//! and an outage under
 //! load that loses and duplicates nothing.
 
 use allot::pb;
@@ -22,6 +23,7 @@ async fn the_postgres_store_passes_the_conformance_cases() {
             .len(),
         6
     );
+    conformance::retention(&again).await;
 }
 
 async fn rows(stack: &Stack, key_id: &str) -> Result<Vec<pb::UsageRow>, tonic::Status> {

@@ -548,7 +548,7 @@ async fn bench(options: Options) -> anyhow::Result<()> {
     loop {
         let ok = match pb::admin_client::AdminClient::connect(coordinator_url.clone()).await {
             Ok(mut admin) => admin
-                .list_accounts(authed(pb::ListAccountsRequest {}))
+                .list_accounts(authed(pb::ListAccountsRequest::default()))
                 .await
                 .is_ok(),
             Err(_) => false,
@@ -561,7 +561,7 @@ async fn bench(options: Options) -> anyhow::Result<()> {
     let (_key_id, secret) = key_with_limits_at(
         &coordinator_url,
         "bench",
-        vec![limit(pb::Unit::Tokens, "1000000000000000", balance())],
+        vec![limit(pb::Unit::Tokens, "100000000000000", balance())],
     )
     .await;
     let auth = format!("Bearer {secret}");

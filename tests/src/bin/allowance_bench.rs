@@ -15,7 +15,7 @@ async fn message_totals(coordinator_url: &str) -> (u64, u64) {
         .await
         .unwrap();
     let agents = admin
-        .list_agents(authed(pb::ListAgentsRequest {}))
+        .list_agents(authed(pb::ListAgentsRequest::default()))
         .await
         .unwrap()
         .into_inner();
@@ -154,7 +154,7 @@ async fn message_admin_ready(url: &str) -> bool {
         return false;
     };
     admin
-        .list_accounts(authed(pb::ListAccountsRequest {}))
+        .list_accounts(authed(pb::ListAccountsRequest::default()))
         .await
         .is_ok()
 }

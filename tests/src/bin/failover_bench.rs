@@ -70,7 +70,7 @@ async fn wait_leader(urls: &[String], deadline: Duration) -> anyhow::Result<usiz
             let answered = tokio::time::timeout(Duration::from_secs(1), async {
                 let mut admin = pb::admin_client::AdminClient::connect(url.clone()).await?;
                 admin
-                    .list_accounts(authed(pb::ListAccountsRequest {}))
+                    .list_accounts(authed(pb::ListAccountsRequest::default()))
                     .await?;
                 anyhow::Ok(())
             })

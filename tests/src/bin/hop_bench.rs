@@ -237,7 +237,7 @@ async fn bench() -> anyhow::Result<()> {
     let (_key_id, secret) = stack
         .key_with_limits(
             "bench",
-            vec![limit(pb::Unit::Tokens, "1000000000000000", balance())],
+            vec![limit(pb::Unit::Tokens, "100000000000000", balance())],
         )
         .await;
     let auth = format!("Bearer {secret}");

@@ -206,7 +206,7 @@ async fn wait_leading(url: &str, deadline: Duration) -> anyhow::Result<Duration>
         let attempt = tokio::time::timeout(Duration::from_secs(2), async {
             let mut admin = pb::admin_client::AdminClient::connect(url.to_string()).await?;
             admin
-                .list_accounts(authed(pb::ListAccountsRequest {}))
+                .list_accounts(authed(pb::ListAccountsRequest::default()))
                 .await?;
             anyhow::Ok(())
         })
@@ -271,7 +271,7 @@ async fn create_keys(url: &str, count: usize) -> anyhow::Result<Vec<String>> {
                 admin
                     .set_limits(authed(pb::SetLimitsRequest {
                         scope: Some(pb::set_limits_request::Scope::KeyId(key_id)),
-                        limits: vec![limit(pb::Unit::Tokens, "1000000000000000", balance())],
+                        limits: vec![limit(pb::Unit::Tokens, "100000000000000", balance())],
                     }))
                     .await?;
             }
