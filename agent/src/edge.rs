@@ -79,7 +79,8 @@ const MAX_REFUSING: usize = 64;
 struct Activity {
     /// Requests whose headers are in and whose response is not done.
     requests: AtomicUsize,
-    /// Set by the accept loop to make room for a newer connection.
+    /// Set by the accept loop to make room for a newer connection; it then
+    /// closes as soon as no request is in flight.
     evicted: AtomicBool,
     changed: Notify,
 }
@@ -117,7 +118,7 @@ impl Activity {
                 served = true;
                 continue;
             }
-            if self.evicted.swap(false, Ordering::AcqRel) {
+            if self.evicted.load(Ordering::Acquire) {
                 return Closing::Evicted;
             }
             let (timeout, why) = if served {
@@ -214,9 +215,8 @@ impl Registry {
             let oldest_idle = open.values().find(|a| {
                 a.requests.load(Ordering::Acquire) == 0 && !a.evicted.load(Ordering::Acquire)
             })?;
+            // Counted in `allot_agent_connections_closed_total` as it closes.
             oldest_idle.evict();
-            metrics::counter!("allot_agent_connections_closed_total", "reason" => "evicted")
-                .increment(1);
         }
         let activity = Arc::new(Activity::default());
         open.insert(id, activity.clone());

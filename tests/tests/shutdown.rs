@@ -142,3 +142,65 @@ async fn a_leader_stopped_with_sigterm_resigns_and_a_standby_leads_long_before_t
     wait_agent_ready(&agent.url, Duration::from_secs(30)).await;
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_idle_half_open_and_trickling_clients_exits_within_its_grace_after_sigterm() {
+    let stack = Stack::start().await;
+    let (_, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
+        .await;
+    let dir = TempDir::new("agent-sigterm");
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let args: Vec<String> = [
+        "--listen",
+        &addr.to_string(),
+        "--metrics-listen",
+        "off",
+        "--coordinators",
+        &stack.coordinator_url,
+        "--agent-id",
+        "agent-2",
+        "--neuron-url",
+        &stack.neuron_url,
+        "--spool-dir",
+        &dir.0.join("spool").display().to_string(),
+        "--shutdown-grace-ms",
+        "1500",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut agent = ServiceProcess::spawn(
+        "allot-agent",
+        &args,
+        &[("RUST_LOG", "info".into())],
+        dir.0.join("agent.log"),
+    );
+    wait_agent_ready(&url, Duration::from_secs(30)).await;
+    use tokio::io::AsyncWriteExt;
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: ag")
+        .await
+        .unwrap();
+    let mut h2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // A body that never completes: a request in flight all along.
+    let mut trickling = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {secret}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+    );
+    trickling.write_all(head.as_bytes()).await.unwrap();
+
+    let asked = Instant::now();
+    let status = tokio::task::block_in_place(|| agent.terminate_within(Duration::from_secs(10)));
+    let log = std::fs::read_to_string(dir.0.join("agent.log")).unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("still running 10 s after SIGTERM:\n{log}"));
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(asked.elapsed() < Duration::from_secs(10));
+    drop((silent, half, h2, trickling));
+}
