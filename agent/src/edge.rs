@@ -390,3 +390,55 @@ async fn refuse(mut tcp: TcpStream, max: usize) {
     })
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn past_the_bound_the_oldest_idle_connection_is_evicted_and_busy_ones_never_are() {
+        let registry = Registry::default();
+        let first = registry.admit(1, 2).unwrap();
+        let second = registry.admit(2, 2).unwrap();
+        let _busy = InFlightRequest::start(&first);
+        // Full: the oldest idle one (the second) makes room.
+        let third = registry.admit(3, 2).unwrap();
+        assert!(!first.evicted.load(Ordering::Acquire));
+        assert!(second.evicted.load(Ordering::Acquire));
+        // Full again, and the only idle one is already going: refused.
+        let _busy_third = InFlightRequest::start(&third);
+        assert!(registry.admit(4, 2).is_none());
+        registry.remove(2);
+        assert!(registry.admit(5, 2).is_none(), "both open ones are busy");
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_idle_only_with_no_request_in_flight() {
+        let activity = Arc::new(Activity::default());
+        let (first, idle) = (Duration::from_millis(50), Duration::from_millis(80));
+        let why = tokio::time::timeout(Duration::from_secs(5), activity.until_idle(first, idle))
+            .await
+            .expect("closed");
+        assert!(matches!(why, Closing::HeaderTimeout));
+
+        let request = InFlightRequest::start(&activity);
+        let waiting = activity.until_idle(first, idle);
+        tokio::pin!(waiting);
+        let early = tokio::time::timeout(Duration::from_millis(300), waiting.as_mut()).await;
+        assert!(early.is_err(), "a request in flight keeps it open");
+        drop(request);
+        let why = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("closed once the request is done");
+        assert!(matches!(why, Closing::IdleTimeout));
+
+        activity.evict();
+        let why = tokio::time::timeout(
+            Duration::from_secs(5),
+            activity.until_idle(Duration::from_secs(60), Duration::from_secs(60)),
+        )
+        .await
+        .expect("closed at once");
+        assert!(matches!(why, Closing::Evicted));
+    }
+}
