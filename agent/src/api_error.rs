@@ -63,6 +63,32 @@ impl ApiError {
         )
     }
 
+    /// The request body did not arrive within `body_read_timeout_ms`.
+    pub fn body_timeout(limit: std::time::Duration) -> ApiError {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            Some("request_body_timeout"),
+            format!(
+                "the request body did not arrive within {} ms",
+                limit.as_millis()
+            ),
+        )
+    }
+
+    /// Every connection the agent may hold is serving a request.
+    pub fn too_many_connections(max: usize) -> ApiError {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("too_many_connections"),
+                format!("this agent is serving its maximum of {max} connections"),
+            )
+        }
+    }
+
     pub fn model_not_found(model: &str) -> ApiError {
         ApiError {
             param: Some("model".into()),

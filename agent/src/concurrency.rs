@@ -1,7 +1,8 @@
 //! Requests in flight on this agent, in total and per key, bounded by
 //! `max_concurrent_requests` and `max_concurrent_per_key` (0: no bound).
-//! A slot is taken before admission and held until the response, streamed
-//! or not, is done (or the client leaves).
+//! A slot is taken once the request body is in (a slow body never holds
+//! one), before admission, and held until the response, streamed or not, is
+//! done (or the client leaves).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -10,16 +10,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// What the agent does with paths it does not meter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum UnknownPaths {
-    /// 404 with an OpenAI error naming the served paths.
-    Refuse,
-    /// Forwarded to the neuron as is for a valid key, never charged.
-    PassThrough,
-}
-
 /// How the agent reads its neuron's GPUs and models for placement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -82,8 +72,34 @@ pub struct AgentConfig {
     /// A stream that sends nothing for this long is cut: the client gets an
     /// error event, the request settles at what was delivered.
     pub stream_idle_timeout_ms: u64,
-    /// Time a client has to send its request headers.
+    /// Time a client has, from the accept of its connection (or the end of
+    /// its previous request), to send complete request headers; a
+    /// connection that sends nothing, or half a header line, is closed.
     pub header_read_timeout_ms: u64,
+    /// Time a client has to send a whole request body once its headers are
+    /// in; later it gets 408 `request_body_timeout`. A request holds no
+    /// concurrency slot while its body arrives.
+    pub body_read_timeout_ms: u64,
+    /// A keep-alive connection (HTTP/1.1 or HTTP/2) with no request in
+    /// flight for this long is closed.
+    pub connection_idle_timeout_ms: u64,
+    /// Client connections open at once. Past it, the oldest connection with
+    /// no request in flight is closed to make room; when every connection
+    /// is serving a request, the new one gets 503 `too_many_connections`
+    /// and is closed. Each connection may need one to the neuron: keep the
+    /// open-file limit (`ulimit -n`) above twice this plus 256.
+    pub max_connections: usize,
+    /// HTTP/2 clients are pinged this often, and a connection whose ping
+    /// is not answered within as long again is closed.
+    pub http2_keep_alive_interval_ms: u64,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// Unknown API keys remembered at once (each for 5 s, so that a flood
+    /// of bad keys is not a flood of coordinator lookups); past it the
+    /// oldest is forgotten. At most about 200 bytes each: 2 MB at the
+    /// default.
+    /// Known keys are bounded by the keys the operator created.
+    pub unknown_key_cache_max: usize,
     /// Requests this agent serves at once (0: no limit); more get 503.
     pub max_concurrent_requests: usize,
     /// Requests one key may have in flight on this agent (0: no limit);
@@ -102,9 +118,12 @@ pub struct AgentConfig {
     pub endpoint_discovery: bool,
     /// How long a discovered endpoint is used before it is looked up again.
     pub endpoint_cache_ms: u64,
-    /// Paths other than the OpenAI ones allot meters: `refuse` (404) or
-    /// `pass_through` (authenticated, forwarded, not charged).
-    pub unknown_paths: UnknownPaths,
+    /// Requests on paths allot does not meter that are forwarded to the
+    /// neuron for a valid key, uncharged: `"METHOD /path"` entries such as
+    /// `"GET /v1/files"`; a path ending in `/*` matches everything under
+    /// it. Every other method and path is 404. Empty by default: a
+    /// neuron's own control routes (unload, load) must never be reachable.
+    pub pass_through: Vec<String>,
     /// Time given to in-flight requests at shutdown.
     pub shutdown_grace_ms: u64,
     /// Reservation overheads for every model...
@@ -149,6 +168,12 @@ impl Default for AgentConfig {
             request_timeout_ms: 600_000,
             stream_idle_timeout_ms: 60_000,
             header_read_timeout_ms: 30_000,
+            body_read_timeout_ms: 60_000,
+            connection_idle_timeout_ms: 60_000,
+            max_connections: 1_024,
+            http2_keep_alive_interval_ms: 20_000,
+            http2_max_concurrent_streams: 256,
+            unknown_key_cache_max: crate::keys::DEFAULT_MAX_UNKNOWN,
             max_concurrent_requests: 0,
             max_concurrent_per_key: 0,
             refusal_records_per_key_per_minute: 60,
@@ -156,7 +181,7 @@ impl Default for AgentConfig {
             upstreams: HashMap::new(),
             endpoint_discovery: false,
             endpoint_cache_ms: 60_000,
-            unknown_paths: UnknownPaths::Refuse,
+            pass_through: Vec::new(),
             shutdown_grace_ms: 30_000,
             reservation: ReservationPolicy::default(),
             models: HashMap::new(),
@@ -173,6 +198,14 @@ impl AgentConfig {
     pub fn from_file(path: &std::path::Path) -> Result<AgentConfig, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        if let Ok(table) = toml::from_str::<toml::Table>(&text) {
+            if table.contains_key("unknown_paths") {
+                return Err(format!(
+                    "invalid config {}: {UNKNOWN_PATHS_REMOVED}",
+                    path.display()
+                ));
+            }
+        }
         toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", path.display()))
     }
 
@@ -213,6 +246,15 @@ impl AgentConfig {
             ("request_timeout_ms", self.request_timeout_ms),
             ("stream_idle_timeout_ms", self.stream_idle_timeout_ms),
             ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+            (
+                "connection_idle_timeout_ms",
+                self.connection_idle_timeout_ms,
+            ),
+            (
+                "http2_keep_alive_interval_ms",
+                self.http2_keep_alive_interval_ms,
+            ),
             (
                 "upstream_connect_timeout_ms",
                 self.upstream_connect_timeout_ms,
@@ -236,7 +278,27 @@ impl AgentConfig {
         if self.grant_multiplier == 0 {
             return Err("grant_multiplier: must be at least 1".into());
         }
+        if self.max_connections == 0 {
+            return Err("max_connections: must be at least 1".into());
+        }
+        if self.http2_max_concurrent_streams == 0 {
+            return Err("http2_max_concurrent_streams: must be at least 1".into());
+        }
+        if self.unknown_key_cache_max == 0 {
+            return Err("unknown_key_cache_max: must be at least 1".into());
+        }
+        for (i, entry) in self.pass_through.iter().enumerate() {
+            PassThroughRule::parse(entry).map_err(|e| format!("pass_through[{i}]: {e}"))?;
+        }
         Ok(())
+    }
+
+    /// The parsed `pass_through` allow-list (validated before).
+    pub fn pass_through_rules(&self) -> Vec<PassThroughRule> {
+        self.pass_through
+            .iter()
+            .filter_map(|entry| PassThroughRule::parse(entry).ok())
+            .collect()
     }
 
     pub fn policy_for(&self, model: &str) -> ReservationPolicy {
@@ -259,7 +321,149 @@ impl AgentConfig {
         Duration::from_millis(self.request_timeout_ms)
     }
 
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+
     pub fn stream_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.stream_idle_timeout_ms)
+    }
+}
+
+/// The message for configurations that still set the removed
+/// `unknown_paths`.
+pub const UNKNOWN_PATHS_REMOVED: &str = "unknown_paths: removed; every path allot does not meter \
+     is 404 unless listed in pass_through, e.g. pass_through = [\"GET /v1/files\"]";
+
+/// One `pass_through` entry: a method and a path, or everything under a
+/// path for `/prefix/*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassThroughRule {
+    pub method: http::Method,
+    pub path: String,
+    /// `/prefix/*`: `path` is `/prefix/` and matches any path under it.
+    pub prefix: bool,
+}
+
+impl PassThroughRule {
+    pub fn parse(entry: &str) -> Result<PassThroughRule, String> {
+        let mut words = entry.split_whitespace();
+        let (Some(method), Some(path), None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!(
+                "{entry:?} must be a method and a path, e.g. \"GET /v1/files\""
+            ));
+        };
+        const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+        if !METHODS.contains(&method) {
+            return Err(format!("{method:?} is not one of {}", METHODS.join(", ")));
+        }
+        let method = http::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+        let (path, prefix) = match path.strip_suffix('*') {
+            Some(prefix) if prefix.ends_with('/') => (prefix, true),
+            Some(_) => return Err(format!("{path:?}: `*` may only end a path, after `/`")),
+            None => (path, false),
+        };
+        if !path.starts_with('/') || !is_plain_path(path) {
+            return Err(format!(
+                "{path:?} must start with '/' and hold no query, `*`, `.`/`..` segment or escape"
+            ));
+        }
+        if let Some(operation) = allot::reservation::Operation::ALL
+            .iter()
+            .find(|op| op.path() == path)
+        {
+            return Err(format!(
+                "{} is metered by allot and cannot be passed through",
+                operation.path()
+            ));
+        }
+        Ok(PassThroughRule {
+            method,
+            path: path.to_string(),
+            prefix,
+        })
+    }
+
+    /// Whether a request with `method` on `path` is passed through. A path
+    /// that could mean another one to the neuron (dot segments, escaped
+    /// slashes or dots, empty segments) never matches a prefix.
+    pub fn allows(&self, method: &http::Method, path: &str) -> bool {
+        if *method != self.method {
+            return false;
+        }
+        if self.prefix {
+            path.len() > self.path.len() && path.starts_with(&self.path) && is_plain_path(path)
+        } else {
+            path == self.path
+        }
+    }
+}
+
+/// No query, wildcard, backslash, percent escape, empty or dot segment:
+/// the neuron reads the path exactly as allot matched it.
+fn is_plain_path(path: &str) -> bool {
+    if path.contains(['?', '#', '*', '\\', '%']) {
+        return false;
+    }
+    // A trailing `/` leaves one empty last segment; no other may be empty.
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    segments.iter().enumerate().all(|(i, segment)| {
+        (!segment.is_empty() || i + 1 == segments.len()) && *segment != "." && *segment != ".."
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pass_through_rules_match_their_method_and_path_only() {
+        let exact = PassThroughRule::parse("GET /v1/files").unwrap();
+        assert!(exact.allows(&http::Method::GET, "/v1/files"));
+        assert!(!exact.allows(&http::Method::POST, "/v1/files"));
+        assert!(!exact.allows(&http::Method::GET, "/v1/files/x"));
+        let prefix = PassThroughRule::parse("GET /v1/files/*").unwrap();
+        assert!(prefix.allows(&http::Method::GET, "/v1/files/abc"));
+        assert!(!prefix.allows(&http::Method::GET, "/v1/files/"));
+        assert!(!prefix.allows(&http::Method::GET, "/v1/files"));
+        for sneaky in [
+            "/v1/files/../_fake/models/m/unload",
+            "/v1/files/%2e%2e/x",
+            "/v1/files//x",
+            "/v1/files/a\\..\\b",
+        ] {
+            assert!(!prefix.allows(&http::Method::GET, sneaky), "{sneaky}");
+        }
+    }
+
+    #[test]
+    fn bad_pass_through_entries_are_refused_naming_the_field() {
+        for bad in [
+            "/v1/files",
+            "get /v1/files",
+            "GET v1/files",
+            "GET /v1/*/files",
+            "GET /v1/files/../x",
+            "POST /v1/chat/completions",
+            "GET /a /b",
+        ] {
+            let config = AgentConfig {
+                pass_through: vec![bad.into()],
+                ..AgentConfig::default()
+            };
+            let error = config.validate().unwrap_err();
+            assert!(error.starts_with("pass_through[0]: "), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_file_still_setting_unknown_paths_is_refused_naming_it() {
+        let dir = std::env::temp_dir().join(format!("allot-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, "unknown_paths = \"pass_through\"\n").unwrap();
+        let error = AgentConfig::from_file(&path).unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(error.contains("unknown_paths: removed"), "{error}");
     }
 }

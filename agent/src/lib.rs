@@ -14,6 +14,7 @@ pub mod allowance;
 pub mod api_error;
 pub mod concurrency;
 pub mod config;
+pub mod edge;
 pub mod keys;
 pub mod link;
 pub mod neuron;
@@ -42,6 +43,8 @@ pub struct AgentState {
     pub table: Arc<AllowanceTable>,
     pub link: Arc<CoordinatorLink>,
     pub keys: Arc<KeyCache>,
+    /// The `pass_through` allow-list, parsed.
+    pub pass_through: Vec<config::PassThroughRule>,
     /// Settled usage records, to the spool.
     pub usage: mpsc::UnboundedSender<pb::UsageRecord>,
     pub client: proxy::HttpClient,
@@ -85,7 +88,7 @@ pub async fn run(
         table.recover(record.seq, &record.key_id, recorded_usage(record));
     }
     let link = Arc::new(CoordinatorLink::default());
-    let keys = Arc::new(KeyCache::default());
+    let keys = Arc::new(KeyCache::new(config.unknown_key_cache_max));
     let overheads = Arc::new(overhead::LearnedOverheads::open(&config.spool_dir));
     let (usage_tx, usage_rx) = mpsc::unbounded_channel();
     let (spool_events_tx, spool_events_rx) = mpsc::unbounded_channel();
@@ -151,6 +154,7 @@ pub async fn run(
             config.max_concurrent_requests,
             config.max_concurrent_per_key,
         ),
+        pass_through: config.pass_through_rules(),
         config: config.clone(),
         table,
         link,
@@ -190,14 +194,7 @@ pub async fn run(
     }
     tracing::info!(listen = %listener.local_addr()?, agent_id = config.agent_id, epoch = recovered.epoch, "agent serving");
     let app = proxy::router(state.clone());
-    serve(
-        listener,
-        app,
-        Duration::from_millis(config.header_read_timeout_ms),
-        Duration::from_millis(config.shutdown_grace_ms),
-        shutdown,
-    )
-    .await;
+    edge::serve(listener, app, edge::EdgeSettings::of(&config), shutdown).await;
     // Give every slice back, then let the coordinator acknowledge what is
     // spooled, briefly.
     for key_id in state.table.idle_keys(Duration::ZERO, Instant::now()) {
@@ -226,73 +223,6 @@ pub async fn run(
     drop(state);
     while tasks.join_next().await.is_some() {}
     Ok(())
-}
-
-/// Accepts connections (HTTP/1.1 and h2c) until `shutdown`, then stops
-/// accepting and gives open requests, streams included, `grace` to finish.
-/// Connections still open after that are cut, and returns only once they
-/// are gone: their requests settle (at what was delivered) while the spool
-/// still runs, so no usage is lost to a stop. Clients get
-/// `header_read_timeout` to send their request headers.
-async fn serve(
-    listener: TcpListener,
-    app: axum::Router,
-    header_read_timeout: Duration,
-    grace: Duration,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let service = hyper_util::service::TowerToHyperService::new(app);
-    tokio::pin!(shutdown);
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let (tcp, _) = tokio::select! {
-            // Reap finished connections as they end.
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        // No Nagle: SSE chunks and small JSON answers leave at once.
-        let _ = tcp.set_nodelay(true);
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service.clone())
-            .into_owned();
-        let connection = graceful.watch(connection);
-        connections.spawn(async move {
-            let _ = connection.await;
-        });
-    }
-    drop(listener);
-    tracing::info!(
-        open = graceful.count(),
-        "shutting down: draining open connections"
-    );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = connections.len(),
-            "in-flight requests outlived the shutdown grace period: cutting them"
-        );
-        connections.abort_all();
-    }
-    while connections.join_next().await.is_some() {}
 }
 
 /// The usage a spooled record charges, as the agent counted it when it

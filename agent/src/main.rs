@@ -2,7 +2,7 @@
 //! anything, then runs the library's proxy until SIGINT or SIGTERM.
 
 use allot::telemetry::{self, LogFormat};
-use allot_agent::config::{AgentConfig, UnknownPaths};
+use allot_agent::config::{AgentConfig, UNKNOWN_PATHS_REMOVED};
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,9 +50,28 @@ struct Cli {
     /// Look model endpoints up with GET /models/{id}/endpoint on the neuron.
     #[arg(long, env = "ALLOT_AGENT_ENDPOINT_DISCOVERY")]
     endpoint_discovery: Option<bool>,
-    /// refuse or pass-through.
-    #[arg(long, env = "ALLOT_AGENT_UNKNOWN_PATHS")]
-    unknown_paths: Option<UnknownPaths>,
+    /// "METHOD /path" forwarded uncharged; repeat or comma-separate.
+    #[arg(long, env = "ALLOT_AGENT_PASS_THROUGH", value_delimiter = ',')]
+    pass_through: Option<Vec<String>>,
+    /// Removed (see pass_through); refused with a message if set.
+    #[arg(long, env = "ALLOT_AGENT_UNKNOWN_PATHS", hide = true)]
+    unknown_paths: Option<String>,
+    #[arg(long, env = "ALLOT_AGENT_HEADER_READ_TIMEOUT_MS")]
+    header_read_timeout_ms: Option<u64>,
+    #[arg(long, env = "ALLOT_AGENT_BODY_READ_TIMEOUT_MS")]
+    body_read_timeout_ms: Option<u64>,
+    #[arg(long, env = "ALLOT_AGENT_CONNECTION_IDLE_TIMEOUT_MS")]
+    connection_idle_timeout_ms: Option<u64>,
+    #[arg(long, env = "ALLOT_AGENT_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    #[arg(long, env = "ALLOT_AGENT_HTTP2_KEEP_ALIVE_INTERVAL_MS")]
+    http2_keep_alive_interval_ms: Option<u64>,
+    #[arg(long, env = "ALLOT_AGENT_HTTP2_MAX_CONCURRENT_STREAMS")]
+    http2_max_concurrent_streams: Option<u32>,
+    #[arg(long, env = "ALLOT_AGENT_UNKNOWN_KEY_CACHE_MAX")]
+    unknown_key_cache_max: Option<usize>,
+    #[arg(long, env = "ALLOT_AGENT_SHUTDOWN_GRACE_MS")]
+    shutdown_grace_ms: Option<u64>,
     /// none, fake or ollama: how node reports read the neuron.
     #[arg(long, env = "ALLOT_AGENT_NEURON_ADAPTER")]
     neuron_adapter: Option<allot_agent::config::NeuronAdapterKind>,
@@ -126,8 +145,35 @@ fn load(cli: Cli) -> Result<AgentConfig, String> {
     if !cli.gpu_vram_bytes.is_empty() {
         config.gpu_vram_bytes = cli.gpu_vram_bytes;
     }
-    if let Some(v) = cli.unknown_paths {
-        config.unknown_paths = v;
+    if cli.unknown_paths.is_some() {
+        return Err(UNKNOWN_PATHS_REMOVED.into());
+    }
+    if let Some(v) = cli.pass_through {
+        config.pass_through = v;
+    }
+    if let Some(v) = cli.header_read_timeout_ms {
+        config.header_read_timeout_ms = v;
+    }
+    if let Some(v) = cli.body_read_timeout_ms {
+        config.body_read_timeout_ms = v;
+    }
+    if let Some(v) = cli.connection_idle_timeout_ms {
+        config.connection_idle_timeout_ms = v;
+    }
+    if let Some(v) = cli.max_connections {
+        config.max_connections = v;
+    }
+    if let Some(v) = cli.http2_keep_alive_interval_ms {
+        config.http2_keep_alive_interval_ms = v;
+    }
+    if let Some(v) = cli.http2_max_concurrent_streams {
+        config.http2_max_concurrent_streams = v;
+    }
+    if let Some(v) = cli.unknown_key_cache_max {
+        config.unknown_key_cache_max = v;
+    }
+    if let Some(v) = cli.shutdown_grace_ms {
+        config.shutdown_grace_ms = v;
     }
     if let Some(v) = cli.log_format {
         config.log_format = v;

@@ -9,7 +9,6 @@
 use crate::allowance::{Admission, CachedDeny, DenyKind, Reservation};
 use crate::api_error::ApiError;
 use crate::concurrency::{Full, Slot};
-use crate::config::UnknownPaths;
 use crate::keys::{KeyInfo, Known};
 use crate::upstream::LookupError;
 use crate::usage::{self, Reported, SseScanner};
@@ -72,13 +71,18 @@ pub fn router(state: Arc<AgentState>) -> axum::Router {
         .with_state(state)
 }
 
-/// Paths allot does not meter: refused, or passed through for a valid key
-/// (`unknown_paths`), never charged.
+/// Paths allot does not meter: 404, unless `pass_through` lists the
+/// method and path; then forwarded for a valid key, never charged.
 async fn other_path(State(state): State<Arc<AgentState>>, request: Request<Body>) -> Response {
-    if state.config.unknown_paths == UnknownPaths::Refuse {
+    let allowed = state
+        .pass_through
+        .iter()
+        .any(|rule| rule.allows(request.method(), request.uri().path()));
+    if !allowed {
         return ApiError::not_found(format!(
-            "unknown path {}; allot serves /v1/chat/completions, /v1/completions, \
+            "unknown path {} {}; allot serves /v1/chat/completions, /v1/completions, \
              /v1/embeddings, /v1/responses and /v1/models",
+            request.method(),
             request.uri().path()
         ))
         .into_response();
@@ -92,9 +96,10 @@ async fn other_path(State(state): State<Arc<AgentState>>, request: Request<Body>
 async fn pass_through(state: &AgentState, request: Request<Body>) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let key = authenticate(state, &parts.headers).await?;
+    // The body first: a slow one never holds a concurrency slot.
+    let bytes = read_body(state, body).await?;
     // Uncharged, but it occupies the neuron like any other request.
     let slot = enter(state, &key.key_id)?;
-    let bytes = read_body(state, body).await?;
     let path = parts
         .uri
         .path_and_query()
@@ -246,7 +251,21 @@ fn enter(state: &AgentState, key_id: &str) -> Result<Slot, ApiError> {
 const DRAIN_BYTES: usize = 64 * 1024 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 
-async fn read_body(state: &AgentState, mut body: Body) -> Result<Bytes, ApiError> {
+/// Reads the whole request body within `body_read_timeout_ms` of the
+/// headers: a client trickling its body gets 408 instead of holding the
+/// connection.
+async fn read_body(state: &AgentState, body: Body) -> Result<Bytes, ApiError> {
+    let timeout = state.config.body_read_timeout();
+    match tokio::time::timeout(timeout, read_body_unbounded(state, body)).await {
+        Ok(read) => read,
+        Err(_) => {
+            metrics::counter!("allot_agent_body_read_timeouts_total").increment(1);
+            Err(ApiError::body_timeout(timeout))
+        }
+    }
+}
+
+async fn read_body_unbounded(state: &AgentState, mut body: Body) -> Result<Bytes, ApiError> {
     let limit = state.config.max_body_bytes;
     // A body that arrives in one frame (the common case) is kept as it
     // came; only one in several frames is copied together.
@@ -865,8 +884,9 @@ async fn admit_and_forward(
     let refused = |error: ApiError, model: &str| {
         refuse(state, key, model, &request_id.text, &parts.headers, error)
     };
-    let slot = enter(state, &key.key_id).map_err(|e| refused(e, ""))?;
+    // The body first: a client that sends it slowly never holds a slot.
     let bytes = read_body(state, body).await.map_err(|e| refused(e, ""))?;
+    let slot = enter(state, &key.key_id).map_err(|e| refused(e, ""))?;
     let mut body: Map<String, Value> = reservation::parse_body(&bytes)
         .map_err(|e| refused(ApiError::bad_request(e.message, e.param), ""))?;
     let policy = state.config.policy_for(

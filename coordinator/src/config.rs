@@ -53,6 +53,9 @@ pub struct CoordinatorConfig {
     pub max_batch_jobs: usize,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// At SIGTERM, agent sessions end and the leadership is given up at
+    /// once; other calls get this long to finish before the process exits.
+    pub shutdown_grace_ms: u64,
     /// Model catalog for placement (TOML `[[model]]` tables with `name`,
     /// `vram_bytes`, `load_ms`, `pinned`); models agents report that it
     /// does not list are added with their reported VRAM.
@@ -93,6 +96,7 @@ impl Default for CoordinatorConfig {
             settle_window_ms: 2,
             max_batch_jobs: 4096,
             log_format: LogFormat::Text,
+            shutdown_grace_ms: 10_000,
             placement_catalog: None,
             placement: crate::placement::PlacementConfig::default(),
             usage_data_path: None,

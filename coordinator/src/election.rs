@@ -103,6 +103,32 @@ async fn keep_alive(
     }
 }
 
+/// A campaign's lease until it leads. A campaign that fails, or that is
+/// dropped (the coordinator shuts down while it waits), stops keeping the
+/// lease alive and revokes it, so that its candidacy cannot win after this
+/// coordinator is gone.
+struct PendingLease {
+    client: Client,
+    lease: i64,
+    keeper: Option<JoinHandle<()>>,
+}
+
+impl Drop for PendingLease {
+    fn drop(&mut self) {
+        let Some(keeper) = self.keeper.take() else {
+            return;
+        };
+        keeper.abort();
+        let (mut client, lease) = (self.client.clone(), self.lease);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+            });
+        }
+    }
+}
+
 /// Campaigns for leadership under `{prefix}election`, blocking while
 /// another coordinator leads. Returns once this one leads and its lease
 /// has been kept alive at least once since.
@@ -117,22 +143,19 @@ pub async fn campaign(
     let lease = client.lease_grant(ttl_secs, None).await?.id();
     let (successes_tx, mut successes) = watch::channel(0u64);
     let (lost_tx, lost) = watch::channel(false);
-    let keeper = tokio::spawn(keep_alive(
-        client.clone(),
+    let mut pending = PendingLease {
+        client: client.clone(),
         lease,
-        ttl,
-        successes_tx,
-        lost_tx,
-    ));
-    let name = format!("{prefix}election");
-    let response = match client.campaign(name, candidate, lease).await {
-        Ok(response) => response,
-        Err(error) => {
-            keeper.abort();
-            let _ = client.lease_revoke(lease).await;
-            return Err(error);
-        }
+        keeper: Some(tokio::spawn(keep_alive(
+            client.clone(),
+            lease,
+            ttl,
+            successes_tx,
+            lost_tx,
+        ))),
     };
+    let name = format!("{prefix}election");
+    let response = client.campaign(name, candidate, lease).await?;
     let leader = response.leader().ok_or_else(|| {
         etcd_client::Error::ElectError("campaign answered without a leader key".into())
     })?;
@@ -151,12 +174,13 @@ pub async fn campaign(
     })
     .await;
     if !matches!(confirmed, Ok(true)) || *lost.borrow() {
-        keeper.abort();
-        let _ = client.lease_revoke(lease).await;
         return Err(etcd_client::Error::ElectError(
             "the lease was not kept alive after the election".into(),
         ));
     }
+    let Some(keeper) = pending.keeper.take() else {
+        return Err(etcd_client::Error::ElectError("no lease keeper".into()));
+    };
     Ok(Leadership {
         fence,
         lease,

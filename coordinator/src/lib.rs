@@ -99,8 +99,9 @@ pub async fn run_with_store(
         }
     });
     let ready = watch::channel(true).1;
+    let (closing, _) = watch::channel(false);
     let served = serve(
-        config, source, store, ready, fatal, usage, live, tasks, listener, shutdown,
+        config, source, store, ready, fatal, usage, live, tasks, listener, shutdown, closing,
     )
     .await;
     drain_writer(writer).await;
@@ -217,8 +218,10 @@ async fn run_etcd(
     let (fatal_tx, fatal) = watch::channel(None);
     let analytics = Analytics::open(&config).await?;
     let live = live_placement(&config)?;
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(lead_when_elected(
+    let tasks = tokio::task::JoinSet::new();
+    let (closing, _) = watch::channel(false);
+    // Not in `tasks`: at shutdown it must finish resigning, not be aborted.
+    let mut leading = tokio::spawn(lead_when_elected(
         config.clone(),
         client.clone(),
         source_tx,
@@ -226,6 +229,7 @@ async fn run_etcd(
         fatal_tx,
         analytics.as_ref().map(|a| a.rows.clone()),
         live.clone(),
+        closing.subscribe(),
     ));
     let (usage, writer) = match analytics {
         Some(a) => (Some(a.store), Some(a.writer)),
@@ -247,8 +251,18 @@ async fn run_etcd(
         tasks,
         listener,
         shutdown,
+        closing,
     )
     .await;
+    // The leadership loop saw the shutdown as it began and resigns (its
+    // etcd calls are bounded); a cut one leaves the lease to its TTL.
+    if tokio::time::timeout(Duration::from_secs(5), &mut leading)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the leadership was not given up within 5 s");
+        leading.abort();
+    }
     drain_writer(writer).await;
     served
 }
@@ -267,7 +281,9 @@ fn live_placement(config: &CoordinatorConfig) -> anyhow::Result<Arc<placement::L
 }
 
 /// The leadership loop: campaign, load, lead until the lease is lost,
-/// step down, campaign again.
+/// step down, campaign again. At shutdown (`closing`) it stops campaigning
+/// and resigns, so that a standby takes over at once rather than after
+/// `election_ttl_ms`.
 async fn lead_when_elected(
     config: CoordinatorConfig,
     client: etcd_client::Client,
@@ -276,23 +292,32 @@ async fn lead_when_elected(
     fatal: watch::Sender<Option<String>>,
     analytics: Option<tokio::sync::mpsc::UnboundedSender<Vec<pb::UsageRow>>>,
     live: Arc<placement::LivePlacement>,
+    closing: watch::Receiver<bool>,
 ) {
     let ttl = Duration::from_millis(config.election_ttl_ms);
     let mut failures = 0u32;
+    let closed = until_closing(closing);
+    tokio::pin!(closed);
     loop {
         ready.send_replace(true);
-        let mut leadership =
-            match election::campaign(&client, &config.etcd_prefix, &config.node_id, ttl).await {
-                Ok(leadership) => leadership,
-                Err(error) => {
-                    ready.send_replace(false);
-                    failures += 1;
-                    tracing::warn!(%error, "campaign failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(10))))
-                        .await;
-                    continue;
+        let campaign = election::campaign(&client, &config.etcd_prefix, &config.node_id, ttl);
+        let campaigned = tokio::select! {
+            campaigned = campaign => campaigned,
+            _ = &mut closed => break,
+        };
+        let mut leadership = match campaigned {
+            Ok(leadership) => leadership,
+            Err(error) => {
+                ready.send_replace(false);
+                failures += 1;
+                tracing::warn!(%error, "campaign failed; retrying");
+                let backoff = Duration::from_millis(200 * u64::from(failures.min(10)));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => continue,
+                    _ = &mut closed => break,
                 }
-            };
+            }
+        };
         let store: Arc<dyn Store> = Arc::new(store::etcd::EtcdStore::new(
             client.clone(),
             &config.etcd_prefix,
@@ -301,7 +326,14 @@ async fn lead_when_elected(
         let mut settings = engine_settings(&config);
         settings.analytics = analytics.clone();
         settings.placement = Some(live.clone());
-        let (engine, handle) = match Engine::load(store, settings).await {
+        let loaded = tokio::select! {
+            loaded = Engine::load(store, settings) => loaded,
+            _ = &mut closed => {
+                leadership.resign().await;
+                break;
+            }
+        };
+        let (engine, handle) = match loaded {
             Ok(loaded) => loaded,
             Err(error) => {
                 tracing::error!(%error, "cannot load the ledger as the new leader; resigning");
@@ -316,25 +348,46 @@ async fn lead_when_elected(
         metrics::counter!("allot_leader_changes_total").increment(1);
         metrics::gauge!("allot_is_leader").set(1.0);
         source.send_replace(Some(handle));
-        let engine_task = supervise_engine(engine.run());
-        let died = tokio::select! {
+        // Boxed so that it can be dropped (the engine aborted) before the
+        // resign.
+        let mut engine_task = Box::pin(supervise_engine(engine.run()));
+        let (stopping, died) = tokio::select! {
             _ = leadership.wait_lost() => {
                 tracing::warn!("leadership lost");
-                None
+                (false, None)
             }
-            outcome = engine_task => {
+            outcome = &mut engine_task => {
                 tracing::warn!("the engine stopped");
-                outcome.err()
+                (false, outcome.err())
+            }
+            _ = &mut closed => {
+                tracing::info!(node_id = config.node_id, "shutting down: resigning the leadership");
+                (true, None)
             }
         };
         source.send_replace(None);
         metrics::gauge!("allot_is_leader").set(0.0);
+        // A commit cut here is "maybe applied": agents resend what was not
+        // acknowledged, and the next leader's fenced writes decide.
+        drop(engine_task);
         leadership.resign().await;
         if let Some(reason) = died {
             // Resigned first, so that another coordinator leads at once.
             fatal.send_replace(Some(reason));
-            return;
+            break;
         }
+        if stopping {
+            break;
+        }
+    }
+    ready.send_replace(false);
+}
+
+/// Resolves once `closing` is `true`; never if its sender is gone without
+/// a shutdown.
+async fn until_closing(mut closing: watch::Receiver<bool>) {
+    if closing.wait_for(|closing| *closing).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -350,6 +403,7 @@ async fn serve(
     mut tasks: tokio::task::JoinSet<()>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    closing: watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -377,10 +431,9 @@ async fn serve(
         placement::PlacementService::new(live.clone()),
         admin::AdminAuth::new(config.admin_token.clone()),
     );
-    let sessions = pb::agent_session_server::AgentSessionServer::new(session::SessionService::new(
-        source.clone(),
-        live,
-    ))
+    let sessions = pb::agent_session_server::AgentSessionServer::new(
+        session::SessionService::new(source.clone(), live).with_shutdown(closing.subscribe()),
+    )
     .max_decoding_message_size(64 * 1024 * 1024);
     tasks.spawn(report_health(health.clone(), store, ready, fatal.clone()));
     // A dead engine stops the server: NOT_SERVING first, then no more calls.
@@ -396,7 +449,7 @@ async fn serve(
         }
     };
     tracing::info!(listen = %listener.local_addr()?, store = ?config.store, node_id = config.node_id, "coordinator serving");
-    let served = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)
@@ -405,11 +458,34 @@ async fn serve(
         .add_service(admin)
         .add_service(placement_service)
         .add_service(sessions)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            until_closing(closing.subscribe()),
+        );
+    tokio::pin!(server);
+    tokio::pin!(shutdown);
+    // At the signal, every agent session ends (the agents move to another
+    // coordinator), the leadership is given up, and the server stops
+    // accepting and waits for open calls: at most `shutdown_grace_ms`.
+    let served = tokio::select! {
+        served = &mut server => served,
+        _ = &mut shutdown => {
+            tracing::info!("shutting down: ending agent sessions");
+            closing.send_replace(true);
+            let grace = Duration::from_millis(config.shutdown_grace_ms);
+            match tokio::time::timeout(grace, &mut server).await {
+                Ok(served) => served,
+                Err(_) => {
+                    tracing::warn!("calls outlived the shutdown grace period: cutting them");
+                    Ok(())
+                }
+            }
+        }
+    };
+    closing.send_replace(true);
     drop(source);
-    // Dropping the set aborts the engine and the leadership loop; a leader
-    // that stops resigns with its lease when the process exits.
+    // The engine (embedded store), health and placement ticks; with etcd
+    // the leadership loop is not among them: it resigns on `closing`.
     tasks.shutdown().await;
     served?;
     let died = fatal.borrow().clone();

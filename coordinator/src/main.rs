@@ -42,6 +42,8 @@ struct Cli {
     settle_window_ms: Option<u64>,
     #[arg(long, env = "ALLOT_MAX_BATCH_JOBS")]
     max_batch_jobs: Option<usize>,
+    #[arg(long, env = "ALLOT_SHUTDOWN_GRACE_MS")]
+    shutdown_grace_ms: Option<u64>,
     /// text or json.
     #[arg(long, env = "ALLOT_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -108,6 +110,9 @@ fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
     }
     if let Some(v) = cli.max_batch_jobs {
         config.max_batch_jobs = v;
+    }
+    if let Some(v) = cli.shutdown_grace_ms {
+        config.shutdown_grace_ms = v;
     }
     if let Some(v) = cli.log_format {
         config.log_format = v;

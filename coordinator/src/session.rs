@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -28,12 +28,38 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub struct SessionService {
     engine: EngineSource,
     placement: Arc<LivePlacement>,
+    /// Becomes `true` when the coordinator shuts down: every session ends.
+    closing: watch::Receiver<bool>,
 }
 
 impl SessionService {
     pub fn new(engine: EngineSource, placement: Arc<LivePlacement>) -> SessionService {
-        SessionService { engine, placement }
+        SessionService {
+            engine,
+            placement,
+            closing: watch::channel(false).1,
+        }
     }
+
+    /// Ends every session, and refuses new ones, once `closing` is `true`.
+    pub fn with_shutdown(mut self, closing: watch::Receiver<bool>) -> SessionService {
+        self.closing = closing;
+        self
+    }
+}
+
+/// Resolves once `closing` is `true`; never if the coordinator is not
+/// closing (its sender gone without a shutdown).
+async fn until_closing(mut closing: watch::Receiver<bool>) {
+    if closing.wait_for(|closing| *closing).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The status that ends a session at shutdown: the agent moves on to
+/// another coordinator.
+fn shutting_down() -> Status {
+    Status::unavailable("this coordinator is shutting down; try another coordinator")
 }
 
 type SessionStream =
@@ -47,7 +73,11 @@ impl AgentSession for SessionService {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        if *self.closing.borrow() {
+            return Err(shutting_down());
+        }
         let engine = self.engine.current()?;
+        let closing = self.closing.clone();
         let mut leadership = self.engine.0.clone();
         leadership.borrow_and_update();
         let mut inbound = request.into_inner();
@@ -56,8 +86,15 @@ impl AgentSession for SessionService {
         let counters_for_link = counters.clone();
         let self_counters = counters.clone();
         let placement = self.placement.clone();
+        let session_closing = closing.clone();
         tokio::spawn(async move {
-            let hello = match inbound.message().await {
+            let closed = until_closing(session_closing);
+            tokio::pin!(closed);
+            let hello = tokio::select! {
+                message = inbound.message() => message,
+                _ = &mut closed => return,
+            };
+            let hello = match hello {
                 Ok(Some(pb::AgentMessage {
                     msg: Some(AgentMsg::Hello(hello)),
                 })) => hello,
@@ -115,13 +152,25 @@ impl AgentSession for SessionService {
                     _ = outbox.closed() => break,
                     // Leadership moved: end the session so the agent follows.
                     _ = leadership.changed() => break,
+                    _ = &mut closed => {
+                        // Ends the stream, even with the outbox full.
+                        let _ = outbox.try_send(Err(shutting_down()));
+                        break;
+                    }
                 }
             }
             placement.agent_gone(&agent_id, &outbox);
             let _ = engine.submit(disconnect_job(agent_id, outbox)).await;
         });
         let sent = self_counters;
-        let outbound = ReceiverStream::new(outbound).map(move |message| {
+        // The stream ends at shutdown even while the engine or placement
+        // still hold a sender of the outbox: a server waiting for open
+        // streams would otherwise wait forever.
+        let outbound = futures_util::StreamExt::take_until(
+            ReceiverStream::new(outbound),
+            until_closing(closing),
+        )
+        .map(move |message| {
             sent.sent.fetch_add(1, Ordering::Relaxed);
             message
         });

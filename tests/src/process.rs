@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 
 /// A workspace binary from `target/<profile>/`: next to the running
 /// executable (a bench binary) or one level up (a test in `deps/`).
@@ -103,6 +103,32 @@ impl CoordinatorProcess {
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
+
+    /// `kill -TERM`: a graceful stop.
+    pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Waits (polling) until the process has exited; its status, or `None`
+    /// if it still runs after `deadline`.
+    pub fn wait_exit(&mut self, deadline: std::time::Duration) -> Option<ExitStatus> {
+        let status = wait_exit(self.child.as_mut()?, deadline)?;
+        self.child = None;
+        Some(status)
+    }
+}
+
+fn wait_exit(child: &mut Child, deadline: std::time::Duration) -> Option<ExitStatus> {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 impl Drop for CoordinatorProcess {
@@ -148,6 +174,18 @@ impl ServiceProcess {
             ),
             log,
         }
+    }
+
+    /// Sends SIGTERM and waits (polling) until the process has exited; its
+    /// status, or `None` if it still runs after `deadline`.
+    pub fn terminate_within(&mut self, deadline: std::time::Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = wait_exit(child, deadline)?;
+        self.child = None;
+        Some(status)
     }
 
     /// Stops it with SIGTERM (a graceful shutdown) and waits.

@@ -464,19 +464,23 @@ async fn concurrency_bounds_refuse_per_key_with_429_and_per_agent_with_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn other_paths_are_refused_by_default_and_passed_through_uncharged_when_configured() {
+async fn other_paths_are_refused_unless_allow_listed_and_then_passed_through_uncharged() {
     let mut stack = Stack::start().await;
     let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
         .await;
-    let get = |stack: &Stack, secret: Option<&str>| {
-        let mut request = stack.http.get(format!("{}/_fake/hits", stack.agent_url()));
+    let send = |stack: &Stack, method: reqwest::Method, path: &str, secret: Option<&str>| {
+        let mut request = stack
+            .http
+            .request(method, format!("{}{path}", stack.agent_url()));
         if let Some(secret) = secret {
             request = request.bearer_auth(secret);
         }
         request.send()
     };
-    let refused = get(&stack, Some(&secret)).await.unwrap();
+    let refused = send(&stack, reqwest::Method::GET, "/_fake/hits", Some(&secret))
+        .await
+        .unwrap();
     assert_eq!(refused.status(), 404);
     let body: Value = refused.json().await.unwrap();
     assert!(body["error"]["message"]
@@ -484,16 +488,50 @@ async fn other_paths_are_refused_by_default_and_passed_through_uncharged_when_co
         .unwrap()
         .contains("/v1/embeddings"));
 
-    stack.agent_config.unknown_paths = allot_agent::config::UnknownPaths::PassThrough;
+    stack.agent_config.pass_through = vec!["GET /_fake/hits".into()];
     stack.agent.take().unwrap().stop().await;
     stack.restart_agent().await;
-    assert_eq!(get(&stack, None).await.unwrap().status(), 401);
-    let passed = get(&stack, Some(&secret)).await.unwrap();
+    assert_eq!(
+        send(&stack, reqwest::Method::GET, "/_fake/hits", None)
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    // One metered request, so that the neuron's counter is not zero.
+    assert_eq!(stack.chat(&secret, chat_body(5)).await.status(), 200);
+    assert_eq!(stack.neuron.hits(), 1);
+    // Not on the list: another method, another path, a path that climbs
+    // out of an allowed one. None reaches the neuron: `/_fake/reset` would
+    // zero its counter, `unload` would unload the model.
+    for (method, path) in [
+        (reqwest::Method::POST, "/_fake/hits"),
+        (reqwest::Method::POST, "/_fake/reset"),
+        (reqwest::Method::POST, "/_fake/models/fake-model/unload"),
+        (reqwest::Method::GET, "/_fake/hits/../reset"),
+    ] {
+        let response = send(&stack, method.clone(), path, Some(&secret))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{method} {path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unknown_url", "{method} {path}");
+    }
+    assert_eq!(stack.neuron.hits(), 1, "nothing reached the neuron");
+    let passed = send(&stack, reqwest::Method::GET, "/_fake/hits", Some(&secret))
+        .await
+        .unwrap();
     assert_eq!(passed.status(), 200);
     let counters: Value = passed.json().await.unwrap();
-    assert_eq!(counters["hits"], 0, "the neuron's own answer: {counters}");
-    assert_eq!(stack.settled_records().await, 0);
-    assert_eq!(spent_tokens(&stack, &key_id).await, 0);
+    assert_eq!(counters["hits"], 1, "the neuron's own answer: {counters}");
+    wait_settled(&stack, 1, "the metered request to settle").await;
+    assert_eq!(
+        stack.settled_records().await,
+        1,
+        "pass-through is uncharged"
+    );
+    let (spent, _) = stack.key_usage(&key_id, pb::Unit::Tokens).await;
+    assert!(spent > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
