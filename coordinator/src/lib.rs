@@ -284,6 +284,7 @@ fn live_placement(config: &CoordinatorConfig) -> anyhow::Result<Arc<placement::L
 /// step down, campaign again. At shutdown (`closing`) it stops campaigning
 /// and resigns, so that a standby takes over at once rather than after
 /// `election_ttl_ms`.
+#[allow(clippy::too_many_arguments)]
 async fn lead_when_elected(
     config: CoordinatorConfig,
     client: etcd_client::Client,
