@@ -106,7 +106,7 @@ pub struct Effects {
 }
 
 impl Effects {
-    fn new(now: UnixMs) -> Effects {
+    pub(crate) fn new(now: UnixMs) -> Effects {
         Effects {
             now,
             writes: Vec::new(),
