@@ -18,6 +18,8 @@ pub mod config;
 pub mod election;
 pub mod engine;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod grant;
 pub mod ledger;
 pub mod placement;

@@ -277,7 +277,7 @@ fn is_current(core: &Core, agent_id: &str, outbox: &Outbox) -> bool {
         .is_some_and(|link| link.outbox.same_channel(outbox))
 }
 
-fn agent_job(agent_id: String, outbox: Outbox, command: Command) -> Job {
+pub(crate) fn agent_job(agent_id: String, outbox: Outbox, command: Command) -> Job {
     Box::new(move |core: &mut Core, fx: &mut Effects| {
         // Messages of a replaced session are ignored: the new one owns the agent.
         if !is_current(core, &agent_id, &outbox) {
@@ -706,246 +706,22 @@ fn push_depletions(core: &mut Core, fx: &mut Effects, records: &[pb::UsageRecord
 
 #[cfg(test)]
 mod fuzz {
-    //! Arbitrary agent message sequences, through the real edge
-    //! (`wire::command`) and the real session jobs, into a ledger: nothing
-    //! panics, every amount stays non-negative, and asks and give-backs
-    //! alone never hold more than a cap.
-    use super::*;
-    use crate::engine::{EngineSettings, SessionCounters};
-    use crate::ledger::{KeyRecord, Ledger, LedgerConfig, Scope};
-    use allot::key::Purpose;
-    use allot::limit::{Limit, Window};
-    use allot::{Amounts, Unit};
+    //! Arbitrary agent message sequences through the real edge and session
+    //! jobs (`crate::fuzzing`, also driven by `fuzz/fuzz_targets/engine_messages.rs`).
+    use crate::fuzzing::{strategy, Harness};
     use proptest::prelude::*;
-    use rust_decimal::Decimal;
-    use std::collections::{HashMap, HashSet};
 
-    const NOW: i64 = 1_795_595_400_000;
-    const AGENTS: [&str; 2] = ["a1", "a2"];
-    const CAP: i64 = 1_000;
-
-    fn count() -> impl Strategy<Value = Option<u64>> {
-        prop_oneof![
-            Just(None),
-            (0u64..2_000).prop_map(Some),
-            Just(Some(crate::wire::MAX_UNITS)),
-            Just(Some(crate::wire::MAX_UNITS + 1)),
-            Just(Some(u64::MAX)),
-        ]
-    }
-
-    fn credits() -> impl Strategy<Value = Option<String>> {
-        prop_oneof![
-            Just(None),
-            Just(Some("1.5".to_string())),
-            Just(Some("0".to_string())),
-            Just(Some("-1".to_string())),
-            Just(Some("1e9".to_string())),
-            Just(Some("99999999999999999999999999999".to_string())),
-            Just(Some("lots".to_string())),
-        ]
-    }
-
-    fn amounts() -> impl Strategy<Value = Option<pb::Amounts>> {
-        prop_oneof![
-            1 => Just(None),
-            6 => (count(), count(), credits()).prop_map(|(requests, tokens, credits)| Some(pb::Amounts {
-                requests,
-                tokens,
-                credits,
-            })),
-        ]
-    }
-
-    fn key_id() -> impl Strategy<Value = String> {
-        prop_oneof![
-            Just("k1".to_string()),
-            Just("k2".to_string()),
-            Just("nokey".to_string()),
-            Just("bad id!".to_string()),
-        ]
-    }
-
-    fn record() -> impl Strategy<Value = pb::UsageRecord> {
-        (
-            prop_oneof![Just(0u64), 1u64..12, Just(u64::MAX)],
-            key_id(),
-            prop_oneof![
-                0u64..500,
-                Just(crate::wire::MAX_RECORD_TOKENS + 1),
-                Just(u64::MAX)
-            ],
-            prop_oneof![0u64..500, Just(u64::MAX)],
-            prop_oneof![0i32..4, Just(99)],
-            any::<bool>(),
-            amounts(),
-        )
-            .prop_map(
-                |(seq, key_id, prompt_tokens, completion_tokens, purpose, charged, reserved)| {
-                    pb::UsageRecord {
-                        seq,
-                        key_id,
-                        prompt_tokens,
-                        completion_tokens,
-                        purpose,
-                        charged,
-                        reserved,
-                        model_requested: "m".into(),
-                        ..Default::default()
-                    }
-                },
-            )
-    }
-
-    fn message(with_usage: bool) -> BoxedStrategy<AgentMsg> {
-        let ask = (any::<u64>(), key_id(), amounts(), amounts()).prop_map(
-            |(ask_id, key_id, need, want)| {
-                AgentMsg::Ask(pb::AllowanceAsk {
-                    ask_id,
-                    key_id,
-                    need,
-                    want,
-                })
-            },
-        );
-        let give_back = (key_id(), amounts())
-            .prop_map(|(key_id, amount)| AgentMsg::GiveBack(pb::Return { key_id, amount }));
-        if !with_usage {
-            return prop_oneof![3 => ask, 1 => give_back].boxed();
+    fn run(
+        messages: Vec<(usize, allot::pb::agent_message::Msg)>,
+        within_caps: bool,
+    ) -> Result<(), TestCaseError> {
+        let mut harness = Harness::new();
+        for (agent, msg) in messages {
+            harness
+                .step(agent, msg, within_caps)
+                .map_err(TestCaseError::fail)?;
         }
-        prop_oneof![
-            3 => ask,
-            1 => give_back,
-            2 => prop::collection::vec(record(), 0..4)
-                .prop_map(|records| AgentMsg::Usage(pb::UsageBatch { records })),
-            1 => prop::collection::vec((key_id(), amounts()), 0..3).prop_map(|slices| {
-                AgentMsg::Reconcile(pb::Reconcile {
-                    slices: slices
-                        .into_iter()
-                        .map(|(key_id, held)| pb::SliceReport { key_id, held })
-                        .collect(),
-                })
-            }),
-            1 => prop::collection::vec(any::<u8>(), 0..40)
-                .prop_map(|key_hash| AgentMsg::KeyLookup(pb::KeyLookup { key_hash })),
-        ]
-        .boxed()
-    }
-
-    /// A core with account `acme`, keys `k1` (token, request and credit
-    /// caps of 1,000) and `k2` (the largest token cap), and agents `a1`
-    /// and `a2` connected.
-    fn core() -> (Core, Vec<Outbox>) {
-        let mut ledger = Ledger::new(LedgerConfig::default());
-        let mut w = Vec::new();
-        ledger.create_account("acme", "Acme", NOW, &mut w).unwrap();
-        for (i, key_id) in ["k1", "k2"].into_iter().enumerate() {
-            ledger
-                .create_key(
-                    KeyRecord {
-                        key_id: key_id.into(),
-                        account_id: "acme".into(),
-                        hash: KeyHash::of_secret(&format!("s{i}")),
-                        purpose: Purpose::Realtime,
-                        revoked: false,
-                        allowed_models: vec![],
-                        name: String::new(),
-                        limits: vec![],
-                        created_at_ms: NOW,
-                    },
-                    &mut w,
-                )
-                .unwrap();
-        }
-        let limits = [Unit::Tokens, Unit::Requests, Unit::Credits]
-            .into_iter()
-            .map(|unit| Limit {
-                unit,
-                amount: Decimal::from(CAP),
-                window: Window::Balance,
-            })
-            .collect();
-        ledger
-            .set_limits(&Scope::Key("k1".into()), limits, NOW, &mut w)
-            .unwrap();
-        // The largest cap Admin accepts: products of it and an ask must
-        // stay inside Decimal's range.
-        let largest = Limit {
-            unit: Unit::Tokens,
-            amount: Decimal::from(allot::bounds::MAX_AMOUNT),
-            window: Window::Balance,
-        };
-        ledger
-            .set_limits(&Scope::Key("k2".into()), vec![largest], NOW, &mut w)
-            .unwrap();
-        let mut sessions = HashMap::new();
-        let mut outboxes = Vec::new();
-        for agent in AGENTS {
-            ledger.hello(agent, 1, "n", &mut w).unwrap();
-            let (outbox, receiver) = mpsc::channel(1);
-            std::mem::forget(receiver);
-            sessions.insert(
-                agent.to_string(),
-                SessionLink {
-                    epoch: 1,
-                    outbox: outbox.clone(),
-                    counters: Arc::new(SessionCounters::default()),
-                    prompt_overheads: Default::default(),
-                },
-            );
-            outboxes.push(outbox);
-        }
-        ledger.flush(&mut w);
-        let core = Core {
-            parked: Vec::new(),
-            revoked_at: HashMap::new(),
-            depletion_pushed: HashMap::new(),
-            ledger,
-            sessions,
-            watchers: HashMap::new(),
-            disconnected: HashMap::new(),
-            settings: EngineSettings::default(),
-        };
-        (core, outboxes)
-    }
-
-    /// Runs `messages` as the engine would, checking after each one.
-    fn run(messages: Vec<(usize, AgentMsg)>, holds_within_caps: bool) -> Result<(), TestCaseError> {
-        let (mut core, outboxes) = core();
-        for (step, (agent, msg)) in messages.into_iter().enumerate() {
-            let Ok(command) = crate::wire::command(msg) else {
-                continue; // The session ends with INVALID_ARGUMENT.
-            };
-            let mut fx = Effects::new(NOW + step as i64);
-            let job = agent_job(AGENTS[agent].to_string(), outboxes[agent].clone(), command);
-            job(&mut core, &mut fx);
-            core.ledger.flush(&mut fx.writes);
-            for key_id in ["k1", "k2"] {
-                for view in core.ledger.limit_views(key_id, fx.now).unwrap() {
-                    prop_assert!(view.remaining >= Decimal::ZERO, "{view:?}");
-                    prop_assert!(view.held >= Decimal::ZERO, "{view:?}");
-                    prop_assert!(view.spent >= Decimal::ZERO, "{view:?}");
-                    if holds_within_caps {
-                        prop_assert!(
-                            view.spent + view.held <= view.limit.amount,
-                            "step {step}: {view:?}"
-                        );
-                    }
-                }
-            }
-            let holders: HashSet<String> = core.ledger.holders_of("k1").into_iter().collect();
-            prop_assert!(holders.iter().all(|h| AGENTS.contains(&h.as_str())));
-            for agent in AGENTS {
-                for (_, held) in core.ledger.slices_of(agent) {
-                    prop_assert!(held.0.iter().flatten().all(|v| *v >= Decimal::ZERO));
-                }
-            }
-        }
-        // The parked asks are retried like the engine's tick does.
-        let mut fx = Effects::new(NOW + 10_000);
-        retry_parked(&mut core, &mut fx);
-        let _ = Amounts::zero();
-        Ok(())
+        harness.finish().map_err(TestCaseError::fail)
     }
 
     proptest! {
@@ -953,14 +729,14 @@ mod fuzz {
 
         #[test]
         fn any_message_sequence_is_answered_without_panicking_or_negative_amounts(
-            messages in prop::collection::vec((0usize..2, message(true)), 1..40)
+            messages in prop::collection::vec((0usize..2, strategy::message(true)), 1..40)
         ) {
             run(messages, false)?;
         }
 
         #[test]
         fn asks_and_give_backs_never_hold_more_than_a_cap(
-            messages in prop::collection::vec((0usize..2, message(false)), 1..60)
+            messages in prop::collection::vec((0usize..2, strategy::message(false)), 1..60)
         ) {
             run(messages, true)?;
         }
