@@ -437,7 +437,7 @@ async fn serve(
     let sessions = pb::agent_session_server::AgentSessionServer::new(
         session::SessionService::new(source.clone(), live).with_shutdown(closing.subscribe()),
     )
-    .max_decoding_message_size(64 * 1024 * 1024);
+    .max_decoding_message_size(wire::MAX_MESSAGE_BYTES);
     tasks.spawn(report_health(health.clone(), store, ready, fatal.clone()));
     // A dead engine stops the server: NOT_SERVING first, then no more calls.
     let mut died = fatal.clone();

@@ -108,6 +108,7 @@ impl AgentSession for SessionService {
                 }
                 Err(_) => return,
             };
+            let neuron_id = hello.neuron_id.clone();
             let Some(agent_id) = accept_hello(&engine, hello, &outbox, counters_for_link).await
             else {
                 return;
@@ -122,6 +123,13 @@ impl AgentSession for SessionService {
                             // reports never wait on the engine.
                             let msg = match msg {
                                 AgentMsg::NodeStatus(status) => {
+                                    // Bounded, and only for the agent's own neuron.
+                                    if let Err(invalid) = crate::wire::node_status(&status, &neuron_id) {
+                                        metrics::counter!("allot_session_invalid_messages_total").increment(1);
+                                        tracing::warn!(agent_id, field = invalid.field, "invalid node report; ending the session");
+                                        let _ = outbox.send(Err(Status::invalid_argument(invalid.to_string()))).await;
+                                        break;
+                                    }
                                     placement.report(&agent_id, status, allot::clock::now_ms());
                                     continue;
                                 }

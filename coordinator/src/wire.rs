@@ -13,7 +13,12 @@
 //!   wedge the agent's usage stream;
 //! - strings of a usage record: at most [`MAX_RECORD_STRING`] bytes;
 //! - records in one batch: at most [`MAX_BATCH_RECORDS`], slices in one
-//!   reconcile: at most [`MAX_RECONCILE_SLICES`].
+//!   reconcile: at most [`MAX_RECONCILE_SLICES`], one message at most
+//!   [`MAX_MESSAGE_BYTES`];
+//! - node reports: only for the agent's own neuron (its Hello's), an
+//!   `http(s)` endpoint, at most [`MAX_NODE_GPUS`] GPUs and
+//!   [`MAX_NODE_MODELS`] models, strings of at most [`MAX_NODE_STRING`]
+//!   bytes.
 
 use crate::ledger::Usage;
 use allot::error::InvalidArgument;
@@ -23,6 +28,10 @@ use allot::pb::agent_message::Msg as AgentMsg;
 use allot::{money, Amounts, Unit};
 use rust_decimal::Decimal;
 
+/// Largest agent message the coordinator decodes (8 MiB): a full usage
+/// batch or a reconcile of 100,000 slices fits; a 24 MB node report does
+/// not even reach the decoder's memory.
+pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 /// Largest count of requests or tokens one wire amount may carry (10^15):
 /// any product of two admitted amounts stays inside `Decimal`'s range.
 pub const MAX_UNITS: u64 = 1_000_000_000_000_000;
@@ -150,6 +159,69 @@ pub fn command(message: AgentMsg) -> Result<Command, InvalidArgument> {
             "node reports are not engine commands",
         )),
     }
+}
+
+/// Most GPUs in one node report.
+pub const MAX_NODE_GPUS: usize = 64;
+/// Most models in one node report.
+pub const MAX_NODE_MODELS: usize = 256;
+/// Most capabilities of one model, each at most [`MAX_NODE_STRING`] bytes.
+pub const MAX_MODEL_CAPABILITIES: usize = 32;
+/// Longest string of a node report (ids, model names, the endpoint).
+pub const MAX_NODE_STRING: usize = 512;
+
+/// Checks a node report: bounded in size and model count, for the neuron
+/// the agent named in its Hello, with an `http(s)` endpoint (placement
+/// sends clients there).
+pub fn node_status(status: &pb::NodeStatus, own_neuron: &str) -> Result<(), InvalidArgument> {
+    if status.neuron_id != own_neuron {
+        return Err(InvalidArgument::new(
+            "node_status.neuron_id",
+            format!(
+                "an agent reports only its own neuron ({own_neuron:?}, from its hello), not {:?}",
+                allot::bounds::truncated(&status.neuron_id, 64)
+            ),
+        ));
+    }
+    if status.endpoint.len() > MAX_NODE_STRING
+        || !(status.endpoint.starts_with("http://") || status.endpoint.starts_with("https://"))
+    {
+        return Err(InvalidArgument::new(
+            "node_status.endpoint",
+            format!("must be an http:// or https:// URL of at most {MAX_NODE_STRING} bytes"),
+        ));
+    }
+    if status.gpus.len() > MAX_NODE_GPUS {
+        return Err(InvalidArgument::new(
+            "node_status.gpus",
+            format!("must list at most {MAX_NODE_GPUS} GPUs"),
+        ));
+    }
+    if status.models.len() > MAX_NODE_MODELS {
+        return Err(InvalidArgument::new(
+            "node_status.models",
+            format!("must list at most {MAX_NODE_MODELS} models"),
+        ));
+    }
+    for (i, model) in status.models.iter().enumerate() {
+        if model.model.is_empty() || model.model.len() > MAX_NODE_STRING {
+            return Err(InvalidArgument::new(
+                format!("node_status.models[{i}].model"),
+                format!("must be 1 to {MAX_NODE_STRING} bytes"),
+            ));
+        }
+        if model.capabilities.len() > MAX_MODEL_CAPABILITIES
+            || model.capabilities.iter().any(|c| c.len() > MAX_NODE_STRING)
+        {
+            return Err(InvalidArgument::new(
+                format!("node_status.models[{i}].capabilities"),
+                format!(
+                    "must list at most {MAX_MODEL_CAPABILITIES} capabilities of at most {MAX_NODE_STRING} bytes"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn bounded_bytes(field: &str, bytes: Vec<u8>, max: usize) -> Result<Vec<u8>, InvalidArgument> {
@@ -357,6 +429,53 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(err.field, "reconcile.slices[0].held.requests");
+    }
+
+    #[test]
+    fn node_reports_are_bounded_and_only_for_the_agents_own_neuron() {
+        let good = pb::NodeStatus {
+            neuron_id: "n1".into(),
+            endpoint: "http://10.0.0.1:8000".into(),
+            ..Default::default()
+        };
+        assert!(node_status(&good, "n1").is_ok());
+        assert_eq!(
+            node_status(&good, "n2").unwrap_err().field,
+            "node_status.neuron_id"
+        );
+        let attacker = pb::NodeStatus {
+            endpoint: "javascript:alert(1)".into(),
+            ..good.clone()
+        };
+        assert_eq!(
+            node_status(&attacker, "n1").unwrap_err().field,
+            "node_status.endpoint"
+        );
+        let huge = pb::NodeStatus {
+            models: vec![
+                pb::ModelState {
+                    model: "m".into(),
+                    ..Default::default()
+                };
+                MAX_NODE_MODELS + 1
+            ],
+            ..good.clone()
+        };
+        assert_eq!(
+            node_status(&huge, "n1").unwrap_err().field,
+            "node_status.models"
+        );
+        let long_name = pb::NodeStatus {
+            models: vec![pb::ModelState {
+                model: "m".repeat(MAX_NODE_STRING + 1),
+                ..Default::default()
+            }],
+            ..good
+        };
+        assert_eq!(
+            node_status(&long_name, "n1").unwrap_err().field,
+            "node_status.models[0].model"
+        );
     }
 
     #[test]

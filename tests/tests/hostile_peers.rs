@@ -283,3 +283,97 @@ async fn a_dead_engine_turns_health_not_serving_and_the_coordinator_exits_with_a
     // Nothing answers SERVING once it stopped.
     assert_ne!(health(url).await, Some(1));
 }
+
+async fn fleet_endpoints(url: &str) -> Vec<String> {
+    let mut client = pb::placement_client::PlacementClient::connect(url.to_string())
+        .await
+        .unwrap();
+    client
+        .fleet(authed(pb::FleetRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+        .into_iter()
+        .map(|n| n.endpoint)
+        .collect()
+}
+
+/// A Hello naming `neuron_id`, then `status`.
+async fn report_as(url: &str, neuron_id: &str, status: pb::NodeStatus) -> tonic::Status {
+    let mut client = pb::agent_session_client::AgentSessionClient::connect(url.to_string())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            agent_id: "reporter".into(),
+            epoch: 1,
+            neuron_id: neuron_id.into(),
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::NodeStatus(status)),
+    })
+    .await
+    .unwrap();
+    let mut inbound = match client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => return status,
+    };
+    let status = next_answer(&mut inbound)
+        .await
+        .expect_err("the session ends");
+    drop(tx);
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reports_only_its_own_neuron_and_bounded_reports() {
+    let stack = Stack::start().await;
+    // Another agent's neuron, pointing clients at an attacker.
+    let status = report_as(
+        &stack.coordinator_url,
+        "my-neuron",
+        pb::NodeStatus {
+            neuron_id: "neuron-1".into(),
+            endpoint: "http://attacker.example:443".into(),
+            healthy: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("node_status.neuron_id"),
+        "{}",
+        status.message()
+    );
+    // A report of 24 MB is refused before it is decoded.
+    let huge = pb::NodeStatus {
+        neuron_id: "my-neuron".into(),
+        endpoint: "http://127.0.0.1:1".into(),
+        models: (0..100_000)
+            .map(|i| pb::ModelState {
+                model: format!("model-{i}-{}", "x".repeat(220)),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let status = report_as(&stack.coordinator_url, "my-neuron", huge).await;
+    assert_ne!(status.code(), tonic::Code::Ok);
+    // Neither reached the fleet view.
+    let endpoints = fleet_endpoints(&stack.coordinator_url).await;
+    assert!(
+        endpoints
+            .iter()
+            .all(|e| !e.contains("attacker") && !e.contains("127.0.0.1:1")),
+        "{endpoints:?}"
+    );
+}

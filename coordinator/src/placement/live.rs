@@ -154,6 +154,10 @@ pub struct Served {
     pub tokens: u64,
 }
 
+/// Most models the catalog learns from node reports (beyond the operator's
+/// catalog file); further unknown models are not placed.
+pub const MAX_CATALOG_MODELS: usize = 10_000;
+
 impl Served {
     /// `None` for a record that charged nothing (a refusal).
     pub fn of(record: &pb::UsageRecord) -> Option<Served> {
@@ -253,6 +257,12 @@ impl LivePlacement {
             };
             let model_id = match inner.catalog.id(&model.model) {
                 Some(id) => id,
+                // Reported models join the catalog, up to a bound: a node
+                // cycling through model names cannot grow it for ever.
+                None if inner.catalog.len() >= MAX_CATALOG_MODELS => {
+                    metrics::counter!("allot_placement_models_ignored_total").increment(1);
+                    continue;
+                }
                 None => inner.catalog.insert(ModelSpec::new(
                     model.model.clone(),
                     model.vram_bytes,
