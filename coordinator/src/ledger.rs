@@ -108,6 +108,10 @@ impl ScopeCounters {
     }
 }
 
+/// How far one `Hello` may move an agent's epoch ahead: an agent adds one
+/// at each start, so this allows a million restarts between two sessions.
+pub const MAX_EPOCH_STEP: u64 = 1_000_000;
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AgentRecord {
     pub agent_id: String,
@@ -688,6 +692,8 @@ impl Ledger {
 
     /// An agent (re)connects: checks its epoch and answers its usage
     /// high-water mark. Its slices are replaced by [`Ledger::reconcile`].
+    /// An agent's `Hello`: its epoch may not go back, nor jump more than
+    /// [`MAX_EPOCH_STEP`] ahead.
     pub fn hello(
         &mut self,
         agent_id: &str,
@@ -708,6 +714,18 @@ impl Ledger {
             return Err(LedgerError::FailedPrecondition(format!(
                 "agent {agent_id} epoch {epoch} is older than the current epoch {}",
                 record.epoch
+            )));
+        }
+        // An agent's epoch grows by one at each start: a Hello may not
+        // jump it far ahead (to u64::MAX, say), which would lock the real
+        // agent out.
+        if epoch - record.epoch > MAX_EPOCH_STEP {
+            return Err(LedgerError::Invalid(allot::error::InvalidArgument::new(
+                "hello.epoch",
+                format!(
+                    "may be at most {MAX_EPOCH_STEP} above the current epoch {} of agent {agent_id}",
+                    record.epoch
+                ),
             )));
         }
         record.epoch = epoch;

@@ -251,9 +251,7 @@ async fn accept_hello(
     match result {
         Ok(()) => Some(agent_id),
         Err(e) => {
-            let _ = outbox
-                .send(Err(Status::failed_precondition(e.to_string())))
-                .await;
+            let _ = outbox.send(Err(Status::from(e))).await;
             None
         }
     }

@@ -377,3 +377,45 @@ async fn an_agent_reports_only_its_own_neuron_and_bounded_reports() {
         "{endpoints:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_cannot_jump_an_agents_epoch_to_lock_it_out() {
+    let stack = Stack::start().await;
+    stack.wait_for_agent().await;
+    let mut client =
+        pb::agent_session_client::AgentSessionClient::connect(stack.coordinator_url.clone())
+            .await
+            .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            agent_id: "agent-1".into(),
+            epoch: u64::MAX,
+            neuron_id: "neuron-1".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = next_answer(&mut inbound).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("hello.epoch"),
+        "{}",
+        status.message()
+    );
+    drop(tx);
+    // The real agent still serves, and comes back after a restart.
+    let (_, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    assert_eq!(stack.chat(&secret, chat_body(5)).await.status(), 200);
+    let mut stack = stack;
+    stack.restart_agent().await;
+    stack.wait_for_agent().await;
+    assert_eq!(stack.chat(&secret, chat_body(5)).await.status(), 200);
+}
