@@ -133,6 +133,7 @@ pub async fn run(
                 endpoints: config.coordinators.clone(),
                 lease_margin: Duration::from_millis(config.lease_margin_ms),
                 connect_timeout: Duration::from_millis(config.coordinator_connect_timeout_ms),
+                spool_dir: config.spool_dir.clone(),
             },
         },
         stop_rx.clone(),

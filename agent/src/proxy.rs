@@ -133,6 +133,9 @@ async fn pass_through(state: &AgentState, request: Request<Body>) -> Result<Resp
 /// spool admits requests; otherwise 503 with what is wrong.
 async fn ready(State(state): State<Arc<AgentState>>) -> Response {
     let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    if let Some(refusal) = state.link.refusal() {
+        return unavailable(refusal);
+    }
     if let Some(refusal) = state.durability.refusal() {
         return unavailable(ApiError::from(refusal).message);
     }
