@@ -469,3 +469,238 @@ on_both_stores!(
     admin_calls_need_the_token_and_name_the_invalid_field,
     no_402_ever_across_a_randomized_run_over_mixed_limits
 );
+
+/// Durable before delivered (DESIGN "Settlement, exactly once"): the agent
+/// runs as its own process and is killed with SIGKILL, again and again,
+/// under steady load of plain and streamed requests, and restarted on the
+/// same spool directory. Every response a client received in full (200
+/// with usage, or a stream that reached `[DONE]`) is charged exactly once.
+/// `ALLOT_E2E_AGENT` may name another agent binary (to see an older one
+/// fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_delivered_in_full_survives_repeated_kill_9_of_the_agent_and_is_charged_once(
+) {
+    use allot_e2e::process::{free_addr, ServiceProcess};
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    const ROUNDS: usize = 5;
+    const WORKERS: usize = 8;
+    const COMPLETIONS_PER_ROUND: usize = 150;
+
+    let mut stack = Stack::start().await;
+    stack.agent.take().unwrap().stop().await;
+    let (key_id, secret) = stack
+        .key_with_limits(
+            "acme",
+            vec![limit(pb::Unit::Tokens, "1000000000000", balance())],
+        )
+        .await;
+    let addr = free_addr();
+    let agent_url = format!("http://{addr}");
+    let spool = stack.dir.0.join("kill9-spool");
+    let binary = std::env::var_os("ALLOT_E2E_AGENT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| allot_e2e::process::binary("allot-agent"));
+    let start_agent = |round: usize| {
+        let args: Vec<String> = [
+            "--listen",
+            &addr.to_string(),
+            "--metrics-listen",
+            "off",
+            "--coordinators",
+            &stack.coordinator_url,
+            "--agent-id",
+            "agent-k9",
+            "--neuron-id",
+            "neuron-1",
+            "--neuron-url",
+            &stack.neuron_url,
+            "--spool-dir",
+            &spool.display().to_string(),
+            "--allowance-wait-ms",
+            "2000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = stack.dir.0.join(format!("agent-{round}.log"));
+        ServiceProcess::spawn_binary(&binary, &args, &[("RUST_LOG", "info".into())], log)
+    };
+
+    // Completed responses: request id → total tokens the client saw.
+    let completed: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for worker in 0..WORKERS {
+        let (completed, stop, url, secret) = (
+            completed.clone(),
+            stop.clone(),
+            format!("{agent_url}/v1/chat/completions"),
+            secret.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let request_id = format!("k9-{worker}-{n}");
+                let streamed = n.is_multiple_of(2);
+                let body = if streamed {
+                    stream_body(true)
+                } else {
+                    chat_body(5)
+                };
+                let tokens = async {
+                    let response = http
+                        .post(&url)
+                        .bearer_auth(&secret)
+                        .header("x-request-id", &request_id)
+                        .json(&body)
+                        .send()
+                        .await
+                        .ok()?;
+                    if response.status() != 200 {
+                        return None;
+                    }
+                    let text = response.text().await.ok()?;
+                    if !streamed {
+                        let body: serde_json::Value = serde_json::from_str(&text).ok()?;
+                        return body["usage"]["total_tokens"].as_u64();
+                    }
+                    if !text.ends_with("data: [DONE]\n\n") {
+                        return None;
+                    }
+                    text.split("\n\n")
+                        .filter_map(|event| event.strip_prefix("data: "))
+                        .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+                        .find_map(|event| event["usage"]["total_tokens"].as_u64())
+                }
+                .await;
+                match tokens {
+                    Some(tokens) => {
+                        completed.lock().unwrap().insert(request_id, tokens);
+                    }
+                    // The agent is down or restarting: pace the retries.
+                    None => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        }));
+    }
+
+    let count = || completed.lock().unwrap().len();
+    for round in 0..ROUNDS {
+        let agent = start_agent(round);
+        wait_agent_ready(&agent_url, Duration::from_secs(30)).await;
+        let target = count() + COMPLETIONS_PER_ROUND;
+        wait_until(
+            "clients to complete requests through the agent",
+            Duration::from_secs(30),
+            || async { count() >= target },
+        )
+        .await;
+        // SIGKILL under load: no drain, no flush.
+        drop(agent);
+    }
+    let _agent = start_agent(ROUNDS);
+    wait_agent_ready(&agent_url, Duration::from_secs(30)).await;
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+
+    let completed = completed.lock().unwrap().clone();
+    let rows_of = |rows: &[pb::UsageRow]| {
+        let mut by_request: HashMap<String, Vec<pb::UsageRecord>> = HashMap::new();
+        for row in rows {
+            let record = row.record.clone().unwrap();
+            by_request
+                .entry(record.request_id.clone())
+                .or_default()
+                .push(record);
+        }
+        by_request
+    };
+    // Every completed request settled (polled, with a deadline).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let rows = list_all_usage(&stack, &key_id).await.unwrap_or_default();
+        let by_request = rows_of(&rows);
+        if completed.keys().all(|id| by_request.contains_key(id)) {
+            break rows;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let missing: Vec<&String> = completed
+                .keys()
+                .filter(|id| !by_request.contains_key(*id))
+                .collect();
+            panic!(
+                "{} of {} responses delivered in full were never charged: {missing:?}",
+                missing.len(),
+                completed.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let by_request = rows_of(&rows);
+    for (request_id, tokens) in &completed {
+        let records = &by_request[request_id];
+        assert_eq!(
+            records.len(),
+            1,
+            "{request_id} settled more than once: {records:?}"
+        );
+        let record = &records[0];
+        assert!(record.charged, "{request_id}");
+        assert_eq!(
+            record.prompt_tokens + record.completion_tokens,
+            *tokens,
+            "{request_id}: charged what the client saw"
+        );
+    }
+    for (request_id, records) in &by_request {
+        assert_eq!(records.len(), 1, "{request_id} settled more than once");
+    }
+    // The ledger charged each row once: its spend is the rows' sum, and
+    // covers what clients saw (requests cut by a kill after their record
+    // was on disk are charged too, at what the neuron reported).
+    let charged: u64 = rows
+        .iter()
+        .filter_map(|row| row.record.as_ref())
+        .filter(|r| r.charged)
+        .map(|r| r.prompt_tokens + r.completion_tokens)
+        .sum();
+    let observed: u64 = completed.values().sum();
+    let spent = stack.key_usage(&key_id, pb::Unit::Tokens).await.0;
+    assert_eq!(spent, charged);
+    assert!(spent >= observed, "spent {spent} < delivered {observed}");
+    assert!(completed.len() >= ROUNDS * COMPLETIONS_PER_ROUND);
+}
+
+/// Every usage row of `key_id`, in pages of 1000.
+async fn list_all_usage(stack: &Stack, key_id: &str) -> Result<Vec<pb::UsageRow>, tonic::Status> {
+    let mut admin = stack.admin().await;
+    let (mut rows, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = admin
+            .list_usage(authed(pb::ListUsageRequest {
+                filter: Some(pb::UsageFilter {
+                    key_id: key_id.into(),
+                    ..Default::default()
+                }),
+                page_size: 1000,
+                page_token: token,
+            }))
+            .await?
+            .into_inner();
+        rows.extend(page.rows);
+        if page.next_page_token.is_empty() {
+            return Ok(rows);
+        }
+        token = page.next_page_token;
+    }
+}
