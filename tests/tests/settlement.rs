@@ -704,3 +704,192 @@ async fn list_all_usage(stack: &Stack, key_id: &str) -> Result<Vec<pb::UsageRow>
         token = page.next_page_token;
     }
 }
+
+/// A tmpfs of `size`, mounted for one test (needs root, as CI runs) and
+/// lazily unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// `None` when this process is not root: the test is then skipped.
+    fn mount(path: std::path::PathBuf, size: &str) -> Option<Tmpfs> {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let root = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            == Some("0");
+        if !root {
+            eprintln!("skipped: mounting a small tmpfs for the spool needs root");
+            return None;
+        }
+        std::fs::create_dir_all(&path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("mount runs");
+        assert!(mounted.success(), "mount -t tmpfs failed as root");
+        Some(Tmpfs(path))
+    }
+
+    /// Fills what is left of it; the file to remove to free it again.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 4096];
+        while file.write_all(&chunk).is_ok() {}
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+async fn error_code(response: reqwest::Response) -> (u16, String, String) {
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    (
+        status,
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+/// A full disk under the spool (a real one: a 256 KiB tmpfs, filled): the
+/// request whose record cannot be written gets 503 instead of its
+/// response, new requests get 503 `usage_spool_unavailable`, `/readyz`
+/// says why, and nothing unwritten reaches the coordinator. Once the disk
+/// has room again, the agent admits again without a restart and every
+/// record is settled once, the held one included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_disk_stops_admission_acknowledges_nothing_unwritten_and_recovers_by_itself() {
+    let mut stack = Stack::start().await;
+    let Some(disk) = Tmpfs::mount(stack.dir.0.join("small-disk"), "256k") else {
+        return;
+    };
+    stack.agent.take().unwrap().stop().await;
+    stack.agent_config.spool_dir = disk.0.join("spool");
+    stack.agent_config.agent_id = "agent-small-disk".into();
+    stack.restart_agent().await;
+    let (key_id, secret) = stack
+        .key_with_limits(
+            "acme",
+            vec![limit(pb::Unit::Tokens, "1000000000", balance())],
+        )
+        .await;
+    let spent = || async { stack.key_usage(&key_id, pb::Unit::Tokens).await.0 };
+    let ready = || async {
+        let response = stack
+            .http
+            .get(format!("{}/readyz", stack.agent_url()))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+
+    let first = stack.chat(&secret, chat_body(5)).await;
+    assert_eq!(first.status(), 200);
+    let body: serde_json::Value = first.json().await.unwrap();
+    let per_request = body["usage"]["total_tokens"].as_u64().unwrap();
+    wait_until(
+        "the first request to settle",
+        Duration::from_secs(30),
+        || async { spent().await == per_request },
+    )
+    .await;
+
+    let filler = disk.fill();
+    // What is left of the spool file's last page still takes records;
+    // then a record finds no room.
+    let mut delivered = 1u64;
+    let (status, code, message) = loop {
+        let response = stack.chat(&secret, chat_body(5)).await;
+        if response.status() != 200 {
+            break error_code(response).await;
+        }
+        delivered += 1;
+        assert!(
+            delivered < 200,
+            "the agent kept answering 200 with its spool's disk full"
+        );
+    };
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "usage_spool_unavailable"),
+        "{message}"
+    );
+    assert!(message.contains("not delivered"), "{message}");
+    let neuron_hits = stack.neuron.hits();
+
+    // Admission stops, before the neuron, and says why.
+    let (status, code, message) = error_code(stack.chat(&secret, chat_body(5)).await).await;
+    assert_eq!((status, code.as_str()), (503, "usage_spool_unavailable"));
+    assert!(message.contains("cannot record usage"), "{message}");
+    assert_eq!(stack.neuron.hits(), neuron_hits);
+    let (status, why) = ready().await;
+    assert_eq!(status, 503);
+    assert!(why.contains("cannot record usage"), "{why}");
+
+    // What is on disk settles; the record that is not stays unsent.
+    wait_until(
+        "the records on disk to settle",
+        Duration::from_secs(30),
+        || async { stack.settled_records().await == delivered },
+    )
+    .await;
+    assert_eq!(spent().await, delivered * per_request);
+    for _ in 0..10 {
+        // A few more refusals, while the agent's usage flush (100 ms) runs.
+        let (status, _, _) = error_code(stack.chat(&secret, chat_body(5)).await).await;
+        assert_eq!(status, 503);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(
+            stack.settled_records().await,
+            delivered,
+            "an unwritten record was acknowledged"
+        );
+    }
+
+    // Room again: no restart needed.
+    std::fs::remove_file(filler).unwrap();
+    wait_until(
+        "the agent to admit again",
+        Duration::from_secs(15),
+        || async { ready().await.0 == 200 },
+    )
+    .await;
+    assert_eq!(stack.chat(&secret, chat_body(5)).await.status(), 200);
+    // The held record (its request reached the neuron) and the new one
+    // settle, each once.
+    let records = delivered + 2;
+    wait_until(
+        "every record to settle",
+        Duration::from_secs(30),
+        || async { stack.settled_records().await == records },
+    )
+    .await;
+    assert_eq!(spent().await, records * per_request);
+    let rows = list_all_usage(&stack, &key_id).await.unwrap();
+    let mut ids: Vec<String> = rows
+        .iter()
+        .map(|row| row.record.as_ref().unwrap().request_id.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len() as u64, records);
+    assert_eq!(stack.neuron.hits() as u64, records);
+}
