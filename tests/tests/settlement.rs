@@ -893,3 +893,33 @@ async fn a_full_spool_disk_stops_admission_acknowledges_nothing_unwritten_and_re
     assert_eq!(ids.len() as u64, records);
     assert_eq!(stack.neuron.hits() as u64, records);
 }
+
+/// A spool directory wiped while the coordinator remembers the agent: the
+/// agent restarts at epoch 1, the coordinator refuses it, and the agent
+/// says so in `/readyz` (and its log) with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_spool_directory_is_explained_in_readyz() {
+    let mut stack = Stack::start().await;
+    stack.agent.take().unwrap().stop().await;
+    // A second start: epoch 2.
+    stack.restart_agent().await;
+    stack.agent.take().unwrap().stop().await;
+    std::fs::remove_dir_all(&stack.agent_config.spool_dir).unwrap();
+    let agent = allot_e2e::start_agent(stack.agent_config.clone()).await;
+    let url = format!("{}/readyz", agent.url);
+    let explained = |text: &str| text.contains("older than") && text.contains("wiped");
+    let mut last = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !explained(&last) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never explained the refusal: {last}"
+        );
+        let response = stack.http.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 503);
+        last = response.text().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(last.contains("state.json"), "{last}");
+    agent.stop().await;
+}
