@@ -218,6 +218,8 @@ pub struct Spool {
     session: Option<mpsc::Sender<pb::AgentMessage>>,
     last_sent: Option<Instant>,
     state_dirty: bool,
+    /// The last `state.json` write failed (logged once).
+    state_failing: bool,
     depth: Arc<AtomicUsize>,
     /// Written and fsync'd, not yet sent: usage goes out in batches.
     unsent: Vec<pb::UsageRecord>,
@@ -370,6 +372,7 @@ impl Spool {
                 session: None,
                 last_sent: None,
                 state_dirty: false,
+                state_failing: false,
                 depth: Arc::new(AtomicUsize::new(recovered_len)),
                 unsent: Vec::new(),
                 last_flush: Instant::now(),
@@ -554,9 +557,14 @@ impl Spool {
             return;
         }
         if let Err(e) = write_state(&self.dir, &self.state) {
-            tracing::error!(error = %e, "cannot persist the spool state");
+            // Tried again every tick: said once per outage.
+            if !self.state_failing {
+                tracing::error!(error = %e, "cannot persist the spool state");
+            }
+            self.state_failing = true;
             return;
         }
+        self.state_failing = false;
         self.state_dirty = false;
         // Everything in the log is acknowledged: start it afresh.
         if self.pending.is_empty() && self.unwritten.is_empty() && self.log_len > 0 {
