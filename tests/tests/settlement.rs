@@ -923,3 +923,61 @@ async fn a_wiped_spool_directory_is_explained_in_readyz() {
     assert!(last.contains("state.json"), "{last}");
     agent.stop().await;
 }
+
+/// The records an agent holds until acknowledged are bounded
+/// (`spool_max_records`): with the coordinator gone, admission stops at
+/// the bound with 503 instead of dropping anything, and resumes by itself
+/// once the coordinator acknowledges them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_spool_max_records_unacknowledged_admission_stops_with_503_and_nothing_is_dropped() {
+    let dir = TempDir::new("spool-cap");
+    let coordinator_config = allot_coordinator::config::CoordinatorConfig {
+        metrics_listen: None,
+        admin_token: ADMIN_TOKEN.into(),
+        data_path: dir.0.join("coordinator.redb"),
+        settle_window_ms: 1,
+        ..Default::default()
+    };
+    let mut stack = Stack::start_with(coordinator_config.clone()).await;
+    stack.agent.take().unwrap().stop().await;
+    stack.agent_config.spool_max_records = 3;
+    stack.restart_agent().await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
+        .await;
+    // The first request fetches a lease that covers the next ones.
+    assert_eq!(stack.chat(&secret, chat_body(5)).await.status(), 200);
+    wait_until(
+        "the first request to settle",
+        Duration::from_secs(30),
+        || async { stack.settled_records().await == 1 },
+    )
+    .await;
+    let one = stack.key_usage(&key_id, pb::Unit::Tokens).await.0;
+
+    stack.stop_coordinator().await;
+    for _ in 0..3 {
+        assert_eq!(stack.chat(&secret, chat_body(5)).await.status(), 200);
+    }
+    let (status, code, message) = error_code(stack.chat(&secret, chat_body(5)).await).await;
+    assert_eq!((status, code.as_str()), (503, "usage_spool_unavailable"));
+    assert!(message.contains("holds 3 usage records"), "{message}");
+    assert_eq!(
+        stack.neuron.hits(),
+        4,
+        "the refused request reached the neuron"
+    );
+
+    stack.start_coordinator_again(coordinator_config).await;
+    wait_until("admission to resume", Duration::from_secs(30), || async {
+        stack.chat(&secret, chat_body(5)).await.status() == 200
+    })
+    .await;
+    wait_until(
+        "every record to settle",
+        Duration::from_secs(30),
+        || async { stack.settled_records().await == 5 },
+    )
+    .await;
+    assert_eq!(stack.key_usage(&key_id, pb::Unit::Tokens).await.0, 5 * one);
+}
