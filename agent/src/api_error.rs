@@ -134,6 +134,21 @@ impl ApiError {
         }
     }
 
+    /// The usage spool cannot take a request's record: admission stops
+    /// (503) until it can, and a request whose record could not be made
+    /// durable ends with this instead of its response.
+    pub fn spool_unavailable(message: impl Into<String>) -> ApiError {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("usage_spool_unavailable"),
+                message,
+            )
+        }
+    }
+
     pub fn bad_gateway(message: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
@@ -175,6 +190,31 @@ impl ApiError {
                 "code": self.code,
             }
         })
+    }
+}
+
+impl From<crate::spool::SpoolRefusal> for ApiError {
+    fn from(refusal: crate::spool::SpoolRefusal) -> ApiError {
+        use crate::spool::SpoolRefusal;
+        ApiError::spool_unavailable(match refusal {
+            SpoolRefusal::Unwritable(error) => format!(
+                "this agent cannot record usage on its disk ({error}); it admits no request \
+                 until it can"
+            ),
+            SpoolRefusal::Full { max } => format!(
+                "this agent holds {max} usage records the coordinator has not acknowledged; \
+                 it admits no request until the coordinator catches up"
+            ),
+        })
+    }
+}
+
+impl From<crate::spool::NotDurable> for ApiError {
+    fn from(error: crate::spool::NotDurable) -> ApiError {
+        ApiError::spool_unavailable(format!(
+            "the response was not delivered: this agent could not record its usage on disk ({})",
+            error.0
+        ))
     }
 }
 

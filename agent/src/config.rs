@@ -40,6 +40,12 @@ pub struct AgentConfig {
     pub neuron_url: String,
     /// Directory of the usage spool.
     pub spool_dir: PathBuf,
+    /// Usage records the agent keeps in memory until the coordinator
+    /// acknowledges them (about 1 KiB each), those the disk has not taken
+    /// yet included. At this many, admission stops with 503
+    /// `usage_spool_unavailable` until acknowledgements or the disk catch
+    /// up: nothing is dropped.
+    pub spool_max_records: usize,
     /// Largest request body accepted; larger bodies get 413.
     pub max_body_bytes: usize,
     /// How long a request may wait for an allowance grant.
@@ -154,6 +160,7 @@ impl Default for AgentConfig {
             neuron_id: "neuron-1".into(),
             neuron_url: "http://127.0.0.1:9100".into(),
             spool_dir: PathBuf::from("allot-data/agent"),
+            spool_max_records: 100_000,
             max_body_bytes: 8 * 1024 * 1024,
             allowance_wait_ms: 250,
             grant_multiplier: 16,
@@ -230,6 +237,9 @@ impl AgentConfig {
         }
         if self.neuron_url.ends_with('/') {
             return Err("neuron_url: must not end with '/'".into());
+        }
+        if self.spool_max_records == 0 {
+            return Err("spool_max_records: must be at least 1".into());
         }
         if self.max_body_bytes == 0 {
             return Err("max_body_bytes: must be greater than zero".into());

@@ -58,6 +58,9 @@ pub struct AgentState {
     pub overheads: Arc<overhead::LearnedOverheads>,
     /// How many refusals per key and minute are still recorded.
     pub refusal_records: refusals::RefusalRecords,
+    /// The spool's durable mark: a response ends only once its record is
+    /// on disk, and admission stops while the spool cannot write.
+    pub durability: Arc<spool::Durability>,
 }
 
 fn http_client(config: &AgentConfig) -> proxy::HttpClient {
@@ -82,7 +85,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
-    let (spool, recovered) = spool::Spool::open(&config.spool_dir)?;
+    let (spool, recovered) = spool::Spool::open(&config.spool_dir, config.spool_max_records)?;
+    let durability = spool.durability();
     let table = Arc::new(AllowanceTable::new(recovered.last_seq));
     for record in recovered.pending.values() {
         table.recover(record.seq, &record.key_id, recorded_usage(record));
@@ -109,6 +113,7 @@ pub async fn run(
     // the session the link then closes.
     let (spool_stop_tx, spool_stop) = watch::channel(false);
     let (spool_done_tx, spool_done_rx) = tokio::sync::oneshot::channel::<()>();
+    let spool_durability = durability.clone();
     tasks.spawn_blocking(move || {
         match tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -117,7 +122,10 @@ pub async fn run(
             Ok(runtime) => {
                 runtime.block_on(spool.run(usage_rx, spool_events_rx, resend, flush, spool_stop))
             }
-            Err(e) => tracing::error!(error = %e, "cannot start the spool's runtime"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the spool's runtime");
+                spool_durability.set_failing(format!("cannot start the spool's runtime: {e}"));
+            }
         }
         let _ = spool_done_tx.send(());
     });
@@ -136,6 +144,7 @@ pub async fn run(
                 endpoints: config.coordinators.clone(),
                 lease_margin: Duration::from_millis(config.lease_margin_ms),
                 connect_timeout: Duration::from_millis(config.coordinator_connect_timeout_ms),
+                spool_dir: config.spool_dir.clone(),
             },
         },
         stop_rx.clone(),
@@ -164,6 +173,7 @@ pub async fn run(
         epoch: recovered.epoch,
         overheads,
         refusal_records: refusals::RefusalRecords::new(config.refusal_records_per_key_per_minute),
+        durability,
     });
     match config.neuron_adapter {
         // Directives are refused: their receiver is gone.

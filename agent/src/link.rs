@@ -28,6 +28,8 @@ pub struct CoordinatorLink {
     lookups: Mutex<HashMap<KeyHash, Vec<oneshot::Sender<Option<KeyInfo>>>>>,
     next_ask_id: AtomicU64,
     pub tariffs: watch::Sender<Arc<TariffBook>>,
+    /// Why the coordinator refuses this agent's sessions, while it does.
+    refused: Mutex<Option<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,7 @@ impl Default for CoordinatorLink {
             lookups: Mutex::new(HashMap::new()),
             next_ask_id: AtomicU64::new(1),
             tariffs: watch::channel(Arc::new(TariffBook::default())).0,
+            refused: Mutex::new(None),
         }
     }
 }
@@ -49,6 +52,20 @@ impl Default for CoordinatorLink {
 impl CoordinatorLink {
     pub fn is_connected(&self) -> bool {
         *self.connected.borrow()
+    }
+
+    /// Why the coordinator refuses this agent, while it does (for
+    /// `/readyz`): an epoch older than the one it knows means the spool
+    /// directory was wiped or restored from an older copy.
+    pub fn refusal(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_refusal(&self, refusal: Option<String>) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = refusal;
     }
 
     pub fn subscribe_connected(&self) -> watch::Receiver<bool> {
@@ -151,6 +168,8 @@ pub struct LinkSettings {
     pub endpoints: Vec<String>,
     pub lease_margin: Duration,
     pub connect_timeout: Duration,
+    /// For the message that says how to recover a wiped spool.
+    pub spool_dir: std::path::PathBuf,
 }
 
 /// Everything the link task touches.
@@ -181,7 +200,15 @@ pub async fn run(ctx: LinkContext, mut shutdown: watch::Receiver<bool>) {
         tokio::select! {
             result = session(&ctx, &endpoint) => {
                 if let Err(error) = result {
-                    tracing::warn!(endpoint, %error, "coordinator session ended");
+                    match refusal_of(&error, &ctx.settings) {
+                        Some(refusal) => {
+                            if ctx.link.refusal().as_ref() != Some(&refusal) {
+                                tracing::error!(endpoint, "{refusal}");
+                            }
+                            ctx.link.set_refusal(Some(refusal));
+                        }
+                        None => tracing::warn!(endpoint, %error, "coordinator session ended"),
+                    }
                 }
             }
             _ = shutdown.changed() => {}
@@ -200,6 +227,30 @@ pub async fn run(ctx: LinkContext, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// The coordinator's refusal of this agent's epoch, explained for the
+/// operator: it happens when the spool directory lost its `state.json`
+/// (wiped, a new volume) or went back to an older copy. The agent keeps
+/// trying (a newer session of the same agent may still be ending), but
+/// only an operator can end this.
+fn refusal_of(error: &anyhow::Error, settings: &LinkSettings) -> Option<String> {
+    let status = error.downcast_ref::<tonic::Status>()?;
+    if status.code() != tonic::Code::FailedPrecondition || !status.message().contains("epoch") {
+        return None;
+    }
+    let mut message = format!("the coordinator refuses this agent: {}", status.message());
+    if status.message().contains("older than") {
+        message.push_str(&format!(
+            "; the spool directory {dir} was wiped or restored from an older copy, and usage \
+             records it held and had not sent are lost. To recover, stop the agent, then either \
+             give it a new agent_id, or write {dir}/state.json as {{\"epoch\": N, \"acked\": 0}} \
+             with N the current epoch named above, and start it again (README: \"A wiped spool \
+             directory\")",
+            dir = settings.spool_dir.display()
+        ));
+    }
+    Some(message)
 }
 
 async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
@@ -230,6 +281,7 @@ async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
             let Some(tx) = tx.take() else {
                 anyhow::bail!("a second Welcome on one session");
             };
+            ctx.link.set_refusal(None);
             ctx.table.raise_seq(welcome.high_water_seq);
             ctx.table.ack(welcome.high_water_seq);
             // What this agent holds, before anything else on the session:

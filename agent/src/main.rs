@@ -30,6 +30,10 @@ struct Cli {
     neuron_url: Option<String>,
     #[arg(long, env = "ALLOT_AGENT_SPOOL_DIR")]
     spool_dir: Option<PathBuf>,
+    /// Usage records kept in memory until acknowledged; at this many,
+    /// admission stops with 503.
+    #[arg(long, env = "ALLOT_AGENT_SPOOL_MAX_RECORDS")]
+    spool_max_records: Option<usize>,
     #[arg(long, env = "ALLOT_AGENT_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
     #[arg(long, env = "ALLOT_AGENT_ALLOWANCE_WAIT_MS")]
@@ -111,6 +115,9 @@ fn load(cli: Cli) -> Result<AgentConfig, String> {
     }
     if let Some(v) = cli.spool_dir {
         config.spool_dir = v;
+    }
+    if let Some(v) = cli.spool_max_records {
+        config.spool_max_records = v;
     }
     if let Some(v) = cli.max_body_bytes {
         config.max_body_bytes = v;

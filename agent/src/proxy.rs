@@ -133,18 +133,21 @@ async fn pass_through(state: &AgentState, request: Request<Body>) -> Result<Resp
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
-/// Ready when a session with the coordinator is up: before that, only
-/// keys already cached with a valid lease could be served.
+/// Ready when a session with the coordinator is up (before that, only
+/// keys already cached with a valid lease could be served) and the usage
+/// spool admits requests; otherwise 503 with what is wrong.
 async fn ready(State(state): State<Arc<AgentState>>) -> Response {
-    if state.link.is_connected() {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not connected to a coordinator",
-        )
-            .into_response()
+    let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    if let Some(refusal) = state.link.refusal() {
+        return unavailable(refusal);
     }
+    if let Some(refusal) = state.durability.refusal() {
+        return unavailable(ApiError::from(refusal).message);
+    }
+    if !state.link.is_connected() {
+        return unavailable("not connected to a coordinator".into());
+    }
+    (StatusCode::OK, "ready").into_response()
 }
 
 async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<Body>) -> Response {
@@ -170,6 +173,11 @@ async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<B
     // The key, once authenticated: its x-ratelimit-* headers go on every
     // response to it, refusals and neuron errors included.
     let (outcome, key) = async {
+        // Durable before delivered: nothing is admitted that the spool
+        // could not record.
+        if let Some(refusal) = state.durability.refusal() {
+            return (Err(ApiError::from(refusal)), None);
+        }
         match authenticate(&state, request.headers()).await {
             Err(error) => (Err(error), None),
             Ok(key) => {
@@ -548,10 +556,10 @@ struct Settlement {
 impl Settlement {
     /// Settles with reported usage, or an estimate bounded by the
     /// reservation; `charged == false` releases the reservation in full.
-    fn finish(&mut self, reported: Option<Reported>, charged: bool) {
-        let Some(reservation) = self.reservation.take() else {
-            return;
-        };
+    /// The record's sequence number, for [`AgentState::durability`]; `None`
+    /// when it had settled already.
+    fn finish(&mut self, reported: Option<Reported>, charged: bool) -> Option<u64> {
+        let reservation = self.reservation.take()?;
         let (usage, estimated) = match (reported, charged) {
             (_, false) => (Reported::default(), false),
             (Some(r), true) => (r, false),
@@ -644,7 +652,7 @@ impl Settlement {
             },
         };
         let usage_tx = &self.state.usage;
-        self.state.table.settle(&reservation, &actual, |seq| {
+        let seq = self.state.table.settle(&reservation, &actual, |seq| {
             let _ = usage_tx.send(pb::UsageRecord { seq, ..record });
         });
         metrics::counter!("allot_agent_settlements_total").increment(1);
@@ -652,6 +660,7 @@ impl Settlement {
             metrics::counter!("allot_agent_usage_estimated_total").increment(1);
         }
         self.slot = None;
+        Some(seq)
     }
 }
 
@@ -1087,9 +1096,12 @@ async fn admit_and_forward(
             upstream: upstream_body,
             scanner: SseScanner::new(
                 operation.usage_chunk_on_request() && !facts.client_wants_usage,
-            ),
+            )
+            .hold_end(),
             settlement,
             done: false,
+            durable: None,
+            tail: Bytes::new(),
             idle_timeout,
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             deadline: Box::pin(tokio::time::sleep_until(
@@ -1130,7 +1142,11 @@ async fn admit_and_forward(
         // Not even JSON: charge the whole bound.
         settlement.chunks = read.estimate.unwrap_or(settlement.completion_bound);
     }
-    settlement.finish(reported, true);
+    // Durable before delivered: the body leaves once its record is on
+    // disk (one fsync per batch of requests, shared).
+    if let Some(seq) = settlement.finish(reported, true) {
+        state.durability.wait(seq).await?;
+    }
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -1197,9 +1213,16 @@ fn add_rate_limit_headers(state: &AgentState, key_id: &str, headers: &mut Header
     }
 }
 
+/// A record's way to the disk ([`crate::spool::Durability::wait`]).
+type DurableWait = Pin<Box<dyn Future<Output = Result<(), crate::spool::NotDurable>> + Send>>;
+
 /// Relays an SSE stream chunk by chunk, reading the usage chunk and
 /// stripping it for clients that did not ask for it, and settles when the
 /// stream ends (or, through the settlement's drop, when the client leaves).
+/// Durable before delivered: the end of the stream (from the final usage
+/// event or `[DONE]` on, see [`SseScanner::hold_end`]) is held back until
+/// the record is on disk; if it cannot be, the client gets an error event
+/// instead.
 struct SseRelay {
     /// More content events than this and the neuron is generating past the
     /// bound it was given: the stream is cut there.
@@ -1208,6 +1231,10 @@ struct SseRelay {
     scanner: SseScanner,
     settlement: Settlement,
     done: bool,
+    /// Set once settled: the record's way to the disk...
+    durable: Option<DurableWait>,
+    /// ...and the end of the stream, released when it gets there.
+    tail: Bytes,
     /// Cut the stream when the neuron sends nothing for this long...
     idle_timeout: Duration,
     idle: Pin<Box<tokio::time::Sleep>>,
@@ -1234,6 +1261,35 @@ fn error_event(message: &str, code: &str) -> Bytes {
 }
 
 impl SseRelay {
+    /// Settles at the end of the upstream and holds `tail` (the end of the
+    /// stream) until the record is durable.
+    fn settle_and_hold(&mut self, tail: Bytes) {
+        let reported = self.relay_seen();
+        self.tail = tail;
+        if let Some(seq) = self.settlement.finish(reported, true) {
+            self.durable = Some(Box::pin(self.settlement.state.durability.wait(seq)));
+        }
+    }
+
+    /// Releases the end of the stream once the record is on disk, or ends
+    /// the stream with an error event when it cannot be written.
+    fn poll_release(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        if let Some(durable) = self.durable.as_mut() {
+            let written = std::task::ready!(durable.as_mut().poll(cx));
+            self.durable = None;
+            if let Err(error) = written {
+                self.tail = Bytes::new();
+                let error = ApiError::from(error);
+                return Poll::Ready(Some(Ok(error_event(&error.message, error.code_label()))));
+            }
+        }
+        let tail = std::mem::take(&mut self.tail);
+        Poll::Ready((!tail.is_empty()).then_some(Ok(tail)))
+    }
+
     /// Hands what the stream showed so far to the settlement; the usage
     /// the neuron reported, if any.
     fn relay_seen(&mut self) -> Option<Reported> {
@@ -1262,7 +1318,7 @@ impl Stream for SseRelay {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         if this.done {
-            return Poll::Ready(None);
+            return this.poll_release(cx);
         }
         loop {
             match Pin::new(&mut this.upstream).poll_frame(cx) {
@@ -1329,13 +1385,10 @@ impl Stream for SseRelay {
                 }
                 Poll::Ready(None) => {
                     this.done = true;
-                    let rest = this.scanner.finish();
-                    let reported = this.relay_seen();
-                    this.settlement.finish(reported, true);
-                    if rest.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    return Poll::Ready(Some(Ok(rest)));
+                    let mut tail = bytes::BytesMut::from(this.scanner.take_held());
+                    tail.extend_from_slice(&this.scanner.finish());
+                    this.settle_and_hold(tail.freeze());
+                    return this.poll_release(cx);
                 }
             }
         }

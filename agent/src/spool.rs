@@ -3,11 +3,27 @@
 //! acknowledges it. A restarted agent resends what was not acknowledged;
 //! the coordinator's high-water mark makes the resend harmless.
 //!
+//! Durable before delivered: the spool publishes a [`Durability`] mark, the
+//! highest sequence number whose record (and every one before it) is on
+//! disk. A request waits for its record's number to be covered before its
+//! client receives the end of the response. Records are written in the
+//! order they were numbered, one write and one fsync per batch of whatever
+//! arrived meanwhile (group commit).
+//!
+//! When the disk refuses a write (full, I/O error), the records stay in a
+//! bounded buffer in memory, are never sent (so never acknowledged), and
+//! the write is retried with backoff; admission stops meanwhile (see
+//! [`Durability::refusal`]) and resumes by itself once a write succeeds.
+//! The spool must never send a record that is not on disk.
+//!
 //! Files in the spool directory:
 //! - `usage.spool`: length-prefixed protobuf `UsageRecord`s, append-only;
-//!   truncated once everything in it is acknowledged;
+//!   truncated once everything in it is acknowledged, and rewritten at
+//!   start with only what is pending (into `usage.spool.tmp`, fsync,
+//!   rename, fsync of the directory: a crash at any point leaves the old
+//!   or the new file whole);
 //! - `state.json`: the agent's epoch and the acknowledged high-water mark,
-//!   replaced atomically (write, fsync, rename).
+//!   replaced atomically (write, fsync, rename, fsync of the directory).
 
 use allot::pb;
 use prost::Message;
@@ -15,19 +31,22 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 const LOG: &str = "usage.spool";
+const LOG_TMP: &str = "usage.spool.tmp";
 const STATE: &str = "state.json";
+const STATE_TMP: &str = "state.json.tmp";
 /// Records per `UsageBatch` message.
 const BATCH: usize = 512;
-/// How long the first record of a batch waits for others before the batch
-/// is written and fsync'd (only when usage is sent in batches, that is
-/// `usage_flush_ms` > 0).
-const GATHER: Duration = Duration::from_millis(5);
+/// Most records taken from the channel for one write and fsync.
+const MAX_WRITE: usize = 4096;
+/// First and longest wait before a failed write is tried again.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct SpoolState {
@@ -65,30 +84,190 @@ pub enum SpoolEvent {
     Ack(u64),
 }
 
+/// How far the spool got: every record numbered up to `seq` is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurableMark {
+    pub seq: u64,
+    /// The last write failed: records above `seq` wait in memory for the
+    /// disk to take them, and requests waiting for them are answered with
+    /// an error instead.
+    pub failing: bool,
+}
+
+/// Why the agent admits nothing new for now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpoolRefusal {
+    /// The spool cannot write (the error, as the disk gave it).
+    Unwritable(String),
+    /// `max` records wait in memory for the coordinator or the disk.
+    Full { max: usize },
+}
+
+/// A request's record could not be made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the usage record could not be written to the spool: {0}")]
+pub struct NotDurable(pub String);
+
+/// The spool's durable high-water mark and health, shared with the
+/// request handlers: they wait on it before delivering the end of a
+/// response, and admission reads it before taking a request.
+pub struct Durability {
+    mark: watch::Sender<DurableMark>,
+    failing: AtomicBool,
+    /// Records held in memory: written and not acknowledged, or waiting
+    /// for the disk.
+    held: AtomicUsize,
+    max_held: usize,
+    /// The last write error, for refusals and `/readyz`.
+    error: Mutex<String>,
+}
+
+impl Durability {
+    fn new(seq: u64, held: usize, max_held: usize) -> Durability {
+        Durability {
+            mark: watch::channel(DurableMark {
+                seq,
+                failing: false,
+            })
+            .0,
+            failing: AtomicBool::new(false),
+            held: AtomicUsize::new(held),
+            max_held: max_held.max(1),
+            error: Mutex::new(String::new()),
+        }
+    }
+
+    /// Every record numbered up to here is on disk.
+    pub fn durable_seq(&self) -> u64 {
+        self.mark.borrow().seq
+    }
+
+    /// Records held in memory until acknowledged (or written).
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Why admission must stop now, if it must: the spool cannot write,
+    /// or it holds `max_held` records already. Two atomic loads.
+    pub fn refusal(&self) -> Option<SpoolRefusal> {
+        if self.failing.load(Ordering::Acquire) {
+            return Some(SpoolRefusal::Unwritable(self.last_error()));
+        }
+        if self.held.load(Ordering::Relaxed) >= self.max_held {
+            return Some(SpoolRefusal::Full { max: self.max_held });
+        }
+        None
+    }
+
+    /// Resolves once the record numbered `seq` is on disk, or fails when
+    /// the spool cannot write it for now (the record stays in memory and
+    /// is written, and charged, once the disk takes it).
+    pub fn wait(
+        self: &Arc<Self>,
+        seq: u64,
+    ) -> impl std::future::Future<Output = Result<(), NotDurable>> + Send + 'static {
+        let mut mark = self.mark.subscribe();
+        let this = self.clone();
+        async move {
+            match mark.wait_for(|m| m.seq >= seq || m.failing).await {
+                Ok(m) if m.seq >= seq => Ok(()),
+                Ok(_) => Err(NotDurable(this.last_error())),
+                Err(_) => Err(NotDurable("the spool has stopped".into())),
+            }
+        }
+    }
+
+    fn last_error(&self) -> String {
+        // A std mutex: held for a copy, never across an await.
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The spool cannot write (or cannot run at all).
+    pub fn set_failing(&self, error: String) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+        self.failing.store(true, Ordering::Release);
+        self.mark.send_modify(|m| m.failing = true);
+    }
+
+    fn set_durable(&self, seq: u64) {
+        self.failing.store(false, Ordering::Release);
+        self.mark.send_if_modified(|m| {
+            let changed = m.seq < seq || m.failing;
+            m.seq = m.seq.max(seq);
+            m.failing = false;
+            changed
+        });
+    }
+
+    fn set_held(&self, held: usize) {
+        self.held.store(held, Ordering::Relaxed);
+        metrics::gauge!("allot_agent_spool_depth").set(held as f64);
+    }
+}
+
 pub struct Spool {
     dir: PathBuf,
     log: File,
+    /// Bytes of `usage.spool` known to be whole and fsync'd.
     log_len: u64,
+    /// A write or fsync failed after `log_len`: what follows may be torn
+    /// or lost, and is cut off before the next write.
+    log_torn: bool,
     state: SpoolState,
     pending: BTreeMap<u64, pb::UsageRecord>,
     session: Option<mpsc::Sender<pb::AgentMessage>>,
     last_sent: Option<Instant>,
     state_dirty: bool,
+    /// The last `state.json` write failed (logged once).
+    state_failing: bool,
     depth: Arc<AtomicUsize>,
     /// Written and fsync'd, not yet sent: usage goes out in batches.
     unsent: Vec<pb::UsageRecord>,
     last_flush: Instant,
+    /// Received, not on disk yet: the disk refused them. Never sent.
+    unwritten: Vec<pb::UsageRecord>,
+    /// When to try writing `unwritten` again, and the wait after that.
+    retry_at: Option<tokio::time::Instant>,
+    retry_wait: Duration,
+    durability: Arc<Durability>,
+    /// Test hook: the next writes fail with this error.
+    #[cfg(test)]
+    fault: Option<Fault>,
+}
+
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Write,
+    Fsync,
+}
+
+/// fsyncs a directory, so that a file created or renamed in it stays.
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| spool_error(dir, e))
+}
+
+/// Replaces `dir/name` with `bytes` atomically: a temporary file, fsync,
+/// rename, fsync of the directory.
+fn replace_file(dir: &Path, name: &str, tmp_name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
+    let tmp = dir.join(tmp_name);
+    let path = dir.join(name);
+    write_temp(&tmp, bytes)?;
+    std::fs::rename(&tmp, &path).map_err(|e| spool_error(&path, e))?;
+    sync_dir(dir)
+}
+
+fn write_temp(tmp: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
+    let mut file = File::create(tmp).map_err(|e| spool_error(tmp, e))?;
+    file.write_all(bytes).map_err(|e| spool_error(tmp, e))?;
+    file.sync_all().map_err(|e| spool_error(tmp, e))
 }
 
 fn write_state(dir: &Path, state: &SpoolState) -> Result<(), SpoolError> {
-    let tmp = dir.join("state.json.tmp");
-    let path = dir.join(STATE);
-    let bytes = serde_json::to_vec(state).map_err(|e| spool_error(&tmp, e))?;
-    let mut file = File::create(&tmp).map_err(|e| spool_error(&tmp, e))?;
-    file.write_all(&bytes).map_err(|e| spool_error(&tmp, e))?;
-    file.sync_all().map_err(|e| spool_error(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| spool_error(&path, e))?;
-    Ok(())
+    let bytes = serde_json::to_vec(state).map_err(|e| spool_error(&dir.join(STATE), e))?;
+    replace_file(dir, STATE, STATE_TMP, &bytes)
 }
 
 /// Reads every complete record of a spool file; a torn tail (crash mid
@@ -125,8 +304,9 @@ fn read_records(path: &Path) -> Result<Vec<pb::UsageRecord>, SpoolError> {
 
 impl Spool {
     /// Opens (or creates) the spool, bumps the epoch and recovers what was
-    /// not acknowledged.
-    pub fn open(dir: &Path) -> Result<(Spool, Recovered), SpoolError> {
+    /// not acknowledged. `max_held`: records kept in memory before
+    /// admission stops ([`Durability::refusal`]).
+    pub fn open(dir: &Path, max_held: usize) -> Result<(Spool, Recovered), SpoolError> {
         std::fs::create_dir_all(dir).map_err(|e| spool_error(dir, e))?;
         let state_path = dir.join(STATE);
         let mut state: SpoolState = match std::fs::read(&state_path) {
@@ -137,6 +317,13 @@ impl Spool {
         state.epoch += 1;
         write_state(dir, &state)?;
         let log_path = dir.join(LOG);
+        // A rewrite interrupted before its rename: `usage.spool` is whole,
+        // the temporary copy is not to be trusted.
+        match std::fs::remove_file(dir.join(LOG_TMP)) {
+            Ok(()) => tracing::warn!("removed an unfinished rewrite of the usage spool"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(spool_error(&dir.join(LOG_TMP), e)),
+        }
         let records = read_records(&log_path)?;
         let last_seq = records
             .iter()
@@ -149,16 +336,15 @@ impl Spool {
             .filter(|r| r.seq > state.acked)
             .map(|r| (r.seq, r))
             .collect();
-        // Rewrite the log with only what is pending, dropping a torn tail.
-        let mut log = File::create(&log_path).map_err(|e| spool_error(&log_path, e))?;
+        // Rewrite the log with only what is pending, dropping a torn tail:
+        // into a new file, renamed over the old one once on disk, so that
+        // a crash here never loses a pending record.
         let mut frames = Vec::new();
         for record in pending.values() {
             frame(&mut frames, record);
         }
-        log.write_all(&frames)
-            .map_err(|e| spool_error(&log_path, e))?;
+        replace_file(dir, LOG, LOG_TMP, &frames)?;
         let log_len = frames.len() as u64;
-        log.sync_all().map_err(|e| spool_error(&log_path, e))?;
         let log = OpenOptions::new()
             .append(true)
             .open(&log_path)
@@ -180,14 +366,22 @@ impl Spool {
                 dir: dir.to_path_buf(),
                 log,
                 log_len,
+                log_torn: false,
                 state,
                 pending,
                 session: None,
                 last_sent: None,
                 state_dirty: false,
+                state_failing: false,
                 depth: Arc::new(AtomicUsize::new(recovered_len)),
                 unsent: Vec::new(),
                 last_flush: Instant::now(),
+                unwritten: Vec::new(),
+                retry_at: None,
+                retry_wait: RETRY_FIRST,
+                durability: Arc::new(Durability::new(last_seq, recovered_len, max_held)),
+                #[cfg(test)]
+                fault: None,
             },
             recovered,
         ))
@@ -198,9 +392,15 @@ impl Spool {
         self.depth.clone()
     }
 
+    /// The durable mark and health, for request handlers.
+    pub fn durability(&self) -> Arc<Durability> {
+        self.durability.clone()
+    }
+
     fn set_depth(&self) {
-        self.depth.store(self.pending.len(), Ordering::Relaxed);
-        metrics::gauge!("allot_agent_spool_depth").set(self.pending.len() as f64);
+        let held = self.pending.len() + self.unwritten.len();
+        self.depth.store(held, Ordering::Relaxed);
+        self.durability.set_held(held);
     }
 
     fn send_pending(&mut self) {
@@ -224,29 +424,93 @@ impl Spool {
         self.last_sent = Some(Instant::now());
     }
 
+    /// Appends `frames` after the last whole, fsync'd byte and fsyncs.
+    fn append(&mut self, frames: &[u8]) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fault == Some(Fault::Write) {
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        if self.log_torn {
+            // Cut off what a failed write may have left (a torn frame
+            // would hide every record after it from recovery).
+            self.log.set_len(self.log_len)?;
+            self.log_torn = false;
+        }
+        self.log_torn = true;
+        self.log.write_all(frames)?;
+        #[cfg(test)]
+        if self.fault == Some(Fault::Fsync) {
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
+        // After a failed fsync the kernel may have dropped the pages: the
+        // frames are cut off and written again, never just fsync'd again.
+        self.log.sync_data()?;
+        self.log_torn = false;
+        self.log_len += frames.len() as u64;
+        Ok(())
+    }
+
+    /// Writes `records` (and whatever waits from a failed write before
+    /// them, in order) with one write and one fsync; only then are they
+    /// pending, to be sent, and covered by the durable mark. On failure
+    /// they wait in memory for [`Spool::retry`].
     fn write_records(&mut self, records: Vec<pb::UsageRecord>) {
-        // One write and one fsync for the whole batch.
-        let mut frames = Vec::with_capacity(records.len() * 128);
-        for record in &records {
+        self.unwritten.extend(records);
+        if self.retry_at.is_some() {
+            // The disk failed a moment ago: wait for the retry, in order.
+            self.set_depth();
+            return;
+        }
+        self.write_unwritten();
+    }
+
+    fn write_unwritten(&mut self) {
+        if self.unwritten.is_empty() {
+            return;
+        }
+        let mut frames = Vec::with_capacity(self.unwritten.len() * 128);
+        for record in &self.unwritten {
             frame(&mut frames, record);
         }
-        match self.log.write_all(&frames) {
-            Ok(()) => self.log_len += frames.len() as u64,
+        match self.append(&frames) {
+            Ok(()) => {
+                let records = std::mem::take(&mut self.unwritten);
+                let last = records.last().map_or(0, |r| r.seq);
+                for record in &records {
+                    self.pending.insert(record.seq, record.clone());
+                }
+                self.unsent.extend(records);
+                if self.retry_wait != RETRY_FIRST {
+                    tracing::info!("the usage spool is writable again: admission resumes");
+                }
+                self.retry_at = None;
+                self.retry_wait = RETRY_FIRST;
+                self.set_depth();
+                self.durability.set_durable(last);
+            }
             Err(e) => {
                 metrics::counter!("allot_agent_spool_write_errors_total").increment(1);
-                tracing::error!(error = %e, records = records.len(), "cannot append to the usage spool; keeping the records in memory");
+                if self.retry_wait == RETRY_FIRST {
+                    tracing::error!(
+                        error = %e,
+                        records = self.unwritten.len(),
+                        dir = %self.dir.display(),
+                        "cannot write the usage spool: admission stops until it can; the records wait in memory and are not sent"
+                    );
+                }
+                self.durability
+                    .set_failing(format!("{}: {e}", self.dir.join(LOG).display()));
+                self.retry_at = Some(tokio::time::Instant::now() + self.retry_wait);
+                self.retry_wait = (self.retry_wait * 2).min(RETRY_MAX);
+                self.set_depth();
             }
         }
-        let mut fresh = Vec::with_capacity(records.len());
-        for record in records {
-            self.pending.insert(record.seq, record.clone());
-            fresh.push(record);
-        }
-        if let Err(e) = self.log.sync_data() {
-            tracing::error!(error = %e, "cannot fsync the usage spool");
-        }
-        self.set_depth();
-        self.unsent.extend(fresh);
+    }
+
+    /// Tries a failed write again.
+    fn retry(&mut self) {
+        self.retry_at = None;
+        self.write_unwritten();
     }
 
     /// Sends what was written since the last flush, in `UsageBatch`es.
@@ -276,6 +540,11 @@ impl Spool {
         if high_water_seq <= self.state.acked {
             return;
         }
+        debug_assert!(
+            high_water_seq <= self.durability.durable_seq()
+                || self.pending.range(..=high_water_seq).next().is_none(),
+            "acknowledged records must have been on disk"
+        );
         self.state.acked = high_water_seq;
         self.pending = self.pending.split_off(&(high_water_seq + 1));
         self.state_dirty = true;
@@ -288,12 +557,17 @@ impl Spool {
             return;
         }
         if let Err(e) = write_state(&self.dir, &self.state) {
-            tracing::error!(error = %e, "cannot persist the spool state");
+            // Tried again every tick: said once per outage.
+            if !self.state_failing {
+                tracing::error!(error = %e, "cannot persist the spool state");
+            }
+            self.state_failing = true;
             return;
         }
+        self.state_failing = false;
         self.state_dirty = false;
         // Everything in the log is acknowledged: start it afresh.
-        if self.pending.is_empty() && self.log_len > 0 {
+        if self.pending.is_empty() && self.unwritten.is_empty() && self.log_len > 0 {
             match self.log.set_len(0) {
                 Ok(()) => self.log_len = 0,
                 Err(e) => tracing::warn!(error = %e, "cannot truncate the usage spool"),
@@ -302,16 +576,17 @@ impl Spool {
     }
 
     /// Runs until the record channel closes and everything received is on
-    /// disk. Records are fsync'd as they come and sent every `flush_every`
-    /// (or as soon as a full batch is there), so a busy agent sends one
-    /// message per many requests.
+    /// disk. Records are written and fsync'd as they come, in batches of
+    /// what arrived during the previous fsync (group commit), and sent
+    /// every `flush_every` (or as soon as a full batch is there), so a
+    /// busy agent sends one message per many requests.
     pub async fn run(
         mut self,
         mut records: mpsc::UnboundedReceiver<pb::UsageRecord>,
         mut events: mpsc::UnboundedReceiver<SpoolEvent>,
         resend_after: Duration,
         flush_every: Duration,
-        mut stop: tokio::sync::watch::Receiver<bool>,
+        mut stop: watch::Receiver<bool>,
     ) {
         let mut events_open = true;
         let mut tick = tokio::time::interval(
@@ -319,23 +594,26 @@ impl Spool {
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let retry_at = self.retry_at;
             tokio::select! {
                 record = records.recv() => {
                     let Some(record) = record else { break };
-                    // Group commit: let a busy agent's records gather for a
-                    // moment, so that one write and one fsync cover many of
-                    // them and request threads rarely have to wake this one.
-                    if !flush_every.is_zero() {
-                        tokio::time::sleep(GATHER.min(flush_every)).await;
-                    }
+                    // Group commit: everything that arrived while the last
+                    // batch was being fsync'd goes in one write and fsync.
                     let mut batch = vec![record];
-                    while batch.len() < 4096 {
+                    while batch.len() < MAX_WRITE {
                         match records.try_recv() {
                             Ok(r) => batch.push(r),
                             Err(_) => break,
                         }
                     }
                     self.write_records(batch);
+                    if flush_every.is_zero() || self.unsent.len() >= BATCH {
+                        self.send_unsent();
+                    }
+                }
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                    self.retry();
                     if flush_every.is_zero() || self.unsent.len() >= BATCH {
                         self.send_unsent();
                     }
@@ -358,8 +636,13 @@ impl Spool {
                         while let Ok(record) = records.try_recv() {
                             rest.push(record);
                         }
-                        if !rest.is_empty() {
-                            self.write_records(rest);
+                        self.retry_at = None;
+                        self.write_records(rest);
+                        if !self.unwritten.is_empty() {
+                            tracing::error!(
+                                records = self.unwritten.len(),
+                                "stopping with usage records the spool could not write: they are lost (their requests were answered with an error)"
+                            );
                         }
                         if changed.is_err() {
                             return;
@@ -407,13 +690,13 @@ mod tests {
     fn unacknowledged_records_survive_a_restart_and_the_epoch_grows() {
         let dir = std::env::temp_dir().join(format!("allot-spool-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let (mut spool, recovered) = Spool::open(&dir).unwrap();
+        let (mut spool, recovered) = Spool::open(&dir, 100).unwrap();
         assert_eq!(recovered.epoch, 1);
         spool.write_records(vec![record(1), record(2), record(3)]);
         spool.ack(1);
         spool.flush_state();
         drop(spool);
-        let (_, recovered) = Spool::open(&dir).unwrap();
+        let (_, recovered) = Spool::open(&dir, 100).unwrap();
         assert_eq!(recovered.epoch, 2);
         assert_eq!(
             recovered.pending.keys().copied().collect::<Vec<_>>(),
@@ -427,13 +710,146 @@ mod tests {
     fn a_torn_tail_is_ignored() {
         let dir = std::env::temp_dir().join(format!("allot-spool-torn-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let (mut spool, _) = Spool::open(&dir).unwrap();
+        let (mut spool, _) = Spool::open(&dir, 100).unwrap();
         spool.write_records(vec![record(1)]);
         drop(spool);
         let mut f = OpenOptions::new().append(true).open(dir.join(LOG)).unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2]).unwrap();
-        let (_, recovered) = Spool::open(&dir).unwrap();
+        let (_, recovered) = Spool::open(&dir, 100).unwrap();
         assert_eq!(recovered.pending.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn fresh_dir(label: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("allot-spool-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn pending_seqs(recovered: &Recovered) -> Vec<u64> {
+        recovered.pending.keys().copied().collect()
+    }
+
+    #[test]
+    fn a_restart_interrupted_between_the_temporary_write_and_the_rename_loses_nothing() {
+        let dir = fresh_dir("rewrite");
+        let (mut spool, _) = Spool::open(&dir, 100).unwrap();
+        spool.write_records(vec![record(1), record(2), record(3)]);
+        spool.ack(1);
+        spool.flush_state();
+        drop(spool);
+        // The crash: a restart wrote its rewrite (pending records only)
+        // into the temporary file, partly, and died before the rename.
+        let mut frames = Vec::new();
+        frame(&mut frames, &record(2));
+        frames.extend_from_slice(&[9, 0, 0]);
+        std::fs::write(dir.join(LOG_TMP), &frames).unwrap();
+        let (spool, recovered) = Spool::open(&dir, 100).unwrap();
+        assert_eq!(pending_seqs(&recovered), vec![2, 3]);
+        assert!(!dir.join(LOG_TMP).exists(), "the unfinished copy is gone");
+        drop(spool);
+        // And the rewrite that completed keeps them for the next start.
+        let (_, recovered) = Spool::open(&dir, 100).unwrap();
+        assert_eq!(pending_seqs(&recovered), vec![2, 3]);
+        assert_eq!(recovered.epoch, 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_usage_log_is_never_truncated_in_place_at_start() {
+        let dir = fresh_dir("no-truncate");
+        let (mut spool, _) = Spool::open(&dir, 100).unwrap();
+        spool.write_records(vec![record(1), record(2)]);
+        spool.ack(1);
+        spool.flush_state();
+        drop(spool);
+        let before = std::fs::metadata(dir.join(LOG)).unwrap();
+        // A reader holding the old file (as a crashed rewrite would leave
+        // it) still sees every record: the start replaced the file instead
+        // of truncating and refilling it.
+        let old = File::open(dir.join(LOG)).unwrap();
+        let (_, recovered) = Spool::open(&dir, 100).unwrap();
+        assert_eq!(pending_seqs(&recovered), vec![2]);
+        let mut kept = Vec::new();
+        { old }.read_to_end(&mut kept).unwrap();
+        assert_eq!(kept.len() as u64, before.len());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_durable_mark_advances_only_after_the_fsync() {
+        let dir = fresh_dir("mark");
+        let (mut spool, recovered) = Spool::open(&dir, 100).unwrap();
+        let durability = spool.durability();
+        assert_eq!(durability.durable_seq(), recovered.last_seq);
+        spool.write_records(vec![record(1), record(2)]);
+        assert_eq!(durability.durable_seq(), 2);
+
+        // The write goes through, its fsync fails: not durable, not sent.
+        spool.fault = Some(Fault::Fsync);
+        spool.write_records(vec![record(3)]);
+        assert_eq!(durability.durable_seq(), 2);
+        assert!(matches!(
+            durability.refusal(),
+            Some(SpoolRefusal::Unwritable(_))
+        ));
+        assert!(
+            !spool.pending.contains_key(&3),
+            "an unwritten record is not pending"
+        );
+        assert!(spool.unsent.iter().all(|r| r.seq != 3), "nor sent");
+        // Later records wait behind it, in order.
+        spool.write_records(vec![record(4)]);
+        assert_eq!(durability.durable_seq(), 2);
+        assert_eq!(durability.held(), 4);
+
+        spool.fault = None;
+        spool.retry();
+        assert_eq!(durability.durable_seq(), 4);
+        assert_eq!(durability.refusal(), None);
+        assert_eq!(
+            spool.unsent.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        drop(spool);
+        // The torn attempt was cut off: every record is read back once.
+        let (_, recovered) = Spool::open(&dir, 100).unwrap();
+        assert_eq!(pending_seqs(&recovered), vec![1, 2, 3, 4]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_waiter_is_told_when_its_record_cannot_be_written_and_released_once_it_is() {
+        let dir = fresh_dir("waiter");
+        let (mut spool, _) = Spool::open(&dir, 100).unwrap();
+        let durability = spool.durability();
+        let first = durability.wait(1);
+        spool.write_records(vec![record(1)]);
+        first.await.unwrap();
+
+        let failed = durability.wait(2);
+        spool.fault = Some(Fault::Write);
+        spool.write_records(vec![record(2)]);
+        let error = failed.await.unwrap_err();
+        assert!(error.0.contains("injected write failure"), "{error}");
+
+        spool.fault = None;
+        spool.retry();
+        durability.wait(2).await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn admission_stops_when_the_records_held_in_memory_reach_the_cap() {
+        let dir = fresh_dir("cap");
+        let (mut spool, _) = Spool::open(&dir, 3).unwrap();
+        let durability = spool.durability();
+        spool.write_records(vec![record(1), record(2)]);
+        assert_eq!(durability.refusal(), None);
+        spool.write_records(vec![record(3)]);
+        assert_eq!(durability.refusal(), Some(SpoolRefusal::Full { max: 3 }));
+        spool.ack(2);
+        assert_eq!(durability.refusal(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

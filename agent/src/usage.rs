@@ -194,6 +194,10 @@ pub struct SseScanner {
     /// How much of `buffer` was searched for an event end already.
     searched: usize,
     strip_usage: bool,
+    /// Hold back the end of the stream ([`SseScanner::hold_end`])...
+    hold_end: bool,
+    /// ...and what is held, from the first final event on.
+    held: Option<BytesMut>,
     pub seen: Seen,
 }
 
@@ -204,7 +208,33 @@ impl SseScanner {
             buffer: BytesMut::new(),
             searched: 0,
             strip_usage,
+            hold_end: false,
+            held: None,
             seen: Seen::default(),
+        }
+    }
+
+    /// From the first event that ends a stream on (`[DONE]`, or an event
+    /// that reports usage and carries no content, such as the usage-only
+    /// chunk or the Responses API's `response.completed`), events are held
+    /// back instead of passed on: [`SseScanner::take_held`] hands them
+    /// over once the caller may deliver the end. Usage in content chunks
+    /// (vLLM's `continuous_usage_stats`) does not start holding.
+    pub fn hold_end(mut self) -> SseScanner {
+        self.hold_end = true;
+        self
+    }
+
+    /// What was held back ([`SseScanner::hold_end`]).
+    pub fn take_held(&mut self) -> Bytes {
+        self.held.take().map(BytesMut::freeze).unwrap_or_default()
+    }
+
+    /// Where an event to pass on goes: out, or held back.
+    fn pass<'a>(&'a mut self, out: &'a mut BytesMut) -> &'a mut BytesMut {
+        match &mut self.held {
+            Some(held) => held,
+            None => out,
         }
     }
 
@@ -226,13 +256,14 @@ impl SseScanner {
             if self.inspect(&event) {
                 // Events passed on back to back stay one piece of the
                 // buffer: joining them copies nothing.
-                out.unsplit(event);
+                self.pass(&mut out).unsplit(event);
             }
         }
         if self.buffer.len() > MAX_EVENT {
             self.seen.chunks += 1;
             self.searched = 0;
-            out.extend_from_slice(&self.buffer.split());
+            let long = self.buffer.split();
+            self.pass(&mut out).extend_from_slice(&long);
         }
         out.freeze()
     }
@@ -240,6 +271,12 @@ impl SseScanner {
     /// The bytes of an unfinished last event, passed on as they are.
     pub fn finish(&mut self) -> Bytes {
         std::mem::take(&mut self.buffer).freeze()
+    }
+
+    fn hold_from_here(&mut self) {
+        if self.hold_end && self.held.is_none() {
+            self.held = Some(BytesMut::new());
+        }
     }
 
     /// Reads one event; false when it must not reach the client.
@@ -261,7 +298,11 @@ impl SseScanner {
             }
         }
         let data = data.trim_end();
-        if data.is_empty() || data == "[DONE]" {
+        if data == "[DONE]" {
+            self.hold_from_here();
+            return true;
+        }
+        if data.is_empty() {
             return true;
         }
         // Parse in full only events that may carry usage.
@@ -272,11 +313,16 @@ impl SseScanner {
             }
             return true;
         }
-        let Some((usage, usage_only)) = read_event(data) else {
+        let Some((usage, choices_empty)) = read_event_choices(data) else {
             return true;
         };
+        let usage_only = choices_empty == Some(true);
         if let Some(usage) = usage {
             self.seen.usage = Some(usage);
+            // No content beside the usage: the stream is ending.
+            if choices_empty != Some(false) {
+                self.hold_from_here();
+            }
         }
         if !usage_only {
             self.seen.chunks += 1;
@@ -325,10 +371,16 @@ pub fn model_of(text: &str) -> Option<String> {
 /// usage-only (its `choices` an empty array), as the event's `Value` tree
 /// gives them, without building the tree; `None` when it is not JSON.
 pub fn read_event(text: &str) -> Option<(Option<Reported>, bool)> {
+    let (usage, choices_empty) = read_event_choices(text)?;
+    Some((usage, choices_empty == Some(true)))
+}
+
+/// [`read_event`], with whether `choices` is empty (`None`: no array).
+fn read_event_choices(text: &str) -> Option<(Option<Reported>, Option<bool>)> {
     let event = serde_json::from_str::<EventFields>(text).ok()?;
     Some((
         read_usage_of(event.usage.as_ref(), event.response.as_ref()),
-        event.choices_empty == Some(true),
+        event.choices_empty,
     ))
 }
 
@@ -576,6 +628,44 @@ mod tests {
         let mut out = keep.push(stream.as_bytes()).to_vec();
         out.extend_from_slice(&keep.finish());
         assert_eq!(out, stream.as_bytes());
+    }
+
+    #[test]
+    fn the_end_of_a_stream_is_held_back_from_the_final_usage_event_or_done_on() {
+        let content = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}\n\n";
+        let usage =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}\n\n";
+        let done = "data: [DONE]\n\n";
+        let stream = format!("{content}{usage}{done}");
+        for strip in [false, true] {
+            for split in 0..stream.len() {
+                let mut scanner = SseScanner::new(strip).hold_end();
+                let mut out = scanner.push(&stream.as_bytes()[..split]).to_vec();
+                out.extend_from_slice(&scanner.push(&stream.as_bytes()[split..]));
+                // Usage in a content chunk does not end the stream.
+                assert_eq!(String::from_utf8(out).unwrap(), content, "split {split}");
+                let held = scanner.take_held();
+                let expected = if strip {
+                    done.to_string()
+                } else {
+                    format!("{usage}{done}")
+                };
+                assert_eq!(held, expected.as_bytes(), "split {split}");
+            }
+        }
+        // Without usage, `[DONE]` starts holding; the Responses API's
+        // completion event does too.
+        let mut scanner = SseScanner::new(false).hold_end();
+        assert_eq!(
+            scanner.push(b"data: {\"choices\":[]}\n\n"),
+            &b"data: {\"choices\":[]}\n\n"[..]
+        );
+        assert!(scanner.push(done.as_bytes()).is_empty());
+        assert_eq!(scanner.take_held(), done.as_bytes());
+        let completed = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":1,\"output_tokens\":2}}}\n\n";
+        let mut scanner = SseScanner::new(false).hold_end();
+        assert!(scanner.push(completed.as_bytes()).is_empty());
+        assert_eq!(scanner.take_held(), completed.as_bytes());
     }
 
     #[test]

@@ -157,8 +157,19 @@ impl ServiceProcess {
         envs: &[(&str, String)],
         log: std::path::PathBuf,
     ) -> ServiceProcess {
+        ServiceProcess::spawn_binary(&binary(name), args, envs, log)
+    }
+
+    /// [`ServiceProcess::spawn`] of the binary at `path`.
+    pub fn spawn_binary(
+        path: &std::path::Path,
+        args: &[String],
+        envs: &[(&str, String)],
+        log: std::path::PathBuf,
+    ) -> ServiceProcess {
+        let name = path.display();
         let file = std::fs::File::create(&log).expect("log file");
-        let mut command = Command::new(binary(name));
+        let mut command = Command::new(path);
         command
             .args(args)
             .stdout(Stdio::null())
