@@ -42,6 +42,10 @@ const STATE: &str = "state.json";
 const STATE_TMP: &str = "state.json.tmp";
 /// Records per `UsageBatch` message.
 const BATCH: usize = 512;
+/// `usage.spool` is rewritten with only its unacknowledged records once it
+/// passes 64 MiB (and twice its size after the last rewrite): its size is
+/// bounded by about twice the records pending, never by the uptime.
+const COMPACT_BYTES: u64 = 64 * 1024 * 1024;
 /// Most records taken from the channel for one write and fsync.
 const MAX_WRITE: usize = 4096;
 /// First and longest wait before a failed write is tried again.
@@ -210,6 +214,10 @@ pub struct Spool {
     log: File,
     /// Bytes of `usage.spool` known to be whole and fsync'd.
     log_len: u64,
+    /// `log_len` after the last compaction (or the start).
+    compacted_len: u64,
+    /// Compact the log past this many bytes ([`COMPACT_BYTES`]).
+    compact_bytes: u64,
     /// A write or fsync failed after `log_len`: what follows may be torn
     /// or lost, and is cut off before the next write.
     log_torn: bool,
@@ -366,6 +374,8 @@ impl Spool {
                 dir: dir.to_path_buf(),
                 log,
                 log_len,
+                compacted_len: log_len,
+                compact_bytes: COMPACT_BYTES,
                 log_torn: false,
                 state,
                 pending,
@@ -572,7 +582,46 @@ impl Spool {
                 Ok(()) => self.log_len = 0,
                 Err(e) => tracing::warn!(error = %e, "cannot truncate the usage spool"),
             }
+            return;
         }
+        // Under constant load something is always pending, so the log
+        // would never be emptied: past COMPACT_BYTES (and twice what its
+        // last compaction left), it is rewritten with only its pending
+        // records, atomically, like at start.
+        if self.unwritten.is_empty()
+            && self.log_len > self.compact_bytes
+            && self.log_len > self.compacted_len.saturating_mul(2)
+        {
+            if let Err(e) = self.compact() {
+                tracing::warn!(error = %e, "cannot compact the usage spool; trying again later");
+            }
+        }
+    }
+
+    /// Rewrites the log with only the pending records: a temporary file,
+    /// fsync, rename, fsync of the directory. A crash at any point leaves
+    /// the old log or the new one, each holding every pending record.
+    fn compact(&mut self) -> Result<(), SpoolError> {
+        let mut frames = Vec::new();
+        for record in self.pending.values() {
+            frame(&mut frames, record);
+        }
+        replace_file(&self.dir, LOG, LOG_TMP, &frames)?;
+        let path = self.dir.join(LOG);
+        self.log = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| spool_error(&path, e))?;
+        tracing::debug!(
+            from = self.log_len,
+            to = frames.len(),
+            "usage spool compacted"
+        );
+        metrics::counter!("allot_agent_spool_compactions_total").increment(1);
+        self.log_len = frames.len() as u64;
+        self.compacted_len = self.log_len;
+        self.log_torn = false;
+        Ok(())
     }
 
     /// Runs until the record channel closes and everything received is on
@@ -703,6 +752,34 @@ mod tests {
             vec![2, 3]
         );
         assert_eq!(recovered.last_seq, 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn under_constant_load_the_log_is_compacted_to_its_pending_records() {
+        let dir = fresh_dir("compact");
+        let (mut spool, _) = Spool::open(&dir, 100_000).unwrap();
+        spool.compact_bytes = 4096;
+        // Records keep coming and are acknowledged one batch behind, so
+        // the log is never entirely acknowledged.
+        for batch in 0..200u64 {
+            let first = batch * 10 + 1;
+            spool.write_records((first..first + 10).map(record).collect());
+            if batch > 0 {
+                spool.ack(first - 1);
+            }
+            spool.flush_state();
+        }
+        let size = std::fs::metadata(dir.join(LOG)).unwrap().len();
+        assert!(size <= 3 * 4096, "the log grew to {size} bytes");
+        drop(spool);
+        let (_, recovered) = Spool::open(&dir, 100_000).unwrap();
+        let seqs: Vec<u64> = recovered.pending.keys().copied().collect();
+        assert_eq!(
+            seqs,
+            (1991..=2000).collect::<Vec<_>>(),
+            "exactly the unacknowledged records"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
