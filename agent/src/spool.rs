@@ -42,6 +42,9 @@ const STATE: &str = "state.json";
 const STATE_TMP: &str = "state.json.tmp";
 /// Records per `UsageBatch` message.
 const BATCH: usize = 512;
+/// Longest a response waits for its record's fsync before the client gets
+/// `503 usage_spool_unavailable` instead (a disk whose fsync hangs).
+const MAX_DURABLE_WAIT: Duration = Duration::from_secs(30);
 /// `usage.spool` is rewritten with only its unacknowledged records once it
 /// passes 64 MiB (and twice its size after the last rewrite): its size is
 /// bounded by about twice the records pending, never by the uptime.
@@ -173,10 +176,20 @@ impl Durability {
         let mut mark = self.mark.subscribe();
         let this = self.clone();
         async move {
-            match mark.wait_for(|m| m.seq >= seq || m.failing).await {
-                Ok(m) if m.seq >= seq => Ok(()),
-                Ok(_) => Err(NotDurable(this.last_error())),
-                Err(_) => Err(NotDurable("the spool has stopped".into())),
+            let waited = tokio::time::timeout(
+                MAX_DURABLE_WAIT,
+                mark.wait_for(|m| m.seq >= seq || m.failing),
+            )
+            .await;
+            match waited {
+                Ok(Ok(m)) if m.seq >= seq => Ok(()),
+                Ok(Ok(_)) => Err(NotDurable(this.last_error())),
+                Ok(Err(_)) => Err(NotDurable("the spool has stopped".into())),
+                // A disk whose fsync hangs: the client is told, not kept.
+                Err(_) => Err(NotDurable(format!(
+                    "the usage spool did not confirm the record within {} s",
+                    MAX_DURABLE_WAIT.as_secs()
+                ))),
             }
         }
     }
