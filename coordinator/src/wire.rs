@@ -25,8 +25,7 @@ use allot::error::InvalidArgument;
 use allot::key::{validate_id, KeyHash, Purpose};
 use allot::pb;
 use allot::pb::agent_message::Msg as AgentMsg;
-use allot::{money, Amounts, Unit};
-use rust_decimal::Decimal;
+use allot::Amounts;
 
 /// Largest agent message the coordinator decodes (8 MiB): a full usage
 /// batch or a reconcile of 100,000 slices fits; a 24 MB node report does
@@ -243,25 +242,15 @@ pub fn amounts(
     let Some(value) = value else {
         return Ok(None);
     };
-    let count = |unit: &str, v: Option<u64>| match v {
-        Some(v) if v > MAX_UNITS => Err(InvalidArgument::new(
-            format!("{field}.{unit}"),
-            format!("is too large: at most {MAX_UNITS}"),
-        )),
-        v => Ok(v.map(Decimal::from)),
-    };
-    let credits = match &value.credits {
-        Some(text) => Some(money::parse_non_negative(
-            &format!("{field}.credits"),
-            text,
-        )?),
-        None => None,
-    };
-    let mut out = Amounts::UNLIMITED;
-    out.set(Unit::Requests, count("requests", value.requests)?);
-    out.set(Unit::Tokens, count("tokens", value.tokens)?);
-    out.set(Unit::Credits, credits);
-    Ok(Some(out))
+    for (unit, count) in [("requests", value.requests), ("tokens", value.tokens)] {
+        if count.is_some_and(|c| c > MAX_UNITS) {
+            return Err(InvalidArgument::new(
+                format!("{field}.{unit}"),
+                format!("is too large: at most {MAX_UNITS}"),
+            ));
+        }
+    }
+    Amounts::from_pb(field, Some(value)).map(Some)
 }
 
 fn bounded_str(field: &str, index: usize, value: &str) -> Result<(), InvalidArgument> {

@@ -574,3 +574,29 @@ pub fn chat_body(max_tokens: u64) -> serde_json::Value {
         "max_tokens": max_tokens,
     })
 }
+
+/// Opens an `AgentSession` at `url` as a raw agent: `hello`, then
+/// `messages`; the sending side stays open until the returned stream is
+/// dropped. `Err` when the coordinator refuses the call itself.
+pub async fn raw_session(
+    url: &str,
+    hello: pb::Hello,
+    messages: Vec<pb::agent_message::Msg>,
+) -> Result<tonic::Streaming<pb::CoordinatorMessage>, tonic::Status> {
+    let mut client = pb::agent_session_client::AgentSessionClient::connect(url.to_string())
+        .await
+        .expect("the coordinator accepts connections");
+    let (tx, rx) = tokio::sync::mpsc::channel(messages.len() + 1);
+    for msg in std::iter::once(pb::agent_message::Msg::Hello(hello)).chain(messages) {
+        tx.send(pb::AgentMessage { msg: Some(msg) })
+            .await
+            .expect("the channel has room for every message");
+    }
+    let inbound = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // The sender lives as long as the session: it closes with the stream.
+    tokio::spawn(async move { tx.closed().await });
+    Ok(inbound)
+}

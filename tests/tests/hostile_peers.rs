@@ -12,38 +12,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Opens a raw session as `agent_id`, sends `messages` after the Hello and
-/// returns the inbound stream.
-async fn raw_session(
+/// A raw session as `agent_id` (epoch 1), sending `messages`.
+async fn session_as(
     url: &str,
     agent_id: &str,
     messages: Vec<pb::agent_message::Msg>,
 ) -> tonic::Streaming<pb::CoordinatorMessage> {
-    let mut client = pb::agent_session_client::AgentSessionClient::connect(url.to_string())
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            agent_id: agent_id.into(),
-            epoch: 1,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    for msg in messages {
-        tx.send(pb::AgentMessage { msg: Some(msg) }).await.unwrap();
-    }
-    // The sender stays open (leaked into a task) so the session lives on.
-    tokio::spawn(async move {
-        tx.closed().await;
-    });
-    client
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner()
+    let hello = pb::Hello {
+        agent_id: agent_id.into(),
+        epoch: 1,
+        ..Default::default()
+    };
+    raw_session(url, hello, messages).await.unwrap()
 }
 
 /// The next message that is not Welcome or a tariff update, or the status
@@ -85,7 +65,7 @@ async fn an_ask_for_u64_max_tokens_is_refused_naming_the_field_and_budgets_keep_
             vec![limit(pb::Unit::Tokens, "100000000000000", balance())],
         )
         .await;
-    let mut inbound = raw_session(
+    let mut inbound = session_as(
         &stack.coordinator_url,
         "hostile-agent",
         vec![ask(&key_id, u64::MAX)],
@@ -103,7 +83,7 @@ async fn an_ask_for_u64_max_tokens_is_refused_naming_the_field_and_budgets_keep_
 
     // The largest ask the wire admits, on the largest cap Admin admits, is
     // granted (its sizing once multiplied cap × ask, out of Decimal's range).
-    let mut inbound = raw_session(
+    let mut inbound = session_as(
         &stack.coordinator_url,
         "big-agent",
         vec![ask(&key_id, 1_000_000_000_000_000)],
@@ -146,7 +126,7 @@ async fn usage_with_absurd_token_counts_is_charged_at_the_bound_without_wrapping
         charged: true,
         ..Default::default()
     };
-    let mut inbound = raw_session(
+    let mut inbound = session_as(
         &stack.coordinator_url,
         "wrapping-agent",
         vec![pb::agent_message::Msg::Usage(pb::UsageBatch {
@@ -169,7 +149,7 @@ async fn a_usage_record_with_an_unknown_purpose_is_refused_not_priced_as_realtim
     let (key_id, _) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000", balance())])
         .await;
-    let mut inbound = raw_session(
+    let mut inbound = session_as(
         &stack.coordinator_url,
         "odd-agent",
         vec![pb::agent_message::Msg::Usage(pb::UsageBatch {
@@ -299,38 +279,19 @@ async fn fleet_endpoints(url: &str) -> Vec<String> {
         .collect()
 }
 
-/// A Hello naming `neuron_id`, then `status`.
+/// A Hello naming `neuron_id`, then `status`: how the session ended.
 async fn report_as(url: &str, neuron_id: &str, status: pb::NodeStatus) -> tonic::Status {
-    let mut client = pb::agent_session_client::AgentSessionClient::connect(url.to_string())
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            agent_id: "reporter".into(),
-            epoch: 1,
-            neuron_id: neuron_id.into(),
-        })),
-    })
-    .await
-    .unwrap();
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::NodeStatus(status)),
-    })
-    .await
-    .unwrap();
-    let mut inbound = match client
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-    {
-        Ok(response) => response.into_inner(),
-        Err(status) => return status,
+    let hello = pb::Hello {
+        agent_id: "reporter".into(),
+        epoch: 1,
+        neuron_id: neuron_id.into(),
     };
-    let status = next_answer(&mut inbound)
-        .await
-        .expect_err("the session ends");
-    drop(tx);
-    status
+    match raw_session(url, hello, vec![pb::agent_message::Msg::NodeStatus(status)]).await {
+        Ok(mut inbound) => next_answer(&mut inbound)
+            .await
+            .expect_err("the session ends"),
+        Err(status) => status,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,25 +343,14 @@ async fn an_agent_reports_only_its_own_neuron_and_bounded_reports() {
 async fn a_hello_cannot_jump_an_agents_epoch_to_lock_it_out() {
     let stack = Stack::start().await;
     stack.wait_for_agent().await;
-    let mut client =
-        pb::agent_session_client::AgentSessionClient::connect(stack.coordinator_url.clone())
-            .await
-            .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            agent_id: "agent-1".into(),
-            epoch: u64::MAX,
-            neuron_id: "neuron-1".into(),
-        })),
-    })
-    .await
-    .unwrap();
-    let mut inbound = client
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+    let hello = pb::Hello {
+        agent_id: "agent-1".into(),
+        epoch: u64::MAX,
+        neuron_id: "neuron-1".into(),
+    };
+    let mut inbound = raw_session(&stack.coordinator_url, hello, vec![])
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let status = next_answer(&mut inbound).await.expect_err("refused");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(
@@ -408,7 +358,6 @@ async fn a_hello_cannot_jump_an_agents_epoch_to_lock_it_out() {
         "{}",
         status.message()
     );
-    drop(tx);
     // The real agent still serves, and comes back after a restart.
     let (_, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
