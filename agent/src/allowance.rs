@@ -527,6 +527,28 @@ impl AllowanceTable {
 
     /// What each key's slice holds, for a Reconcile sent once the
     /// coordinator's high-water mark is known (acknowledge it first with
+    /// Per key with something in flight, what its requests in flight
+    /// reserved plus the usage of finished requests not yet acknowledged,
+    /// sorted by key: for operators' snapshots (`in_flight`).
+    pub fn in_flight_report(&self) -> Vec<SliceHeld> {
+        let state = self.lock();
+        let mut totals: std::collections::BTreeMap<String, Amounts> = state
+            .slices
+            .iter()
+            .filter(|(_, slice)| !slice.in_flight.is_zero())
+            .map(|(key_id, slice)| (key_id.clone(), slice.in_flight))
+            .collect();
+        for (key_id, usage) in state.unacked.values() {
+            let total = totals.entry(key_id.clone()).or_insert_with(Amounts::zero);
+            *total = total.add(usage);
+        }
+        totals
+            .into_iter()
+            .filter(|(_, held)| !held.is_zero())
+            .map(|(key_id, held)| SliceHeld { key_id, held })
+            .collect()
+    }
+
     /// [`AllowanceTable::ack`]): unspent allowance, reservations in flight,
     /// and the usage of records not yet acknowledged. Slices whose lease
     /// lapsed report no unspent allowance: this report gives it back.

@@ -253,10 +253,38 @@ async fn housekeeping(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // The last in-flight report the coordinator got: sent again when it
+    // changes, at most once a second under load but at the next tick once
+    // nothing is in flight (operators see 0 soon after a burst), and after
+    // a reconnect.
+    let mut reported: Option<Vec<allowance::SliceHeld>> = None;
+    let mut reported_at = Instant::now();
+    let mut connected = link.subscribe_connected();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
+        }
+        if connected.has_changed().unwrap_or(false) {
+            connected.borrow_and_update();
+            reported = None;
+        }
+        let in_flight = table.in_flight_report();
+        let due = in_flight.is_empty() || reported_at.elapsed() >= Duration::from_secs(1);
+        if reported.as_ref() != Some(&in_flight) && (due || reported.is_none()) {
+            let message = pb::agent_message::Msg::InFlight(pb::InFlight {
+                keys: in_flight
+                    .iter()
+                    .map(|s| pb::SliceReport {
+                        key_id: s.key_id.clone(),
+                        held: Some(s.held.to_pb()),
+                    })
+                    .collect(),
+            });
+            if link.send(message) {
+                reported = Some(in_flight);
+                reported_at = Instant::now();
+            }
         }
         let now = Instant::now();
         for key_id in table.leases_to_renew(now) {

@@ -18,6 +18,7 @@ use allot::tariff::Tariff;
 use allot::InvalidArgument;
 use prost::Message;
 use rand::RngCore;
+use rust_decimal::Decimal;
 
 use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
@@ -196,11 +197,16 @@ fn account_view(core: &Core, account_id: &str) -> Result<pb::Account, EngineErro
     })
 }
 
-fn limit_status(view: &LimitView) -> pb::LimitStatus {
+/// A limit as operators read it. `in_flight` is what the agents reported
+/// their requests reserved under the limit's scope; it is part of what they
+/// hold, so `held` is the rest (`spent + in_flight + held + remaining` is
+/// the cap while the cap is not overspent).
+fn limit_status(view: &LimitView, in_flight: Decimal) -> pb::LimitStatus {
     let (scope, scope_id) = match &view.scope {
         Scope::Key(id) => ("key", id.clone()),
         Scope::Account(id) => ("account", id.clone()),
     };
+    let in_flight = in_flight.clamp(Decimal::ZERO, view.held);
     pb::LimitStatus {
         scope: scope.into(),
         scope_id,
@@ -209,6 +215,8 @@ fn limit_status(view: &LimitView) -> pb::LimitStatus {
         reserved: money::format(view.held),
         remaining: money::format(view.remaining),
         next_refill: view.next_refill.map(clock::to_pb),
+        in_flight: money::format(in_flight),
+        held: money::format(view.held - in_flight),
     }
 }
 
@@ -511,10 +519,22 @@ impl Admin for AdminService {
                     .ledger
                     .key(&req.key_id)
                     .expect("limit_views checked the key");
+                let account_keys = core.ledger.keys_of_account(&key.account_id).to_vec();
+                let own_key = [key.key_id.clone()];
+                let limits = views
+                    .iter()
+                    .map(|view| {
+                        let keys: &[String] = match view.scope {
+                            Scope::Key(_) => &own_key,
+                            Scope::Account(_) => &account_keys,
+                        };
+                        limit_status(view, core.in_flight(keys, view.limit.unit))
+                    })
+                    .collect();
                 Ok(pb::Snapshot {
                     key_id: key.key_id.clone(),
                     account_id: key.account_id.clone(),
-                    limits: views.iter().map(limit_status).collect(),
+                    limits,
                     revoked: key.revoked,
                 })
             })

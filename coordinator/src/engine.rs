@@ -33,6 +33,9 @@ pub struct SessionLink {
     pub counters: Arc<SessionCounters>,
     /// Prompt overheads the agent learned, as it last reported them.
     pub prompt_overheads: std::collections::BTreeMap<String, u64>,
+    /// Per key, what the agent's requests in flight reserved, as it last
+    /// reported it (gone with the session: then it counts as held).
+    pub in_flight: std::collections::BTreeMap<String, allot::Amounts>,
 }
 
 /// An ask waiting for other agents to give back revoked slices.
@@ -83,6 +86,20 @@ impl Core {
                 fx.send(&link.outbox, message.clone());
             }
         }
+    }
+
+    /// What every connected agent's requests in flight reserved on
+    /// `key_ids`, in `unit`.
+    pub fn in_flight(&self, key_ids: &[String], unit: allot::Unit) -> rust_decimal::Decimal {
+        let mut total = rust_decimal::Decimal::ZERO;
+        for link in self.sessions.values() {
+            for key_id in key_ids {
+                if let Some(amount) = link.in_flight.get(key_id) {
+                    total = total.saturating_add(amount.value(unit));
+                }
+            }
+        }
+        total
     }
 
     /// Every agent that should hear about a change of `key_id`: those that

@@ -105,6 +105,7 @@ impl Harness {
                     outbox: outbox.clone(),
                     counters: Arc::new(SessionCounters::default()),
                     prompt_overheads: Default::default(),
+                    in_flight: Default::default(),
                 },
             );
             outboxes.push(outbox);

@@ -227,6 +227,7 @@ async fn accept_hello(
                     outbox: link_outbox.clone(),
                     counters,
                     prompt_overheads: Default::default(),
+                    in_flight: Default::default(),
                 },
             );
             core.disconnected.remove(&hello.agent_id);
@@ -297,6 +298,11 @@ pub(crate) fn agent_job(agent_id: String, outbox: Outbox, command: Command) -> J
                 core.ledger.give_back(&agent_id, &key_id, &amount);
                 metrics::counter!("allot_allowance_returns_total").increment(1);
                 retry_parked(core, fx);
+            }
+            Command::InFlight(keys) => {
+                if let Some(link) = core.sessions.get_mut(&agent_id) {
+                    link.in_flight = keys;
+                }
             }
             Command::PromptOverheads(overheads) => {
                 if let Some(link) = core.sessions.get_mut(&agent_id) {

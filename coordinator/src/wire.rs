@@ -74,6 +74,7 @@ pub enum Command {
     GiveBack { key_id: String, amount: Amounts },
     Reconcile(Vec<(String, Amounts)>),
     PromptOverheads(std::collections::BTreeMap<String, u64>),
+    InFlight(std::collections::BTreeMap<String, Amounts>),
 }
 
 /// Most models in one `PromptOverheads` (agents learn at most 256).
@@ -148,6 +149,22 @@ pub fn command(message: AgentMsg) -> Result<Command, InvalidArgument> {
             Ok(Command::PromptOverheads(
                 overheads.tokens_by_model.into_iter().collect(),
             ))
+        }
+        AgentMsg::InFlight(in_flight) => {
+            if in_flight.keys.len() > MAX_RECONCILE_SLICES {
+                return Err(InvalidArgument::new(
+                    "in_flight.keys",
+                    format!("must hold at most {MAX_RECONCILE_SLICES} keys"),
+                ));
+            }
+            let mut keys = std::collections::BTreeMap::new();
+            for (i, key) in in_flight.keys.into_iter().enumerate() {
+                validate_id(&format!("in_flight.keys[{i}].key_id"), &key.key_id)?;
+                let amount = amounts(&format!("in_flight.keys[{i}].held"), key.held.as_ref())?
+                    .unwrap_or_else(Amounts::zero);
+                keys.insert(key.key_id, amount);
+            }
+            Ok(Command::InFlight(keys))
         }
         AgentMsg::Hello(_) => Err(InvalidArgument::new(
             "hello",
