@@ -52,7 +52,8 @@ impl CoordinatorProcess {
         let child = Command::new(binary("allot-coordinator"))
             .args(["--listen", &addr.to_string()])
             .args(["--metrics-listen", "off"])
-            .args(["--admin-token", crate::ADMIN_TOKEN])
+            // In the environment: a flag would show in the process list.
+            .env("ALLOT_ADMIN_TOKEN", crate::ADMIN_TOKEN)
             .args(["--store", "etcd"])
             .args(["--etcd-endpoints", &etcd_endpoints.join(",")])
             .args(["--node-id", node_id])
