@@ -84,7 +84,7 @@ fn write_state(dir: &Path, state: &SpoolState) -> Result<(), SpoolError> {
     let tmp = dir.join("state.json.tmp");
     let path = dir.join(STATE);
     let bytes = serde_json::to_vec(state).map_err(|e| spool_error(&tmp, e))?;
-    let mut file = File::create(&tmp).map_err(|e| spool_error(&tmp, e))?;
+    let mut file = allot::private_files::create(&tmp).map_err(|e| spool_error(&tmp, e))?;
     file.write_all(&bytes).map_err(|e| spool_error(&tmp, e))?;
     file.sync_all().map_err(|e| spool_error(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| spool_error(&path, e))?;
@@ -127,7 +127,7 @@ impl Spool {
     /// Opens (or creates) the spool, bumps the epoch and recovers what was
     /// not acknowledged.
     pub fn open(dir: &Path) -> Result<(Spool, Recovered), SpoolError> {
-        std::fs::create_dir_all(dir).map_err(|e| spool_error(dir, e))?;
+        allot::private_files::create_dir_all(dir).map_err(|e| spool_error(dir, e))?;
         let state_path = dir.join(STATE);
         let mut state: SpoolState = match std::fs::read(&state_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| spool_error(&state_path, e))?,
@@ -150,7 +150,8 @@ impl Spool {
             .map(|r| (r.seq, r))
             .collect();
         // Rewrite the log with only what is pending, dropping a torn tail.
-        let mut log = File::create(&log_path).map_err(|e| spool_error(&log_path, e))?;
+        let mut log =
+            allot::private_files::create(&log_path).map_err(|e| spool_error(&log_path, e))?;
         let mut frames = Vec::new();
         for record in pending.values() {
             frame(&mut frames, record);
