@@ -304,13 +304,49 @@ impl CredentialSources {
     }
 }
 
+/// Something that says "reload now": SIGHUP on Unix.
+#[cfg(unix)]
+type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangup = ();
+
+async fn next_hangup(hangup: &mut Option<Hangup>) {
+    #[cfg(unix)]
+    if let Some(signal) = hangup.as_mut() {
+        if signal.recv().await.is_some() {
+            return;
+        }
+    }
+    let _ = hangup;
+    std::future::pending::<()>().await
+}
+
 /// Re-reads the credentials every `every` and at SIGHUP, and publishes
-/// them when they changed and are valid. Runs until `credentials` has no
-/// receiver left.
-pub async fn reload_credentials(
+/// them when they changed and are valid, until `credentials` has no
+/// receiver left. Without a credentials file there is nothing to reload
+/// (and SIGHUP keeps its default meaning). The SIGHUP handler is in place
+/// when this returns, before the future first runs, so that a SIGHUP sent
+/// once the coordinator serves never ends the process.
+pub fn reload_credentials(
     sources: CredentialSources,
     every: Duration,
     credentials: watch::Sender<Arc<Credentials>>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    let hangup: Option<Hangup> = sources
+        .file
+        .as_ref()
+        .and_then(|_| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok());
+    #[cfg(not(unix))]
+    let hangup: Option<Hangup> = None;
+    reload_loop(sources, every, credentials, hangup)
+}
+
+async fn reload_loop(
+    sources: CredentialSources,
+    every: Duration,
+    credentials: watch::Sender<Arc<Credentials>>,
+    mut hangup: Option<Hangup>,
 ) {
     let Some(path) = sources.file.clone() else {
         return;
@@ -318,18 +354,10 @@ pub async fn reload_credentials(
     let mut last = std::fs::read(&path).ok();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
-        #[cfg(unix)]
         let forced = tokio::select! {
             _ = tick.tick() => false,
-            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
-            _ = credentials.closed() => return,
-        };
-        #[cfg(not(unix))]
-        let forced = tokio::select! {
-            _ = tick.tick() => false,
+            _ = next_hangup(&mut hangup) => true,
             _ = credentials.closed() => return,
         };
         let current = std::fs::read(&path).ok();

@@ -105,6 +105,11 @@ impl CoordinatorProcess {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// `kill -HUP`: reload the operators file.
+    pub fn hangup(&self) {
+        self.signal("-HUP");
+    }
+
     /// `kill -TERM`: a graceful stop.
     pub fn terminate(&self) {
         self.signal("-TERM");

@@ -62,7 +62,7 @@ async fn call(url: &str, method: &str, token: &str) -> Result<(), tonic::Status>
         .unwrap()
         .connect()
         .await
-        .unwrap();
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut admin = pb::admin_client::AdminClient::new(channel.clone());
     let mut placement = pb::placement_client::PlacementClient::new(channel);
     let limit = limit(pb::Unit::Tokens, "100", balance());
@@ -438,6 +438,55 @@ async fn a_credential_added_to_the_file_works_and_a_removed_one_stops_without_a_
         .unwrap();
     // The legacy admin_token is untouched by the file.
     call(&url, "ListAccounts", ADMIN_TOKEN).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_credentials_file_at_once() {
+    let cluster = allot_e2e::etcd::EtcdCluster::start(1).await;
+    let dir = TempDir::new("sighup");
+    let file = dir.0.join("operators.toml");
+    write_credentials(&file, &[("alice", "alice-token-0123456789", "read")]);
+    let coordinator = allot_e2e::process::CoordinatorProcess::spawn(
+        "c1",
+        &cluster.endpoints(),
+        &dir.0,
+        &[
+            "--operators-file",
+            file.to_str().unwrap(),
+            // The next poll is an hour away: only SIGHUP can apply a change.
+            "--operators-reload-ms",
+            "3600000",
+            "--auth-max-failures",
+            "0",
+        ],
+    );
+    let url = coordinator.url.clone();
+    wait_until("the coordinator to lead", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move {
+            call(&url, "ListAccounts", "alice-token-0123456789")
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    write_credentials(
+        &file,
+        &[
+            ("alice", "alice-token-0123456789", "read"),
+            ("bob", "bob-token-0123456789", "read"),
+        ],
+    );
+    coordinator.hangup();
+    wait_until("bob's credential to work", Duration::from_secs(10), || {
+        let url = url.clone();
+        async move {
+            call(&url, "ListAccounts", "bob-token-0123456789")
+                .await
+                .is_ok()
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
