@@ -15,6 +15,7 @@ pub mod error;
 pub mod key;
 pub mod limit;
 pub mod money;
+pub mod private_files;
 pub mod reservation;
 pub mod signal;
 pub mod tariff;

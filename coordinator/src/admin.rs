@@ -1,6 +1,9 @@
 //! The `Admin` service: what operators do, through grpcurl. Every call
-//! needs the admin token; every input is validated here, at the edge, and
-//! refused with `INVALID_ARGUMENT` naming the field before the ledger sees it.
+//! passes the operator gate first (`operators`: token and scope); every
+//! input is validated here, at the edge, and refused with
+//! `INVALID_ARGUMENT` naming the field before the ledger sees it. Every
+//! mutation records an audit entry (who, what changed) in the engine job
+//! that makes the change, so both are in one store commit.
 
 use crate::engine::{Core, Effects, EngineError, EngineSource};
 use crate::error::invalid_argument;
@@ -20,7 +23,8 @@ use prost::Message;
 use rand::RngCore;
 use rust_decimal::Decimal;
 
-use subtle::ConstantTimeEq;
+use crate::operators::operator_of;
+use serde_json::json;
 use tonic::{Request, Response, Status};
 
 pub struct AdminService {
@@ -45,37 +49,10 @@ impl AdminService {
     }
 }
 
-/// Checks `authorization: Bearer <token>` in constant time.
-#[derive(Clone)]
-pub struct AdminAuth {
-    token: std::sync::Arc<String>,
-}
-
-impl AdminAuth {
-    pub fn new(token: String) -> AdminAuth {
-        AdminAuth {
-            token: std::sync::Arc::new(token),
-        }
-    }
-}
-
-impl tonic::service::Interceptor for AdminAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("missing admin token: send authorization: Bearer <token>")
-            })?;
-        if bool::from(presented.as_bytes().ct_eq(self.token.as_bytes())) {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated("invalid admin token"))
-        }
-    }
-}
+/// `ListAudit` pages hold this many entries unless asked otherwise.
+const DEFAULT_AUDIT_PAGE: usize = 100;
+/// Method names are short; a longer filter matches nothing anyway.
+const MAX_METHOD_BYTES: usize = 64;
 
 fn check(result: Result<(), InvalidArgument>) -> Result<(), Status> {
     result.map_err(invalid_argument)
@@ -270,6 +247,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateAccountRequest>,
     ) -> Result<Response<pb::Account>, Status> {
+        let operator = operator_of(&request)?.name;
         let req = request.into_inner();
         check(validate_id("account_id", &req.account_id))?;
         check(validate_name("name", &req.name))?;
@@ -279,6 +257,13 @@ impl Admin for AdminService {
             .call(move |core, fx| {
                 core.ledger
                     .create_account(&req.account_id, &req.name, fx.now, &mut fx.writes)?;
+                core.ledger.audit(
+                    fx.now,
+                    &operator,
+                    "CreateAccount",
+                    json!({"account_id": req.account_id, "name": req.name}),
+                    &mut fx.writes,
+                );
                 account_view(core, &req.account_id)
             })
             .await?;
@@ -326,6 +311,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreditRequest>,
     ) -> Result<Response<pb::CreditResponse>, Status> {
+        let operator = operator_of(&request)?.name;
         let req = request.into_inner();
         check(validate_id("account_id", &req.account_id))?;
         if req.source_id.trim().is_empty() {
@@ -362,6 +348,18 @@ impl Admin for AdminService {
                     &mut fx.writes,
                 )?;
                 if !duplicate {
+                    core.ledger.audit(
+                        fx.now,
+                        &operator,
+                        "Credit",
+                        json!({
+                            "account_id": req.account_id,
+                            "source_id": req.source_id,
+                            "kind": kind,
+                            "amount": money::format(amount),
+                        }),
+                        &mut fx.writes,
+                    );
                     let keys = core.ledger.keys_of_account(&req.account_id).to_vec();
                     push_key_changes(core, fx, &keys, false);
                 }
@@ -378,6 +376,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let operator = operator_of(&request)?.name;
         let req = request.into_inner();
         check(validate_id("account_id", &req.account_id))?;
         let key_id = if req.key_id.is_empty() {
@@ -407,7 +406,24 @@ impl Admin for AdminService {
         let key = self
             .engine
             .current()?
-            .call(move |core, fx| Ok(core.ledger.create_key(record, &mut fx.writes)?))
+            .call(move |core, fx| {
+                let key = core.ledger.create_key(record, &mut fx.writes)?;
+                // The secret and its hash never go into the log.
+                core.ledger.audit(
+                    fx.now,
+                    &operator,
+                    "CreateKey",
+                    json!({
+                        "key_id": key.key_id,
+                        "account_id": key.account_id,
+                        "purpose": key.purpose.as_str(),
+                        "allowed_models": key.allowed_models,
+                        "name": key.name,
+                    }),
+                    &mut fx.writes,
+                );
+                Ok(key)
+            })
             .await?;
         tracing::info!(
             key_id = key.key_id,
@@ -455,6 +471,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::KeyInfo>, Status> {
+        let operator = operator_of(&request)?.name;
         let req = request.into_inner();
         check(validate_id("key_id", &req.key_id))?;
         let key = self
@@ -462,6 +479,13 @@ impl Admin for AdminService {
             .current()?
             .call(move |core, fx| {
                 let key = core.ledger.revoke_key(&req.key_id, &mut fx.writes)?;
+                core.ledger.audit(
+                    fx.now,
+                    &operator,
+                    "RevokeKey",
+                    json!({"key_id": key.key_id, "account_id": key.account_id}),
+                    &mut fx.writes,
+                );
                 push_key_changes(core, fx, std::slice::from_ref(&req.key_id), true);
                 Ok(key)
             })
@@ -474,6 +498,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::SetLimitsRequest>,
     ) -> Result<Response<pb::SetLimitsResponse>, Status> {
+        let operator = operator_of(&request)?.name;
         let req = request.into_inner();
         let scope = match req.scope {
             Some(pb::set_limits_request::Scope::KeyId(id)) => {
@@ -488,11 +513,22 @@ impl Admin for AdminService {
         };
         let limits = limits_from_pb("limits", &req.limits).map_err(invalid_argument)?;
         let echoed = limits.iter().map(|l| l.to_pb()).collect();
+        let (scope_name, scope_id) = match &scope {
+            Scope::Key(id) => ("key", id.clone()),
+            Scope::Account(id) => ("account", id.clone()),
+        };
+        let change = json!({
+            "scope": scope_name,
+            "id": scope_id,
+            "limits": serde_json::to_value(&limits).unwrap_or_default(),
+        });
         self.engine
             .current()?
             .call(move |core, fx| {
                 core.ledger
                     .set_limits(&scope, limits, fx.now, &mut fx.writes)?;
+                core.ledger
+                    .audit(fx.now, &operator, "SetLimits", change, &mut fx.writes);
                 let keys = match &scope {
                     Scope::Key(id) => vec![id.clone()],
                     Scope::Account(id) => core.ledger.keys_of_account(id).to_vec(),
@@ -546,12 +582,14 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::PutTariffRequest>,
     ) -> Result<Response<pb::Tariff>, Status> {
+        let operator = operator_of(&request)?.name;
         let req = request.into_inner();
         let wire = req
             .tariff
             .ok_or_else(|| Status::invalid_argument("tariff: is required"))?;
         let tariff = Tariff::from_pb("tariff", &wire).map_err(invalid_argument)?;
         let echoed = tariff.to_pb();
+        let change = serde_json::to_value(&tariff).unwrap_or_default();
         self.engine
             .current()?
             .call(move |core, fx| {
@@ -569,6 +607,8 @@ impl Admin for AdminService {
                     )));
                 }
                 core.ledger.put_tariff(tariff, &mut fx.writes);
+                core.ledger
+                    .audit(fx.now, &operator, "PutTariff", change, &mut fx.writes);
                 let update = tariff_update(core);
                 core.push_to(
                     fx,
@@ -785,6 +825,66 @@ impl Admin for AdminService {
             )));
         }
         Ok(Response::new(pb::UsageSummaryResponse { buckets }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let req = request.into_inner();
+        if !req.operator.is_empty() {
+            check(validate_id("operator", &req.operator))?;
+        }
+        check(check_len("method", &req.method, MAX_METHOD_BYTES))?;
+        let size = match req.page_size as usize {
+            0 => DEFAULT_AUDIT_PAGE,
+            n if n <= MAX_PAGE => n,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size: must be at most {MAX_PAGE}, not {n}"
+                )))
+            }
+        };
+        let before = match req.page_token.as_str() {
+            "" => None,
+            token => Some(token.parse::<u64>().map_err(|_| {
+                Status::invalid_argument("page_token: not a token from a previous page")
+            })?),
+        };
+        let (entries, next_page_token) = self
+            .engine
+            .current()?
+            .call(move |core, _| {
+                let matching = core.ledger.audit_log().newest_first().filter(|e| {
+                    before.is_none_or(|b| e.seq < b)
+                        && (req.operator.is_empty() || e.operator == req.operator)
+                        && (req.method.is_empty() || e.method == req.method)
+                        && (req.from_unix_ms == 0 || e.at_ms >= req.from_unix_ms)
+                        && (req.to_unix_ms == 0 || e.at_ms < req.to_unix_ms)
+                });
+                let (mut entries, mut bytes, mut next) = (Vec::new(), 0, String::new());
+                for entry in matching {
+                    let item = entry.to_pb();
+                    let len = encoded_item_len(&item);
+                    let full = entries.len() >= size
+                        || (!entries.is_empty() && bytes + len > MAX_RESPONSE_BYTES);
+                    if full {
+                        if let Some(last) = entries.last() {
+                            let last: &pb::AuditEntry = last;
+                            next = last.seq.to_string();
+                        }
+                        break;
+                    }
+                    bytes += len;
+                    entries.push(item);
+                }
+                Ok((entries, next))
+            })
+            .await?;
+        Ok(Response::new(pb::ListAuditResponse {
+            entries,
+            next_page_token,
+        }))
     }
 }
 

@@ -22,6 +22,9 @@ pub enum StoreKind {
 /// The longest `usage_retention_days` short of forever: 100 years.
 pub const MAX_USAGE_RETENTION_DAYS: u32 = 36_500;
 
+/// The most audit entries the leader holds (in memory and in the store).
+pub const MAX_AUDIT_ENTRIES: usize = 1_000_000;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoordinatorConfig {
@@ -29,8 +32,28 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     /// Prometheus metrics address; unset disables the exporter.
     pub metrics_listen: Option<SocketAddr>,
-    /// Token operators present as `authorization: Bearer <token>`. Required.
+    /// Legacy: one shared token, the credential named `admin` with scope
+    /// `admin`. Prefer `operators_file`. Either (or `operators`) is needed.
     pub admin_token: String,
+    /// Operator credentials (`[[operators]]`: `name`, `token_sha256`,
+    /// `scopes`); hashes only, never tokens.
+    pub operators: Vec<crate::operators::OperatorCredential>,
+    /// A credentials file of `[[operator]]` tables (TOML, or JSON when it
+    /// ends in `.json`), re-read when it changes and at SIGHUP.
+    pub operators_file: Option<PathBuf>,
+    /// How often `operators_file` is checked for changes.
+    pub operators_reload_ms: u64,
+    /// Failed authentications from one address within
+    /// `auth_failure_window_ms` after which its calls are refused until
+    /// the window ends; 0 disables.
+    pub auth_max_failures: u32,
+    /// The window of `auth_max_failures`.
+    pub auth_failure_window_ms: u64,
+    /// Most entries the audit log keeps; the oldest go first.
+    pub audit_max_entries: usize,
+    /// Days an audit entry is kept (checked when an entry is added); 0:
+    /// only `audit_max_entries` bounds the log.
+    pub audit_retention_days: u32,
     /// `embedded` or `etcd`.
     pub store: StoreKind,
     /// File of the embedded store.
@@ -85,6 +108,13 @@ impl Default for CoordinatorConfig {
             listen: "127.0.0.1:50051".parse().expect("valid default"),
             metrics_listen: Some("127.0.0.1:9464".parse().expect("valid default")),
             admin_token: String::new(),
+            operators: Vec::new(),
+            operators_file: None,
+            operators_reload_ms: 1_000,
+            auth_max_failures: 10,
+            auth_failure_window_ms: 60_000,
+            audit_max_entries: 10_000,
+            audit_retention_days: 365,
             store: StoreKind::Embedded,
             data_path: PathBuf::from("allot-data/coordinator.redb"),
             etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
@@ -117,8 +147,31 @@ impl CoordinatorConfig {
 
     /// Checks every field; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
-        if self.admin_token.len() < 8 {
-            return Err("admin_token: must be set (ALLOT_ADMIN_TOKEN or --admin-token), at least 8 characters".into());
+        if self.admin_token.is_empty() && self.operators.is_empty() && self.operators_file.is_none()
+        {
+            return Err("admin_token: no operator credential: set operators_file (ALLOT_OPERATORS_FILE), operators (ALLOT_OPERATORS) or the legacy admin_token (ALLOT_ADMIN_TOKEN)".into());
+        }
+        if !self.admin_token.is_empty() && self.admin_token.len() < 8 {
+            return Err("admin_token: must be at least 8 characters".into());
+        }
+        self.operator_sources().load()?;
+        if self.operators_reload_ms < 100 {
+            return Err("operators_reload_ms: must be at least 100".into());
+        }
+        if self.auth_max_failures > 0 && self.auth_failure_window_ms == 0 {
+            return Err(
+                "auth_failure_window_ms: must be at least 1 when auth_max_failures is set".into(),
+            );
+        }
+        if self.audit_max_entries == 0 || self.audit_max_entries > MAX_AUDIT_ENTRIES {
+            return Err(format!(
+                "audit_max_entries: must be from 1 to {MAX_AUDIT_ENTRIES}"
+            ));
+        }
+        if self.audit_retention_days > MAX_USAGE_RETENTION_DAYS {
+            return Err(format!(
+                "audit_retention_days: must be at most {MAX_USAGE_RETENTION_DAYS} (0: bounded by audit_max_entries only)"
+            ));
         }
         if self.lease_ttl_ms < 1_000 {
             return Err("lease_ttl_ms: must be at least 1000".into());
@@ -171,6 +224,24 @@ impl CoordinatorConfig {
     pub fn usage_retention(&self) -> Option<Duration> {
         (self.usage_retention_days > 0)
             .then(|| Duration::from_secs(u64::from(self.usage_retention_days) * 86_400))
+    }
+
+    /// Where operator credentials come from.
+    pub fn operator_sources(&self) -> crate::operators::CredentialSources {
+        crate::operators::CredentialSources {
+            admin_token: self.admin_token.clone(),
+            inline: self.operators.clone(),
+            file: self.operators_file.clone(),
+        }
+    }
+
+    /// How much of the audit log is kept.
+    pub fn audit_retention(&self) -> crate::audit::AuditRetention {
+        crate::audit::AuditRetention {
+            max_entries: self.audit_max_entries,
+            max_age_ms: (self.audit_retention_days > 0)
+                .then(|| i64::from(self.audit_retention_days) * 86_400_000),
+        }
     }
 
     pub fn lease_ttl(&self) -> Duration {

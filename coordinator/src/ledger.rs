@@ -253,12 +253,15 @@ pub enum SettleOutcome {
 pub struct LedgerConfig {
     /// Fraction of what is left that one grant may take beyond its need.
     pub grant_share: Decimal,
+    /// How much of the audit log is kept.
+    pub audit: crate::audit::AuditRetention,
 }
 
 impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             grant_share: Decimal::new(5, 1),
+            audit: crate::audit::AuditRetention::default(),
         }
     }
 }
@@ -297,6 +300,8 @@ pub struct Ledger {
     agents: HashMap<String, AgentRecord>,
     tariffs: TariffBook,
     transactions: HashSet<(String, String)>,
+    /// Admin mutations, written in the commit of each change.
+    audit: crate::audit::AuditLog,
 }
 
 fn not_found(what: &'static str, id: &str) -> LedgerError {
@@ -309,6 +314,7 @@ fn not_found(what: &'static str, id: &str) -> LedgerError {
 impl Ledger {
     pub fn new(config: LedgerConfig) -> Ledger {
         Ledger {
+            audit: crate::audit::AuditLog::new(config.audit),
             config,
             ..Ledger::default()
         }
@@ -342,6 +348,7 @@ impl Ledger {
         for t in state.transactions {
             ledger.transactions.insert((t.account_id, t.source_id));
         }
+        ledger.audit = crate::audit::AuditLog::from_stored(ledger.config.audit, state.audit);
         ledger
     }
 
@@ -387,6 +394,23 @@ impl Ledger {
 
     pub fn tariffs(&self) -> &TariffBook {
         &self.tariffs
+    }
+
+    pub fn audit_log(&self) -> &crate::audit::AuditLog {
+        &self.audit
+    }
+
+    /// Records an Admin mutation in the audit log, as writes of the same
+    /// commit as the change. Call it once the change succeeded.
+    pub fn audit(
+        &mut self,
+        now: UnixMs,
+        operator: &str,
+        method: &str,
+        change: serde_json::Value,
+        writes: &mut Vec<StoreWrite>,
+    ) {
+        self.audit.record(now, operator, method, change, writes);
     }
 
     pub fn agents(&self) -> impl Iterator<Item = &AgentRecord> {

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod config;
 pub mod election;
 pub mod engine;
@@ -22,6 +23,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod grant;
 pub mod ledger;
+pub mod operators;
 pub mod placement;
 pub mod session;
 pub mod store;
@@ -46,6 +48,10 @@ pub fn engine_settings(config: &CoordinatorConfig) -> EngineSettings {
         dead_after: Duration::from_millis(config.dead_after_ms),
         settle_window: Duration::from_millis(config.settle_window_ms),
         max_batch: config.max_batch_jobs,
+        ledger: ledger::LedgerConfig {
+            audit: config.audit_retention(),
+            ..ledger::LedgerConfig::default()
+        },
         ..EngineSettings::default()
     }
 }
@@ -417,9 +423,26 @@ async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let admin = pb::admin_server::AdminServer::with_interceptor(
-        admin::AdminService::new(source.clone(), usage),
-        admin::AdminAuth::new(config.admin_token.clone()),
+    let credentials = config
+        .operator_sources()
+        .load()
+        .map_err(anyhow::Error::msg)?;
+    let (credentials_tx, credentials_rx) = watch::channel(Arc::new(credentials));
+    tasks.spawn(operators::reload_credentials(
+        config.operator_sources(),
+        Duration::from_millis(config.operators_reload_ms),
+        credentials_tx,
+    ));
+    let gatekeeper = operators::Gatekeeper::new(
+        credentials_rx,
+        Arc::new(operators::AuthThrottle::new(
+            config.auth_max_failures,
+            Duration::from_millis(config.auth_failure_window_ms),
+        )),
+    );
+    let admin = operators::OperatorGate::new(
+        pb::admin_server::AdminServer::new(admin::AdminService::new(source.clone(), usage)),
+        gatekeeper.clone(),
     );
     let controller = live.clone();
     tasks.spawn(async move {
@@ -430,9 +453,9 @@ async fn serve(
             controller.tick(allot::clock::now_ms());
         }
     });
-    let placement_service = pb::placement_server::PlacementServer::with_interceptor(
-        placement::PlacementService::new(live.clone()),
-        admin::AdminAuth::new(config.admin_token.clone()),
+    let placement_service = operators::OperatorGate::new(
+        pb::placement_server::PlacementServer::new(placement::PlacementService::new(live.clone())),
+        gatekeeper,
     );
     let sessions = pb::agent_session_server::AgentSessionServer::new(
         session::SessionService::new(source.clone(), live).with_shutdown(closing.subscribe()),

@@ -19,8 +19,30 @@ struct Cli {
     /// Prometheus address; "off" disables it.
     #[arg(long, env = "ALLOT_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Legacy shared admin token; prefer ALLOT_ADMIN_TOKEN (a flag shows
+    /// in the process list) or, better, --operators-file.
     #[arg(long, env = "ALLOT_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Operator credentials file (TOML `[[operator]]` tables, or JSON).
+    #[arg(long, env = "ALLOT_OPERATORS_FILE")]
+    operators_file: Option<PathBuf>,
+    /// Operator credentials as a JSON array of {name, token_sha256, scopes}.
+    #[arg(long, env = "ALLOT_OPERATORS")]
+    operators: Option<String>,
+    /// How often the operators file is checked for changes (also at SIGHUP).
+    #[arg(long, env = "ALLOT_OPERATORS_RELOAD_MS")]
+    operators_reload_ms: Option<u64>,
+    /// Failed authentications from one address before it is slowed down; 0: never.
+    #[arg(long, env = "ALLOT_AUTH_MAX_FAILURES")]
+    auth_max_failures: Option<u32>,
+    #[arg(long, env = "ALLOT_AUTH_FAILURE_WINDOW_MS")]
+    auth_failure_window_ms: Option<u64>,
+    /// Most entries the audit log keeps.
+    #[arg(long, env = "ALLOT_AUDIT_MAX_ENTRIES")]
+    audit_max_entries: Option<usize>,
+    /// Days an audit entry is kept; 0: only the entry bound applies.
+    #[arg(long, env = "ALLOT_AUDIT_RETENTION_DAYS")]
+    audit_retention_days: Option<u32>,
     #[arg(long, env = "ALLOT_STORE")]
     store: Option<StoreKind>,
     #[arg(long, env = "ALLOT_DATA_PATH")]
@@ -80,6 +102,29 @@ fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
     }
     if let Some(v) = cli.admin_token {
         config.admin_token = v;
+    }
+    if let Some(v) = cli.operators_file {
+        config.operators_file = Some(v);
+    }
+    if let Some(v) = cli.operators {
+        config.operators = serde_json::from_str(&v).map_err(|e| {
+            format!("operators: not a JSON array of {{name, token_sha256, scopes}}: {e}")
+        })?;
+    }
+    if let Some(v) = cli.operators_reload_ms {
+        config.operators_reload_ms = v;
+    }
+    if let Some(v) = cli.auth_max_failures {
+        config.auth_max_failures = v;
+    }
+    if let Some(v) = cli.auth_failure_window_ms {
+        config.auth_failure_window_ms = v;
+    }
+    if let Some(v) = cli.audit_max_entries {
+        config.audit_max_entries = v;
+    }
+    if let Some(v) = cli.audit_retention_days {
+        config.audit_retention_days = v;
     }
     if let Some(v) = cli.store {
         config.store = v;

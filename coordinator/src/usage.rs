@@ -273,9 +273,11 @@ pub struct EmbeddedUsageStore {
 impl EmbeddedUsageStore {
     pub fn open(path: &Path) -> Result<EmbeddedUsageStore, String> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
+            allot::private_files::create_dir_all(parent)
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
+        allot::private_files::create_if_missing(path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         let db =
             Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let txn = db.begin_write().map_err(|e| e.to_string())?;
@@ -1082,7 +1084,7 @@ impl Spill {
     /// Opens (creating) the spill directory; batches already there, from an
     /// earlier run, are written first.
     pub fn open(dir: &Path) -> Result<Spill, String> {
-        std::fs::create_dir_all(dir)
+        allot::private_files::create_dir_all(dir)
             .map_err(|e| format!("usage_spill_dir: cannot create {}: {e}", dir.display()))?;
         let files = Self::batch_files(dir)
             .map_err(|e| format!("usage_spill_dir: cannot read {}: {e}", dir.display()))?
@@ -1136,7 +1138,7 @@ impl Spill {
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             use std::io::Write;
             let temporary = dir.join(format!("{name}.tmp"));
-            let mut file = std::fs::File::create(&temporary)?;
+            let mut file = allot::private_files::create(&temporary)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
             std::fs::rename(&temporary, dir.join(&name))?;

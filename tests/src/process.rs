@@ -52,7 +52,8 @@ impl CoordinatorProcess {
         let child = Command::new(binary("allot-coordinator"))
             .args(["--listen", &addr.to_string()])
             .args(["--metrics-listen", "off"])
-            .args(["--admin-token", crate::ADMIN_TOKEN])
+            // In the environment: a flag would show in the process list.
+            .env("ALLOT_ADMIN_TOKEN", crate::ADMIN_TOKEN)
             .args(["--store", "etcd"])
             .args(["--etcd-endpoints", &etcd_endpoints.join(",")])
             .args(["--node-id", node_id])
@@ -102,6 +103,11 @@ impl CoordinatorProcess {
         self.child
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// `kill -HUP`: reload the operators file.
+    pub fn hangup(&self) {
+        self.signal("-HUP");
     }
 
     /// `kill -TERM`: a graceful stop.

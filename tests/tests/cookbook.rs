@@ -37,7 +37,9 @@ async fn every_line_of_the_grpcurl_cookbook_works_as_written() {
     let lines = cookbook();
     let setup = lines[0].replace("127.0.0.1:50051", &addr.to_string());
     assert!(
-        setup.starts_with("T='authorization: Bearer quickstart-admin-token'"),
+        setup.starts_with(
+            "export ALLOT_ADMIN_TOKEN=quickstart-admin-token; T='authorization: Bearer ${ALLOT_ADMIN_TOKEN}'"
+        ),
         "{setup}"
     );
     let commands: Vec<&String> = lines
@@ -62,6 +64,7 @@ async fn every_line_of_the_grpcurl_cookbook_works_as_written() {
         "ListUsage",
         "UsageSummary",
         "CheckUsage",
+        "ListAudit",
     ] {
         assert!(
             commands
@@ -132,4 +135,15 @@ async fn every_line_of_the_grpcurl_cookbook_works_as_written() {
     assert!(output_of("/ListTariffs").contains("\"completionWindow\": \"24h\""));
     assert!(output_of("/RevokeKey").contains("\"revoked\": true"));
     assert!(output_of("/CheckUsage").contains("\"agrees\": true"));
+    let audit = output_of("/ListAudit");
+    assert!(
+        audit.contains("\"method\": \"RevokeKey\"") && audit.contains("\"operator\": \"admin\""),
+        "{audit}"
+    );
+    for command in &commands {
+        assert!(
+            !command.contains(TOKEN),
+            "no grpcurl command line holds the token: {command}"
+        );
+    }
 }

@@ -151,6 +151,53 @@ async fn a_paused_coordinator_loses_its_election_key_and_cannot_commit() {
     assert!(accounts.accounts.iter().all(|a| a.account_id != "stale"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_entries_are_in_etcd_and_survive_a_leader_fail_over() {
+    let cluster = EtcdCluster::start(1).await;
+    let dir = TempDir::new("audit-failover");
+    let mut coordinators = vec![
+        CoordinatorProcess::spawn("c1", &cluster.endpoints(), &dir.0, &[]),
+        CoordinatorProcess::spawn("c2", &cluster.endpoints(), &dir.0, &[]),
+    ];
+    let leader = wait_for_leader(&coordinators).await;
+    let mut admin = pb::admin_client::AdminClient::connect(coordinators[leader].url.clone())
+        .await
+        .unwrap();
+    admin
+        .create_account(authed(pb::CreateAccountRequest {
+            account_id: "acme".into(),
+            name: String::new(),
+        }))
+        .await
+        .unwrap();
+    let mut client = cluster.client().await;
+    let stored = client
+        .get(
+            "/allot/audit/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.kvs().len(), 1, "the entry is in etcd");
+    coordinators[leader].kill();
+    let survivor = 1 - leader;
+    wait_for_leader(std::slice::from_ref(&coordinators[survivor])).await;
+    let mut admin = pb::admin_client::AdminClient::connect(coordinators[survivor].url.clone())
+        .await
+        .unwrap();
+    let entries = admin
+        .list_audit(authed(pb::ListAuditRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        (entries[0].operator.as_str(), entries[0].method.as_str()),
+        ("admin", "CreateAccount")
+    );
+}
+
 /// Index of the coordinator that answers admin calls (the leader).
 async fn wait_for_leader(coordinators: &[CoordinatorProcess]) -> usize {
     let urls: Vec<String> = coordinators.iter().map(|c| c.url.clone()).collect();

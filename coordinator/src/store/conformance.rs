@@ -116,6 +116,46 @@ pub async fn check_store(store: &dyn Store) {
     assert_eq!(loaded.slices.len(), 1);
     assert_eq!(loaded.slices[0].1, "k1");
 
+    // Audit entries are kept with the batch that records them, loaded in
+    // full, and deleted by retention.
+    let entry = |seq: u64| crate::audit::AuditEntry {
+        seq,
+        at_ms: 1_000 + seq as i64,
+        operator: "ops".into(),
+        method: "Credit".into(),
+        change: serde_json::json!({"account_id": "acme", "amount": "5"}),
+    };
+    store
+        .commit(vec![
+            StoreWrite::PutAccount(account("acme", 10)),
+            StoreWrite::PutAudit(entry(1)),
+            StoreWrite::PutAudit(entry(2)),
+        ])
+        .await
+        .expect("commits");
+    let loaded = store.load().await.expect("loads");
+    assert_eq!(loaded.accounts, vec![account("acme", 10)]);
+    let mut audit = loaded.audit.clone();
+    audit.sort_by_key(|e| e.seq);
+    assert_eq!(audit, vec![entry(1), entry(2)], "audit entries round-trip");
+    store
+        .commit(vec![
+            StoreWrite::PutAudit(entry(3)),
+            StoreWrite::DeleteAudit { seq: 1 },
+        ])
+        .await
+        .expect("commits");
+    let mut seqs: Vec<u64> = store
+        .load()
+        .await
+        .expect("loads")
+        .audit
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, vec![2, 3]);
+
     // An empty batch is a no-op.
     store.commit(Vec::new()).await.expect("empty batch");
     assert!(store.ping().await);

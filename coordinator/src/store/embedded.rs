@@ -18,10 +18,13 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| {
+            allot::private_files::create_dir_all(parent).map_err(|e| {
                 StoreError::NotApplied(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
+        allot::private_files::create_if_missing(path).map_err(|e| {
+            StoreError::NotApplied(format!("cannot create {}: {e}", path.display()))
+        })?;
         let db = Database::create(path)
             .map_err(|e| StoreError::NotApplied(format!("cannot open {}: {e}", path.display())))?;
         // Create the table so that the first load finds it.

@@ -8,6 +8,7 @@
 //! {prefix}agents/{agent_id}                AgentRecord: epoch, usage high-water mark
 //! {prefix}tariffs/{model}/{purpose}/{window or "-"}/{valid_from_ms}   Tariff
 //! {prefix}txns/{account_id}/{source_id}    TransactionRecord (credits, adjustments)
+//! {prefix}audit/{seq, 20 digits}           AuditEntry: operator, method, what changed
 //! ```
 //! Values are JSON so that `etcdctl get --prefix /allot/` is readable.
 
@@ -35,6 +36,8 @@ pub fn key_of(prefix: &str, write: &StoreWrite) -> String {
             t.valid_from
         ),
         StoreWrite::PutTransaction(t) => format!("{prefix}txns/{}/{}", t.account_id, t.source_id),
+        StoreWrite::PutAudit(entry) => audit_key(prefix, entry.seq),
+        StoreWrite::DeleteAudit { seq } => audit_key(prefix, *seq),
     }
 }
 
@@ -52,7 +55,14 @@ pub fn value_of(write: &StoreWrite) -> Option<Vec<u8>> {
         StoreWrite::PutAgent(a) => json(a),
         StoreWrite::PutTariff(t) => json(t),
         StoreWrite::PutTransaction(t) => json(t),
+        StoreWrite::PutAudit(entry) => json(entry),
+        StoreWrite::DeleteAudit { .. } => None,
     }
+}
+
+/// Zero-padded, so that keys sort in the order of entries.
+fn audit_key(prefix: &str, seq: u64) -> String {
+    format!("{prefix}audit/{seq:020}")
 }
 
 fn counters_key(prefix: &str, scope: &Scope) -> String {
@@ -122,6 +132,7 @@ pub fn decode<'a>(
             ["agents", _] => state.agents.push(parse(key, value)?),
             ["tariffs", ..] => state.tariffs.push(parse(key, value)?),
             ["txns", ..] => state.transactions.push(parse(key, value)?),
+            ["audit", _] => state.audit.push(parse(key, value)?),
             // Keys of other components (the election) live under the prefix too.
             _ => {}
         }

@@ -5,7 +5,7 @@
 //! The store never decides anything: the leader's ledger decides, and the
 //! store makes a batch of its decisions durable atomically, or not at all.
 //! etcd holds small data only (counters, slices, high-water marks, keys,
-//! limits, tariffs); never one key per request.
+//! limits, tariffs, a bounded audit log); never one key per request.
 
 pub mod conformance;
 pub mod embedded;
@@ -40,6 +40,12 @@ pub enum StoreWrite {
     PutAgent(AgentRecord),
     PutTariff(Tariff),
     PutTransaction(TransactionRecord),
+    /// An audit entry, written in the commit of the change it records.
+    PutAudit(crate::audit::AuditEntry),
+    /// An audit entry retention no longer keeps.
+    DeleteAudit {
+        seq: u64,
+    },
 }
 
 /// Everything the ledger needs to start: what the last leader committed.
@@ -52,6 +58,7 @@ pub struct StoredState {
     pub agents: Vec<AgentRecord>,
     pub tariffs: Vec<Tariff>,
     pub transactions: Vec<TransactionRecord>,
+    pub audit: Vec<crate::audit::AuditEntry>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,159 @@
+//! The audit log of Admin mutations: who (the operator's credential name),
+//! when, which method, and what changed. An entry is a [`StoreWrite`] of
+//! the same engine job as the change, so it is in the same store commit:
+//! a change is never durable without its entry, nor an entry without its
+//! change. A refused call (invalid input, denied, not found) records
+//! nothing. Summaries never hold a secret or a key hash.
+//!
+//! The log is bounded: at most `max_entries` entries, none older than
+//! `max_age_ms`; the oldest are deleted in the commit that adds a new one.
+
+use crate::store::StoreWrite;
+use allot::clock::UnixMs;
+use std::collections::VecDeque;
+
+/// One recorded mutation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AuditEntry {
+    /// Increases with every entry, also across restarts and fail-overs.
+    pub seq: u64,
+    pub at_ms: UnixMs,
+    pub operator: String,
+    pub method: String,
+    /// What changed: a small JSON object.
+    pub change: serde_json::Value,
+}
+
+impl AuditEntry {
+    pub fn to_pb(&self) -> allot::pb::AuditEntry {
+        allot::pb::AuditEntry {
+            seq: self.seq,
+            at: Some(allot::clock::to_pb(self.at_ms)),
+            operator: self.operator.clone(),
+            method: self.method.clone(),
+            change: self.change.to_string(),
+        }
+    }
+}
+
+/// How much of the log is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditRetention {
+    pub max_entries: usize,
+    /// `None`: entries are kept until `max_entries` pushes them out.
+    pub max_age_ms: Option<i64>,
+}
+
+impl Default for AuditRetention {
+    fn default() -> Self {
+        AuditRetention {
+            max_entries: 10_000,
+            max_age_ms: Some(365 * 86_400_000),
+        }
+    }
+}
+
+/// The log as the leader holds it: oldest first.
+#[derive(Debug, Default)]
+pub struct AuditLog {
+    retention: AuditRetention,
+    entries: VecDeque<AuditEntry>,
+    next_seq: u64,
+}
+
+impl AuditLog {
+    pub fn new(retention: AuditRetention) -> AuditLog {
+        AuditLog {
+            retention,
+            entries: VecDeque::new(),
+            next_seq: 1,
+        }
+    }
+
+    /// The log as the store holds it (in any order).
+    pub fn from_stored(retention: AuditRetention, mut stored: Vec<AuditEntry>) -> AuditLog {
+        stored.sort_by_key(|e| e.seq);
+        let next_seq = stored.last().map_or(1, |e| e.seq + 1);
+        AuditLog {
+            retention,
+            entries: stored.into(),
+            next_seq,
+        }
+    }
+
+    /// Records a mutation and deletes what retention no longer keeps, as
+    /// writes of the caller's commit.
+    pub fn record(
+        &mut self,
+        now: UnixMs,
+        operator: &str,
+        method: &str,
+        change: serde_json::Value,
+        writes: &mut Vec<StoreWrite>,
+    ) {
+        let entry = AuditEntry {
+            seq: self.next_seq,
+            at_ms: now,
+            operator: operator.to_string(),
+            method: method.to_string(),
+            change,
+        };
+        self.next_seq += 1;
+        writes.push(StoreWrite::PutAudit(entry.clone()));
+        self.entries.push_back(entry);
+        let oldest_kept = self.retention.max_age_ms.map(|age| now.saturating_sub(age));
+        while let Some(front) = self.entries.front() {
+            let too_many = self.entries.len() > self.retention.max_entries.max(1);
+            let too_old = oldest_kept.is_some_and(|t| front.at_ms < t) && self.entries.len() > 1;
+            if !(too_many || too_old) {
+                break;
+            }
+            writes.push(StoreWrite::DeleteAudit { seq: front.seq });
+            self.entries.pop_front();
+        }
+    }
+
+    /// Newest first.
+    pub fn newest_first(&self) -> impl Iterator<Item = &AuditEntry> {
+        self.entries.iter().rev()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_number_on_and_the_oldest_go_in_the_same_writes() {
+        let retention = AuditRetention {
+            max_entries: 2,
+            max_age_ms: Some(1_000),
+        };
+        let mut log = AuditLog::new(retention);
+        let mut writes = Vec::new();
+        for at in [10, 20, 30] {
+            log.record(at, "ops", "Credit", serde_json::json!({}), &mut writes);
+        }
+        let seqs: Vec<u64> = log.newest_first().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![3, 2]);
+        assert_eq!(writes.last(), Some(&StoreWrite::DeleteAudit { seq: 1 }));
+        let stored: Vec<AuditEntry> = log.newest_first().cloned().collect();
+        let mut again = AuditLog::from_stored(retention, stored);
+        let mut writes = Vec::new();
+        again.record(5_000, "ops", "Credit", serde_json::json!({}), &mut writes);
+        assert_eq!(
+            again.newest_first().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![4],
+            "numbering goes on after a reload; entries past max_age are deleted"
+        );
+        assert_eq!(writes.len(), 3);
+    }
+}

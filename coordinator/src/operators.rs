@@ -1,0 +1,769 @@
+//! Operators: who may call the `Admin` and `Placement` services, and what
+//! each of them may do.
+//!
+//! An operator holds a named credential: a bearer token, of which only the
+//! SHA-256 is configured, and a set of scopes. [`METHOD_SCOPES`] maps every
+//! method to the scopes that allow it; `admin` allows everything. The
+//! [`OperatorGate`] in front of both services authenticates the
+//! `authorization: Bearer <token>` metadata (hashes compared in constant
+//! time), checks the method's scope, slows down a peer that keeps failing,
+//! and puts the [`Operator`] into the request's extensions so that handlers
+//! know who calls (the audit log records it).
+//!
+//! Credentials come from the legacy `admin_token` (one credential named
+//! `admin` with scope `admin`), from `operators` in the configuration, and
+//! from `operators_file`, which is re-read every `operators_reload_ms` and
+//! at SIGHUP: a changed file applies without a restart, a broken one is
+//! logged and the previous credentials stay. This module never sees a
+//! token on a command line and never logs one.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+use tonic::Status;
+
+/// What an operator may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Get*, List*, usage queries, the audit log, `Route` and `Fleet`.
+    Read,
+    /// Create and revoke API keys.
+    Keys,
+    /// Accounts, credits, limits and tariffs.
+    Billing,
+    /// Agents and placement (`ListAgents`, `Route`, `Fleet`).
+    Agents,
+    /// Everything.
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Keys => "keys",
+            Scope::Billing => "billing",
+            Scope::Agents => "agents",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// Every method of `Admin` and `Placement` and the scopes, any of which
+/// allows it (`admin` allows every method). A method missing here is
+/// allowed to `admin` only.
+pub const METHOD_SCOPES: &[(&str, &[Scope])] = &[
+    ("/allot.v1.Admin/CreateAccount", &[Scope::Billing]),
+    ("/allot.v1.Admin/GetAccount", &[Scope::Read]),
+    ("/allot.v1.Admin/ListAccounts", &[Scope::Read]),
+    ("/allot.v1.Admin/Credit", &[Scope::Billing]),
+    ("/allot.v1.Admin/CreateKey", &[Scope::Keys]),
+    ("/allot.v1.Admin/ListKeys", &[Scope::Read]),
+    ("/allot.v1.Admin/RevokeKey", &[Scope::Keys]),
+    ("/allot.v1.Admin/SetLimits", &[Scope::Billing]),
+    ("/allot.v1.Admin/GetSnapshot", &[Scope::Read]),
+    ("/allot.v1.Admin/PutTariff", &[Scope::Billing]),
+    ("/allot.v1.Admin/ListTariffs", &[Scope::Read]),
+    ("/allot.v1.Admin/ListAgents", &[Scope::Read, Scope::Agents]),
+    ("/allot.v1.Admin/ListUsage", &[Scope::Read]),
+    ("/allot.v1.Admin/UsageSummary", &[Scope::Read]),
+    ("/allot.v1.Admin/CheckUsage", &[Scope::Read]),
+    ("/allot.v1.Admin/ListAudit", &[Scope::Read]),
+    ("/allot.v1.Placement/Route", &[Scope::Read, Scope::Agents]),
+    ("/allot.v1.Placement/Fleet", &[Scope::Read, Scope::Agents]),
+];
+
+/// The scopes that allow the method at `path` (besides `admin`).
+pub fn scopes_for(path: &str) -> &'static [Scope] {
+    METHOD_SCOPES
+        .iter()
+        .find(|(method, _)| *method == path)
+        .map_or(&[], |(_, scopes)| scopes)
+}
+
+/// Who is calling, as the gate authenticated them; in the extensions of
+/// every `Admin` and `Placement` request. A client certificate mapped to
+/// scopes would produce the same type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    pub name: String,
+    pub scopes: BTreeSet<Scope>,
+}
+
+impl Operator {
+    /// Whether any of `allowed` (or `admin`) is among this operator's scopes.
+    pub fn may(&self, allowed: &[Scope]) -> bool {
+        self.scopes.contains(&Scope::Admin) || allowed.iter().any(|s| self.scopes.contains(s))
+    }
+
+    /// PERMISSION_DENIED unless the operator may call the method at `path`.
+    pub fn check(&self, path: &str) -> Result<(), Status> {
+        let allowed = scopes_for(path);
+        if self.may(allowed) {
+            return Ok(());
+        }
+        let needed: Vec<&str> = allowed
+            .iter()
+            .chain(std::iter::once(&Scope::Admin))
+            .map(|s| s.as_str())
+            .collect();
+        let held: Vec<&str> = self.scopes.iter().map(|s| s.as_str()).collect();
+        Err(Status::permission_denied(format!(
+            "{}: needs scope {}; operator {:?} has {}",
+            path.trim_start_matches('/'),
+            needed.join(" or "),
+            self.name,
+            if held.is_empty() {
+                "none".to_string()
+            } else {
+                held.join(", ")
+            }
+        )))
+    }
+}
+
+/// One configured credential: a name, the SHA-256 of its token (64 hex
+/// digits) and its scopes. The token itself is never configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorCredential {
+    pub name: String,
+    pub token_sha256: String,
+    pub scopes: Vec<Scope>,
+}
+
+/// The credentials file: `[[operator]]` tables (TOML) or
+/// `{"operator": [...]}` (JSON, for a file ending in `.json`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsFile {
+    #[serde(default)]
+    operator: Vec<OperatorCredential>,
+}
+
+/// The name of the credential the legacy `admin_token` becomes.
+pub const LEGACY_ADMIN: &str = "admin";
+
+/// The SHA-256 of `token`, hex-encoded, as `token_sha256` expects it
+/// (the same as `printf %s "$TOKEN" | sha256sum`).
+pub fn token_sha256(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+#[derive(Debug, Clone)]
+struct Credential {
+    hash: [u8; 32],
+    operator: Operator,
+}
+
+/// Every credential in force.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    entries: Vec<Credential>,
+}
+
+impl Credentials {
+    /// Builds and checks the credentials; the message names the field.
+    pub fn new(
+        admin_token: &str,
+        configured: &[(String, Vec<OperatorCredential>)],
+    ) -> Result<Credentials, String> {
+        let mut entries = Vec::new();
+        if !admin_token.is_empty() {
+            entries.push(Credential {
+                hash: Sha256::digest(admin_token.as_bytes()).into(),
+                operator: Operator {
+                    name: LEGACY_ADMIN.into(),
+                    scopes: BTreeSet::from([Scope::Admin]),
+                },
+            });
+        }
+        for (source, credentials) in configured {
+            for (index, credential) in credentials.iter().enumerate() {
+                let field = format!("{source}[{index}]");
+                allot::key::validate_id(&format!("{field}.name"), &credential.name)
+                    .map_err(|e| e.to_string())?;
+                if entries
+                    .iter()
+                    .any(|e: &Credential| e.operator.name == credential.name)
+                {
+                    return Err(format!(
+                        "{field}.name: {:?} is taken (\"admin\" is the legacy admin_token's)",
+                        credential.name
+                    ));
+                }
+                let hash = hex::decode(&credential.token_sha256)
+                    .ok()
+                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                    .ok_or_else(|| {
+                        format!("{field}.token_sha256: must be 64 hex digits (the SHA-256 of the token)")
+                    })?;
+                if credential.scopes.is_empty() {
+                    return Err(format!(
+                        "{field}.scopes: at least one of read, keys, billing, agents, admin"
+                    ));
+                }
+                entries.push(Credential {
+                    hash,
+                    operator: Operator {
+                        name: credential.name.clone(),
+                        scopes: credential.scopes.iter().copied().collect(),
+                    },
+                });
+            }
+        }
+        Ok(Credentials { entries })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.entries
+            .iter()
+            .map(|e| e.operator.name.as_str())
+            .collect()
+    }
+
+    /// The operator whose token is `token`. Every hash is compared, in
+    /// constant time, whichever matches.
+    pub fn authenticate(&self, token: &str) -> Option<Operator> {
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut found = None;
+        for entry in &self.entries {
+            if bool::from(entry.hash.ct_eq(&presented)) {
+                found = Some(&entry.operator);
+            }
+        }
+        found.cloned()
+    }
+}
+
+/// Reads a credentials file (TOML, or JSON when it ends in `.json`), and
+/// warns when others may read it.
+pub fn read_credentials_file(path: &Path) -> Result<Vec<OperatorCredential>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("operators_file: cannot read {}: {e}", path.display()))?;
+    warn_if_others_may_read(path);
+    parse_credentials(path, &text)
+}
+
+fn parse_credentials(path: &Path, text: &str) -> Result<Vec<OperatorCredential>, String> {
+    let file: CredentialsFile = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(text).map_err(|e| format!("operators_file {}: {e}", path.display()))?
+    } else {
+        toml::from_str(text).map_err(|e| format!("operators_file {}: {e}", path.display()))?
+    };
+    Ok(file.operator)
+}
+
+#[cfg(unix)]
+fn warn_if_others_may_read(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o007 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the operators file is readable by every user: chmod 600 it"
+            );
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_others_may_read(_path: &Path) {}
+
+/// Where credentials come from, as configured.
+#[derive(Debug, Clone)]
+pub struct CredentialSources {
+    pub admin_token: String,
+    pub inline: Vec<OperatorCredential>,
+    pub file: Option<PathBuf>,
+}
+
+impl CredentialSources {
+    /// Reads every source; the file is read now (not at the last poll).
+    pub fn load(&self) -> Result<Credentials, String> {
+        let mut configured = vec![("operators".to_string(), self.inline.clone())];
+        if let Some(path) = &self.file {
+            configured.push(("operators_file".into(), read_credentials_file(path)?));
+        }
+        Credentials::new(&self.admin_token, &configured)
+    }
+}
+
+/// Something that says "reload now": SIGHUP on Unix.
+#[cfg(unix)]
+type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangup = ();
+
+async fn next_hangup(hangup: &mut Option<Hangup>) {
+    #[cfg(unix)]
+    if let Some(signal) = hangup.as_mut() {
+        if signal.recv().await.is_some() {
+            return;
+        }
+    }
+    let _ = hangup;
+    std::future::pending::<()>().await
+}
+
+/// Re-reads the credentials every `every` and at SIGHUP, and publishes
+/// them when they changed and are valid, until `credentials` has no
+/// receiver left. Without a credentials file there is nothing to reload
+/// (and SIGHUP keeps its default meaning). The SIGHUP handler is in place
+/// when this returns, before the future first runs, so that a SIGHUP sent
+/// once the coordinator serves never ends the process.
+pub fn reload_credentials(
+    sources: CredentialSources,
+    every: Duration,
+    credentials: watch::Sender<Arc<Credentials>>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    let hangup: Option<Hangup> = sources
+        .file
+        .as_ref()
+        .and_then(|_| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok());
+    #[cfg(not(unix))]
+    let hangup: Option<Hangup> = None;
+    reload_loop(sources, every, credentials, hangup)
+}
+
+async fn reload_loop(
+    sources: CredentialSources,
+    every: Duration,
+    credentials: watch::Sender<Arc<Credentials>>,
+    mut hangup: Option<Hangup>,
+) {
+    let Some(path) = sources.file.clone() else {
+        return;
+    };
+    let mut last = std::fs::read(&path).ok();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            _ = next_hangup(&mut hangup) => true,
+            _ = credentials.closed() => return,
+        };
+        let current = std::fs::read(&path).ok();
+        if !forced && current == last {
+            continue;
+        }
+        last = current;
+        match sources.load() {
+            Ok(loaded) => {
+                tracing::info!(operators = ?loaded.names(), "operator credentials reloaded");
+                metrics::counter!("allot_operator_reloads_total").increment(1);
+                credentials.send_replace(Arc::new(loaded));
+            }
+            Err(error) => {
+                tracing::error!(%error, "operator credentials not reloaded; the previous ones stay");
+                metrics::counter!("allot_operator_reload_failures_total").increment(1);
+            }
+        }
+    }
+}
+
+/// Failed authentications per peer address: after `max_failures` within
+/// `window` (counted from the first), every call from that address is
+/// refused until the window ends. At most `max_peers` addresses are
+/// remembered; the oldest is forgotten first.
+#[derive(Debug)]
+pub struct AuthThrottle {
+    max_failures: u32,
+    window: Duration,
+    max_peers: usize,
+    // A std mutex: held for a map lookup, never across an await.
+    peers: Mutex<HashMap<IpAddr, Failures>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    since: Instant,
+    count: u32,
+}
+
+/// Addresses remembered by the throttle at most.
+pub const MAX_THROTTLED_PEERS: usize = 10_000;
+
+impl AuthThrottle {
+    /// `max_failures` 0 disables the throttle.
+    pub fn new(max_failures: u32, window: Duration) -> AuthThrottle {
+        AuthThrottle {
+            max_failures,
+            window,
+            max_peers: MAX_THROTTLED_PEERS,
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Err(wait)` while `peer` is slowed down.
+    pub fn check(&self, peer: IpAddr, now: Instant) -> Result<(), Duration> {
+        if self.max_failures == 0 {
+            return Ok(());
+        }
+        let mut peers = self.peers.lock().expect("throttle lock");
+        let Some(failures) = peers.get(&peer).copied() else {
+            return Ok(());
+        };
+        let ends = failures.since + self.window;
+        if now >= ends {
+            peers.remove(&peer);
+            return Ok(());
+        }
+        if failures.count >= self.max_failures {
+            return Err(ends - now);
+        }
+        Ok(())
+    }
+
+    pub fn failed(&self, peer: IpAddr, now: Instant) {
+        if self.max_failures == 0 {
+            return;
+        }
+        let mut peers = self.peers.lock().expect("throttle lock");
+        if !peers.contains_key(&peer) && peers.len() >= self.max_peers {
+            let window = self.window;
+            peers.retain(|_, f| now < f.since + window);
+            if peers.len() >= self.max_peers {
+                if let Some(oldest) = peers.iter().min_by_key(|(_, f)| f.since).map(|(ip, _)| *ip) {
+                    peers.remove(&oldest);
+                }
+            }
+        }
+        let failures = peers.entry(peer).or_insert(Failures {
+            since: now,
+            count: 0,
+        });
+        if now >= failures.since + self.window {
+            *failures = Failures {
+                since: now,
+                count: 0,
+            };
+        }
+        failures.count += 1;
+    }
+
+    pub fn succeeded(&self, peer: IpAddr) {
+        if self.max_failures == 0 {
+            return;
+        }
+        self.peers.lock().expect("throttle lock").remove(&peer);
+    }
+
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
+        self.peers.lock().unwrap().len()
+    }
+}
+
+/// What the gate decides with.
+#[derive(Clone)]
+pub struct Gatekeeper {
+    credentials: watch::Receiver<Arc<Credentials>>,
+    throttle: Arc<AuthThrottle>,
+}
+
+impl Gatekeeper {
+    pub fn new(
+        credentials: watch::Receiver<Arc<Credentials>>,
+        throttle: Arc<AuthThrottle>,
+    ) -> Gatekeeper {
+        Gatekeeper {
+            credentials,
+            throttle,
+        }
+    }
+
+    /// The operator calling `path` with `headers` from `peer`, or the
+    /// status that refuses the call.
+    pub fn admit(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer: Option<IpAddr>,
+    ) -> Result<Operator, Status> {
+        let now = Instant::now();
+        if let Some(peer) = peer {
+            if let Err(wait) = self.throttle.check(peer, now) {
+                metrics::counter!("allot_operator_auth_throttled_total").increment(1);
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let mut status = Status::resource_exhausted(format!(
+                    "too many failed authentications from {peer}: retry in {seconds} s"
+                ));
+                if let Ok(value) = seconds.to_string().parse() {
+                    status.metadata_mut().insert("retry-after", value);
+                }
+                return Err(status);
+            }
+        }
+        let presented = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let operator = match presented {
+            None => Err(Status::unauthenticated(
+                "missing operator token: send authorization: Bearer <token>",
+            )),
+            Some(token) => self
+                .credentials
+                .borrow()
+                .authenticate(token)
+                .ok_or_else(|| Status::unauthenticated("invalid operator token")),
+        };
+        let operator = match operator {
+            Ok(operator) => operator,
+            Err(status) => {
+                metrics::counter!("allot_operator_auth_failures_total").increment(1);
+                if let Some(peer) = peer {
+                    self.throttle.failed(peer, now);
+                }
+                return Err(status);
+            }
+        };
+        if let Some(peer) = peer {
+            self.throttle.succeeded(peer);
+        }
+        operator.check(path)?;
+        Ok(operator)
+    }
+}
+
+/// A tower service in front of a generated gRPC server: admits the call
+/// through the [`Gatekeeper`] (which sees the method's path, unlike a
+/// tonic interceptor) and passes the [`Operator`] on in the extensions.
+#[derive(Clone)]
+pub struct OperatorGate<S> {
+    inner: S,
+    gatekeeper: Gatekeeper,
+}
+
+impl<S> OperatorGate<S> {
+    pub fn new(inner: S, gatekeeper: Gatekeeper) -> OperatorGate<S> {
+        OperatorGate { inner, gatekeeper }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for OperatorGate<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+/// The peer's address, as the transport recorded it.
+fn peer_of<B>(request: &http::Request<B>) -> Option<IpAddr> {
+    request
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|info| info.remote_addr())
+        .map(|addr| addr.ip())
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for OperatorGate<S>
+where
+    S: tower_service::Service<
+            http::Request<B>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let admitted =
+            self.gatekeeper
+                .admit(request.uri().path(), request.headers(), peer_of(&request));
+        match admitted {
+            Ok(operator) => {
+                request.extensions_mut().insert(operator);
+                // The clone is ready-checked by `poll_ready` of the original:
+                // swap so that the ready one serves this call.
+                let clone = self.inner.clone();
+                let mut ready = std::mem::replace(&mut self.inner, clone);
+                Box::pin(ready.call(request))
+            }
+            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+        }
+    }
+}
+
+/// The calling operator, as the gate put it into the request.
+pub fn operator_of<T>(request: &tonic::Request<T>) -> Result<Operator, Status> {
+    request
+        .extensions()
+        .get::<Operator>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no operator: the call did not pass the gate"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn credential(name: &str, token: &str, scopes: &[Scope]) -> OperatorCredential {
+        OperatorCredential {
+            name: name.into(),
+            token_sha256: token_sha256(token),
+            scopes: scopes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn every_method_of_admin_and_placement_has_a_scope() {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(allot::pb::FILE_DESCRIPTOR_SET).unwrap();
+        let mut methods = 0;
+        for file in &set.file {
+            for service in &file.service {
+                let name = service.name();
+                if name != "Admin" && name != "Placement" {
+                    continue;
+                }
+                for method in &service.method {
+                    let path = format!("/{}.{name}/{}", file.package(), method.name());
+                    assert!(!scopes_for(&path).is_empty(), "{path} has no scope");
+                    methods += 1;
+                }
+            }
+        }
+        assert_eq!(
+            methods,
+            METHOD_SCOPES.len(),
+            "the table lists only real methods"
+        );
+    }
+
+    #[test]
+    fn tokens_authenticate_by_hash_and_scopes_decide() {
+        let credentials = Credentials::new(
+            "legacy-admin-token",
+            &[(
+                "operators".into(),
+                vec![credential("reader", "reader-token", &[Scope::Read])],
+            )],
+        )
+        .unwrap();
+        let admin = credentials.authenticate("legacy-admin-token").unwrap();
+        assert_eq!(admin.name, "admin");
+        assert!(admin.check("/allot.v1.Admin/Credit").is_ok());
+        assert!(admin.check("/allot.v1.Admin/Unknown").is_ok());
+        let reader = credentials.authenticate("reader-token").unwrap();
+        assert!(reader.check("/allot.v1.Admin/ListKeys").is_ok());
+        let denied = reader.check("/allot.v1.Admin/Credit").unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            denied.message(),
+            "allot.v1.Admin/Credit: needs scope billing or admin; operator \"reader\" has read"
+        );
+        assert!(reader.check("/allot.v1.Admin/Unknown").is_err());
+        assert!(credentials.authenticate("reader-token ").is_none());
+        assert!(credentials.authenticate("").is_none());
+    }
+
+    #[test]
+    fn credentials_are_checked() {
+        let bad_hash = OperatorCredential {
+            token_sha256: "abc".into(),
+            ..credential("x", "t", &[Scope::Read])
+        };
+        let err = Credentials::new("", &[("operators".into(), vec![bad_hash])]).unwrap_err();
+        assert!(err.starts_with("operators[0].token_sha256"), "{err}");
+        let err = Credentials::new(
+            "legacy-token",
+            &[(
+                "operators_file".into(),
+                vec![credential("admin", "t", &[Scope::Read])],
+            )],
+        )
+        .unwrap_err();
+        assert!(err.starts_with("operators_file[0].name"), "{err}");
+        let err = Credentials::new("", &[("operators".into(), vec![credential("x", "t", &[])])])
+            .unwrap_err();
+        assert!(err.starts_with("operators[0].scopes"), "{err}");
+    }
+
+    #[test]
+    fn credentials_files_are_toml_or_json() {
+        let toml = format!(
+            "[[operator]]\nname = \"ops\"\ntoken_sha256 = \"{}\"\nscopes = [\"keys\", \"billing\"]\n",
+            token_sha256("t")
+        );
+        let parsed = parse_credentials(Path::new("ops.toml"), &toml).unwrap();
+        assert_eq!(
+            parsed,
+            vec![credential("ops", "t", &[Scope::Keys, Scope::Billing])]
+        );
+        let json = format!(
+            r#"{{"operator": [{{"name": "ops", "token_sha256": "{}", "scopes": ["keys", "billing"]}}]}}"#,
+            token_sha256("t")
+        );
+        assert_eq!(
+            parse_credentials(Path::new("ops.json"), &json).unwrap(),
+            parsed
+        );
+        assert!(parse_credentials(Path::new("x.toml"), "[[operator]]\nname = 1").is_err());
+    }
+
+    #[test]
+    fn a_peer_that_keeps_failing_is_slowed_down_until_the_window_ends() {
+        let throttle = AuthThrottle::new(3, Duration::from_secs(60));
+        let (peer, other) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(throttle.check(peer, t0).is_ok());
+            throttle.failed(peer, t0);
+        }
+        let wait = throttle
+            .check(peer, t0 + Duration::from_secs(10))
+            .unwrap_err();
+        assert_eq!(wait, Duration::from_secs(50));
+        assert!(
+            throttle.check(other, t0).is_ok(),
+            "other peers are not slowed"
+        );
+        assert!(throttle.check(peer, t0 + Duration::from_secs(60)).is_ok());
+        assert_eq!(throttle.remembered(), 0, "an ended window is forgotten");
+    }
+
+    #[test]
+    fn the_throttle_remembers_a_bounded_number_of_peers() {
+        let mut throttle = AuthThrottle::new(1, Duration::from_secs(60));
+        throttle.max_peers = 4;
+        let t0 = Instant::now();
+        for i in 0..10u8 {
+            throttle.failed(
+                IpAddr::from([10, 0, 0, i]),
+                t0 + Duration::from_millis(i.into()),
+            );
+        }
+        assert_eq!(throttle.remembered(), 4);
+        assert!(throttle
+            .check(IpAddr::from([10, 0, 0, 9]), t0 + Duration::from_secs(1))
+            .is_err());
+    }
+}
