@@ -197,6 +197,38 @@ fn limit_status(view: &LimitView, in_flight: Decimal) -> pb::LimitStatus {
     }
 }
 
+/// An agent as operators see it: what the ledger remembers and, while it
+/// is connected, what its session reported.
+fn agent_view(core: &Core, agent_id: &str) -> pb::AgentView {
+    let session = core.sessions.get(agent_id);
+    let (epoch, high_water_seq, neuron_id) = core
+        .ledger
+        .agent(agent_id)
+        .map(|a| (a.epoch, a.high_water_seq, a.neuron_id.clone()))
+        .unwrap_or_default();
+    let counter = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    pb::AgentView {
+        agent_id: agent_id.to_string(),
+        epoch,
+        connected: session.is_some(),
+        messages_received: session.map_or(0, |l| counter(&l.counters.received)),
+        messages_sent: session.map_or(0, |l| counter(&l.counters.sent)),
+        high_water_seq,
+        neuron_id,
+        prompt_overheads: session
+            .map(|l| l.prompt_overheads.clone().into_iter().collect())
+            .unwrap_or_default(),
+        slices: core
+            .ledger
+            .slices_of(agent_id)
+            .map(|(key_id, held)| pb::AgentSlice {
+                key_id: key_id.clone(),
+                outstanding: Some(held.to_pb()),
+            })
+            .collect(),
+    }
+}
+
 /// Tells every agent interested in `key_ids` that they changed, and asks
 /// holders to give their slices back so that the next grant follows the
 /// new state.
@@ -660,37 +692,7 @@ impl Admin for AdminService {
             .engine
             .current()?
             .call(move |core, _| {
-                let view = |agent_id: &str| {
-                    let a = core.ledger.agent(agent_id).expect("listed agents exist");
-                    Ok(pb::AgentView {
-                        agent_id: a.agent_id.clone(),
-                        epoch: a.epoch,
-                        connected: core.sessions.contains_key(&a.agent_id),
-                        messages_received: core.sessions.get(&a.agent_id).map_or(0, |l| {
-                            l.counters
-                                .received
-                                .load(std::sync::atomic::Ordering::Relaxed)
-                        }),
-                        messages_sent: core.sessions.get(&a.agent_id).map_or(0, |l| {
-                            l.counters.sent.load(std::sync::atomic::Ordering::Relaxed)
-                        }),
-                        high_water_seq: a.high_water_seq,
-                        neuron_id: a.neuron_id.clone(),
-                        prompt_overheads: core
-                            .sessions
-                            .get(&a.agent_id)
-                            .map(|l| l.prompt_overheads.clone().into_iter().collect())
-                            .unwrap_or_default(),
-                        slices: core
-                            .ledger
-                            .slices_of(&a.agent_id)
-                            .map(|(key_id, held)| pb::AgentSlice {
-                                key_id: key_id.clone(),
-                                outstanding: Some(held.to_pb()),
-                            })
-                            .collect(),
-                    })
-                };
+                let view = |agent_id: &str| Ok(agent_view(core, agent_id));
                 page_of(
                     core.ledger.agents().map(|a| a.agent_id.as_str()),
                     &page,
@@ -702,6 +704,41 @@ impl Admin for AdminService {
             agents,
             next_page_token,
         }))
+    }
+
+    async fn reset_agent(
+        &self,
+        request: Request<pb::ResetAgentRequest>,
+    ) -> Result<Response<pb::AgentView>, Status> {
+        let operator = operator_of(&request)?.name;
+        let req = request.into_inner();
+        check(validate_id("agent_id", &req.agent_id))?;
+        let view = self
+            .engine
+            .current()?
+            .call(move |core, fx| {
+                if core.sessions.contains_key(&req.agent_id) {
+                    return Err(EngineError::Ledger(
+                        crate::ledger::LedgerError::FailedPrecondition(format!(
+                            "agent {} is connected: only an agent that cannot connect is reset",
+                            req.agent_id
+                        )),
+                    ));
+                }
+                let before = core.ledger.agent(&req.agent_id).map(|a| a.epoch);
+                core.ledger.reset_agent(&req.agent_id, &mut fx.writes)?;
+                core.ledger.audit(
+                    fx.now,
+                    &operator,
+                    "ResetAgent",
+                    json!({"agent_id": req.agent_id, "epoch_before": before}),
+                    &mut fx.writes,
+                );
+                Ok(agent_view(core, &req.agent_id))
+            })
+            .await?;
+        tracing::warn!(agent_id = view.agent_id, "agent reset by an operator");
+        Ok(Response::new(view))
     }
 
     async fn list_usage(

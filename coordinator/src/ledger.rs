@@ -716,6 +716,23 @@ impl Ledger {
 
     /// An agent (re)connects: checks its epoch and answers its usage
     /// high-water mark. Its slices are replaced by [`Ledger::reconcile`].
+    /// An operator's reset of an agent whose spool was lost: its epoch
+    /// goes back to 0 (the next Hello of any epoch up to
+    /// [`MAX_EPOCH_STEP`] is accepted); its high-water mark stays.
+    pub fn reset_agent(
+        &mut self,
+        agent_id: &str,
+        writes: &mut Vec<StoreWrite>,
+    ) -> Result<AgentRecord, LedgerError> {
+        let record = self
+            .agents
+            .get_mut(agent_id)
+            .ok_or_else(|| not_found("agent", agent_id))?;
+        record.epoch = 0;
+        writes.push(StoreWrite::PutAgent(record.clone()));
+        Ok(record.clone())
+    }
+
     /// An agent's `Hello`: its epoch may not go back, nor jump more than
     /// [`MAX_EPOCH_STEP`] ahead.
     pub fn hello(

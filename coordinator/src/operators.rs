@@ -78,6 +78,7 @@ pub const METHOD_SCOPES: &[(&str, &[Scope])] = &[
     ("/allot.v1.Admin/UsageSummary", &[Scope::Read]),
     ("/allot.v1.Admin/CheckUsage", &[Scope::Read]),
     ("/allot.v1.Admin/ListAudit", &[Scope::Read]),
+    ("/allot.v1.Admin/ResetAgent", &[Scope::Agents]),
     ("/allot.v1.Placement/Route", &[Scope::Read, Scope::Agents]),
     ("/allot.v1.Placement/Fleet", &[Scope::Read, Scope::Agents]),
 ];

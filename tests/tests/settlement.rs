@@ -921,6 +921,41 @@ async fn a_wiped_spool_directory_is_explained_in_readyz() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(last.contains("state.json"), "{last}");
+
+    // An operator resets the agent (audited, scope `agents`); the agent
+    // then connects by itself, and what was settled stays settled.
+    let mut admin = stack.admin().await;
+    let reset = admin
+        .reset_agent(authed(pb::ResetAgentRequest {
+            agent_id: "agent-1".into(),
+        }))
+        .await
+        .expect("reset")
+        .into_inner();
+    assert_eq!(reset.epoch, 0);
+    assert!(!reset.connected);
+    wait_agent_ready(&agent.url, Duration::from_secs(30)).await;
+    let refused = admin
+        .reset_agent(authed(pb::ResetAgentRequest {
+            agent_id: "agent-1".into(),
+        }))
+        .await
+        .expect_err("a connected agent is not reset");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    let audit = admin
+        .list_audit(authed(pb::ListAuditRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        audit
+            .entries
+            .iter()
+            .filter(|e| e.method == "ResetAgent")
+            .count(),
+        1,
+        "one audit entry, none for the refused call"
+    );
     agent.stop().await;
 }
 
