@@ -53,6 +53,7 @@ impl CoordinatorProcess {
             .args(["--listen", &addr.to_string()])
             .args(["--metrics-listen", "off"])
             .args(["--admin-token", crate::ADMIN_TOKEN])
+            .arg("--insecure")
             .args(["--store", "etcd"])
             .args(["--etcd-endpoints", &etcd_endpoints.join(",")])
             .args(["--node-id", node_id])

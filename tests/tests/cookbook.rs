@@ -27,6 +27,7 @@ fn cookbook() -> Vec<String> {
 async fn every_line_of_the_grpcurl_cookbook_works_as_written() {
     let dir = TempDir::new("cookbook");
     let (addr, _coordinator) = start_coordinator(allot_coordinator::config::CoordinatorConfig {
+        insecure: true,
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
         admin_token: TOKEN.into(),
