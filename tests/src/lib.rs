@@ -254,6 +254,16 @@ impl Stack {
         Stack::start_in(dir, config, Some(pki)).await
     }
 
+    /// A TLS stack ([`Stack::start_tls`]) whose coordinator uses `config`
+    /// (made from [`Stack::tls_coordinator_config`] of `dir` and `pki`).
+    pub async fn start_tls_with(
+        dir: TempDir,
+        pki: tls::TestPki,
+        config: CoordinatorConfig,
+    ) -> Stack {
+        Stack::start_in(dir, config, Some(pki)).await
+    }
+
     /// The coordinator configuration of [`Stack::start_tls`].
     pub fn tls_coordinator_config(dir: &TempDir, pki: &tls::TestPki) -> CoordinatorConfig {
         CoordinatorConfig {

@@ -637,3 +637,182 @@ async fn a_renewed_coordinator_certificate_is_served_to_new_connections_while_se
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_reaches_etcd_over_tls_with_a_client_certificate() {
+    let dir = TempDir::new("etcd-tls");
+    let pki = TestPki::new(&dir.0.join("certs"));
+    let cluster = allot_e2e::etcd::EtcdCluster::start_tls(&pki).await;
+    let tls = cluster.tls().unwrap().clone();
+    // This etcd speaks TLS only and wants a client certificate.
+    let short = || {
+        etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(2))
+    };
+    let without_certificate = short().with_tls(etcd_client::TlsOptions::new().ca_certificate(
+        etcd_client::Certificate::from_pem(std::fs::read(&tls.ca).unwrap()),
+    ));
+    let plaintext: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| e.replace("https://", "http://"))
+        .collect();
+    for (endpoints, options) in [
+        (cluster.endpoints(), without_certificate),
+        (plaintext, short()),
+    ] {
+        let put = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut client = etcd_client::Client::connect(endpoints, Some(options)).await?;
+            client.put("/probe", "x", None).await
+        })
+        .await;
+        assert!(
+            !matches!(put, Ok(Ok(_))),
+            "etcd took a put without TLS and a certificate"
+        );
+    }
+    let config = allot_coordinator::config::CoordinatorConfig {
+        store: allot_coordinator::config::StoreKind::Etcd,
+        etcd_endpoints: cluster.endpoints(),
+        etcd_ca: Some(tls.ca.clone()),
+        etcd_cert: Some(tls.client.cert.clone()),
+        etcd_key: Some(tls.client.key.clone()),
+        ..Stack::tls_coordinator_config(&dir, &pki)
+    };
+    let mut stack = Stack::start_tls_with(dir, pki, config).await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    let response = stack.chat(&secret, chat_body(16)).await;
+    assert_eq!(response.status(), 200);
+    wait_until(
+        "the usage to settle in etcd",
+        Duration::from_secs(20),
+        || async { stack.settled_records().await >= 1 },
+    )
+    .await;
+    assert!(stack.key_usage(&key_id, pb::Unit::Tokens).await.0 > 0);
+    let stored = cluster
+        .client()
+        .await
+        .get(
+            "/allot/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap()
+        .count();
+    assert!(stored > 0, "the ledger is in the TLS etcd");
+    stack.etcd = Some(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_rows_reach_postgresql_over_tls_with_sslmode_verify_full() {
+    let dir = TempDir::new("pg-tls");
+    let pki = TestPki::new(&dir.0.join("certs"));
+    // This server refuses plaintext connections (pg_hba.conf: hostssl only).
+    let pg = allot_e2e::postgres::Postgres::start_tls(&pki.node());
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url(),
+        pki.ca_path().display()
+    );
+    let config = allot_coordinator::config::CoordinatorConfig {
+        usage_postgres_url: Some(url),
+        ..Stack::tls_coordinator_config(&dir, &pki)
+    };
+    let stack = Stack::start_tls_with(dir, pki, config).await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    let response = stack.chat(&secret, chat_body(16)).await;
+    assert_eq!(response.status(), 200);
+    wait_until(
+        "the usage row in PostgreSQL",
+        Duration::from_secs(30),
+        || async {
+            stack
+                .list_usage(pb::UsageFilter {
+                    key_id: key_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok_and(|rows| rows.len() == 1)
+        },
+    )
+    .await;
+    drop(pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_clients_https_when_given_a_certificate() {
+    use http_body_util::BodyExt;
+    let mut stack = Stack::start().await;
+    let pki = TestPki::new(&stack.dir.0.join("agent-certs"));
+    let server = pki.node();
+    let (_, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    stack.agent.take().unwrap().stop().await;
+    let config = allot_agent::config::AgentConfig {
+        listen_tls_cert: Some(server.cert.clone()),
+        listen_tls_key: Some(server.key.clone()),
+        ..stack.agent_config.clone()
+    };
+    let agent = start_agent(config).await;
+    let roots = allot_coordinator::tls::read_roots("ca", &pki.ca_path()).unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(allot_coordinator::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let base = format!("https://{}", agent.addr);
+    wait_until(
+        "the agent to be ready over https",
+        Duration::from_secs(30),
+        || {
+            let (client, url) = (client.clone(), format!("{base}/readyz"));
+            async move {
+                let request = http::Request::get(url).body(Default::default()).unwrap();
+                client
+                    .request(request)
+                    .await
+                    .is_ok_and(|r| r.status() == 200)
+            }
+        },
+    )
+    .await;
+    let request = http::Request::post(format!("{base}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {secret}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            chat_body(16).to_string(),
+        )))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let _ = response.into_body().collect().await.unwrap();
+    // Plaintext HTTP to the TLS listener gets no answer.
+    let plain = stack
+        .http
+        .get(format!("http://{}/healthz", agent.addr))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(!plain.is_ok_and(|r| r.status() == 200));
+    agent.stop().await;
+}
