@@ -233,7 +233,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = match load(Cli::parse()) {
+    let checked = load(Cli::parse())
+        .and_then(|config| allot_agent::tls::check_files(&config).map(|()| config));
+    let config = match checked {
         Ok(config) => config,
         Err(message) => {
             eprintln!("allot-agent: {message}");

@@ -95,3 +95,18 @@ pub fn listener_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConf
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
+
+/// Reads every TLS file `config` names, once, before any port is bound:
+/// a missing or bad file is a start-up error naming its field.
+pub fn check_files(config: &crate::config::AgentConfig) -> Result<(), String> {
+    if let Some(files) = config.coordinator_tls() {
+        coordinator_tls(&files)?;
+    }
+    if let Some(ca) = &config.upstream_ca {
+        upstream_client_config(Some(ca))?;
+    }
+    if let (Some(cert), Some(key)) = (&config.listen_tls_cert, &config.listen_tls_key) {
+        listener_config(cert, key)?;
+    }
+    Ok(())
+}

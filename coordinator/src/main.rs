@@ -158,6 +158,15 @@ fn issue(
     Ok((certs::file_stem(&leaf), certs::issue(&ca, &leaf, validity)?))
 }
 
+/// The TLS files are read once before any port is bound: a missing or bad
+/// file is a start-up error naming its field.
+fn check_tls_files(config: CoordinatorConfig) -> Result<CoordinatorConfig, String> {
+    if let Some(files) = config.server_tls_files() {
+        allot_coordinator::tls::server_config(&files)?;
+    }
+    Ok(config)
+}
+
 fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
     let mut config = match &cli.config {
         Some(path) => CoordinatorConfig::from_file(path)?,
@@ -284,7 +293,7 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let config = match load(cli) {
+    let config = match load(cli).and_then(check_tls_files) {
         Ok(config) => config,
         Err(message) => {
             eprintln!("allot-coordinator: {message}");

@@ -475,6 +475,28 @@ async fn a_url_whose_scheme_cannot_be_honoured_is_a_start_up_error_naming_the_fi
     .await;
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("tls_cert"), "{err}");
+    // Certificate files that cannot be read, named before any port is bound.
+    let missing = dir.0.join("missing.pem").display().to_string();
+    let (code, err) = run_binary(
+        "allot-coordinator",
+        &[
+            "--admin-token",
+            ADMIN_TOKEN,
+            "--data-path",
+            &data,
+            "--metrics-listen",
+            "off",
+            "--tls-cert",
+            &missing,
+            "--tls-key",
+            &missing,
+            "--tls-client-ca",
+            &missing,
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("tls_cert: cannot read"), "{err}");
     // An agent told to speak plaintext to its coordinator.
     let spool = dir.0.join("spool").display().to_string();
     let (code, err) = run_binary(
@@ -815,4 +837,29 @@ async fn the_agent_serves_clients_https_when_given_a_certificate() {
         .await;
     assert!(!plain.is_ok_and(|r| r.status() == 200));
     agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_agent_certificate_is_used_at_the_next_connection_without_a_restart() {
+    let mut stack = Stack::start_tls().await;
+    let pki = stack.pki.take().unwrap();
+    stack.agent.take().unwrap().stop().await;
+    // The agent's certificate on disk has expired: it cannot connect.
+    let expired = pki.expired_agent("agent-1");
+    let current = pki.agent("agent-1");
+    std::fs::copy(&expired.cert, &current.cert).unwrap();
+    std::fs::copy(&expired.key, &current.key).unwrap();
+    let agent = start_agent(stack.agent_config.clone()).await;
+    let ready = format!("{}/readyz", agent.url);
+    for _ in 0..10 {
+        let status = stack.http.get(&ready).send().await.unwrap().status();
+        assert_ne!(status, 200, "an expired certificate opened a session");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A renewed certificate is written over it: the agent, not restarted,
+    // connects with it.
+    pki.agent("agent-1");
+    wait_agent_ready(&agent.url, Duration::from_secs(30)).await;
+    agent.stop().await;
+    stack.pki = Some(pki);
 }
