@@ -143,11 +143,30 @@ impl ReloadingServerConfig {
         *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) != stamp(&self.files)
     }
 
-    /// Reloads on SIGHUP and, with `poll`, whenever the files change.
-    pub async fn watch(self: Arc<Self>, poll: Option<Duration>) {
+    /// Reloads on SIGHUP and, with `poll`, whenever the files change. The
+    /// SIGHUP handler is installed at the call, before the future runs: a
+    /// SIGHUP after `watch` returns never takes the default action (exit).
+    pub fn watch(
+        self: Arc<Self>,
+        poll: Option<Duration>,
+    ) -> impl std::future::Future<Output = ()> + Send {
         #[cfg(unix)]
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .inspect_err(
+                |error| tracing::warn!(%error, "no SIGHUP reload: cannot install the handler"),
+            )
+            .ok();
+        #[cfg(unix)]
+        return self.reload_loop(poll, hangup);
+        #[cfg(not(unix))]
+        self.reload_loop(poll)
+    }
+
+    async fn reload_loop(
+        self: Arc<Self>,
+        poll: Option<Duration>,
+        #[cfg(unix)] mut hangup: Option<tokio::signal::unix::Signal>,
+    ) {
         let mut tick = tokio::time::interval(poll.unwrap_or(Duration::from_secs(3600)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;

@@ -573,6 +573,12 @@ async fn a_url_whose_scheme_cannot_be_honoured_is_a_start_up_error_naming_the_fi
 
 /// The leaf certificate a fresh TLS connection to `addr` is shown.
 async fn served_certificate(pki: &TestPki, addr: SocketAddr) -> Vec<u8> {
+    try_served_certificate(pki, addr)
+        .await
+        .expect("a TLS handshake with the coordinator")
+}
+
+async fn try_served_certificate(pki: &TestPki, addr: SocketAddr) -> Option<Vec<u8>> {
     let roots = allot_coordinator::tls::read_roots("ca", &pki.ca_path()).unwrap();
     let config = rustls::ClientConfig::builder_with_provider(allot_coordinator::tls::provider())
         .with_safe_default_protocol_versions()
@@ -580,10 +586,10 @@ async fn served_certificate(pki: &TestPki, addr: SocketAddr) -> Vec<u8> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    let tls = connector.connect(name, tcp).await.ok()?;
+    Some(tls.get_ref().1.peer_certificates()?[0].to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -862,4 +868,70 @@ async fn a_renewed_agent_certificate_is_used_at_the_next_connection_without_a_re
     wait_agent_ready(&agent.url, Duration::from_secs(30)).await;
     agent.stop().await;
     stack.pki = Some(pki);
+}
+
+/// Kills the child process when the test ends, failing or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_makes_a_coordinator_process_serve_its_renewed_certificate() {
+    let dir = TempDir::new("sighup");
+    let pki = TestPki::new(&dir.0.join("certs"));
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    let log = std::fs::File::create(dir.0.join("coordinator.log")).unwrap();
+    let child = std::process::Command::new(allot_e2e::process::binary("allot-coordinator"))
+        .args(["--listen", &addr.to_string(), "--metrics-listen", "off"])
+        .args(["--admin-token", ADMIN_TOKEN])
+        .args(["--data-path", &path(dir.0.join("c.redb"))])
+        .args(["--tls-cert", &path(pki.dir.join("node.pem"))])
+        .args(["--tls-key", &path(pki.dir.join("node.key"))])
+        .args(["--tls-client-ca", &path(pki.ca_path())])
+        // No polling: only the signal reloads.
+        .args(["--tls-reload-ms", "0"])
+        .env_remove("ALLOT_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("allot-coordinator starts");
+    let mut child = KillOnDrop(child);
+    let pki = &pki;
+    wait_until(
+        "the coordinator to speak TLS",
+        Duration::from_secs(30),
+        || async move { try_served_certificate(pki, addr).await.is_some() },
+    )
+    .await;
+    let before = served_certificate(pki, addr).await;
+    pki.node();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let old = &before;
+    wait_until(
+        "the renewed certificate after SIGHUP",
+        Duration::from_secs(20),
+        || async move {
+            try_served_certificate(pki, addr)
+                .await
+                .is_some_and(|c| c != *old)
+        },
+    )
+    .await;
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the coordinator survives SIGHUP"
+    );
 }
