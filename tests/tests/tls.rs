@@ -935,3 +935,46 @@ async fn sighup_makes_a_coordinator_process_serve_its_renewed_certificate() {
         "the coordinator survives SIGHUP"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_authenticates_to_etcd_with_its_user_and_password() {
+    let dir = TempDir::new("etcd-auth");
+    let pki = TestPki::new(&dir.0.join("certs"));
+    let cluster = allot_e2e::etcd::EtcdCluster::start_tls(&pki).await;
+    let tls = cluster.tls().unwrap().clone();
+    let mut client = cluster.client().await;
+    client.role_add("root").await.unwrap();
+    client
+        .user_add("root", "root-password", None)
+        .await
+        .unwrap();
+    client.user_grant_role("root", "root").await.unwrap();
+    client.auth_enable().await.unwrap();
+    // With authentication on, the client certificate alone (CN
+    // "coordinator", no such user) may not write.
+    let mut anonymous = cluster.client().await;
+    assert!(anonymous.put("/probe", "x", None).await.is_err());
+    let config = allot_coordinator::config::CoordinatorConfig {
+        store: allot_coordinator::config::StoreKind::Etcd,
+        etcd_endpoints: cluster.endpoints(),
+        etcd_ca: Some(tls.ca.clone()),
+        etcd_cert: Some(tls.client.cert.clone()),
+        etcd_key: Some(tls.client.key.clone()),
+        etcd_user: Some("root".into()),
+        etcd_password: Some("root-password".into()),
+        ..Stack::tls_coordinator_config(&dir, &pki)
+    };
+    let mut stack = Stack::start_tls_with(dir, pki, config).await;
+    let (_, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    let response = stack.chat(&secret, chat_body(16)).await;
+    assert_eq!(response.status(), 200);
+    wait_until(
+        "the usage to settle in etcd",
+        Duration::from_secs(20),
+        || async { stack.settled_records().await >= 1 },
+    )
+    .await;
+    stack.etcd = Some(cluster);
+}
