@@ -495,7 +495,8 @@ async fn serve(
         .add_service(placement_service)
         .add_service(sessions);
     let stopped = until_closing(closing.subscribe());
-    let server: std::pin::Pin<
+    // One type for both listeners: boxed.
+    let mut server: std::pin::Pin<
         Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
     > = match server_tls {
         Some(tls) => {
@@ -505,7 +506,6 @@ async fn serve(
             Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped))
         }
     };
-    let mut server = server;
     tokio::pin!(shutdown);
     // At the signal, every agent session ends (the agents move to another
     // coordinator), the leadership is given up, and the server stops
