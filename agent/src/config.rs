@@ -30,8 +30,33 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// Prometheus metrics address; unset disables the exporter.
     pub metrics_listen: Option<SocketAddr>,
-    /// Coordinator gRPC endpoints, tried in turn.
+    /// Coordinator gRPC endpoints, tried in turn: `https://` (mutual TLS
+    /// with `coordinator_ca`, `client_cert`, `client_key`), or `http://`
+    /// only with `insecure`.
     pub coordinators: Vec<String>,
+    /// Allow plaintext `http://` coordinators (no TLS, no identity). For a
+    /// laptop or a test; with `false` (the default) an `http://`
+    /// coordinator is a start-up error.
+    pub insecure: bool,
+    /// PEM CA certificates the coordinators' server certificates are
+    /// verified against.
+    pub coordinator_ca: Option<PathBuf>,
+    /// PEM client certificate presented to coordinators; it must name this
+    /// agent (URI SAN `spiffe://allot/agent/<agent_id>`, made by
+    /// `allot-coordinator certs agent <id>`). Read again at every
+    /// (re)connection, so a renewed certificate is used without a restart.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// PEM certificate (chain) of the client-facing listener: when set with
+    /// `listen_tls_key`, clients speak HTTPS to the agent; unset, the
+    /// listener is plaintext HTTP (keep it on loopback or a pod network).
+    pub listen_tls_cert: Option<PathBuf>,
+    /// PEM private key of `listen_tls_cert`.
+    pub listen_tls_key: Option<PathBuf>,
+    /// PEM CA certificates trusted for `https://` upstreams, besides the
+    /// system's roots.
+    pub upstream_ca: Option<PathBuf>,
     /// This agent's id; stable across restarts (it names its usage stream).
     pub agent_id: String,
     /// The neuron this agent sits beside.
@@ -155,7 +180,14 @@ impl Default for AgentConfig {
         AgentConfig {
             listen: "127.0.0.1:8080".parse().expect("valid default"),
             metrics_listen: Some("127.0.0.1:9465".parse().expect("valid default")),
-            coordinators: vec!["http://127.0.0.1:50051".into()],
+            coordinators: vec!["https://127.0.0.1:50051".into()],
+            insecure: false,
+            coordinator_ca: None,
+            client_cert: None,
+            client_key: None,
+            listen_tls_cert: None,
+            listen_tls_key: None,
+            upstream_ca: None,
             agent_id: "agent-1".into(),
             neuron_id: "neuron-1".into(),
             neuron_url: "http://127.0.0.1:9100".into(),
@@ -300,7 +332,54 @@ impl AgentConfig {
         for (i, entry) in self.pass_through.iter().enumerate() {
             PassThroughRule::parse(entry).map_err(|e| format!("pass_through[{i}]: {e}"))?;
         }
+        self.validate_tls()
+    }
+
+    /// A coordinator URL whose scheme cannot be honoured is an error naming
+    /// the field, never a silent downgrade.
+    fn validate_tls(&self) -> Result<(), String> {
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err("client_cert: client_cert and client_key go together".into());
+        }
+        if self.listen_tls_cert.is_some() != self.listen_tls_key.is_some() {
+            return Err("listen_tls_cert: listen_tls_cert and listen_tls_key go together".into());
+        }
+        let tls_files = self.coordinator_ca.is_some() || self.client_cert.is_some();
+        for (i, endpoint) in self.coordinators.iter().enumerate() {
+            if endpoint.starts_with("https://") {
+                if self.coordinator_ca.is_none() {
+                    return Err(format!(
+                        "coordinator_ca: must be set to verify coordinators[{i}] {endpoint}"
+                    ));
+                }
+                if self.client_cert.is_none() {
+                    return Err(format!(
+                        "client_cert: must be set: coordinators[{i}] {endpoint} needs a client \
+                         certificate naming this agent (allot-coordinator certs agent {})",
+                        self.agent_id
+                    ));
+                }
+            } else if tls_files {
+                return Err(format!(
+                    "coordinators[{i}]: {endpoint} is plaintext but TLS files are set: use https://"
+                ));
+            } else if !self.insecure {
+                return Err(format!(
+                    "coordinators[{i}]: {endpoint} is plaintext: use https:// (with \
+                     coordinator_ca, client_cert, client_key) or set insecure = true"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The files of the agent's client TLS towards coordinators.
+    pub fn coordinator_tls(&self) -> Option<crate::tls::ClientTlsFiles> {
+        Some(crate::tls::ClientTlsFiles {
+            ca: self.coordinator_ca.clone()?,
+            cert: self.client_cert.clone()?,
+            key: self.client_key.clone()?,
+        })
     }
 
     /// The parsed `pass_through` allow-list (validated before).
@@ -458,6 +537,8 @@ mod tests {
             "GET /a /b",
         ] {
             let config = AgentConfig {
+                insecure: true,
+                coordinators: vec!["http://127.0.0.1:50051".into()],
                 pass_through: vec![bad.into()],
                 ..AgentConfig::default()
             };

@@ -238,6 +238,7 @@ impl Registry {
 /// no usage is lost to a stop.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     app: axum::Router,
     settings: EdgeSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -295,12 +296,32 @@ pub async fn serve(
             router: router.clone(),
             activity: activity.clone(),
         };
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
         let (registry, closing) = (registry.clone(), closing.clone());
         let (first, idle) = (settings.header_read_timeout, settings.idle_timeout);
+        let (builder, tls) = (builder.clone(), tls.clone());
         connections.spawn(async move {
+            // The handshake counts against the time to send headers.
+            let io: Box<dyn Io> = match tls {
+                None => Box::new(tcp),
+                Some(tls) => {
+                    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+                    match tokio::time::timeout(first, accept).await {
+                        Ok(Ok(stream)) => Box::new(stream),
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, "client TLS handshake failed");
+                            registry.remove(id);
+                            return;
+                        }
+                        Err(_) => {
+                            registry.remove(id);
+                            return;
+                        }
+                    }
+                }
+            };
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
             drive(connection, &activity, first, idle, closing).await;
             registry.remove(id);
         });
@@ -325,10 +346,14 @@ pub async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
+/// A client connection's byte stream: plain TCP or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
+
 /// One client connection, as hyper serves it.
 type Connection = hyper_util::server::conn::auto::UpgradeableConnection<
     'static,
-    TokioIo<TcpStream>,
+    TokioIo<Box<dyn Io>>,
     Counted,
     TokioExecutor,
 >;

@@ -22,6 +22,7 @@ pub mod overhead;
 pub mod proxy;
 pub mod refusals;
 pub mod spool;
+pub mod tls;
 pub mod trace;
 pub mod upstream;
 pub mod usage;
@@ -63,17 +64,29 @@ pub struct AgentState {
     pub durability: Arc<spool::Durability>,
 }
 
-fn http_client(config: &AgentConfig) -> proxy::HttpClient {
+/// The neuron client: `http://` and `https://` (system roots and
+/// `upstream_ca`) upstreams.
+fn http_client(config: &AgentConfig) -> Result<proxy::HttpClient, String> {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(
         config.upstream_connect_timeout_ms,
     )));
     connector.set_nodelay(true);
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .http2_only(config.upstream_http2)
-        .build(connector)
+    connector.enforce_http(false);
+    let tls = tls::upstream_client_config(config.upstream_ca.as_deref())?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(connector);
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .http2_only(config.upstream_http2)
+            .build(connector),
+    )
 }
 
 /// Serves the agent on `listener` until `shutdown` completes, then lets
@@ -85,6 +98,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    // Unreadable TLS files stop the start, naming the field.
+    if let Some(files) = config.coordinator_tls() {
+        tls::coordinator_tls(&files).map_err(anyhow::Error::msg)?;
+    }
+    let client = http_client(&config).map_err(anyhow::Error::msg)?;
+    let listener_tls = match (&config.listen_tls_cert, &config.listen_tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(tls::listener_config(cert, key).map_err(anyhow::Error::msg)?)
+        }
+        _ => None,
+    };
     let (spool, recovered) = spool::Spool::open(&config.spool_dir, config.spool_max_records)?;
     let durability = spool.durability();
     let table = Arc::new(AllowanceTable::new(recovered.last_seq));
@@ -145,6 +169,7 @@ pub async fn run(
                 lease_margin: Duration::from_millis(config.lease_margin_ms),
                 connect_timeout: Duration::from_millis(config.coordinator_connect_timeout_ms),
                 spool_dir: config.spool_dir.clone(),
+                tls: config.coordinator_tls(),
             },
         },
         stop_rx.clone(),
@@ -157,7 +182,7 @@ pub async fn run(
     ));
 
     let state = Arc::new(AgentState {
-        client: http_client(&config),
+        client,
         upstreams: upstream::Upstreams::new(&config),
         in_flight: concurrency::InFlight::new(
             config.max_concurrent_requests,
@@ -204,7 +229,14 @@ pub async fn run(
     }
     tracing::info!(listen = %listener.local_addr()?, agent_id = config.agent_id, epoch = recovered.epoch, "agent serving");
     let app = proxy::router(state.clone());
-    edge::serve(listener, app, edge::EdgeSettings::of(&config), shutdown).await;
+    edge::serve(
+        listener,
+        listener_tls,
+        app,
+        edge::EdgeSettings::of(&config),
+        shutdown,
+    )
+    .await;
     // Give every slice back, then let the coordinator acknowledge what is
     // spooled, briefly.
     for key_id in state.table.idle_keys(Duration::ZERO, Instant::now()) {

@@ -170,6 +170,9 @@ pub struct LinkSettings {
     pub connect_timeout: Duration,
     /// For the message that says how to recover a wiped spool.
     pub spool_dir: std::path::PathBuf,
+    /// Mutual TLS towards `https://` coordinators; the files are read at
+    /// every connection.
+    pub tls: Option<crate::tls::ClientTlsFiles>,
 }
 
 /// Everything the link task touches.
@@ -254,13 +257,22 @@ fn refusal_of(error: &anyhow::Error, settings: &LinkSettings) -> Option<String> 
 }
 
 async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+    let mut builder = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
         .connect_timeout(ctx.settings.connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+        .tcp_nodelay(true);
+    if endpoint.starts_with("https://") {
+        // Validated at start-up: an https:// coordinator has TLS files.
+        let files = ctx
+            .settings
+            .tls
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("coordinator_ca: needed for {endpoint}"))?;
+        let tls = crate::tls::coordinator_tls(files).map_err(anyhow::Error::msg)?;
+        builder = builder.tls_config(tls)?;
+    }
+    let channel = builder.connect().await?;
     let mut client = AgentSessionClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(4096);
     tx.send(pb::AgentMessage {

@@ -22,6 +22,27 @@ struct Cli {
     /// Comma-separated coordinator endpoints.
     #[arg(long, env = "ALLOT_AGENT_COORDINATORS", value_delimiter = ',')]
     coordinators: Option<Vec<String>>,
+    /// Allow plaintext http:// coordinators (no TLS); for a laptop or a test.
+    #[arg(long, env = "ALLOT_AGENT_INSECURE", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    insecure: Option<bool>,
+    /// PEM CA of the coordinators' server certificates.
+    #[arg(long, env = "ALLOT_AGENT_COORDINATOR_CA")]
+    coordinator_ca: Option<PathBuf>,
+    /// PEM client certificate naming this agent, presented to coordinators.
+    #[arg(long, env = "ALLOT_AGENT_CLIENT_CERT")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, env = "ALLOT_AGENT_CLIENT_KEY")]
+    client_key: Option<PathBuf>,
+    /// PEM certificate of the client-facing listener (HTTPS when set).
+    #[arg(long, env = "ALLOT_AGENT_LISTEN_TLS_CERT")]
+    listen_tls_cert: Option<PathBuf>,
+    /// PEM private key of --listen-tls-cert.
+    #[arg(long, env = "ALLOT_AGENT_LISTEN_TLS_KEY")]
+    listen_tls_key: Option<PathBuf>,
+    /// PEM CA trusted for https:// upstreams besides the system's roots.
+    #[arg(long, env = "ALLOT_AGENT_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
     #[arg(long, env = "ALLOT_AGENT_ID")]
     agent_id: Option<String>,
     #[arg(long, env = "ALLOT_AGENT_NEURON_ID")]
@@ -92,6 +113,27 @@ fn load(cli: Cli) -> Result<AgentConfig, String> {
         Some(path) => AgentConfig::from_file(path)?,
         None => AgentConfig::default(),
     };
+    if let Some(v) = cli.insecure {
+        config.insecure = v;
+    }
+    if let Some(v) = cli.coordinator_ca {
+        config.coordinator_ca = Some(v);
+    }
+    if let Some(v) = cli.client_cert {
+        config.client_cert = Some(v);
+    }
+    if let Some(v) = cli.client_key {
+        config.client_key = Some(v);
+    }
+    if let Some(v) = cli.listen_tls_cert {
+        config.listen_tls_cert = Some(v);
+    }
+    if let Some(v) = cli.listen_tls_key {
+        config.listen_tls_key = Some(v);
+    }
+    if let Some(v) = cli.upstream_ca {
+        config.upstream_ca = Some(v);
+    }
     if let Some(v) = cli.listen {
         config.listen = v;
     }
@@ -198,7 +240,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = match load(Cli::parse()) {
+    let checked = load(Cli::parse())
+        .and_then(|config| allot_agent::tls::check_files(&config).map(|()| config));
+    let config = match checked {
         Ok(config) => config,
         Err(message) => {
             eprintln!("allot-agent: {message}");

@@ -19,6 +19,14 @@ pub enum StoreKind {
     Etcd,
 }
 
+/// The `sslmode` query parameter of a PostgreSQL URL, if any.
+fn postgres_sslmode(url: &str) -> Option<&str> {
+    let query = url.split_once('?')?.1;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("sslmode="))
+}
+
 /// The longest `usage_retention_days` short of forever: 100 years.
 pub const MAX_USAGE_RETENTION_DAYS: u32 = 36_500;
 
@@ -30,6 +38,24 @@ pub const MAX_AUDIT_ENTRIES: usize = 1_000_000;
 pub struct CoordinatorConfig {
     /// gRPC address (Admin, AgentSession, Health, reflection).
     pub listen: SocketAddr,
+    /// Plaintext everywhere: the gRPC port without TLS, `http://` etcd
+    /// endpoints and PostgreSQL without `sslmode=require`. For a laptop or
+    /// a test; with `false` (the default) every link speaks TLS and a
+    /// plaintext URL is a start-up error.
+    pub insecure: bool,
+    /// PEM certificate chain of the gRPC port (`certs node`). Required
+    /// unless `insecure`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`. Required unless `insecure`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates client certificates are verified against. Agents
+    /// must present one naming them (URI SAN `spiffe://allot/agent/<id>`);
+    /// operators may (Admin still needs the token). Required unless
+    /// `insecure`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// The TLS files are read again when they change, checked this often
+    /// (and on SIGHUP); 0 reloads on SIGHUP only.
+    pub tls_reload_ms: u64,
     /// Prometheus metrics address; unset disables the exporter.
     pub metrics_listen: Option<SocketAddr>,
     /// Legacy: one shared token, the credential named `admin` with scope
@@ -62,6 +88,18 @@ pub struct CoordinatorConfig {
     pub etcd_endpoints: Vec<String>,
     /// Prefix of every etcd key.
     pub etcd_prefix: String,
+    /// PEM CA certificates etcd's server certificate is verified against;
+    /// required for `https://` endpoints.
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (`--client-cert-auth`); needs
+    /// `etcd_key`.
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of `etcd_cert`.
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user (etcd authentication); needs `etcd_password`.
+    pub etcd_user: Option<String>,
+    /// Password of `etcd_user`. Never logged.
+    pub etcd_password: Option<String>,
     /// This coordinator's name in the election (shown to operators).
     pub node_id: String,
     /// Lease of the election key: how long a dead leader blocks fail-over.
@@ -89,8 +127,10 @@ pub struct CoordinatorConfig {
     /// only); default: `usage.redb` beside `data_path`.
     pub usage_data_path: Option<PathBuf>,
     /// PostgreSQL URL of the usage analytics store
-    /// (`postgres://user@host:port/db`); when set it is used whatever the
-    /// budget store, and it is the only analytics store with `etcd`.
+    /// (`postgres://user@host:port/db?sslmode=verify-full&sslrootcert=ca.pem`);
+    /// when set it is used whatever the budget store, and it is the only
+    /// analytics store with `etcd`. Unless `insecure`, `sslmode` must be
+    /// `require`, `verify-ca` or `verify-full` (rustls).
     pub usage_postgres_url: Option<String>,
     /// Directory where the usage writer keeps batches it could not write
     /// after its retries, until the store takes them (also after a
@@ -106,6 +146,11 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             listen: "127.0.0.1:50051".parse().expect("valid default"),
+            insecure: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_reload_ms: 10_000,
             metrics_listen: Some("127.0.0.1:9464".parse().expect("valid default")),
             admin_token: String::new(),
             operators: Vec::new(),
@@ -119,6 +164,11 @@ impl Default for CoordinatorConfig {
             data_path: PathBuf::from("allot-data/coordinator.redb"),
             etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
             etcd_prefix: "/allot/".into(),
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
+            etcd_user: None,
+            etcd_password: None,
             node_id: "coordinator-1".into(),
             election_ttl_ms: 2_000,
             lease_ttl_ms: 30_000,
@@ -204,7 +254,85 @@ impl CoordinatorConfig {
         if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {
             return Err("etcd_prefix: must start and end with '/'".into());
         }
+        self.validate_tls()
+    }
+
+    /// Every link either speaks TLS with what it needs, or `insecure`
+    /// allows plaintext: a scheme that cannot be honoured is an error
+    /// naming the field, never a silent downgrade.
+    fn validate_tls(&self) -> Result<(), String> {
+        let server_files = [
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("tls_client_ca", &self.tls_client_ca),
+        ];
+        if self.insecure {
+            if let Some((field, _)) = server_files.iter().find(|(_, path)| path.is_some()) {
+                return Err(format!(
+                    "{field}: set, but insecure = true serves plaintext: remove one of them"
+                ));
+            }
+        } else if let Some((field, _)) = server_files.iter().find(|(_, path)| path.is_none()) {
+            return Err(format!(
+                "{field}: must be set: the gRPC port speaks TLS unless insecure = true \
+                 (--insecure); allot-coordinator certs makes the files"
+            ));
+        }
+        if self.etcd_cert.is_some() != self.etcd_key.is_some() {
+            return Err("etcd_cert: etcd_cert and etcd_key go together".into());
+        }
+        if self.etcd_user.is_some() != self.etcd_password.is_some() {
+            return Err("etcd_user: etcd_user and etcd_password go together".into());
+        }
+        if self.store == StoreKind::Etcd {
+            for (i, endpoint) in self.etcd_endpoints.iter().enumerate() {
+                let field = format!("etcd_endpoints[{i}]");
+                if endpoint.starts_with("https://") {
+                    if self.etcd_ca.is_none() {
+                        return Err(format!("{field}: {endpoint} needs etcd_ca to verify etcd"));
+                    }
+                } else if endpoint.starts_with("http://") {
+                    if self.etcd_ca.is_some() || self.etcd_cert.is_some() {
+                        return Err(format!(
+                            "{field}: {endpoint} is plaintext but etcd TLS files are set: use https://"
+                        ));
+                    }
+                    if !self.insecure {
+                        return Err(format!(
+                            "{field}: {endpoint} is plaintext: use https:// with etcd_ca, or insecure = true"
+                        ));
+                    }
+                } else {
+                    return Err(format!("{field}: must start with http:// or https://"));
+                }
+            }
+        }
+        if let Some(url) = &self.usage_postgres_url {
+            let mode = postgres_sslmode(url);
+            let encrypted = matches!(mode, Some("require" | "verify-ca" | "verify-full"));
+            if !encrypted && !self.insecure {
+                return Err(format!(
+                    "usage_postgres_url: sslmode={} does not guarantee TLS: add \
+                     sslmode=verify-full (or require), or set insecure = true",
+                    mode.unwrap_or("prefer (the default)")
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The files of the gRPC port's TLS; `None` with `insecure`.
+    pub fn server_tls_files(&self) -> Option<crate::tls::ServerTlsFiles> {
+        Some(crate::tls::ServerTlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone()?,
+        })
+    }
+
+    /// How often the TLS files are checked for changes.
+    pub fn tls_reload_poll(&self) -> Option<Duration> {
+        (self.tls_reload_ms > 0).then(|| Duration::from_millis(self.tls_reload_ms))
     }
 
     /// Where the embedded usage store lives.

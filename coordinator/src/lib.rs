@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod certs;
 pub mod config;
 pub mod election;
 pub mod engine;
@@ -22,11 +23,13 @@ pub mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod grant;
+pub mod identity;
 pub mod ledger;
 pub mod operators;
 pub mod placement;
 pub mod session;
 pub mod store;
+pub mod tls;
 pub mod usage;
 pub mod wire;
 
@@ -58,10 +61,28 @@ pub fn engine_settings(config: &CoordinatorConfig) -> EngineSettings {
 
 /// Connects to the configured etcd cluster.
 pub async fn connect_etcd(config: &CoordinatorConfig) -> anyhow::Result<etcd_client::Client> {
-    let options = etcd_client::ConnectOptions::new()
+    let mut options = etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    if let Some(ca) = &config.etcd_ca {
+        let read = |field: &str, path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("{field}: cannot read {}: {e}", path.display()))
+        };
+        let mut tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read("etcd_ca", ca)?));
+        if let (Some(cert), Some(key)) = (&config.etcd_cert, &config.etcd_key) {
+            tls = tls.identity(etcd_client::Identity::from_pem(
+                read("etcd_cert", cert)?,
+                read("etcd_key", key)?,
+            ));
+        }
+        options = options.with_tls(tls);
+    }
+    if let (Some(user), Some(password)) = (&config.etcd_user, &config.etcd_password) {
+        options = options.with_user(user.clone(), password.clone());
+    }
     Ok(etcd_client::Client::connect(&config.etcd_endpoints, Some(options)).await?)
 }
 
@@ -72,6 +93,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    // Unreadable certificates stop the start, before any store is opened.
+    if let Some(files) = config.server_tls_files() {
+        tls::server_config(&files).map_err(anyhow::Error::msg)?;
+    }
     match config.store {
         StoreKind::Embedded => {
             let store = Arc::new(store::embedded::EmbeddedStore::open(&config.data_path)?);
@@ -457,8 +482,18 @@ async fn serve(
         pb::placement_server::PlacementServer::new(placement::PlacementService::new(live.clone())),
         gatekeeper,
     );
+    let server_tls = match config.server_tls_files() {
+        Some(files) => {
+            let tls = tls::ReloadingServerConfig::load(files).map_err(anyhow::Error::msg)?;
+            tasks.spawn(tls.clone().watch(config.tls_reload_poll()));
+            Some(tls)
+        }
+        None => None,
+    };
     let sessions = pb::agent_session_server::AgentSessionServer::new(
-        session::SessionService::new(source.clone(), live).with_shutdown(closing.subscribe()),
+        session::SessionService::new(source.clone(), live)
+            .with_shutdown(closing.subscribe())
+            .with_peer_identity(server_tls.is_some()),
     )
     .max_decoding_message_size(wire::MAX_MESSAGE_BYTES);
     tasks.spawn(report_health(health.clone(), store, ready, fatal.clone()));
@@ -474,8 +509,8 @@ async fn serve(
             }
         }
     };
-    tracing::info!(listen = %listener.local_addr()?, store = ?config.store, node_id = config.node_id, "coordinator serving");
-    let server = tonic::transport::Server::builder()
+    tracing::info!(listen = %listener.local_addr()?, store = ?config.store, node_id = config.node_id, tls = server_tls.is_some(), "coordinator serving");
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)
@@ -483,12 +518,19 @@ async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(admin)
         .add_service(placement_service)
-        .add_service(sessions)
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            until_closing(closing.subscribe()),
-        );
-    tokio::pin!(server);
+        .add_service(sessions);
+    let stopped = until_closing(closing.subscribe());
+    // One type for both listeners: boxed.
+    let mut server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match server_tls {
+        Some(tls) => {
+            Box::pin(router.serve_with_incoming_shutdown(tls::incoming(listener, tls), stopped))
+        }
+        None => {
+            Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped))
+        }
+    };
     tokio::pin!(shutdown);
     // At the signal, every agent session ends (the agents move to another
     // coordinator), the leadership is given up, and the server stops

@@ -11,11 +11,43 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file; flags and ALLOT_* variables override it.
     #[arg(long, env = "ALLOT_CONFIG")]
     config: Option<PathBuf>,
     #[arg(long, env = "ALLOT_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Plaintext on every link (no TLS); for a laptop or a test.
+    #[arg(long, env = "ALLOT_INSECURE", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    insecure: Option<bool>,
+    /// PEM certificate (chain) of the gRPC port.
+    #[arg(long, env = "ALLOT_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "ALLOT_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA that agents' (and operators') client certificates chain to.
+    #[arg(long, env = "ALLOT_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+    /// How often the TLS files are checked for changes; 0: SIGHUP only.
+    #[arg(long, env = "ALLOT_TLS_RELOAD_MS")]
+    tls_reload_ms: Option<u64>,
+    /// PEM CA of etcd's server certificate (https:// endpoints).
+    #[arg(long, env = "ALLOT_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd.
+    #[arg(long, env = "ALLOT_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, env = "ALLOT_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user name.
+    #[arg(long, env = "ALLOT_ETCD_USER")]
+    etcd_user: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "ALLOT_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
     /// Prometheus address; "off" disables it.
     #[arg(long, env = "ALLOT_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -86,6 +118,77 @@ struct Cli {
     placement_strategy: Option<String>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Makes a CA and certificates for coordinators, agents and operators.
+    Certs {
+        /// Directory of the files (ca.pem, ca.key, node.pem, ...).
+        #[arg(long, default_value = "certs", global = true)]
+        dir: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365, global = true)]
+        days: u64,
+        /// Replace files that exist.
+        #[arg(long, global = true)]
+        overwrite: bool,
+        #[command(subcommand)]
+        what: CertsCommand,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum CertsCommand {
+    /// A new CA: ca.pem and ca.key.
+    Ca,
+    /// A coordinator's server certificate for these host names and IPs.
+    Node {
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
+    /// An agent's client certificate (URI SAN spiffe://allot/agent/<id>).
+    Agent { agent_id: String },
+    /// An operator's client certificate (grpcurl -cert/-key).
+    Client { name: String },
+}
+
+fn certs(
+    dir: &std::path::Path,
+    days: u64,
+    overwrite: bool,
+    what: CertsCommand,
+) -> Result<(), String> {
+    use allot_coordinator::certs::{self, Leaf, Validity};
+    let validity = Validity::for_next(std::time::Duration::from_secs(days * 86_400));
+    let (stem, pem) = match what {
+        CertsCommand::Ca => ("ca".to_string(), certs::new_ca("allot CA", validity)?),
+        CertsCommand::Node { hosts } => issue(dir, Leaf::Node { hosts }, validity)?,
+        CertsCommand::Agent { agent_id } => issue(dir, Leaf::Agent { agent_id }, validity)?,
+        CertsCommand::Client { name } => issue(dir, Leaf::Client { name }, validity)?,
+    };
+    let path = certs::write(dir, &stem, &pem, overwrite)?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+fn issue(
+    dir: &std::path::Path,
+    leaf: allot_coordinator::certs::Leaf,
+    validity: allot_coordinator::certs::Validity,
+) -> Result<(String, allot_coordinator::certs::Pem), String> {
+    use allot_coordinator::certs;
+    let ca = certs::read_ca(dir)?;
+    Ok((certs::file_stem(&leaf), certs::issue(&ca, &leaf, validity)?))
+}
+
+/// The TLS files are read once before any port is bound: a missing or bad
+/// file is a start-up error naming its field.
+fn check_tls_files(config: CoordinatorConfig) -> Result<CoordinatorConfig, String> {
+    if let Some(files) = config.server_tls_files() {
+        allot_coordinator::tls::server_config(&files)?;
+    }
+    Ok(config)
+}
+
 fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
     let mut config = match &cli.config {
         Some(path) => CoordinatorConfig::from_file(path)?,
@@ -93,6 +196,36 @@ fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
     };
     if let Some(v) = cli.listen {
         config.listen = v;
+    }
+    if let Some(v) = cli.insecure {
+        config.insecure = v;
+    }
+    if let Some(v) = cli.tls_cert {
+        config.tls_cert = Some(v);
+    }
+    if let Some(v) = cli.tls_key {
+        config.tls_key = Some(v);
+    }
+    if let Some(v) = cli.tls_client_ca {
+        config.tls_client_ca = Some(v);
+    }
+    if let Some(v) = cli.tls_reload_ms {
+        config.tls_reload_ms = v;
+    }
+    if let Some(v) = cli.etcd_ca {
+        config.etcd_ca = Some(v);
+    }
+    if let Some(v) = cli.etcd_cert {
+        config.etcd_cert = Some(v);
+    }
+    if let Some(v) = cli.etcd_key {
+        config.etcd_key = Some(v);
+    }
+    if let Some(v) = cli.etcd_user {
+        config.etcd_user = Some(v);
+    }
+    if let Some(v) = cli.etcd_password {
+        config.etcd_password = Some(v);
     }
     if let Some(v) = cli.metrics_listen {
         config.metrics_listen = match v.as_str() {
@@ -191,7 +324,21 @@ fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = match load(Cli::parse()) {
+    let mut cli = Cli::parse();
+    if let Some(Command::Certs {
+        dir,
+        days,
+        overwrite,
+        what,
+    }) = cli.command.take()
+    {
+        if let Err(message) = certs(&dir, days, overwrite, what) {
+            eprintln!("allot-coordinator certs: {message}");
+            std::process::exit(2);
+        }
+        return Ok(());
+    }
+    let config = match load(cli).and_then(check_tls_files) {
         Ok(config) => config,
         Err(message) => {
             eprintln!("allot-coordinator: {message}");

@@ -565,11 +565,18 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for OperatorGat
 }
 
 /// The peer's address, as the transport recorded it.
+/// The caller's address: on a plaintext port (`--insecure`) and behind TLS.
 fn peer_of<B>(request: &http::Request<B>) -> Option<IpAddr> {
-    request
-        .extensions()
-        .get::<tonic::transport::server::TcpConnectInfo>()
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let extensions = request.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
         .and_then(|info| info.remote_addr())
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.get_ref().remote_addr())
+        })
         .map(|addr| addr.ip())
 }
 

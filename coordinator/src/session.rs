@@ -30,6 +30,9 @@ pub struct SessionService {
     placement: Arc<LivePlacement>,
     /// Becomes `true` when the coordinator shuts down: every session ends.
     closing: watch::Receiver<bool>,
+    /// TLS is on: a session needs a client certificate naming its agent,
+    /// and its `Hello` must be for that agent.
+    peer_identity_required: bool,
 }
 
 impl SessionService {
@@ -38,7 +41,15 @@ impl SessionService {
             engine,
             placement,
             closing: watch::channel(false).1,
+            peer_identity_required: false,
         }
+    }
+
+    /// With `required` (TLS on), sessions are accepted only from a peer
+    /// whose verified client certificate names an agent, for that agent.
+    pub fn with_peer_identity(mut self, required: bool) -> SessionService {
+        self.peer_identity_required = required;
+        self
     }
 
     /// Ends every session, and refuses new ones, once `closing` is `true`.
@@ -76,6 +87,11 @@ impl AgentSession for SessionService {
         if *self.closing.borrow() {
             return Err(shutting_down());
         }
+        let peer = crate::identity::session_peer(&request, self.peer_identity_required)
+            .inspect_err(|refused| {
+                metrics::counter!("allot_session_identity_refusals_total").increment(1);
+                tracing::warn!(reason = refused.message(), "agent session refused");
+            })?;
         let engine = self.engine.current()?;
         let closing = self.closing.clone();
         let mut leadership = self.engine.0.clone();
@@ -109,6 +125,12 @@ impl AgentSession for SessionService {
                 Err(_) => return,
             };
             let neuron_id = hello.neuron_id.clone();
+            if let Err(refused) = peer.admit_hello(&hello.agent_id) {
+                metrics::counter!("allot_session_identity_refusals_total").increment(1);
+                tracing::warn!(reason = refused.message(), "agent hello refused");
+                let _ = outbox.send(Err(refused)).await;
+                return;
+            }
             let Some(agent_id) = accept_hello(&engine, hello, &outbox, counters_for_link).await
             else {
                 return;

@@ -18,12 +18,39 @@ pub struct EtcdMember {
 pub struct EtcdCluster {
     pub members: Vec<EtcdMember>,
     initial_cluster: String,
+    /// Client TLS of a [`EtcdCluster::start_tls`] cluster.
+    tls: Option<EtcdTls>,
     _dir: TempDir,
+}
+
+/// The files of an etcd that serves clients TLS only and requires client
+/// certificates (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: std::path::PathBuf,
+    pub server: crate::tls::CertFiles,
+    pub client: crate::tls::CertFiles,
 }
 
 impl EtcdCluster {
     /// Starts `size` members and waits until the cluster answers.
     pub async fn start(size: usize) -> EtcdCluster {
+        EtcdCluster::start_with(size, None).await
+    }
+
+    /// One member serving clients on `https://` only, with a server
+    /// certificate and client certificates from `pki` required.
+    pub async fn start_tls(pki: &crate::tls::TestPki) -> EtcdCluster {
+        let tls = EtcdTls {
+            ca: pki.ca_path(),
+            server: pki.node(),
+            client: pki.client("coordinator"),
+        };
+        EtcdCluster::start_with(1, Some(tls)).await
+    }
+
+    async fn start_with(size: usize, tls: Option<EtcdTls>) -> EtcdCluster {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         assert!(
             Command::new("etcd").arg("--version").output().is_ok(),
             "etcd is not installed: run scripts/test as root, or apt-get install etcd-server"
@@ -32,7 +59,7 @@ impl EtcdCluster {
         let mut members: Vec<EtcdMember> = (0..size)
             .map(|i| EtcdMember {
                 name: format!("m{i}"),
-                client_url: format!("http://127.0.0.1:{}", free_port()),
+                client_url: format!("{scheme}://127.0.0.1:{}", free_port()),
                 peer_url: format!("http://127.0.0.1:{}", free_port()),
                 child: None,
                 dir: dir.0.join(format!("m{i}")),
@@ -46,6 +73,7 @@ impl EtcdCluster {
         let mut cluster = EtcdCluster {
             members: Vec::new(),
             initial_cluster,
+            tls,
             _dir: dir,
         };
         for member in &mut members {
@@ -81,6 +109,13 @@ impl EtcdCluster {
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
+        if let Some(tls) = &self.tls {
+            command
+                .args(["--cert-file", tls.server.cert.to_str().unwrap()])
+                .args(["--key-file", tls.server.key.to_str().unwrap()])
+                .args(["--trusted-ca-file", tls.ca.to_str().unwrap()])
+                .arg("--client-cert-auth");
+        }
         if new_cluster {
             command
                 .args(["--initial-cluster", &self.initial_cluster])
@@ -99,19 +134,42 @@ impl EtcdCluster {
     }
 
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect(self.endpoints(), None)
+        etcd_client::Client::connect(self.endpoints(), self.connect_options())
             .await
             .expect("etcd client")
+    }
+
+    /// The files of a TLS cluster.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
+    /// What a client needs to connect: TLS with the client certificate on
+    /// a TLS cluster.
+    pub fn connect_options(&self) -> Option<etcd_client::ConnectOptions> {
+        let tls = self.tls.as_ref()?;
+        let read = |path: &std::path::Path| std::fs::read(path).expect("etcd TLS file");
+        Some(
+            etcd_client::ConnectOptions::new().with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)))
+                    .identity(etcd_client::Identity::from_pem(
+                        read(&tls.client.cert),
+                        read(&tls.client.key),
+                    )),
+            ),
+        )
     }
 
     pub async fn wait_healthy(&self) {
         let endpoints = self.endpoints();
         wait_until("etcd to answer", Duration::from_secs(30), || {
             let endpoints = endpoints.clone();
+            let options = self.connect_options();
             async move {
                 let Ok(Ok(mut client)) = tokio::time::timeout(
                     Duration::from_secs(1),
-                    etcd_client::Client::connect(endpoints, None),
+                    etcd_client::Client::connect(endpoints, options),
                 )
                 .await
                 else {

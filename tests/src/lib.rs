@@ -7,6 +7,7 @@ pub mod bare_hop;
 pub mod etcd;
 pub mod postgres;
 pub mod process;
+pub mod tls;
 
 use allot::pb;
 use allot_coordinator::config::CoordinatorConfig;
@@ -110,6 +111,9 @@ pub struct Stack {
     coordinator_task: JoinHandle<anyhow::Result<()>>,
     /// The etcd cluster of an etcd-backed stack (dropped after the rest).
     pub etcd: Option<etcd::EtcdCluster>,
+    /// The certificates of a TLS stack ([`Stack::start_tls`]); `None`: the
+    /// stack runs with `insecure = true`.
+    pub pki: Option<tls::TestPki>,
     pub dir: TempDir,
 }
 
@@ -212,6 +216,7 @@ impl Stack {
         }
         let dir = TempDir::new("stack");
         let mut config = CoordinatorConfig {
+            insecure: true,
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
             admin_token: ADMIN_TOKEN.into(),
@@ -228,22 +233,66 @@ impl Stack {
                 Some(cluster)
             }
         };
-        let mut stack = Stack::start_in(dir, config).await;
+        let mut stack = Stack::start_in(dir, config, None).await;
         stack.etcd = cluster;
         stack
     }
 
     /// A stack whose coordinator uses `config` (its data path included).
     pub async fn start_with(config: CoordinatorConfig) -> Stack {
-        Stack::start_in(TempDir::new("stack"), config).await
+        Stack::start_in(TempDir::new("stack"), config, None).await
     }
 
-    async fn start_in(dir: TempDir, config: CoordinatorConfig) -> Stack {
+    /// A stack where every link speaks TLS: the coordinator's port with
+    /// certificates from a test CA (reloaded every 100 ms), the agent with
+    /// a client certificate naming `agent-1`. The agent's own listener
+    /// stays plaintext on loopback.
+    pub async fn start_tls() -> Stack {
+        let dir = TempDir::new("tls-stack");
+        let pki = tls::TestPki::new(&dir.0.join("certs"));
+        let config = Stack::tls_coordinator_config(&dir, &pki);
+        Stack::start_in(dir, config, Some(pki)).await
+    }
+
+    /// A TLS stack ([`Stack::start_tls`]) whose coordinator uses `config`
+    /// (made from [`Stack::tls_coordinator_config`] of `dir` and `pki`).
+    pub async fn start_tls_with(
+        dir: TempDir,
+        pki: tls::TestPki,
+        config: CoordinatorConfig,
+    ) -> Stack {
+        Stack::start_in(dir, config, Some(pki)).await
+    }
+
+    /// The coordinator configuration of [`Stack::start_tls`].
+    pub fn tls_coordinator_config(dir: &TempDir, pki: &tls::TestPki) -> CoordinatorConfig {
+        CoordinatorConfig {
+            insecure: false,
+            tls_cert: Some(pki.dir.join("node.pem")),
+            tls_key: Some(pki.dir.join("node.key")),
+            tls_client_ca: Some(pki.ca_path()),
+            tls_reload_ms: 100,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: None,
+            admin_token: ADMIN_TOKEN.into(),
+            data_path: dir.0.join("coordinator.redb"),
+            settle_window_ms: 1,
+            ..CoordinatorConfig::default()
+        }
+    }
+
+    async fn start_in(dir: TempDir, config: CoordinatorConfig, pki: Option<tls::TestPki>) -> Stack {
         let (coordinator_addr, coordinator_task) = start_coordinator(config).await;
         let (neuron, neuron_url) =
             start_neuron(&[MODEL, "other-model"], "neuron-1", Default::default()).await;
-        let coordinator_url = format!("http://{coordinator_addr}");
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        let coordinator_url = format!("{scheme}://{coordinator_addr}");
+        let agent_tls = pki.as_ref().map(|pki| pki.agent("agent-1"));
         let agent_config = allot_agent::config::AgentConfig {
+            insecure: pki.is_none(),
+            coordinator_ca: pki.as_ref().map(|pki| pki.ca_path()),
+            client_cert: agent_tls.as_ref().map(|files| files.cert.clone()),
+            client_key: agent_tls.as_ref().map(|files| files.key.clone()),
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
             coordinators: vec![coordinator_url.clone()],
@@ -265,6 +314,7 @@ impl Stack {
             http: reqwest::Client::new(),
             coordinator_task,
             etcd: None,
+            pki,
             dir,
         };
         stack.wait_for_coordinator().await;
@@ -279,25 +329,39 @@ impl Stack {
 
     /// Usage records settled so far, over every agent.
     pub async fn settled_records(&self) -> u64 {
-        settled_records_at(&self.coordinator_url).await
+        match self.channel().await {
+            Ok(channel) => settled_records_via(pb::admin_client::AdminClient::new(channel)).await,
+            Err(_) => 0,
+        }
+    }
+
+    /// A channel to the coordinator: over TLS (trusting the test CA, no
+    /// client certificate) on a TLS stack.
+    pub async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+        match &self.pki {
+            Some(pki) => pki.channel(&self.coordinator_url).await,
+            None => {
+                Channel::from_shared(self.coordinator_url.clone())
+                    .expect("a valid url")
+                    .connect()
+                    .await
+            }
+        }
     }
 
     async fn wait_for_coordinator(&self) {
-        let url = self.coordinator_url.clone();
         wait_until(
             "the coordinator to lead and answer admin calls",
             Duration::from_secs(20),
-            || {
-                let url = url.clone();
-                async move {
-                    let Ok(mut admin) = pb::admin_client::AdminClient::connect(url).await else {
-                        return false;
-                    };
-                    admin
-                        .list_accounts(authed(pb::ListAccountsRequest::default()))
-                        .await
-                        .is_ok()
-                }
+            || async move {
+                let Ok(channel) = self.channel().await else {
+                    return false;
+                };
+                let mut admin = pb::admin_client::AdminClient::new(channel);
+                admin
+                    .list_accounts(authed(pb::ListAccountsRequest::default()))
+                    .await
+                    .is_ok()
             },
         )
         .await;
@@ -308,9 +372,7 @@ impl Stack {
     }
 
     pub async fn admin(&self) -> pb::admin_client::AdminClient<Channel> {
-        pb::admin_client::AdminClient::connect(self.coordinator_url.clone())
-            .await
-            .expect("admin connects")
+        pb::admin_client::AdminClient::new(self.channel().await.expect("admin connects"))
     }
 
     /// Creates an account (if new) and a key with `limits`; returns
@@ -320,7 +382,7 @@ impl Stack {
         account_id: &str,
         limits: Vec<pb::Limit>,
     ) -> (String, String) {
-        key_with_limits_at(&self.coordinator_url, account_id, limits).await
+        key_with_limits_via(self.admin().await, account_id, limits).await
     }
 
     pub async fn snapshot(&self, key_id: &str) -> pb::Snapshot {
@@ -499,9 +561,14 @@ pub async fn wait_agent_ready(agent_url: &str, deadline: Duration) {
 /// Usage records settled so far by the coordinator at `url`: the sum of
 /// every agent's high-water mark.
 pub async fn settled_records_at(url: &str) -> u64 {
-    let Ok(mut admin) = pb::admin_client::AdminClient::connect(url.to_string()).await else {
+    let Ok(admin) = pb::admin_client::AdminClient::connect(url.to_string()).await else {
         return 0;
     };
+    settled_records_via(admin).await
+}
+
+/// Usage records settled so far by the coordinator behind `admin`.
+pub async fn settled_records_via(mut admin: pb::admin_client::AdminClient<Channel>) -> u64 {
     match admin
         .list_agents(authed(pb::ListAgentsRequest::default()))
         .await
@@ -523,9 +590,18 @@ pub async fn key_with_limits_at(
     account_id: &str,
     limits: Vec<pb::Limit>,
 ) -> (String, String) {
-    let mut admin = pb::admin_client::AdminClient::connect(url.to_string())
+    let admin = pb::admin_client::AdminClient::connect(url.to_string())
         .await
         .expect("admin connects");
+    key_with_limits_via(admin, account_id, limits).await
+}
+
+/// [`key_with_limits_at`] through a connected Admin client.
+pub async fn key_with_limits_via(
+    mut admin: pb::admin_client::AdminClient<Channel>,
+    account_id: &str,
+    limits: Vec<pb::Limit>,
+) -> (String, String) {
     let _ = admin
         .create_account(authed(pb::CreateAccountRequest {
             account_id: account_id.into(),

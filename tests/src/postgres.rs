@@ -13,6 +13,8 @@ pub struct Postgres {
     dir: PathBuf,
     bin: PathBuf,
     pub port: u16,
+    /// Serves TLS only (`hostssl` in pg_hba.conf) with this certificate.
+    tls: bool,
 }
 
 fn bin_dir() -> PathBuf {
@@ -67,11 +69,27 @@ fn run(bin: &Path, program: &str, args: &[&str]) -> std::process::Output {
 
 impl Postgres {
     pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// A server that accepts only TLS connections (pg_hba.conf `hostssl`),
+    /// with `server` as its certificate.
+    pub fn start_tls(server: &crate::tls::CertFiles) -> Postgres {
+        Postgres::start_with(Some(server))
+    }
+
+    fn start_with(tls: Option<&crate::tls::CertFiles>) -> Postgres {
         let bin = bin_dir();
         let dir =
             std::env::temp_dir().join(format!("allot-pg-{}-{}", std::process::id(), free_port()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
+        if let Some(files) = tls {
+            // PostgreSQL wants its key owned by its user and 0600 (kept by
+            // the copy of a 0600 file, and by the chown below).
+            std::fs::copy(&files.cert, dir.join("server.pem")).expect("copy the certificate");
+            std::fs::copy(&files.key, dir.join("server.key")).expect("copy the key");
+        }
         if is_root() {
             let status = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -100,10 +118,18 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if tls.is_some() {
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .expect("pg_hba.conf");
+        }
         let mut pg = Postgres {
             dir,
             bin,
             port: free_port(),
+            tls: tls.is_some(),
         };
         pg.start_server();
         pg
@@ -111,11 +137,17 @@ impl Postgres {
 
     fn start_server(&mut self) {
         let data = self.dir.join("data");
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1",
             self.port,
             self.dir.display()
         );
+        if self.tls {
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={0}/server.pem -c ssl_key_file={0}/server.key",
+                self.dir.display()
+            ));
+        }
         let log = self.dir.join("postgres.log");
         let out = run(
             &self.bin,

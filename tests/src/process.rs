@@ -54,6 +54,7 @@ impl CoordinatorProcess {
             .args(["--metrics-listen", "off"])
             // In the environment: a flag would show in the process list.
             .env("ALLOT_ADMIN_TOKEN", crate::ADMIN_TOKEN)
+            .arg("--insecure")
             .args(["--store", "etcd"])
             .args(["--etcd-endpoints", &etcd_endpoints.join(",")])
             .args(["--node-id", node_id])

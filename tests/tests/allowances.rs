@@ -21,6 +21,7 @@ async fn agents(coordinator_url: &str, count: usize) -> Agents {
     for i in 0..count {
         running.push(
             start_agent(allot_agent::config::AgentConfig {
+                insecure: true,
                 listen: "127.0.0.1:0".parse().unwrap(),
                 metrics_listen: None,
                 coordinators: vec![coordinator_url.to_string()],

@@ -238,6 +238,7 @@ async fn a_record_settled_again_after_a_coordinator_restart_is_one_row() {
     // The coordinator stops and starts on the same files; the agent
     // reconnects and sends more.
     let config = allot_coordinator::config::CoordinatorConfig {
+        insecure: true,
         listen: stack.coordinator_addr,
         metrics_listen: None,
         admin_token: ADMIN_TOKEN.into(),

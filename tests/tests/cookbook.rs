@@ -1,5 +1,6 @@
 //! The README's grpcurl cookbook, run line by line as written against a
-//! real coordinator (only the address differs), with its outputs checked.
+//! real coordinator speaking TLS (only the address and the CA file differ),
+//! with its outputs checked.
 
 use allot_e2e::*;
 use std::time::Duration;
@@ -26,16 +27,24 @@ fn cookbook() -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_line_of_the_grpcurl_cookbook_works_as_written() {
     let dir = TempDir::new("cookbook");
+    let pki = allot_e2e::tls::TestPki::new(&dir.0.join("certs"));
     let (addr, _coordinator) = start_coordinator(allot_coordinator::config::CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
         admin_token: TOKEN.into(),
-        data_path: dir.0.join("c.redb"),
-        ..Default::default()
+        ..Stack::tls_coordinator_config(&dir, &pki)
     })
     .await;
     let lines = cookbook();
-    let setup = lines[0].replace("127.0.0.1:50051", &addr.to_string());
+    assert!(
+        lines[0].contains("CA=allot-data/quickstart/certs/ca.pem"),
+        "{}",
+        lines[0]
+    );
+    let setup = lines[0]
+        .replace("127.0.0.1:50051", &addr.to_string())
+        .replace(
+            "allot-data/quickstart/certs/ca.pem",
+            &pki.ca_path().display().to_string(),
+        );
     assert!(
         setup.starts_with(
             "export ALLOT_ADMIN_TOKEN=quickstart-admin-token; T='authorization: Bearer ${ALLOT_ADMIN_TOKEN}'"

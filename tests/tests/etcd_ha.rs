@@ -238,6 +238,7 @@ async fn fleet(coordinator_urls: Vec<String>) -> Fleet {
     let dir = TempDir::new("fleet");
     let (neuron, neuron_url) = start_neuron(&[MODEL], "n1", Default::default()).await;
     let agent = start_agent(allot_agent::config::AgentConfig {
+        insecure: true,
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
         coordinators: coordinator_urls,

@@ -201,6 +201,7 @@ impl Store for PanickingStore {
 async fn a_dead_engine_turns_health_not_serving_and_the_coordinator_exits_with_an_error() {
     let dir = TempDir::new("panic");
     let config = CoordinatorConfig {
+        insecure: true,
         metrics_listen: None,
         admin_token: ADMIN_TOKEN.into(),
         data_path: dir.0.join("coordinator.redb"),

@@ -82,6 +82,7 @@ async fn node_agent(
     configure: impl FnOnce(&mut allot_agent::config::AgentConfig),
 ) -> RunningAgent {
     let mut config = allot_agent::config::AgentConfig {
+        insecure: true,
         agent_id: format!("agent-{n}"),
         neuron_id: format!("neuron-{n}"),
         neuron_url: neuron_url.to_string(),
@@ -114,6 +115,7 @@ async fn placement_stack(
     let path = dir.0.join("catalog.toml");
     std::fs::write(&path, catalog).unwrap();
     let mut config = CoordinatorConfig {
+        insecure: true,
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
         admin_token: ADMIN_TOKEN.into(),

@@ -205,6 +205,7 @@ async fn a_usage_batch_resent_on_a_new_session_is_charged_once(backend: Backend)
 async fn usage_spooled_while_the_coordinator_is_down_is_settled_once_after_both_restart() {
     let dir = TempDir::new("restart");
     let coordinator_config = allot_coordinator::config::CoordinatorConfig {
+        insecure: true,
         metrics_listen: None,
         admin_token: ADMIN_TOKEN.into(),
         data_path: dir.0.join("coordinator.redb"),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 async fn connected_agent(coordinators: Vec<String>, dir: &TempDir) -> RunningAgent {
     let (_neuron, neuron_url) = start_neuron(&[MODEL], "n1", Default::default()).await;
     let agent = start_agent(allot_agent::config::AgentConfig {
+        insecure: true,
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
         coordinators,
@@ -46,6 +47,7 @@ async fn a_coordinator_with_a_connected_agent_exits_within_its_grace_after_sigte
         &addr.to_string(),
         "--metrics-listen",
         "off",
+        "--insecure",
         "--admin-token",
         ADMIN_TOKEN,
         "--data-path",
@@ -157,6 +159,7 @@ async fn an_agent_with_idle_half_open_and_trickling_clients_exits_within_its_gra
         &addr.to_string(),
         "--metrics-listen",
         "off",
+        "--insecure",
         "--coordinators",
         &stack.coordinator_url,
         "--agent-id",

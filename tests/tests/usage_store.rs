@@ -42,6 +42,7 @@ async fn a_postgres_outage_under_load_loses_and_duplicates_no_row() {
     pg.stop();
     let dir = TempDir::new("pg-outage");
     let stack = Stack::start_with(CoordinatorConfig {
+        insecure: true,
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
         admin_token: ADMIN_TOKEN.into(),

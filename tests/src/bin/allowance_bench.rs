@@ -37,6 +37,7 @@ async fn main() {
 
     let dir = TempDir::new("allowance-bench");
     let (addr, _coordinator) = start_coordinator(allot_coordinator::config::CoordinatorConfig {
+        insecure: true,
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
         admin_token: ADMIN_TOKEN.into(),
@@ -63,6 +64,7 @@ async fn main() {
     let mut running = Vec::new();
     for i in 0..agents_count {
         let agent = start_agent(allot_agent::config::AgentConfig {
+            insecure: true,
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
             coordinators: vec![coordinator_url.clone()],

@@ -33,6 +33,7 @@ async fn bench(rate: u64, seconds: u64, store: &str) -> anyhow::Result<()> {
             let url = pg.url();
             _postgres = Some(pg);
             Stack::start_with(allot_coordinator::config::CoordinatorConfig {
+                insecure: true,
                 listen: "127.0.0.1:0".parse()?,
                 metrics_listen: None,
                 admin_token: allot_e2e::ADMIN_TOKEN.into(),

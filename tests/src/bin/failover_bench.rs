@@ -33,6 +33,7 @@ impl Coordinator {
             .args(["--listen", &addr])
             .args(["--metrics-listen", "off"])
             .args(["--admin-token", ADMIN_TOKEN])
+            .arg("--insecure")
             .args(["--store", "etcd"])
             .args(["--etcd-endpoints", &endpoints.join(",")])
             .args(["--node-id", node_id])

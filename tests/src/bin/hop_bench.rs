@@ -270,6 +270,7 @@ async fn bench() -> anyhow::Result<()> {
     // agent in front of it.
     let nodelay_neuron = start_nodelay_neuron(&stack).await?;
     let second_agent = start_agent(allot_agent::config::AgentConfig {
+        insecure: true,
         agent_id: "agent-2".into(),
         neuron_id: "neuron-2".into(),
         neuron_url: nodelay_neuron.clone(),

@@ -91,6 +91,7 @@ impl Coordinator {
             .args(["--listen", &addr])
             .args(["--metrics-listen", "off"])
             .args(["--admin-token", ADMIN_TOKEN])
+            .arg("--insecure")
             .args(args)
             .env("RUST_LOG", "info,h2=warn,tower=warn")
             .stdout(Stdio::null())

@@ -1,0 +1,250 @@
+//! Certificates for a small allot deployment, in the spirit of
+//! `cockroach cert`: a CA, server certificates for coordinators, client
+//! certificates for agents (naming the agent, see [`crate::identity`]) and
+//! for operators. Used by `allot-coordinator certs`, the quick start and
+//! the tests. It only makes files; it never reads a running config.
+//!
+//! Files, in one directory, keys created with mode 0600:
+//! `ca.pem`/`ca.key`, `node.pem`/`node.key`, `agent-<id>.pem`/`.key`,
+//! `client-<name>.pem`/`.key`.
+
+use crate::identity::agent_uri;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct Pem {
+    pub cert: String,
+    pub key: String,
+}
+
+/// When a certificate is valid.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// From an hour ago (clock skew) until `lifetime` from now.
+    pub fn for_next(lifetime: Duration) -> Validity {
+        let now = OffsetDateTime::now_utc();
+        Validity {
+            not_before: now - time::Duration::hours(1),
+            not_after: now + lifetime,
+        }
+    }
+}
+
+/// What a leaf certificate is for.
+#[derive(Debug, Clone)]
+pub enum Leaf {
+    /// A coordinator's server certificate for these host names and IPs.
+    Node { hosts: Vec<String> },
+    /// An agent's client certificate: URI SAN `spiffe://allot/agent/<id>`.
+    Agent { agent_id: String },
+    /// An operator's client certificate (grpcurl `-cert`).
+    Client { name: String },
+}
+
+/// A new self-signed CA.
+pub fn new_ca(common_name: &str, validity: Validity) -> Result<Pem, String> {
+    let key = KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| format!("cannot sign the CA: {e}"))?;
+    Ok(Pem {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
+/// A leaf certificate signed by `ca`.
+pub fn issue(ca: &Pem, leaf: &Leaf, validity: Validity) -> Result<Pem, String> {
+    let ca_key = KeyPair::from_pem(&ca.key).map_err(|e| format!("ca.key: {e}"))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).map_err(|e| format!("ca.pem: {e}"))?;
+    let mut params = match leaf {
+        Leaf::Node { hosts } => {
+            if hosts.is_empty() {
+                return Err("a node certificate needs at least one host name or IP".into());
+            }
+            let mut params =
+                CertificateParams::new(hosts.clone()).map_err(|e| format!("hosts: {e}"))?;
+            params.distinguished_name = name(&hosts[0]);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            params
+        }
+        Leaf::Agent { agent_id } => {
+            allot::key::validate_id("agent id", agent_id).map_err(|e| e.to_string())?;
+            let mut params = CertificateParams::default();
+            params.distinguished_name = name(agent_id);
+            let uri = agent_uri(agent_id)
+                .try_into()
+                .map_err(|e| format!("agent id: {e}"))?;
+            params.subject_alt_names = vec![SanType::URI(uri)];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            params
+        }
+        Leaf::Client { name: client } => {
+            allot::key::validate_id("client name", client).map_err(|e| e.to_string())?;
+            let mut params = CertificateParams::default();
+            params.distinguished_name = name(client);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            params
+        }
+    };
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    let key = KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(|e| format!("cannot sign: {e}"))?;
+    Ok(Pem {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
+fn name(common_name: &str) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "allot");
+    name.push(DnType::CommonName, common_name);
+    name
+}
+
+/// The file stem of a leaf: `node`, `agent-<id>`, `client-<name>`.
+pub fn file_stem(leaf: &Leaf) -> String {
+    match leaf {
+        Leaf::Node { .. } => "node".into(),
+        Leaf::Agent { agent_id } => format!("agent-{agent_id}"),
+        Leaf::Client { name } => format!("client-{name}"),
+    }
+}
+
+/// Writes `<stem>.pem` and `<stem>.key` into `dir` (created if missing),
+/// both 0600; an existing file is kept unless `overwrite`. Returns the
+/// certificate's path.
+pub fn write(dir: &Path, stem: &str, pem: &Pem, overwrite: bool) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}.key"));
+    for path in [&cert_path, &key_path] {
+        if path.exists() && !overwrite {
+            return Err(format!(
+                "{} exists: remove it or pass --overwrite",
+                path.display()
+            ));
+        }
+    }
+    write_private(&key_path, pem.key.as_bytes())?;
+    write_private(&cert_path, pem.cert.as_bytes())?;
+    Ok(cert_path)
+}
+
+/// Reads `ca.pem` and `ca.key` from `dir`.
+pub fn read_ca(dir: &Path) -> Result<Pem, String> {
+    let read = |file: &str| {
+        let path = dir.join(file);
+        std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "cannot read {}: {e} (make the CA first: allot-coordinator certs ca)",
+                path.display()
+            )
+        })
+    };
+    Ok(Pem {
+        cert: read("ca.pem")?,
+        key: read("ca.key")?,
+    })
+}
+
+/// Writes a file readable by its owner only, replacing it atomically.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options
+        .open(&tmp)
+        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_certificate_names_its_agent() {
+        let validity = Validity::for_next(Duration::from_secs(3600));
+        let ca = new_ca("test CA", validity).unwrap();
+        let agent = issue(
+            &ca,
+            &Leaf::Agent {
+                agent_id: "agent-7".into(),
+            },
+            validity,
+        )
+        .unwrap();
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(agent.cert.as_bytes())
+            .map(|c: rustls::pki_types::CertificateDer<'static>| c)
+            .unwrap();
+        assert_eq!(
+            crate::identity::agent_id_of_certificate(&der).unwrap(),
+            "agent-7"
+        );
+        let client = issue(&ca, &Leaf::Client { name: "ops".into() }, validity).unwrap();
+        let der: rustls::pki_types::CertificateDer<'static> =
+            rustls::pki_types::pem::PemObject::from_pem_slice(client.cert.as_bytes()).unwrap();
+        assert!(crate::identity::agent_id_of_certificate(&der).is_err());
+    }
+
+    #[test]
+    fn keys_and_certificates_are_written_owner_only() {
+        let dir = std::env::temp_dir().join(format!("allot-certs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = new_ca("test CA", Validity::for_next(Duration::from_secs(60))).unwrap();
+        write(&dir, "ca", &ca, false).unwrap();
+        assert!(write(&dir, "ca", &ca, false)
+            .unwrap_err()
+            .contains("exists"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for file in ["ca.pem", "ca.key"] {
+                let mode = std::fs::metadata(dir.join(file))
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(mode & 0o777, 0o600, "{file}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

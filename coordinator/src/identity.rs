@@ -1,0 +1,90 @@
+//! Who a peer is, from the client certificate its TLS handshake verified.
+//!
+//! An agent's certificate names it with exactly one URI subject alternative
+//! name `spiffe://allot/agent/<agent_id>` (what `allot-coordinator certs
+//! agent <id>` makes). Everything that must hold "only for this agent"
+//! (its `Hello`, later its epochs and the keys it holds) asks
+//! [`session_peer`] once per stream and compares against [`PeerIdentity`].
+//! This module only reads certificates that rustls already verified
+//! against `tls_client_ca`; it never verifies a chain itself.
+
+use tonic::{Request, Status};
+use x509_parser::extensions::GeneralName;
+
+/// The URI SAN prefix of an agent certificate.
+pub const AGENT_URI_PREFIX: &str = "spiffe://allot/agent/";
+
+/// The URI SAN naming `agent_id`.
+pub fn agent_uri(agent_id: &str) -> String {
+    format!("{AGENT_URI_PREFIX}{agent_id}")
+}
+
+/// Who is at the other end of an agent session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerIdentity {
+    /// `insecure = true`: plaintext, nobody is verified and any `Hello` is
+    /// taken at its word.
+    Unverified,
+    /// The agent the verified client certificate names.
+    Agent(String),
+}
+
+impl PeerIdentity {
+    /// `Ok` when a `Hello` for `agent_id` may be accepted from this peer;
+    /// else `PERMISSION_DENIED` naming `hello.agent_id`.
+    pub fn admit_hello(&self, agent_id: &str) -> Result<(), Status> {
+        match self {
+            PeerIdentity::Unverified => Ok(()),
+            PeerIdentity::Agent(certified) if certified == agent_id => Ok(()),
+            PeerIdentity::Agent(certified) => Err(Status::permission_denied(format!(
+                "hello.agent_id: {agent_id:?} is not the agent this client certificate names \
+                 ({certified:?})"
+            ))),
+        }
+    }
+}
+
+/// The agent id a certificate (DER) names: its one URI SAN under
+/// [`AGENT_URI_PREFIX`], a valid agent id.
+pub fn agent_id_of_certificate(der: &[u8]) -> Result<String, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unreadable client certificate: {e}"))?;
+    let names = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("unreadable subject alternative names: {e}"))?;
+    let mut ids = names
+        .into_iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => uri.strip_prefix(AGENT_URI_PREFIX),
+            _ => None,
+        });
+    let (Some(id), None) = (ids.next(), ids.next()) else {
+        return Err(format!(
+            "the client certificate must name exactly one agent as a URI SAN \
+             {AGENT_URI_PREFIX}<agent_id>"
+        ));
+    };
+    allot::key::validate_id("agent id", id).map_err(|e| e.to_string())?;
+    Ok(id.to_string())
+}
+
+/// The identity of the peer of `request`. With `required` (TLS on), a
+/// peer without a verified agent certificate is refused: `UNAUTHENTICATED`
+/// when it presented none, `PERMISSION_DENIED` when its certificate names
+/// no agent.
+pub fn session_peer<T>(request: &Request<T>, required: bool) -> Result<PeerIdentity, Status> {
+    if !required {
+        return Ok(PeerIdentity::Unverified);
+    }
+    let certs = request.peer_certs().unwrap_or_default();
+    let Some(leaf) = certs.first() else {
+        return Err(Status::unauthenticated(format!(
+            "an agent session needs a client certificate naming the agent \
+             ({AGENT_URI_PREFIX}<agent_id>)"
+        )));
+    };
+    agent_id_of_certificate(leaf)
+        .map(PeerIdentity::Agent)
+        .map_err(Status::permission_denied)
+}
