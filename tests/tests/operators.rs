@@ -42,6 +42,7 @@ fn config_in(dir: &TempDir) -> CoordinatorConfig {
         data_path: dir.0.join("coordinator.redb"),
         settle_window_ms: 1,
         operators: operators(),
+        insecure: true,
         ..CoordinatorConfig::default()
     }
 }

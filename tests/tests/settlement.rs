@@ -522,6 +522,7 @@ async fn every_response_delivered_in_full_survives_repeated_kill_9_of_the_agent_
             &spool.display().to_string(),
             "--allowance-wait-ms",
             "2000",
+            "--insecure",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -972,6 +973,7 @@ async fn at_spool_max_records_unacknowledged_admission_stops_with_503_and_nothin
         admin_token: ADMIN_TOKEN.into(),
         data_path: dir.0.join("coordinator.redb"),
         settle_window_ms: 1,
+        insecure: true,
         ..Default::default()
     };
     let mut stack = Stack::start_with(coordinator_config.clone()).await;
