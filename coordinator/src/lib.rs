@@ -496,17 +496,26 @@ async fn serve(
             .with_peer_identity(server_tls.is_some()),
     )
     .max_decoding_message_size(wire::MAX_MESSAGE_BYTES);
-    tasks.spawn(report_health(health.clone(), store, ready, fatal.clone()));
-    // A dead engine stops the server: NOT_SERVING first, then no more calls.
+    tasks.spawn(report_health(
+        health.clone(),
+        store,
+        ready,
+        fatal.clone(),
+        closing.subscribe(),
+    ));
+    // A signal or a dead engine stops the server: NOT_SERVING first (load
+    // balancers and health watchers stop sending here during the drain),
+    // then no more calls.
     let mut died = fatal.clone();
     let shutdown = async move {
         tokio::select! {
             _ = shutdown => {}
-            _ = async { died.wait_for(Option::is_some).await.is_ok() } => {
-                for service in SERVICES {
-                    health.set_service_status(service, ServingStatus::NotServing).await;
-                }
-            }
+            _ = async { died.wait_for(Option::is_some).await.is_ok() } => {}
+        }
+        for service in SERVICES {
+            health
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
         }
     };
     tracing::info!(listen = %listener.local_addr()?, store = ?config.store, node_id = config.node_id, tls = server_tls.is_some(), "coordinator serving");
@@ -577,10 +586,11 @@ async fn report_health(
     store: Arc<dyn Store>,
     ready: watch::Receiver<bool>,
     fatal: watch::Receiver<Option<String>>,
+    closing: watch::Receiver<bool>,
 ) {
     let mut last = None;
     loop {
-        let able = *ready.borrow() && fatal.borrow().is_none();
+        let able = *ready.borrow() && fatal.borrow().is_none() && !*closing.borrow();
         let status = if able && store.ping().await {
             ServingStatus::Serving
         } else {

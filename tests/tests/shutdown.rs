@@ -207,3 +207,73 @@ async fn an_agent_with_idle_half_open_and_trickling_clients_exits_within_its_gra
     assert!(asked.elapsed() < Duration::from_secs(10));
     drop((silent, half, h2, trickling));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_coordinator_tells_health_watchers_not_serving_first() {
+    let dir = TempDir::new("drain-health");
+    let config = allot_coordinator::config::CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        admin_token: ADMIN_TOKEN.into(),
+        data_path: dir.0.join("coordinator.redb"),
+        insecure: true,
+        // The health watch below is an open call: the drain waits for it.
+        shutdown_grace_ms: 1_000,
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(allot_coordinator::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect_timeout(std::time::Duration::from_secs(5));
+    let channel = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            if let Ok(channel) = channel.connect().await {
+                break channel;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the coordinator accepts connections");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "allot.v1.Admin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    loop {
+        let status = tokio::time::timeout(std::time::Duration::from_secs(10), watch.message())
+            .await
+            .expect("a status in time")
+            .unwrap()
+            .expect("the watch stays open")
+            .status;
+        if status == serving {
+            break;
+        }
+    }
+    stop.send(()).unwrap();
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), watch.message())
+        .await
+        .expect("a status before the server goes");
+    let status = next.ok().flatten().map(|m| m.status);
+    assert_eq!(
+        status,
+        Some(not_serving),
+        "NOT_SERVING before the drain ends"
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("the coordinator stops within its grace")
+        .unwrap()
+        .unwrap();
+}
