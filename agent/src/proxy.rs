@@ -1370,6 +1370,19 @@ impl Stream for SseRelay {
                             "reservation_exceeded",
                         ))));
                     }
+                    if this.scanner.seen.done {
+                        // `[DONE]` ends the stream even if the neuron keeps
+                        // its connection open: settle now, and pass the end
+                        // on once the record is on disk.
+                        this.done = true;
+                        let mut tail = bytes::BytesMut::from(this.scanner.take_held());
+                        tail.extend_from_slice(&this.scanner.finish());
+                        this.settle_and_hold(tail.freeze());
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(out)));
+                        }
+                        return this.poll_release(cx);
+                    }
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(out)));
                     }

@@ -181,6 +181,9 @@ pub struct Seen {
     pub chunks: u64,
     /// The `model` of the first content event.
     pub model: Option<String>,
+    /// `[DONE]` came: the stream is over, whether or not the neuron closes
+    /// its connection.
+    pub done: bool,
 }
 
 /// An event longer than this is passed on in pieces, unread: a neuron that
@@ -299,6 +302,7 @@ impl SseScanner {
         }
         let data = data.trim_end();
         if data == "[DONE]" {
+            self.seen.done = true;
             self.hold_from_here();
             return true;
         }

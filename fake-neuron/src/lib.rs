@@ -102,6 +102,9 @@ pub struct Behavior {
     pub completion_tokens: Option<u64>,
     /// Added to the reported prompt_tokens, to simulate a neuron over-reporting.
     pub overreport_prompt_tokens: u64,
+    /// Streams only: keep the connection open this long after the last
+    /// event (`[DONE]`), as servers that close lazily do.
+    pub linger_after_end_ms: u64,
     /// Which completion-limit field wins, as the server family named does.
     pub limit_rule: LimitRule,
     /// Generate exactly the honoured limit per choice (at most
@@ -445,6 +448,7 @@ impl InferenceKind {
 struct StreamPacing {
     chunk_delay: Duration,
     fail_after_events: Option<u64>,
+    linger_after_end: Duration,
 }
 
 impl StreamPacing {
@@ -452,6 +456,7 @@ impl StreamPacing {
         StreamPacing {
             chunk_delay: Duration::from_millis(behavior.chunk_delay_ms),
             fail_after_events: behavior.fail_after_chunks,
+            linger_after_end: Duration::from_millis(behavior.linger_after_end_ms),
         }
     }
 }
@@ -1447,6 +1452,7 @@ fn sse_response(shared: Arc<SharedState>, events: Vec<Bytes>, pacing: StreamPaci
         shared,
         body_items,
         pacing.chunk_delay,
+        pacing.linger_after_end,
         item_sender,
     ));
     Response::builder()
@@ -1463,6 +1469,7 @@ async fn produce_stream_events(
     shared: Arc<SharedState>,
     body_items: Vec<Result<Bytes, std::io::Error>>,
     chunk_delay: Duration,
+    linger_after_end: Duration,
     item_sender: mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
     for (position, body_item) in body_items.into_iter().enumerate() {
@@ -1485,6 +1492,14 @@ async fn produce_stream_events(
         if item_sender.send(body_item).await.is_err() {
             record_cancellation(&shared);
             return;
+        }
+    }
+    // The body ends when the sender is dropped: after the linger, or at
+    // once when the client leaves first.
+    if !linger_after_end.is_zero() {
+        tokio::select! {
+            _ = tokio::time::sleep(linger_after_end) => {}
+            _ = item_sender.closed() => {}
         }
     }
 }

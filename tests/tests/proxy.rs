@@ -744,3 +744,32 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     );
     assert_eq!(stack.neuron.hits(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_at_done_even_when_the_neuron_keeps_its_connection_open() {
+    let stack = Stack::start().await;
+    let (key_id, secret) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    stack.wait_for_agent().await;
+    stack.neuron.set_behavior(allot_fake_neuron::Behavior {
+        linger_after_end_ms: 30_000,
+        ..Default::default()
+    });
+    let mut body = chat_body(5);
+    body["stream"] = serde_json::json!(true);
+    let started = std::time::Instant::now();
+    let text = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        stack.chat(&secret, body).await.text().await.unwrap()
+    })
+    .await
+    .expect("the stream ends at [DONE], not when the neuron closes (30 s)");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    wait_until(
+        "the request settles",
+        std::time::Duration::from_secs(10),
+        || async { stack.key_usage(&key_id, pb::Unit::Tokens).await.0 > 0 },
+    )
+    .await;
+}
