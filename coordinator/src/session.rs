@@ -321,7 +321,15 @@ pub(crate) fn agent_job(agent_id: String, outbox: Outbox, command: Command) -> J
                 metrics::counter!("allot_allowance_returns_total").increment(1);
                 retry_parked(core, fx);
             }
-            Command::InFlight(keys) => {
+            Command::InFlight(mut keys) => {
+                // What requests reserved comes out of the agent's slices:
+                // a key it holds no slice of has nothing in flight here.
+                let held: std::collections::HashSet<&String> = core
+                    .ledger
+                    .slices_of(&agent_id)
+                    .map(|(key_id, _)| key_id)
+                    .collect();
+                keys.retain(|key_id, _| held.contains(key_id));
                 if let Some(link) = core.sessions.get_mut(&agent_id) {
                     link.in_flight = keys;
                 }

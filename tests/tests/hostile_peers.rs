@@ -369,3 +369,44 @@ async fn a_hello_cannot_jump_an_agents_epoch_to_lock_it_out() {
     stack.wait_for_agent().await;
     assert_eq!(stack.chat(&secret, chat_body(5)).await.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_reported_for_a_key_the_agent_holds_nothing_of_is_ignored() {
+    let stack = Stack::start().await;
+    let (key_id, _) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    let in_flight = pb::agent_message::Msg::InFlight(pb::InFlight {
+        keys: vec![pb::SliceReport {
+            key_id: key_id.clone(),
+            held: Some(pb::Amounts {
+                tokens: Some(500),
+                ..Default::default()
+            }),
+        }],
+    });
+    // The report comes before the agent holds any slice of the key; the
+    // ask after it is answered only once the report was handled.
+    let mut inbound = session_as(
+        &stack.coordinator_url,
+        "boasting-agent",
+        vec![in_flight, ask(&key_id, 1_000)],
+    )
+    .await;
+    match next_answer(&mut inbound).await.expect("an answer") {
+        pb::coordinator_message::Msg::Grant(_) => {}
+        other => panic!("expected a grant, got {other:?}"),
+    }
+    let snapshot = stack.snapshot(&key_id).await;
+    let tokens = snapshot
+        .limits
+        .iter()
+        .find(|l| {
+            l.limit
+                .as_ref()
+                .is_some_and(|x| x.unit == pb::Unit::Tokens as i32)
+        })
+        .unwrap();
+    assert_eq!(tokens.in_flight, "0", "{tokens:?}");
+    assert_ne!(tokens.held, "0", "the grant is held");
+}
