@@ -742,6 +742,25 @@ impl Ledger {
         neuron_id: &str,
         writes: &mut Vec<StoreWrite>,
     ) -> Result<Welcome, LedgerError> {
+        // Checked before anything changes: a refused Hello leaves no
+        // record behind (a new agent's starts at epoch 0).
+        let current = self.agents.get(agent_id).map_or(0, |r| r.epoch);
+        if epoch < current {
+            return Err(LedgerError::FailedPrecondition(format!(
+                "agent {agent_id} epoch {epoch} is older than the current epoch {current}"
+            )));
+        }
+        // An agent's epoch grows by one at each start: a Hello may not
+        // jump it far ahead (to u64::MAX, say), which would lock the real
+        // agent out.
+        if epoch - current > MAX_EPOCH_STEP {
+            return Err(LedgerError::Invalid(allot::error::InvalidArgument::new(
+                "hello.epoch",
+                format!(
+                    "may be at most {MAX_EPOCH_STEP} above the current epoch {current} of agent {agent_id}"
+                ),
+            )));
+        }
         let record = self
             .agents
             .entry(agent_id.to_string())
@@ -751,24 +770,6 @@ impl Ledger {
                 high_water_seq: 0,
                 neuron_id: neuron_id.to_string(),
             });
-        if epoch < record.epoch {
-            return Err(LedgerError::FailedPrecondition(format!(
-                "agent {agent_id} epoch {epoch} is older than the current epoch {}",
-                record.epoch
-            )));
-        }
-        // An agent's epoch grows by one at each start: a Hello may not
-        // jump it far ahead (to u64::MAX, say), which would lock the real
-        // agent out.
-        if epoch - record.epoch > MAX_EPOCH_STEP {
-            return Err(LedgerError::Invalid(allot::error::InvalidArgument::new(
-                "hello.epoch",
-                format!(
-                    "may be at most {MAX_EPOCH_STEP} above the current epoch {} of agent {agent_id}",
-                    record.epoch
-                ),
-            )));
-        }
         record.epoch = epoch;
         record.neuron_id = neuron_id.to_string();
         writes.push(StoreWrite::PutAgent(record.clone()));
@@ -1491,5 +1492,17 @@ mod tests {
             ledger.limit_views("k1", NOW).unwrap()
         );
         assert_eq!(rebuilt.agent("a1").unwrap().high_water_seq, 1);
+    }
+
+    #[test]
+    fn a_refused_hello_leaves_no_agent_behind() {
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let mut writes = Vec::new();
+        let refused = ledger.hello("stranger", u64::MAX, "n", &mut writes);
+        assert!(matches!(refused, Err(LedgerError::Invalid(_))));
+        assert!(ledger.agent("stranger").is_none());
+        assert!(writes.is_empty());
+        ledger.hello("stranger", 1, "n", &mut writes).unwrap();
+        assert_eq!(ledger.agent("stranger").map(|a| a.epoch), Some(1));
     }
 }
