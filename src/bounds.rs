@@ -42,6 +42,14 @@ pub const MAX_PRICE_DECIMALS: u32 = 18;
 /// Longest completion window: 366 days (`527040m`, `8784h`, `366d`).
 pub const MAX_COMPLETION_WINDOW_MINUTES: u64 = 366 * 24 * 60;
 
+/// Most prompt, completion or reasoning tokens one request is charged
+/// (10^12): no request comes near it; a neuron or agent reporting more is
+/// charged this, so no sum can wrap.
+pub const MAX_REQUEST_TOKENS: u64 = 1_000_000_000_000;
+
+/// Oldest batch creation time (`x-allot-batch-created-at`) that may price a
+/// request, before its admission: 7 days.
+pub const MAX_BATCH_AGE_MS: i64 = 7 * 24 * 3_600_000;
 /// Most items of one List page.
 pub const MAX_PAGE: usize = 1000;
 /// Most encoded bytes of the items of one List response: well under the

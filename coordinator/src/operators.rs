@@ -213,6 +213,14 @@ impl Credentials {
                         "{field}.scopes: at least one of read, keys, billing, agents, admin"
                     ));
                 }
+                // One token, one operator: a shared hash would give the
+                // token another credential's scopes and name in the audit.
+                if let Some(other) = entries.iter().find(|e| e.hash == hash) {
+                    return Err(format!(
+                        "{field}.token_sha256: the same token as {:?}; every credential needs its own",
+                        other.operator.name
+                    ));
+                }
                 entries.push(Credential {
                     hash,
                     operator: Operator {

@@ -215,7 +215,13 @@ async fn accept_hello(
     outbox: &Outbox,
     counters: Arc<SessionCounters>,
 ) -> Option<String> {
-    if let Err(e) = allot::key::validate_id("hello.agent_id", &hello.agent_id) {
+    let neuron_id_invalid = (!hello.neuron_id.is_empty())
+        .then(|| allot::key::validate_id("hello.neuron_id", &hello.neuron_id).err())
+        .flatten();
+    if let Some(e) = allot::key::validate_id("hello.agent_id", &hello.agent_id)
+        .err()
+        .or(neuron_id_invalid)
+    {
         let _ = outbox
             .send(Err(Status::invalid_argument(e.to_string())))
             .await;
@@ -599,10 +605,12 @@ fn settle_batch(
     // And the requests they served, for placement's demand.
     let mut served = Vec::new();
     for (index, (record, usage)) in batch.records.iter().zip(&batch.usages).enumerate() {
-        let finished_at = record.admitted_at_unix_ms + record.duration_ms as i64;
+        let finished_at = record
+            .admitted_at_unix_ms
+            .saturating_add(i64::try_from(record.duration_ms).unwrap_or(i64::MAX));
         if record.admitted_at_unix_ms > 0 {
             metrics::histogram!("allot_usage_settle_lag_seconds")
-                .record((fx.now - finished_at).max(0) as f64 / 1000.0);
+                .record(fx.now.saturating_sub(finished_at).max(0) as f64 / 1000.0);
         }
         match core.ledger.settle(agent_id, usage, fx.now, &mut fx.writes) {
             SettleOutcome::Settled {

@@ -158,7 +158,10 @@ pub fn summarize(
     let mut buckets: BTreeMap<(i64, String, String), Totals> = BTreeMap::new();
     for row in rows {
         let Some(r) = row.record else { continue };
-        let start = r.admitted_at_unix_ms.div_euclid(width) * width;
+        let start = r
+            .admitted_at_unix_ms
+            .div_euclid(width)
+            .saturating_mul(width);
         let cost = allot::money::parse_decimal("cost", &row.cost).unwrap_or_default();
         let entry = buckets
             .entry((start, r.key_id, r.model_requested))

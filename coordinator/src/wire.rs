@@ -36,7 +36,7 @@ pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_UNITS: u64 = 1_000_000_000_000_000;
 /// Largest count of prompt, completion or reasoning tokens one usage record
 /// is charged (10^12): no single request comes near it.
-pub const MAX_RECORD_TOKENS: u64 = 1_000_000_000_000;
+pub const MAX_RECORD_TOKENS: u64 = allot::bounds::MAX_REQUEST_TOKENS;
 /// Longest string field of a usage record, in bytes.
 pub const MAX_RECORD_STRING: usize = 512;
 /// Most records in one `UsageBatch` (agents send at most 512).
@@ -335,6 +335,28 @@ fn usage_record(i: usize, record: &pb::UsageRecord) -> Result<(Usage, bool), Inv
         bounded_str(name, i, value)?;
     }
     let purpose = Purpose::from_pb(&field("purpose"), record.purpose)?;
+    if record.admitted_at_unix_ms < 0 {
+        return Err(InvalidArgument::new(
+            field("admitted_at_unix_ms"),
+            "must not be negative",
+        ));
+    }
+    // The price time is the admission, or a batch's creation at most 7
+    // days before it (the agent refuses older ones): an agent cannot pick
+    // an older, cheaper tariff for its usage.
+    let priced_at = record.priced_at_unix_ms;
+    if priced_at != 0
+        && !(record
+            .admitted_at_unix_ms
+            .saturating_sub(allot::bounds::MAX_BATCH_AGE_MS)
+            ..=record.admitted_at_unix_ms)
+            .contains(&priced_at)
+    {
+        return Err(InvalidArgument::new(
+            field("priced_at_unix_ms"),
+            "must be at most 7 days before the admission time, and not after it",
+        ));
+    }
     let reserved =
         amounts(&field("reserved"), record.reserved.as_ref())?.unwrap_or_else(Amounts::zero);
     let clamp = |v: u64| v.min(MAX_RECORD_TOKENS);
@@ -514,6 +536,16 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(err.field, "usage.records[1].purpose");
+        let backdated = pb::UsageRecord {
+            admitted_at_unix_ms: 1_800_000_000_000,
+            priced_at_unix_ms: 1_800_000_000_000 - allot::bounds::MAX_BATCH_AGE_MS - 1,
+            ..record.clone()
+        };
+        let err = command(AgentMsg::Usage(pb::UsageBatch {
+            records: vec![backdated],
+        }))
+        .unwrap_err();
+        assert_eq!(err.field, "usage.records[0].priced_at_unix_ms");
         let long_model = pb::UsageRecord {
             model_requested: "m".repeat(MAX_RECORD_STRING + 1),
             ..record

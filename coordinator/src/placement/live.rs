@@ -218,6 +218,20 @@ impl LivePlacement {
         }
         let mut inner = self.lock();
         let inner = &mut *inner;
+        // A neuron another agent reports while its session is up stays
+        // that agent's: a second agent naming it takes nothing over.
+        if let Some(meta) = inner.nodes.get(&status.neuron_id) {
+            if meta.session_up && meta.agent_id != agent_id {
+                metrics::counter!("allot_node_reports_refused_total").increment(1);
+                tracing::warn!(
+                    agent_id,
+                    owner = meta.agent_id,
+                    neuron_id = status.neuron_id,
+                    "a node report for a neuron another connected agent reports; ignored"
+                );
+                return;
+            }
+        }
         let id = match inner.nodes.get(&status.neuron_id) {
             Some(meta) => meta.id,
             None => {
