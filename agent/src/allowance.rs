@@ -344,7 +344,7 @@ impl AllowanceTable {
     /// what this agent holds.
     pub fn ack(&self, high_water_seq: u64) {
         let mut state = self.lock();
-        state.unacked = state.unacked.split_off(&(high_water_seq + 1));
+        state.unacked = state.unacked.split_off(&high_water_seq.saturating_add(1));
     }
 
     /// Usage of a record recovered from the spool after a restart: it

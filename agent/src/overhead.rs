@@ -24,9 +24,11 @@ use std::sync::{Arc, Mutex, RwLock};
 const FILE: &str = "prompt_overheads.json";
 /// Most models whose overhead is learned.
 pub const MAX_MODELS: usize = 256;
-/// Largest overhead learned, in tokens: a neuron reporting more than this
-/// above the bound is broken, not templated (its excess is still charged).
-pub const MAX_OVERHEAD: u64 = 1_000_000;
+/// Largest overhead learned, in tokens (a long system prompt fits): a
+/// neuron reporting more than this above the bound is broken, not
+/// templated; its excess is still charged, but one absurd report cannot
+/// make every later reservation of the model huge.
+pub const MAX_OVERHEAD: u64 = 32_768;
 
 #[derive(Debug)]
 pub struct LearnedOverheads {

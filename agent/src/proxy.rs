@@ -562,7 +562,16 @@ impl Settlement {
         let reservation = self.reservation.take()?;
         let (usage, estimated) = match (reported, charged) {
             (_, false) => (Reported::default(), false),
-            (Some(r), true) => (r, false),
+            // Bounded like the coordinator bounds it: a neuron's absurd
+            // count cannot wrap the charge.
+            (Some(r), true) => (
+                Reported {
+                    prompt: r.prompt.min(allot::bounds::MAX_REQUEST_TOKENS),
+                    completion: r.completion.min(allot::bounds::MAX_REQUEST_TOKENS),
+                    reasoning: r.reasoning.min(allot::bounds::MAX_REQUEST_TOKENS),
+                },
+                false,
+            ),
             (None, true) => (
                 Reported {
                     prompt: self.prompt_bound,
@@ -684,13 +693,10 @@ fn bounded_model(mut model: String) -> String {
     model
 }
 
-/// The oldest batch creation time that may choose a request's tariffs.
-const MAX_BATCH_AGE_MS: i64 = 7 * 24 * 3_600_000;
-
 /// When the tariffs that price a request are read (SPEC Pricing 1): its
 /// admission time, or for a batch key's request the batch's creation time
 /// from `x-allot-batch-created-at` (Unix seconds, as the `created_at` of an
-/// OpenAI batch), at most [`MAX_BATCH_AGE_MS`] old and never in the future.
+/// OpenAI batch), at most [`allot::bounds::MAX_BATCH_AGE_MS`] old and never in the future.
 fn pricing_time(headers: &HeaderMap, key: &KeyInfo, admitted_at: i64) -> Result<i64, ApiError> {
     const HEADER: &str = "x-allot-batch-created-at";
     let Some(value) = headers.get(X_ALLOT_BATCH_CREATED_AT) else {
@@ -710,7 +716,7 @@ fn pricing_time(headers: &HeaderMap, key: &KeyInfo, admitted_at: i64) -> Result<
     if created_at > admitted_at {
         return Err(invalid("must not be in the future"));
     }
-    if admitted_at - created_at > MAX_BATCH_AGE_MS {
+    if admitted_at - created_at > allot::bounds::MAX_BATCH_AGE_MS {
         return Err(invalid("the batch is more than 7 days old"));
     }
     Ok(created_at)
@@ -1265,6 +1271,13 @@ impl SseRelay {
     /// stream) until the record is durable.
     fn settle_and_hold(&mut self, tail: Bytes) {
         let reported = self.relay_seen();
+        self.settle_then_end(reported, tail);
+    }
+
+    /// Settles with `reported` and holds `tail`, the stream's last bytes
+    /// (its end, or an error event), until the record is durable: a stream
+    /// cut short is charged before its client sees it end, too.
+    fn settle_then_end(&mut self, reported: Option<Reported>, tail: Bytes) {
         self.tail = tail;
         if let Some(seq) = self.settlement.finish(reported, true) {
             self.durable = Some(Box::pin(self.settlement.state.durability.wait(seq)));
@@ -1332,7 +1345,6 @@ impl Stream for SseRelay {
                     this.done = true;
                     let reported = this.relay_seen();
                     this.settlement.status = 504;
-                    this.settlement.finish(reported, true);
                     let (what, code) = if idle {
                         ("sent nothing for too long", "stream_idle_timeout")
                     } else {
@@ -1340,10 +1352,9 @@ impl Stream for SseRelay {
                     };
                     metrics::counter!("allot_agent_stream_timeouts_total", "kind" => code)
                         .increment(1);
-                    return Poll::Ready(Some(Ok(error_event(
-                        &format!("the neuron's stream {what}"),
-                        code,
-                    ))));
+                    let event = error_event(&format!("the neuron's stream {what}"), code);
+                    this.settle_then_end(reported, event);
+                    return this.poll_release(cx);
                 }
                 Poll::Ready(Some(Ok(frame))) => {
                     let Ok(data) = frame.into_data() else {
@@ -1364,11 +1375,12 @@ impl Stream for SseRelay {
                             "the neuron streamed past the completion bound it was sent; the stream is cut"
                         );
                         this.settlement.chunks = this.settlement.completion_bound;
-                        this.settlement.finish(None, true);
-                        return Poll::Ready(Some(Ok(error_event(
+                        let event = error_event(
                             "the neuron generated more than this request reserved; the stream was cut",
                             "reservation_exceeded",
-                        ))));
+                        );
+                        this.settle_then_end(None, event);
+                        return this.poll_release(cx);
                     }
                     if this.scanner.seen.done {
                         // `[DONE]` ends the stream even if the neuron keeps
@@ -1390,11 +1402,12 @@ impl Stream for SseRelay {
                 Poll::Ready(Some(Err(e))) => {
                     this.done = true;
                     let reported = this.relay_seen();
-                    this.settlement.finish(reported, true);
-                    return Poll::Ready(Some(Ok(error_event(
+                    let event = error_event(
                         &format!("the neuron's stream broke off: {e}"),
                         "upstream_error",
-                    ))));
+                    );
+                    this.settle_then_end(reported, event);
+                    return this.poll_release(cx);
                 }
                 Poll::Ready(None) => {
                     this.done = true;

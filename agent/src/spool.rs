@@ -560,6 +560,13 @@ impl Spool {
     }
 
     fn ack(&mut self, high_water_seq: u64) {
+        // A coordinator cannot acknowledge what is not on disk yet (a
+        // buggy or hostile one would otherwise make a restart drop it).
+        let durable = self.durability.durable_seq();
+        if high_water_seq > durable {
+            tracing::error!(high_water_seq, durable, "the coordinator acknowledged records not yet written; taken as acknowledging what is on disk");
+        }
+        let high_water_seq = high_water_seq.min(durable);
         if high_water_seq <= self.state.acked {
             return;
         }
@@ -569,7 +576,7 @@ impl Spool {
             "acknowledged records must have been on disk"
         );
         self.state.acked = high_water_seq;
-        self.pending = self.pending.split_off(&(high_water_seq + 1));
+        self.pending = self.pending.split_off(&high_water_seq.saturating_add(1));
         self.state_dirty = true;
         self.last_sent = (!self.pending.is_empty()).then(Instant::now);
         self.set_depth();
@@ -619,12 +626,20 @@ impl Spool {
         for record in self.pending.values() {
             frame(&mut frames, record);
         }
-        replace_file(&self.dir, LOG, LOG_TMP, &frames)?;
-        let path = self.dir.join(LOG);
-        self.log = OpenOptions::new()
+        // The new log is opened for appending before it replaces the old
+        // one: a failed open leaves the old log in use and in place, never
+        // a handle on a file the rename unlinked (appends there would be
+        // "durable" in a file no restart reads).
+        let tmp = self.dir.join(LOG_TMP);
+        write_temp(&tmp, &frames)?;
+        let log = OpenOptions::new()
             .append(true)
-            .open(&path)
-            .map_err(|e| spool_error(&path, e))?;
+            .open(&tmp)
+            .map_err(|e| spool_error(&tmp, e))?;
+        let path = self.dir.join(LOG);
+        std::fs::rename(&tmp, &path).map_err(|e| spool_error(&path, e))?;
+        self.log = log;
+        sync_dir(&self.dir)?;
         tracing::debug!(
             from = self.log_len,
             to = frames.len(),
@@ -792,6 +807,25 @@ mod tests {
             seqs,
             (1991..=2000).collect::<Vec<_>>(),
             "exactly the unacknowledged records"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_acknowledgement_past_what_is_on_disk_acknowledges_only_what_is() {
+        let dir = fresh_dir("over-ack");
+        let (mut spool, _) = Spool::open(&dir, 100).unwrap();
+        spool.write_records(vec![record(1), record(2)]);
+        // A coordinator acknowledging far ahead (u64::MAX even).
+        spool.ack(u64::MAX);
+        assert_eq!(spool.state.acked, 2);
+        spool.write_records(vec![record(3)]);
+        spool.flush_state();
+        drop(spool);
+        let (_, recovered) = Spool::open(&dir, 100).unwrap();
+        assert_eq!(
+            recovered.pending.keys().copied().collect::<Vec<_>>(),
+            vec![3]
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
