@@ -721,6 +721,19 @@ mod tests {
         let err = Credentials::new("", &[("operators".into(), vec![credential("x", "t", &[])])])
             .unwrap_err();
         assert!(err.starts_with("operators[0].scopes"), "{err}");
+        // Two credentials, one token: refused, naming the second.
+        let err = Credentials::new(
+            "",
+            &[(
+                "operators".into(),
+                vec![
+                    credential("reader", "shared", &[Scope::Read]),
+                    credential("biller", "shared", &[Scope::Billing]),
+                ],
+            )],
+        )
+        .unwrap_err();
+        assert!(err.starts_with("operators[1].token_sha256"), "{err}");
     }
 
     #[test]

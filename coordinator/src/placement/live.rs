@@ -923,6 +923,19 @@ mod tests {
     }
 
     #[test]
+    fn another_agent_cannot_report_a_connected_agents_neuron() {
+        let live = LivePlacement::new(catalog(&[]), PlacementConfig::default());
+        live.report("agent-1", report("n1", 20 * GIB, vec![]), 1_000);
+        let mut stolen = report("n1", 20 * GIB, vec![]);
+        stolen.endpoint = "http://attacker.example".into();
+        live.report("rogue", stolen, 2_000);
+        let fleet = live.fleet(3_000);
+        assert_eq!(fleet.nodes.len(), 1);
+        assert_eq!(fleet.nodes[0].agent_id, "agent-1");
+        assert_eq!(fleet.nodes[0].endpoint, "http://n1");
+    }
+
+    #[test]
     fn reports_feed_route_and_a_gone_agent_takes_its_node_out() {
         let live = LivePlacement::new(catalog(&[("cold", 1, 7000)]), PlacementConfig::default());
         live.report(
