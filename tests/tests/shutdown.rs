@@ -241,13 +241,20 @@ async fn a_draining_coordinator_tells_health_watchers_not_serving_first() {
     .await
     .expect("the coordinator accepts connections");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let mut watch = health
-        .watch(tonic_health::pb::HealthCheckRequest {
-            service: "allot.v1.Admin".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // The service is known to health once its first status is reported.
+    let mut watch = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: "allot.v1.Admin".into(),
+            };
+            if let Ok(watch) = health.watch(request).await {
+                break watch.into_inner();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("health knows the service");
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
     loop {
