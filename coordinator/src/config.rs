@@ -223,6 +223,9 @@ impl CoordinatorConfig {
                 "audit_retention_days: must be at most {MAX_USAGE_RETENTION_DAYS} (0: bounded by audit_max_entries only)"
             ));
         }
+        if self.placement.node_expiry_ms < 1_000 {
+            return Err("placement.node_expiry_ms: must be at least 1000".into());
+        }
         if self.lease_ttl_ms < 1_000 {
             return Err("lease_ttl_ms: must be at least 1000".into());
         }

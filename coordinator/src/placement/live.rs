@@ -16,7 +16,7 @@ use crate::engine::Outbox;
 use allot::clock::{self, UnixMs};
 use allot::pb;
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tonic::{Request, Response, Status};
@@ -125,8 +125,15 @@ struct Inner {
     demand: DemandTracker,
     config: PlacementConfig,
     nodes: HashMap<String, NodeMeta>,
-    /// NodeId index → neuron id.
+    /// NodeId index → neuron id (empty for a slot freed by expiry).
     neuron_of: Vec<String>,
+    /// Slots of expired nodes, reused by the next new node, so the fleet
+    /// holds at most as many nodes as were live at one time.
+    free_ids: Vec<NodeId>,
+    /// Models of the catalog file: they never expire.
+    configured: HashSet<ModelId>,
+    /// Learned model → when a node last reported it.
+    model_reported_at: HashMap<ModelId, UnixMs>,
     /// Eviction plans carried out since the last consolidation was
     /// considered.
     eviction_cycles: u32,
@@ -187,6 +194,7 @@ fn status_of(pb_status: i32) -> Option<ModelStatus> {
 
 impl LivePlacement {
     pub fn new(catalog: Catalog, config: PlacementConfig) -> Arc<LivePlacement> {
+        let configured = catalog.iter().map(|(id, _)| id).collect();
         Arc::new(LivePlacement {
             inner: Mutex::new(Inner {
                 outboxes: HashMap::new(),
@@ -199,6 +207,9 @@ impl LivePlacement {
                 config,
                 nodes: HashMap::new(),
                 neuron_of: Vec::new(),
+                free_ids: Vec::new(),
+                configured,
+                model_reported_at: HashMap::new(),
                 eviction_cycles: 0,
                 consolidation: None,
             }),
@@ -235,11 +246,23 @@ impl LivePlacement {
         let id = match inner.nodes.get(&status.neuron_id) {
             Some(meta) => meta.id,
             None => {
-                let totals: Vec<u64> = status.gpus.iter().map(|g| g.vram_total_bytes).collect();
-                let id = inner
-                    .fleet
-                    .add_node(&status.endpoint, &totals, status.capacity.max(1));
-                inner.neuron_of.push(status.neuron_id.clone());
+                let id = match inner.free_ids.pop() {
+                    // `replace` below sets the slot's endpoint and GPUs.
+                    Some(id) => {
+                        inner.neuron_of[id.index()] = status.neuron_id.clone();
+                        id
+                    }
+                    None => {
+                        let totals: Vec<u64> =
+                            status.gpus.iter().map(|g| g.vram_total_bytes).collect();
+                        let id =
+                            inner
+                                .fleet
+                                .add_node(&status.endpoint, &totals, status.capacity.max(1));
+                        inner.neuron_of.push(status.neuron_id.clone());
+                        id
+                    }
+                };
                 inner.nodes.insert(
                     status.neuron_id.clone(),
                     NodeMeta {
@@ -283,6 +306,9 @@ impl LivePlacement {
                     UNKNOWN_LOAD_MS,
                 )),
             };
+            if !inner.configured.contains(&model_id) {
+                inner.model_reported_at.insert(model_id, now);
+            }
             match model_status {
                 ModelStatus::Loading => {
                     meta.loading_since.entry(model.model.clone()).or_insert(now);
@@ -446,6 +472,7 @@ impl LivePlacement {
     pub fn tick(&self, now: UnixMs) {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        inner.expire(now);
         inner.pending.retain(|p| p.until > now);
         if !inner.config.directives {
             return;
@@ -514,6 +541,7 @@ impl LivePlacement {
         let catalog = inner
             .catalog
             .iter()
+            .filter(|(id, _)| inner.listed(*id))
             .map(|(id, spec)| pb::CatalogModel {
                 model: spec.name.clone(),
                 vram_bytes: spec.vram_bytes,
@@ -536,6 +564,43 @@ fn model_name(catalog: &Catalog, model: ModelId) -> String {
 }
 
 impl Inner {
+    /// Nodes not reported for `node_expiry_ms` leave the fleet: their slot
+    /// is emptied (no GPU, no model, unhealthy) and kept for the next new
+    /// node; learned models no node reported for as long are forgotten by
+    /// `Fleet` (their catalog entry stays, within [`MAX_CATALOG_MODELS`]).
+    fn expire(&mut self, now: UnixMs) {
+        let expiry = self.config.node_expiry_ms;
+        let expired: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, meta)| now.saturating_sub(meta.reported_at) > expiry)
+            .map(|(neuron_id, _)| neuron_id.clone())
+            .collect();
+        for neuron_id in expired {
+            let Some(meta) = self.nodes.remove(&neuron_id) else {
+                continue;
+            };
+            self.fleet
+                .replace(meta.id, "", &[], Vec::new(), 0, 1, 0.0, false);
+            self.neuron_of[meta.id.index()].clear();
+            self.free_ids.push(meta.id);
+            metrics::counter!("allot_placement_nodes_expired_total").increment(1);
+            tracing::info!(
+                neuron_id,
+                agent_id = meta.agent_id,
+                "no report for {expiry} ms: the node leaves the fleet"
+            );
+        }
+        self.model_reported_at
+            .retain(|_, at| now.saturating_sub(*at) <= expiry);
+    }
+
+    /// Whether `Fleet` lists the catalog's model: a model of the catalog
+    /// file always, a learned one while a node reports it.
+    fn listed(&self, model: ModelId) -> bool {
+        self.configured.contains(&model) || self.model_reported_at.contains_key(&model)
+    }
+
     fn route(&self, model: ModelId, now: UnixMs) -> Result<Decision, RouteError> {
         route(
             &self.fleet,
@@ -1041,6 +1106,55 @@ mod tests {
 
     const LOAD: pb::DirectiveAction = pb::DirectiveAction::Load;
     const UNLOAD: pb::DirectiveAction = pb::DirectiveAction::Unload;
+
+    #[test]
+    fn a_node_no_agent_reports_any_more_leaves_the_fleet_and_its_slot_is_reused() {
+        let config = PlacementConfig {
+            node_expiry_ms: 10_000,
+            ..PlacementConfig::default()
+        };
+        let live = LivePlacement::new(catalog(&[("m", 4, 1000)]), config);
+        live.report(
+            "a1",
+            report("n1", 20 * GIB, vec![loaded("m", 4 * GIB, 0, 0)]),
+            1_000,
+        );
+        live.report(
+            "a2",
+            report("n2", 20 * GIB, vec![loaded("learned", 4 * GIB, 0, 0)]),
+            1_000,
+        );
+        // n2 goes on reporting without `learned`; n1 stops.
+        live.report("a2", report("n2", 24 * GIB, vec![]), 8_000);
+        live.tick(11_000);
+        let view = live.fleet(11_000);
+        assert_eq!(view.nodes.len(), 2, "within the expiry, both stay");
+        assert!(view.catalog.iter().any(|m| m.model == "learned"));
+        live.tick(11_001);
+        let view = live.fleet(11_001);
+        let names: Vec<&str> = view.nodes.iter().map(|n| n.neuron_id.as_str()).collect();
+        assert_eq!(names, vec!["n2"], "n1 was last reported 10,001 ms ago");
+        let models: Vec<&str> = view.catalog.iter().map(|m| m.model.as_str()).collect();
+        assert_eq!(models, vec!["m"], "no node reports `learned` any more");
+        // Nothing is routed to the expired node: `m` is a cold start on n2.
+        let decision = live.route("m", 11_001).unwrap();
+        assert_eq!(decision.neuron_id, "n2");
+        assert_eq!(decision.kind, pb::RouteKind::ColdStart as i32);
+        // A new neuron takes the freed slot rather than growing the fleet,
+        // and is routed to under its own name.
+        live.report(
+            "a3",
+            report("n3", 20 * GIB, vec![loaded("m", 4 * GIB, 0, 0)]),
+            12_000,
+        );
+        assert_eq!(live.lock().fleet.nodes().len(), 2);
+        let decision = live.route("m", 12_000).unwrap();
+        assert_eq!(
+            (decision.neuron_id.as_str(), decision.endpoint.as_str()),
+            ("n3", "http://n3")
+        );
+        assert_eq!(decision.kind, pb::RouteKind::Serve as i32);
+    }
 
     #[test]
     fn a_model_whose_every_node_stays_saturated_gets_a_copy_on_another_node() {

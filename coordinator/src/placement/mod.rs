@@ -115,6 +115,12 @@ pub struct PlacementConfig {
     /// A model is wanted while a `Route` asked for it or a request used it
     /// within this many milliseconds.
     pub want_window_ms: i64,
+    /// A node that no agent has reported for this many milliseconds
+    /// leaves the fleet (its models with it): nothing is routed to it and
+    /// `Fleet` no longer lists it. A model learned from reports (not in the
+    /// catalog file) that no node has reported for as long leaves `Fleet`'s
+    /// catalog too. At least 1000.
+    pub node_expiry_ms: i64,
 }
 
 impl Default for PlacementConfig {
@@ -128,6 +134,7 @@ impl Default for PlacementConfig {
             copy_after_ms: 10_000,
             directives: true,
             want_window_ms: 60_000,
+            node_expiry_ms: 300_000,
         }
     }
 }
