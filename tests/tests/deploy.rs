@@ -36,12 +36,13 @@ fn the_systemd_configurations_parse_with_the_services_config_types() {
         "systemd/coordinator.toml",
     ))
     .unwrap();
-    // The admin token comes from the environment file, never the TOML.
-    assert!(coordinator
-        .validate()
-        .unwrap_err()
-        .starts_with("admin_token"));
-    coordinator.admin_token = "from-the-environment-file".into();
+    // Operators come from operators.toml, never a token in the TOML.
+    assert!(coordinator.admin_token.is_empty() && coordinator.operators.is_empty());
+    assert_eq!(
+        coordinator.operators_file.as_deref(),
+        Some(Path::new("/etc/allot/operators.toml"))
+    );
+    coordinator.operators_file = Some(deploy("systemd/operators.toml"));
     coordinator.validate().unwrap();
     let agent = allot_agent::config::AgentConfig::from_file(&deploy("systemd/agent.toml")).unwrap();
     agent.validate().unwrap();
