@@ -17,8 +17,10 @@
 //! The spool must never send a record that is not on disk.
 //!
 //! Files in the spool directory:
-//! - `usage.spool`: length-prefixed protobuf `UsageRecord`s, append-only;
-//!   truncated once everything in it is acknowledged, and rewritten at
+//! - `usage.spool`: an 8-byte header (`ALLOTSP` and format 2), then
+//!   protobuf `UsageRecord`s, each framed by its length and its CRC-32C,
+//!   append-only;
+//!   emptied (to its header) once everything in it is acknowledged, and rewritten at
 //!   start with only what is pending (into `usage.spool.tmp`, fsync,
 //!   rename, fsync of the directory: a crash at any point leaves the old
 //!   or the new file whole);
@@ -37,6 +39,17 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 const LOG: &str = "usage.spool";
+/// A log that had a damaged frame before its end is kept whole under this
+/// name (then `.1`, `.2`, ... up to [`MAX_DAMAGED_COPIES`]) for an operator.
+const LOG_DAMAGED: &str = "usage.spool.damaged";
+const MAX_DAMAGED_COPIES: u32 = 16;
+/// The first 8 bytes of a format-2 log. A log without them is format 1
+/// (length-prefixed records, no checksum), written by earlier agents.
+const LOG_MAGIC: &[u8; 8] = b"ALLOTSP\x02";
+/// A frame longer than this is damage, not a record (records are a few
+/// hundred bytes; their strings are bounded far below this).
+const MAX_FRAME: usize = 1024 * 1024;
+const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
 const LOG_TMP: &str = "usage.spool.tmp";
 const STATE: &str = "state.json";
 const STATE_TMP: &str = "state.json.tmp";
@@ -291,9 +304,85 @@ fn write_state(dir: &Path, state: &SpoolState) -> Result<(), SpoolError> {
     replace_file(dir, STATE, STATE_TMP, &bytes)
 }
 
-/// Reads every complete record of a spool file; a torn tail (crash mid
-/// write) is ignored, as it was never acknowledged to anyone.
-fn read_records(path: &Path) -> Result<Vec<pb::UsageRecord>, SpoolError> {
+/// What was read back from a log.
+#[derive(Debug, Default, PartialEq)]
+pub struct ParsedLog {
+    pub records: Vec<pb::UsageRecord>,
+    /// Bytes skipped over inside the log: damage with whole records after
+    /// it (a bad sector, a stray write), never a crash.
+    pub damaged_bytes: usize,
+    /// Bytes of an incomplete last frame: a crash in the middle of a
+    /// write, which was never acknowledged to anyone.
+    pub torn_bytes: usize,
+}
+
+/// The whole record framed at `at` of a format-2 log, and its length.
+fn frame_at(bytes: &[u8], at: usize) -> Option<(pb::UsageRecord, usize)> {
+    let header = bytes.get(at..at.checked_add(8)?)?;
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    // Every record has a sequence number from 1, so it is never empty (a
+    // run of zeros, which file systems leave after a crash, has a valid
+    // CRC-32C for an empty body).
+    if len == 0 || len > MAX_FRAME {
+        return None;
+    }
+    let body = bytes.get(at + 8..at + 8 + len)?;
+    if CRC.checksum(body) != crc {
+        return None;
+    }
+    let record = pb::UsageRecord::decode(body).ok().filter(|r| r.seq > 0)?;
+    Some((record, 8 + len))
+}
+
+/// Reads a log's bytes, of either format. In format 2 a frame that does
+/// not check out is skipped to the next one that does, so damage in the
+/// middle of the log loses only the records it hit; what cannot be read
+/// at the end is a torn tail. Format 1 has no checksums and stops at the
+/// first frame it cannot read, as earlier agents did.
+pub fn parse_log(bytes: &[u8]) -> ParsedLog {
+    let mut parsed = ParsedLog::default();
+    let Some(body) = bytes.strip_prefix(LOG_MAGIC) else {
+        let mut at = 0usize;
+        while at + 4 <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+            let Some(record) = bytes
+                .get(at + 4..(at + 4).saturating_add(len))
+                .and_then(|b| pb::UsageRecord::decode(b).ok())
+            else {
+                break;
+            };
+            parsed.records.push(record);
+            at += 4 + len;
+        }
+        parsed.torn_bytes = bytes.len() - at;
+        return parsed;
+    };
+    let mut at = 0usize;
+    while at < body.len() {
+        if let Some((record, len)) = frame_at(body, at) {
+            parsed.records.push(record);
+            at += len;
+            continue;
+        }
+        match (at + 1..body.len()).find(|&next| frame_at(body, next).is_some()) {
+            Some(next) => {
+                parsed.damaged_bytes += next - at;
+                at = next;
+            }
+            None => {
+                parsed.torn_bytes = body.len() - at;
+                break;
+            }
+        }
+    }
+    parsed
+}
+
+/// Reads every record of a spool file that can be read. Damage before
+/// the end keeps a copy of the file as it was ([`LOG_DAMAGED`]), since
+/// the rewrite at start would otherwise erase the evidence.
+fn read_records(dir: &Path, path: &Path) -> Result<Vec<pb::UsageRecord>, SpoolError> {
     let mut bytes = Vec::new();
     match File::open(path) {
         Ok(mut f) => {
@@ -303,24 +392,38 @@ fn read_records(path: &Path) -> Result<Vec<pb::UsageRecord>, SpoolError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(spool_error(path, e)),
     }
-    let mut records = Vec::new();
-    let mut at = 0usize;
-    while at + 4 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
-        let Some(body) = bytes.get(at + 4..at + 4 + len) else {
-            tracing::warn!(path = %path.display(), "ignoring a torn record at the end of the spool");
-            break;
-        };
-        match pb::UsageRecord::decode(body) {
-            Ok(record) => records.push(record),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "ignoring an undecodable record at the end of the spool");
-                break;
-            }
-        }
-        at += 4 + len;
+    let parsed = parse_log(&bytes);
+    if parsed.torn_bytes > 0 {
+        tracing::warn!(path = %path.display(), bytes = parsed.torn_bytes,
+            "ignoring a torn record at the end of the spool");
     }
-    Ok(records)
+    if parsed.damaged_bytes > 0 {
+        metrics::counter!("allot_agent_spool_damaged_bytes_total")
+            .increment(parsed.damaged_bytes as u64);
+        let copy = (0..MAX_DAMAGED_COPIES)
+            .map(|n| match n {
+                0 => dir.join(LOG_DAMAGED),
+                n => dir.join(format!("{LOG_DAMAGED}.{n}")),
+            })
+            .find(|p| !p.exists());
+        if let Some(copy) = &copy {
+            std::fs::copy(path, copy).map_err(|e| spool_error(copy, e))?;
+        }
+        tracing::error!(path = %path.display(), bytes = parsed.damaged_bytes,
+            records = parsed.records.len(), copy = ?copy,
+            "the usage spool was damaged before its end: the damaged bytes are skipped and every \
+             whole record after them is kept; the records the damage hit are lost");
+    }
+    Ok(parsed.records)
+}
+
+/// A whole log holding `records`: the header, then a frame each.
+pub fn log_image<'a>(records: impl Iterator<Item = &'a pb::UsageRecord>) -> Vec<u8> {
+    let mut out = LOG_MAGIC.to_vec();
+    for record in records {
+        frame(&mut out, record);
+    }
+    out
 }
 
 impl Spool {
@@ -345,7 +448,7 @@ impl Spool {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(spool_error(&dir.join(LOG_TMP), e)),
         }
-        let records = read_records(&log_path)?;
+        let records = read_records(dir, &log_path)?;
         let last_seq = records
             .iter()
             .map(|r| r.seq)
@@ -360,10 +463,7 @@ impl Spool {
         // Rewrite the log with only what is pending, dropping a torn tail:
         // into a new file, renamed over the old one once on disk, so that
         // a crash here never loses a pending record.
-        let mut frames = Vec::new();
-        for record in pending.values() {
-            frame(&mut frames, record);
-        }
+        let frames = log_image(pending.values());
         replace_file(dir, LOG, LOG_TMP, &frames)?;
         let log_len = frames.len() as u64;
         let log = OpenOptions::new()
@@ -596,10 +696,12 @@ impl Spool {
         }
         self.state_failing = false;
         self.state_dirty = false;
-        // Everything in the log is acknowledged: start it afresh.
-        if self.pending.is_empty() && self.unwritten.is_empty() && self.log_len > 0 {
-            match self.log.set_len(0) {
-                Ok(()) => self.log_len = 0,
+        // Everything in the log is acknowledged: start it afresh, after
+        // its header (without it, what follows would be read as format 1).
+        let header = LOG_MAGIC.len() as u64;
+        if self.pending.is_empty() && self.unwritten.is_empty() && self.log_len > header {
+            match self.log.set_len(header) {
+                Ok(()) => self.log_len = header,
                 Err(e) => tracing::warn!(error = %e, "cannot truncate the usage spool"),
             }
             return;
@@ -622,10 +724,7 @@ impl Spool {
     /// fsync, rename, fsync of the directory. A crash at any point leaves
     /// the old log or the new one, each holding every pending record.
     fn compact(&mut self) -> Result<(), SpoolError> {
-        let mut frames = Vec::new();
-        for record in self.pending.values() {
-            frame(&mut frames, record);
-        }
+        let frames = log_image(self.pending.values());
         // The new log is opened for appending before it replaces the old
         // one: a failed open leaves the old log in use and in place, never
         // a handle on a file the rename unlinked (appends there would be
@@ -744,11 +843,15 @@ impl Spool {
     }
 }
 
-/// Appends one length-prefixed record to `out`.
+/// Appends one record to `out`: its length, its CRC-32C, its bytes.
 fn frame(out: &mut Vec<u8>, record: &pb::UsageRecord) {
     let len = record.encoded_len();
     out.extend_from_slice(&(len as u32).to_le_bytes());
+    let crc_at = out.len();
+    out.extend_from_slice(&[0; 4]);
     record.encode(out).expect("a Vec grows to fit any record");
+    let crc = CRC.checksum(&out[crc_at + 4..]);
+    out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
 #[cfg(test)]
@@ -841,6 +944,87 @@ mod tests {
         f.write_all(&[200, 0, 0, 0, 1, 2]).unwrap();
         let (_, recovered) = Spool::open(&dir, 100).unwrap();
         assert_eq!(recovered.pending.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn damage_in_the_middle_of_the_log_loses_only_the_records_it_hit_and_is_kept_aside() {
+        let dir = fresh_dir("damaged");
+        let (mut spool, _) = Spool::open(&dir, 100).unwrap();
+        spool.write_records((1..=5).map(record).collect());
+        drop(spool);
+        let path = dir.join(LOG);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // Flip bytes inside the body of record 2 (after the header and
+        // record 1).
+        let first = frame_at(&bytes[8..], 0).unwrap().1;
+        let target = 8 + first + 8 + 2;
+        bytes[target] ^= 0xff;
+        bytes[target + 1] ^= 0x55;
+        std::fs::write(&path, &bytes).unwrap();
+        let (_, recovered) = Spool::open(&dir, 100).unwrap();
+        assert_eq!(pending_seqs(&recovered), vec![1, 3, 4, 5]);
+        assert_eq!(recovered.last_seq, 5);
+        assert_eq!(std::fs::read(dir.join(LOG_DAMAGED)).unwrap(), bytes);
+        // The rewritten log reads back whole.
+        let (_, again) = Spool::open(&dir, 100).unwrap();
+        assert_eq!(pending_seqs(&again), vec![1, 3, 4, 5]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn records_written_after_the_log_was_emptied_are_read_back() {
+        let dir = fresh_dir("emptied");
+        let (mut spool, _) = Spool::open(&dir, 100).unwrap();
+        spool.write_records(vec![record(1), record(2)]);
+        spool.ack(2);
+        spool.flush_state();
+        assert_eq!(std::fs::read(dir.join(LOG)).unwrap(), LOG_MAGIC.to_vec());
+        spool.write_records(vec![record(3)]);
+        drop(spool);
+        let (_, recovered) = Spool::open(&dir, 100).unwrap();
+        assert_eq!(pending_seqs(&recovered), vec![3]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn frames_carry_the_standard_crc_32c() {
+        // The check value of CRC-32C (Castagnoli), so that other tools
+        // (and the fuzz seeds, written in Python) can check a frame.
+        assert_eq!(CRC.checksum(b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn zeros_and_garbage_are_never_read_as_records() {
+        let mut one = LOG_MAGIC.to_vec();
+        frame(&mut one, &record(7));
+        let whole = one.clone();
+        one.extend_from_slice(&[0; 4096]);
+        let parsed = parse_log(&one);
+        assert_eq!(parsed.records.len(), 1);
+        assert_eq!(parsed.torn_bytes, 4096);
+        let mut garbage = LOG_MAGIC.to_vec();
+        garbage.extend((0..10_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+        garbage.extend_from_slice(&whole[8..]);
+        let parsed = parse_log(&garbage);
+        assert_eq!(parsed.records, vec![record(7)]);
+        assert_eq!(parsed.damaged_bytes, 10_000);
+    }
+
+    #[test]
+    fn a_log_written_by_an_earlier_agent_is_read_and_rewritten_in_the_new_format() {
+        let dir = fresh_dir("format1");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut old = Vec::new();
+        for seq in 1..=3 {
+            let r = record(seq);
+            old.extend_from_slice(&(r.encoded_len() as u32).to_le_bytes());
+            r.encode(&mut old).unwrap();
+        }
+        std::fs::write(dir.join(LOG), &old).unwrap();
+        let (_, recovered) = Spool::open(&dir, 100).unwrap();
+        assert_eq!(pending_seqs(&recovered), vec![1, 2, 3]);
+        assert!(std::fs::read(dir.join(LOG)).unwrap().starts_with(LOG_MAGIC));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -885,6 +885,14 @@ async fn a_full_spool_disk_stops_admission_acknowledges_nothing_unwritten_and_re
     )
     .await;
     assert_eq!(spent().await, records * per_request);
+    // Usage rows follow the ledger commit: wait for them, then check that
+    // each request has one.
+    wait_until(
+        "every settled record's usage row",
+        Duration::from_secs(30),
+        || async { list_all_usage(&stack, &key_id).await.unwrap().len() as u64 >= records },
+    )
+    .await;
     let rows = list_all_usage(&stack, &key_id).await.unwrap();
     let mut ids: Vec<String> = rows
         .iter()
@@ -892,7 +900,7 @@ async fn a_full_spool_disk_stops_admission_acknowledges_nothing_unwritten_and_re
         .collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len() as u64, records);
+    assert_eq!((rows.len() as u64, ids.len() as u64), (records, records));
     assert_eq!(stack.neuron.hits() as u64, records);
 }
 
