@@ -189,6 +189,11 @@ pub struct Seen {
 /// An event longer than this is passed on in pieces, unread: a neuron that
 /// never ends an event cannot grow the agent's memory without bound.
 const MAX_EVENT: usize = 1024 * 1024;
+/// Most bytes held back at the end of a stream ([`SseScanner::hold_end`]):
+/// a usage chunk, `[DONE]` or a Responses API `response.completed` (which
+/// repeats the whole output) fit. Past it the held bytes are passed on and
+/// holding stops for that stream (`allot_agent_stream_holds_released_total`).
+pub const MAX_HELD: usize = 4 * MAX_EVENT;
 
 /// Splits an SSE stream into whole events as bytes arrive.
 #[derive(Debug, Default)]
@@ -201,6 +206,9 @@ pub struct SseScanner {
     hold_end: bool,
     /// ...and what is held, from the first final event on.
     held: Option<BytesMut>,
+    /// Set by [`SseScanner::inspect`]: content came after what looked like
+    /// the end, so what is held was not the end and is passed on.
+    release: bool,
     pub seen: Seen,
 }
 
@@ -213,6 +221,7 @@ impl SseScanner {
             strip_usage,
             hold_end: false,
             held: None,
+            release: false,
             seen: Seen::default(),
         }
     }
@@ -256,10 +265,26 @@ impl SseScanner {
             };
             self.searched = 0;
             let event = self.buffer.split_to(end);
-            if self.inspect(&event) {
+            let keep = self.inspect(&event);
+            if std::mem::take(&mut self.release) {
+                if let Some(held) = self.held.take() {
+                    out.unsplit(held);
+                }
+            }
+            if keep {
                 // Events passed on back to back stay one piece of the
                 // buffer: joining them copies nothing.
                 self.pass(&mut out).unsplit(event);
+            }
+            if self.held.as_ref().is_some_and(|h| h.len() > MAX_HELD) {
+                metrics::counter!("allot_agent_stream_holds_released_total").increment(1);
+                tracing::warn!(
+                    "a stream's end held back past {MAX_HELD} bytes: passed on, no longer held"
+                );
+                self.hold_end = false;
+                if let Some(held) = self.held.take() {
+                    out.unsplit(held);
+                }
             }
         }
         if self.buffer.len() > MAX_EVENT {
@@ -311,6 +336,7 @@ impl SseScanner {
         }
         // Parse in full only events that may carry usage.
         if !data.contains("\"usage\":{") && !data.contains("\"usage\": {") {
+            self.content_after_end();
             self.seen.chunks += 1;
             if self.seen.model.is_none() {
                 self.seen.model = model_of(data);
@@ -329,9 +355,22 @@ impl SseScanner {
             }
         }
         if !usage_only {
+            if choices_empty == Some(false) {
+                self.content_after_end();
+            }
             self.seen.chunks += 1;
         }
         !(self.strip_usage && usage_only)
+    }
+
+    /// A content event: if it follows what looked like the end of the
+    /// stream (a usage event without `choices`), that was not the end, and
+    /// what is held is passed on before it. After `[DONE]` nothing is
+    /// content: what follows it stays held.
+    fn content_after_end(&mut self) {
+        if self.held.is_some() && !self.seen.done {
+            self.release = true;
+        }
     }
 }
 
@@ -632,6 +671,39 @@ mod tests {
         let mut out = keep.push(stream.as_bytes()).to_vec();
         out.extend_from_slice(&keep.finish());
         assert_eq!(out, stream.as_bytes());
+    }
+
+    #[test]
+    fn content_after_what_looked_like_the_end_releases_what_was_held() {
+        // A neuron that puts usage in an event without `choices` and then
+        // goes on streaming content: nothing stays held behind the content.
+        let early = "data: {\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":0}}\n\n";
+        let content = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+        let done = "data: [DONE]\n\n";
+        let mut scanner = SseScanner::new(false).hold_end();
+        assert!(scanner.push(early.as_bytes()).is_empty(), "held: it may be the end");
+        let out = scanner.push(format!("{content}{content}").as_bytes());
+        assert_eq!(out, format!("{early}{content}{content}").as_bytes());
+        assert!(scanner.push(done.as_bytes()).is_empty());
+        assert_eq!(scanner.take_held(), done.as_bytes());
+    }
+
+    #[test]
+    fn what_is_held_is_bounded() {
+        // Usage-only events one after another, each under MAX_EVENT: past
+        // MAX_HELD they are passed on and holding stops.
+        let filler = "x".repeat(MAX_EVENT / 2);
+        let event = format!(
+            "data: {{\"choices\":[],\"pad\":\"{filler}\",\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":1}}}}\n\n"
+        );
+        let mut scanner = SseScanner::new(false).hold_end();
+        let mut passed = 0usize;
+        for _ in 0..(2 * MAX_HELD / event.len() + 2) {
+            passed += scanner.push(event.as_bytes()).len();
+            assert!(scanner.held.as_ref().map_or(0, |h| h.len()) <= MAX_HELD);
+        }
+        assert!(passed > 0, "the held bytes were passed on");
+        assert!(scanner.take_held().is_empty(), "holding stopped");
     }
 
     #[test]
