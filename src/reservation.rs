@@ -515,7 +515,14 @@ pub fn inspect(
                 format!("model must be at most {MAX_MODEL_BYTES} bytes"),
             ))
         }
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        // The same rule as every other model name allot takes in: not
+        // blank, no control characters (they would reach logs, metrics
+        // and the usage store).
+        Some(Value::String(m)) if !m.is_empty() => {
+            crate::bounds::check_model("model", m)
+                .map_err(|e| BadRequest::new("model", format!("model {}", e.message)))?;
+            m.clone()
+        }
         Some(Value::String(_)) | None | Some(Value::Null) => {
             return Err(BadRequest::new(
                 "model",

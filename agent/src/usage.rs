@@ -681,7 +681,10 @@ mod tests {
         let content = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
         let done = "data: [DONE]\n\n";
         let mut scanner = SseScanner::new(false).hold_end();
-        assert!(scanner.push(early.as_bytes()).is_empty(), "held: it may be the end");
+        assert!(
+            scanner.push(early.as_bytes()).is_empty(),
+            "held: it may be the end"
+        );
         let out = scanner.push(format!("{content}{content}").as_bytes());
         assert_eq!(out, format!("{early}{content}{content}").as_bytes());
         assert!(scanner.push(done.as_bytes()).is_empty());
