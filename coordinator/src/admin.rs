@@ -1,5 +1,5 @@
 //! The `Admin` service: what operators do, through grpcurl. Every call
-//! passes the operator gate first (`operators`: token and scope); every
+//! passes the operator gate first (`operators`: token or certificate, and scope); every
 //! input is validated here, at the edge, and refused with
 //! `INVALID_ARGUMENT` naming the field before the ledger sees it. Every
 //! mutation records an audit entry (who, what changed) in the engine job
@@ -279,7 +279,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateAccountRequest>,
     ) -> Result<Response<pb::Account>, Status> {
-        let operator = operator_of(&request)?.name;
+        let operator = operator_of(&request)?;
         let req = request.into_inner();
         check(validate_id("account_id", &req.account_id))?;
         check(validate_name("name", &req.name))?;
@@ -343,7 +343,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreditRequest>,
     ) -> Result<Response<pb::CreditResponse>, Status> {
-        let operator = operator_of(&request)?.name;
+        let operator = operator_of(&request)?;
         let req = request.into_inner();
         check(validate_id("account_id", &req.account_id))?;
         if req.source_id.trim().is_empty() {
@@ -408,7 +408,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let operator = operator_of(&request)?.name;
+        let operator = operator_of(&request)?;
         let req = request.into_inner();
         check(validate_id("account_id", &req.account_id))?;
         let key_id = if req.key_id.is_empty() {
@@ -503,7 +503,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::KeyInfo>, Status> {
-        let operator = operator_of(&request)?.name;
+        let operator = operator_of(&request)?;
         let req = request.into_inner();
         check(validate_id("key_id", &req.key_id))?;
         let key = self
@@ -530,7 +530,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::SetLimitsRequest>,
     ) -> Result<Response<pb::SetLimitsResponse>, Status> {
-        let operator = operator_of(&request)?.name;
+        let operator = operator_of(&request)?;
         let req = request.into_inner();
         let scope = match req.scope {
             Some(pb::set_limits_request::Scope::KeyId(id)) => {
@@ -614,7 +614,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::PutTariffRequest>,
     ) -> Result<Response<pb::Tariff>, Status> {
-        let operator = operator_of(&request)?.name;
+        let operator = operator_of(&request)?;
         let req = request.into_inner();
         let wire = req
             .tariff
@@ -710,7 +710,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ResetAgentRequest>,
     ) -> Result<Response<pb::AgentView>, Status> {
-        let operator = operator_of(&request)?.name;
+        let operator = operator_of(&request)?;
         let req = request.into_inner();
         check(validate_id("agent_id", &req.agent_id))?;
         let view = self

@@ -1,13 +1,16 @@
-//! The audit log of Admin mutations: who (the operator's credential name),
-//! when, which method, and what changed. An entry is a [`StoreWrite`] of
+//! The audit log of Admin mutations: who (the operator's credential name,
+//! and whether a token or a client certificate authenticated it, with the
+//! certificate's URI SAN), when, which method, and what changed. An entry is a [`StoreWrite`] of
 //! the same engine job as the change, so it is in the same store commit:
 //! a change is never durable without its entry, nor an entry without its
 //! change. A refused call (invalid input, denied, not found) records
-//! nothing. Summaries never hold a secret or a key hash.
+//! nothing. Summaries never hold a secret or a key hash, and no entry holds
+//! a token or a certificate.
 //!
 //! The log is bounded: at most `max_entries` entries, none older than
 //! `max_age_ms`; the oldest are deleted in the commit that adds a new one.
 
+use crate::operators::{Operator, Via};
 use crate::store::StoreWrite;
 use allot::clock::UnixMs;
 use std::collections::VecDeque;
@@ -19,6 +22,10 @@ pub struct AuditEntry {
     pub seq: u64,
     pub at_ms: UnixMs,
     pub operator: String,
+    /// How the operator authenticated (entries stored before certificates
+    /// existed were all by token).
+    #[serde(default)]
+    pub via: Via,
     pub method: String,
     /// What changed: a small JSON object.
     pub change: serde_json::Value,
@@ -32,6 +39,11 @@ impl AuditEntry {
             operator: self.operator.clone(),
             method: self.method.clone(),
             change: self.change.to_string(),
+            via: self.via.as_str().to_string(),
+            certificate_uri: match &self.via {
+                Via::Token => String::new(),
+                Via::Certificate { uri } => uri.clone(),
+            },
         }
     }
 }
@@ -86,7 +98,7 @@ impl AuditLog {
     pub fn record(
         &mut self,
         now: UnixMs,
-        operator: &str,
+        operator: &Operator,
         method: &str,
         change: serde_json::Value,
         writes: &mut Vec<StoreWrite>,
@@ -94,7 +106,8 @@ impl AuditLog {
         let entry = AuditEntry {
             seq: self.next_seq,
             at_ms: now,
-            operator: operator.to_string(),
+            operator: operator.name.clone(),
+            via: operator.via.clone(),
             method: method.to_string(),
             change,
         };
@@ -131,6 +144,57 @@ impl AuditLog {
 mod tests {
     use super::*;
 
+    fn operator(name: &str, via: Via) -> Operator {
+        Operator {
+            name: name.into(),
+            scopes: Default::default(),
+            via,
+        }
+    }
+
+    #[test]
+    fn an_entry_says_whether_a_token_or_a_certificate_authenticated_its_author() {
+        let mut log = AuditLog::new(AuditRetention::default());
+        let mut writes = Vec::new();
+        let uri = "spiffe://allot/operator/alice".to_string();
+        let alice = operator("alice", Via::Certificate { uri: uri.clone() });
+        log.record(10, &alice, "Credit", serde_json::json!({}), &mut writes);
+        log.record(
+            20,
+            &operator("ops", Via::Token),
+            "Credit",
+            serde_json::json!({}),
+            &mut writes,
+        );
+        let listed: Vec<_> = log.newest_first().map(AuditEntry::to_pb).collect();
+        assert_eq!(
+            (
+                listed[1].operator.as_str(),
+                listed[1].via.as_str(),
+                listed[1].certificate_uri.as_str()
+            ),
+            ("alice", "certificate", uri.as_str())
+        );
+        assert_eq!(
+            (
+                listed[0].operator.as_str(),
+                listed[0].via.as_str(),
+                listed[0].certificate_uri.as_str()
+            ),
+            ("ops", "token", "")
+        );
+        assert_eq!(
+            writes[0],
+            StoreWrite::PutAudit(log.newest_first().nth(1).unwrap().clone())
+        );
+        // An entry stored before certificates existed reads as by token.
+        let old: AuditEntry = serde_json::from_str(
+            r#"{"seq": 1, "at_ms": 5, "operator": "admin", "method": "Credit", "change": {}}"#,
+        )
+        .unwrap();
+        assert_eq!(old.via, Via::Token);
+    }
+
     #[test]
     fn entries_number_on_and_the_oldest_go_in_the_same_writes() {
         let retention = AuditRetention {
@@ -139,8 +203,9 @@ mod tests {
         };
         let mut log = AuditLog::new(retention);
         let mut writes = Vec::new();
+        let ops = operator("ops", Via::Token);
         for at in [10, 20, 30] {
-            log.record(at, "ops", "Credit", serde_json::json!({}), &mut writes);
+            log.record(at, &ops, "Credit", serde_json::json!({}), &mut writes);
         }
         let seqs: Vec<u64> = log.newest_first().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![3, 2]);
@@ -148,7 +213,7 @@ mod tests {
         let stored: Vec<AuditEntry> = log.newest_first().cloned().collect();
         let mut again = AuditLog::from_stored(retention, stored);
         let mut writes = Vec::new();
-        again.record(5_000, "ops", "Credit", serde_json::json!({}), &mut writes);
+        again.record(5_000, &ops, "Credit", serde_json::json!({}), &mut writes);
         assert_eq!(
             again.newest_first().map(|e| e.seq).collect::<Vec<_>>(),
             vec![4],

@@ -1,14 +1,15 @@
 //! Certificates for a small allot deployment, in the spirit of
 //! `cockroach cert`: a CA, server certificates for coordinators, client
 //! certificates for agents (naming the agent, see [`crate::identity`]) and
-//! for operators. Used by `allot-coordinator certs`, the quick start and
+//! for operators (naming the operator, for a `client_certificate` mapping
+//! in the operators file, see [`crate::operators`]). Used by `allot-coordinator certs`, the quick start and
 //! the tests. It only makes files; it never reads a running config.
 //!
 //! Files, in one directory, keys created with mode 0600:
 //! `ca.pem`/`ca.key`, `node.pem`/`node.key`, `agent-<id>.pem`/`.key`,
 //! `client-<name>.pem`/`.key`.
 
-use crate::identity::agent_uri;
+use crate::identity::{agent_uri, operator_uri};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -49,7 +50,8 @@ pub enum Leaf {
     Node { hosts: Vec<String> },
     /// An agent's client certificate: URI SAN `spiffe://allot/agent/<id>`.
     Agent { agent_id: String },
-    /// An operator's client certificate (grpcurl `-cert`).
+    /// An operator's client certificate (grpcurl `-cert`): URI SAN
+    /// `spiffe://allot/operator/<name>`.
     Client { name: String },
 }
 
@@ -105,6 +107,10 @@ pub fn issue(ca: &Pem, leaf: &Leaf, validity: Validity) -> Result<Pem, String> {
             allot::key::validate_id("client name", client).map_err(|e| e.to_string())?;
             let mut params = CertificateParams::default();
             params.distinguished_name = name(client);
+            let uri = operator_uri(client)
+                .try_into()
+                .map_err(|e| format!("client name: {e}"))?;
+            params.subject_alt_names = vec![SanType::URI(uri)];
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             params
         }
@@ -201,7 +207,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_agent_certificate_names_its_agent() {
+    fn an_agent_certificate_names_its_agent_and_an_operator_certificate_its_operator() {
         let validity = Validity::for_next(Duration::from_secs(3600));
         let ca = new_ca("test CA", validity).unwrap();
         let agent = issue(
@@ -223,6 +229,10 @@ mod tests {
         let der: rustls::pki_types::CertificateDer<'static> =
             rustls::pki_types::pem::PemObject::from_pem_slice(client.cert.as_bytes()).unwrap();
         assert!(crate::identity::agent_id_of_certificate(&der).is_err());
+        assert_eq!(
+            crate::identity::uris_of_certificate(&der).unwrap(),
+            vec!["spiffe://allot/operator/ops".to_string()]
+        );
     }
 
     #[test]

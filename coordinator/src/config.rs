@@ -50,8 +50,8 @@ pub struct CoordinatorConfig {
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificates client certificates are verified against. Agents
     /// must present one naming them (URI SAN `spiffe://allot/agent/<id>`);
-    /// operators may (Admin still needs the token). Required unless
-    /// `insecure`.
+    /// operators may, with or instead of a token, when a credential maps
+    /// its URI SAN (`client_certificate`). Required unless `insecure`.
     pub tls_client_ca: Option<PathBuf>,
     /// The TLS files are read again when they change, checked this often
     /// (and on SIGHUP); 0 reloads on SIGHUP only.
@@ -61,8 +61,8 @@ pub struct CoordinatorConfig {
     /// Legacy: one shared token, the credential named `admin` with scope
     /// `admin`. Prefer `operators_file`. Either (or `operators`) is needed.
     pub admin_token: String,
-    /// Operator credentials (`[[operators]]`: `name`, `token_sha256`,
-    /// `scopes`); hashes only, never tokens.
+    /// Operator credentials (`[[operators]]`: `name`, `token_sha256` or
+    /// `client_certificate`, `scopes`); hashes only, never tokens.
     pub operators: Vec<crate::operators::OperatorCredential>,
     /// A credentials file of `[[operator]]` tables (TOML, or JSON when it
     /// ends in `.json`), re-read when it changes and at SIGHUP.

@@ -5,6 +5,12 @@
 //! agent <id>` makes). Everything that must hold "only for this agent"
 //! (its `Hello`, later its epochs and the keys it holds) asks
 //! [`session_peer`] once per stream and compares against [`PeerIdentity`].
+//!
+//! An operator's certificate (`allot-coordinator certs client <name>`)
+//! carries the URI SAN `spiffe://allot/operator/<name>`; the operators file
+//! maps such a URI to a credential ([`crate::operators`]). A certificate
+//! with an agent URI is never an operator's, whatever a file says.
+//!
 //! This module only reads certificates that rustls already verified
 //! against `tls_client_ca`; it never verifies a chain itself.
 
@@ -17,6 +23,39 @@ pub const AGENT_URI_PREFIX: &str = "spiffe://allot/agent/";
 /// The URI SAN naming `agent_id`.
 pub fn agent_uri(agent_id: &str) -> String {
     format!("{AGENT_URI_PREFIX}{agent_id}")
+}
+
+/// The URI SAN prefix of an operator certificate made by `certs client`.
+pub const OPERATOR_URI_PREFIX: &str = "spiffe://allot/operator/";
+
+/// The URI SAN naming operator `name`.
+pub fn operator_uri(name: &str) -> String {
+    format!("{OPERATOR_URI_PREFIX}{name}")
+}
+
+/// Whether `uri` is an agent's identity. Case is ignored, so that no
+/// spelling of an agent's URI can be mapped to an operator.
+pub fn is_agent_uri(uri: &str) -> bool {
+    uri.as_bytes()
+        .get(..AGENT_URI_PREFIX.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(AGENT_URI_PREFIX.as_bytes()))
+}
+
+/// Every URI subject alternative name of a certificate (DER), in order.
+pub fn uris_of_certificate(der: &[u8]) -> Result<Vec<String>, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unreadable client certificate: {e}"))?;
+    let names = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("unreadable subject alternative names: {e}"))?;
+    Ok(names
+        .into_iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(uri.to_string()),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Who is at the other end of an agent session.

@@ -405,7 +405,7 @@ impl Ledger {
     pub fn audit(
         &mut self,
         now: UnixMs,
-        operator: &str,
+        operator: &crate::operators::Operator,
         method: &str,
         change: serde_json::Value,
         writes: &mut Vec<StoreWrite>,

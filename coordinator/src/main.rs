@@ -58,7 +58,8 @@ struct Cli {
     /// Operator credentials file (TOML `[[operator]]` tables, or JSON).
     #[arg(long, env = "ALLOT_OPERATORS_FILE")]
     operators_file: Option<PathBuf>,
-    /// Operator credentials as a JSON array of {name, token_sha256, scopes}.
+    /// Operator credentials as a JSON array of {name, token_sha256 or
+    /// client_certificate, scopes}.
     #[arg(long, env = "ALLOT_OPERATORS")]
     operators: Option<String>,
     /// How often the operators file is checked for changes (also at SIGHUP).
@@ -147,7 +148,9 @@ enum CertsCommand {
     },
     /// An agent's client certificate (URI SAN spiffe://allot/agent/<id>).
     Agent { agent_id: String },
-    /// An operator's client certificate (grpcurl -cert/-key).
+    /// An operator's client certificate (grpcurl -cert/-key; URI SAN
+    /// spiffe://allot/operator/<name>, for client_certificate in the
+    /// operators file).
     Client { name: String },
 }
 
@@ -241,7 +244,7 @@ fn load(cli: Cli) -> Result<CoordinatorConfig, String> {
     }
     if let Some(v) = cli.operators {
         config.operators = serde_json::from_str(&v).map_err(|e| {
-            format!("operators: not a JSON array of {{name, token_sha256, scopes}}: {e}")
+            format!("operators: not a JSON array of {{name, token_sha256 or client_certificate, scopes}}: {e}")
         })?;
     }
     if let Some(v) = cli.operators_reload_ms {

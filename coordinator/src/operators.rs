@@ -1,14 +1,25 @@
 //! Operators: who may call the `Admin` and `Placement` services, and what
 //! each of them may do.
 //!
-//! An operator holds a named credential: a bearer token, of which only the
-//! SHA-256 is configured, and a set of scopes. [`METHOD_SCOPES`] maps every
+//! An operator holds a named credential and a set of scopes. The
+//! credential is either a bearer token, of which only the SHA-256 is
+//! configured, or a client certificate: the URI SAN (`client_certificate`,
+//! such as `spiffe://allot/operator/alice`) of certificates that the TLS
+//! handshake verified against `tls_client_ca`. [`METHOD_SCOPES`] maps every
 //! method to the scopes that allow it; `admin` allows everything. The
-//! [`OperatorGate`] in front of both services authenticates the
-//! `authorization: Bearer <token>` metadata (hashes compared in constant
-//! time), checks the method's scope, slows down a peer that keeps failing,
-//! and puts the [`Operator`] into the request's extensions so that handlers
-//! know who calls (the audit log records it).
+//! [`OperatorGate`] in front of both services authenticates the call
+//! (token hashes compared in constant time), checks the method's scope,
+//! slows down a peer that keeps failing, and puts the [`Operator`] into the
+//! request's extensions so that handlers know who calls (the audit log
+//! records it, and whether by token or certificate).
+//!
+//! A token and a certificate on one call (see [`Gatekeeper::admit`]): a
+//! token that does not authenticate is refused, whatever the certificate;
+//! a certificate that maps to an operator and a token are refused together
+//! (two credentials: which to trust is not guessed); a certificate that
+//! maps to no operator adds nothing to a valid token. An agent's certificate
+//! (`spiffe://allot/agent/...`) never maps to an operator: such a mapping
+//! is refused when the credentials load.
 //!
 //! Credentials come from the legacy `admin_token` (one credential named
 //! `admin` with scope `admin`), from `operators` in the configuration, and
@@ -92,12 +103,35 @@ pub fn scopes_for(path: &str) -> &'static [Scope] {
 }
 
 /// Who is calling, as the gate authenticated them; in the extensions of
-/// every `Admin` and `Placement` request. A client certificate mapped to
-/// scopes would produce the same type.
+/// every `Admin` and `Placement` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Operator {
     pub name: String,
     pub scopes: BTreeSet<Scope>,
+    /// Which credential authenticated the call.
+    pub via: Via,
+}
+
+/// How an operator authenticated: what the audit log records besides the
+/// credential's name. Never the token or the certificate itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// A bearer token (also every entry written before certificates).
+    #[default]
+    Token,
+    /// A verified client certificate with this URI SAN.
+    Certificate { uri: String },
+}
+
+impl Via {
+    /// `token` or `certificate`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Via::Token => "token",
+            Via::Certificate { .. } => "certificate",
+        }
+    }
 }
 
 impl Operator {
@@ -132,14 +166,54 @@ impl Operator {
     }
 }
 
-/// One configured credential: a name, the SHA-256 of its token (64 hex
-/// digits) and its scopes. The token itself is never configured.
+/// One configured credential: a name, exactly one of the SHA-256 of its
+/// token (64 hex digits) and the URI SAN of its client certificates, and
+/// its scopes. The token itself is never configured.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorCredential {
     pub name: String,
-    pub token_sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
+    /// A URI SAN, such as `spiffe://allot/operator/alice`: a client
+    /// certificate verified against `tls_client_ca` that carries it is
+    /// this operator. Compared byte for byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
     pub scopes: Vec<Scope>,
+}
+
+/// The longest `client_certificate` accepted.
+pub const MAX_CERTIFICATE_URI_BYTES: usize = 2048;
+
+/// Checks a `client_certificate` URI: `scheme:rest`, printable, bounded,
+/// and never an agent's identity.
+fn check_certificate_uri(field: &str, uri: &str) -> Result<(), String> {
+    if uri.len() > MAX_CERTIFICATE_URI_BYTES {
+        return Err(format!(
+            "{field}: must be at most {MAX_CERTIFICATE_URI_BYTES} bytes"
+        ));
+    }
+    let well_formed = uri.split_once(':').is_some_and(|(scheme, rest)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+            && !rest.is_empty()
+    }) && uri.chars().all(|c| c.is_ascii_graphic());
+    if !well_formed {
+        return Err(format!(
+            "{field}: {uri:?} is not a URI (the URI SAN of the certificates, such as {}<name>)",
+            crate::identity::OPERATOR_URI_PREFIX
+        ));
+    }
+    if crate::identity::is_agent_uri(uri) {
+        return Err(format!(
+            "{field}: {uri:?} is an agent's identity ({}...): an agent certificate is never an operator",
+            crate::identity::AGENT_URI_PREFIX
+        ));
+    }
+    Ok(())
 }
 
 /// The credentials file: `[[operator]]` tables (TOML) or
@@ -160,9 +234,18 @@ pub fn token_sha256(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// What proves a credential.
+#[derive(Debug, Clone)]
+enum Proof {
+    /// The SHA-256 of the token.
+    Token([u8; 32]),
+    /// A URI SAN of a verified client certificate.
+    Certificate(String),
+}
+
 #[derive(Debug, Clone)]
 struct Credential {
-    hash: [u8; 32],
+    proof: Proof,
     operator: Operator,
 }
 
@@ -181,10 +264,11 @@ impl Credentials {
         let mut entries = Vec::new();
         if !admin_token.is_empty() {
             entries.push(Credential {
-                hash: Sha256::digest(admin_token.as_bytes()).into(),
+                proof: Proof::Token(Sha256::digest(admin_token.as_bytes()).into()),
                 operator: Operator {
                     name: LEGACY_ADMIN.into(),
                     scopes: BTreeSet::from([Scope::Admin]),
+                    via: Via::Token,
                 },
             });
         }
@@ -202,30 +286,65 @@ impl Credentials {
                         credential.name
                     ));
                 }
-                let hash = hex::decode(&credential.token_sha256)
-                    .ok()
-                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-                    .ok_or_else(|| {
-                        format!("{field}.token_sha256: must be 64 hex digits (the SHA-256 of the token)")
-                    })?;
+                let proof = match (&credential.token_sha256, &credential.client_certificate) {
+                    (Some(_), Some(_)) => {
+                        return Err(format!(
+                            "{field}.client_certificate: set either token_sha256 or \
+                             client_certificate, not both (one credential each)"
+                        ))
+                    }
+                    (None, None) => {
+                        return Err(format!(
+                            "{field}.token_sha256: missing: set token_sha256 (the SHA-256 of a \
+                             bearer token) or client_certificate (the URI SAN of client \
+                             certificates)"
+                        ))
+                    }
+                    (Some(hash), None) => hex::decode(hash)
+                        .ok()
+                        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                        .map(Proof::Token)
+                        .ok_or_else(|| {
+                            format!("{field}.token_sha256: must be 64 hex digits (the SHA-256 of the token)")
+                        })?,
+                    (None, Some(uri)) => {
+                        check_certificate_uri(&format!("{field}.client_certificate"), uri)?;
+                        Proof::Certificate(uri.clone())
+                    }
+                };
                 if credential.scopes.is_empty() {
                     return Err(format!(
                         "{field}.scopes: at least one of read, keys, billing, agents, admin"
                     ));
                 }
-                // One token, one operator: a shared hash would give the
-                // token another credential's scopes and name in the audit.
-                if let Some(other) = entries.iter().find(|e| e.hash == hash) {
+                // One token or certificate, one operator: a shared one
+                // would give it another credential's scopes and name in
+                // the audit.
+                let shared = entries.iter().find(|e| match (&e.proof, &proof) {
+                    (Proof::Token(a), Proof::Token(b)) => a == b,
+                    (Proof::Certificate(a), Proof::Certificate(b)) => a == b,
+                    _ => false,
+                });
+                if let Some(other) = shared {
+                    let (what, field_name) = match proof {
+                        Proof::Token(_) => ("token", "token_sha256"),
+                        Proof::Certificate(_) => ("certificate identity", "client_certificate"),
+                    };
                     return Err(format!(
-                        "{field}.token_sha256: the same token as {:?}; every credential needs its own",
+                        "{field}.{field_name}: the same {what} as {:?}; every credential needs its own",
                         other.operator.name
                     ));
                 }
+                let via = match &proof {
+                    Proof::Token(_) => Via::Token,
+                    Proof::Certificate(uri) => Via::Certificate { uri: uri.clone() },
+                };
                 entries.push(Credential {
-                    hash,
+                    proof,
                     operator: Operator {
                         name: credential.name.clone(),
                         scopes: credential.scopes.iter().copied().collect(),
+                        via,
                     },
                 });
             }
@@ -250,12 +369,78 @@ impl Credentials {
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
         for entry in &self.entries {
-            if bool::from(entry.hash.ct_eq(&presented)) {
-                found = Some(&entry.operator);
+            if let Proof::Token(hash) = &entry.proof {
+                if bool::from(hash.ct_eq(&presented)) {
+                    found = Some(&entry.operator);
+                }
             }
         }
         found.cloned()
     }
+
+    /// The operator a verified client certificate (DER) maps to, by its
+    /// URI SANs; else why it is none, for an UNAUTHENTICATED message. A
+    /// certificate naming an agent is never an operator, nor one whose
+    /// URIs map to two operators.
+    pub fn authenticate_certificate(&self, der: &[u8]) -> Result<Operator, String> {
+        let uris = crate::identity::uris_of_certificate(der)?;
+        if let Some(agent) = uris.iter().find(|uri| crate::identity::is_agent_uri(uri)) {
+            return Err(format!(
+                "the client certificate is an agent's ({}): an agent certificate is never an operator",
+                shown(agent)
+            ));
+        }
+        let mut found: Option<&Operator> = None;
+        for entry in &self.entries {
+            let Proof::Certificate(mapped) = &entry.proof else {
+                continue;
+            };
+            if !uris.iter().any(|uri| uri == mapped) {
+                continue;
+            }
+            if let Some(first) = found {
+                return Err(format!(
+                    "the client certificate maps to two operators, {:?} and {:?}: it is neither",
+                    first.name, entry.operator.name
+                ));
+            }
+            found = Some(&entry.operator);
+        }
+        if let Some(operator) = found {
+            return Ok(operator.clone());
+        }
+        Err(match uris.as_slice() {
+            [] => format!(
+                "the client certificate has no URI SAN, so it is not an operator (certs client \
+                 makes {}<name>)",
+                crate::identity::OPERATOR_URI_PREFIX
+            ),
+            [uri] => format!(
+                "the client certificate's identity {} is not an operator: map it with \
+                 client_certificate in the operators file",
+                shown(uri)
+            ),
+            [uri, more @ ..] => format!(
+                "the client certificate's identity {} (and {} more URI) is not an operator: map \
+                 it with client_certificate in the operators file",
+                shown(uri),
+                more.len()
+            ),
+        })
+    }
+}
+
+/// A certificate's URI for a message: quoted, at most 256 bytes of it.
+fn shown(uri: &str) -> String {
+    const MAX: usize = 256;
+    if uri.len() <= MAX {
+        return format!("{uri:?}");
+    }
+    let mut end = MAX;
+    while !uri.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}...", &uri[..end])
 }
 
 /// Reads a credentials file (TOML, or JSON when it ends in `.json`), and
@@ -499,12 +684,26 @@ impl Gatekeeper {
         }
     }
 
-    /// The operator calling `path` with `headers` from `peer`, or the
-    /// status that refuses the call.
+    /// The operator calling `path` with `headers` from `peer`, who
+    /// presented the verified client `certificate` (DER, the leaf) if any,
+    /// or the status that refuses the call. The rule:
+    ///
+    /// | token | certificate | caller |
+    /// | --- | --- | --- |
+    /// | none | none | refused |
+    /// | none | maps to an operator | that operator |
+    /// | none | maps to none (or an agent's) | refused |
+    /// | invalid | any | refused |
+    /// | valid | none, or maps to none (or an agent's) | the token's operator |
+    /// | valid | maps to an operator | refused, naming both |
+    ///
+    /// Every refusal is UNAUTHENTICATED and counts as a failure from the
+    /// peer.
     pub fn admit(
         &self,
         path: &str,
         headers: &http::HeaderMap,
+        certificate: Option<&[u8]>,
         peer: Option<IpAddr>,
     ) -> Result<Operator, Status> {
         let now = Instant::now();
@@ -525,15 +724,31 @@ impl Gatekeeper {
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let operator = match presented {
-            None => Err(Status::unauthenticated(
-                "missing operator token: send authorization: Bearer <token>",
-            )),
-            Some(token) => self
-                .credentials
-                .borrow()
-                .authenticate(token)
-                .ok_or_else(|| Status::unauthenticated("invalid operator token")),
+        let operator = {
+            let credentials = self.credentials.borrow();
+            let by_certificate =
+                certificate.map(|certificate| credentials.authenticate_certificate(certificate));
+            match (presented, by_certificate) {
+                (None, None) => Err(Status::unauthenticated(
+                    "missing operator credential: send authorization: Bearer <token> or a \
+                     client certificate mapped to an operator",
+                )),
+                (None, Some(by_certificate)) => by_certificate.map_err(Status::unauthenticated),
+                (Some(token), by_certificate) => match credentials.authenticate(token) {
+                    None => Err(Status::unauthenticated("invalid operator token")),
+                    // Names are unique, so a mapped certificate and a
+                    // token are always two credentials: which one to
+                    // trust is not guessed.
+                    Some(by_token) => match by_certificate {
+                        Some(Ok(by_certificate)) => Err(Status::unauthenticated(format!(
+                            "the client certificate is operator {:?} and the bearer token is \
+                             operator {:?}: send one credential",
+                            by_certificate.name, by_token.name
+                        ))),
+                        Some(Err(_)) | None => Ok(by_token),
+                    },
+                },
+            }
         };
         let operator = match operator {
             Ok(operator) => operator,
@@ -588,6 +803,17 @@ fn peer_of<B>(request: &http::Request<B>) -> Option<IpAddr> {
         .map(|addr| addr.ip())
 }
 
+/// The client certificates the TLS handshake verified (leaf first).
+fn peer_certificates_of<B>(
+    request: &http::Request<B>,
+) -> Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|info| info.peer_certs())
+}
+
 impl<S, B> tower_service::Service<http::Request<B>> for OperatorGate<S>
 where
     S: tower_service::Service<
@@ -611,9 +837,17 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let admitted =
-            self.gatekeeper
-                .admit(request.uri().path(), request.headers(), peer_of(&request));
+        let certificates = peer_certificates_of(&request);
+        let leaf = certificates
+            .as_deref()
+            .and_then(|chain| chain.first())
+            .map(|der| der.as_ref());
+        let admitted = self.gatekeeper.admit(
+            request.uri().path(),
+            request.headers(),
+            leaf,
+            peer_of(&request),
+        );
         match admitted {
             Ok(operator) => {
                 request.extensions_mut().insert(operator);
@@ -644,7 +878,8 @@ mod tests {
     fn credential(name: &str, token: &str, scopes: &[Scope]) -> OperatorCredential {
         OperatorCredential {
             name: name.into(),
-            token_sha256: token_sha256(token),
+            token_sha256: Some(token_sha256(token)),
+            client_certificate: None,
             scopes: scopes.to_vec(),
         }
     }
@@ -704,7 +939,7 @@ mod tests {
     #[test]
     fn credentials_are_checked() {
         let bad_hash = OperatorCredential {
-            token_sha256: "abc".into(),
+            token_sha256: Some("abc".into()),
             ..credential("x", "t", &[Scope::Read])
         };
         let err = Credentials::new("", &[("operators".into(), vec![bad_hash])]).unwrap_err();
@@ -736,6 +971,252 @@ mod tests {
         assert!(err.starts_with("operators[1].token_sha256"), "{err}");
     }
 
+    fn mapped(name: &str, uri: &str, scopes: &[Scope]) -> OperatorCredential {
+        OperatorCredential {
+            name: name.into(),
+            token_sha256: None,
+            client_certificate: Some(uri.into()),
+            scopes: scopes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn certificate_mappings_are_checked() {
+        let load = |credentials: Vec<OperatorCredential>| {
+            Credentials::new("", &[("operators_file".into(), credentials)]).unwrap_err()
+        };
+        let both = OperatorCredential {
+            client_certificate: Some("spiffe://allot/operator/x".into()),
+            ..credential("x", "t", &[Scope::Read])
+        };
+        let err = load(vec![both]);
+        assert!(
+            err.starts_with("operators_file[0].client_certificate: set either"),
+            "{err}"
+        );
+        let neither = OperatorCredential {
+            token_sha256: None,
+            ..credential("x", "t", &[Scope::Read])
+        };
+        let err = load(vec![neither]);
+        assert!(
+            err.starts_with("operators_file[0].token_sha256: missing"),
+            "{err}"
+        );
+        for agent in ["spiffe://allot/agent/a1", "SPIFFE://Allot/Agent/a1"] {
+            let err = load(vec![mapped("x", agent, &[Scope::Admin])]);
+            assert!(
+                err.starts_with("operators_file[0].client_certificate")
+                    && err.contains("never an operator"),
+                "{err}"
+            );
+        }
+        for not_a_uri in ["", "alice", "spiffe://allot/operator/a b", "1x:y", "x:"] {
+            let err = load(vec![mapped("x", not_a_uri, &[Scope::Read])]);
+            assert!(
+                err.starts_with("operators_file[0].client_certificate"),
+                "{not_a_uri:?}: {err}"
+            );
+        }
+        let long = format!(
+            "spiffe://allot/operator/{}",
+            "a".repeat(MAX_CERTIFICATE_URI_BYTES)
+        );
+        assert!(load(vec![mapped("x", &long, &[Scope::Read])]).contains("at most 2048 bytes"));
+        let err = load(vec![
+            mapped("alice", "spiffe://allot/operator/alice", &[Scope::Read]),
+            mapped("bob", "spiffe://allot/operator/alice", &[Scope::Billing]),
+        ]);
+        assert!(
+            err.starts_with(
+                "operators_file[1].client_certificate: the same certificate identity as \"alice\""
+            ),
+            "{err}"
+        );
+        let err = load(vec![
+            mapped("alice", "spiffe://allot/operator/alice", &[Scope::Read]),
+            credential("alice", "t", &[Scope::Read]),
+        ]);
+        assert!(err.starts_with("operators_file[1].name"), "{err}");
+        // A mapping and a token named alike elsewhere are separate proofs.
+        Credentials::new(
+            "",
+            &[(
+                "operators".into(),
+                vec![
+                    mapped("alice", "spiffe://example.org/ops/alice", &[Scope::Read]),
+                    credential("bob", "spiffe://example.org/ops/alice", &[Scope::Read]),
+                ],
+            )],
+        )
+        .unwrap();
+    }
+
+    /// A certificate (DER) signed by a throwaway CA with these URI SANs.
+    fn certificate_with_uris(uris: &[&str]) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|uri| rcgen::SanType::URI((*uri).try_into().unwrap()))
+            .collect();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn gatekeeper(credentials: Credentials) -> Gatekeeper {
+        let (tx, rx) = watch::channel(Arc::new(credentials));
+        // The receiver keeps the value; the sender is not needed.
+        drop(tx);
+        Gatekeeper::new(rx, Arc::new(AuthThrottle::new(3, Duration::from_secs(60))))
+    }
+
+    fn bearer(token: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn a_mapped_certificate_is_its_operator_and_the_gate_combines_it_with_a_token_by_rule() {
+        const ALICE: &str = "spiffe://allot/operator/alice";
+        let credentials = Credentials::new(
+            "",
+            &[(
+                "operators_file".into(),
+                vec![
+                    mapped("alice", ALICE, &[Scope::Read]),
+                    credential("alice-token", "alice-token", &[Scope::Billing]),
+                    credential("bob", "bob-token", &[Scope::Read, Scope::Billing]),
+                    mapped("carol", "spiffe://example.org/carol", &[Scope::Keys]),
+                ],
+            )],
+        )
+        .unwrap();
+        let alice_cert = certificate_with_uris(&[ALICE]);
+        let alice = credentials.authenticate_certificate(&alice_cert).unwrap();
+        assert_eq!(alice.name, "alice");
+        assert_eq!(alice.via, Via::Certificate { uri: ALICE.into() });
+        assert!(alice.check("/allot.v1.Admin/ListKeys").is_ok());
+        assert_eq!(
+            alice.check("/allot.v1.Admin/Credit").unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        assert!(credentials.authenticate_certificate(b"not DER").is_err());
+        let agent = certificate_with_uris(&["spiffe://allot/agent/a1", ALICE]);
+        let why = credentials.authenticate_certificate(&agent).unwrap_err();
+        assert!(why.contains("never an operator"), "{why}");
+        let two = certificate_with_uris(&[ALICE, "spiffe://example.org/carol"]);
+        let why = credentials.authenticate_certificate(&two).unwrap_err();
+        assert!(why.contains("two operators"), "{why}");
+        let unmapped = certificate_with_uris(&["spiffe://allot/operator/mallory"]);
+        let why = credentials.authenticate_certificate(&unmapped).unwrap_err();
+        assert_eq!(
+            why,
+            "the client certificate's identity \"spiffe://allot/operator/mallory\" is not an \
+             operator: map it with client_certificate in the operators file"
+        );
+        let none = certificate_with_uris(&[]);
+        assert!(credentials
+            .authenticate_certificate(&none)
+            .unwrap_err()
+            .contains("no URI SAN"));
+        // A token never authenticates as a certificate credential.
+        assert!(credentials.authenticate(ALICE).is_none());
+
+        let gate = gatekeeper(credentials);
+        let path = "/allot.v1.Admin/ListKeys";
+        let no_headers = http::HeaderMap::new();
+        let admit =
+            |headers: &http::HeaderMap, cert: Option<&[u8]>| gate.admit(path, headers, cert, None);
+        let refused = |result: Result<Operator, Status>| {
+            let status = result.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+            status.message().to_string()
+        };
+        assert!(refused(admit(&no_headers, None)).starts_with("missing operator credential"));
+        assert_eq!(admit(&no_headers, Some(&alice_cert)).unwrap(), alice);
+        assert!(refused(admit(&no_headers, Some(&unmapped))).contains("mallory"));
+        assert!(refused(admit(&no_headers, Some(&agent))).contains("agent"));
+        assert_eq!(
+            refused(admit(&bearer("wrong"), Some(&alice_cert))),
+            "invalid operator token"
+        );
+        let by_token = admit(&bearer("bob-token"), Some(&unmapped)).unwrap();
+        assert_eq!(
+            (by_token.name.as_str(), &by_token.via),
+            ("bob", &Via::Token)
+        );
+        assert_eq!(
+            admit(&bearer("bob-token"), Some(&agent)).unwrap().name,
+            "bob",
+            "an agent certificate adds nothing to a valid token"
+        );
+        assert_eq!(
+            refused(admit(&bearer("bob-token"), Some(&alice_cert))),
+            "the client certificate is operator \"alice\" and the bearer token is operator \
+             \"bob\": send one credential"
+        );
+        // Scopes are checked after authentication: PERMISSION_DENIED.
+        let denied = gate
+            .admit(
+                "/allot.v1.Admin/Credit",
+                &no_headers,
+                Some(&alice_cert),
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn a_mapped_certificate_with_even_the_admin_token_is_refused() {
+        let credentials = Credentials::new(
+            "legacy-admin-token",
+            &[(
+                "operators".into(),
+                vec![mapped(
+                    "ops",
+                    "spiffe://allot/operator/ops",
+                    &[Scope::Admin],
+                )],
+            )],
+        )
+        .unwrap();
+        let gate = gatekeeper(credentials);
+        let ops = certificate_with_uris(&["spiffe://allot/operator/ops"]);
+        let status = gate
+            .admit(
+                "/allot.v1.Admin/ListKeys",
+                &bearer("legacy-admin-token"),
+                Some(&ops),
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert!(status.message().contains("\"ops\"") && status.message().contains("\"admin\""));
+    }
+
+    #[test]
+    fn failed_certificate_authentication_is_throttled_like_a_token() {
+        let gate = gatekeeper(Credentials::new("legacy-admin-token", &[]).unwrap());
+        let unmapped = certificate_with_uris(&["spiffe://allot/operator/mallory"]);
+        let peer: IpAddr = "10.0.0.9".parse().unwrap();
+        let path = "/allot.v1.Admin/ListKeys";
+        for _ in 0..3 {
+            let status = gate
+                .admit(path, &http::HeaderMap::new(), Some(&unmapped), Some(peer))
+                .unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        }
+        let slowed = gate
+            .admit(path, &bearer("legacy-admin-token"), None, Some(peer))
+            .unwrap_err();
+        assert_eq!(slowed.code(), tonic::Code::ResourceExhausted);
+    }
+
     #[test]
     fn credentials_files_are_toml_or_json() {
         let toml = format!(
@@ -756,6 +1237,15 @@ mod tests {
             parsed
         );
         assert!(parse_credentials(Path::new("x.toml"), "[[operator]]\nname = 1").is_err());
+        let mapping = "[[operator]]\nname = \"alice\"\nclient_certificate = \"spiffe://allot/operator/alice\"\nscopes = [\"read\"]\n";
+        assert_eq!(
+            parse_credentials(Path::new("ops.toml"), mapping).unwrap(),
+            vec![mapped(
+                "alice",
+                "spiffe://allot/operator/alice",
+                &[Scope::Read]
+            )]
+        );
     }
 
     #[test]

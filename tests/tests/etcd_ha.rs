@@ -152,7 +152,7 @@ async fn a_paused_coordinator_loses_its_election_key_and_cannot_commit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_entries_are_in_etcd_and_survive_a_leader_fail_over() {
+async fn audit_entries_are_in_etcd_and_survive_a_leader_fail_over_and_numbering_goes_on() {
     let cluster = EtcdCluster::start(1).await;
     let dir = TempDir::new("audit-failover");
     let mut coordinators = vec![
@@ -170,6 +170,31 @@ async fn audit_entries_are_in_etcd_and_survive_a_leader_fail_over() {
         }))
         .await
         .unwrap();
+    admin
+        .credit(authed(pb::CreditRequest {
+            account_id: "acme".into(),
+            amount: "50".into(),
+            source_id: "invoice-1".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    admin
+        .create_key(authed(pb::CreateKeyRequest {
+            account_id: "acme".into(),
+            key_id: "k1".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let on_first_leader = admin
+        .list_audit(authed(pb::ListAuditRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let methods: Vec<&str> = on_first_leader.iter().map(|e| e.method.as_str()).collect();
+    assert_eq!(methods, ["CreateKey", "Credit", "CreateAccount"]);
     let mut client = cluster.client().await;
     let stored = client
         .get(
@@ -178,24 +203,46 @@ async fn audit_entries_are_in_etcd_and_survive_a_leader_fail_over() {
         )
         .await
         .unwrap();
-    assert_eq!(stored.kvs().len(), 1, "the entry is in etcd");
+    assert_eq!(stored.kvs().len(), 3, "the entries are in etcd");
+
     coordinators[leader].kill();
     let survivor = 1 - leader;
     wait_for_leader(std::slice::from_ref(&coordinators[survivor])).await;
     let mut admin = pb::admin_client::AdminClient::connect(coordinators[survivor].url.clone())
         .await
         .unwrap();
-    let entries = admin
+    let on_second_leader = admin
         .list_audit(authed(pb::ListAuditRequest::default()))
         .await
         .unwrap()
         .into_inner()
         .entries;
-    assert_eq!(entries.len(), 1);
     assert_eq!(
-        (entries[0].operator.as_str(), entries[0].method.as_str()),
-        ("admin", "CreateAccount")
+        on_second_leader, on_first_leader,
+        "the new leader lists every entry of the old one, unchanged"
     );
+    assert!(on_second_leader
+        .iter()
+        .all(|e| e.operator == "admin" && e.via == "token"));
+
+    // Numbering goes on from the old leader's last entry.
+    admin
+        .revoke_key(authed(pb::RevokeKeyRequest {
+            key_id: "k1".into(),
+        }))
+        .await
+        .unwrap();
+    let newest = admin
+        .list_audit(authed(pb::ListAuditRequest {
+            page_size: 1,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(newest[0].method, "RevokeKey");
+    assert_eq!(newest[0].seq, on_first_leader[0].seq + 1);
 }
 
 /// Index of the coordinator that answers admin calls (the leader).

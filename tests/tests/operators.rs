@@ -19,7 +19,8 @@ const ROOT: &str = "root-token-0123456789";
 fn credential(name: &str, token: &str, scopes: &[Scope]) -> OperatorCredential {
     OperatorCredential {
         name: name.into(),
-        token_sha256: token_sha256(token),
+        token_sha256: Some(token_sha256(token)),
+        client_certificate: None,
         scopes: scopes.to_vec(),
     }
 }

@@ -122,6 +122,9 @@ pub async fn check_store(store: &dyn Store) {
         seq,
         at_ms: 1_000 + seq as i64,
         operator: "ops".into(),
+        via: crate::operators::Via::Certificate {
+            uri: "spiffe://allot/operator/ops".into(),
+        },
         method: "Credit".into(),
         change: serde_json::json!({"account_id": "acme", "amount": "5"}),
     };
