@@ -843,6 +843,18 @@ mod tests {
     }
 
     #[test]
+    fn a_blank_model_or_one_with_control_characters_is_refused_naming_model() {
+        for model in ["   ", "gpt\u{0}x", "line\nbreak"] {
+            let refused = facts(
+                Operation::ChatCompletions,
+                json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .unwrap_err();
+            assert_eq!(refused.param.as_deref(), Some("model"), "{model:?}");
+        }
+    }
+
+    #[test]
     fn images_are_charged_the_configured_amount_not_their_bytes() {
         let huge = "A".repeat(100_000);
         let f = facts(
