@@ -595,6 +595,22 @@ struct Failures {
 /// Addresses remembered by the throttle at most.
 pub const MAX_THROTTLED_PEERS: usize = 10_000;
 
+/// What the throttle counts failures by: an IPv4 address (an IPv4-mapped
+/// IPv6 address counts as its IPv4 address), or an IPv6 address's /64,
+/// the smallest network a host is routinely given, so that one host
+/// cannot escape the throttle (or flush it) by walking its own addresses.
+pub fn throttle_key(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
 impl AuthThrottle {
     /// `max_failures` 0 disables the throttle.
     pub fn new(max_failures: u32, window: Duration) -> AuthThrottle {
@@ -611,6 +627,7 @@ impl AuthThrottle {
         if self.max_failures == 0 {
             return Ok(());
         }
+        let peer = throttle_key(peer);
         let mut peers = self.peers.lock().expect("throttle lock");
         let Some(failures) = peers.get(&peer).copied() else {
             return Ok(());
@@ -630,14 +647,19 @@ impl AuthThrottle {
         if self.max_failures == 0 {
             return;
         }
+        let peer = throttle_key(peer);
         let mut peers = self.peers.lock().expect("throttle lock");
         if !peers.contains_key(&peer) && peers.len() >= self.max_peers {
+            // Full: forget what has expired and, if that is not enough,
+            // the oldest tenth at once, so that a stream of new addresses
+            // costs one pass over the map per tenth of it, not per failure.
             let window = self.window;
             peers.retain(|_, f| now < f.since + window);
             if peers.len() >= self.max_peers {
-                if let Some(oldest) = peers.iter().min_by_key(|(_, f)| f.since).map(|(ip, _)| *ip) {
-                    peers.remove(&oldest);
-                }
+                let mut since: Vec<Instant> = peers.values().map(|f| f.since).collect();
+                let cut = (self.max_peers / 10).max(1).min(since.len()) - 1;
+                let (_, &mut oldest_kept, _) = since.select_nth_unstable(cut);
+                peers.retain(|_, f| f.since > oldest_kept);
             }
         }
         let failures = peers.entry(peer).or_insert(Failures {
@@ -657,7 +679,10 @@ impl AuthThrottle {
         if self.max_failures == 0 {
             return;
         }
-        self.peers.lock().expect("throttle lock").remove(&peer);
+        self.peers
+            .lock()
+            .expect("throttle lock")
+            .remove(&throttle_key(peer));
     }
 
     #[cfg(test)]
@@ -1280,9 +1305,30 @@ mod tests {
                 t0 + Duration::from_millis(i.into()),
             );
         }
-        assert_eq!(throttle.remembered(), 4);
+        assert!(throttle.remembered() <= 4);
         assert!(throttle
             .check(IpAddr::from([10, 0, 0, 9]), t0 + Duration::from_secs(1))
             .is_err());
+    }
+
+    #[test]
+    fn one_ipv6_host_walking_its_own_64_is_throttled_as_one_peer() {
+        let throttle = AuthThrottle::new(3, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let base: u128 = 0x2001_0db8_0000_0001 << 64;
+        for i in 0..1000u128 {
+            throttle.failed(IpAddr::V6((base | (i * 7919)).into()), t0);
+        }
+        assert_eq!(throttle.remembered(), 1);
+        assert!(throttle.check(IpAddr::V6((base | 42).into()), t0).is_err());
+        // The next /64 is another peer.
+        let next = IpAddr::V6((base + (1u128 << 64)).into());
+        assert!(throttle.check(next, t0).is_ok());
+        // An IPv4-mapped address is its IPv4 address.
+        for _ in 0..3 {
+            throttle.failed(IpAddr::from([192, 0, 2, 1]), t0);
+        }
+        let mapped = IpAddr::V6(std::net::Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
+        assert!(throttle.check(mapped, t0).is_err());
     }
 }
