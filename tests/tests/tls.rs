@@ -339,7 +339,8 @@ async fn grpcurl_with_cacert_lists_the_services_and_calls_admin_with_the_token()
     ]))
     .await;
     assert!(ok && out.contains("acme"), "{out}");
-    // An operator certificate is accepted too; the token is still needed.
+    // A client certificate that no operator credential maps is only TLS: the
+    // call needs the token (tests/tests/operator_certs.rs maps certificates).
     let operator = coordinator.pki.client("ops");
     let (cert, key) = (
         operator.cert.display().to_string(),
