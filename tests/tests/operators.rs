@@ -6,6 +6,7 @@
 use allot::pb;
 use allot_coordinator::config::CoordinatorConfig;
 use allot_coordinator::operators::{token_sha256, OperatorCredential, Scope};
+use allot_e2e::grpcurl::Grpcurl;
 use allot_e2e::*;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -316,49 +317,28 @@ async fn each_scope_allows_its_methods_and_every_other_call_is_permission_denied
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
 }
 
-fn grpcurl(token: &str, addr: &str, data: &str, method: &str) -> std::process::Output {
-    // The token travels in the environment, never on the command line.
-    std::process::Command::new("grpcurl")
-        .args(["-plaintext", "-expand-headers", "-H"])
-        .arg("authorization: Bearer ${ALLOT_TOKEN}")
-        .args(["-d", data, addr, method])
-        .env("ALLOT_TOKEN", token)
-        .output()
-        .expect("grpcurl runs")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_with_a_scoped_token_works_and_a_denied_call_names_the_missing_scope() {
     let dir = TempDir::new("grpcurl-scopes");
     let stack = Stack::start_with(config_in(&dir)).await;
     let addr = stack.coordinator_addr.to_string();
-    let listed = tokio::task::spawn_blocking({
-        let addr = addr.clone();
-        move || grpcurl(READER, &addr, "{}", "allot.v1.Admin/ListAccounts")
-    })
-    .await
-    .unwrap();
-    assert!(
-        listed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&listed.stderr)
-    );
-    let denied = tokio::task::spawn_blocking(move || {
-        grpcurl(
-            READER,
+    let (ok, out) = Grpcurl::plaintext()
+        .token(READER)
+        .call(&addr, "allot.v1.Admin/ListAccounts", "{}")
+        .await;
+    assert!(ok, "{out}");
+    let (ok, out) = Grpcurl::plaintext()
+        .token(READER)
+        .call(
             &addr,
-            r#"{"account_id": "acme", "amount": "1", "source_id": "s"}"#,
             "allot.v1.Admin/Credit",
+            r#"{"account_id": "acme", "amount": "1", "source_id": "s"}"#,
         )
-    })
-    .await
-    .unwrap();
-    assert!(!denied.status.success());
-    let stderr = String::from_utf8_lossy(&denied.stderr);
+        .await;
     assert!(
-        stderr.contains("PermissionDenied")
-            && stderr.contains("allot.v1.Admin/Credit: needs scope billing or admin"),
-        "{stderr}"
+        !ok && out.contains("PermissionDenied")
+            && out.contains("allot.v1.Admin/Credit: needs scope billing or admin"),
+        "{out}"
     );
 }
 

