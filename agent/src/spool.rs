@@ -531,19 +531,7 @@ impl Spool {
         let Some(session) = &self.session else {
             return;
         };
-        let records: Vec<pb::UsageRecord> = self.pending.values().cloned().collect();
-        for chunk in records.chunks(BATCH) {
-            let message = pb::AgentMessage {
-                msg: Some(pb::agent_message::Msg::Usage(pb::UsageBatch {
-                    records: chunk.to_vec(),
-                })),
-            };
-            if session.try_send(message).is_err() {
-                // Full or closed: the resend timer or the next session
-                // sends them again.
-                break;
-            }
-        }
+        send_in_batches(session, self.pending.values().cloned());
         self.last_sent = Some(Instant::now());
     }
 
@@ -643,17 +631,7 @@ impl Spool {
         let Some(session) = &self.session else {
             return;
         };
-        for chunk in unsent.chunks(BATCH) {
-            let message = pb::AgentMessage {
-                msg: Some(pb::agent_message::Msg::Usage(pb::UsageBatch {
-                    records: chunk.to_vec(),
-                })),
-            };
-            if session.try_send(message).is_err() {
-                // The resend timer or the next session sends them again.
-                break;
-            }
-        }
+        send_in_batches(session, unsent.into_iter());
         if self.last_sent.is_none() {
             self.last_sent = Some(Instant::now());
         }
@@ -840,6 +818,29 @@ impl Spool {
         }
         self.send_unsent();
         self.flush_state();
+    }
+}
+
+/// Sends `records` to the session in `UsageBatch`es of [`BATCH`], until the
+/// session's queue is full or closed: the resend timer or the next session
+/// sends the rest again.
+fn send_in_batches(
+    session: &mpsc::Sender<pb::AgentMessage>,
+    mut records: impl Iterator<Item = pb::UsageRecord>,
+) {
+    loop {
+        let batch: Vec<pb::UsageRecord> = records.by_ref().take(BATCH).collect();
+        if batch.is_empty() {
+            return;
+        }
+        let message = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Usage(pb::UsageBatch {
+                records: batch,
+            })),
+        };
+        if session.try_send(message).is_err() {
+            return;
+        }
     }
 }
 
