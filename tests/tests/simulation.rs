@@ -1148,9 +1148,9 @@ impl Sharded {
                     group.admit(s, &key, rng, clock);
                 }
             }
-            // A session sees a few events at once: its requests end, the
-            // messages of its group move (a queue that keeps up with the
-            // traffic: 200 sessions share each group's queues).
+            // Several events at once: a session is drawn about once in
+            // AGENTS × GROUPS steps, so its requests end, and its group's
+            // queues move, a few at a time to keep up with the traffic.
             35..=54 => {
                 for _ in 0..3 {
                     group.finish(s, rng);
