@@ -246,17 +246,24 @@ async fn certificates_rotate_under_load_without_a_failed_request_and_with_one_re
         "the agent's session dropped exactly once"
     );
     let pki = stack.pki.as_ref().unwrap();
-    assert_eq!(served_certificate(pki, stack.coordinator_addr).await, renewed_server);
+    assert_eq!(
+        served_certificate(pki, stack.coordinator_addr).await,
+        renewed_server
+    );
 
     // Every request's usage is settled, once.
     let (served, tokens) = (
         load.served.load(Ordering::Relaxed),
         load.tokens.load(Ordering::Relaxed),
     );
-    wait_until("every request to settle", Duration::from_secs(30), || async {
-        stack.settled_records().await == served
-            && stack.key_usage(&key_id, pb::Unit::Tokens).await.0 == tokens
-    })
+    wait_until(
+        "every request to settle",
+        Duration::from_secs(30),
+        || async {
+            stack.settled_records().await == served
+                && stack.key_usage(&key_id, pb::Unit::Tokens).await.0 == tokens
+        },
+    )
     .await;
     assert_eq!(stack.key_usage(&key_id, pb::Unit::Tokens).await.0, tokens);
     assert!(served >= 80, "served {served}");
