@@ -16,9 +16,20 @@
 //!   on its own HTTP/1.1 connection, and each response's headers and first
 //!   event are read. With all of them open, VmRSS and VmHWM of the agent
 //!   are read from `/proc/<pid>/status`.
+//! - TLS (`--part tls`, issue 14): two agents on the same neuron and
+//!   coordinator, one whose client listener is plaintext and one serving
+//!   HTTPS (`--listen-tls-cert`, a certificate from a test CA made here),
+//!   and the bare hop as the floor. `--rounds` (5) rounds, the order of the
+//!   two agents swapped every round: `--c1-requests` (2,000) requests at
+//!   c=1 through each (and through the bare hop), then `--requests`
+//!   (20,000) at c=`--concurrency` (32) through each. The load client is
+//!   hyper's pooled keep-alive HTTP/1.1 client, over hyper-rustls (trusting
+//!   the test CA) for the TLS agent: handshakes happen once per pooled
+//!   connection, as with a real client.
 //!
-//! Run: `target/release/agent_bench [--part cpu|memory|both] [--requests N]
-//! [--concurrency N] [--streams N] [--stream] [--agent PATH]`
+//! Run: `target/release/agent_bench [--part cpu|memory|both|tls] [--requests N]
+//! [--concurrency N] [--streams N] [--stream] [--agent PATH] [--rounds N]
+//! [--c1-requests N]`
 //!
 //! `--stream`: the CPU part sends streamed chat completions instead (the
 //! whole SSE response is read). `--agent PATH`: run that agent binary
@@ -32,7 +43,7 @@ use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
@@ -60,6 +71,12 @@ struct Options {
     stream: bool,
     /// The agent binary to run; `None`: the one beside this executable.
     agent: Option<PathBuf>,
+    /// `--part tls`: plaintext against TLS on the agent's client listener.
+    tls: bool,
+    /// Interleaved rounds of `--part tls`.
+    rounds: usize,
+    /// Requests at c=1 per mode and round of `--part tls`.
+    c1_requests: u64,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -71,6 +88,9 @@ fn options() -> anyhow::Result<Options> {
         streams: 1_000,
         stream: false,
         agent: None,
+        tls: false,
+        rounds: 5,
+        c1_requests: 2_000,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -83,16 +103,24 @@ fn options() -> anyhow::Result<Options> {
                 "cpu" => options.memory = false,
                 "memory" => options.cpu = false,
                 "both" => {}
-                other => anyhow::bail!("--part cpu|memory|both, not {other}"),
+                "tls" => {
+                    options.cpu = false;
+                    options.memory = false;
+                    options.tls = true;
+                }
+                other => anyhow::bail!("--part cpu|memory|both|tls, not {other}"),
             },
             "--requests" => options.requests = value()?.parse()?,
             "--concurrency" => options.concurrency = value()?.parse()?,
             "--streams" => options.streams = value()?.parse()?,
             "--stream" => options.stream = true,
             "--agent" => options.agent = Some(PathBuf::from(value()?)),
+            "--rounds" => options.rounds = value()?.parse()?,
+            "--c1-requests" => options.c1_requests = value()?.parse()?,
             other => anyhow::bail!(
-                "unknown argument {other}; usage: agent_bench [--part cpu|memory|both] \
-                 [--requests N] [--concurrency N] [--streams N] [--stream] [--agent PATH]"
+                "unknown argument {other}; usage: agent_bench [--part cpu|memory|both|tls] \
+                 [--requests N] [--concurrency N] [--streams N] [--stream] [--agent PATH] \
+                 [--rounds N] [--c1-requests N]"
             ),
         }
     }
@@ -258,8 +286,8 @@ fn pooled_client() -> Client<HttpConnector, Full<Bytes>> {
     allot_e2e::bare_hop::pooled_client()
 }
 
-async fn one_request(
-    client: &Client<HttpConnector, Full<Bytes>>,
+async fn one_request<C: Connect + Clone + Send + Sync + 'static>(
+    client: &Client<C, Full<Bytes>>,
     url: &str,
     auth: &str,
     body: &Bytes,
@@ -297,8 +325,8 @@ struct Outcome {
 
 /// `concurrency` workers with requests back to back, until `requests` are
 /// done (or `deadline` passes).
-async fn run_workers(
-    client: &Client<HttpConnector, Full<Bytes>>,
+async fn run_workers<C: Connect + Clone + Send + Sync + 'static>(
+    client: &Client<C, Full<Bytes>>,
     url: &str,
     auth: &str,
     body: &'static str,
@@ -476,22 +504,20 @@ async fn neuron_hits(http: &reqwest::Client, neuron_url: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn bench(options: Options) -> anyhow::Result<()> {
-    let ticks = clock_ticks();
-    let (own_soft, own_hard) = nofile_limits("self");
-    if let Ok(soft) = own_soft.parse::<usize>() {
-        anyhow::ensure!(
-            soft >= options.streams + 256,
-            "open-file limit {soft} is too low for {} streams: run `ulimit -n {}` first",
-            options.streams,
-            options.streams * 4
-        );
-    }
-    let dir = std::env::temp_dir().join(format!("allot-agent-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let addr = |_: ()| allot_e2e::process::free_addr();
+/// The fake neuron and the coordinator (embedded store, plaintext) the
+/// agents under test talk to, and a key with a huge token balance.
+struct Backends {
+    neuron: Proc,
+    neuron_url: String,
+    coordinator: Proc,
+    coordinator_url: String,
+    /// `Bearer <secret>` of the key.
+    auth: String,
+    http: reqwest::Client,
+}
 
+async fn start_backends(dir: &Path) -> anyhow::Result<Backends> {
+    let addr = |_: ()| allot_e2e::process::free_addr();
     let neuron_addr = addr(());
     let neuron_url = format!("http://{neuron_addr}");
     let neuron = spawn(
@@ -526,16 +552,6 @@ async fn bench(options: Options) -> anyhow::Result<()> {
         &dir.join("coordinator.log"),
     )?;
     let http = reqwest::Client::new();
-    let wait = |what: &'static str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        move |ok: bool| -> anyhow::Result<bool> {
-            if ok {
-                return Ok(true);
-            }
-            anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-            Ok(false)
-        }
-    };
     let check = wait("the fake neuron");
     while !check(
         http.get(format!("{neuron_url}/health"))
@@ -566,6 +582,52 @@ async fn bench(options: Options) -> anyhow::Result<()> {
     )
     .await;
     let auth = format!("Bearer {secret}");
+    Ok(Backends {
+        neuron,
+        neuron_url,
+        coordinator,
+        coordinator_url,
+        auth,
+        http,
+    })
+}
+
+/// Waits until `ok` holds or `what` times out after 30 s.
+fn wait(what: &'static str) -> impl Fn(bool) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    move |ok: bool| -> anyhow::Result<bool> {
+        if ok {
+            return Ok(true);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        Ok(false)
+    }
+}
+
+async fn bench(options: Options) -> anyhow::Result<()> {
+    let ticks = clock_ticks();
+    let (own_soft, own_hard) = nofile_limits("self");
+    if let Ok(soft) = own_soft.parse::<usize>() {
+        anyhow::ensure!(
+            soft >= options.streams + 256,
+            "open-file limit {soft} is too low for {} streams: run `ulimit -n {}` first",
+            options.streams,
+            options.streams * 4
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("allot-agent-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let addr = |_: ()| allot_e2e::process::free_addr();
+
+    let Backends {
+        neuron,
+        neuron_url,
+        coordinator,
+        coordinator_url,
+        auth,
+        http,
+    } = start_backends(&dir).await?;
 
     let agent_addr = addr(());
     let agent_url = format!("http://{agent_addr}");
@@ -960,11 +1022,308 @@ async fn bench(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A pooled keep-alive HTTP/1.1 client over TLS trusting the CA in `ca`,
+/// with TCP_NODELAY: [`pooled_client`] with hyper-rustls.
+fn pooled_tls_client(
+    ca: &Path,
+) -> anyhow::Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>> {
+    let roots = allot_coordinator::tls::read_roots("ca", ca).map_err(anyhow::Error::msg)?;
+    let tls = rustls::ClientConfig::builder_with_provider(allot_coordinator::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .build(https))
+}
+
+/// One measured load: its outcome and the CPU seconds `pid` spent in it.
+async fn measured<C: Connect + Clone + Send + Sync + 'static>(
+    client: &Client<C, Full<Bytes>>,
+    url: &str,
+    auth: &str,
+    concurrency: usize,
+    requests: u64,
+    pid: u32,
+    ticks: f64,
+) -> anyhow::Result<(Outcome, f64)> {
+    let before = cpu_seconds(pid, ticks)?;
+    let outcome = run_workers(client, url, auth, BODY, concurrency, requests, MAX_RUN).await;
+    let cpu = cpu_seconds(pid, ticks)? - before;
+    if let Some(error) = &outcome.first_error {
+        anyhow::bail!("{} errors, first: {error}", outcome.errors);
+    }
+    Ok((outcome, cpu))
+}
+
+/// Waits until a chat completion through `url` answers 200.
+async fn wait_serving<C: Connect + Clone + Send + Sync + 'static>(
+    client: &Client<C, Full<Bytes>>,
+    url: &str,
+    auth: &str,
+    what: &'static str,
+) -> anyhow::Result<()> {
+    let check = wait(what);
+    loop {
+        let result = one_request(client, url, auth, &Bytes::from_static(BODY.as_bytes())).await;
+        if check(result.is_ok())? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Default)]
+struct ModeFigures {
+    p50_c1: Vec<f64>,
+    p99_c1: Vec<f64>,
+    rps_cn: Vec<f64>,
+    cpu_cn: Vec<f64>,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// `--part tls`: plaintext against TLS on the agent's client listener,
+/// interleaved.
+async fn tls_ab(options: Options) -> anyhow::Result<()> {
+    let ticks = clock_ticks();
+    let dir = std::env::temp_dir().join(format!("allot-agent-tls-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let backends = start_backends(&dir).await?;
+    let pki = allot_e2e::tls::TestPki::new(&dir.join("certs"));
+    let server = pki.node();
+    let agent_path = options
+        .agent
+        .clone()
+        .unwrap_or_else(|| allot_e2e::process::binary("allot-agent"));
+    let start_agent = |id: &'static str, tls: bool| {
+        let addr = allot_e2e::process::free_addr();
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            addr.to_string(),
+            "--metrics-listen".into(),
+            "off".into(),
+            "--insecure".into(),
+            "--coordinators".into(),
+            backends.coordinator_url.clone(),
+            "--agent-id".into(),
+            id.into(),
+            "--neuron-id".into(),
+            "neuron-1".into(),
+            "--neuron-url".into(),
+            backends.neuron_url.clone(),
+            "--spool-dir".into(),
+            dir.join(id).display().to_string(),
+            "--allowance-wait-ms".into(),
+            "2000".into(),
+        ];
+        if tls {
+            args.extend([
+                "--listen-tls-cert".into(),
+                server.cert.display().to_string(),
+                "--listen-tls-key".into(),
+                server.key.display().to_string(),
+            ]);
+        }
+        let log = dir.join(format!("{id}.log"));
+        spawn_binary("allot-agent", &agent_path, &args, &log).map(|agent| (agent, addr))
+    };
+    let (plain_agent, plain_addr) = start_agent("agent-plain", false)?;
+    let (tls_agent, tls_addr) = start_agent("agent-tls", true)?;
+    let bare_addr = allot_e2e::process::free_addr();
+    let bare = spawn(
+        "bare_hop",
+        &[
+            "--listen".into(),
+            bare_addr.to_string(),
+            "--upstream".into(),
+            backends.neuron_url.clone(),
+        ],
+        &dir.join("bare_hop.log"),
+    )?;
+    let plain = pooled_client();
+    let tls = pooled_tls_client(&pki.ca_path())?;
+    let plain_url = format!("http://{plain_addr}/v1/chat/completions");
+    let tls_url = format!("https://{tls_addr}/v1/chat/completions");
+    let bare_url = format!("http://{bare_addr}/v1/chat/completions");
+    let auth = backends.auth.clone();
+    wait_serving(&plain, &plain_url, &auth, "the plaintext agent").await?;
+    wait_serving(&tls, &tls_url, &auth, "the TLS agent").await?;
+    wait_serving(&plain, &bare_url, &auth, "the bare hop").await?;
+    eprintln!("warm-up: 1 s each at c={}...", options.concurrency);
+    run_workers(
+        &plain,
+        &plain_url,
+        &auth,
+        BODY,
+        options.concurrency,
+        u64::MAX,
+        WARM_UP,
+    )
+    .await;
+    run_workers(
+        &tls,
+        &tls_url,
+        &auth,
+        BODY,
+        options.concurrency,
+        u64::MAX,
+        WARM_UP,
+    )
+    .await;
+    run_workers(
+        &plain,
+        &bare_url,
+        &auth,
+        BODY,
+        options.concurrency,
+        u64::MAX,
+        WARM_UP,
+    )
+    .await;
+
+    let (c1, cn) = (options.c1_requests, options.requests);
+    let mut figures: [ModeFigures; 3] = Default::default();
+    let names = ["plaintext", "TLS", "bare hop (plaintext)"];
+    let mut rows = Vec::new();
+    for round in 1..=options.rounds {
+        let order: [usize; 3] = if round % 2 == 1 { [0, 1, 2] } else { [1, 0, 2] };
+        for mode in order {
+            eprintln!("round {round}: {} at c=1...", names[mode]);
+            let (outcome, _) = match mode {
+                0 => measured(&plain, &plain_url, &auth, 1, c1, plain_agent.pid(), ticks).await?,
+                1 => measured(&tls, &tls_url, &auth, 1, c1, tls_agent.pid(), ticks).await?,
+                _ => measured(&plain, &bare_url, &auth, 1, c1, bare.pid(), ticks).await?,
+            };
+            let f = &mut figures[mode];
+            f.p50_c1.push(micros(percentile(&outcome.latencies, 0.50)));
+            f.p99_c1.push(micros(percentile(&outcome.latencies, 0.99)));
+            if mode == 2 {
+                rows.push(format!(
+                    "| {round} | {} | {} | {:.1} | {:.1} | | |",
+                    names[mode],
+                    outcome.ok,
+                    f.p50_c1.last().unwrap(),
+                    f.p99_c1.last().unwrap()
+                ));
+                continue;
+            }
+            eprintln!(
+                "round {round}: {} at c={}...",
+                names[mode], options.concurrency
+            );
+            let n = options.concurrency;
+            let (outcome_n, cpu) = match mode {
+                0 => measured(&plain, &plain_url, &auth, n, cn, plain_agent.pid(), ticks).await?,
+                _ => measured(&tls, &tls_url, &auth, n, cn, tls_agent.pid(), ticks).await?,
+            };
+            let rps = outcome_n.ok as f64 / outcome_n.elapsed.as_secs_f64();
+            let cpu_per_request = cpu / outcome_n.ok.max(1) as f64 * 1e6;
+            f.rps_cn.push(rps);
+            f.cpu_cn.push(cpu_per_request);
+            rows.push(format!(
+                "| {round} | {} | {} + {} | {:.1} | {:.1} | {rps:.0} | {cpu_per_request:.1} |",
+                names[mode],
+                outcome.ok,
+                outcome_n.ok,
+                f.p50_c1.last().unwrap(),
+                f.p99_c1.last().unwrap(),
+            ));
+        }
+    }
+
+    let command = std::iter::once("target/release/agent_bench".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    println!("## agent_bench --part tls: plaintext against TLS on the client listener\n");
+    println!("Command: `{command}`\n");
+    println!(
+        "Agents {} (pids {} plaintext, {} TLS), bare hop pid {}, allot-fake-neuron pid {}, \
+         allot-coordinator pid {} (embedded store, plaintext to the agents); non-streamed chat \
+         completions (max_tokens 5), pooled keep-alive HTTP/1.1; agent CPU is utime + stime \
+         over the c={} run.\n",
+        agent_path.display(),
+        plain_agent.pid(),
+        tls_agent.pid(),
+        bare.pid(),
+        backends.neuron.pid(),
+        backends.coordinator.pid(),
+        options.concurrency,
+    );
+    println!(
+        "| round | through | requests | p50 c=1 (µs) | p99 c=1 (µs) | req/s c={} | agent CPU/request c={} (µs) |",
+        options.concurrency, options.concurrency
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|");
+    for row in &rows {
+        println!("{row}");
+    }
+    let bare_p50 = median(&figures[2].p50_c1);
+    println!(
+        "\nMedians over {} rounds (bare hop p50 at c=1: {bare_p50:.1} µs):\n",
+        options.rounds
+    );
+    println!(
+        "| listener | p50 c=1 (µs) | added over the bare hop (µs) | p99 c=1 (µs) | req/s c={} | agent CPU/request (µs) |",
+        options.concurrency
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for mode in [0, 1] {
+        let f = &figures[mode];
+        println!(
+            "| {} | {:.1} | {:+.1} | {:.1} | {:.0} | {:.1} |",
+            names[mode],
+            median(&f.p50_c1),
+            median(&f.p50_c1) - bare_p50,
+            median(&f.p99_c1),
+            median(&f.rps_cn),
+            median(&f.cpu_cn),
+        );
+    }
+    let (plain_f, tls_f) = (&figures[0], &figures[1]);
+    println!(
+        "\nTLS − plaintext: p50 c=1 {:+.1} µs, p99 c=1 {:+.1} µs, req/s c={} {:+.1}%, agent CPU/request {:+.1} µs.",
+        median(&tls_f.p50_c1) - median(&plain_f.p50_c1),
+        median(&tls_f.p99_c1) - median(&plain_f.p99_c1),
+        options.concurrency,
+        (median(&tls_f.rps_cn) / median(&plain_f.rps_cn) - 1.0) * 100.0,
+        median(&tls_f.cpu_cn) - median(&plain_f.cpu_cn),
+    );
+    drop((plain_agent, tls_agent, bare, backends));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let options = options()?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(bench(options))
+        .block_on(async move {
+            if options.tls {
+                tls_ab(options).await
+            } else {
+                bench(options).await
+            }
+        })
 }

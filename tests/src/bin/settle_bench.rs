@@ -13,6 +13,11 @@
 //! * `heap --keys N --agents M`: the heap bytes the engine's ledger takes
 //!   for that state, loaded in this process from an in-memory store
 //!   (counted by this binary's allocator; no store cache involved).
+//! * `tls [--rounds 5] [--secs 10] [--warmup 2]` (issue 14): the batched
+//!   throughput workload against two coordinators on the embedded store,
+//!   one plaintext (`--insecure`) and one on mutual TLS (every raw agent
+//!   presents a certificate naming it, from a test CA made here), in
+//!   interleaved rounds whose order is swapped every round.
 //!
 //! Build `cargo build --release --workspace --bins`, then run
 //! `target/release/settle_bench <mode>`.
@@ -22,6 +27,7 @@ use allot_coordinator::ledger::{AccountRecord, AgentRecord, KeyRecord};
 use allot_coordinator::store::{Store, StoreWrite};
 use allot_e2e::etcd::EtcdCluster;
 use allot_e2e::process::{binary, free_port};
+use allot_e2e::tls::TestPki;
 use allot_e2e::{authed, balance, limit, TempDir, ADMIN_TOKEN, MODEL};
 use std::collections::VecDeque;
 use std::path::Path;
@@ -83,15 +89,37 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts a coordinator with `args` after the common ones.
+    /// Starts a plaintext coordinator with `args` after the common ones.
     fn spawn(log: &Path, args: &[String]) -> Coordinator {
+        Coordinator::spawn_with(log, args, None)
+    }
+
+    /// Starts a coordinator with `args` after the common ones: on TLS with
+    /// the server certificate of `pki` (client certificates checked
+    /// against its CA), or plaintext without.
+    fn spawn_with(log: &Path, args: &[String], pki: Option<&TestPki>) -> Coordinator {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(log).expect("log file");
-        let child = Command::new(binary("allot-coordinator"))
+        let mut command = Command::new(binary("allot-coordinator"));
+        match pki {
+            Some(pki) => {
+                command
+                    .arg("--tls-cert")
+                    .arg(pki.dir.join("node.pem"))
+                    .arg("--tls-key")
+                    .arg(pki.dir.join("node.key"))
+                    .arg("--tls-client-ca")
+                    .arg(pki.ca_path());
+            }
+            None => {
+                command.arg("--insecure");
+            }
+        }
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        let child = command
             .args(["--listen", &addr])
             .args(["--metrics-listen", "off"])
             .args(["--admin-token", ADMIN_TOKEN])
-            .arg("--insecure")
             .args(args)
             .env("RUST_LOG", "info,h2=warn,tower=warn")
             .stdout(Stdio::null())
@@ -100,7 +128,7 @@ impl Coordinator {
             .expect("allot-coordinator starts");
         Coordinator {
             child: Some(child),
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
         }
     }
 
@@ -200,12 +228,31 @@ impl Drop for OwnEtcd {
     }
 }
 
+/// The CA of the `tls` mode's coordinator, trusted by every connection to
+/// an `https://` URL (set once, before the first).
+static BENCH_PKI: std::sync::OnceLock<TestPki> = std::sync::OnceLock::new();
+
+/// A channel to `url`: over TLS trusting [`BENCH_PKI`] for `https://`,
+/// presenting the certificate of `agent_id` when given one.
+async fn connect(url: &str, agent_id: Option<&str>) -> anyhow::Result<tonic::transport::Channel> {
+    if !url.starts_with("https://") {
+        return Ok(tonic::transport::Endpoint::from_shared(url.to_string())?
+            .connect()
+            .await?);
+    }
+    let pki = BENCH_PKI
+        .get()
+        .ok_or_else(|| anyhow::anyhow!("{url}: no test CA"))?;
+    let identity = agent_id.map(|agent_id| pki.agent(agent_id));
+    Ok(pki.endpoint(url, identity.as_ref()).connect().await?)
+}
+
 /// Polls ListAccounts until this coordinator answers (it leads).
 async fn wait_leading(url: &str, deadline: Duration) -> anyhow::Result<Duration> {
     let started = Instant::now();
     loop {
         let attempt = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut admin = pb::admin_client::AdminClient::connect(url.to_string()).await?;
+            let mut admin = pb::admin_client::AdminClient::new(connect(url, None).await?);
             admin
                 .list_accounts(authed(pb::ListAccountsRequest::default()))
                 .await?;
@@ -240,9 +287,7 @@ fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
 
 /// One account and `count` keys `bk00000..` with a huge token balance.
 async fn create_keys(url: &str, count: usize) -> anyhow::Result<Vec<String>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
-        .connect()
-        .await?;
+    let channel = connect(url, None).await?;
     let mut admin = pb::admin_client::AdminClient::new(channel.clone());
     admin
         .create_account(authed(pb::CreateAccountRequest {
@@ -286,9 +331,7 @@ async fn create_keys(url: &str, count: usize) -> anyhow::Result<Vec<String>> {
 
 /// Sum over `keys` of the tokens spent under each key's own limit.
 async fn spent_tokens(url: &str, keys: &[String]) -> anyhow::Result<u64> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
-        .connect()
-        .await?;
+    let channel = connect(url, None).await?;
     let keys = Arc::new(keys.to_vec());
     let next = Arc::new(AtomicUsize::new(0));
     let total = Arc::new(AtomicU64::new(0));
@@ -394,7 +437,8 @@ async fn one_agent(
     (window_start, window_end): (Instant, Instant),
 ) -> anyhow::Result<Outcome> {
     let agent_id = format!("{}{index}", w.agent_prefix);
-    let mut client = pb::agent_session_client::AgentSessionClient::connect(w.url.clone()).await?;
+    let mut client =
+        pb::agent_session_client::AgentSessionClient::new(connect(&w.url, Some(&agent_id)).await?);
     let (tx, rx) = tokio::sync::mpsc::channel(w.in_flight_per_agent + 4);
     tx.send(pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
@@ -682,6 +726,109 @@ async fn throughput(args: &[String]) -> anyhow::Result<()> {
         first_ok && second_ok,
         "spent tokens do not match acked records"
     );
+    Ok(())
+}
+
+/// Settlement over a plaintext link against mutual TLS, interleaved.
+async fn tls(args: &[String]) -> anyhow::Result<()> {
+    let rounds = arg_u64(args, "--rounds", 5)?;
+    let measure = Duration::from_secs(arg_u64(args, "--secs", 10)?);
+    let warm_up = Duration::from_secs(arg_u64(args, "--warmup", 2)?);
+    let dir = TempDir::new("settle-tls-bench");
+    if BENCH_PKI.set(TestPki::new(&dir.0.join("certs"))).is_err() {
+        anyhow::bail!("the test CA was made twice");
+    }
+    let pki = BENCH_PKI.get().expect("just set");
+    // A directory each: the usage store sits beside the data file.
+    let store = |name: &str| -> Vec<String> {
+        let data = dir.0.join(name);
+        std::fs::create_dir_all(&data).expect("a data directory");
+        vec![
+            "--store".into(),
+            "embedded".into(),
+            "--data-path".into(),
+            data.join("coordinator.redb").display().to_string(),
+        ]
+    };
+    let plain = Coordinator::spawn(&dir.0.join("plain.log"), &store("plain"));
+    let mtls = Coordinator::spawn_with(&dir.0.join("mtls.log"), &store("mtls"), Some(pki));
+    let mut keys = Vec::new();
+    for coordinator in [&plain, &mtls] {
+        wait_leading(&coordinator.url, Duration::from_secs(30)).await?;
+        keys.push(Arc::new(create_keys(&coordinator.url, BENCH_KEYS).await?));
+    }
+    println!(
+        "coordinators: plaintext pid {} {}, mutual TLS pid {} {} (embedded store each, {} keys each)",
+        plain.pid(),
+        plain.url,
+        mtls.pid(),
+        mtls.url,
+        BENCH_KEYS
+    );
+    println!(
+        "workload: {BENCH_AGENTS} raw agents x 8 in flight x 512 records per batch, {warm_up:?} warm-up + {measure:?} per run; {rounds} rounds, order swapped every round"
+    );
+    let names = ["plaintext", "mutual TLS"];
+    let mut records_per_s: [Vec<f64>; 2] = Default::default();
+    let mut acked = [0u64; 2];
+    let mut all_ok = true;
+    println!();
+    println!("| round | link | records/s settled | batch ack p50 (ms) | batch ack p99 (ms) | batches acked in window |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    for round in 1..=rounds {
+        let order = if round % 2 == 1 { [0, 1] } else { [1, 0] };
+        for mode in order {
+            let coordinator = [&plain, &mtls][mode];
+            let workload = Workload {
+                url: coordinator.url.clone(),
+                agent_prefix: format!("{}-r{round}-", ["plain", "mtls"][mode]),
+                agents: BENCH_AGENTS,
+                batch: 512,
+                in_flight_per_agent: 8,
+                warm_up,
+                measure,
+            };
+            let mut outcome = run_workload(&workload, keys[mode].clone()).await?;
+            acked[mode] += outcome.acked;
+            let spent = spent_tokens(&coordinator.url, &keys[mode]).await?;
+            let ok = outcome.sent == outcome.acked && spent == acked[mode] * TOKENS_PER_RECORD;
+            all_ok &= ok;
+            let r = row(names[mode], &workload, &mut outcome);
+            records_per_s[mode].push(r.records_per_s);
+            println!(
+                "| {round} | {} | {:.0} | {} | {} | {} |{}",
+                r.name,
+                r.records_per_s,
+                ms(r.p50),
+                ms(r.p99),
+                r.batches,
+                if ok { "" } else { " MISMATCH" }
+            );
+        }
+    }
+    let median = |values: &[f64]| {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted[sorted.len() / 2]
+    };
+    println!();
+    for mode in [0, 1] {
+        println!(
+            "{}: median {:.0} records/s over {} rounds",
+            names[mode],
+            median(&records_per_s[mode]),
+            rounds
+        );
+    }
+    println!(
+        "mutual TLS / plaintext: {:.3}",
+        median(&records_per_s[1]) / median(&records_per_s[0])
+    );
+    println!(
+        "correctness (every record sent was acked; spent tokens = acked records x {TOKENS_PER_RECORD} on each coordinator): {}",
+        if all_ok { "OK" } else { "MISMATCH" }
+    );
+    anyhow::ensure!(all_ok, "spent tokens do not match acked records");
     Ok(())
 }
 
@@ -1055,8 +1202,9 @@ async fn main() -> anyhow::Result<()> {
         Some("memory") => memory(&args).await,
         Some("history") => history(&args).await,
         Some("heap") => heap(&args).await,
+        Some("tls") => tls(&args).await,
         _ => {
-            eprintln!("usage: settle_bench throughput [--secs 20] [--warmup 3] | memory --keys N --agents M [--store etcd|embedded] | history [--secs 600] [--sample 30] | heap --keys N --agents M");
+            eprintln!("usage: settle_bench throughput [--secs 20] [--warmup 3] | memory --keys N --agents M [--store etcd|embedded] | history [--secs 600] [--sample 30] | heap --keys N --agents M | tls [--rounds 5] [--secs 10] [--warmup 2]");
             std::process::exit(2);
         }
     }
