@@ -196,7 +196,11 @@ impl World {
             .map(|s| allot::amounts::decimal_to_u64(s.held.value(Unit::Tokens)))
             .sum();
         let reported = slices.into_iter().map(|s| (s.key_id, s.held)).collect();
-        if self.ledger.reconcile(&agent.id, reported) {
+        if self
+            .ledger
+            .reconcile(&agent.id, reported, self.now_ms)
+            .late_held
+        {
             self.late += reported_tokens;
         }
         agent.connected = true;
@@ -338,6 +342,10 @@ impl World {
                                 self.late += usage.prompt_tokens;
                             }
                         }
+                        SettleOutcome::NotHeld => panic!(
+                            "honest usage {agent_id}/{} refused: its key is not in the agent's key history",
+                            usage.seq
+                        ),
                         SettleOutcome::Duplicate | SettleOutcome::Gap { .. } => {}
                     }
                 }
