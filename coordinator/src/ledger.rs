@@ -315,6 +315,10 @@ enum Dirty {
     Agent(String),
 }
 
+/// The key history time of a slice loaded without one (stored before key
+/// histories were): it counts as held now until a sweep writes the time.
+const HELD_AT_UNKNOWN: UnixMs = UnixMs::MAX;
+
 /// Most key history writes one sweep makes; the rest wait for the next.
 pub const MAX_KEY_HISTORY_SWEEP_WRITES: usize = 1_000;
 
@@ -382,14 +386,14 @@ impl Ledger {
                 .insert(key_id, at_ms);
         }
         for (agent_id, key_id, held) in state.slices {
-            // A slice stored before key histories were: its entry is
-            // written at the next sweep or settlement (time 0 is stale).
+            // A slice stored before key histories were: held now, at a
+            // time the next sweep writes.
             ledger
                 .held
                 .entry(agent_id.clone())
                 .or_default()
                 .entry(key_id.clone())
-                .or_insert(0);
+                .or_insert(HELD_AT_UNKNOWN);
             ledger.add_held(&key_id, &held, 1);
             ledger
                 .slices
@@ -786,7 +790,7 @@ impl Ledger {
     fn note_held(&mut self, agent_id: &str, key_id: &str, now: UnixMs) {
         let refresh = self.config.key_history_refresh_ms;
         if let Some(at) = self.held.get_mut(agent_id).and_then(|h| h.get_mut(key_id)) {
-            if now.saturating_sub(*at) < refresh {
+            if *at != HELD_AT_UNKNOWN && now.saturating_sub(*at) < refresh {
                 return;
             }
             *at = now;
@@ -817,17 +821,19 @@ impl Ledger {
                 }
                 let age = now.saturating_sub(*at);
                 let holds = slices.is_some_and(|s| s.contains_key(key_id));
-                if (holds && age >= refresh) || (!holds && age > retention) {
-                    changed.push((agent_id.clone(), key_id.clone(), holds));
+                if *at == HELD_AT_UNKNOWN || (holds && age >= refresh) {
+                    changed.push((agent_id.clone(), key_id.clone(), true));
+                } else if !holds && age > retention {
+                    changed.push((agent_id.clone(), key_id.clone(), false));
                 }
             }
         }
         let mut forgotten = 0;
-        for (agent_id, key_id, holds) in changed {
+        for (agent_id, key_id, keep) in changed {
             let Some(history) = self.held.get_mut(&agent_id) else {
                 continue;
             };
-            if holds {
+            if keep {
                 history.insert(key_id.clone(), now);
             } else {
                 history.remove(&key_id);
@@ -1261,7 +1267,10 @@ impl Ledger {
                 .held
                 .get(agent_id)
                 .and_then(|h| h.get(&usage.key_id))
-                .is_some_and(|at| now.saturating_sub(*at) < self.config.key_history_refresh_ms);
+                .is_some_and(|at| {
+                    *at != HELD_AT_UNKNOWN
+                        && now.saturating_sub(*at) < self.config.key_history_refresh_ms
+                });
         if usage.charged && !fresh && !self.has_held(agent_id, &usage.key_id, now) {
             let agent = self.agents.get_mut(agent_id).expect("checked above");
             agent.high_water_seq = usage.seq;
@@ -1845,6 +1854,52 @@ mod tests {
         assert!(matches!(
             ledger.settle("a2", &usage(1, 10, 10), much_later, &mut w),
             SettleOutcome::Settled { late: false, .. }
+        ));
+    }
+
+    #[test]
+    fn a_slice_stored_before_key_histories_counts_as_held_and_gets_its_entry() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
+            .unwrap();
+        let mut w = Vec::new();
+        ledger.flush(&mut w);
+        let (_, mut all) = ledger_with_key_and_writes(vec![token_limit(1000, Window::Balance)]);
+        all.extend(w);
+        // As a store written by a coordinator without key histories.
+        all.retain(|w| !matches!(w, StoreWrite::PutHeld { .. }));
+        let mut kv = std::collections::BTreeMap::new();
+        for (k, v) in crate::store::layout::coalesce("/allot/", &all) {
+            if let Some(v) = v {
+                kv.insert(k, v);
+            }
+        }
+        let state = crate::store::layout::decode(
+            "/allot/",
+            kv.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+        )
+        .unwrap();
+        assert!(state.held.is_empty());
+        let mut rebuilt = Ledger::from_stored(LedgerConfig::default(), state);
+        let later = NOW + 60_000;
+        assert!(rebuilt.has_held("a1", "k1", later));
+        assert_eq!(rebuilt.sweep_key_history(later), 0);
+        let mut w = Vec::new();
+        rebuilt.flush(&mut w);
+        assert_eq!(
+            held_writes(&w),
+            vec![StoreWrite::PutHeld {
+                agent_id: "a1".into(),
+                key_id: "k1".into(),
+                at_ms: later
+            }]
+        );
+        // Given back, its late usage is charged from that time on.
+        rebuilt.give_back("a1", "k1", &tokens(100));
+        assert!(matches!(
+            rebuilt.settle("a1", &usage(1, 10, 10), later + 1_000, &mut w),
+            SettleOutcome::Settled { .. }
         ));
     }
 
