@@ -50,6 +50,9 @@ pub struct ParkedAsk {
 /// its slice back by then is slow or cut off: the ask is refused as
 /// temporarily unavailable (never as an exhausted cap, which it is not).
 pub const PARK_LIMIT: Duration = Duration::from_secs(2);
+/// How often the key history is pruned at its retention and the stored
+/// times of slices still held are refreshed.
+pub const KEY_HISTORY_SWEEP: Duration = Duration::from_secs(60);
 
 /// A holder still holding a reclaimable slice this long after a Revoke is
 /// sent another (the first may have crossed a fresh grant to it).
@@ -296,6 +299,9 @@ impl Engine {
     pub async fn run(mut self) {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is at once: the key history loaded is pruned.
+        let mut key_history_sweep = tokio::time::interval(KEY_HISTORY_SWEEP);
+        key_history_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut parked_tick = tokio::time::interval(Duration::from_millis(50));
         parked_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.fenced {
@@ -306,6 +312,16 @@ impl Engine {
                 },
                 _ = sweep.tick() => {
                     self.release_dead_agents().await;
+                    continue;
+                }
+                _ = key_history_sweep.tick() => {
+                    let job: Job = Box::new(|core: &mut Core, fx: &mut Effects| {
+                        let forgotten = core.ledger.sweep_key_history(fx.now);
+                        if forgotten > 0 {
+                            tracing::info!(forgotten, "key history entries past their retention forgotten");
+                        }
+                    });
+                    self.run_batch(vec![job]).await;
                     continue;
                 }
                 _ = parked_tick.tick(), if !self.core.parked.is_empty() => {

@@ -12,6 +12,15 @@
 //! is usage larger than its reservation (a neuron reporting more than was
 //! reserved) or reported late by an agent declared dead: it is charged
 //! anyway, never lost, and counted.
+//!
+//! An agent's messages count only for what it holds. Each agent has a key
+//! history: the keys it was granted a slice of, and when it last held one
+//! (stored under `held/`, in the commit of the grant). Charged usage for a
+//! key outside that history is refused: nothing is charged, and the
+//! agent's high-water mark moves past it so its stream goes on. Usage that
+//! arrives after its slice is gone (returned, reclaimed, released, or
+//! across a restart) is in the history and charged, for
+//! [`LedgerConfig::key_history_retention_ms`] after the slice was last held.
 
 use crate::grant;
 use crate::store::{StoreWrite, StoredState};
@@ -242,10 +251,25 @@ pub enum SettleOutcome {
         late: bool,
     },
     Duplicate,
+    /// Charged usage for a key this agent never held a slice of (or not
+    /// within the key history's retention): nothing is charged, and the
+    /// high-water mark moves past it like a settled record.
+    NotHeld,
     /// A record is missing before this one; nothing settled.
     Gap {
         expected: u64,
     },
+}
+
+/// What a reconcile changed that the caller reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// The agent had been declared dead and still holds something: that
+    /// counts again and may take a cap past its amount (the documented
+    /// exception, counted and alarmed by the caller).
+    pub late_held: bool,
+    /// Keys reported held that are not in the agent's key history: ignored.
+    pub not_held: Vec<String>,
 }
 
 /// Tunables of the ledger's decisions.
@@ -255,6 +279,13 @@ pub struct LedgerConfig {
     pub grant_share: Decimal,
     /// How much of the audit log is kept.
     pub audit: crate::audit::AuditRetention,
+    /// How long after an agent last held a slice of a key its usage for
+    /// that key is still charged (and the key history entry kept): 7 days,
+    /// the longest a batch request may wait to be priced.
+    pub key_history_retention_ms: i64,
+    /// The stored time of a slice still held is rewritten once it is this
+    /// old, not at every settlement: the history is at most this stale.
+    pub key_history_refresh_ms: i64,
 }
 
 impl Default for LedgerConfig {
@@ -262,6 +293,8 @@ impl Default for LedgerConfig {
         LedgerConfig {
             grant_share: Decimal::new(5, 1),
             audit: crate::audit::AuditRetention::default(),
+            key_history_retention_ms: allot::bounds::MAX_BATCH_AGE_MS,
+            key_history_refresh_ms: 3_600_000,
         }
     }
 }
@@ -278,8 +311,16 @@ struct ScopeState {
 enum Dirty {
     Counters(Scope),
     Slice(String, String),
+    Held(String, String),
     Agent(String),
 }
+
+/// The key history time of a slice loaded without one (stored before key
+/// histories were): it counts as held now until a sweep writes the time.
+const HELD_AT_UNKNOWN: UnixMs = UnixMs::MAX;
+
+/// Most key history writes one sweep makes; the rest wait for the next.
+pub const MAX_KEY_HISTORY_SWEEP_WRITES: usize = 1_000;
 
 #[derive(Debug, Default)]
 pub struct Ledger {
@@ -293,6 +334,10 @@ pub struct Ledger {
     keys_by_account: HashMap<String, Vec<String>>,
     scopes: HashMap<Scope, ScopeState>,
     slices: HashMap<String, HashMap<String, Amounts>>,
+    /// Key history: agent -> key -> when it last held a slice of it, as
+    /// stored. Every slice has an entry; an entry without a slice is kept
+    /// for the retention.
+    held: HashMap<String, HashMap<String, UnixMs>>,
     /// Agents declared dead since they last said Hello.
     released: HashSet<String>,
     /// Demand each agent last reported per key, and when.
@@ -333,7 +378,22 @@ impl Ledger {
         for (scope, counters) in state.counters {
             ledger.scopes.entry(scope).or_default().counters = counters;
         }
+        for (agent_id, key_id, at_ms) in state.held {
+            ledger
+                .held
+                .entry(agent_id)
+                .or_default()
+                .insert(key_id, at_ms);
+        }
         for (agent_id, key_id, held) in state.slices {
+            // A slice stored before key histories were: held now, at a
+            // time the next sweep writes.
+            ledger
+                .held
+                .entry(agent_id.clone())
+                .or_default()
+                .entry(key_id.clone())
+                .or_insert(HELD_AT_UNKNOWN);
             ledger.add_held(&key_id, &held, 1);
             ledger
                 .slices
@@ -423,6 +483,25 @@ impl Ledger {
 
     pub fn slices_of(&self, agent_id: &str) -> impl Iterator<Item = (&String, &Amounts)> {
         self.slices.get(agent_id).into_iter().flatten()
+    }
+
+    /// The keys `agent_id` holds or held a slice of, with when it last
+    /// held one (as stored).
+    pub fn key_history_of(&self, agent_id: &str) -> impl Iterator<Item = (&String, &UnixMs)> {
+        self.held.get(agent_id).into_iter().flatten()
+    }
+
+    /// Whether `agent_id` may report charged usage for `key_id`: it holds
+    /// a slice of it, or held one within the key history's retention.
+    pub fn has_held(&self, agent_id: &str, key_id: &str, now: UnixMs) -> bool {
+        let Some(at) = self.held.get(agent_id).and_then(|h| h.get(key_id)) else {
+            return false;
+        };
+        now.saturating_sub(*at) <= self.config.key_history_retention_ms
+            || self
+                .slices
+                .get(agent_id)
+                .is_some_and(|s| s.contains_key(key_id))
     }
 
     /// Agents holding a slice for `key_id`.
@@ -705,6 +784,69 @@ impl Ledger {
             .insert(Dirty::Slice(agent_id.to_string(), key_id.to_string()));
     }
 
+    /// Notes that `agent_id` holds a slice of `key_id` at `now`: written
+    /// when the key is new to its history or its stored time is older than
+    /// the refresh interval, so that settling writes nothing more.
+    fn note_held(&mut self, agent_id: &str, key_id: &str, now: UnixMs) {
+        let refresh = self.config.key_history_refresh_ms;
+        if let Some(at) = self.held.get_mut(agent_id).and_then(|h| h.get_mut(key_id)) {
+            if *at != HELD_AT_UNKNOWN && now.saturating_sub(*at) < refresh {
+                return;
+            }
+            *at = now;
+        } else {
+            self.held
+                .entry(agent_id.to_string())
+                .or_default()
+                .insert(key_id.to_string(), now);
+        }
+        self.dirty
+            .insert(Dirty::Held(agent_id.to_string(), key_id.to_string()));
+    }
+
+    /// Keeps the key history bounded and fresh: forgets entries without a
+    /// slice last held more than the retention ago, and rewrites the stored
+    /// time of slices still held (idle ones too) once it is older than the
+    /// refresh interval. At most [`MAX_KEY_HISTORY_SWEEP_WRITES`] writes;
+    /// the rest wait for the next sweep. Returns how many entries it forgot.
+    pub fn sweep_key_history(&mut self, now: UnixMs) -> usize {
+        let retention = self.config.key_history_retention_ms;
+        let refresh = self.config.key_history_refresh_ms;
+        let mut changed: Vec<(String, String, bool)> = Vec::new();
+        'agents: for (agent_id, history) in &self.held {
+            let slices = self.slices.get(agent_id);
+            for (key_id, at) in history {
+                if changed.len() >= MAX_KEY_HISTORY_SWEEP_WRITES {
+                    break 'agents;
+                }
+                let age = now.saturating_sub(*at);
+                let holds = slices.is_some_and(|s| s.contains_key(key_id));
+                if *at == HELD_AT_UNKNOWN || (holds && age >= refresh) {
+                    changed.push((agent_id.clone(), key_id.clone(), true));
+                } else if !holds && age > retention {
+                    changed.push((agent_id.clone(), key_id.clone(), false));
+                }
+            }
+        }
+        let mut forgotten = 0;
+        for (agent_id, key_id, keep) in changed {
+            let Some(history) = self.held.get_mut(&agent_id) else {
+                continue;
+            };
+            if keep {
+                history.insert(key_id.clone(), now);
+            } else {
+                history.remove(&key_id);
+                forgotten += 1;
+                if history.is_empty() {
+                    self.held.remove(&agent_id);
+                }
+            }
+            self.dirty.insert(Dirty::Held(agent_id, key_id));
+        }
+        forgotten
+    }
+
     fn delete_slice(&mut self, agent_id: &str, key_id: &str) {
         let Some(old) = self.slices.get_mut(agent_id).and_then(|s| s.remove(key_id)) else {
             return;
@@ -781,14 +923,28 @@ impl Ledger {
     /// An agent's report of what it holds, sent once it knows its
     /// high-water mark: unspent allowance, reservations in flight, and the
     /// usage of its records above the mark. It replaces whatever the ledger
-    /// thought: only the agent knows what it admitted. Returns true when
-    /// the agent had been declared dead and still holds something: that
-    /// counts again and may take a cap past its amount (the documented
-    /// exception, counted and alarmed by the caller).
-    pub fn reconcile(&mut self, agent_id: &str, reported: Vec<(String, Amounts)>) -> bool {
+    /// thought: only the agent knows what it admitted, but only for keys
+    /// in its key history: a slice of a key it was never granted one of is
+    /// refused (named in [`Reconciled::not_held`]).
+    pub fn reconcile(
+        &mut self,
+        agent_id: &str,
+        reported: Vec<(String, Amounts)>,
+        now: UnixMs,
+    ) -> Reconciled {
+        let mut not_held = Vec::new();
         let reported: HashMap<String, Amounts> = reported
             .into_iter()
-            .filter(|(key_id, _)| self.keys.contains_key(key_id))
+            .filter(|(key_id, held)| {
+                if !self.keys.contains_key(key_id) {
+                    return false;
+                }
+                if !held.is_zero() && !self.has_held(agent_id, key_id, now) {
+                    not_held.push(key_id.clone());
+                    return false;
+                }
+                true
+            })
             .collect();
         let known: Vec<String> = self.slices_of(agent_id).map(|(k, _)| k.clone()).collect();
         for key_id in known {
@@ -804,9 +960,13 @@ impl Ledger {
             } else {
                 late_held |= returned_from_dead;
                 self.put_slice(agent_id, &key_id, held);
+                self.note_held(agent_id, &key_id, now);
             }
         }
-        late_held
+        Reconciled {
+            late_held,
+            not_held,
+        }
     }
 
     /// Releases every slice of an agent declared dead.
@@ -974,6 +1134,7 @@ impl Ledger {
         };
         if !grant.is_zero() || current.is_none() {
             self.put_slice(agent_id, key_id, held);
+            self.note_held(agent_id, key_id, now);
         }
         let limits = views
             .iter()
@@ -1096,6 +1257,26 @@ impl Ledger {
                 expected: agent.high_water_seq + 1,
             };
         }
+        // Charged usage counts only for a key this agent holds or held a
+        // slice of: an agent cannot charge someone else's key. The record
+        // still moves the high-water mark, or it would block the stream.
+        // One lookup on the hot path: a fresh entry needs no other check
+        // and no write.
+        let fresh = usage.charged
+            && self
+                .held
+                .get(agent_id)
+                .and_then(|h| h.get(&usage.key_id))
+                .is_some_and(|at| {
+                    *at != HELD_AT_UNKNOWN
+                        && now.saturating_sub(*at) < self.config.key_history_refresh_ms
+                });
+        if usage.charged && !fresh && !self.has_held(agent_id, &usage.key_id, now) {
+            let agent = self.agents.get_mut(agent_id).expect("checked above");
+            agent.high_water_seq = usage.seq;
+            self.dirty.insert(Dirty::Agent(agent_id.to_string()));
+            return SettleOutcome::NotHeld;
+        }
         // A record that was not charged (a refusal, a request that failed
         // before any output) is not priced.
         let (cost, free, applied) = match (usage.charged, self.price(usage)) {
@@ -1144,6 +1325,9 @@ impl Ledger {
                 Some(held) => {
                     let left = held.saturating_sub(&actual);
                     self.put_slice(agent_id, &usage.key_id, left);
+                    if !fresh {
+                        self.note_held(agent_id, &usage.key_id, now);
+                    }
                 }
                 // No slice: nothing held to take it from. Late when the
                 // agent's slices were released because it was declared dead.
@@ -1180,6 +1364,16 @@ impl Ledger {
                             held: *held,
                         }),
                         None => writes.push(StoreWrite::DeleteSlice { agent_id, key_id }),
+                    }
+                }
+                Dirty::Held(agent_id, key_id) => {
+                    match self.held.get(&agent_id).and_then(|h| h.get(&key_id)) {
+                        Some(at_ms) => writes.push(StoreWrite::PutHeld {
+                            agent_id,
+                            key_id,
+                            at_ms: *at_ms,
+                        }),
+                        None => writes.push(StoreWrite::DeleteHeld { agent_id, key_id }),
                     }
                 }
                 Dirty::Agent(agent_id) => {
@@ -1424,10 +1618,10 @@ mod tests {
             .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
             .unwrap();
         ledger.hello("a1", 2, "n1", &mut w).unwrap();
-        ledger.reconcile("a1", vec![("k1".into(), tokens(40))]);
+        ledger.reconcile("a1", vec![("k1".into(), tokens(40))], NOW);
         assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].held, dec(40));
         ledger.hello("a1", 3, "n1", &mut w).unwrap();
-        ledger.reconcile("a1", vec![]);
+        ledger.reconcile("a1", vec![], NOW);
         assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].held, dec(0));
         assert!(
             ledger.hello("a1", 2, "n1", &mut w).is_err(),
@@ -1492,6 +1686,274 @@ mod tests {
             ledger.limit_views("k1", NOW).unwrap()
         );
         assert_eq!(rebuilt.agent("a1").unwrap().high_water_seq, 1);
+        assert!(
+            rebuilt.has_held("a1", "k1", NOW) && !rebuilt.has_held("a2", "k1", NOW),
+            "the key history is rebuilt"
+        );
+    }
+
+    fn held_writes(writes: &[StoreWrite]) -> Vec<StoreWrite> {
+        writes
+            .iter()
+            .filter(|w| {
+                matches!(
+                    w,
+                    StoreWrite::PutHeld { .. } | StoreWrite::DeleteHeld { .. }
+                )
+            })
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn usage_for_a_key_the_agent_never_held_is_not_charged_but_moves_its_mark() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        let mut w = Vec::new();
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
+            .unwrap();
+        // a2 never held a slice of k1.
+        assert_eq!(
+            ledger.settle("a2", &usage(1, 90, 90), NOW, &mut w),
+            SettleOutcome::NotHeld
+        );
+        let views = ledger.limit_views("k1", NOW).unwrap();
+        assert_eq!(views[0].spent, dec(0), "nothing charged to k1");
+        assert_eq!(views[0].held, dec(100), "a1's slice is untouched");
+        assert_eq!(ledger.agent("a2").unwrap().high_water_seq, 1);
+        assert_eq!(
+            ledger.settle("a2", &usage(1, 90, 90), NOW, &mut w),
+            SettleOutcome::Duplicate,
+            "exactly once: the refused record is behind the mark"
+        );
+        // A record that costs nothing is not refused.
+        let mut free = usage(2, 0, 0);
+        free.charged = false;
+        assert!(matches!(
+            ledger.settle("a2", &free, NOW, &mut w),
+            SettleOutcome::Settled { .. }
+        ));
+        // Once granted a slice, a2's usage of k1 is charged.
+        ledger
+            .ask("a2", "k1", &tokens(50), &tokens(50), NOW)
+            .unwrap();
+        assert!(matches!(
+            ledger.settle("a2", &usage(3, 20, 20), NOW, &mut w),
+            SettleOutcome::Settled { .. }
+        ));
+        assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].spent, dec(20));
+    }
+
+    #[test]
+    fn late_usage_after_the_slice_was_given_back_is_charged() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        let mut w = Vec::new();
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
+            .unwrap();
+        ledger.give_back("a1", "k1", &tokens(100));
+        assert_eq!(ledger.slices_of("a1").count(), 0);
+        let later = NOW + 3_600_000;
+        assert!(matches!(
+            ledger.settle("a1", &usage(1, 10, 20), later, &mut w),
+            SettleOutcome::Settled { .. }
+        ));
+        assert_eq!(ledger.limit_views("k1", later).unwrap()[0].spent, dec(10));
+    }
+
+    #[test]
+    fn the_key_history_is_written_with_the_grant_and_not_at_every_settlement() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        let mut w = Vec::new();
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
+            .unwrap();
+        ledger.flush(&mut w);
+        assert_eq!(
+            held_writes(&w),
+            vec![StoreWrite::PutHeld {
+                agent_id: "a1".into(),
+                key_id: "k1".into(),
+                at_ms: NOW
+            }]
+        );
+        let mut w = Vec::new();
+        ledger.settle("a1", &usage(1, 10, 10), NOW + 1_000, &mut w);
+        ledger
+            .ask("a1", "k1", &tokens(10), &tokens(10), NOW + 2_000)
+            .unwrap();
+        ledger.flush(&mut w);
+        assert!(held_writes(&w).is_empty(), "{w:?}");
+        // Past the refresh interval, the next settlement refreshes it.
+        let later = NOW + LedgerConfig::default().key_history_refresh_ms;
+        ledger.settle("a1", &usage(2, 10, 10), later, &mut w);
+        ledger.flush(&mut w);
+        assert_eq!(
+            held_writes(&w),
+            vec![StoreWrite::PutHeld {
+                agent_id: "a1".into(),
+                key_id: "k1".into(),
+                at_ms: later
+            }]
+        );
+    }
+
+    #[test]
+    fn the_key_history_is_forgotten_after_its_retention_unless_still_held() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        let retention = LedgerConfig::default().key_history_retention_ms;
+        let mut w = Vec::new();
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
+            .unwrap();
+        ledger
+            .ask("a2", "k1", &tokens(100), &tokens(100), NOW)
+            .unwrap();
+        ledger.give_back("a1", "k1", &tokens(100));
+        ledger.flush(&mut w);
+        // At the retention, both are kept: a1's late usage still counts;
+        // a2 still holds its slice, so its stored time is refreshed.
+        let at_retention = NOW + retention;
+        assert_eq!(ledger.sweep_key_history(at_retention), 0);
+        assert!(ledger.has_held("a1", "k1", at_retention));
+        let mut w = Vec::new();
+        ledger.flush(&mut w);
+        assert_eq!(
+            held_writes(&w),
+            vec![StoreWrite::PutHeld {
+                agent_id: "a2".into(),
+                key_id: "k1".into(),
+                at_ms: at_retention
+            }]
+        );
+        // Past it, a1 (no slice) is forgotten.
+        let past = at_retention + 1;
+        assert!(
+            !ledger.has_held("a1", "k1", past),
+            "expired before the sweep"
+        );
+        assert_eq!(ledger.sweep_key_history(past), 1);
+        let mut w = Vec::new();
+        ledger.flush(&mut w);
+        assert_eq!(
+            held_writes(&w),
+            vec![StoreWrite::DeleteHeld {
+                agent_id: "a1".into(),
+                key_id: "k1".into()
+            }]
+        );
+        // A slice held longer than the retention is never forgotten.
+        let much_later = past + 2 * retention;
+        assert_eq!(ledger.sweep_key_history(much_later), 0);
+        assert!(ledger.has_held("a2", "k1", much_later));
+        assert_eq!(ledger.key_history_of("a1").count(), 0);
+        assert_eq!(
+            ledger.settle("a1", &usage(1, 10, 10), past, &mut w),
+            SettleOutcome::NotHeld
+        );
+        assert!(matches!(
+            ledger.settle("a2", &usage(1, 10, 10), much_later, &mut w),
+            SettleOutcome::Settled { late: false, .. }
+        ));
+    }
+
+    #[test]
+    fn a_slice_stored_before_key_histories_counts_as_held_and_gets_its_entry() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
+            .unwrap();
+        let mut w = Vec::new();
+        ledger.flush(&mut w);
+        let (_, mut all) = ledger_with_key_and_writes(vec![token_limit(1000, Window::Balance)]);
+        all.extend(w);
+        // As a store written by a coordinator without key histories.
+        all.retain(|w| !matches!(w, StoreWrite::PutHeld { .. }));
+        let mut kv = std::collections::BTreeMap::new();
+        for (k, v) in crate::store::layout::coalesce("/allot/", &all) {
+            if let Some(v) = v {
+                kv.insert(k, v);
+            }
+        }
+        let state = crate::store::layout::decode(
+            "/allot/",
+            kv.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+        )
+        .unwrap();
+        assert!(state.held.is_empty());
+        let mut rebuilt = Ledger::from_stored(LedgerConfig::default(), state);
+        let later = NOW + 60_000;
+        assert!(rebuilt.has_held("a1", "k1", later));
+        assert_eq!(rebuilt.sweep_key_history(later), 0);
+        let mut w = Vec::new();
+        rebuilt.flush(&mut w);
+        assert_eq!(
+            held_writes(&w),
+            vec![StoreWrite::PutHeld {
+                agent_id: "a1".into(),
+                key_id: "k1".into(),
+                at_ms: later
+            }]
+        );
+        // Given back, its late usage is charged from that time on.
+        rebuilt.give_back("a1", "k1", &tokens(100));
+        assert!(matches!(
+            rebuilt.settle("a1", &usage(1, 10, 10), later + 1_000, &mut w),
+            SettleOutcome::Settled { .. }
+        ));
+    }
+
+    #[test]
+    fn a_sweep_writes_a_bounded_number_of_entries() {
+        let mut ledger = ledger_with_key(vec![]);
+        let mut w = Vec::new();
+        let agents = MAX_KEY_HISTORY_SWEEP_WRITES + 5;
+        for i in 0..agents {
+            let agent = format!("x{i}");
+            ledger.hello(&agent, 1, "n", &mut w).unwrap();
+            ledger
+                .ask(&agent, "k1", &tokens(1), &tokens(1), NOW)
+                .unwrap();
+            ledger.give_back(&agent, "k1", &tokens(1));
+        }
+        let past = NOW + LedgerConfig::default().key_history_retention_ms + 1;
+        assert_eq!(ledger.sweep_key_history(past), MAX_KEY_HISTORY_SWEEP_WRITES);
+        assert_eq!(ledger.sweep_key_history(past), 5);
+        assert_eq!(ledger.sweep_key_history(past), 0);
+    }
+
+    #[test]
+    fn resetting_an_agent_keeps_its_key_history() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        let mut w = Vec::new();
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
+            .unwrap();
+        ledger.release_agent("a1");
+        ledger.reset_agent("a1", &mut w).unwrap();
+        assert!(held_writes(&w).is_empty());
+        ledger.hello("a1", 1, "n1", &mut w).unwrap();
+        assert!(matches!(
+            ledger.settle("a1", &usage(1, 10, 10), NOW, &mut w),
+            SettleOutcome::Settled { late: true, .. }
+        ));
+        assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].spent, dec(10));
+    }
+
+    #[test]
+    fn a_reconcile_cannot_claim_a_slice_of_a_key_the_agent_never_held() {
+        let mut ledger = ledger_with_key(vec![token_limit(1000, Window::Balance)]);
+        let reconciled = ledger.reconcile("a2", vec![("k1".into(), tokens(500))], NOW);
+        assert_eq!(reconciled.not_held, vec!["k1".to_string()]);
+        assert_eq!(ledger.slices_of("a2").count(), 0);
+        assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].held, dec(0));
+        // An agent that was granted one reports it as it likes.
+        ledger
+            .ask("a1", "k1", &tokens(100), &tokens(100), NOW)
+            .unwrap();
+        let reconciled = ledger.reconcile("a1", vec![("k1".into(), tokens(40))], NOW);
+        assert!(reconciled.not_held.is_empty());
+        assert_eq!(ledger.limit_views("k1", NOW).unwrap()[0].held, dec(40));
     }
 
     #[test]

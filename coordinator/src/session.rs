@@ -346,7 +346,17 @@ pub(crate) fn agent_job(agent_id: String, outbox: Outbox, command: Command) -> J
                 }
             }
             Command::Reconcile(slices) => {
-                if core.ledger.reconcile(&agent_id, slices) {
+                let reconciled = core.ledger.reconcile(&agent_id, slices, fx.now);
+                for key_id in &reconciled.not_held {
+                    metrics::counter!("allot_reconcile_refused_total", "reason" => "key_not_held")
+                        .increment(1);
+                    tracing::error!(
+                        agent_id,
+                        key_id,
+                        "an agent reported a slice of a key it never held; ignored"
+                    );
+                }
+                if reconciled.late_held {
                     metrics::counter!("allot_dead_agent_returns_total").increment(1);
                     tracing::error!(
                         agent_id,
@@ -654,6 +664,16 @@ fn settle_batch(
             }
             SettleOutcome::Duplicate => {
                 metrics::counter!("allot_usage_duplicates_total").increment(1);
+            }
+            SettleOutcome::NotHeld => {
+                metrics::counter!("allot_usage_refused_total", "reason" => "key_not_held")
+                    .increment(1);
+                tracing::error!(
+                    agent_id,
+                    seq = usage.seq,
+                    key_id = usage.key_id,
+                    "usage for a key this agent never held a slice of; not charged"
+                );
             }
             SettleOutcome::Gap { expected } => {
                 tracing::warn!(

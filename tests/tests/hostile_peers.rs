@@ -7,6 +7,7 @@ use allot::pb;
 use allot_coordinator::config::CoordinatorConfig;
 use allot_coordinator::store::BoxFuture;
 use allot_coordinator::store::{Store, StoreError, StoreWrite, StoredState};
+use allot_e2e::process::CoordinatorProcess;
 use allot_e2e::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -126,18 +127,14 @@ async fn usage_with_absurd_token_counts_is_charged_at_the_bound_without_wrapping
         charged: true,
         ..Default::default()
     };
+    // The agent holds a slice of the key: usage counts only for those.
     let mut inbound = session_as(
         &stack.coordinator_url,
         "wrapping-agent",
-        vec![pb::agent_message::Msg::Usage(pb::UsageBatch {
-            records: vec![record(1), record(2)],
-        })],
+        vec![ask(&key_id, 1_000), usage(vec![record(1), record(2)])],
     )
     .await;
-    match next_answer(&mut inbound).await.expect("an ack") {
-        pb::coordinator_message::Msg::UsageAck(ack) => assert_eq!(ack.high_water_seq, 2),
-        other => panic!("expected an ack, got {other:?}"),
-    }
+    assert_eq!(grants_then_ack(&mut inbound, 1).await, 2);
     // Two records of 2 × 10^12 tokens each: never a wrapped, small sum.
     let (spent, _) = stack.key_usage(&key_id, pb::Unit::Tokens).await;
     assert_eq!(spent, 4_000_000_000_000);
@@ -409,4 +406,268 @@ async fn in_flight_reported_for_a_key_the_agent_holds_nothing_of_is_ignored() {
         .unwrap();
     assert_eq!(tokens.in_flight, "0", "{tokens:?}");
     assert_ne!(tokens.held, "0", "the grant is held");
+}
+
+/// A charged usage record of `tokens` prompt tokens for `key_id`.
+fn charged(seq: u64, key_id: &str, tokens: u64) -> pb::UsageRecord {
+    pb::UsageRecord {
+        seq,
+        key_id: key_id.into(),
+        model_requested: MODEL.into(),
+        prompt_tokens: tokens,
+        charged: true,
+        ..Default::default()
+    }
+}
+
+fn usage(records: Vec<pb::UsageRecord>) -> pb::agent_message::Msg {
+    pb::agent_message::Msg::Usage(pb::UsageBatch { records })
+}
+
+/// Gives back `tokens` of the agent's slice of `key_id` (all of it when
+/// `tokens` is at least what was granted).
+fn give_back(key_id: &str, tokens: u64) -> pb::agent_message::Msg {
+    pb::agent_message::Msg::GiveBack(pb::Return {
+        key_id: key_id.into(),
+        amount: Some(pb::Amounts {
+            tokens: Some(tokens),
+            ..Default::default()
+        }),
+    })
+}
+
+/// Spent and held tokens of the key's own token limit, through the Admin
+/// service at `url`.
+async fn tokens_at(url: &str, key_id: &str) -> (u64, u64) {
+    let snapshot = pb::admin_client::AdminClient::connect(url.to_string())
+        .await
+        .expect("admin connects")
+        .get_snapshot(authed(pb::GetSnapshotRequest {
+            key_id: key_id.into(),
+        }))
+        .await
+        .expect("snapshot")
+        .into_inner();
+    let limit = snapshot
+        .limits
+        .iter()
+        .find(|l| {
+            l.scope == "key"
+                && l.limit
+                    .as_ref()
+                    .is_some_and(|x| x.unit == pb::Unit::Tokens as i32)
+        })
+        .expect("a key token limit");
+    (limit.spent.parse().unwrap(), limit.held.parse().unwrap())
+}
+
+/// Reads answers until the usage acknowledgement, expecting `grants` grants
+/// before it; returns its high-water mark.
+async fn grants_then_ack(
+    inbound: &mut tonic::Streaming<pb::CoordinatorMessage>,
+    grants: usize,
+) -> u64 {
+    for _ in 0..grants {
+        match next_answer(inbound).await.expect("an answer") {
+            pb::coordinator_message::Msg::Grant(_) => {}
+            other => panic!("expected a grant, got {other:?}"),
+        }
+    }
+    match next_answer(inbound).await.expect("an answer") {
+        pb::coordinator_message::Msg::UsageAck(ack) => ack.high_water_seq,
+        other => panic!("expected an ack, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_charge_or_hold_a_key_it_was_never_granted_a_slice_of() {
+    let stack = Stack::start().await;
+    let url = stack.coordinator_url.clone();
+    let (victim, _) = stack
+        .key_with_limits("victim", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    let (own, _) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    // A reconcile claiming a slice of the victim's key, a grant of its own
+    // key, then usage: 90,000 tokens on the victim's key between two
+    // honest records of its own.
+    let claim = pb::agent_message::Msg::Reconcile(pb::Reconcile {
+        slices: vec![pb::SliceReport {
+            key_id: victim.clone(),
+            held: Some(pb::Amounts {
+                tokens: Some(90_000),
+                ..Default::default()
+            }),
+        }],
+    });
+    let mut inbound = session_as(
+        &url,
+        "hostile-agent",
+        vec![
+            claim,
+            ask(&own, 1_000),
+            usage(vec![
+                charged(1, &own, 10),
+                charged(2, &victim, 90_000),
+                charged(3, &own, 20),
+            ]),
+        ],
+    )
+    .await;
+    assert_eq!(
+        grants_then_ack(&mut inbound, 1).await,
+        3,
+        "the refused record is acknowledged: the agent's stream goes on"
+    );
+    assert_eq!(
+        tokens_at(&url, &victim).await,
+        (0, 0),
+        "nothing charged to, nor held of, the victim's key"
+    );
+    assert_eq!(tokens_at(&url, &own).await.0, 30, "its own key is charged");
+    // A later batch of the same agent for its own key is charged too.
+    drop(inbound);
+    let hello = pb::Hello {
+        agent_id: "hostile-agent".into(),
+        epoch: 2,
+        ..Default::default()
+    };
+    let mut inbound = raw_session(&url, hello, vec![usage(vec![charged(4, &own, 5)])])
+        .await
+        .unwrap();
+    assert_eq!(grants_then_ack(&mut inbound, 0).await, 4);
+    assert_eq!(tokens_at(&url, &own).await.0, 35);
+    assert_eq!(tokens_at(&url, &victim).await.0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_arriving_after_its_slice_was_given_back_is_still_charged() {
+    let stack = Stack::start().await;
+    let url = stack.coordinator_url.clone();
+    let (key_id, _) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    // Messages are handled in order: the slice is gone before the usage
+    // of a request admitted under it arrives.
+    let mut inbound = session_as(
+        &url,
+        "late-agent",
+        vec![
+            ask(&key_id, 1_000),
+            give_back(&key_id, 1_000_000),
+            usage(vec![charged(1, &key_id, 40)]),
+        ],
+    )
+    .await;
+    assert_eq!(grants_then_ack(&mut inbound, 1).await, 1);
+    assert_eq!(tokens_at(&url, &key_id).await, (40, 0));
+}
+
+/// Asks for a slice of `key_id` as `agent_id` and gives all of it back, so
+/// that only the key history remembers it.
+async fn hold_then_give_back(url: &str, agent_id: &str, key_id: &str) {
+    let mut inbound = session_as(
+        url,
+        agent_id,
+        vec![
+            ask(key_id, 1_000),
+            give_back(key_id, 1_000_000),
+            // An empty batch: its acknowledgement says the give-back was
+            // handled (and committed with it).
+            usage(vec![]),
+        ],
+    )
+    .await;
+    assert_eq!(grants_then_ack(&mut inbound, 1).await, 0);
+    assert_eq!(
+        tokens_at(url, key_id).await,
+        (0, 0),
+        "nothing held any more"
+    );
+}
+
+/// Sends a late record for `key_id` as `agent_id` on a new session.
+async fn late_record(url: &str, agent_id: &str, key_id: &str, tokens: u64) {
+    let hello = pb::Hello {
+        agent_id: agent_id.into(),
+        epoch: 2,
+        ..Default::default()
+    };
+    let mut inbound = raw_session(url, hello, vec![usage(vec![charged(1, key_id, tokens)])])
+        .await
+        .unwrap();
+    assert_eq!(grants_then_ack(&mut inbound, 0).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_history_survives_a_restart_of_the_embedded_coordinator() {
+    let dir = TempDir::new("key-history");
+    let config = CoordinatorConfig {
+        insecure: true,
+        metrics_listen: None,
+        admin_token: ADMIN_TOKEN.into(),
+        data_path: dir.0.join("coordinator.redb"),
+        settle_window_ms: 1,
+        ..Default::default()
+    };
+    let mut stack = Stack::start_with(config.clone()).await;
+    let (key_id, _) = stack
+        .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    hold_then_give_back(&stack.coordinator_url, "late-agent", &key_id).await;
+    stack.stop_coordinator().await;
+    stack.start_coordinator_again(config).await;
+    late_record(&stack.coordinator_url, "late-agent", &key_id, 40).await;
+    assert_eq!(tokens_at(&stack.coordinator_url, &key_id).await.0, 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_history_survives_a_coordinator_restart_on_etcd() {
+    let cluster = allot_e2e::etcd::EtcdCluster::start(1).await;
+    let dir = TempDir::new("key-history-etcd");
+    let leading = |url: String| async move {
+        let Ok(mut admin) = pb::admin_client::AdminClient::connect(url).await else {
+            return false;
+        };
+        admin
+            .list_accounts(authed(pb::ListAccountsRequest::default()))
+            .await
+            .is_ok()
+    };
+    let mut first = CoordinatorProcess::spawn("c1", &cluster.endpoints(), &dir.0, &[]);
+    wait_until("c1 to lead", Duration::from_secs(60), || {
+        leading(first.url.clone())
+    })
+    .await;
+    let (key_id, _) = key_with_limits_at(
+        &first.url,
+        "acme",
+        vec![limit(pb::Unit::Tokens, "100000", balance())],
+    )
+    .await;
+    hold_then_give_back(&first.url, "late-agent", &key_id).await;
+    first.kill();
+    let second = CoordinatorProcess::spawn("c2", &cluster.endpoints(), &dir.0, &[]);
+    wait_until("c2 to lead", Duration::from_secs(60), || {
+        leading(second.url.clone())
+    })
+    .await;
+    late_record(&second.url, "late-agent", &key_id, 40).await;
+    assert_eq!(tokens_at(&second.url, &key_id).await.0, 40);
+    // And a stranger's record for the same key is still refused there.
+    let hello = pb::Hello {
+        agent_id: "stranger".into(),
+        epoch: 1,
+        ..Default::default()
+    };
+    let mut inbound = raw_session(
+        &second.url,
+        hello,
+        vec![usage(vec![charged(1, &key_id, 50)])],
+    )
+    .await
+    .unwrap();
+    assert_eq!(grants_then_ack(&mut inbound, 0).await, 1);
+    assert_eq!(tokens_at(&second.url, &key_id).await.0, 40);
 }

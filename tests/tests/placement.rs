@@ -539,6 +539,25 @@ async fn send_usage(stack: &Stack, epoch: u64, batches: Vec<Vec<pb::UsageRecord>
     })
     .await
     .unwrap();
+    // Usage counts only for keys the agent was granted a slice of.
+    let mut keys: Vec<String> = batches.iter().flatten().map(|r| r.key_id.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    for (index, key_id) in keys.into_iter().enumerate() {
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Ask(pb::AllowanceAsk {
+                ask_id: index as u64 + 1,
+                key_id,
+                need: Some(pb::Amounts::default()),
+                want: Some(pb::Amounts {
+                    tokens: Some(100),
+                    ..Default::default()
+                }),
+            })),
+        })
+        .await
+        .unwrap();
+    }
     let mut inbound = client
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await

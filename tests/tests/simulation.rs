@@ -276,7 +276,11 @@ impl Group {
             .map(|s| (s.key_id.clone(), tokens_of(&s.held)))
             .collect();
         let reported = slices.into_iter().map(|s| (s.key_id, s.held)).collect();
-        if self.ledger.reconcile(&session.agent_id, reported) {
+        if self
+            .ledger
+            .reconcile(&session.agent_id, reported, clock.now_ms)
+            .late_held
+        {
             for (key, tokens) in reported_tokens {
                 *self.late.entry(key).or_default() += tokens;
             }
@@ -498,6 +502,10 @@ impl Group {
                                     usage.prompt_tokens;
                             }
                         }
+                        SettleOutcome::NotHeld => panic!(
+                            "honest usage {agent_id}/{} refused: its key is not in the agent's key history",
+                            usage.seq
+                        ),
                         SettleOutcome::Duplicate | SettleOutcome::Gap { .. } => {}
                     }
                 }

@@ -64,6 +64,16 @@ pub async fn check_store(store: &dyn Store) {
                 key_id: "k2".into(),
                 held,
             },
+            StoreWrite::PutHeld {
+                agent_id: "agent-1".into(),
+                key_id: "k1".into(),
+                at_ms: 1_000,
+            },
+            StoreWrite::PutHeld {
+                agent_id: "agent-1".into(),
+                key_id: "k2".into(),
+                at_ms: 2_000,
+            },
             StoreWrite::PutAgent(AgentRecord {
                 agent_id: "agent-1".into(),
                 epoch: 3,
@@ -92,6 +102,16 @@ pub async fn check_store(store: &dyn Store) {
         loaded.slices.iter().all(|(_, _, h)| *h == held),
         "slices round-trip exactly"
     );
+    let mut held = loaded.held.clone();
+    held.sort();
+    assert_eq!(
+        held,
+        vec![
+            ("agent-1".into(), "k1".into(), 1_000),
+            ("agent-1".into(), "k2".into(), 2_000)
+        ],
+        "key history round-trips"
+    );
     assert_eq!(loaded.agents[0].high_water_seq, 42);
     assert_eq!(loaded.tariffs, vec![tariff]);
     assert_eq!(
@@ -108,6 +128,15 @@ pub async fn check_store(store: &dyn Store) {
                 agent_id: "agent-1".into(),
                 key_id: "k2".into(),
             },
+            StoreWrite::PutHeld {
+                agent_id: "agent-1".into(),
+                key_id: "k1".into(),
+                at_ms: 3_000,
+            },
+            StoreWrite::DeleteHeld {
+                agent_id: "agent-1".into(),
+                key_id: "k2".into(),
+            },
         ])
         .await
         .expect("commits");
@@ -115,6 +144,11 @@ pub async fn check_store(store: &dyn Store) {
     assert_eq!(loaded.accounts, vec![account("acme", 9)]);
     assert_eq!(loaded.slices.len(), 1);
     assert_eq!(loaded.slices[0].1, "k1");
+    assert_eq!(
+        loaded.held,
+        vec![("agent-1".into(), "k1".into(), 3_000)],
+        "a later key history write wins; a delete removes"
+    );
 
     // Audit entries are kept with the batch that records them, loaded in
     // full, and deleted by retention.

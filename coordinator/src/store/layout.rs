@@ -5,6 +5,7 @@
 //! {prefix}keys/{key_id}                    KeyRecord (JSON; hash only, never the secret)
 //! {prefix}counters/{key|account}/{id}      ScopeCounters (JSON): spend per unit and window
 //! {prefix}slices/{agent_id}/{key_id}       Amounts held by one agent for one key
+//! {prefix}held/{agent_id}/{key_id}         When that agent last held a slice of that key (ms)
 //! {prefix}agents/{agent_id}                AgentRecord: epoch, usage high-water mark
 //! {prefix}tariffs/{model}/{purpose}/{window or "-"}/{valid_from_ms}   Tariff
 //! {prefix}txns/{account_id}/{source_id}    TransactionRecord (credits, adjustments)
@@ -26,6 +27,12 @@ pub fn key_of(prefix: &str, write: &StoreWrite) -> String {
         }
         | StoreWrite::DeleteSlice { agent_id, key_id } => {
             format!("{prefix}slices/{agent_id}/{key_id}")
+        }
+        StoreWrite::PutHeld {
+            agent_id, key_id, ..
+        }
+        | StoreWrite::DeleteHeld { agent_id, key_id } => {
+            format!("{prefix}held/{agent_id}/{key_id}")
         }
         StoreWrite::PutAgent(a) => format!("{prefix}agents/{}", a.agent_id),
         StoreWrite::PutTariff(t) => format!(
@@ -52,6 +59,8 @@ pub fn value_of(write: &StoreWrite) -> Option<Vec<u8>> {
         StoreWrite::PutCounters(_, counters) => json(counters),
         StoreWrite::PutSlice { held, .. } => json(held),
         StoreWrite::DeleteSlice { .. } => None,
+        StoreWrite::PutHeld { at_ms, .. } => json(at_ms),
+        StoreWrite::DeleteHeld { .. } => None,
         StoreWrite::PutAgent(a) => json(a),
         StoreWrite::PutTariff(t) => json(t),
         StoreWrite::PutTransaction(t) => json(t),
@@ -127,6 +136,11 @@ pub fn decode<'a>(
             ["slices", agent, key_id] => {
                 state
                     .slices
+                    .push((agent.to_string(), key_id.to_string(), parse(key, value)?))
+            }
+            ["held", agent, key_id] => {
+                state
+                    .held
                     .push((agent.to_string(), key_id.to_string(), parse(key, value)?))
             }
             ["agents", _] => state.agents.push(parse(key, value)?),

@@ -4,8 +4,9 @@
 //!
 //! The store never decides anything: the leader's ledger decides, and the
 //! store makes a batch of its decisions durable atomically, or not at all.
-//! etcd holds small data only (counters, slices, high-water marks, keys,
-//! limits, tariffs, a bounded audit log); never one key per request.
+//! etcd holds small data only (counters, slices, a bounded key history,
+//! high-water marks, keys, limits, tariffs, a bounded audit log); never one
+//! key per request.
 
 pub mod conformance;
 pub mod embedded;
@@ -37,6 +38,18 @@ pub enum StoreWrite {
         agent_id: String,
         key_id: String,
     },
+    /// When `agent_id` last held a slice of `key_id` (its key history: the
+    /// keys whose usage it may report).
+    PutHeld {
+        agent_id: String,
+        key_id: String,
+        at_ms: allot::clock::UnixMs,
+    },
+    /// A key history entry past its retention.
+    DeleteHeld {
+        agent_id: String,
+        key_id: String,
+    },
     PutAgent(AgentRecord),
     PutTariff(Tariff),
     PutTransaction(TransactionRecord),
@@ -55,6 +68,8 @@ pub struct StoredState {
     pub keys: Vec<KeyRecord>,
     pub counters: Vec<(Scope, ScopeCounters)>,
     pub slices: Vec<(String, String, Amounts)>,
+    /// Key history: `(agent_id, key_id, last held ms)`.
+    pub held: Vec<(String, String, allot::clock::UnixMs)>,
     pub agents: Vec<AgentRecord>,
     pub tariffs: Vec<Tariff>,
     pub transactions: Vec<TransactionRecord>,

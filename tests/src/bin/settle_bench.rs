@@ -405,12 +405,15 @@ fn xorshift(state: &mut u64) -> u64 {
 }
 
 async fn run_workload(w: &Workload, keys: Arc<Vec<String>>) -> anyhow::Result<Outcome> {
-    let t0 = Instant::now();
-    let window = (t0 + w.warm_up, t0 + w.warm_up + w.measure);
+    // The clock starts once every agent holds its slices.
+    let start = Arc::new(Start {
+        ready: tokio::sync::Barrier::new(w.agents),
+        at: std::sync::OnceLock::new(),
+    });
     let mut agents = tokio::task::JoinSet::new();
     for i in 0..w.agents {
-        let (w, keys) = (w.clone(), keys.clone());
-        agents.spawn(async move { one_agent(&w, i, keys, window).await });
+        let (w, keys, start) = (w.clone(), keys.clone(), start.clone());
+        agents.spawn(async move { one_agent(&w, i, keys, &start).await });
     }
     let mut total = Outcome::default();
     while let Some(done) = agents.join_next().await {
@@ -424,6 +427,13 @@ async fn run_workload(w: &Workload, keys: Arc<Vec<String>>) -> anyhow::Result<Ou
     Ok(total)
 }
 
+/// Where the agents of one workload wait for each other before the clock
+/// starts.
+struct Start {
+    ready: tokio::sync::Barrier,
+    at: std::sync::OnceLock<Instant>,
+}
+
 struct AgentShared {
     /// (last seq of the batch, records in it, sent at) in sending order.
     pending: Mutex<VecDeque<(u64, u64, Instant)>>,
@@ -434,7 +444,7 @@ async fn one_agent(
     w: &Workload,
     index: usize,
     keys: Arc<Vec<String>>,
-    (window_start, window_end): (Instant, Instant),
+    start: &Start,
 ) -> anyhow::Result<Outcome> {
     let agent_id = format!("{}{index}", w.agent_prefix);
     let mut client =
@@ -460,6 +470,47 @@ async fn one_agent(
             break welcome;
         }
     };
+    // Usage is charged only for keys the agent was granted a slice of:
+    // ask for every key before measuring (sent from a task, so that the
+    // grants are read while the asks go out).
+    let asks = {
+        let (tx, keys) = (tx.clone(), keys.clone());
+        tokio::spawn(async move {
+            for (index, key_id) in keys.iter().enumerate() {
+                let ask = pb::AllowanceAsk {
+                    ask_id: index as u64 + 1,
+                    key_id: key_id.clone(),
+                    need: Some(pb::Amounts::default()),
+                    want: Some(pb::Amounts {
+                        tokens: Some(1_000_000),
+                        ..Default::default()
+                    }),
+                };
+                tx.send(pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Ask(ask)),
+                })
+                .await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut granted = 0;
+    while granted < keys.len() {
+        let message = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("session ended before every grant"))?;
+        match message.msg {
+            Some(pb::coordinator_message::Msg::Grant(_)) => granted += 1,
+            Some(pb::coordinator_message::Msg::Deny(deny)) => {
+                anyhow::bail!("{agent_id}: ask refused: {}", deny.message)
+            }
+            _ => {}
+        }
+    }
+    asks.await??;
+    start.ready.wait().await;
+    let t0 = *start.at.get_or_init(Instant::now);
+    let (window_start, window_end) = (t0 + w.warm_up, t0 + w.warm_up + w.measure);
     let first_seq = welcome.high_water_seq + 1;
     let shared = Arc::new(AgentShared {
         pending: Mutex::new(VecDeque::new()),
