@@ -317,15 +317,20 @@ async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
                 })
                 .await?;
             }
+            // Keys may have changed while we were away: look them up again,
+            // before any ask can reach the session (the coordinator grants
+            // only keys this agent looked up on it, or held).
+            for hash in ctx.keys.cached_hashes() {
+                tx.send(pb::AgentMessage {
+                    msg: Some(AgentMsg::KeyLookup(pb::KeyLookup {
+                        key_hash: hash.0.to_vec(),
+                    })),
+                })
+                .await?;
+            }
             let _ = ctx.spool.send(SpoolEvent::Session(tx.clone()));
             ctx.link.set_session(Some(tx));
             let _ = ctx.spool.send(SpoolEvent::Ack(welcome.high_water_seq));
-            // Keys may have changed while we were away: look them up again.
-            for hash in ctx.keys.cached_hashes() {
-                ctx.link.send(AgentMsg::KeyLookup(pb::KeyLookup {
-                    key_hash: hash.0.to_vec(),
-                }));
-            }
             tracing::info!(
                 endpoint,
                 high_water_seq = welcome.high_water_seq,

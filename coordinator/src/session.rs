@@ -432,6 +432,26 @@ fn allowance_ask(
         metrics::counter!("allot_allowance_asks_total").increment(1);
     }
     let _span = tracing::info_span!("grant", agent_id, key_id = ask.key_id.as_str()).entered();
+    if !may_ask(core, agent_id, &ask.key_id, fx.now) {
+        // Knowing a key's id is not knowing its secret: an agent asks only
+        // for a key a client showed it (it looked the key up by the
+        // secret's hash on this leader) or one it held within the key
+        // history's retention. An honest agent looks its cached keys up
+        // again before anything else on a new session.
+        metrics::counter!("allot_allowance_asks_refused_total", "reason" => "key_not_looked_up")
+            .increment(1);
+        tracing::error!(
+            agent_id,
+            key_id = ask.key_id,
+            "an ask for a key this agent never looked up nor held; refused"
+        );
+        let message = format!(
+            "key_id: this agent has not looked up key {:?} by its secret",
+            ask.key_id
+        );
+        deny(fx, outbox, ask, pb::DenyReason::UnknownKey, 0, message);
+        return;
+    }
     match core.ledger.ask(agent_id, &ask.key_id, &need, &want, fx.now) {
         Ok(grant) => {
             metrics::counter!("allot_allowance_grants_total").increment(1);
@@ -549,6 +569,16 @@ fn allowance_ask(
             deny(fx, outbox, ask, reason, retry_after_ms, refusal.message);
         }
     }
+}
+
+/// Whether `agent_id` may ask for a slice of `key_id`: it looked the key
+/// up by its secret's hash on this leader, or holds or held a slice of it
+/// within the key history's retention.
+fn may_ask(core: &Core, agent_id: &str, key_id: &str, now: allot::clock::UnixMs) -> bool {
+    core.watchers
+        .get(key_id)
+        .is_some_and(|agents| agents.contains(agent_id))
+        || core.ledger.has_held(agent_id, key_id, now)
 }
 
 /// Answers an ask with a refusal, counted by reason.

@@ -652,6 +652,15 @@ pub fn chat_body(max_tokens: u64) -> serde_json::Value {
     })
 }
 
+/// A raw agent's `KeyLookup` of the key whose secret is `secret`: what an
+/// agent sends when a client shows it the key, and what the coordinator
+/// needs before it grants that agent a slice of the key.
+pub fn key_lookup(secret: &str) -> pb::agent_message::Msg {
+    pb::agent_message::Msg::KeyLookup(pb::KeyLookup {
+        key_hash: allot::key::KeyHash::of_secret(secret).0.to_vec(),
+    })
+}
+
 /// Opens an `AgentSession` at `url` as a raw agent: `hello`, then
 /// `messages`; the sending side stays open until the returned stream is
 /// dropped. `Err` when the coordinator refuses the call itself.

@@ -253,7 +253,14 @@ struct StubbornAgent {
 }
 
 impl StubbornAgent {
-    async fn holding(coordinator_url: &str, key_id: &str, tokens: u64) -> StubbornAgent {
+    /// Takes `tokens` of the key `key_id` (whose secret is `secret`, which
+    /// a client showed it).
+    async fn holding(
+        coordinator_url: &str,
+        key_id: &str,
+        secret: &str,
+        tokens: u64,
+    ) -> StubbornAgent {
         let mut client =
             pb::agent_session_client::AgentSessionClient::connect(coordinator_url.to_string())
                 .await
@@ -271,6 +278,7 @@ impl StubbornAgent {
         tx.send(send(Msg::Reconcile(pb::Reconcile::default())))
             .await
             .unwrap();
+        tx.send(send(key_lookup(secret))).await.unwrap();
         let tokens_only = pb::Amounts {
             tokens: Some(tokens),
             ..Default::default()
@@ -324,7 +332,7 @@ async fn budget_held_by_an_unresponsive_agent_is_a_503_not_a_429_until_it_return
     let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000", balance())])
         .await;
-    let mut stubborn = StubbornAgent::holding(&stack.coordinator_url, &key_id, 990).await;
+    let mut stubborn = StubbornAgent::holding(&stack.coordinator_url, &key_id, &secret, 990).await;
     wait_until(
         "the coordinator to give up on the reclaim",
         Duration::from_secs(30),

@@ -27,8 +27,8 @@ async fn session_as(
     raw_session(url, hello, messages).await.unwrap()
 }
 
-/// The next message that is not Welcome or a tariff update, or the status
-/// that ended the stream.
+/// The next message that is not Welcome, a tariff update or a key lookup's
+/// result, or the status that ended the stream.
 async fn next_answer(
     inbound: &mut tonic::Streaming<pb::CoordinatorMessage>,
 ) -> Result<pb::coordinator_message::Msg, tonic::Status> {
@@ -38,7 +38,8 @@ async fn next_answer(
             .expect("an answer in time")?;
         match message.and_then(|m| m.msg) {
             Some(pb::coordinator_message::Msg::Welcome(_))
-            | Some(pb::coordinator_message::Msg::Tariffs(_)) => continue,
+            | Some(pb::coordinator_message::Msg::Tariffs(_))
+            | Some(pb::coordinator_message::Msg::Key(_)) => continue,
             Some(msg) => return Ok(msg),
             None => return Err(tonic::Status::cancelled("the stream ended")),
         }
@@ -60,7 +61,7 @@ fn ask(key_id: &str, tokens: u64) -> pb::agent_message::Msg {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ask_for_u64_max_tokens_is_refused_naming_the_field_and_budgets_keep_working() {
     let stack = Stack::start().await;
-    let (key_id, _) = stack
+    let (key_id, secret) = stack
         .key_with_limits(
             "acme",
             vec![limit(pb::Unit::Tokens, "100000000000000", balance())],
@@ -87,7 +88,7 @@ async fn an_ask_for_u64_max_tokens_is_refused_naming_the_field_and_budgets_keep_
     let mut inbound = session_as(
         &stack.coordinator_url,
         "big-agent",
-        vec![ask(&key_id, 1_000_000_000_000_000)],
+        vec![key_lookup(&secret), ask(&key_id, 1_000_000_000_000_000)],
     )
     .await;
     match next_answer(&mut inbound).await.expect("an answer") {
@@ -112,7 +113,7 @@ async fn an_ask_for_u64_max_tokens_is_refused_naming_the_field_and_budgets_keep_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_with_absurd_token_counts_is_charged_at_the_bound_without_wrapping() {
     let stack = Stack::start().await;
-    let (key_id, _) = stack
+    let (key_id, secret) = stack
         .key_with_limits(
             "acme",
             vec![limit(pb::Unit::Tokens, "100000000000000", balance())],
@@ -131,7 +132,11 @@ async fn usage_with_absurd_token_counts_is_charged_at_the_bound_without_wrapping
     let mut inbound = session_as(
         &stack.coordinator_url,
         "wrapping-agent",
-        vec![ask(&key_id, 1_000), usage(vec![record(1), record(2)])],
+        vec![
+            key_lookup(&secret),
+            ask(&key_id, 1_000),
+            usage(vec![record(1), record(2)]),
+        ],
     )
     .await;
     assert_eq!(grants_then_ack(&mut inbound, 1).await, 2);
@@ -370,7 +375,7 @@ async fn a_hello_cannot_jump_an_agents_epoch_to_lock_it_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_reported_for_a_key_the_agent_holds_nothing_of_is_ignored() {
     let stack = Stack::start().await;
-    let (key_id, _) = stack
+    let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
         .await;
     let in_flight = pb::agent_message::Msg::InFlight(pb::InFlight {
@@ -387,7 +392,7 @@ async fn in_flight_reported_for_a_key_the_agent_holds_nothing_of_is_ignored() {
     let mut inbound = session_as(
         &stack.coordinator_url,
         "boasting-agent",
-        vec![in_flight, ask(&key_id, 1_000)],
+        vec![in_flight, key_lookup(&secret), ask(&key_id, 1_000)],
     )
     .await;
     match next_answer(&mut inbound).await.expect("an answer") {
@@ -486,7 +491,7 @@ async fn an_agent_cannot_charge_or_hold_a_key_it_was_never_granted_a_slice_of() 
     let (victim, _) = stack
         .key_with_limits("victim", vec![limit(pb::Unit::Tokens, "100000", balance())])
         .await;
-    let (own, _) = stack
+    let (own, own_secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
         .await;
     // A reconcile claiming a slice of the victim's key, a grant of its own
@@ -506,6 +511,7 @@ async fn an_agent_cannot_charge_or_hold_a_key_it_was_never_granted_a_slice_of() 
         "hostile-agent",
         vec![
             claim,
+            key_lookup(&own_secret),
             ask(&own, 1_000),
             usage(vec![
                 charged(1, &own, 10),
@@ -542,10 +548,51 @@ async fn an_agent_cannot_charge_or_hold_a_key_it_was_never_granted_a_slice_of() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_knows_only_a_keys_id_is_granted_nothing_of_it() {
+    let stack = Stack::start().await;
+    let url = stack.coordinator_url.clone();
+    let (victim, victim_secret) = stack
+        .key_with_limits("victim", vec![limit(pb::Unit::Tokens, "100000", balance())])
+        .await;
+    // The key id alone (it appears in logs, usage rows and headers) is not
+    // the key: the ask is refused, then charged usage is refused too.
+    let mut inbound = session_as(
+        &url,
+        "guessing-agent",
+        vec![
+            ask(&victim, 90_000),
+            usage(vec![charged(1, &victim, 90_000)]),
+        ],
+    )
+    .await;
+    match next_answer(&mut inbound).await.expect("an answer") {
+        pb::coordinator_message::Msg::Deny(deny) => {
+            assert_eq!(deny.reason, pb::DenyReason::UnknownKey as i32);
+            assert!(deny.message.contains("key_id"), "{}", deny.message);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(grants_then_ack(&mut inbound, 0).await, 1);
+    assert_eq!(tokens_at(&url, &victim).await, (0, 0));
+    // An agent a client showed the key to (it looked it up by the secret's
+    // hash) is granted a slice.
+    let mut inbound = session_as(
+        &url,
+        "honest-agent",
+        vec![key_lookup(&victim_secret), ask(&victim, 1_000)],
+    )
+    .await;
+    match next_answer(&mut inbound).await.expect("an answer") {
+        pb::coordinator_message::Msg::Grant(_) => {}
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_arriving_after_its_slice_was_given_back_is_still_charged() {
     let stack = Stack::start().await;
     let url = stack.coordinator_url.clone();
-    let (key_id, _) = stack
+    let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
         .await;
     // Messages are handled in order: the slice is gone before the usage
@@ -554,6 +601,7 @@ async fn usage_arriving_after_its_slice_was_given_back_is_still_charged() {
         &url,
         "late-agent",
         vec![
+            key_lookup(&secret),
             ask(&key_id, 1_000),
             give_back(&key_id, 1_000_000),
             usage(vec![charged(1, &key_id, 40)]),
@@ -564,13 +612,15 @@ async fn usage_arriving_after_its_slice_was_given_back_is_still_charged() {
     assert_eq!(tokens_at(&url, &key_id).await, (40, 0));
 }
 
-/// Asks for a slice of `key_id` as `agent_id` and gives all of it back, so
-/// that only the key history remembers it.
-async fn hold_then_give_back(url: &str, agent_id: &str, key_id: &str) {
+/// Looks up the key `key_id` (by its `secret`), asks for a slice of it as
+/// `agent_id` and gives all of it back, so that only the key history
+/// remembers it.
+async fn hold_then_give_back(url: &str, agent_id: &str, key_id: &str, secret: &str) {
     let mut inbound = session_as(
         url,
         agent_id,
         vec![
+            key_lookup(secret),
             ask(key_id, 1_000),
             give_back(key_id, 1_000_000),
             // An empty batch: its acknowledgement says the give-back was
@@ -612,10 +662,10 @@ async fn the_key_history_survives_a_restart_of_the_embedded_coordinator() {
         ..Default::default()
     };
     let mut stack = Stack::start_with(config.clone()).await;
-    let (key_id, _) = stack
+    let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "100000", balance())])
         .await;
-    hold_then_give_back(&stack.coordinator_url, "late-agent", &key_id).await;
+    hold_then_give_back(&stack.coordinator_url, "late-agent", &key_id, &secret).await;
     stack.stop_coordinator().await;
     stack.start_coordinator_again(config).await;
     late_record(&stack.coordinator_url, "late-agent", &key_id, 40).await;
@@ -640,13 +690,13 @@ async fn the_key_history_survives_a_coordinator_restart_on_etcd() {
         leading(first.url.clone())
     })
     .await;
-    let (key_id, _) = key_with_limits_at(
+    let (key_id, secret) = key_with_limits_at(
         &first.url,
         "acme",
         vec![limit(pb::Unit::Tokens, "100000", balance())],
     )
     .await;
-    hold_then_give_back(&first.url, "late-agent", &key_id).await;
+    hold_then_give_back(&first.url, "late-agent", &key_id, &secret).await;
     first.kill();
     let second = CoordinatorProcess::spawn("c2", &cluster.endpoints(), &dir.0, &[]);
     wait_until("c2 to lead", Duration::from_secs(60), || {

@@ -522,9 +522,10 @@ async fn demand_for(stack: &Stack, model: &str) -> f64 {
         .map_or(0.0, |c| c.requests_per_second)
 }
 
-/// A raw agent session: `Hello` with `epoch`, then each of `batches`, each
-/// waited for until acknowledged.
-async fn send_usage(stack: &Stack, epoch: u64, batches: Vec<Vec<pb::UsageRecord>>) {
+/// A raw agent session: `Hello` with `epoch`, a lookup of the key whose
+/// secret is `secret`, then each of `batches`, each waited for until
+/// acknowledged.
+async fn send_usage(stack: &Stack, epoch: u64, secret: &str, batches: Vec<Vec<pb::UsageRecord>>) {
     let mut client =
         pb::agent_session_client::AgentSessionClient::connect(stack.coordinator_url.clone())
             .await
@@ -539,7 +540,13 @@ async fn send_usage(stack: &Stack, epoch: u64, batches: Vec<Vec<pb::UsageRecord>
     })
     .await
     .unwrap();
-    // Usage counts only for keys the agent was granted a slice of.
+    // Usage counts only for keys the agent was granted a slice of, and a
+    // slice only of a key a client showed it (looked up by secret).
+    tx.send(pb::AgentMessage {
+        msg: Some(key_lookup(secret)),
+    })
+    .await
+    .unwrap();
     let mut keys: Vec<String> = batches.iter().flatten().map(|r| r.key_id.clone()).collect();
     keys.sort();
     keys.dedup();
@@ -593,7 +600,7 @@ async fn a_usage_batch_resent_on_a_new_session_counts_as_demand_once() {
         2 * GIB
     );
     let stack = placement_stack(&dir, catalog, |p| p.directives = false).await;
-    let (key_id, _) = stack
+    let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
         .await;
     let now = allot::clock::now_ms();
@@ -610,7 +617,7 @@ async fn a_usage_batch_resent_on_a_new_session_counts_as_demand_once() {
         })
         .collect()
     };
-    send_usage(&stack, 1, vec![records(1..=10)]).await;
+    send_usage(&stack, 1, &secret, vec![records(1..=10)]).await;
     wait_until(
         "ten requests of demand",
         Duration::from_secs(10),
@@ -620,7 +627,7 @@ async fn a_usage_batch_resent_on_a_new_session_counts_as_demand_once() {
     let ten = demand_for(&stack, MODEL).await;
     // A reconnect re-sends the ten (not acknowledged, as far as the agent
     // knows), then one new record follows.
-    send_usage(&stack, 2, vec![records(1..=10), records(11..=11)]).await;
+    send_usage(&stack, 2, &secret, vec![records(1..=10), records(11..=11)]).await;
     wait_until("the eleventh request", Duration::from_secs(10), || async {
         demand_for(&stack, MODEL).await >= ten * 1.09
     })

@@ -141,7 +141,7 @@ async fn a_top_up_resent_with_the_same_source_id_counts_once(backend: Backend) {
 
 async fn a_usage_batch_resent_on_a_new_session_is_charged_once(backend: Backend) {
     let stack = Stack::start_on(backend).await;
-    let (key_id, _) = stack
+    let (key_id, secret) = stack
         .key_with_limits("acme", vec![limit(pb::Unit::Tokens, "1000000", balance())])
         .await;
     let records: Vec<pb::UsageRecord> = (1..=3)
@@ -170,7 +170,13 @@ async fn a_usage_batch_resent_on_a_new_session_is_charged_once(backend: Backend)
         })
         .await
         .unwrap();
-        // Usage counts only for a key the agent was granted a slice of.
+        // Usage counts only for a key the agent was granted a slice of, and
+        // a slice only of a key a client showed it (looked up by secret).
+        tx.send(pb::AgentMessage {
+            msg: Some(key_lookup(&secret)),
+        })
+        .await
+        .unwrap();
         tx.send(pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Ask(pb::AllowanceAsk {
                 ask_id: 1,

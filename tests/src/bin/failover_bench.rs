@@ -101,12 +101,15 @@ type Session = (
     tonic::Streaming<pb::CoordinatorMessage>,
 );
 
-/// Opens a session (Hello with `epoch`), asks for an allowance of `key_id`
-/// and waits for the answer; everything within `budget`.
+/// Opens a session (Hello with `epoch`), looks the key up by its `secret`
+/// (as an agent does when a client shows it the key), asks for an
+/// allowance of `key_id` and waits for the answer; everything within
+/// `budget`.
 async fn attempt(
     url: &str,
     epoch: u64,
     key_id: &str,
+    secret: &str,
     budget: Duration,
 ) -> (Attempt, Option<Session>) {
     let run = async {
@@ -118,6 +121,12 @@ async fn attempt(
                 agent_id: AGENT.into(),
                 epoch,
                 neuron_id: "n1".into(),
+            })),
+        })
+        .await?;
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::KeyLookup(pb::KeyLookup {
+                key_hash: allot::key::KeyHash::of_secret(secret).0.to_vec(),
             })),
         })
         .await?;
@@ -188,16 +197,15 @@ async fn one_run(run: usize) -> anyhow::Result<RunResult> {
             name: "acme".into(),
         }))
         .await?;
-    let key_id = admin
+    let created = admin
         .create_key(authed(pb::CreateKeyRequest {
             account_id: "acme".into(),
             ..Default::default()
         }))
         .await?
-        .into_inner()
-        .key
-        .ok_or_else(|| anyhow::anyhow!("no key"))?
-        .key_id;
+        .into_inner();
+    let secret = created.secret;
+    let key_id = created.key.ok_or_else(|| anyhow::anyhow!("no key"))?.key_id;
     admin
         .set_limits(authed(pb::SetLimitsRequest {
             scope: Some(pb::set_limits_request::Scope::KeyId(key_id.clone())),
@@ -205,7 +213,8 @@ async fn one_run(run: usize) -> anyhow::Result<RunResult> {
         }))
         .await?;
     // The agent's live session with the leader, as before a crash.
-    let (before, session) = attempt(&urls[leader], 1, &key_id, Duration::from_secs(5)).await;
+    let (before, session) =
+        attempt(&urls[leader], 1, &key_id, &secret, Duration::from_secs(5)).await;
     anyhow::ensure!(
         matches!(before, Attempt::Granted),
         "run {run}: no grant from the leader before the kill"
@@ -235,8 +244,14 @@ async fn one_run(run: usize) -> anyhow::Result<RunResult> {
         for index in [standby, leader] {
             epoch += 1;
             attempts += 1;
-            let (outcome, _session) =
-                attempt(&urls[index], epoch, &key_id, Duration::from_secs(1)).await;
+            let (outcome, _session) = attempt(
+                &urls[index],
+                epoch,
+                &key_id,
+                &secret,
+                Duration::from_secs(1),
+            )
+            .await;
             match outcome {
                 Attempt::Granted => {
                     return Ok(RunResult {

@@ -29,7 +29,7 @@ use allot_e2e::etcd::EtcdCluster;
 use allot_e2e::process::{binary, free_port};
 use allot_e2e::tls::TestPki;
 use allot_e2e::{authed, balance, limit, TempDir, ADMIN_TOKEN, MODEL};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -285,6 +285,20 @@ fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
 
 // ---------------------------------------------------------------- admin setup
 
+/// The secret of every key [`create_keys`] made, by key id: a raw agent
+/// looks a key up by its secret's hash before the coordinator grants it a
+/// slice, as a real agent does when a client shows it the key.
+static SECRETS: std::sync::OnceLock<Mutex<HashMap<String, String>>> = std::sync::OnceLock::new();
+
+fn secret_of(key_id: &str) -> Option<String> {
+    SECRETS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .get(key_id)
+        .cloned()
+}
+
 /// One account and `count` keys `bk00000..` with a huge token balance.
 async fn create_keys(url: &str, count: usize) -> anyhow::Result<Vec<String>> {
     let channel = connect(url, None).await?;
@@ -307,13 +321,19 @@ async fn create_keys(url: &str, count: usize) -> anyhow::Result<Vec<String>> {
                     return anyhow::Ok(());
                 }
                 let key_id = format!("bk{i:05}");
-                admin
+                let created = admin
                     .create_key(authed(pb::CreateKeyRequest {
                         account_id: ACCOUNT.into(),
                         key_id: key_id.clone(),
                         ..Default::default()
                     }))
-                    .await?;
+                    .await?
+                    .into_inner();
+                SECRETS
+                    .get_or_init(Default::default)
+                    .lock()
+                    .unwrap()
+                    .insert(key_id.clone(), created.secret);
                 admin
                     .set_limits(authed(pb::SetLimitsRequest {
                         scope: Some(pb::set_limits_request::Scope::KeyId(key_id)),
@@ -477,6 +497,14 @@ async fn one_agent(
         let (tx, keys) = (tx.clone(), keys.clone());
         tokio::spawn(async move {
             for (index, key_id) in keys.iter().enumerate() {
+                let secret = secret_of(key_id)
+                    .ok_or_else(|| anyhow::anyhow!("no secret for key {key_id}"))?;
+                tx.send(pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::KeyLookup(pb::KeyLookup {
+                        key_hash: allot::key::KeyHash::of_secret(&secret).0.to_vec(),
+                    })),
+                })
+                .await?;
                 let ask = pb::AllowanceAsk {
                     ask_id: index as u64 + 1,
                     key_id: key_id.clone(),
