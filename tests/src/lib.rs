@@ -5,6 +5,7 @@
 
 pub mod bare_hop;
 pub mod etcd;
+pub mod llama;
 pub mod postgres;
 pub mod process;
 pub mod tls;
