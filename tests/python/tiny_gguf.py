@@ -104,6 +104,9 @@ def write(path):
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # Embeddings are one mean-pooled vector per input, as OpenAI's are
+    # (without it llama.cpp returns a vector per token).
+    writer.add_pooling_type(gguf.PoolingType.MEAN)
 
     writer.add_tokenizer_model("llama")
     writer.add_token_list(pieces)
