@@ -269,10 +269,7 @@ fn client_limit(
         // and vLLM refuses it: a bound of 0 cannot be sent to every
         // server, so it is refused here (as OpenAI does).
         if value == 0 {
-            return Err(BadRequest::new(
-                &name,
-                format!("{name} must be at least 1"),
-            ));
+            return Err(BadRequest::new(&name, format!("{name} must be at least 1")));
         }
         limit = Some(limit.map_or(value, |l| l.min(value)));
     }

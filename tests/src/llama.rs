@@ -61,7 +61,10 @@ impl LlamaServer {
             &[],
             Duration::from_secs(60),
         );
-        assert!(wrote.success, "writing the tiny model failed ({INSTALL}):\n{wrote}");
+        assert!(
+            wrote.success,
+            "writing the tiny model failed ({INSTALL}):\n{wrote}"
+        );
 
         let port = free_port();
         let model = |alias: &str, embedding: bool| {
@@ -197,7 +200,14 @@ pub fn run_python(args: &[String], envs: &[(&str, String)], deadline: Duration) 
         .stdout(std::fs::File::create(&out_path).expect("stdout file"))
         .stderr(std::fs::File::create(&err_path).expect("stderr file"));
     // Every call here is on loopback.
-    for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+    for var in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
         command.env_remove(var);
     }
     for (key, value) in envs {

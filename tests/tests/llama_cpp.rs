@@ -14,12 +14,13 @@
 //!   `usage_estimated`;
 //! - legacy completions take at most one prompt: an array of two is
 //!   answered 500 and costs nothing (SPEC Settlement 3);
+//! - it refuses any request whose `x-request-id` is not a UUID (an empty
+//!   400), so the agent's own ids are UUIDs;
 //! - `max_tokens: 0` (or negative) means "no limit" to it, so the agent
 //!   refuses a completion limit of 0 before dispatch;
-//! - it tokenizes with a BOS and a SentencePiece space prefix, and its chat
-//!   template adds about 12 tokens per request and 7 per message: all
-//!   within the default reservation overheads (16 and 8), so the bound
-//!   holds without learning.
+//! - its chat template adds no BOS, 10 tokens per request and 7 to 13 per
+//!   message: within the default overheads plus the bytes the bound counts
+//!   for each message's keys and role, so the bound holds without learning.
 
 use allot::pb;
 use allot::reservation::{self, Operation, ReservationPolicy};
@@ -183,7 +184,11 @@ async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_
     assert_eq!(prompt + 1, server.tokenize(rendered).await.len() as u64);
     let record = record_of(&stack, &key_id, &id).await;
     assert_eq!(
-        (record.prompt_tokens, record.completion_tokens, record.usage_estimated),
+        (
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.usage_estimated
+        ),
         (prompt, 7, false)
     );
     assert!(prompt <= prompt_bound(Operation::ChatCompletions, &body));
@@ -250,7 +255,9 @@ async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_
             .count() as u64;
         assert_eq!(content, 7, "one event per token: {text}");
         assert!(
-            events.iter().all(|e| e.get("usage").is_none_or(Value::is_null)),
+            events
+                .iter()
+                .all(|e| e.get("usage").is_none_or(Value::is_null)),
             "the server sent usage after all; the estimate is no longer needed: {text}"
         );
         let record = record_of(&stack, &key_id, &id).await;
@@ -273,7 +280,10 @@ async fn legacy_completions_are_charged_the_servers_count_and_prompt_arrays_it_r
 
     // A string and an array of one: the server's usage, whose prompt is
     // what its tokenizer makes of the text.
-    for prompt in [json!("say hi to 42 friends"), json!(["say hi to 42 friends"])] {
+    for prompt in [
+        json!("say hi to 42 friends"),
+        json!(["say hi to 42 friends"]),
+    ] {
         let body = json!({"model": LLAMA_MODEL, "prompt": prompt, "max_tokens": 5});
         let response = post(&stack, &secret, "/v1/completions", &body).await;
         assert_eq!(response.status(), 200);
@@ -285,7 +295,11 @@ async fn legacy_completions_are_charged_the_servers_count_and_prompt_arrays_it_r
         assert_eq!(usage["completion_tokens"], 5, "{answer}");
         let record = record_of(&stack, &key_id, &id).await;
         assert_eq!(
-            (record.prompt_tokens, record.completion_tokens, record.usage_estimated),
+            (
+                record.prompt_tokens,
+                record.completion_tokens,
+                record.usage_estimated
+            ),
             (counted, 5, false)
         );
         assert!(counted <= prompt_bound(Operation::Completions, &body));
@@ -302,7 +316,11 @@ async fn legacy_completions_are_charged_the_servers_count_and_prompt_arrays_it_r
     let text = response.text().await.unwrap();
     let pieces = events(&text)
         .iter()
-        .filter(|e| e["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()))
+        .filter(|e| {
+            e["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
         .count();
     assert_eq!(pieces, 5, "{text}");
     let record = record_of(&stack, &key_id, &id).await;
@@ -343,10 +361,18 @@ async fn embeddings_are_charged_the_tokens_the_server_counts() {
     for input in inputs {
         counted += server.tokenize(input).await.len() as u64;
     }
-    assert_eq!(answer["usage"]["prompt_tokens"], counted, "{}", answer["usage"]);
+    assert_eq!(
+        answer["usage"]["prompt_tokens"], counted,
+        "{}",
+        answer["usage"]
+    );
     let record = record_of(&stack, &key_id, &id).await;
     assert_eq!(
-        (record.prompt_tokens, record.completion_tokens, record.usage_estimated),
+        (
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.usage_estimated
+        ),
         (counted, 0, false)
     );
     assert!(counted <= prompt_bound(Operation::Embeddings, &body));
@@ -471,11 +497,17 @@ async fn the_reservation_bound_holds_for_prompts_that_tokenize_worst() {
     let emoji = "🙂🚀🎉👍🏽🇫🇷".repeat(10);
     let singles = "a b c d e f g h i j k l m n o p q r s t u v w x y z . , ! ?";
     let accents = "é à ü ñ ç ß ø Ω π 中 文 字";
-    let worst = ["a", "7", "🙂", "\n", " ", singles, &digits, &emoji, accents, "x"];
+    let worst = [
+        "a", "7", "🙂", "\n", " ", singles, &digits, &emoji, accents, "x",
+    ];
     let mut checked = 0;
     for text in worst {
         let cases = [
-            (Operation::ChatCompletions, "/v1/chat/completions", chat(text, 1)),
+            (
+                Operation::ChatCompletions,
+                "/v1/chat/completions",
+                chat(text, 1),
+            ),
             (
                 Operation::ChatCompletions,
                 "/v1/chat/completions",
@@ -514,9 +546,11 @@ async fn the_reservation_bound_holds_for_prompts_that_tokenize_worst() {
     }
     assert_eq!(checked, 40);
     // Nothing above the bound: the agent learned no overhead.
-    wait_until("every request to settle", Duration::from_secs(30), || async {
-        stack.settled_records().await >= 40
-    })
+    wait_until(
+        "every request to settle",
+        Duration::from_secs(30),
+        || async { stack.settled_records().await >= 40 },
+    )
     .await;
     assert_eq!(learned_overheads(&stack).await, vec![]);
 }
@@ -533,11 +567,10 @@ async fn the_openai_python_client_reaches_the_real_server_through_the_agent() {
         ("EMBED_MODEL", LLAMA_EMBED_MODEL.to_string()),
     ];
     let script = python_script("openai_llama.py").display().to_string();
-    let run = tokio::task::spawn_blocking(move || {
-        run_python(&[script], &envs, Duration::from_secs(120))
-    })
-    .await
-    .unwrap();
+    let run =
+        tokio::task::spawn_blocking(move || run_python(&[script], &envs, Duration::from_secs(120)))
+            .await
+            .unwrap();
     assert!(run.success, "{run}");
     assert_eq!(run.stdout.lines().last(), Some("ok"), "{run}");
     // Every step settled; the plain ones at the usage the client saw.
@@ -559,8 +592,7 @@ async fn the_openai_python_client_reaches_the_real_server_through_the_agent() {
         let completion = usage["completion_tokens"].as_u64().unwrap_or(0);
         assert!(
             rows.iter().any(|r| {
-                !r.usage_estimated
-                    && (r.prompt_tokens, r.completion_tokens) == (prompt, completion)
+                !r.usage_estimated && (r.prompt_tokens, r.completion_tokens) == (prompt, completion)
             }),
             "no record of {step}"
         );

@@ -48,7 +48,10 @@ async fn no_limit_field_lifts_the_bound_on_any_server_family() {
         .await;
     assert_eq!(response.status(), 400);
     let answer: Value = response.json().await.unwrap();
-    assert_eq!(answer["error"]["param"], "max_completion_tokens", "{answer}");
+    assert_eq!(
+        answer["error"]["param"], "max_completion_tokens",
+        "{answer}"
+    );
     assert_eq!(stack.neuron.hits(), 0, "refused before dispatch");
     let cases = [
         (
