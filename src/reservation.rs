@@ -265,6 +265,12 @@ fn client_limit(
                 ))
             }
         };
+        // llama-cpp-python reads `max_tokens: 0` as "up to the context"
+        // and vLLM refuses it: a bound of 0 cannot be sent to every
+        // server, so it is refused here (as OpenAI does).
+        if value == 0 {
+            return Err(BadRequest::new(&name, format!("{name} must be at least 1")));
+        }
         limit = Some(limit.map_or(value, |l| l.min(value)));
     }
     Ok(limit)
@@ -878,14 +884,15 @@ mod tests {
         .unwrap();
         assert_eq!(f.max_completion_tokens, Some(10));
         assert_eq!(f.token_bound(10), f.prompt_tokens_bound + 30);
-        // vLLM reads `max_completion_tokens or max_tokens`: 0 is falsy.
-        let f = facts(
-            Operation::ChatCompletions,
-            json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
-                   "max_completion_tokens": 0, "max_tokens": 50000}),
-        )
-        .unwrap();
-        assert_eq!(f.max_completion_tokens, Some(0));
+        // A limit of 0 is refused: llama-cpp-python reads it as no limit,
+        // vLLM reads `max_completion_tokens or max_tokens` (0 is falsy).
+        for field in ["max_tokens", "max_completion_tokens", "n_predict"] {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                   "max_tokens": 50000});
+            body[field] = json!(0);
+            let err = facts(Operation::ChatCompletions, body).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(field));
+        }
         for (field, value, limit) in [
             ("n_predict", json!(7), Some(7)),
             ("n_predict", json!(-1), None),

@@ -873,14 +873,20 @@ impl RequestId {
     }
 }
 
+/// A new request id: a random UUID (version 4) in its canonical text.
+/// llama-cpp-python's server refuses, with an empty 400, any request whose
+/// `x-request-id` is not a UUID.
 fn new_request_id() -> String {
-    // 96 random bits as 24 hex digits, in one allocation.
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits: u128 = rand::random::<u128>() >> 32;
-    let mut id = String::with_capacity(28);
-    id.push_str("req_");
-    for shift in (0..24).rev() {
-        id.push(char::from(HEX[((bits >> (shift * 4)) & 0xf) as usize]));
+    let bits: u128 = rand::random::<u128>();
+    // Version 4 (random) and the RFC 9562 variant.
+    let bits = (bits & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
+    let mut id = String::with_capacity(36);
+    for digit in (0..32).rev() {
+        if matches!(digit, 23 | 19 | 15 | 11) {
+            id.push('-');
+        }
+        id.push(char::from(HEX[((bits >> (digit * 4)) & 0xf) as usize]));
     }
     id
 }

@@ -6,6 +6,7 @@
 pub mod bare_hop;
 pub mod etcd;
 pub mod grpcurl;
+pub mod llama;
 pub mod postgres;
 pub mod process;
 pub mod tls;

@@ -32,10 +32,31 @@ async fn no_limit_field_lifts_the_bound_on_any_server_family() {
     let hi = json!([{"role": "user", "content": "hi"}]);
     // For each family, the body whose fields it reads run far past what a
     // reader of max_tokens alone would reserve.
+    // vLLM reads `max_completion_tokens or max_tokens`, so a 0 would let
+    // max_tokens through (and llama-cpp-python reads 0 as no limit): a
+    // limit of 0 is refused before dispatch.
+    stack.neuron.set_behavior(Behavior {
+        limit_rule: LimitRule::Vllm,
+        generate_to_limit: true,
+        ..Default::default()
+    });
+    let response = stack
+        .chat(
+            &secret,
+            json!({"model": MODEL, "messages": hi, "max_completion_tokens": 0, "max_tokens": 50000}),
+        )
+        .await;
+    assert_eq!(response.status(), 400);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        answer["error"]["param"], "max_completion_tokens",
+        "{answer}"
+    );
+    assert_eq!(stack.neuron.hits(), 0, "refused before dispatch");
     let cases = [
         (
             LimitRule::Vllm,
-            json!({"model": MODEL, "messages": hi, "max_completion_tokens": 0, "max_tokens": 50000}),
+            json!({"model": MODEL, "messages": hi, "max_completion_tokens": 5000, "max_tokens": 20}),
         ),
         (
             LimitRule::LlamaCpp,
@@ -67,7 +88,7 @@ async fn no_limit_field_lifts_the_bound_on_any_server_family() {
         let forwarded = stack.neuron.last_request().unwrap().body;
         // The smallest limit the client gave is the bound, written into
         // every limit field it sent and into max_tokens.
-        let bound = if rule == LimitRule::Vllm { 0 } else { 20 };
+        let bound = 20;
         for field in [
             "max_tokens",
             "max_completion_tokens",
