@@ -107,7 +107,7 @@ async fn pass_through(state: &AgentState, request: Request<Body>) -> Result<Resp
         .unwrap_or("/");
     let mut upstream = Request::builder()
         .method(parts.method.clone())
-        .uri(format!("{}{path}", state.upstreams.default_url()));
+        .uri(format!("{}{path}", state.neuron.upstreams.default_url()));
     for name in [header::CONTENT_TYPE, header::ACCEPT] {
         if let Some(value) = parts.headers.get(&name) {
             upstream = upstream.header(name, value);
@@ -138,13 +138,13 @@ async fn pass_through(state: &AgentState, request: Request<Body>) -> Result<Resp
 /// spool admits requests; otherwise 503 with what is wrong.
 async fn ready(State(state): State<Arc<AgentState>>) -> Response {
     let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
-    if let Some(refusal) = state.link.refusal() {
+    if let Some(refusal) = state.coordinator.link.refusal() {
         return unavailable(refusal);
     }
-    if let Some(refusal) = state.durability.refusal() {
+    if let Some(refusal) = state.records.durability.refusal() {
         return unavailable(ApiError::from(refusal).message);
     }
-    if !state.link.is_connected() {
+    if !state.coordinator.link.is_connected() {
         return unavailable("not connected to a coordinator".into());
     }
     (StatusCode::OK, "ready").into_response()
@@ -175,7 +175,7 @@ async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<B
     let (outcome, key) = async {
         // Durable before delivered: nothing is admitted that the spool
         // could not record.
-        if let Some(refusal) = state.durability.refusal() {
+        if let Some(refusal) = state.records.durability.refusal() {
             return (Err(ApiError::from(refusal)), None);
         }
         match authenticate(&state, request.headers()).await {
@@ -219,10 +219,11 @@ async fn authenticate(state: &AgentState, headers: &HeaderMap) -> Result<Arc<Key
             )
         })?;
     let hash = KeyHash::of_secret(secret);
-    let key = match state.keys.get(&hash, Instant::now()) {
+    let key = match state.coordinator.keys.get(&hash, Instant::now()) {
         Known::Key(key) => Some(key),
         Known::Unknown => None,
         Known::Miss => state
+            .coordinator
             .link
             .lookup(hash, state.config.allowance_wait())
             .await
@@ -241,16 +242,20 @@ async fn authenticate(state: &AgentState, headers: &HeaderMap) -> Result<Arc<Key
 /// Takes a place in the agent's and the key's concurrency bounds, or
 /// refuses: 503 when the agent is full, 429 when the key is.
 fn enter(state: &AgentState, key_id: &str) -> Result<Slot, ApiError> {
-    state.in_flight.enter(key_id).map_err(|full| match full {
-        Full::Agent(max) => ApiError::unavailable(
-            format!("this agent is serving its maximum of {max} concurrent requests"),
-            1,
-        ),
-        Full::Key(max) => ApiError::rate_limited(
-            format!("rate limit reached: at most {max} concurrent requests per key"),
-            1,
-        ),
-    })
+    state
+        .neuron
+        .in_flight
+        .enter(key_id)
+        .map_err(|full| match full {
+            Full::Agent(max) => ApiError::unavailable(
+                format!("this agent is serving its maximum of {max} concurrent requests"),
+                1,
+            ),
+            Full::Key(max) => ApiError::rate_limited(
+                format!("rate limit reached: at most {max} concurrent requests per key"),
+                1,
+            ),
+        })
 }
 
 /// Past the size limit, the rest of a body is read and dropped, up to this
@@ -373,7 +378,7 @@ async fn reserve(
     let max_need = cost_of(most);
     let attempt = |now: Instant| {
         let mut chosen = most;
-        let admission = state.table.try_reserve_with(
+        let admission = state.coordinator.table.try_reserve_with(
             &key.key_id,
             &min_need,
             |usable| {
@@ -391,7 +396,7 @@ async fn reserve(
     let mut registered = false;
     loop {
         let now = Instant::now();
-        let notify = registered.then(|| state.table.notify_of(&key.key_id, now));
+        let notify = registered.then(|| state.coordinator.table.notify_of(&key.key_id, now));
         let notified = notify.as_deref().map(tokio::sync::Notify::notified);
         tokio::pin!(notified);
         if let Some(notified) = notified.as_mut().as_pin_mut() {
@@ -413,8 +418,8 @@ async fn reserve(
             } => {
                 if send_ask {
                     let want = want_for(state, &key.key_id, &max_need, now);
-                    if !state.link.ask(&key.key_id, &shortfall, &want) {
-                        state.table.ask_failed(&key.key_id);
+                    if !state.coordinator.link.ask(&key.key_id, &shortfall, &want) {
+                        state.coordinator.table.ask_failed(&key.key_id);
                         return Err(ApiError::unavailable(
                             "the coordinator is unreachable and no allowance lease is valid",
                             2,
@@ -432,9 +437,9 @@ async fn reserve(
                     .instrument(tracing::info_span!("allowance.wait"))
                     .await;
                 if waited.is_err() {
-                    state.table.ask_failed(&key.key_id);
+                    state.coordinator.table.ask_failed(&key.key_id);
                     return Err(ApiError::unavailable(
-                        if state.link.is_connected() {
+                        if state.coordinator.link.is_connected() {
                             "no allowance was granted in time"
                         } else {
                             "the coordinator is unreachable and no allowance lease is valid"
@@ -452,6 +457,7 @@ async fn reserve(
 /// less than this request.
 fn want_for(state: &AgentState, key_id: &str, need: &Amounts, now: Instant) -> Amounts {
     let demand = state
+        .coordinator
         .table
         .demand(key_id, state.config.refresh_interval(), now);
     let base = if demand.is_zero() {
@@ -505,13 +511,13 @@ fn affordable_completion(
 
 /// Asks ahead, in the background, when a busy slice runs low.
 fn maybe_refill(state: &AgentState, key_id: &str) {
-    if let Some(want) =
-        state
-            .table
-            .wants_refill(key_id, state.config.refresh_interval(), Instant::now())
-    {
-        if !state.link.ask(key_id, &Amounts::zero(), &want) {
-            state.table.ask_failed(key_id);
+    if let Some(want) = state.coordinator.table.wants_refill(
+        key_id,
+        state.config.refresh_interval(),
+        Instant::now(),
+    ) {
+        if !state.coordinator.link.ask(key_id, &Amounts::zero(), &want) {
+            state.coordinator.table.ask_failed(key_id);
         }
     }
 }
@@ -556,7 +562,7 @@ struct Settlement {
 impl Settlement {
     /// Settles with reported usage, or an estimate bounded by the
     /// reservation; `charged == false` releases the reservation in full.
-    /// The record's sequence number, for [`AgentState::durability`]; `None`
+    /// The record's sequence number, for [`Records::durability`](crate::Records::durability); `None`
     /// when it had settled already.
     fn finish(&mut self, reported: Option<Reported>, charged: bool) -> Option<u64> {
         let reservation = self.reservation.take()?;
@@ -610,16 +616,19 @@ impl Settlement {
         }
         if charged
             && !estimated
-            && self.state.overheads.learn(
+            && self.state.neuron.overheads.learn(
                 &self.template.model,
                 self.learned_overhead,
                 self.prompt_bound,
                 usage.prompt,
             )
         {
-            self.state.link.send(self.state.overheads.message());
+            self.state
+                .coordinator
+                .link
+                .send(self.state.neuron.overheads.message());
         }
-        if let Some(models) = &self.state.models {
+        if let Some(models) = &self.state.neuron.models {
             models.end(&self.template.model, clock::now_ms(), usage.completion);
         }
         // Settled once (the reservation is gone after this): the record
@@ -629,7 +638,7 @@ impl Settlement {
         let t = &mut self.template;
         let record = pb::UsageRecord {
             seq: 0,
-            epoch: self.state.epoch,
+            epoch: self.state.records.epoch,
             request_id: take(&mut t.request_id),
             key_id: t.key.key_id.clone(),
             account_id: t.key.account_id.clone(),
@@ -660,10 +669,14 @@ impl Settlement {
                 t.priced_at
             },
         };
-        let usage_tx = &self.state.usage;
-        let seq = self.state.table.settle(&reservation, &actual, |seq| {
-            let _ = usage_tx.send(pb::UsageRecord { seq, ..record });
-        });
+        let usage_tx = &self.state.records.usage;
+        let seq = self
+            .state
+            .coordinator
+            .table
+            .settle(&reservation, &actual, |seq| {
+                let _ = usage_tx.send(pb::UsageRecord { seq, ..record });
+            });
         metrics::counter!("allot_agent_settlements_total").increment(1);
         if estimated {
             metrics::counter!("allot_agent_usage_estimated_total").increment(1);
@@ -743,13 +756,13 @@ fn refuse(
         return error;
     }
     let now = clock::now_ms();
-    if !state.refusal_records.admit(&key.key_id, now) {
+    if !state.records.refusals.admit(&key.key_id, now) {
         metrics::counter!("allot_agent_refusals_unrecorded_total").increment(1);
         return error;
     }
     let batch_id = header_str(headers, X_ALLOT_BATCH_ID);
     let record = pb::UsageRecord {
-        epoch: state.epoch,
+        epoch: state.records.epoch,
         request_id: request_id.to_string(),
         key_id: key.key_id.clone(),
         account_id: key.account_id.clone(),
@@ -767,8 +780,8 @@ fn refuse(
         cost: "0".into(),
         ..Default::default()
     };
-    let usage_tx = &state.usage;
-    state.table.number(|seq| {
+    let usage_tx = &state.records.usage;
+    state.coordinator.table.number(|seq| {
         let _ = usage_tx.send(pb::UsageRecord { seq, ..record });
     });
     metrics::counter!("allot_agent_refusals_recorded_total").increment(1);
@@ -912,7 +925,7 @@ async fn admit_and_forward(
     let mut facts = reservation::inspect(operation, &body, &policy)
         .map_err(|e| refused(ApiError::bad_request(e.message, e.param), ""))?;
     // What this model's neuron was seen to bill beyond the bound.
-    let learned_overhead = state.overheads.extra(&facts.model);
+    let learned_overhead = state.neuron.overheads.extra(&facts.model);
     facts.prompt_tokens_bound = facts.prompt_tokens_bound.saturating_add(learned_overhead);
     let current = tracing::Span::current();
     current.record("allot.key_id", key.key_id.as_str());
@@ -923,7 +936,12 @@ async fn admit_and_forward(
             &facts.model,
         ));
     }
-    let upstream = match state.upstreams.resolve(&state.client, &facts.model).await {
+    let upstream = match state
+        .neuron
+        .upstreams
+        .resolve(&state.neuron.client, &facts.model)
+        .await
+    {
         Ok(upstream) => upstream,
         Err(LookupError::UnknownModel) => {
             return Err(refused(
@@ -944,7 +962,7 @@ async fn admit_and_forward(
         pricing_time(&parts.headers, key, admitted_at).map_err(|e| refused(e, &facts.model))?;
     let (batch_id, completion_window) =
         recorded_headers(&parts.headers).map_err(|e| refused(e, &facts.model))?;
-    let tariffs = state.link.tariffs.borrow().clone();
+    let tariffs = state.coordinator.link.tariffs.borrow().clone();
     let price = tariffs.choose(
         &facts.model,
         key.purpose,
@@ -980,7 +998,7 @@ async fn admit_and_forward(
     };
 
     let (server_trace_id, server_span_id) = crate::trace::ids(&current);
-    if let Some(models) = &state.models {
+    if let Some(models) = &state.neuron.models {
         models.begin(&facts.model, admitted_at);
     }
     let mut settlement = Settlement {
@@ -1047,7 +1065,7 @@ async fn admit_and_forward(
 
     let response = match tokio::time::timeout(
         state.config.first_byte_timeout(),
-        state.client.request(upstream),
+        state.neuron.client.request(upstream),
     )
     .instrument(upstream_span)
     .await
@@ -1056,7 +1074,7 @@ async fn admit_and_forward(
         Ok(Err(e)) => {
             settlement.status = 502;
             settlement.finish(None, false);
-            state.upstreams.invalidate(&facts.model);
+            state.neuron.upstreams.invalidate(&facts.model);
             return Err(ApiError::bad_gateway(format!(
                 "the neuron is unreachable: {e}"
             )));
@@ -1151,7 +1169,7 @@ async fn admit_and_forward(
     // Durable before delivered: the body leaves once its record is on
     // disk (one fsync per batch of requests, shared).
     if let Some(seq) = settlement.finish(reported, true) {
-        state.durability.wait(seq).await?;
+        state.records.durability.wait(seq).await?;
     }
     headers.insert(
         header::CONTENT_TYPE,
@@ -1202,6 +1220,7 @@ fn add_rate_limit_headers(state: &AgentState, key_id: &str, headers: &mut Header
     ];
     let now = Instant::now();
     let tightest = state
+        .coordinator
         .table
         .tightest_limits(key_id, [Unit::Requests, Unit::Tokens]);
     for (limit, [limit_name, remaining_name, reset_name]) in tightest.into_iter().zip(NAMES) {
@@ -1280,7 +1299,7 @@ impl SseRelay {
     fn settle_then_end(&mut self, reported: Option<Reported>, tail: Bytes) {
         self.tail = tail;
         if let Some(seq) = self.settlement.finish(reported, true) {
-            self.durable = Some(Box::pin(self.settlement.state.durability.wait(seq)));
+            self.durable = Some(Box::pin(self.settlement.state.records.durability.wait(seq)));
         }
     }
 
@@ -1429,7 +1448,7 @@ async fn neuron_request(
 ) -> Result<Response<hyper::body::Incoming>, ApiError> {
     match tokio::time::timeout(
         state.config.first_byte_timeout(),
-        state.client.request(request),
+        state.neuron.client.request(request),
     )
     .await
     {
@@ -1449,8 +1468,11 @@ async fn models(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> Res
         Ok(key) => key,
         Err(e) => return e.into_response(),
     };
-    let request = match Request::get(format!("{}/v1/models", state.upstreams.default_url()))
-        .body(http_body_util::Full::new(Bytes::new()))
+    let request = match Request::get(format!(
+        "{}/v1/models",
+        state.neuron.upstreams.default_url()
+    ))
+    .body(http_body_util::Full::new(Bytes::new()))
     {
         Ok(r) => r,
         Err(e) => return ApiError::bad_gateway(e.to_string()).into_response(),
