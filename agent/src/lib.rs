@@ -12,13 +12,13 @@
 
 pub mod allowance;
 pub mod api_error;
-pub mod concurrency;
 pub mod config;
 pub mod edge;
 pub mod keys;
 pub mod link;
 pub mod neuron;
 pub mod overhead;
+pub mod path;
 pub mod proxy;
 pub mod refusals;
 pub mod spool;
@@ -61,7 +61,7 @@ pub struct Coordinator {
 pub struct Neuron {
     pub client: proxy::HttpClient,
     pub upstreams: upstream::Upstreams,
-    pub in_flight: Arc<concurrency::InFlight>,
+    pub in_flight: Arc<path::concurrency::InFlight>,
     /// Requests in flight and last use per model, for node reports: only
     /// kept when a neuron adapter reports them.
     pub models: Option<Arc<neuron::ModelActivity>>,
@@ -83,7 +83,7 @@ pub struct Records {
 
 /// The neuron client: `http://` and `https://` (system roots and
 /// `upstream_ca`) upstreams.
-fn http_client(config: &AgentConfig) -> Result<proxy::HttpClient, String> {
+pub(crate) fn http_client(config: &AgentConfig) -> Result<proxy::HttpClient, String> {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(
         config.upstream_connect_timeout_ms,
@@ -204,7 +204,7 @@ pub async fn run(
         neuron: Neuron {
             client,
             upstreams: upstream::Upstreams::new(&config),
-            in_flight: concurrency::InFlight::new(
+            in_flight: path::concurrency::InFlight::new(
                 config.max_concurrent_requests,
                 config.max_concurrent_per_key,
             ),
