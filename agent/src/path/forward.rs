@@ -232,18 +232,14 @@ mod tests {
         assert_eq!(request.method(), http::Method::POST);
     }
 
-    #[tokio::test]
-    async fn an_unreachable_neuron_is_502_and_costs_nothing() {
-        let mut agent = testing::agent(Default::default());
-        let mut settlement = settlement(&agent);
-        // A port that was just free: nothing listens on it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+    /// Sends a request for model `m` to `address` with `agent`'s client.
+    async fn send_to(
+        agent: &testing::TestAgent,
+        address: std::net::SocketAddr,
+    ) -> Result<Response<hyper::body::Incoming>, ApiError> {
+        let mut settlement = settlement(agent);
         let request = upstream_request(
-            format!("http://127.0.0.1:{port}/v1/chat/completions")
+            format!("http://{address}/v1/chat/completions")
                 .parse()
                 .unwrap(),
             Bytes::from_static(b"{}"),
@@ -251,17 +247,27 @@ mod tests {
             &HeaderMap::new(),
             &tracing::Span::none(),
         );
-        let state = agent.state.clone();
-        let error = send(
+        let state = &agent.state;
+        let span = tracing::Span::none();
+        send(
             &state.neuron,
             &state.config,
             "m",
             request,
-            tracing::Span::none(),
+            span,
             &mut settlement,
         )
         .await
-        .unwrap_err();
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_neuron_is_502_and_costs_nothing() {
+        let mut agent = testing::agent(Default::default());
+        // A port that was just free: nothing listens on it.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = free.local_addr().unwrap();
+        drop(free);
+        let error = send_to(&agent, address).await.unwrap_err();
         assert_eq!(error.status, StatusCode::BAD_GATEWAY);
         let record = agent.records.try_recv().unwrap();
         assert_eq!(record.http_status, 502);
@@ -274,32 +280,12 @@ mod tests {
             first_byte_timeout_ms: 50,
             ..Default::default()
         });
-        let mut settlement = settlement(&agent);
         // Accepts the connection and never answers.
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = silent.local_addr().unwrap();
-        let request = upstream_request(
-            format!("http://{address}/v1/chat/completions")
-                .parse()
-                .unwrap(),
-            Bytes::from_static(b"{}"),
-            &HeaderValue::from_static("req-1"),
-            &HeaderMap::new(),
-            &tracing::Span::none(),
-        );
-        let state = agent.state.clone();
-        let error = send(
-            &state.neuron,
-            &state.config,
-            "m",
-            request,
-            tracing::Span::none(),
-            &mut settlement,
-        )
-        .await
-        .unwrap_err();
+        let error = send_to(&agent, silent.local_addr().unwrap())
+            .await
+            .unwrap_err();
         assert_eq!(error.status, StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(agent.records.try_recv().unwrap().http_status, 504);
-        drop(silent);
     }
 }

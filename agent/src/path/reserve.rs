@@ -259,6 +259,23 @@ mod tests {
         .unwrap()
     }
 
+    /// Reserves for key `k` with a default `max_tokens` of 500.
+    async fn reserve_for(
+        agent: &testing::TestAgent,
+        facts: &RequestFacts,
+    ) -> Result<Plan, ApiError> {
+        let state = &agent.state;
+        reserve(
+            &state.coordinator,
+            &state.config,
+            "k",
+            facts,
+            500,
+            Price::Free,
+        )
+        .await
+    }
+
     fn config() -> AgentConfig {
         AgentConfig {
             allowance_wait_ms: 50,
@@ -272,16 +289,7 @@ mod tests {
         let coordinator = &agent.state.coordinator;
         testing::grant(&agent.state, "k", 1_000_000);
         let facts = facts(Some(40), 2);
-        let plan = reserve(
-            coordinator,
-            &agent.state.config,
-            "k",
-            &facts,
-            500,
-            Price::Free,
-        )
-        .await
-        .unwrap();
+        let plan = reserve_for(&agent, &facts).await.unwrap();
         assert_eq!(plan.completion, 40);
         assert_eq!(
             plan.reservation.amount.get(Unit::Tokens),
@@ -301,16 +309,7 @@ mod tests {
         let agent = testing::agent(config());
         let facts = facts(None, 1);
         testing::grant(&agent.state, "k", facts.prompt_tokens_bound + 30);
-        let plan = reserve(
-            &agent.state.coordinator,
-            &agent.state.config,
-            "k",
-            &facts,
-            500,
-            Price::Free,
-        )
-        .await
-        .unwrap();
+        let plan = reserve_for(&agent, &facts).await.unwrap();
         assert_eq!(plan.completion, 30, "not the default of 500");
     }
 
@@ -319,17 +318,10 @@ mod tests {
         let agent = testing::agent(config());
         let coordinator = &agent.state.coordinator;
         testing::grant(&agent.state, "k", 10);
-        let error = reserve(
-            coordinator,
-            &agent.state.config,
-            "k",
-            &facts(Some(100), 1),
-            500,
-            Price::Free,
-        )
-        .await
-        .err()
-        .unwrap();
+        let error = reserve_for(&agent, &facts(Some(100), 1))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             coordinator.table.available("k").unwrap().get(Unit::Tokens),
@@ -356,17 +348,10 @@ mod tests {
                 },
                 now,
             );
-            let error = reserve(
-                coordinator,
-                &agent.state.config,
-                "k",
-                &facts(Some(10), 1),
-                500,
-                Price::Free,
-            )
-            .await
-            .err()
-            .unwrap();
+            let error = reserve_for(&agent, &facts(Some(10), 1))
+                .await
+                .err()
+                .unwrap();
             assert_eq!(error.status, StatusCode::TOO_MANY_REQUESTS);
             assert_eq!(error.code_label(), code);
         }
