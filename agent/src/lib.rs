@@ -12,13 +12,13 @@
 
 pub mod allowance;
 pub mod api_error;
-pub mod concurrency;
 pub mod config;
 pub mod edge;
 pub mod keys;
 pub mod link;
 pub mod neuron;
 pub mod overhead;
+pub mod path;
 pub mod proxy;
 pub mod refusals;
 pub mod spool;
@@ -38,27 +38,44 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-/// What every request handler shares.
+/// What every request handler shares, by concern.
 pub struct AgentState {
     pub config: AgentConfig,
-    pub table: Arc<AllowanceTable>,
-    pub link: Arc<CoordinatorLink>,
-    pub keys: Arc<KeyCache>,
     /// The `pass_through` allow-list, parsed.
     pub pass_through: Vec<config::PassThroughRule>,
-    /// Settled usage records, to the spool.
-    pub usage: mpsc::UnboundedSender<pb::UsageRecord>,
+    pub coordinator: Coordinator,
+    pub neuron: Neuron,
+    pub records: Records,
+}
+
+/// What the coordinator leases to this agent (keys and allowance slices)
+/// and the link they come over.
+pub struct Coordinator {
+    pub link: Arc<CoordinatorLink>,
+    pub keys: Arc<KeyCache>,
+    pub table: Arc<AllowanceTable>,
+}
+
+/// The inference node this agent fronts: how to reach it, how busy it is
+/// and what it was seen to bill.
+pub struct Neuron {
     pub client: proxy::HttpClient,
     pub upstreams: upstream::Upstreams,
-    pub in_flight: Arc<concurrency::InFlight>,
+    pub in_flight: Arc<path::concurrency::InFlight>,
     /// Requests in flight and last use per model, for node reports: only
     /// kept when a neuron adapter reports them.
     pub models: Option<Arc<neuron::ModelActivity>>,
-    pub epoch: u64,
     /// Prompt overheads learned from the neuron, per model.
     pub overheads: Arc<overhead::LearnedOverheads>,
+}
+
+/// Where what the agent served and refused is recorded.
+pub struct Records {
+    /// Settled usage records, to the spool.
+    pub usage: mpsc::UnboundedSender<pb::UsageRecord>,
+    pub epoch: u64,
     /// How many refusals per key and minute are still recorded.
-    pub refusal_records: refusals::RefusalRecords,
+    pub refusals: refusals::RefusalRecords,
     /// The spool's durable mark: a response ends only once its record is
     /// on disk, and admission stops while the spool cannot write.
     pub durability: Arc<spool::Durability>,
@@ -66,7 +83,7 @@ pub struct AgentState {
 
 /// The neuron client: `http://` and `https://` (system roots and
 /// `upstream_ca`) upstreams.
-fn http_client(config: &AgentConfig) -> Result<proxy::HttpClient, String> {
+pub(crate) fn http_client(config: &AgentConfig) -> Result<proxy::HttpClient, String> {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(
         config.upstream_connect_timeout_ms,
@@ -182,30 +199,34 @@ pub async fn run(
     ));
 
     let state = Arc::new(AgentState {
-        client,
-        upstreams: upstream::Upstreams::new(&config),
-        in_flight: concurrency::InFlight::new(
-            config.max_concurrent_requests,
-            config.max_concurrent_per_key,
-        ),
         pass_through: config.pass_through_rules(),
+        coordinator: Coordinator { link, keys, table },
+        neuron: Neuron {
+            client,
+            upstreams: upstream::Upstreams::new(&config),
+            in_flight: path::concurrency::InFlight::new(
+                config.max_concurrent_requests,
+                config.max_concurrent_per_key,
+            ),
+            models: (config.neuron_adapter != NeuronAdapterKind::None).then(Arc::default),
+            overheads,
+        },
+        records: Records {
+            usage: usage_tx,
+            epoch: recovered.epoch,
+            refusals: refusals::RefusalRecords::new(config.refusal_records_per_key_per_minute),
+            durability,
+        },
         config: config.clone(),
-        table,
-        link,
-        keys,
-        usage: usage_tx,
-        models: (config.neuron_adapter != NeuronAdapterKind::None).then(Arc::default),
-        epoch: recovered.epoch,
-        overheads,
-        refusal_records: refusals::RefusalRecords::new(config.refusal_records_per_key_per_minute),
-        durability,
     });
     match config.neuron_adapter {
         // Directives are refused: their receiver is gone.
         NeuronAdapterKind::None => drop(directives_rx),
         NeuronAdapterKind::Fake => {
-            let adapter =
-                neuron::FakeAdapter::new(&state.upstreams.default_url(), state.client.clone());
+            let adapter = neuron::FakeAdapter::new(
+                &state.neuron.upstreams.default_url(),
+                state.neuron.client.clone(),
+            );
             tasks.spawn(neuron::report_loop(
                 adapter,
                 state.clone(),
@@ -215,8 +236,8 @@ pub async fn run(
         }
         NeuronAdapterKind::Ollama => {
             let adapter = neuron::OllamaAdapter::new(
-                &state.upstreams.default_url(),
-                state.client.clone(),
+                &state.neuron.upstreams.default_url(),
+                state.neuron.client.clone(),
                 config.gpu_vram_bytes.clone(),
             );
             tasks.spawn(neuron::report_loop(
@@ -239,12 +260,16 @@ pub async fn run(
     .await;
     // Give every slice back, then let the coordinator acknowledge what is
     // spooled, briefly.
-    for key_id in state.table.idle_keys(Duration::ZERO, Instant::now()) {
-        link::give_back_with(&state.link, &state.table, &key_id);
+    for key_id in state
+        .coordinator
+        .table
+        .idle_keys(Duration::ZERO, Instant::now())
+    {
+        link::give_back_with(&state.coordinator.link, &state.coordinator.table, &key_id);
     }
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline
-        && state.link.is_connected()
+        && state.coordinator.link.is_connected()
         && spool_depth.load(std::sync::atomic::Ordering::Relaxed) > 0
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -253,11 +278,11 @@ pub async fn run(
     // usage reach the coordinator before the end of the stream does; wait
     // (briefly) for the coordinator to end its side.
     let _ = spool_stop_tx.send(true);
-    let mut connected = state.link.subscribe_connected();
+    let mut connected = state.coordinator.link.subscribe_connected();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         // The spool drops its sender of the session as it ends.
         let _ = spool_done_rx.await;
-        state.link.close();
+        state.coordinator.link.close();
         let _ = connected.wait_for(|up| !*up).await;
     })
     .await;

@@ -390,12 +390,12 @@ pub async fn report_loop<A: NeuronAdapter>(
     mut directives: tokio::sync::mpsc::UnboundedReceiver<pb::PlacementDirective>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let Some(models) = state.models.clone() else {
+    let Some(models) = state.neuron.models.clone() else {
         return;
     };
     let every = Duration::from_millis(state.config.node_report_ms);
     let poll = every.min(Duration::from_secs(1));
-    let mut connected = state.link.subscribe_connected();
+    let mut connected = state.coordinator.link.subscribe_connected();
     let mut last_sent: Option<(pb::NodeStatus, tokio::time::Instant)> = None;
     let mut last_known = NeuronState::default();
     let mut tokens_at = (models.tokens(), tokio::time::Instant::now());
@@ -421,8 +421,8 @@ pub async fn report_loop<A: NeuronAdapter>(
         };
         let status = pb::NodeStatus {
             neuron_id: state.config.neuron_id.clone(),
-            in_flight: state.in_flight.total() as u32,
-            endpoint: state.upstreams.default_url().to_string(),
+            in_flight: state.neuron.in_flight.total() as u32,
+            endpoint: state.neuron.upstreams.default_url().to_string(),
             gpus: read.gpus,
             models: read.models,
             capacity: state.config.node_capacity,
@@ -450,6 +450,7 @@ pub async fn report_loop<A: NeuronAdapter>(
         };
         if due
             && state
+                .coordinator
                 .link
                 .send(allot::pb::agent_message::Msg::NodeStatus(status.clone()))
         {
@@ -461,7 +462,7 @@ pub async fn report_loop<A: NeuronAdapter>(
             _ = tokio::time::sleep(poll) => {}
             Some(directive) = directives.recv() => {
                 let result = carry_out(&adapter, &models, &directive).await;
-                state.link.send(pb::agent_message::Msg::DirectiveResult(result));
+                state.coordinator.link.send(pb::agent_message::Msg::DirectiveResult(result));
                 last_sent = None;
             }
             changed = connected.changed() => {

@@ -219,6 +219,18 @@ impl Durability {
         self.mark.send_modify(|m| m.failing = true);
     }
 
+    /// A mark at 0 with no spool behind it, for unit tests of the path.
+    #[cfg(test)]
+    pub(crate) fn for_tests(max_held: usize) -> Arc<Durability> {
+        Arc::new(Durability::new(0, 0, max_held))
+    }
+
+    /// Every record up to `seq` is on disk, as the spool would say.
+    #[cfg(test)]
+    pub(crate) fn mark_durable(&self, seq: u64) {
+        self.set_durable(seq);
+    }
+
     fn set_durable(&self, seq: u64) {
         self.failing.store(false, Ordering::Release);
         self.mark.send_if_modified(|m| {

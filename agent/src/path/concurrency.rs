@@ -1,9 +1,10 @@
-//! Requests in flight on this agent, in total and per key, bounded by
-//! `max_concurrent_requests` and `max_concurrent_per_key` (0: no bound).
-//! A slot is taken once the request body is in (a slow body never holds
+//! Step: concurrency. Requests in flight on this agent, in total and per
+//! key, bounded by `max_concurrent_requests` and `max_concurrent_per_key`
+//! (0: no bound). A slot is taken once the request body is in (a slow body never holds
 //! one), before admission, and held until the response, streamed or not, is
 //! done (or the client leaves).
 
+use crate::api_error::ApiError;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -70,6 +71,21 @@ impl InFlight {
     }
 }
 
+/// Takes a place in the agent's and the key's concurrency bounds, or
+/// refuses: 503 when the agent is full, 429 when the key is.
+pub fn enter(in_flight: &Arc<InFlight>, key_id: &str) -> Result<Slot, ApiError> {
+    in_flight.enter(key_id).map_err(|full| match full {
+        Full::Agent(max) => ApiError::unavailable(
+            format!("this agent is serving its maximum of {max} concurrent requests"),
+            1,
+        ),
+        Full::Key(max) => ApiError::rate_limited(
+            format!("rate limit reached: at most {max} concurrent requests per key"),
+            1,
+        ),
+    })
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         self.owner.total.fetch_sub(1, Ordering::AcqRel);
@@ -111,5 +127,19 @@ mod tests {
         assert_eq!(in_flight.total(), 1000);
         drop(slots);
         assert_eq!(in_flight.total(), 0);
+    }
+
+    #[test]
+    fn a_full_agent_is_503_and_a_full_key_is_429() {
+        use axum::http::StatusCode;
+        let in_flight = InFlight::new(2, 1);
+        let _a = enter(&in_flight, "a").unwrap();
+        let key_full = enter(&in_flight, "a").err().unwrap();
+        assert_eq!(key_full.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(key_full.message.contains("1 concurrent requests per key"));
+        let _b = enter(&in_flight, "b").unwrap();
+        let agent_full = enter(&in_flight, "c").err().unwrap();
+        assert_eq!(agent_full.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(agent_full.retry_after, Some(1));
     }
 }
