@@ -364,7 +364,11 @@ pub fn parse_log(bytes: &[u8]) -> ParsedLog {
             else {
                 break;
             };
-            parsed.records.push(record);
+            // Sequence numbers start at 1: a record without one is not a
+            // record (and could not be written again in format 2).
+            if record.seq > 0 {
+                parsed.records.push(record);
+            }
             at += 4 + len;
         }
         parsed.torn_bytes = bytes.len() - at;
@@ -998,6 +1002,20 @@ mod tests {
         let (_, recovered) = Spool::open(&dir, 100).unwrap();
         assert_eq!(pending_seqs(&recovered), vec![3]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_format_1_frame_without_a_sequence_number_is_not_a_record() {
+        // Found by the spool_log fuzz target: format 1 read a record with
+        // seq 0, which format 2 (rightly) never reads back.
+        let crash: &[u8] = &[
+            0x07, 0, 0, 0, 0x08, 0x01, 0x10, 0x03, 0x22, 0x01, 0x6b, 0x07, 0, 0, 0, 0x08, 0x02,
+            0x10, 0x03, 0x22, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x08, 0x6b,
+        ];
+        let parsed = parse_log(crash);
+        assert!(parsed.records.iter().all(|r| r.seq > 0));
+        let again = parse_log(&log_image(parsed.records.iter()));
+        assert_eq!(again.records, parsed.records);
     }
 
     #[test]
