@@ -64,8 +64,9 @@ pub struct Settlement {
     pub(crate) chunks: u64,
     pub(crate) model_served: String,
     pub(crate) status: u16,
-    /// This request's place in the concurrency bounds, until it settles.
-    slot: Option<Slot>,
+    /// This request's place in the concurrency bounds, until the
+    /// settlement is dropped (after its response was delivered).
+    _slot: Slot,
 }
 
 /// What of an admitted request the rest of the path still needs once its
@@ -130,7 +131,7 @@ pub fn open(
         chunks: 0,
         model_served: String::new(),
         status: 0,
-        slot: Some(slot),
+        _slot: slot,
     };
     Opened {
         settlement,
@@ -283,7 +284,9 @@ impl Settlement {
         if estimated {
             metrics::counter!("allot_agent_usage_estimated_total").increment(1);
         }
-        self.slot = None;
+        // The slot stays taken until the settlement is dropped: a response
+        // waiting for its record's fsync (and holding its body in memory)
+        // still counts against `max_concurrent_requests`.
         Some(seq)
     }
 }
@@ -377,13 +380,11 @@ pub(crate) mod tests {
             chunks: 0,
             model_served: String::new(),
             status: 200,
-            slot: Some(
-                state
-                    .neuron
-                    .in_flight
-                    .enter("k")
-                    .unwrap_or_else(|_| panic!("no bound")),
-            ),
+            _slot: state
+                .neuron
+                .in_flight
+                .enter("k")
+                .unwrap_or_else(|_| panic!("no bound")),
         }
     }
 
@@ -470,11 +471,16 @@ pub(crate) mod tests {
         let agent = testing::agent(Default::default());
         let mut settlement = settlement(&agent);
         let durability = agent.state.records.durability.clone();
+        let in_flight = agent.state.neuron.in_flight.clone();
         let mut settled = Box::pin(durably(&mut settlement, None));
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         assert!(settled.as_mut().poll(&mut cx).is_pending());
+        // Waiting on the disk still counts against the concurrency bound.
+        assert_eq!(in_flight.total(), 1, "the slot is held during the wait");
         durability.mark_durable(u64::MAX);
         assert!(settled.await.is_ok());
+        drop(settlement);
+        assert_eq!(in_flight.total(), 0, "and freed with the settlement");
     }
 
     #[test]
