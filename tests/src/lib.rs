@@ -662,6 +662,20 @@ pub fn key_lookup(secret: &str) -> pb::agent_message::Msg {
     })
 }
 
+/// A raw agent's `AllowanceAsk` numbered `ask_id`: no need, a want of
+/// `tokens`.
+pub fn allowance_ask(ask_id: u64, key_id: &str, tokens: u64) -> pb::agent_message::Msg {
+    pb::agent_message::Msg::Ask(pb::AllowanceAsk {
+        ask_id,
+        key_id: key_id.into(),
+        need: Some(pb::Amounts::default()),
+        want: Some(pb::Amounts {
+            tokens: Some(tokens),
+            ..Default::default()
+        }),
+    })
+}
+
 /// Opens an `AgentSession` at `url` as a raw agent: `hello`, then
 /// `messages`; the sending side stays open until the returned stream is
 /// dropped. `Err` when the coordinator refuses the call itself.

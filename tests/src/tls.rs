@@ -3,6 +3,7 @@
 //! `127.0.0.1`/`localhost`, agent and operator client certificates, and
 //! the bad ones (another CA, expired) the tests present.
 
+use allot::pb;
 use allot_coordinator::certs::{self, Leaf, Pem, Validity};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -120,5 +121,41 @@ impl TestPki {
     /// A connected channel to `url` trusting this CA (no client certificate).
     pub async fn channel(&self, url: &str) -> Result<Channel, tonic::transport::Error> {
         self.endpoint(url, None).connect().await
+    }
+
+    /// Waits (20 s at most) until the coordinator at `url` answers Admin
+    /// calls over TLS trusting this CA.
+    pub async fn wait_for_coordinator(&self, url: &str) {
+        crate::wait_until(
+            "the TLS coordinator to answer",
+            Duration::from_secs(20),
+            || async move {
+                let Ok(channel) = self.channel(url).await else {
+                    return false;
+                };
+                pb::admin_client::AdminClient::new(channel)
+                    .list_accounts(crate::authed(pb::ListAccountsRequest::default()))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+
+    /// The leaf certificate a fresh TLS connection to `addr` (trusting this
+    /// CA, as 127.0.0.1) is shown; `None` when the handshake fails.
+    pub async fn served_certificate(&self, addr: std::net::SocketAddr) -> Option<Vec<u8>> {
+        let roots = allot_coordinator::tls::read_roots("ca", &self.ca_path()).unwrap();
+        let config =
+            rustls::ClientConfig::builder_with_provider(allot_coordinator::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = connector.connect(name, tcp).await.ok()?;
+        Some(tls.get_ref().1.peer_certificates()?[0].to_vec())
     }
 }

@@ -47,15 +47,7 @@ async fn next_answer(
 }
 
 fn ask(key_id: &str, tokens: u64) -> pb::agent_message::Msg {
-    pb::agent_message::Msg::Ask(pb::AllowanceAsk {
-        ask_id: 7,
-        key_id: key_id.into(),
-        need: Some(pb::Amounts::default()),
-        want: Some(pb::Amounts {
-            tokens: Some(tokens),
-            ..Default::default()
-        }),
-    })
+    allowance_ask(7, key_id, tokens)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,23 +55,7 @@ impl CertCoordinator {
         };
         let (addr, task) = start_coordinator(config).await;
         let url = format!("https://{addr}");
-        wait_until(
-            "the TLS coordinator to answer",
-            Duration::from_secs(20),
-            || {
-                let channel = pki.channel(&url);
-                async move {
-                    let Ok(channel) = channel.await else {
-                        return false;
-                    };
-                    pb::admin_client::AdminClient::new(channel)
-                        .list_accounts(authed(pb::ListAccountsRequest::default()))
-                        .await
-                        .is_ok()
-                }
-            },
-        )
-        .await;
+        pki.wait_for_coordinator(&url).await;
         let coordinator = CertCoordinator {
             addr: addr.to_string(),
             url,

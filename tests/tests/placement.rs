@@ -552,15 +552,7 @@ async fn send_usage(stack: &Stack, epoch: u64, secret: &str, batches: Vec<Vec<pb
     keys.dedup();
     for (index, key_id) in keys.into_iter().enumerate() {
         tx.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Ask(pb::AllowanceAsk {
-                ask_id: index as u64 + 1,
-                key_id,
-                need: Some(pb::Amounts::default()),
-                want: Some(pb::Amounts {
-                    tokens: Some(100),
-                    ..Default::default()
-                }),
-            })),
+            msg: Some(allowance_ask(index as u64 + 1, &key_id, 100)),
         })
         .await
         .unwrap();

@@ -178,15 +178,7 @@ async fn a_usage_batch_resent_on_a_new_session_is_charged_once(backend: Backend)
         .await
         .unwrap();
         tx.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Ask(pb::AllowanceAsk {
-                ask_id: 1,
-                key_id: key_id.clone(),
-                need: Some(pb::Amounts::default()),
-                want: Some(pb::Amounts {
-                    tokens: Some(100),
-                    ..Default::default()
-                }),
-            })),
+            msg: Some(allowance_ask(1, &key_id, 100)),
         })
         .await
         .unwrap();

@@ -12,7 +12,6 @@ use allot_e2e::tls::{CertFiles, TestPki};
 use allot_e2e::*;
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,23 +35,7 @@ impl TlsCoordinator {
         let pki = TestPki::new(&dir.0.join("certs"));
         let (addr, task) = start_coordinator(Stack::tls_coordinator_config(&dir, &pki)).await;
         let url = format!("https://{addr}");
-        wait_until(
-            "the TLS coordinator to answer",
-            Duration::from_secs(20),
-            || {
-                let channel = pki.channel(&url);
-                async move {
-                    let Ok(channel) = channel.await else {
-                        return false;
-                    };
-                    pb::admin_client::AdminClient::new(channel)
-                        .list_accounts(authed(pb::ListAccountsRequest::default()))
-                        .await
-                        .is_ok()
-                }
-            },
-        )
-        .await;
+        pki.wait_for_coordinator(&url).await;
         let admin = pb::admin_client::AdminClient::new(pki.channel(&url).await.unwrap());
         let (key_id, secret) = key_with_limits_via(
             admin,
@@ -530,23 +513,9 @@ async fn a_url_whose_scheme_cannot_be_honoured_is_a_start_up_error_naming_the_fi
 
 /// The leaf certificate a fresh TLS connection to `addr` is shown.
 async fn served_certificate(pki: &TestPki, addr: SocketAddr) -> Vec<u8> {
-    try_served_certificate(pki, addr)
+    pki.served_certificate(addr)
         .await
         .expect("a TLS handshake with the coordinator")
-}
-
-async fn try_served_certificate(pki: &TestPki, addr: SocketAddr) -> Option<Vec<u8>> {
-    let roots = allot_coordinator::tls::read_roots("ca", &pki.ca_path()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(allot_coordinator::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = connector.connect(name, tcp).await.ok()?;
-    Some(tls.get_ref().1.peer_certificates()?[0].to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -866,7 +835,7 @@ async fn sighup_makes_a_coordinator_process_serve_its_renewed_certificate() {
     wait_until(
         "the coordinator to speak TLS",
         Duration::from_secs(30),
-        || async move { try_served_certificate(pki, addr).await.is_some() },
+        || async move { pki.served_certificate(addr).await.is_some() },
     )
     .await;
     let before = served_certificate(pki, addr).await;
@@ -881,7 +850,7 @@ async fn sighup_makes_a_coordinator_process_serve_its_renewed_certificate() {
         "the renewed certificate after SIGHUP",
         Duration::from_secs(20),
         || async move {
-            try_served_certificate(pki, addr)
+            pki.served_certificate(addr)
                 .await
                 .is_some_and(|c| c != *old)
         },

@@ -114,17 +114,9 @@ async fn served_more(load: &Load, more: u64) {
 
 /// The leaf certificate a fresh TLS connection to `addr` is shown.
 async fn served_certificate(pki: &TestPki, addr: SocketAddr) -> Vec<u8> {
-    let roots = allot_coordinator::tls::read_roots("ca", &pki.ca_path()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(allot_coordinator::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    pki.served_certificate(addr)
+        .await
+        .expect("a TLS handshake with the coordinator")
 }
 
 /// Whether an Admin call presenting `identity` gets through: a client
