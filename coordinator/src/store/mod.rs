@@ -8,6 +8,7 @@
 //! high-water marks, keys, limits, tariffs, a bounded audit log); never one
 //! key per request.
 
+#[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 pub mod embedded;
 pub mod etcd;

@@ -11,9 +11,9 @@
 //! Implementations: [`PostgresUsageStore`] (production, any budget store)
 //! and [`EmbeddedUsageStore`] (a redb file beside the embedded budget store,
 //! for the quick start and single-coordinator deployments). Both pass
-//! [`conformance`].
+//! `conformance` (compiled for tests and the `test-support` feature only).
 
-#[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 mod postgres;
 mod pricing;
