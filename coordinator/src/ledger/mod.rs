@@ -267,7 +267,9 @@ impl Ledger {
         change: serde_json::Value,
         writes: &mut Vec<StoreWrite>,
     ) {
-        self.audit.record(now, operator, method, change, writes);
+        let recorded = self.audit.record(now, operator, method, change);
+        writes.push(StoreWrite::PutAudit(recorded.added));
+        writes.extend((recorded.deleted.into_iter()).map(|seq| StoreWrite::DeleteAudit { seq }));
     }
 
     pub fn agents(&self) -> impl Iterator<Item = &AgentRecord> {
@@ -469,6 +471,36 @@ mod tests {
             })
             .cloned()
             .collect()
+    }
+
+    #[test]
+    fn an_audit_entry_and_what_retention_drops_are_writes_of_the_callers_commit() {
+        let mut ledger = Ledger::new(LedgerConfig {
+            audit: crate::audit::AuditRetention {
+                max_entries: 1,
+                max_age_ms: None,
+            },
+            ..LedgerConfig::default()
+        });
+        let ops = crate::operators::Operator {
+            name: "ops".into(),
+            scopes: Default::default(),
+            via: crate::operators::Via::Token,
+        };
+        let mut first = Vec::new();
+        ledger.audit(NOW, &ops, "Credit", serde_json::json!({}), &mut first);
+        let entry = ledger.audit_log().newest_first().next().unwrap().clone();
+        assert_eq!(first, vec![StoreWrite::PutAudit(entry)]);
+        let mut second = Vec::new();
+        ledger.audit(NOW, &ops, "Credit", serde_json::json!({}), &mut second);
+        let entry = ledger.audit_log().newest_first().next().unwrap().clone();
+        assert_eq!(
+            second,
+            vec![
+                StoreWrite::PutAudit(entry),
+                StoreWrite::DeleteAudit { seq: 1 }
+            ]
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod embedded;
 pub mod etcd;
 pub mod layout;
 
-use crate::ledger::{
+use crate::ledger::records::{
     AccountRecord, AgentRecord, KeyRecord, Scope, ScopeCounters, TransactionRecord,
 };
 use allot::tariff::Tariff;
