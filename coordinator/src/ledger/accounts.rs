@@ -1,3 +1,7 @@
+//! Operators' changes to the ledger: accounts, credits, keys, revocation,
+//! limits and tariffs. Each appends the writes that make it durable; none
+//! grants or settles anything.
+
 use super::*;
 
 impl Ledger {

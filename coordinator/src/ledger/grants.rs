@@ -1,3 +1,8 @@
+//! Allowances: an agent's hello and reconcile, asks carved from what is
+//! left under every limit (reclaiming from idle holders when others wait),
+//! slices given back or released, and each agent's key history. Nothing
+//! here charges spend; that is [`super::settlement`].
+
 use super::*;
 
 /// Demand older than this no longer counts in anyone's share.

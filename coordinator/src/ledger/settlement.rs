@@ -1,3 +1,8 @@
+//! Settlement: pricing a usage record with the tariff in force at its
+//! admission, charging it exactly once (in sequence order per agent: a
+//! duplicate is acknowledged, a gap is refused), flushing changed counters
+//! and marks as writes, and the cap invariant check (`overspent`).
+
 use super::*;
 
 /// A usage record, validated at the edge.
