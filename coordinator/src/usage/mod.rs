@@ -29,6 +29,7 @@ pub use writer::{run_writer, WRITES_IN_FLIGHT};
 
 use allot::clock::UnixMs;
 use allot::pb;
+use allot::InvalidArgument;
 use prost::Message;
 use rust_decimal::Decimal;
 use std::collections::BTreeMap;
@@ -47,11 +48,52 @@ pub type Page = (Vec<pb::UsageRow>, Option<Vec<u8>>);
 pub const MAX_PAGE: usize = 1000;
 const DEFAULT_PAGE: usize = 100;
 
+/// Why a usage store call failed. As for the budget store
+/// ([`crate::store::StoreError`]), a write that certainly did not happen is
+/// told apart from one whose outcome is unknown; rows are keyed, so writing
+/// either again is safe, but only the first may be reported as not written.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageStoreError {
+    /// Nothing changed: the call failed before its transaction committed,
+    /// or the database refused the commit. Reads fail this way too.
+    #[error("{0}")]
+    NotApplied(String),
+    /// The commit was sent and its answer lost: the rows may be there.
+    #[error("outcome unknown, the write may have been applied: {0}")]
+    MaybeApplied(String),
+    /// A stored row does not decode.
+    #[error("corrupt usage row: {0}")]
+    Corrupt(String),
+    /// A request the store cannot take (a page token of another store).
+    #[error("{}: {}", .0.field, .0.message)]
+    Invalid(#[from] allot::InvalidArgument),
+    /// The store cannot be opened or its schema brought up to date; the
+    /// message names the configuration field where there is one.
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn not_applied(error: impl std::fmt::Display) -> UsageStoreError {
+    UsageStoreError::NotApplied(error.to_string())
+}
+
+fn maybe_applied(error: impl std::fmt::Display) -> UsageStoreError {
+    UsageStoreError::MaybeApplied(error.to_string())
+}
+
+fn corrupt(error: impl std::fmt::Display) -> UsageStoreError {
+    UsageStoreError::Corrupt(error.to_string())
+}
+
+fn setup(error: impl std::fmt::Display) -> UsageStoreError {
+    UsageStoreError::Setup(error.to_string())
+}
+
 /// The analytics store.
 pub trait UsageStore: Send + Sync + 'static {
     /// Writes `rows` in one transaction; a row whose (agent id, epoch, seq)
     /// is already there is left as it is. Returns how many were new.
-    fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, String>>;
+    fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, UsageStoreError>>;
     /// Rows matching `filter`, in key order, starting after `after` (a
     /// page token), at most `limit`; and the token of the next page.
     fn list(
@@ -59,14 +101,14 @@ pub trait UsageStore: Send + Sync + 'static {
         filter: pb::UsageFilter,
         after: Option<Vec<u8>>,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Page, String>>;
+    ) -> BoxFuture<'_, Result<Page, UsageStoreError>>;
     /// Deletes at most `limit` rows settled before `cutoff` (Unix ms),
     /// with their index entries; returns how many went.
     fn delete_settled_before(
         &self,
         cutoff: UnixMs,
         limit: usize,
-    ) -> BoxFuture<'_, Result<usize, String>>;
+    ) -> BoxFuture<'_, Result<usize, UsageStoreError>>;
 }
 
 /// The unique key of a row: agent id, then epoch and seq big-endian, so
@@ -101,16 +143,25 @@ pub fn matches(filter: &pb::UsageFilter, row: &pb::UsageRow) -> bool {
         }
 }
 
-/// Checks a filter's fields; the message names the field.
-pub fn validate_filter(filter: &pb::UsageFilter) -> Result<(), String> {
+/// Checks a filter's fields.
+pub fn validate_filter(filter: &pb::UsageFilter) -> Result<(), InvalidArgument> {
     if filter.to_unix_ms != 0 && filter.to_unix_ms < filter.from_unix_ms {
-        return Err("filter.to_unix_ms: must not be before filter.from_unix_ms".into());
+        return Err(InvalidArgument::new(
+            "filter.to_unix_ms",
+            "must not be before filter.from_unix_ms",
+        ));
     }
     if pb::Origin::try_from(filter.origin).is_err() {
-        return Err(format!("filter.origin: unknown origin {}", filter.origin));
+        return Err(InvalidArgument::new(
+            "filter.origin",
+            format!("unknown origin {}", filter.origin),
+        ));
     }
     if pb::UsageStatus::try_from(filter.status).is_err() {
-        return Err(format!("filter.status: unknown status {}", filter.status));
+        return Err(InvalidArgument::new(
+            "filter.status",
+            format!("unknown status {}", filter.status),
+        ));
     }
     use allot::bounds::{check_len, MAX_HEADER_VALUE_BYTES, MAX_ID_BYTES, MAX_MODEL_BYTES};
     for (field, value, max) in [
@@ -119,17 +170,20 @@ pub fn validate_filter(filter: &pb::UsageFilter) -> Result<(), String> {
         ("filter.model", &filter.model, MAX_MODEL_BYTES),
         ("filter.batch_id", &filter.batch_id, MAX_HEADER_VALUE_BYTES),
     ] {
-        check_len(field, value, max).map_err(|e| format!("{}: {}", e.field, e.message))?;
+        check_len(field, value, max)?;
     }
     Ok(())
 }
 
 /// Page size of a request: 0 → 100; more than [`MAX_PAGE`] is refused.
-pub fn page_size(requested: u32) -> Result<usize, String> {
+pub fn page_size(requested: u32) -> Result<usize, InvalidArgument> {
     match requested as usize {
         0 => Ok(DEFAULT_PAGE),
         n if n <= MAX_PAGE => Ok(n),
-        n => Err(format!("page_size: at most {MAX_PAGE}, not {n}")),
+        n => Err(InvalidArgument::new(
+            "page_size",
+            format!("at most {MAX_PAGE}, not {n}"),
+        )),
     }
 }
 
@@ -137,11 +191,11 @@ pub fn encode_token(key: &[u8]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub fn decode_token(token: &str) -> Result<Option<Vec<u8>>, String> {
+pub fn decode_token(token: &str) -> Result<Option<Vec<u8>>, InvalidArgument> {
     if token.is_empty() {
         return Ok(None);
     }
-    let invalid = || "page_token: not a token from a previous page".to_string();
+    let invalid = not_a_page_token;
     if !token.len().is_multiple_of(2) {
         return Err(invalid());
     }
@@ -150,8 +204,12 @@ pub fn decode_token(token: &str) -> Result<Option<Vec<u8>>, String> {
         .map(|i| {
             u8::from_str_radix(token.get(i..i + 2).ok_or_else(invalid)?, 16).map_err(|_| invalid())
         })
-        .collect::<Result<Vec<u8>, String>>()
+        .collect::<Result<Vec<u8>, InvalidArgument>>()
         .map(Some)
+}
+
+fn not_a_page_token() -> InvalidArgument {
+    InvalidArgument::new("page_token", "not a token from a previous page")
 }
 
 const HOUR_MS: i64 = 3_600_000;
@@ -208,7 +266,7 @@ pub fn summarize(
 pub async fn list_all(
     store: &dyn UsageStore,
     filter: &pb::UsageFilter,
-) -> Result<Vec<pb::UsageRow>, String> {
+) -> Result<Vec<pb::UsageRow>, UsageStoreError> {
     let (mut rows, mut after) = (Vec::new(), None);
     loop {
         let (page, next) = store.list(filter.clone(), after, MAX_PAGE).await?;
@@ -229,16 +287,17 @@ mod tests {
     fn page_tokens_and_filters_are_checked() {
         let key = row_key(&sample()[0]);
         assert_eq!(decode_token(&encode_token(&key)).unwrap(), Some(key));
-        assert!(decode_token("xyz").unwrap_err().starts_with("page_token"));
+        assert_eq!(decode_token("xyz").unwrap_err().field, "page_token");
         assert_eq!(page_size(0).unwrap(), 100);
-        assert!(page_size(5000).unwrap_err().starts_with("page_size"));
+        assert_eq!(page_size(5000).unwrap_err().field, "page_size");
         let backwards = pb::UsageFilter {
             from_unix_ms: 10,
             to_unix_ms: 5,
             ..Default::default()
         };
-        assert!(validate_filter(&backwards)
-            .unwrap_err()
-            .starts_with("filter.to_unix_ms"));
+        assert_eq!(
+            validate_filter(&backwards).unwrap_err().field,
+            "filter.to_unix_ms"
+        );
     }
 }

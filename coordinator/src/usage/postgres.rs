@@ -16,12 +16,12 @@ impl PostgresUsageStore {
     /// Prepares a pool without connecting: the first write or read
     /// connects and brings the schema up to date, and retries that later
     /// if the database is not there yet.
-    pub fn new(url: &str) -> Result<PostgresUsageStore, String> {
+    pub fn new(url: &str) -> Result<PostgresUsageStore, UsageStoreError> {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(WRITES_IN_FLIGHT as u32 + 2)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy(url)
-            .map_err(|e| format!("usage_postgres_url: {e}"))?;
+            .map_err(|e| setup(format_args!("usage_postgres_url: {e}")))?;
         Ok(PostgresUsageStore {
             pool,
             schema: tokio::sync::OnceCell::new(),
@@ -29,22 +29,39 @@ impl PostgresUsageStore {
     }
 
     /// [`PostgresUsageStore::new`], then the schema at once.
-    pub async fn connect(url: &str) -> Result<PostgresUsageStore, String> {
+    pub async fn connect(url: &str) -> Result<PostgresUsageStore, UsageStoreError> {
         let store = PostgresUsageStore::new(url)?;
         store.ensure_schema().await?;
         Ok(store)
     }
 
-    async fn ensure_schema(&self) -> Result<(), String> {
+    /// Runs the migrations once; until they ran, every call fails with
+    /// nothing applied.
+    async fn ensure_schema(&self) -> Result<(), UsageStoreError> {
         self.schema
             .get_or_try_init(|| async {
                 sqlx::migrate!("./migrations")
                     .run(&self.pool)
                     .await
-                    .map_err(|e| format!("cannot migrate the usage database: {e}"))
+                    .map_err(|e| {
+                        not_applied(format_args!("cannot migrate the usage database: {e}"))
+                    })
             })
             .await
             .map(drop)
+    }
+}
+
+/// The error of a commit, or of a statement that commits by itself: the
+/// database refused it, or it never left the pool (nothing changed), or
+/// its answer was lost (the commit may have happened).
+fn commit_failed(error: sqlx::Error) -> UsageStoreError {
+    match error {
+        sqlx::Error::Database(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Configuration(_) => not_applied(error),
+        _ => maybe_applied(error),
     }
 }
 
@@ -74,7 +91,7 @@ const COLUMNS: &str = "agent_id, epoch, seq, account_id, key_id, model, admitted
 
 /// `rows` in PostgreSQL's binary COPY format (a header, one tuple of
 /// length-prefixed fields per row, a trailer).
-fn copy_data(rows: &[pb::UsageRow]) -> Result<Vec<u8>, String> {
+fn copy_data(rows: &[pb::UsageRow]) -> Result<Vec<u8>, UsageStoreError> {
     fn field(out: &mut Vec<u8>, bytes: &[u8]) {
         out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
         out.extend_from_slice(bytes);
@@ -90,14 +107,14 @@ fn copy_data(rows: &[pb::UsageRow]) -> Result<Vec<u8>, String> {
         let r = row.record.as_ref().unwrap_or(&empty);
         let cost = match row.cost.as_str() {
             "" => Decimal::ZERO,
-            text => allot::money::parse_decimal("cost", text).map_err(|e| e.to_string())?,
+            text => allot::money::parse_decimal("cost", text).map_err(not_applied)?,
         };
         numeric.clear();
         // A decimal is never NULL.
         let _not_null = sqlx::Encode::<sqlx::Postgres>::encode_by_ref(&cost, &mut numeric)
-            .map_err(|e| e.to_string())?;
+            .map_err(not_applied)?;
         encoded.clear();
-        row.encode(&mut encoded).map_err(|e| e.to_string())?;
+        row.encode(&mut encoded).map_err(not_applied)?;
         out.extend_from_slice(&13i16.to_be_bytes());
         field(&mut out, row.agent_id.as_bytes());
         field(&mut out, &(r.epoch as i64).to_be_bytes());
@@ -144,7 +161,10 @@ impl PostgresUsageStore {
 
     /// Inserts with `INSERT ... ON CONFLICT DO NOTHING`: slower than COPY,
     /// but skips rows already there (a batch with re-settled records).
-    async fn insert_skipping_duplicates(&self, rows: &[pb::UsageRow]) -> Result<usize, String> {
+    async fn insert_skipping_duplicates(
+        &self,
+        rows: &[pb::UsageRow],
+    ) -> Result<usize, UsageStoreError> {
         let n = rows.len();
         fn column<T>(n: usize) -> Vec<T> {
             Vec::with_capacity(n)
@@ -175,10 +195,8 @@ impl PostgresUsageStore {
             settled.push(row.settled_at_unix_ms);
             bytes.push(row.encode_to_vec());
         }
-        let mut txn = self.pool.begin().await.map_err(|e| e.to_string())?;
-        Self::note_keys(&mut txn, rows)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut txn = self.pool.begin().await.map_err(not_applied)?;
+        Self::note_keys(&mut txn, rows).await.map_err(not_applied)?;
         let done = sqlx::query(&format!(
             "INSERT INTO usage_rows ({COLUMNS}) \
              SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
@@ -201,8 +219,8 @@ impl PostgresUsageStore {
         .bind(&bytes)
         .execute(&mut *txn)
         .await
-        .map_err(|e| e.to_string())?;
-        txn.commit().await.map_err(|e| e.to_string())?;
+        .map_err(not_applied)?;
+        txn.commit().await.map_err(commit_failed)?;
         Ok(done.rows_affected() as usize)
     }
 }
@@ -212,11 +230,11 @@ impl UsageStore for PostgresUsageStore {
     /// skip conflicts); a batch holding a row already written (a record
     /// settled again after a lost ack) fails it whole on the primary key,
     /// and is inserted again skipping the rows already there.
-    fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, String>> {
+    fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, UsageStoreError>> {
         Box::pin(async move {
             self.ensure_schema().await?;
             let data = copy_data(&rows)?;
-            let mut txn = self.pool.begin().await.map_err(|e| e.to_string())?;
+            let mut txn = self.pool.begin().await.map_err(not_applied)?;
             let copied = async {
                 Self::note_keys(&mut txn, &rows).await?;
                 let mut copy = txn
@@ -230,14 +248,14 @@ impl UsageStore for PostgresUsageStore {
             .await;
             match copied {
                 Ok(new) => {
-                    txn.commit().await.map_err(|e| e.to_string())?;
+                    txn.commit().await.map_err(commit_failed)?;
                     Ok(new as usize)
                 }
                 Err(error) if is_unique_violation(&error) => {
-                    txn.rollback().await.map_err(|e| e.to_string())?;
+                    txn.rollback().await.map_err(not_applied)?;
                     self.insert_skipping_duplicates(&rows).await
                 }
-                Err(error) => Err(error.to_string()),
+                Err(error) => Err(not_applied(error)),
             }
         })
     }
@@ -247,15 +265,14 @@ impl UsageStore for PostgresUsageStore {
         filter: pb::UsageFilter,
         after: Option<Vec<u8>>,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Page, String>> {
+    ) -> BoxFuture<'_, Result<Page, UsageStoreError>> {
         Box::pin(async move {
             self.ensure_schema().await?;
             let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(
                 "SELECT agent_id, epoch, seq, row FROM usage_rows WHERE TRUE",
             );
             if let Some(after) = &after {
-                let (agent, epoch, seq) =
-                    parse_key(after).ok_or("page_token: not a token from a previous page")?;
+                let (agent, epoch, seq) = parse_key(after).ok_or_else(not_a_page_token)?;
                 query
                     .push(" AND (agent_id, epoch, seq) > (")
                     .push_bind(agent)
@@ -311,14 +328,11 @@ impl UsageStore for PostgresUsageStore {
                 .build_query_as()
                 .fetch_all(&self.pool)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(not_applied)?;
             let more = found.len() > limit;
             let mut rows = Vec::with_capacity(found.len().min(limit));
             for (_, _, _, bytes) in found.into_iter().take(limit) {
-                rows.push(
-                    pb::UsageRow::decode(bytes.as_slice())
-                        .map_err(|e| format!("corrupt usage row: {e}"))?,
-                );
+                rows.push(pb::UsageRow::decode(bytes.as_slice()).map_err(corrupt)?);
             }
             let next = if more { rows.last().map(row_key) } else { None };
             Ok((rows, next))
@@ -331,7 +345,7 @@ impl UsageStore for PostgresUsageStore {
         &self,
         cutoff: UnixMs,
         limit: usize,
-    ) -> BoxFuture<'_, Result<usize, String>> {
+    ) -> BoxFuture<'_, Result<usize, UsageStoreError>> {
         Box::pin(async move {
             self.ensure_schema().await?;
             let done = sqlx::query(
@@ -343,8 +357,28 @@ impl UsageStore for PostgresUsageStore {
             .bind(limit as i64)
             .execute(&self.pool)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(commit_failed)?;
             Ok(done.rows_affected() as usize)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_whose_answer_was_lost_may_have_been_applied_and_a_refused_one_was_not() {
+        let lost = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(matches!(
+            commit_failed(lost),
+            UsageStoreError::MaybeApplied(_)
+        ));
+        for never_sent in [sqlx::Error::PoolTimedOut, sqlx::Error::PoolClosed] {
+            assert!(matches!(
+                commit_failed(never_sent),
+                UsageStoreError::NotApplied(_)
+            ));
+        }
     }
 }

@@ -53,112 +53,98 @@ pub struct EmbeddedUsageStore {
 }
 
 impl EmbeddedUsageStore {
-    pub fn open(path: &Path) -> Result<EmbeddedUsageStore, String> {
+    pub fn open(path: &Path) -> Result<EmbeddedUsageStore, UsageStoreError> {
         if let Some(parent) = path.parent() {
             allot::private_files::create_dir_all(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                .map_err(|e| setup(format_args!("cannot create {}: {e}", parent.display())))?;
         }
         allot::private_files::create_if_missing(path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        let db =
-            Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let txn = db.begin_write().map_err(|e| e.to_string())?;
+            .map_err(|e| setup(format_args!("cannot create {}: {e}", path.display())))?;
+        let db = Database::create(path)
+            .map_err(|e| setup(format_args!("cannot open {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(setup)?;
         {
-            let rows = txn.open_table(ROWS).map_err(|e| e.to_string())?;
-            let mut index = txn.open_table(BY_OWNER).map_err(|e| e.to_string())?;
-            let mut by_settled = txn.open_table(BY_SETTLED).map_err(|e| e.to_string())?;
-            let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
-            if meta
-                .get("settled_index")
-                .map_err(|e| e.to_string())?
-                .is_none()
-            {
-                for entry in rows.iter().map_err(|e| e.to_string())? {
-                    let (key, value) = entry.map_err(|e| e.to_string())?;
-                    let row = pb::UsageRow::decode(value.value())
-                        .map_err(|e| format!("corrupt usage row: {e}"))?;
+            let rows = txn.open_table(ROWS).map_err(setup)?;
+            let mut index = txn.open_table(BY_OWNER).map_err(setup)?;
+            let mut by_settled = txn.open_table(BY_SETTLED).map_err(setup)?;
+            let mut meta = txn.open_table(META).map_err(setup)?;
+            if meta.get("settled_index").map_err(setup)?.is_none() {
+                for entry in rows.iter().map_err(setup)? {
+                    let (key, value) = entry.map_err(setup)?;
+                    let row = pb::UsageRow::decode(value.value()).map_err(corrupt)?;
                     by_settled
                         .insert(settled_entry(&row, key.value()).as_slice(), [].as_slice())
-                        .map_err(|e| e.to_string())?;
+                        .map_err(setup)?;
                 }
-                meta.insert("settled_index", 1).map_err(|e| e.to_string())?;
+                meta.insert("settled_index", 1).map_err(setup)?;
             }
-            if meta
-                .get("owner_index")
-                .map_err(|e| e.to_string())?
-                .is_none()
-            {
+            if meta.get("owner_index").map_err(setup)?.is_none() {
                 let mut indexed = 0u64;
-                for entry in rows.iter().map_err(|e| e.to_string())? {
-                    let (key, value) = entry.map_err(|e| e.to_string())?;
-                    let row = pb::UsageRow::decode(value.value())
-                        .map_err(|e| format!("corrupt usage row: {e}"))?;
+                for entry in rows.iter().map_err(setup)? {
+                    let (key, value) = entry.map_err(setup)?;
+                    let row = pb::UsageRow::decode(value.value()).map_err(corrupt)?;
                     for entry in owner_entries(&row, key.value()) {
                         index
                             .insert(entry.as_slice(), [].as_slice())
-                            .map_err(|e| e.to_string())?;
+                            .map_err(setup)?;
                     }
                     indexed += 1;
                 }
                 if indexed > 0 {
                     tracing::info!(rows = indexed, "usage rows indexed by key and account");
                 }
-                meta.insert("owner_index", 1).map_err(|e| e.to_string())?;
+                meta.insert("owner_index", 1).map_err(setup)?;
             }
         }
-        txn.commit().map_err(|e| e.to_string())?;
+        txn.commit().map_err(setup)?;
         Ok(EmbeddedUsageStore { db: Arc::new(db) })
     }
 }
 
 impl UsageStore for EmbeddedUsageStore {
-    fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, String>> {
+    fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, UsageStoreError>> {
         let db = self.db.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                let txn = db.begin_write().map_err(|e| e.to_string())?;
+                let txn = db.begin_write().map_err(not_applied)?;
                 let mut new = 0;
                 {
-                    let mut table = txn.open_table(ROWS).map_err(|e| e.to_string())?;
+                    let mut table = txn.open_table(ROWS).map_err(not_applied)?;
                     let mut entries = Vec::with_capacity(rows.len() * 2);
                     let mut settled = Vec::with_capacity(rows.len());
                     for row in &rows {
                         let key = row_key(row);
-                        if table
-                            .get(key.as_slice())
-                            .map_err(|e| e.to_string())?
-                            .is_some()
-                        {
+                        if table.get(key.as_slice()).map_err(not_applied)?.is_some() {
                             continue;
                         }
                         table
                             .insert(key.as_slice(), row.encode_to_vec().as_slice())
-                            .map_err(|e| e.to_string())?;
+                            .map_err(not_applied)?;
                         entries.extend(owner_entries(row, &key));
                         settled.push(settled_entry(row, &key));
                         new += 1;
                     }
                     // In order: neighbouring entries share B-tree pages.
                     entries.sort_unstable();
-                    let mut index = txn.open_table(BY_OWNER).map_err(|e| e.to_string())?;
+                    let mut index = txn.open_table(BY_OWNER).map_err(not_applied)?;
                     for entry in &entries {
                         index
                             .insert(entry.as_slice(), [].as_slice())
-                            .map_err(|e| e.to_string())?;
+                            .map_err(not_applied)?;
                     }
                     settled.sort_unstable();
-                    let mut by_settled = txn.open_table(BY_SETTLED).map_err(|e| e.to_string())?;
+                    let mut by_settled = txn.open_table(BY_SETTLED).map_err(not_applied)?;
                     for entry in &settled {
                         by_settled
                             .insert(entry.as_slice(), [].as_slice())
-                            .map_err(|e| e.to_string())?;
+                            .map_err(not_applied)?;
                     }
                 }
-                txn.commit().map_err(|e| e.to_string())?;
+                txn.commit().map_err(maybe_applied)?;
                 Ok(new)
             })
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(not_applied)?
         })
     }
 
@@ -167,12 +153,12 @@ impl UsageStore for EmbeddedUsageStore {
         filter: pb::UsageFilter,
         after: Option<Vec<u8>>,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Page, String>> {
+    ) -> BoxFuture<'_, Result<Page, UsageStoreError>> {
         let db = self.db.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                let txn = db.begin_read().map_err(|e| e.to_string())?;
-                let table = txn.open_table(ROWS).map_err(|e| e.to_string())?;
+                let txn = db.begin_read().map_err(not_applied)?;
+                let table = txn.open_table(ROWS).map_err(not_applied)?;
                 let mut rows = Vec::new();
                 let mut last = None;
                 // Rows in key order from `after` on: through the index for
@@ -184,9 +170,8 @@ impl UsageStore for EmbeddedUsageStore {
                 } else {
                     None
                 };
-                let mut take = |key: &[u8], value: &[u8]| -> Result<bool, String> {
-                    let row = pb::UsageRow::decode(value)
-                        .map_err(|e| format!("corrupt usage row: {e}"))?;
+                let mut take = |key: &[u8], value: &[u8]| -> Result<bool, UsageStoreError> {
+                    let row = pb::UsageRow::decode(value).map_err(corrupt)?;
                     if !matches(&filter, &row) {
                         return Ok(true);
                     }
@@ -200,7 +185,7 @@ impl UsageStore for EmbeddedUsageStore {
                 };
                 let more = match owner {
                     Some(prefix) => {
-                        let index = txn.open_table(BY_OWNER).map_err(|e| e.to_string())?;
+                        let index = txn.open_table(BY_OWNER).map_err(not_applied)?;
                         let mut start = prefix.clone();
                         let from = match &after {
                             Some(after) => {
@@ -212,13 +197,13 @@ impl UsageStore for EmbeddedUsageStore {
                         let mut more = false;
                         for entry in index
                             .range::<&[u8]>((from, std::ops::Bound::Unbounded))
-                            .map_err(|e| e.to_string())?
+                            .map_err(not_applied)?
                         {
-                            let (entry, _) = entry.map_err(|e| e.to_string())?;
+                            let (entry, _) = entry.map_err(not_applied)?;
                             let Some(key) = entry.value().strip_prefix(prefix.as_slice()) else {
                                 break;
                             };
-                            let Some(value) = table.get(key).map_err(|e| e.to_string())? else {
+                            let Some(value) = table.get(key).map_err(not_applied)? else {
                                 continue;
                             };
                             if !take(key, value.value())? {
@@ -236,10 +221,10 @@ impl UsageStore for EmbeddedUsageStore {
                             )),
                             None => table.range::<&[u8]>(..),
                         }
-                        .map_err(|e| e.to_string())?;
+                        .map_err(not_applied)?;
                         let mut more = false;
                         for entry in range {
-                            let (key, value) = entry.map_err(|e| e.to_string())?;
+                            let (key, value) = entry.map_err(not_applied)?;
                             if !take(key.value(), value.value())? {
                                 more = true;
                                 break;
@@ -251,7 +236,7 @@ impl UsageStore for EmbeddedUsageStore {
                 Ok((rows, if more { last } else { None }))
             })
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(not_applied)?
         })
     }
 
@@ -259,12 +244,12 @@ impl UsageStore for EmbeddedUsageStore {
         &self,
         cutoff: UnixMs,
         limit: usize,
-    ) -> BoxFuture<'_, Result<usize, String>> {
+    ) -> BoxFuture<'_, Result<usize, UsageStoreError>> {
         let db = self.db.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || Self::delete_before(&db, cutoff, limit))
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(not_applied)?
         })
     }
 }
@@ -272,38 +257,39 @@ impl UsageStore for EmbeddedUsageStore {
 impl EmbeddedUsageStore {
     /// Deletes what [`UsageStore::delete_settled_before`] deletes, in one
     /// write transaction (`limit` bounds how long it holds the writer).
-    fn delete_before(db: &Database, cutoff: UnixMs, limit: usize) -> Result<usize, String> {
-        let txn = db.begin_write().map_err(|e| e.to_string())?;
+    fn delete_before(
+        db: &Database,
+        cutoff: UnixMs,
+        limit: usize,
+    ) -> Result<usize, UsageStoreError> {
+        let txn = db.begin_write().map_err(not_applied)?;
         let mut deleted = 0;
         {
-            let mut rows = txn.open_table(ROWS).map_err(|e| e.to_string())?;
-            let mut index = txn.open_table(BY_OWNER).map_err(|e| e.to_string())?;
-            let mut by_settled = txn.open_table(BY_SETTLED).map_err(|e| e.to_string())?;
+            let mut rows = txn.open_table(ROWS).map_err(not_applied)?;
+            let mut index = txn.open_table(BY_OWNER).map_err(not_applied)?;
+            let mut by_settled = txn.open_table(BY_SETTLED).map_err(not_applied)?;
             let end = settled_prefix(cutoff);
             let old: Vec<Vec<u8>> = by_settled
                 .range::<&[u8]>(..end.as_slice())
-                .map_err(|e| e.to_string())?
+                .map_err(not_applied)?
                 .take(limit)
                 .map(|entry| entry.map(|(key, _)| key.value().to_vec()))
                 .collect::<Result<_, _>>()
-                .map_err(|e| e.to_string())?;
+                .map_err(not_applied)?;
             for entry in &old {
                 let key = &entry[8..];
-                let removed = rows.remove(key).map_err(|e| e.to_string())?;
+                let removed = rows.remove(key).map_err(not_applied)?;
                 if let Some(value) = removed {
-                    let row = pb::UsageRow::decode(value.value())
-                        .map_err(|e| format!("corrupt usage row: {e}"))?;
+                    let row = pb::UsageRow::decode(value.value()).map_err(corrupt)?;
                     for owner in owner_entries(&row, key) {
-                        index.remove(owner.as_slice()).map_err(|e| e.to_string())?;
+                        index.remove(owner.as_slice()).map_err(not_applied)?;
                     }
                     deleted += 1;
                 }
-                by_settled
-                    .remove(entry.as_slice())
-                    .map_err(|e| e.to_string())?;
+                by_settled.remove(entry.as_slice()).map_err(not_applied)?;
             }
         }
-        txn.commit().map_err(|e| e.to_string())?;
+        txn.commit().map_err(maybe_applied)?;
         Ok(deleted)
     }
 }

@@ -21,11 +21,20 @@ const SPILL_SUFFIX: &str = ".rows";
 impl Spill {
     /// Opens (creating) the spill directory; batches already there, from an
     /// earlier run, are written first.
-    pub fn open(dir: &Path) -> Result<Spill, String> {
-        allot::private_files::create_dir_all(dir)
-            .map_err(|e| format!("usage_spill_dir: cannot create {}: {e}", dir.display()))?;
+    pub fn open(dir: &Path) -> Result<Spill, UsageStoreError> {
+        allot::private_files::create_dir_all(dir).map_err(|e| {
+            setup(format_args!(
+                "usage_spill_dir: cannot create {}: {e}",
+                dir.display()
+            ))
+        })?;
         let files = Self::batch_files(dir)
-            .map_err(|e| format!("usage_spill_dir: cannot read {}: {e}", dir.display()))?
+            .map_err(|e| {
+                setup(format_args!(
+                    "usage_spill_dir: cannot read {}: {e}",
+                    dir.display()
+                ))
+            })?
             .len();
         if files > 0 {
             tracing::warn!(files, dir = %dir.display(), "usage batches from an earlier run are waiting to be written");
@@ -59,12 +68,12 @@ impl Spill {
     }
 
     /// Keeps `batch` on disk, durably.
-    pub async fn put(&self, batch: &[pb::UsageRow]) -> Result<(), String> {
+    pub async fn put(&self, batch: &[pb::UsageRow]) -> std::io::Result<()> {
         use std::sync::atomic::Ordering;
         let mut bytes = Vec::new();
         for row in batch {
             row.encode_length_delimited(&mut bytes)
-                .map_err(|e| e.to_string())?;
+                .map_err(std::io::Error::other)?;
         }
         let n = self.inner.next.fetch_add(1, Ordering::SeqCst);
         let name = format!(
@@ -83,8 +92,7 @@ impl Spill {
             std::fs::File::open(&dir)?.sync_all()
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(std::io::Error::other)??;
         let files = self.inner.files.fetch_add(1, Ordering::SeqCst) + 1;
         metrics::gauge!("allot_usage_spill_batches").set(files as f64);
         metrics::counter!("allot_usage_rows_spilled_total").increment(batch.len() as u64);
@@ -98,23 +106,25 @@ impl Spill {
     /// The oldest batch file and its rows.
     pub(super) async fn oldest(
         &self,
-    ) -> Option<(std::path::PathBuf, Result<Vec<pb::UsageRow>, String>)> {
+    ) -> Option<(std::path::PathBuf, std::io::Result<Vec<pb::UsageRow>>)> {
         let dir = self.inner.dir.clone();
         tokio::task::spawn_blocking(move || {
             let file = Self::batch_files(&dir).ok()?.into_iter().next()?;
-            let rows = std::fs::read(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| {
-                    let mut rest = bytes.as_slice();
-                    let mut rows = Vec::new();
-                    while !rest.is_empty() {
-                        rows.push(
-                            pb::UsageRow::decode_length_delimited(&mut rest)
-                                .map_err(|e| format!("corrupt spilled row: {e}"))?,
-                        );
-                    }
-                    Ok(rows)
-                });
+            let rows = std::fs::read(&file).and_then(|bytes| {
+                let mut rest = bytes.as_slice();
+                let mut rows = Vec::new();
+                while !rest.is_empty() {
+                    rows.push(
+                        pb::UsageRow::decode_length_delimited(&mut rest).map_err(|e| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                format!("corrupt spilled row: {e}"),
+                            )
+                        })?,
+                    );
+                }
+                Ok(rows)
+            });
             Some((file, rows))
         })
         .await

@@ -225,10 +225,12 @@ mod tests {
     }
 
     impl UsageStore for Flaky {
-        fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, String>> {
+        fn insert(&self, rows: Vec<pb::UsageRow>) -> BoxFuture<'_, Result<usize, UsageStoreError>> {
             self.tries.lock().unwrap().push(rows.len());
             if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-                return Box::pin(async { Err("connection refused".to_string()) });
+                return Box::pin(async {
+                    Err(UsageStoreError::NotApplied("connection refused".into()))
+                });
             }
             self.store.insert(rows)
         }
@@ -238,7 +240,7 @@ mod tests {
             filter: pb::UsageFilter,
             after: Option<Vec<u8>>,
             limit: usize,
-        ) -> BoxFuture<'_, Result<Page, String>> {
+        ) -> BoxFuture<'_, Result<Page, UsageStoreError>> {
             self.store.list(filter, after, limit)
         }
 
@@ -246,7 +248,7 @@ mod tests {
             &self,
             cutoff: UnixMs,
             limit: usize,
-        ) -> BoxFuture<'_, Result<usize, String>> {
+        ) -> BoxFuture<'_, Result<usize, UsageStoreError>> {
             self.store.delete_settled_before(cutoff, limit)
         }
     }
