@@ -86,7 +86,7 @@ impl PageRequest {
             bounds::MAX_PAGE_TOKEN_BYTES,
         ))?;
         let after = crate::usage::decode_token(page_token)
-            .map_err(Status::invalid_argument)?
+            .map_err(invalid_argument)?
             .map(String::from_utf8)
             .transpose()
             .map_err(|_| {
@@ -747,10 +747,9 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListUsageResponse>, Status> {
         let request = request.into_inner();
         let filter = request.filter.unwrap_or_default();
-        crate::usage::validate_filter(&filter).map_err(Status::invalid_argument)?;
-        let limit = crate::usage::page_size(request.page_size).map_err(Status::invalid_argument)?;
-        let after =
-            crate::usage::decode_token(&request.page_token).map_err(Status::invalid_argument)?;
+        check(crate::usage::validate_filter(&filter))?;
+        let limit = crate::usage::page_size(request.page_size).map_err(invalid_argument)?;
+        let after = crate::usage::decode_token(&request.page_token).map_err(invalid_argument)?;
         let (mut rows, mut next) = self
             .usage_store()?
             .list(filter, after, limit)
@@ -841,7 +840,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::UsageSummaryResponse>, Status> {
         let request = request.into_inner();
         let filter = request.filter.unwrap_or_default();
-        crate::usage::validate_filter(&filter).map_err(Status::invalid_argument)?;
+        check(crate::usage::validate_filter(&filter))?;
         let granularity = pb::Granularity::try_from(request.granularity).map_err(|_| {
             Status::invalid_argument(format!(
                 "granularity: unknown granularity {}",

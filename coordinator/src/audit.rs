@@ -1,8 +1,9 @@
 //! The audit log of Admin mutations: who (the operator's credential name,
 //! and whether a token or a client certificate authenticated it, with the
-//! certificate's URI SAN), when, which method, and what changed. An entry is a [`StoreWrite`] of
-//! the same engine job as the change, so it is in the same store commit:
-//! a change is never durable without its entry, nor an entry without its
+//! certificate's URI SAN), when, which method, and what changed. The ledger
+//! writes an entry in the same engine job as the change
+//! ([`crate::ledger::Ledger::audit`]), so it is in the same store commit: a
+//! change is never durable without its entry, nor an entry without its
 //! change. A refused call (invalid input, denied, not found) records
 //! nothing. Summaries never hold a secret or a key hash, and no entry holds
 //! a token or a certificate.
@@ -11,7 +12,6 @@
 //! `max_age_ms`; the oldest are deleted in the commit that adds a new one.
 
 use crate::operators::{Operator, Via};
-use crate::store::StoreWrite;
 use allot::clock::UnixMs;
 use std::collections::VecDeque;
 
@@ -65,6 +65,14 @@ impl Default for AuditRetention {
     }
 }
 
+/// What one [`AuditLog::record`] changed: the entry added, and the entries
+/// retention dropped (their `seq`, oldest first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    pub added: AuditEntry,
+    pub deleted: Vec<u64>,
+}
+
 /// The log as the leader holds it: oldest first.
 #[derive(Debug, Default)]
 pub struct AuditLog {
@@ -93,16 +101,15 @@ impl AuditLog {
         }
     }
 
-    /// Records a mutation and deletes what retention no longer keeps, as
-    /// writes of the caller's commit.
+    /// Records a mutation and drops what retention no longer keeps; the
+    /// caller writes both in its commit.
     pub fn record(
         &mut self,
         now: UnixMs,
         operator: &Operator,
         method: &str,
         change: serde_json::Value,
-        writes: &mut Vec<StoreWrite>,
-    ) {
+    ) -> Recorded {
         let entry = AuditEntry {
             seq: self.next_seq,
             at_ms: now,
@@ -112,7 +119,10 @@ impl AuditLog {
             change,
         };
         self.next_seq += 1;
-        writes.push(StoreWrite::PutAudit(entry.clone()));
+        let mut recorded = Recorded {
+            added: entry.clone(),
+            deleted: Vec::new(),
+        };
         self.entries.push_back(entry);
         let oldest_kept = self.retention.max_age_ms.map(|age| now.saturating_sub(age));
         while let Some(front) = self.entries.front() {
@@ -121,9 +131,10 @@ impl AuditLog {
             if !(too_many || too_old) {
                 break;
             }
-            writes.push(StoreWrite::DeleteAudit { seq: front.seq });
+            recorded.deleted.push(front.seq);
             self.entries.pop_front();
         }
+        recorded
     }
 
     /// Newest first.
@@ -155,16 +166,14 @@ mod tests {
     #[test]
     fn an_entry_says_whether_a_token_or_a_certificate_authenticated_its_author() {
         let mut log = AuditLog::new(AuditRetention::default());
-        let mut writes = Vec::new();
         let uri = "spiffe://allot/operator/alice".to_string();
         let alice = operator("alice", Via::Certificate { uri: uri.clone() });
-        log.record(10, &alice, "Credit", serde_json::json!({}), &mut writes);
+        let first = log.record(10, &alice, "Credit", serde_json::json!({}));
         log.record(
             20,
             &operator("ops", Via::Token),
             "Credit",
             serde_json::json!({}),
-            &mut writes,
         );
         let listed: Vec<_> = log.newest_first().map(AuditEntry::to_pb).collect();
         assert_eq!(
@@ -183,10 +192,7 @@ mod tests {
             ),
             ("ops", "token", "")
         );
-        assert_eq!(
-            writes[0],
-            StoreWrite::PutAudit(log.newest_first().nth(1).unwrap().clone())
-        );
+        assert_eq!(&first.added, log.newest_first().nth(1).unwrap());
         // An entry stored before certificates existed reads as by token.
         let old: AuditEntry = serde_json::from_str(
             r#"{"seq": 1, "at_ms": 5, "operator": "admin", "method": "Credit", "change": {}}"#,
@@ -202,23 +208,21 @@ mod tests {
             max_age_ms: Some(1_000),
         };
         let mut log = AuditLog::new(retention);
-        let mut writes = Vec::new();
         let ops = operator("ops", Via::Token);
-        for at in [10, 20, 30] {
-            log.record(at, &ops, "Credit", serde_json::json!({}), &mut writes);
-        }
+        let recorded: Vec<Recorded> = [10, 20, 30]
+            .map(|at| log.record(at, &ops, "Credit", serde_json::json!({})))
+            .into();
         let seqs: Vec<u64> = log.newest_first().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![3, 2]);
-        assert_eq!(writes.last(), Some(&StoreWrite::DeleteAudit { seq: 1 }));
+        assert_eq!(recorded[2].deleted, vec![1]);
         let stored: Vec<AuditEntry> = log.newest_first().cloned().collect();
         let mut again = AuditLog::from_stored(retention, stored);
-        let mut writes = Vec::new();
-        again.record(5_000, &ops, "Credit", serde_json::json!({}), &mut writes);
+        let recorded = again.record(5_000, &ops, "Credit", serde_json::json!({}));
         assert_eq!(
             again.newest_first().map(|e| e.seq).collect::<Vec<_>>(),
             vec![4],
             "numbering goes on after a reload; entries past max_age are deleted"
         );
-        assert_eq!(writes.len(), 3);
+        assert_eq!(recorded.deleted, vec![2, 3]);
     }
 }

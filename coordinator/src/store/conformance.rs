@@ -3,7 +3,7 @@
 //! etcd by the end-to-end tests.
 
 use super::{Store, StoreWrite};
-use crate::ledger::{
+use crate::ledger::records::{
     AccountRecord, AgentRecord, CounterEntry, Scope, ScopeCounters, TransactionKind,
     TransactionRecord,
 };

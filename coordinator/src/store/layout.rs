@@ -14,7 +14,7 @@
 //! Values are JSON so that `etcdctl get --prefix /allot/` is readable.
 
 use super::{StoreError, StoreWrite, StoredState};
-use crate::ledger::Scope;
+use crate::ledger::records::Scope;
 
 /// The key one write goes to.
 pub fn key_of(prefix: &str, write: &StoreWrite) -> String {

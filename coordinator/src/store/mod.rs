@@ -8,12 +8,13 @@
 //! high-water marks, keys, limits, tariffs, a bounded audit log); never one
 //! key per request.
 
+#[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 pub mod embedded;
 pub mod etcd;
 pub mod layout;
 
-use crate::ledger::{
+use crate::ledger::records::{
     AccountRecord, AgentRecord, KeyRecord, Scope, ScopeCounters, TransactionRecord,
 };
 use allot::tariff::Tariff;
