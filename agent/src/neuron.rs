@@ -16,7 +16,7 @@
 //!   `keep_alive: 0`). Ollama does not report GPU totals, so the agent's
 //!   `gpu_vram_bytes` says what the node has.
 
-use crate::proxy::HttpClient;
+use crate::upstream::HttpClient;
 use allot::pb;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

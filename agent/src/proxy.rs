@@ -22,11 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
-pub type HttpClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    http_body_util::Full<Bytes>,
->;
-
 pub fn router(state: Arc<AgentState>) -> axum::Router {
     let mut router = axum::Router::new();
     for operation in Operation::ALL {
@@ -237,8 +232,10 @@ async fn serve(
     let uri = upstream
         .uri(operation)
         .map_err(|e| ApiError::bad_gateway(format!("cannot build the upstream request: {e}")))?;
-    let forwarded = forward::bounded_body(operation, body, bytes, &facts, completion);
-    let request = forward::upstream_request(uri, forwarded, &request_id.header, headers, &span);
+    let family = state.neuron.upstreams.family();
+    let forwarded = forward::bounded_body(operation, family, body, bytes, &facts, completion);
+    let sent_id = request_id.for_upstream(family);
+    let request = forward::upstream_request(uri, forwarded, &sent_id, headers, &span);
     let response = forward::send(
         &state.neuron,
         &state.config,
@@ -257,6 +254,10 @@ async fn serve(
     if facts.stream {
         let limits = meter::StreamLimits {
             strip_usage: operation.usage_chunk_on_request() && !facts.client_wants_usage,
+            // Only a family whose streams carry no usage has the text
+            // collected and counted by its server's tokenizer.
+            count_at: (family.counts_streams_by_tokenizing() && operation.usage_chunk_on_request())
+                .then(|| upstream.url.clone()),
             choices: facts.choices,
             idle_timeout: state.config.stream_idle_timeout(),
             deadline,

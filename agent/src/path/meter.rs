@@ -75,10 +75,14 @@ where
     Ok(response)
 }
 
-/// How a stream is relayed: what to strip, when to cut.
+/// How a stream is relayed: what to strip, when to cut, how to count.
 pub struct StreamLimits {
     /// Strip the usage event: the agent asked for it, not the client.
     pub strip_usage: bool,
+    /// The upstream whose tokenizer counts the stream's text when it ends
+    /// without usage (families whose streams carry none); `None`: such a
+    /// stream is charged the estimate.
+    pub count_at: Option<std::sync::Arc<str>>,
     /// Choices the request asked for.
     pub choices: u64,
     pub idle_timeout: Duration,
@@ -106,6 +110,8 @@ where
 
 /// A record's way to the disk ([`crate::spool::Durability::wait`]).
 type DurableWait = Pin<Box<dyn Future<Output = Result<(), crate::spool::NotDurable>> + Send>>;
+/// The server's count of a stream's text ([`crate::upstream::count_tokens`]).
+type CountWait = Pin<Box<dyn Future<Output = Result<u64, crate::upstream::AskError>> + Send>>;
 
 /// Relays an SSE stream chunk by chunk, reading the usage chunk and
 /// stripping it for clients that did not ask for it, and settles when the
@@ -119,6 +125,10 @@ pub struct SseRelay<B> {
     scanner: SseScanner,
     settlement: Settlement,
     done: bool,
+    /// Where the text of a stream that ends without usage is counted.
+    count_at: Option<std::sync::Arc<str>>,
+    /// Set when it ended so: the count, before the request settles...
+    counting: Option<CountWait>,
     /// Set once settled: the record's way to the disk...
     durable: Option<DurableWait>,
     /// ...and the end of the stream, released when it gets there.
@@ -153,9 +163,16 @@ impl<B> SseRelay<B> {
         SseRelay {
             cut_after: stream_event_bound(settlement.completion_bound, limits.choices),
             upstream,
-            scanner: SseScanner::new(limits.strip_usage).hold_end(),
+            scanner: match limits.count_at {
+                Some(_) => SseScanner::new(limits.strip_usage)
+                    .hold_end()
+                    .collect_text(crate::upstream::MAX_COUNTED_TEXT),
+                None => SseScanner::new(limits.strip_usage).hold_end(),
+            },
             settlement,
             done: false,
+            count_at: limits.count_at,
+            counting: None,
             durable: None,
             tail: Bytes::new(),
             idle_timeout: limits.idle_timeout,
@@ -168,7 +185,58 @@ impl<B> SseRelay<B> {
     /// stream) until the record is durable.
     fn settle_and_hold(&mut self, tail: Bytes) {
         let reported = self.relay_seen();
+        if reported.is_none() {
+            if let Some(counting) = self.count_text() {
+                // Settled once the server counted the text (or could not).
+                self.tail = tail;
+                self.counting = Some(counting);
+                return;
+            }
+        }
         self.settle_then_end(reported, tail);
+    }
+
+    /// Asks the server to count a stream's whole text, when it ended
+    /// without usage and its family has a tokenizer to ask.
+    fn count_text(&mut self) -> Option<CountWait> {
+        let url = self.count_at.clone()?;
+        let text = self.scanner.seen.text.as_mut()?;
+        if text.incomplete {
+            return None;
+        }
+        let text = std::mem::take(&mut text.text);
+        let state = &self.settlement.state;
+        Some(Box::pin(crate::upstream::count_tokens(
+            state.neuron.client.clone(),
+            url,
+            self.settlement.template.model.clone(),
+            text,
+        )))
+    }
+
+    /// Settles at the server's count of the text (never below the events
+    /// that carried it), or at the estimate when it could not count.
+    fn settle_counted(&mut self, counted: Result<u64, crate::upstream::AskError>) {
+        let token_events = self
+            .scanner
+            .seen
+            .text
+            .as_ref()
+            .map_or(0, |text| text.token_events);
+        match counted {
+            Ok(counted) => {
+                metrics::counter!("allot_agent_streams_counted_total", "outcome" => "counted")
+                    .increment(1);
+                self.settlement.chunks = crate::family::counted_completion(counted, token_events);
+            }
+            Err(error) => {
+                metrics::counter!("allot_agent_streams_counted_total", "outcome" => "estimated")
+                    .increment(1);
+                tracing::warn!(%error, "the server did not count a stream's tokens; it is charged the estimate");
+            }
+        }
+        let tail = std::mem::take(&mut self.tail);
+        self.settle_then_end(None, tail);
     }
 
     /// Settles with `reported` and holds `tail`, the stream's last bytes
@@ -187,6 +255,11 @@ impl<B> SseRelay<B> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        if let Some(counting) = self.counting.as_mut() {
+            let counted = std::task::ready!(counting.as_mut().poll(cx));
+            self.counting = None;
+            self.settle_counted(counted);
+        }
         if let Some(durable) = self.durable.as_mut() {
             let written = std::task::ready!(durable.as_mut().poll(cx));
             self.durable = None;
@@ -355,6 +428,7 @@ mod tests {
     fn limits() -> StreamLimits {
         StreamLimits {
             strip_usage: true,
+            count_at: None,
             choices: 1,
             idle_timeout: Duration::from_secs(60),
             deadline: Instant::now() + Duration::from_secs(60),
