@@ -113,9 +113,19 @@ async fn pass_through(state: &AgentState, request: Request<Body>) -> Result<Resp
 
 /// Ready when a session with the coordinator is up (before that, only
 /// keys already cached with a valid lease could be served) and the usage
-/// spool admits requests; otherwise 503 with what is wrong.
+/// spool admits requests; otherwise 503 with what is wrong. Either way
+/// `x-allot-upstream-family` names the server family requests are sent
+/// as (`unknown` while `auto` has not detected one).
 async fn ready(State(state): State<Arc<AgentState>>) -> Response {
-    let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    let family = state.neuron.upstreams.family().name();
+    let unavailable = |why: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(X_ALLOT_UPSTREAM_FAMILY, family)],
+            why,
+        )
+            .into_response()
+    };
     if let Some(refusal) = state.coordinator.link.refusal() {
         return unavailable(refusal);
     }
@@ -125,8 +135,11 @@ async fn ready(State(state): State<Arc<AgentState>>) -> Response {
     if !state.coordinator.link.is_connected() {
         return unavailable("not connected to a coordinator".into());
     }
-    (StatusCode::OK, "ready").into_response()
+    (StatusCode::OK, [(X_ALLOT_UPSTREAM_FAMILY, family)], "ready").into_response()
 }
+
+const X_ALLOT_UPSTREAM_FAMILY: header::HeaderName =
+    header::HeaderName::from_static("x-allot-upstream-family");
 
 async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<Body>) -> Response {
     let started = Instant::now();
@@ -233,6 +246,9 @@ async fn serve(
         .uri(operation)
         .map_err(|e| ApiError::bad_gateway(format!("cannot build the upstream request: {e}")))?;
     let family = state.neuron.upstreams.family();
+    let count = (facts.stream && family.counts_streams_by_tokenizing())
+        .then(|| meter::TokenCount::of(&upstream.url, operation, &body))
+        .flatten();
     let forwarded = forward::bounded_body(operation, family, body, bytes, &facts, completion);
     let sent_id = request_id.for_upstream(family);
     let request = forward::upstream_request(uri, forwarded, &sent_id, headers, &span);
@@ -256,8 +272,7 @@ async fn serve(
             strip_usage: operation.usage_chunk_on_request() && !facts.client_wants_usage,
             // Only a family whose streams carry no usage has the text
             // collected and counted by its server's tokenizer.
-            count_at: (family.counts_streams_by_tokenizing() && operation.usage_chunk_on_request())
-                .then(|| upstream.url.clone()),
+            count,
             choices: facts.choices,
             idle_timeout: state.config.stream_idle_timeout(),
             deadline,

@@ -379,6 +379,45 @@ pub async fn detect_family(
     }
 }
 
+/// A stream's tokens as the server's tokenizer counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    /// The prompt's, when the agent had it to count (a legacy completion
+    /// of one prompt); a chat prompt is rendered by the server's template,
+    /// which the agent does not know.
+    pub prompt: Option<u64>,
+    pub completion: u64,
+}
+
+/// Counts a stream's generated `text`, and with `prompt` the prompt too:
+/// the completion is then `prompt + text` less `prompt`, so the BOS token
+/// the tokenizer adds is counted once, in the prompt, as the server does.
+pub async fn count_stream(
+    client: HttpClient,
+    url: Arc<str>,
+    model: String,
+    prompt: Option<String>,
+    text: String,
+) -> Result<Counted, AskError> {
+    let Some(prompt) = prompt else {
+        let completion = count_tokens(client, url, model, text).await?;
+        return Ok(Counted {
+            prompt: None,
+            completion,
+        });
+    };
+    let whole = format!("{prompt}{text}");
+    let (prompt, whole) = futures_util::future::try_join(
+        count_tokens(client.clone(), url.clone(), model.clone(), prompt),
+        count_tokens(client, url, model, whole),
+    )
+    .await?;
+    Ok(Counted {
+        prompt: Some(prompt),
+        completion: whole.saturating_sub(prompt),
+    })
+}
+
 /// The tokens of `text` by the tokenizer of `model` on the server at
 /// `url`: llama-cpp-python's `POST /extras/tokenize/count`, else
 /// llama-server's `POST /tokenize`. The server's count includes the BOS

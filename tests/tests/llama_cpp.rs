@@ -50,52 +50,6 @@ async fn post(stack: &Stack, secret: &str, path: &str, body: &Value) -> reqwest:
         .expect("the agent answers")
 }
 
-fn request_id(response: &reqwest::Response) -> String {
-    response.headers()["x-request-id"]
-        .to_str()
-        .expect("ascii")
-        .to_string()
-}
-
-/// The data of every SSE event but `[DONE]`.
-fn events(text: &str) -> Vec<Value> {
-    text.split("\n\n")
-        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
-        .filter(|data| *data != "[DONE]")
-        .map(|data| serde_json::from_str(data).expect("each event is JSON"))
-        .collect()
-}
-
-/// Every usage record of `key_id` settled so far.
-async fn records(stack: &Stack, key_id: &str) -> Vec<pb::UsageRecord> {
-    stack
-        .list_usage(pb::UsageFilter {
-            key_id: key_id.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list usage")
-        .into_iter()
-        .filter_map(|row| row.record)
-        .collect()
-}
-
-/// The settled usage record of the request `request_id`, once settled.
-async fn record_of(stack: &Stack, key_id: &str, request_id: &str) -> pb::UsageRecord {
-    let find = |records: Vec<pb::UsageRecord>| {
-        records
-            .into_iter()
-            .find(|record| record.request_id == request_id)
-    };
-    wait_until(
-        &format!("request {request_id} to settle"),
-        Duration::from_secs(30),
-        || async { find(records(stack, key_id).await).is_some() },
-    )
-    .await;
-    find(records(stack, key_id).await).expect("settled records stay")
-}
-
 fn reserved_tokens(record: &pb::UsageRecord) -> u64 {
     record
         .reserved
@@ -167,7 +121,7 @@ async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_
     let body = chat("hello there friend", 7);
     let response = post(&stack, &secret, "/v1/chat/completions", &body).await;
     let status = response.status();
-    let id = request_id(&response);
+    let id = request_id_of(&response);
     let text = response.text().await.unwrap();
     assert_eq!(status, 200, "{text}\n{}", server.log());
     let answer: Value = serde_json::from_str(&text).unwrap();
@@ -242,9 +196,9 @@ async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_
         }
         let response = post(&stack, &secret, "/v1/chat/completions", &body).await;
         assert_eq!(response.status(), 200);
-        let id = request_id(&response);
+        let id = request_id_of(&response);
         let text = response.text().await.unwrap();
-        let events = events(&text);
+        let events = sse_events(&text);
         let content = events
             .iter()
             .filter(|e| {
@@ -287,7 +241,7 @@ async fn legacy_completions_are_charged_the_servers_count_and_prompt_arrays_it_r
         let body = json!({"model": LLAMA_MODEL, "prompt": prompt, "max_tokens": 5});
         let response = post(&stack, &secret, "/v1/completions", &body).await;
         assert_eq!(response.status(), 200);
-        let id = request_id(&response);
+        let id = request_id_of(&response);
         let answer: Value = response.json().await.unwrap();
         let usage = &answer["usage"];
         let counted = server.tokenize("say hi to 42 friends").await.len() as u64;
@@ -312,9 +266,9 @@ async fn legacy_completions_are_charged_the_servers_count_and_prompt_arrays_it_r
         "stream": true, "stream_options": {"include_usage": true}});
     let response = post(&stack, &secret, "/v1/completions", &body).await;
     assert_eq!(response.status(), 200);
-    let id = request_id(&response);
+    let id = request_id_of(&response);
     let text = response.text().await.unwrap();
-    let pieces = events(&text)
+    let pieces = sse_events(&text)
         .iter()
         .filter(|e| {
             e["choices"][0]["text"]
@@ -339,7 +293,7 @@ async fn legacy_completions_are_charged_the_servers_count_and_prompt_arrays_it_r
         "llama-cpp-python takes one prompt: {}",
         response.status()
     );
-    let id = request_id(&response);
+    let id = request_id_of(&response);
     let record = record_of(&stack, &key_id, &id).await;
     assert!(!record.charged, "{record:?}");
     assert_eq!(spent(&stack, &key_id).await, expected);
@@ -354,7 +308,7 @@ async fn embeddings_are_charged_the_tokens_the_server_counts() {
     let body = json!({"model": LLAMA_EMBED_MODEL, "input": inputs});
     let response = post(&stack, &secret, "/v1/embeddings", &body).await;
     assert_eq!(response.status(), 200);
-    let id = request_id(&response);
+    let id = request_id_of(&response);
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["data"].as_array().unwrap().len(), 3);
     let mut counted = 0;
@@ -389,14 +343,14 @@ async fn a_client_that_leaves_mid_stream_pays_the_prompt_bound_and_what_was_forw
     body["stream"] = json!(true);
     let response = post(&stack, &secret, "/v1/chat/completions", &body).await;
     assert_eq!(response.status(), 200);
-    let id = request_id(&response);
+    let id = request_id_of(&response);
     let mut stream = response.bytes_stream();
     let mut delivered = 0;
     let mut buffer = String::new();
     while delivered < 5 {
         let chunk = stream.next().await.expect("more").expect("bytes");
         buffer.push_str(&String::from_utf8_lossy(&chunk));
-        delivered = events(buffer.rsplit_once("\n\n").map_or("", |(whole, _)| whole))
+        delivered = sse_events(buffer.rsplit_once("\n\n").map_or("", |(whole, _)| whole))
             .iter()
             .filter(|e| {
                 e["choices"][0]["delta"]["content"]
@@ -465,7 +419,7 @@ async fn max_tokens_absent_present_and_over_the_budget_stop_where_the_agent_said
         "messages": [{"role": "user", "content": "go on"}]});
     let response = post(&stack, &small_secret, "/v1/chat/completions", &body).await;
     assert_eq!(response.status(), 200);
-    let id = request_id(&response);
+    let id = request_id_of(&response);
     let answer: Value = response.json().await.unwrap();
     let completion = answer["usage"]["completion_tokens"].as_u64().unwrap();
     let record = record_of(&stack, &small_id, &id).await;
@@ -580,10 +534,10 @@ async fn the_openai_python_client_reaches_the_real_server_through_the_agent() {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     wait_until("every step to settle", Duration::from_secs(30), || async {
-        records(&stack, &key_id).await.len() == steps.len()
+        usage_records(&stack, &key_id).await.len() == steps.len()
     })
     .await;
-    let rows = records(&stack, &key_id).await;
+    let rows = usage_records(&stack, &key_id).await;
     for step in &steps {
         let Some(usage) = step.get("usage").filter(|u| !u.is_null()) else {
             continue;

@@ -79,15 +79,62 @@ where
 pub struct StreamLimits {
     /// Strip the usage event: the agent asked for it, not the client.
     pub strip_usage: bool,
-    /// The upstream whose tokenizer counts the stream's text when it ends
-    /// without usage (families whose streams carry none); `None`: such a
-    /// stream is charged the estimate.
-    pub count_at: Option<std::sync::Arc<str>>,
+    /// How a stream that ends without usage is counted by its server's
+    /// tokenizer (families whose streams carry none); `None`: it is
+    /// charged the estimate.
+    pub count: Option<TokenCount>,
     /// Choices the request asked for.
     pub choices: u64,
     pub idle_timeout: Duration,
     /// When the whole request must be done (`request_timeout_ms`).
     pub deadline: Instant,
+}
+
+/// Where and what of a stream without usage the server counts.
+pub struct TokenCount {
+    /// The upstream's base URL.
+    pub url: std::sync::Arc<str>,
+    /// The prompt of a legacy completion of one prompt, counted with it.
+    pub prompt: Option<String>,
+}
+
+impl TokenCount {
+    /// How a request of `operation` with `body` is counted when its stream
+    /// reports no usage; `None` when it cannot be: a request with `stop`
+    /// sequences (the server drops the text that matched them, so the
+    /// streamed text undercounts what was generated) is charged the
+    /// estimate.
+    pub fn of(
+        url: &std::sync::Arc<str>,
+        operation: allot::reservation::Operation,
+        body: &serde_json::Map<String, serde_json::Value>,
+    ) -> Option<TokenCount> {
+        use serde_json::Value;
+        if !operation.usage_chunk_on_request() {
+            return None;
+        }
+        match body.get("stop") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(stops)) if stops.is_empty() => {}
+            Some(_) => return None,
+        }
+        let prompt = match (operation, body.get("prompt")) {
+            (allot::reservation::Operation::Completions, Some(Value::String(prompt))) => {
+                Some(prompt.clone())
+            }
+            (allot::reservation::Operation::Completions, Some(Value::Array(prompts))) => {
+                match prompts.as_slice() {
+                    [Value::String(prompt)] => Some(prompt.clone()),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        Some(TokenCount {
+            url: url.clone(),
+            prompt,
+        })
+    }
 }
 
 /// The response relaying the neuron's SSE stream, metered.
@@ -111,7 +158,9 @@ where
 /// A record's way to the disk ([`crate::spool::Durability::wait`]).
 type DurableWait = Pin<Box<dyn Future<Output = Result<(), crate::spool::NotDurable>> + Send>>;
 /// The server's count of a stream's text ([`crate::upstream::count_tokens`]).
-type CountWait = Pin<Box<dyn Future<Output = Result<u64, crate::upstream::AskError>> + Send>>;
+type CountWait = Pin<
+    Box<dyn Future<Output = Result<crate::upstream::Counted, crate::upstream::AskError>> + Send>,
+>;
 
 /// Relays an SSE stream chunk by chunk, reading the usage chunk and
 /// stripping it for clients that did not ask for it, and settles when the
@@ -125,8 +174,8 @@ pub struct SseRelay<B> {
     scanner: SseScanner,
     settlement: Settlement,
     done: bool,
-    /// Where the text of a stream that ends without usage is counted.
-    count_at: Option<std::sync::Arc<str>>,
+    /// How a stream that ends without usage is counted.
+    count: Option<TokenCount>,
     /// Set when it ended so: the count, before the request settles...
     counting: Option<CountWait>,
     /// Set once settled: the record's way to the disk...
@@ -163,7 +212,7 @@ impl<B> SseRelay<B> {
         SseRelay {
             cut_after: stream_event_bound(settlement.completion_bound, limits.choices),
             upstream,
-            scanner: match limits.count_at {
+            scanner: match limits.count {
                 Some(_) => SseScanner::new(limits.strip_usage)
                     .hold_end()
                     .collect_text(crate::upstream::MAX_COUNTED_TEXT),
@@ -171,7 +220,7 @@ impl<B> SseRelay<B> {
             },
             settlement,
             done: false,
-            count_at: limits.count_at,
+            count: limits.count,
             counting: None,
             durable: None,
             tail: Bytes::new(),
@@ -199,24 +248,28 @@ impl<B> SseRelay<B> {
     /// Asks the server to count a stream's whole text, when it ended
     /// without usage and its family has a tokenizer to ask.
     fn count_text(&mut self) -> Option<CountWait> {
-        let url = self.count_at.clone()?;
+        let count = self.count.take()?;
         let text = self.scanner.seen.text.as_mut()?;
         if text.incomplete {
             return None;
         }
         let text = std::mem::take(&mut text.text);
         let state = &self.settlement.state;
-        Some(Box::pin(crate::upstream::count_tokens(
+        Some(Box::pin(crate::upstream::count_stream(
             state.neuron.client.clone(),
-            url,
+            count.url,
             self.settlement.template.model.clone(),
+            count.prompt,
             text,
         )))
     }
 
     /// Settles at the server's count of the text (never below the events
     /// that carried it), or at the estimate when it could not count.
-    fn settle_counted(&mut self, counted: Result<u64, crate::upstream::AskError>) {
+    fn settle_counted(
+        &mut self,
+        counted: Result<crate::upstream::Counted, crate::upstream::AskError>,
+    ) {
         let token_events = self
             .scanner
             .seen
@@ -227,7 +280,9 @@ impl<B> SseRelay<B> {
             Ok(counted) => {
                 metrics::counter!("allot_agent_streams_counted_total", "outcome" => "counted")
                     .increment(1);
-                self.settlement.chunks = crate::family::counted_completion(counted, token_events);
+                self.settlement.chunks =
+                    crate::family::counted_completion(counted.completion, token_events);
+                self.settlement.prompt_counted = counted.prompt;
             }
             Err(error) => {
                 metrics::counter!("allot_agent_streams_counted_total", "outcome" => "estimated")
@@ -428,7 +483,7 @@ mod tests {
     fn limits() -> StreamLimits {
         StreamLimits {
             strip_usage: true,
-            count_at: None,
+            count: None,
             choices: 1,
             idle_timeout: Duration::from_secs(60),
             deadline: Instant::now() + Duration::from_secs(60),

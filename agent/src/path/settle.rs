@@ -62,6 +62,9 @@ pub struct Settlement {
     pub(crate) first_byte: Option<Duration>,
     /// Completion chunks forwarded so far, for estimates.
     pub(crate) chunks: u64,
+    /// The prompt as the server's tokenizer counted it, for the estimate
+    /// of a stream without usage (never above the prompt bound).
+    pub(crate) prompt_counted: Option<u64>,
     pub(crate) model_served: String,
     pub(crate) status: u16,
     /// This request's place in the concurrency bounds, until the
@@ -129,6 +132,7 @@ pub fn open(
         started,
         first_byte: None,
         chunks: 0,
+        prompt_counted: None,
         model_served: String::new(),
         status: 0,
         _slot: slot,
@@ -183,7 +187,9 @@ impl Settlement {
             ),
             (None, true) => (
                 Reported {
-                    prompt: self.prompt_bound,
+                    prompt: self
+                        .prompt_counted
+                        .map_or(self.prompt_bound, |counted| counted.min(self.prompt_bound)),
                     completion: self.chunks.min(self.completion_bound),
                     reasoning: 0,
                 },
@@ -378,6 +384,7 @@ pub(crate) mod tests {
             started: Instant::now(),
             first_byte: None,
             chunks: 0,
+            prompt_counted: None,
             model_served: String::new(),
             status: 200,
             _slot: state
