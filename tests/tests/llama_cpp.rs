@@ -7,15 +7,19 @@
 //!
 //! What this server does that the fake neuron does not (the findings the
 //! tests pin down):
-//! - its streams never carry usage: it ignores `stream_options`, so every
-//!   streamed request settles at the agent's estimate (SPEC Settlement 2):
-//!   the reservation's prompt bound plus one token per content event
-//!   forwarded, never more than the completion bound, marked
-//!   `usage_estimated`;
+//! - `GET /v1/models` names it (`owned_by: "me"`): the agent's
+//!   `upstream_family = "auto"` detects `llama.cpp` (docs/server-families.md);
+//! - its streams never carry usage: it ignores `stream_options`, so the
+//!   agent counts a finished stream's text with the server's own tokenizer
+//!   (`/extras/tokenize/count`), and a legacy completion's prompt with it;
+//!   a chat prompt, rendered by a template the agent does not know, stays
+//!   at the reservation's bound. Still marked `usage_estimated` (SPEC
+//!   Settlement 2), never more than the completion bound;
 //! - legacy completions take at most one prompt: an array of two is
 //!   answered 500 and costs nothing (SPEC Settlement 3);
 //! - it refuses any request whose `x-request-id` is not a UUID (an empty
-//!   400), so the agent's own ids are UUIDs;
+//!   400), so the agent's own ids are UUIDs, and a client's other id is
+//!   sent as a new UUID (the client's stays in its record and response);
 //! - `max_tokens: 0` (or negative) means "no limit" to it, so the agent
 //!   refuses a completion limit of 0 before dispatch;
 //! - its chat template adds no BOS, 10 tokens per request and 7 to 13 per
@@ -30,12 +34,26 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-/// A stack whose agent's neuron is `server`.
+/// A stack whose agent's neuron is `server`, once the agent has detected
+/// its family (`upstream_family = "auto"`, the default).
 async fn stack_on(server: &LlamaServer) -> Stack {
     let mut stack = Stack::start().await;
     stack.agent_config.neuron_url = server.url.clone();
     stack.agent.take().expect("agent").stop().await;
     stack.restart_agent().await;
+    let readyz = format!("{}/readyz", stack.agent_url());
+    wait_until(
+        "the agent to detect llama.cpp",
+        Duration::from_secs(30),
+        || async {
+            let response = stack.http.get(&readyz).send().await.expect("readyz");
+            response
+                .headers()
+                .get("x-allot-upstream-family")
+                .is_some_and(|family| family == "llama.cpp")
+        },
+    )
+    .await;
     stack
 }
 
@@ -159,11 +177,12 @@ async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_
     };
     assert!(uuid(&id), "{id}");
 
-    // A client's own id goes to the server as it is: a UUID is served, any
-    // other id is refused by the server (an empty 400) and costs nothing.
+    // A client's own id: a UUID goes to the server as it is; any other the
+    // server would refuse (an empty 400), so the agent sends a UUID of its
+    // own in its place and keeps the client's for the record.
     for (client_id, status) in [
         ("0b7e4a52-3c3d-4f0e-9a4b-6c1d2e3f4a5b", 200),
-        ("my-trace-1", 400),
+        ("my-trace-1", 200),
     ] {
         let response = stack
             .http
@@ -184,10 +203,10 @@ async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_
     }
 
     // Streamed, without and with stream_options: the server sends no
-    // usage either way (it ignores stream_options), so the agent settles
-    // its estimate: the prompt bound and one token per content event
-    // forwarded (the role and finish events count too), at most the
-    // completion bound.
+    // usage either way (it ignores stream_options), so the agent counts
+    // the streamed text with the server's tokenizer (never below the
+    // content events, at most the completion bound); the chat prompt
+    // stays at its bound.
     for include_usage in [None, Some(true)] {
         let mut body = chat("hello there friend", 7);
         body["stream"] = json!(true);
@@ -214,10 +233,18 @@ async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_
                 .all(|e| e.get("usage").is_none_or(Value::is_null)),
             "the server sent usage after all; the estimate is no longer needed: {text}"
         );
+        let streamed: String = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        let counted = (server.tokenize(&streamed).await.len() as u64).max(content);
         let record = record_of(&stack, &key_id, &id).await;
         let bound = prompt_bound(Operation::ChatCompletions, &body);
         assert!(record.usage_estimated, "{record:?}");
-        assert_eq!((record.prompt_tokens, record.completion_tokens), (bound, 7));
+        assert_eq!(
+            (record.prompt_tokens, record.completion_tokens),
+            (bound, counted.min(7))
+        );
         assert!(bound > prompt, "the estimate overcharges the prompt");
         expected += bound + 7;
         wait_spent(&stack, &key_id, expected).await;
@@ -261,7 +288,9 @@ async fn legacy_completions_are_charged_the_servers_count_and_prompt_arrays_it_r
         wait_spent(&stack, &key_id, expected).await;
     }
 
-    // Streamed: no usage from the server, the estimate is charged.
+    // Streamed: no usage from the server; the agent has the server's
+    // tokenizer count the prompt (as the server counts it, BOS included)
+    // and the text, instead of charging the prompt bound.
     let body = json!({"model": LLAMA_MODEL, "prompt": "say hi", "max_tokens": 5,
         "stream": true, "stream_options": {"include_usage": true}});
     let response = post(&stack, &secret, "/v1/completions", &body).await;
@@ -279,9 +308,14 @@ async fn legacy_completions_are_charged_the_servers_count_and_prompt_arrays_it_r
     assert_eq!(pieces, 5, "{text}");
     let record = record_of(&stack, &key_id, &id).await;
     let bound = prompt_bound(Operation::Completions, &body);
+    let counted = server.tokenize("say hi").await.len() as u64;
     assert!(record.usage_estimated);
-    assert_eq!((record.prompt_tokens, record.completion_tokens), (bound, 5));
-    expected += bound + 5;
+    assert_eq!(
+        (record.prompt_tokens, record.completion_tokens),
+        (counted, 5)
+    );
+    assert!(counted < bound, "the bound it is no longer charged");
+    expected += counted + 5;
     wait_spent(&stack, &key_id, expected).await;
 
     // Two prompts: the server refuses them (500) before any output, and

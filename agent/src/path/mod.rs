@@ -33,6 +33,7 @@ pub mod forward;
 pub mod inspect;
 pub mod intake;
 pub mod meter;
+pub mod record;
 pub mod refuse;
 pub mod reserve;
 pub mod settle;
