@@ -11,7 +11,7 @@
 //! drop does: charged at the estimate once output had begun, else
 //! uncharged.
 
-use super::inspect::non_empty;
+use super::record::{non_empty, origin};
 use super::reserve::Plan;
 use super::{Admitted, RequestId, TRACEPARENT};
 use crate::allowance::Reservation;
@@ -21,7 +21,6 @@ use crate::path::concurrency::Slot;
 use crate::usage::Reported;
 use crate::AgentState;
 use allot::clock;
-use allot::key::Purpose;
 use allot::pb;
 use allot::reservation;
 use allot::tariff::TariffBook;
@@ -315,16 +314,6 @@ fn bounded_model(mut model: String) -> String {
     let kept = allot::bounds::truncated(&model, reservation::MAX_MODEL_BYTES).len();
     model.truncate(kept);
     model
-}
-
-/// Where a request came from, for its usage record.
-pub(crate) fn origin(purpose: Purpose, batch_id: &str) -> pb::Origin {
-    match purpose {
-        Purpose::Batch => pb::Origin::Batch,
-        Purpose::Playground => pb::Origin::Frontend,
-        _ if !batch_id.is_empty() => pb::Origin::Batch,
-        _ => pb::Origin::Api,
-    }
 }
 
 /// The trace id of a W3C `traceparent` header, if well-formed.
