@@ -346,7 +346,12 @@ pub async fn detect_family(
     let url = upstreams.default_url();
     let mut backoff = Duration::from_millis(250);
     loop {
-        let wait = match probe_family(client, &url).await {
+        // Shutdown never waits for a probe.
+        let probed = tokio::select! {
+            probed = probe_family(client, &url) => probed,
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        };
+        let wait = match probed {
             Ok(found) => {
                 let family = found.unwrap_or(Family::Unknown);
                 if upstreams.family() != family || found.is_none() {
