@@ -130,7 +130,8 @@ async fn key(stack: &Stack, tokens: &str) -> (String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_the_estimate() {
+async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_its_tokenizers_count(
+) {
     let server = LlamaServer::start().await;
     let stack = stack_on(&server).await;
     let (key_id, secret) = key(&stack, "1000000").await;
