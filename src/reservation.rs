@@ -285,12 +285,26 @@ pub fn write_completion_bound(
     body: &mut Map<String, Value>,
     bound: u64,
 ) -> bool {
+    write_completion_bound_as(operation, body, bound, operation.completion_field())
+}
+
+/// [`write_completion_bound`] with `primary`, the field always written,
+/// chosen by the server family (OpenAI's chat API documents
+/// `max_completion_tokens`); `primary` must be one of the operation's
+/// limit fields.
+pub fn write_completion_bound_as(
+    operation: Operation,
+    body: &mut Map<String, Value>,
+    bound: u64,
+    primary: Option<&str>,
+) -> bool {
+    debug_assert!(primary.is_none_or(|p| limit_fields(operation).iter().any(|f| f.path == [p])));
     let mut changed = false;
     for field in limit_fields(operation) {
         let Some((last, parents)) = field.path.split_last() else {
             continue;
         };
-        let primary = parents.is_empty() && operation.completion_field() == Some(*last);
+        let primary = parents.is_empty() && primary == Some(*last);
         // Limit fields are at most one object deep (`options.num_predict`).
         let map = match parents {
             [] => &mut *body,

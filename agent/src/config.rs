@@ -63,6 +63,12 @@ pub struct AgentConfig {
     pub neuron_id: String,
     /// Base URL of the neuron's OpenAI-compatible API.
     pub neuron_url: String,
+    /// The server family of the neuron and every upstream (`openai`,
+    /// `vllm`, `llama.cpp`, `ollama`, `tgi`), or `auto` to ask the server
+    /// at start and after it could not be reached. The limit field always
+    /// written, how a stream's usage is read and the request id rule follow
+    /// it (docs/server-families.md).
+    pub upstream_family: crate::family::UpstreamFamily,
     /// Directory of the usage spool.
     pub spool_dir: PathBuf,
     /// Usage records the agent keeps in memory until the coordinator
@@ -191,6 +197,7 @@ impl Default for AgentConfig {
             agent_id: "agent-1".into(),
             neuron_id: "neuron-1".into(),
             neuron_url: "http://127.0.0.1:9100".into(),
+            upstream_family: crate::family::UpstreamFamily::Auto,
             spool_dir: PathBuf::from("allot-data/agent"),
             spool_max_records: 100_000,
             max_body_bytes: 8 * 1024 * 1024,

@@ -14,6 +14,7 @@ pub mod allowance;
 pub mod api_error;
 pub mod config;
 pub mod edge;
+pub mod family;
 pub mod keys;
 pub mod link;
 pub mod neuron;
@@ -59,7 +60,7 @@ pub struct Coordinator {
 /// The inference node this agent fronts: how to reach it, how busy it is
 /// and what it was seen to bill.
 pub struct Neuron {
-    pub client: proxy::HttpClient,
+    pub client: upstream::HttpClient,
     pub upstreams: upstream::Upstreams,
     pub in_flight: Arc<path::concurrency::InFlight>,
     /// Requests in flight and last use per model, for node reports: only
@@ -83,7 +84,7 @@ pub struct Records {
 
 /// The neuron client: `http://` and `https://` (system roots and
 /// `upstream_ca`) upstreams.
-pub(crate) fn http_client(config: &AgentConfig) -> Result<proxy::HttpClient, String> {
+pub(crate) fn http_client(config: &AgentConfig) -> Result<upstream::HttpClient, String> {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(
         config.upstream_connect_timeout_ms,
@@ -219,6 +220,13 @@ pub async fn run(
         },
         config: config.clone(),
     });
+    {
+        let state = state.clone();
+        let stop = stop_rx.clone();
+        tasks.spawn(async move {
+            upstream::detect_family(&state.neuron.upstreams, &state.neuron.client, stop).await;
+        });
+    }
     match config.neuron_adapter {
         // Directives are refused: their receiver is gone.
         NeuronAdapterKind::None => drop(directives_rx),

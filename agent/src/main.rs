@@ -100,6 +100,9 @@ struct Cli {
     /// none, fake or ollama: how node reports read the neuron.
     #[arg(long, env = "ALLOT_AGENT_NEURON_ADAPTER")]
     neuron_adapter: Option<allot_agent::config::NeuronAdapterKind>,
+    /// openai, vllm, llama.cpp, ollama, tgi or auto: the neuron's server family.
+    #[arg(long, env = "ALLOT_AGENT_UPSTREAM_FAMILY")]
+    upstream_family: Option<allot_agent::family::UpstreamFamily>,
     /// VRAM of a GPU of the node in bytes (ollama); repeat or comma-separate.
     #[arg(long, env = "ALLOT_AGENT_GPU_VRAM_BYTES", value_delimiter = ',')]
     gpu_vram_bytes: Vec<u64>,
@@ -190,6 +193,9 @@ fn load(cli: Cli) -> Result<AgentConfig, String> {
     }
     if let Some(v) = cli.neuron_adapter {
         config.neuron_adapter = v;
+    }
+    if let Some(v) = cli.upstream_family {
+        config.upstream_family = v;
     }
     if !cli.gpu_vram_bytes.is_empty() {
         config.gpu_vram_bytes = cli.gpu_vram_bytes;

@@ -16,7 +16,7 @@
 //!   `keep_alive: 0`). Ollama does not report GPU totals, so the agent's
 //!   `gpu_vram_bytes` says what the node has.
 
-use crate::proxy::HttpClient;
+use crate::upstream::HttpClient;
 use allot::pb;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -27,6 +27,32 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// Why an adapter could not read or change the neuron.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NeuronError {
+    #[error("{url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{url}: no answer within {CALL_TIMEOUT:?}")]
+    NoAnswer { url: String },
+    #[error("{url}: body not complete within {CALL_TIMEOUT:?}")]
+    BodyTimedOut { url: String },
+    /// A non-2xx answer, with the start of its body.
+    #[error("{url} answered {status}: {body}")]
+    Refused {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    /// An answer that is not the documented shape.
+    #[error("unexpected {what}: {reason}")]
+    Unexpected { what: &'static str, reason: String },
+    /// An unload refused: requests are in flight on the model.
+    #[error("{model} has {in_flight} requests in flight")]
+    InFlight { model: String, in_flight: u32 },
+    #[error("unknown directive action {0}")]
+    UnknownAction(i32),
+}
+
 /// The state an adapter reads.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NeuronState {
@@ -36,11 +62,15 @@ pub struct NeuronState {
 
 /// How the agent talks to one kind of inference server about its models.
 pub trait NeuronAdapter: Send + Sync + 'static {
-    fn state(&self) -> impl Future<Output = Result<NeuronState, String>> + Send;
+    fn state(&self) -> impl Future<Output = Result<NeuronState, NeuronError>> + Send;
     /// Loads `model` as `hint` says, as far as the server lets the adapter
     /// choose.
-    fn load(&self, model: &str, hint: LoadHint) -> impl Future<Output = Result<(), String>> + Send;
-    fn unload(&self, model: &str) -> impl Future<Output = Result<(), String>> + Send;
+    fn load(
+        &self,
+        model: &str,
+        hint: LoadHint,
+    ) -> impl Future<Output = Result<(), NeuronError>> + Send;
+    fn unload(&self, model: &str) -> impl Future<Output = Result<(), NeuronError>> + Send;
 }
 
 /// What the coordinator knows of a model it asks to load.
@@ -72,36 +102,41 @@ async fn call(
     method: hyper::Method,
     url: String,
     body: Option<serde_json::Value>,
-) -> Result<(u16, Bytes), String> {
+) -> Result<(u16, Bytes), NeuronError> {
     let mut request = Request::builder().method(method).uri(&url);
     if body.is_some() {
         request = request.header("content-type", "application/json");
     }
     let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let unreachable = |reason: String| NeuronError::Unreachable {
+        url: url.clone(),
+        reason,
+    };
     let request = request
         .body(Full::new(body))
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| unreachable(e.to_string()))?;
     let response = tokio::time::timeout(CALL_TIMEOUT, client.request(request))
         .await
-        .map_err(|_| format!("{url}: no answer within {CALL_TIMEOUT:?}"))?
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|_| NeuronError::NoAnswer { url: url.clone() })?
+        .map_err(|e| unreachable(e.to_string()))?;
     let status = response.status().as_u16();
     let bytes = tokio::time::timeout(CALL_TIMEOUT, response.into_body().collect())
         .await
-        .map_err(|_| format!("{url}: body not complete within {CALL_TIMEOUT:?}"))?
-        .map_err(|e| format!("{url}: {e}"))?
+        .map_err(|_| NeuronError::BodyTimedOut { url: url.clone() })?
+        .map_err(|e| unreachable(e.to_string()))?
         .to_bytes();
     Ok((status, bytes))
 }
 
-fn expect_success(url: &str, (status, body): (u16, Bytes)) -> Result<Bytes, String> {
+fn expect_success(url: &str, (status, body): (u16, Bytes)) -> Result<Bytes, NeuronError> {
     if (200..300).contains(&status) {
         Ok(body)
     } else {
-        Err(format!(
-            "{url} answered {status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(300)])
-        ))
+        Err(NeuronError::Refused {
+            url: url.to_string(),
+            status,
+            body: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+        })
     }
 }
 
@@ -157,9 +192,11 @@ impl FakeAdapter {
 }
 
 /// Reads `GET /_fake/node`.
-pub fn parse_fake_node(body: &[u8]) -> Result<NeuronState, String> {
-    let node: FakeNode =
-        serde_json::from_slice(body).map_err(|e| format!("unexpected /_fake/node: {e}"))?;
+pub fn parse_fake_node(body: &[u8]) -> Result<NeuronState, NeuronError> {
+    let node: FakeNode = serde_json::from_slice(body).map_err(|e| NeuronError::Unexpected {
+        what: "/_fake/node",
+        reason: e.to_string(),
+    })?;
     Ok(NeuronState {
         gpus: node
             .gpus
@@ -190,13 +227,13 @@ pub fn parse_fake_node(body: &[u8]) -> Result<NeuronState, String> {
 }
 
 impl NeuronAdapter for FakeAdapter {
-    async fn state(&self) -> Result<NeuronState, String> {
+    async fn state(&self) -> Result<NeuronState, NeuronError> {
         let url = format!("{}/_fake/node", self.base);
         let answer = call(&self.client, hyper::Method::GET, url.clone(), None).await?;
         parse_fake_node(&expect_success(&url, answer)?)
     }
 
-    async fn load(&self, model: &str, hint: LoadHint) -> Result<(), String> {
+    async fn load(&self, model: &str, hint: LoadHint) -> Result<(), NeuronError> {
         let url = format!("{}/_fake/models/{model}/load", self.base);
         let mut body = serde_json::json!({"vram_bytes": hint.vram_bytes, "load_ms": hint.load_ms});
         if let Some(gpu) = hint.gpu {
@@ -206,7 +243,7 @@ impl NeuronAdapter for FakeAdapter {
         expect_success(&url, answer).map(drop)
     }
 
-    async fn unload(&self, model: &str) -> Result<(), String> {
+    async fn unload(&self, model: &str) -> Result<(), NeuronError> {
         let url = format!("{}/_fake/models/{model}/unload", self.base);
         let answer = call(&self.client, hyper::Method::POST, url.clone(), None).await?;
         expect_success(&url, answer).map(drop)
@@ -257,10 +294,9 @@ impl OllamaAdapter {
         }
     }
 
-    async fn keep_alive(&self, model: &str, keep_alive: i64) -> Result<(), String> {
+    async fn keep_alive(&self, model: &str, keep_alive: i64) -> Result<(), NeuronError> {
         let url = format!("{}/api/generate", self.base);
-        let body = serde_json::to_value(OllamaKeepAlive { model, keep_alive })
-            .map_err(|e| e.to_string())?;
+        let body = serde_json::json!(OllamaKeepAlive { model, keep_alive });
         let answer = call(&self.client, hyper::Method::POST, url.clone(), Some(body)).await?;
         expect_success(&url, answer).map(drop)
     }
@@ -269,9 +305,11 @@ impl OllamaAdapter {
 /// Reads `GET /api/ps`: every running model is loaded. Ollama does not
 /// say which GPU holds a model, so all are placed on GPU 0, and the node
 /// is reported as one GPU of the configured total.
-pub fn parse_ollama_ps(body: &[u8], gpu_vram_bytes: &[u64]) -> Result<NeuronState, String> {
-    let ps: OllamaPs =
-        serde_json::from_slice(body).map_err(|e| format!("unexpected /api/ps: {e}"))?;
+pub fn parse_ollama_ps(body: &[u8], gpu_vram_bytes: &[u64]) -> Result<NeuronState, NeuronError> {
+    let ps: OllamaPs = serde_json::from_slice(body).map_err(|e| NeuronError::Unexpected {
+        what: "/api/ps",
+        reason: e.to_string(),
+    })?;
     let total: u64 = gpu_vram_bytes.iter().sum();
     let used: u64 = ps.models.iter().map(|m| m.size_vram).sum();
     Ok(NeuronState {
@@ -297,18 +335,18 @@ pub fn parse_ollama_ps(body: &[u8], gpu_vram_bytes: &[u64]) -> Result<NeuronStat
 }
 
 impl NeuronAdapter for OllamaAdapter {
-    async fn state(&self) -> Result<NeuronState, String> {
+    async fn state(&self) -> Result<NeuronState, NeuronError> {
         let url = format!("{}/api/ps", self.base);
         let answer = call(&self.client, hyper::Method::GET, url.clone(), None).await?;
         parse_ollama_ps(&expect_success(&url, answer)?, &self.gpu_vram_bytes)
     }
 
     /// Ollama places models itself: the hint is not used.
-    async fn load(&self, model: &str, _hint: LoadHint) -> Result<(), String> {
+    async fn load(&self, model: &str, _hint: LoadHint) -> Result<(), NeuronError> {
         self.keep_alive(model, -1).await
     }
 
-    async fn unload(&self, model: &str) -> Result<(), String> {
+    async fn unload(&self, model: &str) -> Result<(), NeuronError> {
         self.keep_alive(model, 0).await
     }
 }
@@ -490,10 +528,13 @@ async fn carry_out<A: NeuronAdapter>(
             // a report old.
             match models.in_flight(&directive.model) {
                 0 => adapter.unload(&directive.model).await,
-                n => Err(format!("{} has {n} requests in flight", directive.model)),
+                in_flight => Err(NeuronError::InFlight {
+                    model: directive.model.clone(),
+                    in_flight,
+                }),
             }
         }
-        _ => Err(format!("unknown directive action {}", directive.action)),
+        _ => Err(NeuronError::UnknownAction(directive.action)),
     };
     let label = if outcome.is_ok() { "ok" } else { "failed" };
     metrics::counter!("allot_agent_directives_total", "outcome" => label).increment(1);
@@ -503,7 +544,7 @@ async fn carry_out<A: NeuronAdapter>(
     pb::DirectiveResult {
         directive_id: directive.directive_id,
         ok: outcome.is_ok(),
-        message: outcome.err().unwrap_or_default(),
+        message: outcome.err().map(|e| e.to_string()).unwrap_or_default(),
     }
 }
 
@@ -548,9 +589,13 @@ mod tests {
             parse_ollama_ps(br#"{"models": []}"#, &[1]).unwrap().models,
             vec![]
         );
-        assert!(parse_ollama_ps(b"<html>", &[1])
-            .unwrap_err()
-            .contains("/api/ps"));
+        assert!(matches!(
+            parse_ollama_ps(b"<html>", &[1]),
+            Err(NeuronError::Unexpected {
+                what: "/api/ps",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -22,11 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
-pub type HttpClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    http_body_util::Full<Bytes>,
->;
-
 pub fn router(state: Arc<AgentState>) -> axum::Router {
     let mut router = axum::Router::new();
     for operation in Operation::ALL {
@@ -118,9 +113,19 @@ async fn pass_through(state: &AgentState, request: Request<Body>) -> Result<Resp
 
 /// Ready when a session with the coordinator is up (before that, only
 /// keys already cached with a valid lease could be served) and the usage
-/// spool admits requests; otherwise 503 with what is wrong.
+/// spool admits requests; otherwise 503 with what is wrong. Either way
+/// `x-allot-upstream-family` names the server family requests are sent
+/// as (`unknown` while `auto` has not detected one).
 async fn ready(State(state): State<Arc<AgentState>>) -> Response {
-    let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    let family = state.neuron.upstreams.family().name();
+    let unavailable = |why: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(X_ALLOT_UPSTREAM_FAMILY, family)],
+            why,
+        )
+            .into_response()
+    };
     if let Some(refusal) = state.coordinator.link.refusal() {
         return unavailable(refusal);
     }
@@ -130,8 +135,11 @@ async fn ready(State(state): State<Arc<AgentState>>) -> Response {
     if !state.coordinator.link.is_connected() {
         return unavailable("not connected to a coordinator".into());
     }
-    (StatusCode::OK, "ready").into_response()
+    (StatusCode::OK, [(X_ALLOT_UPSTREAM_FAMILY, family)], "ready").into_response()
 }
+
+const X_ALLOT_UPSTREAM_FAMILY: header::HeaderName =
+    header::HeaderName::from_static("x-allot-upstream-family");
 
 async fn handle(state: Arc<AgentState>, operation: Operation, request: Request<Body>) -> Response {
     let started = Instant::now();
@@ -237,8 +245,13 @@ async fn serve(
     let uri = upstream
         .uri(operation)
         .map_err(|e| ApiError::bad_gateway(format!("cannot build the upstream request: {e}")))?;
-    let forwarded = forward::bounded_body(operation, body, bytes, &facts, completion);
-    let request = forward::upstream_request(uri, forwarded, &request_id.header, headers, &span);
+    let family = state.neuron.upstreams.family();
+    let count = (facts.stream && family.counts_streams_by_tokenizing())
+        .then(|| meter::TokenCount::of(&upstream.url, operation, &body))
+        .flatten();
+    let forwarded = forward::bounded_body(operation, family, body, bytes, &facts, completion);
+    let sent_id = request_id.for_upstream(family);
+    let request = forward::upstream_request(uri, forwarded, &sent_id, headers, &span);
     let response = forward::send(
         &state.neuron,
         &state.config,
@@ -257,6 +270,9 @@ async fn serve(
     if facts.stream {
         let limits = meter::StreamLimits {
             strip_usage: operation.usage_chunk_on_request() && !facts.client_wants_usage,
+            // Only a family whose streams carry no usage has the text
+            // collected and counted by its server's tokenizer.
+            count,
             choices: facts.choices,
             idle_timeout: state.config.stream_idle_timeout(),
             deadline,

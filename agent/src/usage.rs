@@ -184,6 +184,100 @@ pub struct Seen {
     /// `[DONE]` came: the stream is over, whether or not the neuron closes
     /// its connection.
     pub done: bool,
+    /// The generated text, when collected ([`SseScanner::collect_text`]).
+    pub text: Option<StreamText>,
+}
+
+/// The text a stream generated, collected for the server's tokenizer to
+/// count when the stream reports no usage.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamText {
+    /// Content, legacy text, reasoning and tool-call pieces, in order.
+    pub text: String,
+    /// Events that carried any of them: a role-only or finish-only event
+    /// generated nothing.
+    pub token_events: u64,
+    /// Past the collection bound, or an event whose pieces could not be
+    /// read: the text is not all there, and must not be counted.
+    pub incomplete: bool,
+    max_bytes: usize,
+}
+
+impl StreamText {
+    /// Reads the pieces of one content event.
+    fn add(&mut self, data: &str) {
+        let Ok(event) = serde_json::from_str::<TextEvent>(data) else {
+            self.token_events += 1;
+            self.incomplete = true;
+            return;
+        };
+        let mut generated = false;
+        for choice in event.choices.unwrap_or_default() {
+            let mut pieces = [choice.text, None, None];
+            if let Some(delta) = choice.delta {
+                pieces[1] = delta.content;
+                pieces[2] = delta.reasoning_content;
+                for call in delta.tool_calls.unwrap_or_default() {
+                    generated = true;
+                    if let Some(function) = call.function {
+                        for piece in [function.name, function.arguments].into_iter().flatten() {
+                            self.push(&piece);
+                        }
+                    }
+                }
+            }
+            for piece in pieces.into_iter().flatten() {
+                generated |= !piece.is_empty();
+                self.push(&piece);
+            }
+        }
+        if generated {
+            self.token_events += 1;
+        }
+    }
+
+    fn push(&mut self, piece: &str) {
+        if self.text.len() + piece.len() > self.max_bytes {
+            self.incomplete = true;
+            return;
+        }
+        self.text.push_str(piece);
+    }
+}
+
+/// What [`StreamText`] reads of an event; every other field is skipped.
+#[derive(serde::Deserialize)]
+struct TextEvent<'a> {
+    #[serde(borrow)]
+    choices: Option<Vec<TextChoice<'a>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct TextChoice<'a> {
+    #[serde(borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    delta: Option<TextDelta<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct TextDelta<'a> {
+    #[serde(borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    reasoning_content: Option<std::borrow::Cow<'a, str>>,
+    tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ToolCallDelta {
+    function: Option<FunctionDelta>,
+}
+
+#[derive(serde::Deserialize)]
+struct FunctionDelta {
+    name: Option<String>,
+    arguments: Option<String>,
 }
 
 /// An event longer than this is passed on in pieces, unread: a neuron that
@@ -234,6 +328,16 @@ impl SseScanner {
     /// (vLLM's `continuous_usage_stats`) does not start holding.
     pub fn hold_end(mut self) -> SseScanner {
         self.hold_end = true;
+        self
+    }
+
+    /// Collects the generated text of content events, up to `max_bytes`
+    /// ([`Seen::text`]), for a server whose streams carry no usage.
+    pub fn collect_text(mut self, max_bytes: usize) -> SseScanner {
+        self.seen.text = Some(StreamText {
+            max_bytes,
+            ..StreamText::default()
+        });
         self
     }
 
@@ -289,6 +393,10 @@ impl SseScanner {
         }
         if self.buffer.len() > MAX_EVENT {
             self.seen.chunks += 1;
+            if let Some(text) = &mut self.seen.text {
+                text.token_events += 1;
+                text.incomplete = true;
+            }
             self.searched = 0;
             let long = self.buffer.split();
             self.pass(&mut out).extend_from_slice(&long);
@@ -341,6 +449,9 @@ impl SseScanner {
             if self.seen.model.is_none() {
                 self.seen.model = model_of(data);
             }
+            if let Some(text) = &mut self.seen.text {
+                text.add(data);
+            }
             return true;
         }
         let Some((usage, choices_empty)) = read_event_choices(data) else {
@@ -359,6 +470,9 @@ impl SseScanner {
                 self.content_after_end();
             }
             self.seen.chunks += 1;
+            if let Some(text) = &mut self.seen.text {
+                text.add(data);
+            }
         }
         !(self.strip_usage && usage_only)
     }
@@ -617,6 +731,40 @@ impl<'de> serde::Deserialize<'de> for Skip {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn collected_text_skips_role_and_finish_events_and_stops_at_its_bound() {
+        let mut scanner = super::SseScanner::new(false).collect_text(8);
+        let events = [
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"he"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"llo"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+        ];
+        for event in events {
+            scanner.push(format!("data: {event}\n\n").as_bytes());
+        }
+        scanner.push(b"data: [DONE]\n\n");
+        let text = scanner.seen.text.clone().unwrap();
+        assert_eq!(text.text, "hello");
+        assert_eq!(
+            text.token_events, 2,
+            "role and finish events carry no tokens"
+        );
+        assert!(!text.incomplete);
+        assert_eq!(
+            scanner.seen.chunks, 4,
+            "the estimate still counts every event"
+        );
+
+        let legacy = r#"{"choices":[{"index":0,"text":" world","finish_reason":null}]}"#;
+        let call = r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{}"}}]}}]}"#;
+        scanner.push(format!("data: {legacy}\n\ndata: {call}\n\n").as_bytes());
+        let text = scanner.seen.text.unwrap();
+        assert!(text.incomplete, "past 8 bytes");
+        assert_eq!(text.token_events, 4);
+        assert_eq!(text.text, "hello{}");
+    }
+
     use super::*;
     use serde_json::json;
 

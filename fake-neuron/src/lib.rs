@@ -31,6 +31,19 @@
 //! Responses message item), or the length of pre-tokenized inputs; every generated token
 //! is the word `tok`.
 //!
+//! Server family profiles ([`FakeConfig::family`], `--family`): a fake that
+//! behaves as a family documents what the real server cannot show here.
+//! The family's [`LimitRule`] decides the completion limit, `GET /v1/models`
+//! names the family's `owned_by`, and:
+//! - `llama_cpp` (llama-cpp-python): an `x-request-id` that is not a UUID is
+//!   refused with an empty 400; streams never carry usage (`stream_options`
+//!   is ignored); `POST /extras/tokenize/count` answers `{"count": n}`, the
+//!   words of `input` plus the BOS token the server adds;
+//! - `tgi`: `GET /info` answers its router and model; a stream's last
+//!   content chunk carries usage, asked for or not;
+//! - `ollama`: `GET /api/version` answers `{"version": ...}`;
+//! - `openai`, `vllm`: a usage-only chunk when asked (as without a family).
+//!
 //! Per-request behavior headers, overriding the default [`Behavior`]: `x-fake-delay-ms`,
 //! `x-fake-chunk-delay-ms`, `x-fake-fail-status`, `x-fake-completion-tokens`,
 //! `x-fake-omit-usage` (`1`/`true`/`0`/`false`) and `x-fake-fail-after-chunks`.
@@ -84,6 +97,9 @@ pub struct FakeConfig {
     pub endpoints: HashMap<String, String>,
     /// VRAM of each simulated GPU in bytes; empty means one 24 GiB GPU.
     pub gpus: Vec<u64>,
+    /// Behave as this server family documents (see the crate docs); `None`:
+    /// the OpenAI documents, with `owned_by: "fake-neuron"`.
+    pub family: Option<LimitRule>,
 }
 
 /// How the fake neuron answers inference requests.
@@ -120,7 +136,8 @@ pub struct Behavior {
 
 /// Which body field bounds the completion, per server family, as each
 /// documents it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
 pub enum LimitRule {
     /// OpenAI: `max_completion_tokens`, else `max_tokens`.
@@ -142,6 +159,18 @@ pub enum LimitRule {
 pub const MAXIMUM_GENERATED_TOKENS: u64 = 200_000;
 
 impl LimitRule {
+    /// The `owned_by` of the family's `GET /v1/models` (TGI names the
+    /// model itself: it is detected by `GET /info`).
+    fn models_owner(self, model: &str) -> &str {
+        match self {
+            LimitRule::Openai => "system",
+            LimitRule::Vllm => "vllm",
+            LimitRule::LlamaCpp => "me",
+            LimitRule::Ollama => "library",
+            LimitRule::Tgi => model,
+        }
+    }
+
     /// The completion limit the family reads from `body`: `None` when it
     /// finds none (or an unlimited one).
     fn read(self, body: &Value) -> Result<Option<u64>, RequestRejection> {
@@ -205,6 +234,7 @@ pub struct FakeNeuron {
 }
 
 struct SharedState {
+    family: Option<LimitRule>,
     served_models: Vec<String>,
     node: Mutex<node::Node>,
     neuron_id: String,
@@ -235,6 +265,7 @@ impl FakeNeuron {
         };
         FakeNeuron {
             shared: Arc::new(SharedState {
+                family: config.family,
                 node: Mutex::new(node::Node::new(&config.gpus, &served_models)),
                 served_models,
                 neuron_id: config.neuron_id,
@@ -264,6 +295,9 @@ impl FakeNeuron {
             .route("/_fake/models/{model_id}/load", post(load_handler))
             .route("/_fake/models/{model_id}/unload", post(unload_handler))
             .route("/health", get(|| async { "ok" }))
+            .route("/info", get(tgi_info_handler))
+            .route("/api/version", get(ollama_version_handler))
+            .route("/extras/tokenize/count", post(token_count_handler))
             .with_state(Arc::clone(&self.shared))
     }
 
@@ -346,6 +380,9 @@ impl SharedState {
         }
         if let Some(fail_after_chunks) = header_number::<u64>(headers, "x-fake-fail-after-chunks") {
             behavior.fail_after_chunks = Some(fail_after_chunks);
+        }
+        if let Some(family) = self.family {
+            behavior.limit_rule = family;
         }
         behavior
     }
@@ -467,6 +504,8 @@ struct InferencePlan {
     model: String,
     stream: bool,
     include_usage: bool,
+    /// TGI: usage rides on the last content chunk, asked for or not.
+    usage_in_last_chunk: bool,
     omit_usage: bool,
     choice_count: u64,
     tokens_per_choice: u64,
@@ -634,11 +673,18 @@ fn plan_inference(
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    // llama-cpp-python ignores stream_options; TGI reports usage anyway.
+    let (include_usage, usage_in_last_chunk) = match shared.family {
+        Some(LimitRule::LlamaCpp) => (false, false),
+        Some(LimitRule::Tgi) => (false, true),
+        _ => (include_usage, false),
+    };
     Ok(InferencePlan {
         kind,
         model: model.to_string(),
         stream,
         include_usage,
+        usage_in_last_chunk,
         omit_usage: behavior.omit_usage,
         choice_count,
         tokens_per_choice,
@@ -727,6 +773,10 @@ async fn handle_inference(
         Err(_) => Value::String(String::from_utf8_lossy(&raw_body).into_owned()),
     };
     shared.record_request(path, recorded_body, &headers);
+    if shared.family == Some(LimitRule::LlamaCpp) && !request_id_is_uuid(&headers) {
+        // llama-cpp-python's request-id middleware: an empty 400.
+        return StatusCode::BAD_REQUEST.into_response();
+    }
     let behavior = shared.effective_behavior(&headers);
     tracing::debug!(path, ?behavior, "inference request");
 
@@ -883,7 +933,12 @@ fn stream_events(plan: &InferencePlan, response_id: &str, created: u64) -> Vec<B
         let piece = if is_last_token { "tok" } else { "tok " };
         let finish_reason = is_last_token.then_some(plan.finish_reason);
         for index in 0..plan.choice_count {
-            chunks.push(chunk(vec![choice(index, piece, finish_reason)]));
+            let mut event = chunk(vec![choice(index, piece, finish_reason)]);
+            let last = is_last_token && index + 1 == plan.choice_count;
+            if last && plan.usage_in_last_chunk && !plan.omit_usage {
+                event["usage"] = plan.usage();
+            }
+            chunks.push(event);
         }
     }
     if plan.include_usage && !plan.omit_usage {
@@ -1509,11 +1564,69 @@ fn record_cancellation(shared: &SharedState) {
     tracing::debug!("stream cancelled by client");
 }
 
+/// Whether `x-request-id` is absent or a UUID as Python's `uuid.UUID`
+/// reads one (32 hexadecimal digits; hyphens, braces and a `urn:uuid:`
+/// prefix aside).
+fn request_id_is_uuid(headers: &HeaderMap) -> bool {
+    let Some(id) = headers.get("x-request-id") else {
+        return true;
+    };
+    let Ok(id) = id.to_str() else {
+        return false;
+    };
+    let id = id.strip_prefix("urn:uuid:").unwrap_or(id);
+    let id = id.trim_start_matches('{').trim_end_matches('}');
+    let digits: Vec<char> = id.chars().filter(|c| *c != '-').collect();
+    digits.len() == 32 && digits.iter().all(char::is_ascii_hexdigit)
+}
+
+/// TGI's `GET /info`.
+async fn tgi_info_handler(State(shared): State<Arc<SharedState>>) -> Response {
+    if shared.family != Some(LimitRule::Tgi) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let model = shared.served_models.first().cloned().unwrap_or_default();
+    axum::Json(json!({"model_id": model, "router": "text-generation-router", "version": "3.0.0"}))
+        .into_response()
+}
+
+/// Ollama's `GET /api/version`.
+async fn ollama_version_handler(State(shared): State<Arc<SharedState>>) -> Response {
+    if shared.family != Some(LimitRule::Ollama) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    axum::Json(json!({"version": "0.5.7"})).into_response()
+}
+
+/// llama-cpp-python's `POST /extras/tokenize/count`: the words of `input`
+/// (the fake's tokens) and the BOS token its tokenizer adds.
+async fn token_count_handler(State(shared): State<Arc<SharedState>>, raw_body: Bytes) -> Response {
+    if shared.family != Some(LimitRule::LlamaCpp) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let Some(input) = serde_json::from_slice::<Value>(&raw_body)
+        .ok()
+        .and_then(|body| body.get("input")?.as_str().map(count_words))
+    else {
+        return openai_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "`input` must be a string",
+            None,
+        );
+    };
+    axum::Json(json!({"count": input + 1})).into_response()
+}
+
 async fn list_models_handler(State(shared): State<Arc<SharedState>>) -> Response {
     let loaded = lock_ignoring_poison(&shared.node).loaded();
     let models: Vec<Value> = loaded
         .iter()
-        .map(|model| json!({"id": model, "object": "model", "created": 0, "owned_by": "fake-neuron"}))
+        .map(|model| {
+            let owner = shared
+                .family
+                .map_or("fake-neuron", |f| f.models_owner(model));
+            json!({"id": model, "object": "model", "created": 0, "owned_by": owner})
+        })
         .collect();
     axum::Json(json!({"object": "list", "data": models})).into_response()
 }

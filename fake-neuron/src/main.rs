@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 
-use allot_fake_neuron::{FakeConfig, FakeNeuron};
+use allot_fake_neuron::{FakeConfig, FakeNeuron, LimitRule};
 use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -33,6 +33,10 @@ struct CommandLine {
     /// VRAM of a simulated GPU in bytes; repeat for several (default: one of 24 GiB).
     #[arg(long = "gpu-vram", value_name = "BYTES")]
     gpus: Vec<u64>,
+    /// Behave as this server family documents: openai, vllm, llama_cpp,
+    /// ollama or tgi (default: the OpenAI documents, owned_by fake-neuron).
+    #[arg(long, env = "ALLOT_FAKE_NEURON_FAMILY")]
+    family: Option<LimitRule>,
 }
 
 fn parse_endpoint(text: &str) -> Result<(String, String), String> {
@@ -64,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
         neuron_id: command_line.neuron_id,
         endpoints: command_line.endpoints.into_iter().collect(),
         gpus: command_line.gpus,
+        family: command_line.family,
     });
 
     // Flushed at once: a piped stdout is block-buffered and scripts would never see it.

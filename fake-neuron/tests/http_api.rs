@@ -1255,3 +1255,72 @@ async fn a_background_response_is_queued_without_usage() {
     assert_eq!(answer["status"], "queued");
     assert!(answer.get("usage").is_none(), "{answer}");
 }
+
+fn with_family(family: LimitRule) -> FakeConfig {
+    FakeConfig {
+        family: Some(family),
+        ..test_config()
+    }
+}
+
+#[tokio::test]
+async fn the_llama_cpp_profile_refuses_other_ids_streams_no_usage_and_counts_tokens() {
+    let running = start_neuron_with(with_family(LimitRule::LlamaCpp)).await;
+    let models = body_json(running.get("/v1/models").await).await;
+    assert_eq!(models["data"][0]["owned_by"], "me");
+    let chat = json!({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3, "stream": true, "stream_options": {"include_usage": true}});
+    let refused = running
+        .post_json(
+            "/v1/chat/completions",
+            chat.clone(),
+            &[("x-request-id", "my-id")],
+        )
+        .await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(body_text(refused).await, "", "an empty 400");
+    let uuid = [("x-request-id", "0b7e4a52-3c3d-4f0e-9a4b-6c1d2e3f4a5b")];
+    let streamed = running.post_json("/v1/chat/completions", chat, &uuid).await;
+    assert_eq!(streamed.status(), StatusCode::OK);
+    let chunks = sse_chunks(&sse_payloads(&body_text(streamed).await));
+    assert!(
+        chunks.iter().all(|c| c.get("usage").is_none()),
+        "stream_options is ignored: {chunks:?}"
+    );
+    let counted = running
+        .post_json(
+            "/extras/tokenize/count",
+            json!({"input": "tok tok tok"}),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        body_json(counted).await,
+        json!({"count": 4}),
+        "BOS included"
+    );
+}
+
+#[tokio::test]
+async fn the_tgi_and_ollama_profiles_say_who_they_are_and_tgi_streams_carry_usage() {
+    let tgi = start_neuron_with(with_family(LimitRule::Tgi)).await;
+    let info = body_json(tgi.get("/info").await).await;
+    assert_eq!(info["router"], "text-generation-router");
+    let chat = json!({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3, "stream": true});
+    let chunks = sse_chunks(&sse_payloads(
+        &body_text(tgi.post_json("/v1/chat/completions", chat, &[]).await).await,
+    ));
+    let last = chunks.last().expect("chunks");
+    assert_eq!(last["usage"]["completion_tokens"], 3, "{last}");
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        tgi.get("/api/version").await.status(),
+        StatusCode::NOT_FOUND
+    );
+
+    let ollama = start_neuron_with(with_family(LimitRule::Ollama)).await;
+    let version = body_json(ollama.get("/api/version").await).await;
+    assert!(version["version"].is_string());
+    assert_eq!(ollama.get("/info").await.status(), StatusCode::NOT_FOUND);
+}

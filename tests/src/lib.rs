@@ -179,12 +179,19 @@ pub async fn start_neuron(
     neuron_id: &str,
     endpoints: std::collections::HashMap<String, String>,
 ) -> (FakeNeuron, String) {
-    let neuron = FakeNeuron::new(FakeConfig {
+    start_neuron_with(FakeConfig {
         models: models.iter().map(|m| m.to_string()).collect(),
         neuron_id: neuron_id.into(),
         endpoints,
         ..Default::default()
-    });
+    })
+    .await
+}
+
+/// A fake neuron of `config` on a free loopback port, until the test ends;
+/// its base URL.
+pub async fn start_neuron_with(config: FakeConfig) -> (FakeNeuron, String) {
+    let neuron = FakeNeuron::new(config);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(neuron.clone().serve(listener, std::future::pending()));
@@ -700,4 +707,51 @@ pub async fn raw_session(
     // The sender lives as long as the session: it closes with the stream.
     tokio::spawn(async move { tx.closed().await });
     Ok(inbound)
+}
+
+/// The `x-request-id` the agent answered with.
+pub fn request_id_of(response: &reqwest::Response) -> String {
+    response.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_string()
+}
+
+/// The data of every SSE event of `text` but `[DONE]`.
+pub fn sse_events(text: &str) -> Vec<serde_json::Value> {
+    text.split("\n\n")
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| serde_json::from_str(data).expect("each event is JSON"))
+        .collect()
+}
+
+/// Every usage record of `key_id` settled so far.
+pub async fn usage_records(stack: &Stack, key_id: &str) -> Vec<pb::UsageRecord> {
+    stack
+        .list_usage(pb::UsageFilter {
+            key_id: key_id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list usage")
+        .into_iter()
+        .filter_map(|row| row.record)
+        .collect()
+}
+
+/// The usage record of the request `request_id` of `key_id`, once settled.
+pub async fn record_of(stack: &Stack, key_id: &str, request_id: &str) -> pb::UsageRecord {
+    let find = |records: Vec<pb::UsageRecord>| {
+        records
+            .into_iter()
+            .find(|record| record.request_id == request_id)
+    };
+    wait_until(
+        &format!("request {request_id} to settle"),
+        Duration::from_secs(30),
+        || async { find(usage_records(stack, key_id).await).is_some() },
+    )
+    .await;
+    find(usage_records(stack, key_id).await).expect("settled records stay")
 }

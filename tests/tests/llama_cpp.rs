@@ -7,15 +7,19 @@
 //!
 //! What this server does that the fake neuron does not (the findings the
 //! tests pin down):
-//! - its streams never carry usage: it ignores `stream_options`, so every
-//!   streamed request settles at the agent's estimate (SPEC Settlement 2):
-//!   the reservation's prompt bound plus one token per content event
-//!   forwarded, never more than the completion bound, marked
-//!   `usage_estimated`;
+//! - `GET /v1/models` names it (`owned_by: "me"`): the agent's
+//!   `upstream_family = "auto"` detects `llama.cpp` (docs/server-families.md);
+//! - its streams never carry usage: it ignores `stream_options`, so the
+//!   agent counts a finished stream's text with the server's own tokenizer
+//!   (`/extras/tokenize/count`), and a legacy completion's prompt with it;
+//!   a chat prompt, rendered by a template the agent does not know, stays
+//!   at the reservation's bound. Still marked `usage_estimated` (SPEC
+//!   Settlement 2), never more than the completion bound;
 //! - legacy completions take at most one prompt: an array of two is
 //!   answered 500 and costs nothing (SPEC Settlement 3);
 //! - it refuses any request whose `x-request-id` is not a UUID (an empty
-//!   400), so the agent's own ids are UUIDs;
+//!   400), so the agent's own ids are UUIDs, and a client's other id is
+//!   sent as a new UUID (the client's stays in its record and response);
 //! - `max_tokens: 0` (or negative) means "no limit" to it, so the agent
 //!   refuses a completion limit of 0 before dispatch;
 //! - its chat template adds no BOS, 10 tokens per request and 7 to 13 per
@@ -30,12 +34,26 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-/// A stack whose agent's neuron is `server`.
+/// A stack whose agent's neuron is `server`, once the agent has detected
+/// its family (`upstream_family = "auto"`, the default).
 async fn stack_on(server: &LlamaServer) -> Stack {
     let mut stack = Stack::start().await;
     stack.agent_config.neuron_url = server.url.clone();
     stack.agent.take().expect("agent").stop().await;
     stack.restart_agent().await;
+    let readyz = format!("{}/readyz", stack.agent_url());
+    wait_until(
+        "the agent to detect llama.cpp",
+        Duration::from_secs(30),
+        || async {
+            let response = stack.http.get(&readyz).send().await.expect("readyz");
+            response
+                .headers()
+                .get("x-allot-upstream-family")
+                .is_some_and(|family| family == "llama.cpp")
+        },
+    )
+    .await;
     stack
 }
 
@@ -48,52 +66,6 @@ async fn post(stack: &Stack, secret: &str, path: &str, body: &Value) -> reqwest:
         .send()
         .await
         .expect("the agent answers")
-}
-
-fn request_id(response: &reqwest::Response) -> String {
-    response.headers()["x-request-id"]
-        .to_str()
-        .expect("ascii")
-        .to_string()
-}
-
-/// The data of every SSE event but `[DONE]`.
-fn events(text: &str) -> Vec<Value> {
-    text.split("\n\n")
-        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
-        .filter(|data| *data != "[DONE]")
-        .map(|data| serde_json::from_str(data).expect("each event is JSON"))
-        .collect()
-}
-
-/// Every usage record of `key_id` settled so far.
-async fn records(stack: &Stack, key_id: &str) -> Vec<pb::UsageRecord> {
-    stack
-        .list_usage(pb::UsageFilter {
-            key_id: key_id.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list usage")
-        .into_iter()
-        .filter_map(|row| row.record)
-        .collect()
-}
-
-/// The settled usage record of the request `request_id`, once settled.
-async fn record_of(stack: &Stack, key_id: &str, request_id: &str) -> pb::UsageRecord {
-    let find = |records: Vec<pb::UsageRecord>| {
-        records
-            .into_iter()
-            .find(|record| record.request_id == request_id)
-    };
-    wait_until(
-        &format!("request {request_id} to settle"),
-        Duration::from_secs(30),
-        || async { find(records(stack, key_id).await).is_some() },
-    )
-    .await;
-    find(records(stack, key_id).await).expect("settled records stay")
 }
 
 fn reserved_tokens(record: &pb::UsageRecord) -> u64 {
@@ -158,7 +130,8 @@ async fn key(stack: &Stack, tokens: &str) -> (String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_the_estimate() {
+async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_its_tokenizers_count(
+) {
     let server = LlamaServer::start().await;
     let stack = stack_on(&server).await;
     let (key_id, secret) = key(&stack, "1000000").await;
@@ -167,7 +140,7 @@ async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_
     let body = chat("hello there friend", 7);
     let response = post(&stack, &secret, "/v1/chat/completions", &body).await;
     let status = response.status();
-    let id = request_id(&response);
+    let id = request_id_of(&response);
     let text = response.text().await.unwrap();
     assert_eq!(status, 200, "{text}\n{}", server.log());
     let answer: Value = serde_json::from_str(&text).unwrap();
@@ -205,11 +178,12 @@ async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_
     };
     assert!(uuid(&id), "{id}");
 
-    // A client's own id goes to the server as it is: a UUID is served, any
-    // other id is refused by the server (an empty 400) and costs nothing.
+    // A client's own id: a UUID goes to the server as it is; any other the
+    // server would refuse (an empty 400), so the agent sends a UUID of its
+    // own in its place and keeps the client's for the record.
     for (client_id, status) in [
         ("0b7e4a52-3c3d-4f0e-9a4b-6c1d2e3f4a5b", 200),
-        ("my-trace-1", 400),
+        ("my-trace-1", 200),
     ] {
         let response = stack
             .http
@@ -230,10 +204,10 @@ async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_
     }
 
     // Streamed, without and with stream_options: the server sends no
-    // usage either way (it ignores stream_options), so the agent settles
-    // its estimate: the prompt bound and one token per content event
-    // forwarded (the role and finish events count too), at most the
-    // completion bound.
+    // usage either way (it ignores stream_options), so the agent counts
+    // the streamed text with the server's tokenizer (never below the
+    // content events, at most the completion bound); the chat prompt
+    // stays at its bound.
     for include_usage in [None, Some(true)] {
         let mut body = chat("hello there friend", 7);
         body["stream"] = json!(true);
@@ -242,9 +216,9 @@ async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_
         }
         let response = post(&stack, &secret, "/v1/chat/completions", &body).await;
         assert_eq!(response.status(), 200);
-        let id = request_id(&response);
+        let id = request_id_of(&response);
         let text = response.text().await.unwrap();
-        let events = events(&text);
+        let events = sse_events(&text);
         let content = events
             .iter()
             .filter(|e| {
@@ -260,10 +234,18 @@ async fn chat_completions_plain_are_charged_what_the_server_reports_and_streams_
                 .all(|e| e.get("usage").is_none_or(Value::is_null)),
             "the server sent usage after all; the estimate is no longer needed: {text}"
         );
+        let streamed: String = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        let counted = (server.tokenize(&streamed).await.len() as u64).max(content);
         let record = record_of(&stack, &key_id, &id).await;
         let bound = prompt_bound(Operation::ChatCompletions, &body);
         assert!(record.usage_estimated, "{record:?}");
-        assert_eq!((record.prompt_tokens, record.completion_tokens), (bound, 7));
+        assert_eq!(
+            (record.prompt_tokens, record.completion_tokens),
+            (bound, counted.min(7))
+        );
         assert!(bound > prompt, "the estimate overcharges the prompt");
         expected += bound + 7;
         wait_spent(&stack, &key_id, expected).await;
@@ -287,7 +269,7 @@ async fn legacy_completions_are_charged_the_servers_count_and_prompt_arrays_it_r
         let body = json!({"model": LLAMA_MODEL, "prompt": prompt, "max_tokens": 5});
         let response = post(&stack, &secret, "/v1/completions", &body).await;
         assert_eq!(response.status(), 200);
-        let id = request_id(&response);
+        let id = request_id_of(&response);
         let answer: Value = response.json().await.unwrap();
         let usage = &answer["usage"];
         let counted = server.tokenize("say hi to 42 friends").await.len() as u64;
@@ -307,14 +289,16 @@ async fn legacy_completions_are_charged_the_servers_count_and_prompt_arrays_it_r
         wait_spent(&stack, &key_id, expected).await;
     }
 
-    // Streamed: no usage from the server, the estimate is charged.
+    // Streamed: no usage from the server; the agent has the server's
+    // tokenizer count the prompt (as the server counts it, BOS included)
+    // and the text, instead of charging the prompt bound.
     let body = json!({"model": LLAMA_MODEL, "prompt": "say hi", "max_tokens": 5,
         "stream": true, "stream_options": {"include_usage": true}});
     let response = post(&stack, &secret, "/v1/completions", &body).await;
     assert_eq!(response.status(), 200);
-    let id = request_id(&response);
+    let id = request_id_of(&response);
     let text = response.text().await.unwrap();
-    let pieces = events(&text)
+    let pieces = sse_events(&text)
         .iter()
         .filter(|e| {
             e["choices"][0]["text"]
@@ -325,9 +309,14 @@ async fn legacy_completions_are_charged_the_servers_count_and_prompt_arrays_it_r
     assert_eq!(pieces, 5, "{text}");
     let record = record_of(&stack, &key_id, &id).await;
     let bound = prompt_bound(Operation::Completions, &body);
+    let counted = server.tokenize("say hi").await.len() as u64;
     assert!(record.usage_estimated);
-    assert_eq!((record.prompt_tokens, record.completion_tokens), (bound, 5));
-    expected += bound + 5;
+    assert_eq!(
+        (record.prompt_tokens, record.completion_tokens),
+        (counted, 5)
+    );
+    assert!(counted < bound, "the bound it is no longer charged");
+    expected += counted + 5;
     wait_spent(&stack, &key_id, expected).await;
 
     // Two prompts: the server refuses them (500) before any output, and
@@ -339,7 +328,7 @@ async fn legacy_completions_are_charged_the_servers_count_and_prompt_arrays_it_r
         "llama-cpp-python takes one prompt: {}",
         response.status()
     );
-    let id = request_id(&response);
+    let id = request_id_of(&response);
     let record = record_of(&stack, &key_id, &id).await;
     assert!(!record.charged, "{record:?}");
     assert_eq!(spent(&stack, &key_id).await, expected);
@@ -354,7 +343,7 @@ async fn embeddings_are_charged_the_tokens_the_server_counts() {
     let body = json!({"model": LLAMA_EMBED_MODEL, "input": inputs});
     let response = post(&stack, &secret, "/v1/embeddings", &body).await;
     assert_eq!(response.status(), 200);
-    let id = request_id(&response);
+    let id = request_id_of(&response);
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["data"].as_array().unwrap().len(), 3);
     let mut counted = 0;
@@ -389,14 +378,14 @@ async fn a_client_that_leaves_mid_stream_pays_the_prompt_bound_and_what_was_forw
     body["stream"] = json!(true);
     let response = post(&stack, &secret, "/v1/chat/completions", &body).await;
     assert_eq!(response.status(), 200);
-    let id = request_id(&response);
+    let id = request_id_of(&response);
     let mut stream = response.bytes_stream();
     let mut delivered = 0;
     let mut buffer = String::new();
     while delivered < 5 {
         let chunk = stream.next().await.expect("more").expect("bytes");
         buffer.push_str(&String::from_utf8_lossy(&chunk));
-        delivered = events(buffer.rsplit_once("\n\n").map_or("", |(whole, _)| whole))
+        delivered = sse_events(buffer.rsplit_once("\n\n").map_or("", |(whole, _)| whole))
             .iter()
             .filter(|e| {
                 e["choices"][0]["delta"]["content"]
@@ -465,7 +454,7 @@ async fn max_tokens_absent_present_and_over_the_budget_stop_where_the_agent_said
         "messages": [{"role": "user", "content": "go on"}]});
     let response = post(&stack, &small_secret, "/v1/chat/completions", &body).await;
     assert_eq!(response.status(), 200);
-    let id = request_id(&response);
+    let id = request_id_of(&response);
     let answer: Value = response.json().await.unwrap();
     let completion = answer["usage"]["completion_tokens"].as_u64().unwrap();
     let record = record_of(&stack, &small_id, &id).await;
@@ -580,10 +569,10 @@ async fn the_openai_python_client_reaches_the_real_server_through_the_agent() {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     wait_until("every step to settle", Duration::from_secs(30), || async {
-        records(&stack, &key_id).await.len() == steps.len()
+        usage_records(&stack, &key_id).await.len() == steps.len()
     })
     .await;
-    let rows = records(&stack, &key_id).await;
+    let rows = usage_records(&stack, &key_id).await;
     for step in &steps {
         let Some(usage) = step.get("usage").filter(|u| !u.is_null()) else {
             continue;

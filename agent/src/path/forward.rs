@@ -10,6 +10,7 @@ use super::settle::Settlement;
 use super::{TRACEPARENT, TRACESTATE, X_REQUEST_ID};
 use crate::api_error::ApiError;
 use crate::config::AgentConfig;
+use crate::family::Family;
 use crate::Neuron;
 use allot::reservation::{self, Operation, RequestFacts};
 use axum::body::Body;
@@ -25,14 +26,21 @@ use tracing::Instrument;
 /// chunk of a stream) written in.
 pub fn bounded_body(
     operation: Operation,
+    family: Family,
     mut body: Map<String, Value>,
     original: Bytes,
     facts: &RequestFacts,
     completion: u64,
 ) -> Bytes {
     // Change the body only where it must change: the bound reserved goes
-    // into every completion-limit field a server may honour.
-    let mut changed = reservation::write_completion_bound(operation, &mut body, completion);
+    // into every completion-limit field a server may honour, and into the
+    // one the family documents.
+    let mut changed = reservation::write_completion_bound_as(
+        operation,
+        &mut body,
+        completion,
+        family.completion_field(operation),
+    );
     if facts.stream && operation.usage_chunk_on_request() && !facts.client_wants_usage {
         let options = body
             .entry("stream_options")
@@ -104,6 +112,7 @@ pub async fn send(
         Ok(Err(e)) => {
             settlement.release(502);
             neuron.upstreams.invalidate(model);
+            neuron.upstreams.unreachable();
             Err(ApiError::bad_gateway(format!(
                 "the neuron is unreachable: {e}"
             )))
@@ -178,6 +187,7 @@ mod tests {
         let (body, facts) = parsed(text);
         let sent = bounded_body(
             Operation::ChatCompletions,
+            Family::Unknown,
             body,
             Bytes::from(text),
             &facts,
@@ -190,12 +200,36 @@ mod tests {
     }
 
     #[test]
+    fn openai_chat_always_gets_max_completion_tokens_and_others_max_tokens() {
+        let text = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        for (family, written, absent) in [
+            (Family::Openai, "max_completion_tokens", "max_tokens"),
+            (Family::Vllm, "max_tokens", "max_completion_tokens"),
+            (Family::LlamaCpp, "max_tokens", "max_completion_tokens"),
+        ] {
+            let (body, facts) = parsed(text);
+            let sent = bounded_body(
+                Operation::ChatCompletions,
+                family,
+                body,
+                Bytes::from(text),
+                &facts,
+                21,
+            );
+            let sent: Value = serde_json::from_slice(&sent).unwrap();
+            assert_eq!(sent[written], 21, "{family:?}: {sent}");
+            assert!(sent.get(absent).is_none(), "{family:?}: {sent}");
+        }
+    }
+
+    #[test]
     fn a_body_that_needs_no_change_is_sent_as_it_came() {
         let text = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
         let (body, facts) = parsed(text);
         let original = Bytes::from(text);
         let sent = bounded_body(
             Operation::ChatCompletions,
+            Family::Unknown,
             body,
             original.clone(),
             &facts,

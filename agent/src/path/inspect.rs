@@ -6,6 +6,7 @@
 //! headers its usage record keeps. Every wire value is checked here; a bad
 //! one is refused naming its field or header, never cut and served.
 
+use super::record::non_empty;
 use super::refuse::Refusal;
 use super::{X_ALLOT_BATCH_CREATED_AT, X_ALLOT_BATCH_ID, X_ALLOT_COMPLETION_WINDOW};
 use crate::api_error::ApiError;
@@ -50,10 +51,6 @@ impl Inspected {
             self.priced_at,
         )
     }
-}
-
-pub(crate) fn non_empty(s: &str) -> Option<&str> {
-    (!s.is_empty()).then_some(s)
 }
 
 /// Reads and checks the request; a refusal names the model once it is

@@ -75,15 +75,66 @@ where
     Ok(response)
 }
 
-/// How a stream is relayed: what to strip, when to cut.
+/// How a stream is relayed: what to strip, when to cut, how to count.
 pub struct StreamLimits {
     /// Strip the usage event: the agent asked for it, not the client.
     pub strip_usage: bool,
+    /// How a stream that ends without usage is counted by its server's
+    /// tokenizer (families whose streams carry none); `None`: it is
+    /// charged the estimate.
+    pub count: Option<TokenCount>,
     /// Choices the request asked for.
     pub choices: u64,
     pub idle_timeout: Duration,
     /// When the whole request must be done (`request_timeout_ms`).
     pub deadline: Instant,
+}
+
+/// Where and what of a stream without usage the server counts.
+pub struct TokenCount {
+    /// The upstream's base URL.
+    pub url: std::sync::Arc<str>,
+    /// The prompt of a legacy completion of one prompt, counted with it.
+    pub prompt: Option<String>,
+}
+
+impl TokenCount {
+    /// How a request of `operation` with `body` is counted when its stream
+    /// reports no usage; `None` when it cannot be: a request with `stop`
+    /// sequences (the server drops the text that matched them, so the
+    /// streamed text undercounts what was generated) is charged the
+    /// estimate.
+    pub fn of(
+        url: &std::sync::Arc<str>,
+        operation: allot::reservation::Operation,
+        body: &serde_json::Map<String, serde_json::Value>,
+    ) -> Option<TokenCount> {
+        use serde_json::Value;
+        if !operation.usage_chunk_on_request() {
+            return None;
+        }
+        match body.get("stop") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(stops)) if stops.is_empty() => {}
+            Some(_) => return None,
+        }
+        let prompt = match (operation, body.get("prompt")) {
+            (allot::reservation::Operation::Completions, Some(Value::String(prompt))) => {
+                Some(prompt.clone())
+            }
+            (allot::reservation::Operation::Completions, Some(Value::Array(prompts))) => {
+                match prompts.as_slice() {
+                    [Value::String(prompt)] => Some(prompt.clone()),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        Some(TokenCount {
+            url: url.clone(),
+            prompt,
+        })
+    }
 }
 
 /// The response relaying the neuron's SSE stream, metered.
@@ -106,6 +157,10 @@ where
 
 /// A record's way to the disk ([`crate::spool::Durability::wait`]).
 type DurableWait = Pin<Box<dyn Future<Output = Result<(), crate::spool::NotDurable>> + Send>>;
+/// The server's count of a stream's text ([`crate::upstream::count_tokens`]).
+type CountWait = Pin<
+    Box<dyn Future<Output = Result<crate::upstream::Counted, crate::upstream::AskError>> + Send>,
+>;
 
 /// Relays an SSE stream chunk by chunk, reading the usage chunk and
 /// stripping it for clients that did not ask for it, and settles when the
@@ -119,6 +174,10 @@ pub struct SseRelay<B> {
     scanner: SseScanner,
     settlement: Settlement,
     done: bool,
+    /// How a stream that ends without usage is counted.
+    count: Option<TokenCount>,
+    /// Set when it ended so: the count, before the request settles...
+    counting: Option<CountWait>,
     /// Set once settled: the record's way to the disk...
     durable: Option<DurableWait>,
     /// ...and the end of the stream, released when it gets there.
@@ -153,9 +212,16 @@ impl<B> SseRelay<B> {
         SseRelay {
             cut_after: stream_event_bound(settlement.completion_bound, limits.choices),
             upstream,
-            scanner: SseScanner::new(limits.strip_usage).hold_end(),
+            scanner: match limits.count {
+                Some(_) => SseScanner::new(limits.strip_usage)
+                    .hold_end()
+                    .collect_text(crate::upstream::MAX_COUNTED_TEXT),
+                None => SseScanner::new(limits.strip_usage).hold_end(),
+            },
             settlement,
             done: false,
+            count: limits.count,
+            counting: None,
             durable: None,
             tail: Bytes::new(),
             idle_timeout: limits.idle_timeout,
@@ -168,7 +234,64 @@ impl<B> SseRelay<B> {
     /// stream) until the record is durable.
     fn settle_and_hold(&mut self, tail: Bytes) {
         let reported = self.relay_seen();
+        if reported.is_none() {
+            if let Some(counting) = self.count_text() {
+                // Settled once the server counted the text (or could not).
+                self.tail = tail;
+                self.counting = Some(counting);
+                return;
+            }
+        }
         self.settle_then_end(reported, tail);
+    }
+
+    /// Asks the server to count a stream's whole text, when it ended
+    /// without usage and its family has a tokenizer to ask.
+    fn count_text(&mut self) -> Option<CountWait> {
+        let count = self.count.take()?;
+        let text = self.scanner.seen.text.as_mut()?;
+        if text.incomplete {
+            return None;
+        }
+        let text = std::mem::take(&mut text.text);
+        let state = &self.settlement.state;
+        Some(Box::pin(crate::upstream::count_stream(
+            state.neuron.client.clone(),
+            count.url,
+            self.settlement.template.model.clone(),
+            count.prompt,
+            text,
+        )))
+    }
+
+    /// Settles at the server's count of the text (never below the events
+    /// that carried it), or at the estimate when it could not count.
+    fn settle_counted(
+        &mut self,
+        counted: Result<crate::upstream::Counted, crate::upstream::AskError>,
+    ) {
+        let token_events = self
+            .scanner
+            .seen
+            .text
+            .as_ref()
+            .map_or(0, |text| text.token_events);
+        match counted {
+            Ok(counted) => {
+                metrics::counter!("allot_agent_streams_counted_total", "outcome" => "counted")
+                    .increment(1);
+                self.settlement.chunks =
+                    crate::family::counted_completion(counted.completion, token_events);
+                self.settlement.prompt_counted = counted.prompt;
+            }
+            Err(error) => {
+                metrics::counter!("allot_agent_streams_counted_total", "outcome" => "estimated")
+                    .increment(1);
+                tracing::warn!(%error, "the server did not count a stream's tokens; it is charged the estimate");
+            }
+        }
+        let tail = std::mem::take(&mut self.tail);
+        self.settle_then_end(None, tail);
     }
 
     /// Settles with `reported` and holds `tail`, the stream's last bytes
@@ -187,6 +310,11 @@ impl<B> SseRelay<B> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        if let Some(counting) = self.counting.as_mut() {
+            let counted = std::task::ready!(counting.as_mut().poll(cx));
+            self.counting = None;
+            self.settle_counted(counted);
+        }
         if let Some(durable) = self.durable.as_mut() {
             let written = std::task::ready!(durable.as_mut().poll(cx));
             self.durable = None;
@@ -355,6 +483,7 @@ mod tests {
     fn limits() -> StreamLimits {
         StreamLimits {
             strip_usage: true,
+            count: None,
             choices: 1,
             idle_timeout: Duration::from_secs(60),
             deadline: Instant::now() + Duration::from_secs(60),

@@ -33,10 +33,12 @@ pub mod forward;
 pub mod inspect;
 pub mod intake;
 pub mod meter;
+pub mod record;
 pub mod refuse;
 pub mod reserve;
 pub mod settle;
 
+use crate::family::Family;
 use crate::keys::KeyInfo;
 use crate::AgentState;
 use allot::reservation::Operation;
@@ -136,6 +138,28 @@ impl RequestId {
         let text = new_request_id();
         let header = HeaderValue::from_str(&text).expect("a generated id is visible ASCII");
         RequestId { text, header }
+    }
+}
+
+impl RequestId {
+    /// The id sent to the neuron: this one, unless the server family
+    /// refuses it (llama-cpp-python takes only UUIDs); then a new UUID,
+    /// logged beside the client's. The client's id stays in the usage
+    /// record and the response.
+    pub fn for_upstream(&self, family: Family) -> std::borrow::Cow<'_, HeaderValue> {
+        if family.accepts_request_id(self.header.as_bytes()) {
+            return std::borrow::Cow::Borrowed(&self.header);
+        }
+        let sent = new_request_id();
+        tracing::debug!(
+            request_id = self.text,
+            upstream_request_id = sent,
+            family = family.name(),
+            "the client's request id is not one the server takes: a UUID is sent instead"
+        );
+        std::borrow::Cow::Owned(
+            HeaderValue::from_str(&sent).expect("a generated id is visible ASCII"),
+        )
     }
 }
 
@@ -266,5 +290,29 @@ mod tests {
         let long = "x".repeat(129);
         headers.insert(X_REQUEST_ID, HeaderValue::from_str(&long).unwrap());
         assert_ne!(RequestId::of(&headers).text, long);
+    }
+
+    #[test]
+    fn llama_cpp_gets_a_uuid_in_place_of_a_client_id_it_would_refuse() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("my-trace-1"));
+        let id = RequestId::of(&headers);
+        assert_eq!(
+            id.text, "my-trace-1",
+            "kept for the record and the response"
+        );
+        let sent = id.for_upstream(Family::LlamaCpp);
+        assert!(
+            crate::family::is_canonical_uuid(sent.as_bytes()),
+            "{sent:?}"
+        );
+        assert_eq!(*id.for_upstream(Family::Vllm), "my-trace-1");
+        let uuid = "0b7e4a52-3c3d-4f0e-9a4b-6c1d2e3f4a5b";
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static(uuid));
+        let id = RequestId::of(&headers);
+        assert!(matches!(
+            id.for_upstream(Family::LlamaCpp),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }

@@ -9,7 +9,7 @@
 //! ([`crate::refusals::RefusalRecords`]); the rest are counted in
 //! `allot_agent_refusals_unrecorded_total`.
 
-use super::settle::origin;
+use super::record::origin;
 use super::{X_ALLOT_BATCH_ID, X_ALLOT_COMPLETION_WINDOW};
 use crate::api_error::ApiError;
 use crate::keys::KeyInfo;

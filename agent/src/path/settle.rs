@@ -11,7 +11,7 @@
 //! drop does: charged at the estimate once output had begun, else
 //! uncharged.
 
-use super::inspect::non_empty;
+use super::record::{non_empty, origin};
 use super::reserve::Plan;
 use super::{Admitted, RequestId, TRACEPARENT};
 use crate::allowance::Reservation;
@@ -21,7 +21,6 @@ use crate::path::concurrency::Slot;
 use crate::usage::Reported;
 use crate::AgentState;
 use allot::clock;
-use allot::key::Purpose;
 use allot::pb;
 use allot::reservation;
 use allot::tariff::TariffBook;
@@ -62,6 +61,9 @@ pub struct Settlement {
     pub(crate) first_byte: Option<Duration>,
     /// Completion chunks forwarded so far, for estimates.
     pub(crate) chunks: u64,
+    /// The prompt as the server's tokenizer counted it, for the estimate
+    /// of a stream without usage (never above the prompt bound).
+    pub(crate) prompt_counted: Option<u64>,
     pub(crate) model_served: String,
     pub(crate) status: u16,
     /// This request's place in the concurrency bounds, until the
@@ -129,6 +131,7 @@ pub fn open(
         started,
         first_byte: None,
         chunks: 0,
+        prompt_counted: None,
         model_served: String::new(),
         status: 0,
         _slot: slot,
@@ -183,7 +186,9 @@ impl Settlement {
             ),
             (None, true) => (
                 Reported {
-                    prompt: self.prompt_bound,
+                    prompt: self
+                        .prompt_counted
+                        .map_or(self.prompt_bound, |counted| counted.min(self.prompt_bound)),
                     completion: self.chunks.min(self.completion_bound),
                     reasoning: 0,
                 },
@@ -311,16 +316,6 @@ fn bounded_model(mut model: String) -> String {
     model
 }
 
-/// Where a request came from, for its usage record.
-pub(crate) fn origin(purpose: Purpose, batch_id: &str) -> pb::Origin {
-    match purpose {
-        Purpose::Batch => pb::Origin::Batch,
-        Purpose::Playground => pb::Origin::Frontend,
-        _ if !batch_id.is_empty() => pb::Origin::Batch,
-        _ => pb::Origin::Api,
-    }
-}
-
 /// The trace id of a W3C `traceparent` header, if well-formed.
 fn trace_id_of(traceparent: &str) -> String {
     let mut parts = traceparent.split('-');
@@ -378,6 +373,7 @@ pub(crate) mod tests {
             started: Instant::now(),
             first_byte: None,
             chunks: 0,
+            prompt_counted: None,
             model_served: String::new(),
             status: 200,
             _slot: state
