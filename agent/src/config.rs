@@ -3,7 +3,7 @@
 //! before any port is bound.
 
 use allot::reservation::ReservationPolicy;
-use allot::telemetry::LogFormat;
+use allot_runtime::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -2,7 +2,7 @@
 //! an `ALLOT_*` environment variable and a command-line flag. Validated
 //! before any port is bound.
 
-use allot::telemetry::LogFormat;
+use allot_runtime::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;

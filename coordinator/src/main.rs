@@ -1,7 +1,7 @@
 //! `allot-coordinator`: parses configuration, validates it before binding
 //! anything, then runs the library's server until SIGINT or SIGTERM.
 
-use allot::telemetry::{self, LogFormat};
+use allot_runtime::telemetry::{self, LogFormat};
 use allot_coordinator::config::{CoordinatorConfig, StoreKind};
 use clap::Parser;
 use std::net::SocketAddr;
@@ -353,7 +353,7 @@ async fn main() -> anyhow::Result<()> {
         telemetry::install_metrics(addr).map_err(anyhow::Error::msg)?;
     }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let result = allot_coordinator::run(config, listener, allot::signal::shutdown()).await;
+    let result = allot_coordinator::run(config, listener, allot_runtime::signal::shutdown()).await;
     telemetry.shutdown();
     result
 }

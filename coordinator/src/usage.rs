@@ -276,10 +276,10 @@ pub struct EmbeddedUsageStore {
 impl EmbeddedUsageStore {
     pub fn open(path: &Path) -> Result<EmbeddedUsageStore, String> {
         if let Some(parent) = path.parent() {
-            allot::private_files::create_dir_all(parent)
+            allot_runtime::private_files::create_dir_all(parent)
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
-        allot::private_files::create_if_missing(path)
+        allot_runtime::private_files::create_if_missing(path)
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         let db =
             Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
@@ -1087,7 +1087,7 @@ impl Spill {
     /// Opens (creating) the spill directory; batches already there, from an
     /// earlier run, are written first.
     pub fn open(dir: &Path) -> Result<Spill, String> {
-        allot::private_files::create_dir_all(dir)
+        allot_runtime::private_files::create_dir_all(dir)
             .map_err(|e| format!("usage_spill_dir: cannot create {}: {e}", dir.display()))?;
         let files = Self::batch_files(dir)
             .map_err(|e| format!("usage_spill_dir: cannot read {}: {e}", dir.display()))?
@@ -1141,7 +1141,7 @@ impl Spill {
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             use std::io::Write;
             let temporary = dir.join(format!("{name}.tmp"));
-            let mut file = allot::private_files::create(&temporary)?;
+            let mut file = allot_runtime::private_files::create(&temporary)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
             std::fs::rename(&temporary, dir.join(&name))?;
