@@ -374,8 +374,8 @@ impl AgentConfig {
     }
 
     /// The files of the agent's client TLS towards coordinators.
-    pub fn coordinator_tls(&self) -> Option<crate::tls::ClientTlsFiles> {
-        Some(crate::tls::ClientTlsFiles {
+    pub fn coordinator_tls(&self) -> Option<ClientTlsFiles> {
+        Some(ClientTlsFiles {
             ca: self.coordinator_ca.clone()?,
             cert: self.client_cert.clone()?,
             key: self.client_key.clone()?,
@@ -417,6 +417,14 @@ impl AgentConfig {
     pub fn stream_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.stream_idle_timeout_ms)
     }
+}
+
+/// The files of the agent's mutual TLS towards coordinators.
+#[derive(Debug, Clone)]
+pub struct ClientTlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// The message for configurations that still set the removed

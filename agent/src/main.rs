@@ -1,8 +1,8 @@
 //! `allot-agent`: parses configuration, validates it before binding
 //! anything, then runs the library's proxy until SIGINT or SIGTERM.
 
-use allot_runtime::telemetry::{self, LogFormat};
 use allot_agent::config::{AgentConfig, UNKNOWN_PATHS_REMOVED};
+use allot_runtime::telemetry::{self, LogFormat};
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -484,7 +484,7 @@ async fn serve(
     );
     let server_tls = match config.server_tls_files() {
         Some(files) => {
-            let tls = tls::ReloadingServerConfig::load(files).map_err(anyhow::Error::msg)?;
+            let tls = tls::ReloadingServerConfig::load(files)?;
             tasks.spawn(tls.clone().watch(config.tls_reload_poll()));
             Some(tls)
         }

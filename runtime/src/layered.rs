@@ -179,12 +179,21 @@ pub fn json<T: DeserializeOwned>(text: &str) -> Result<T, serde_json::Error> {
     serde_json::from_str(text)
 }
 
+/// Parses a flag's value as the serde name of a unit variant, for enums
+/// that TOML spells in snake case.
+pub fn variant<T: DeserializeOwned>(text: &str) -> Result<T, serde::de::value::Error> {
+    T::deserialize(serde::de::value::StrDeserializer::new(text))
+}
+
 /// The field names of a struct as serde reads them: its TOML keys.
 pub fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
     struct Fields(Option<&'static [&'static str]>);
     impl<'de> serde::Deserializer<'de> for &mut Fields {
         type Error = serde::de::value::Error;
-        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
             Err(serde::de::Error::custom("not a struct"))
         }
         fn deserialize_struct<V: serde::de::Visitor<'de>>(
@@ -233,7 +242,9 @@ mod tests {
             .collect();
         Layers::parse(
             &command,
-            std::iter::once("sample").chain(args.iter().copied()).map(OsString::from),
+            std::iter::once("sample")
+                .chain(args.iter().copied())
+                .map(OsString::from),
             &env,
             |flag| format!("SAMPLE_{}", flag.replace('-', "_").to_uppercase()),
         )
@@ -274,7 +285,10 @@ mod tests {
             }
         );
         let mut sample = Sample::default();
-        layers(&["--loud"], &[]).unwrap().apply(&mut sample).unwrap();
+        layers(&["--loud"], &[])
+            .unwrap()
+            .apply(&mut sample)
+            .unwrap();
         assert!(sample.loud);
     }
 

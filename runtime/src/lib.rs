@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod layered;
+pub mod pem;
 pub mod private_files;
 pub mod signal;
 pub mod telemetry;
