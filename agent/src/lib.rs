@@ -114,7 +114,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    config.validate().map_err(anyhow::Error::msg)?;
+    config.validate()?;
     // Unreadable TLS files stop the start, naming the field.
     if let Some(files) = config.coordinator_tls() {
         tls::coordinator_tls(&files)?;
