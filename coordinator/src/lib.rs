@@ -128,7 +128,7 @@ pub async fn run_with_store(
     let (fatal_tx, fatal) = watch::channel(None);
     tasks.spawn(async move {
         if let Err(reason) = supervise_engine(engine.run()).await {
-            fatal_tx.send_replace(Some(reason));
+            fatal_tx.send_replace(Some(reason.to_string()));
         }
     });
     let ready = watch::channel(true).1;
@@ -141,12 +141,19 @@ pub async fn run_with_store(
     served
 }
 
+/// The engine's task panicked, with this message.
+#[derive(Debug, thiserror::Error)]
+#[error("the engine panicked: {0}")]
+pub struct EnginePanicked(String);
+
 /// Runs the engine in a task of its own and waits for it: `Err` with the
 /// panic's message when it died. A panicked engine may have left the
 /// ledger half-changed, so nothing restarts it in place: the coordinator
 /// turns NOT_SERVING and exits non-zero (a supervisor restarts it, and
 /// with etcd another coordinator leads meanwhile).
-async fn supervise_engine(run: impl Future<Output = ()> + Send + 'static) -> Result<(), String> {
+async fn supervise_engine(
+    run: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), EnginePanicked> {
     struct AbortOnDrop(tokio::task::AbortHandle);
     impl Drop for AbortOnDrop {
         fn drop(&mut self) {
@@ -169,7 +176,7 @@ async fn supervise_engine(run: impl Future<Output = ()> + Send + 'static) -> Res
                 panic = message,
                 "the engine panicked; the coordinator stops serving and exits"
             );
-            Err(format!("the engine panicked: {message}"))
+            Err(EnginePanicked(message))
         }
         Err(_) => Ok(()),
     }
@@ -304,7 +311,7 @@ async fn run_etcd(
 /// outlives leadership changes: agents' reports keep it current.
 fn live_placement(config: &CoordinatorConfig) -> anyhow::Result<Arc<placement::LivePlacement>> {
     let catalog = match &config.placement_catalog {
-        Some(path) => placement::load_catalog(path).map_err(|e| anyhow::anyhow!(e))?,
+        Some(path) => placement::load_catalog(path)?,
         None => placement::Catalog::new(),
     };
     Ok(placement::LivePlacement::new(
@@ -407,7 +414,7 @@ async fn lead_when_elected(
         leadership.resign().await;
         if let Some(reason) = died {
             // Resigned first, so that another coordinator leads at once.
-            fatal.send_replace(Some(reason));
+            fatal.send_replace(Some(reason.to_string()));
             break;
         }
         if stopping {

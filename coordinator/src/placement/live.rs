@@ -45,23 +45,49 @@ struct CatalogFile {
     model: Vec<CatalogEntry>,
 }
 
-/// Reads a catalog file (TOML, `[[model]]` tables with `name`,
-/// `vram_bytes`, `load_ms` and optional `pinned`).
-pub fn load_catalog(path: &Path) -> Result<Catalog, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the catalog {}: {e}", path.display()))?;
-    parse_catalog(&text).map_err(|e| format!("catalog {}: {e}", path.display()))
+/// A model catalog that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot read the catalog {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("catalog {}: {source}", path.display())]
+    In {
+        path: std::path::PathBuf,
+        source: Box<CatalogError>,
+    },
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("a [[model]] has an empty name")]
+    EmptyName,
+    #[error("model {0} is listed twice")]
+    Twice(String),
 }
 
-pub fn parse_catalog(text: &str) -> Result<Catalog, String> {
-    let file: CatalogFile = toml::from_str(text).map_err(|e| e.to_string())?;
+/// Reads a catalog file (TOML, `[[model]]` tables with `name`,
+/// `vram_bytes`, `load_ms` and optional `pinned`).
+pub fn load_catalog(path: &Path) -> Result<Catalog, CatalogError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_catalog(&text).map_err(|source| CatalogError::In {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
+pub fn parse_catalog(text: &str) -> Result<Catalog, CatalogError> {
+    let file: CatalogFile = toml::from_str(text)?;
     let mut catalog = Catalog::new();
     for entry in file.model {
         if entry.name.is_empty() {
-            return Err("a [[model]] has an empty name".into());
+            return Err(CatalogError::EmptyName);
         }
         if catalog.id(&entry.name).is_some() {
-            return Err(format!("model {} is listed twice", entry.name));
+            return Err(CatalogError::Twice(entry.name));
         }
         let mut spec = ModelSpec::new(entry.name, entry.vram_bytes, entry.load_ms);
         spec.pinned = entry.pinned;
@@ -981,7 +1007,10 @@ mod tests {
                 .unwrap();
         assert!(catalog.get(catalog.id("a").unwrap()).unwrap().pinned);
         let twice = "[[model]]\nname = \"a\"\nvram_bytes = 1\nload_ms = 1\n".repeat(2);
-        assert!(parse_catalog(&twice).unwrap_err().contains("twice"));
+        assert!(parse_catalog(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
         let unknown =
             parse_catalog("[[model]]\nname = \"a\"\nvram_bytes = 1\nload_ms = 1\nsize = 3\n");
         assert!(unknown.unwrap_err().contains("size"));
