@@ -425,16 +425,14 @@ impl LivePlacement {
         }
     }
 
-    pub fn route(&self, model: &str, now: UnixMs) -> Result<pb::RouteDecision, Status> {
+    pub fn route(&self, model: &str, now: UnixMs) -> Result<pb::RouteDecision, PlacementError> {
         let mut inner = self.lock();
         let Some(id) = inner.catalog.id(model) else {
-            return Err(Status::not_found(format!(
-                "model: {model} is neither in the catalog nor reported by any agent"
-            )));
+            return Err(PlacementError::UnknownModel(model.to_string()));
         };
         let decision = inner
             .route(id, now)
-            .map_err(|e| route_status(&inner.catalog, &e))?;
+            .map_err(|e| PlacementError::of_route(&inner.catalog, &e))?;
         if !matches!(decision, Decision::Serve { .. }) {
             inner.wanted.insert(model.to_string(), now);
         }
@@ -893,31 +891,51 @@ impl Inner {
     }
 }
 
-fn route_status(catalog: &Catalog, error: &RouteError) -> Status {
-    let name = |model: ModelId| model_name(catalog, model);
-    match error {
-        RouteError::UnknownModel(model) => {
-            Status::not_found(format!("model: {} is not in the catalog", name(*model)))
+/// What a `Placement` call can fail with; [`crate::error`] maps it to a
+/// gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error("model: must not be empty")]
+    EmptyModel,
+    #[error("model: {0} is neither in the catalog nor reported by any agent")]
+    UnknownModel(String),
+    #[error("model: {0} is not in the catalog")]
+    NotInCatalog(String),
+    #[error("no agent reports a healthy neuron")]
+    NoHealthyNode,
+    /// `RouteError::TooLarge`, with the model's name.
+    #[error("model: {0}")]
+    TooLarge(String),
+    /// `RouteError::NoRoom`, with the model's name.
+    #[error("model: {0}")]
+    NoRoom(String),
+}
+
+impl PlacementError {
+    fn of_route(catalog: &Catalog, error: &RouteError) -> PlacementError {
+        let name = |model: ModelId| model_name(catalog, model);
+        match error {
+            RouteError::UnknownModel(model) => PlacementError::NotInCatalog(name(*model)),
+            RouteError::NoHealthyNode => PlacementError::NoHealthyNode,
+            RouteError::TooLarge {
+                model,
+                need_bytes,
+                largest_gpu_bytes,
+            } => PlacementError::TooLarge(format!(
+                "{} needs {need_bytes} bytes of vram, more than the largest healthy gpu \
+                 ({largest_gpu_bytes}); models are not split across gpus",
+                name(*model)
+            )),
+            RouteError::NoRoom {
+                model,
+                need_bytes,
+                protected,
+            } => PlacementError::NoRoom(format!(
+                "no gpu can make room for {} ({need_bytes} bytes) even after allowed \
+                 evictions; protected: {protected}",
+                name(*model)
+            )),
         }
-        RouteError::NoHealthyNode => Status::unavailable("no agent reports a healthy neuron"),
-        RouteError::TooLarge {
-            model,
-            need_bytes,
-            largest_gpu_bytes,
-        } => Status::failed_precondition(format!(
-            "model: {} needs {need_bytes} bytes of vram, more than the largest healthy gpu \
-             ({largest_gpu_bytes}); models are not split across gpus",
-            name(*model)
-        )),
-        RouteError::NoRoom {
-            model,
-            need_bytes,
-            protected,
-        } => Status::resource_exhausted(format!(
-            "model: no gpu can make room for {} ({need_bytes} bytes) even after allowed \
-             evictions; protected: {protected}",
-            name(*model)
-        )),
     }
 }
 
@@ -941,9 +959,9 @@ impl pb::placement_server::Placement for PlacementService {
     ) -> Result<Response<pb::RouteDecision>, Status> {
         let model = request.into_inner().model;
         if model.trim().is_empty() {
-            return Err(Status::invalid_argument("model: must not be empty"));
+            return Err(PlacementError::EmptyModel.into());
         }
-        self.live.route(&model, clock::now_ms()).map(Response::new)
+        Ok(Response::new(self.live.route(&model, clock::now_ms())?))
     }
 
     async fn fleet(
@@ -1013,7 +1031,7 @@ mod tests {
             .contains("twice"));
         let unknown =
             parse_catalog("[[model]]\nname = \"a\"\nvram_bytes = 1\nload_ms = 1\nsize = 3\n");
-        assert!(unknown.unwrap_err().contains("size"));
+        assert!(unknown.unwrap_err().to_string().contains("size"));
     }
 
     #[test]
@@ -1052,14 +1070,14 @@ mod tests {
         assert_eq!(cold.kind, pb::RouteKind::ColdStart as i32);
         assert_eq!(cold.expected_load_ms, 7_000);
         assert_eq!(
-            live.route("nowhere", 2_000).unwrap_err().code(),
+            Status::from(live.route("nowhere", 2_000).unwrap_err()).code(),
             tonic::Code::NotFound
         );
         let (outbox, _rx) = tokio::sync::mpsc::channel(1);
         live.attach("agent-1", outbox.clone());
         live.agent_gone("agent-1", &outbox);
         assert_eq!(
-            live.route("hot", 2_000).unwrap_err().code(),
+            Status::from(live.route("hot", 2_000).unwrap_err()).code(),
             tonic::Code::Unavailable
         );
     }
