@@ -690,4 +690,37 @@ mod tests {
             "{error}"
         );
     }
+
+    /// The row of `field` in docs/configuration.md.
+    fn documented_row(row: &layered::Reference) -> String {
+        let default = match row.default.as_str() {
+            "null" => "unset".to_string(),
+            other => format!("`{other}`"),
+        };
+        format!(
+            "| `{}` | `{}` | `{}` | {default} | {} |",
+            row.key, row.flag, row.variable, row.meaning
+        )
+    }
+
+    #[test]
+    fn the_configuration_reference_documents_every_field() {
+        let docs = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+        )
+        .unwrap();
+        let defaults = serde_json::to_value(CoordinatorConfig::default()).unwrap();
+        let rows = layered::reference::<CoordinatorConfig>(&command(), &defaults, env_name);
+        let missing: Vec<String> = rows
+            .iter()
+            .filter(|row| {
+                !docs.lines().any(|line| {
+                    line.starts_with(&format!("| `{}` | `{}` | `{}` |", row.key, row.flag, row.variable))
+                })
+            })
+            .map(documented_row)
+            .collect();
+        assert!(missing.is_empty(), "docs/configuration.md lacks:\n{}", missing.join("\n"));
+    }
+
 }

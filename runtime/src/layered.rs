@@ -185,6 +185,46 @@ pub fn variant<T: DeserializeOwned>(text: &str) -> Result<T, serde::de::value::E
     T::deserialize(serde::de::value::StrDeserializer::new(text))
 }
 
+/// One row of a configuration reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    pub key: String,
+    pub flag: String,
+    pub variable: String,
+    /// The default as JSON; `null` for unset.
+    pub default: String,
+    /// The first sentence of the flag's help.
+    pub meaning: String,
+}
+
+/// A row for every field of `T`, as `command` (flags and help), `defaults`
+/// (`T::default()` as JSON) and `env_name` describe it.
+pub fn reference<T: DeserializeOwned>(
+    command: &Command,
+    defaults: &serde_json::Value,
+    env_name: impl Fn(&str) -> String,
+) -> Vec<Reference> {
+    field_names::<T>()
+        .iter()
+        .map(|key| {
+            let flag = key.replace('_', "-");
+            let help = command
+                .get_arguments()
+                .find(|arg| arg.get_long() == Some(flag.as_str()))
+                .and_then(|arg| arg.get_help())
+                .map(|help| help.to_string())
+                .unwrap_or_default();
+            Reference {
+                key: key.to_string(),
+                variable: env_name(&flag),
+                flag: format!("--{flag}"),
+                default: defaults[*key].to_string(),
+                meaning: help.replace('\n', " "),
+            }
+        })
+        .collect()
+}
+
 /// The field names of a struct as serde reads them: its TOML keys.
 pub fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
     struct Fields(Option<&'static [&'static str]>);
