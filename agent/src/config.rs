@@ -27,8 +27,6 @@ pub enum ConfigError {
     Invalid(#[from] InvalidArgument),
     #[error("{UNKNOWN_PATHS_REMOVED}")]
     UnknownPathsRemoved,
-    #[error(transparent)]
-    Tls(#[from] allot_runtime::pem::TlsError),
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -56,7 +54,10 @@ pub fn env_name(flag: &str) -> String {
 /// The command line of `allot-agent`: `--config`, and every field of
 /// [`AgentConfig`] as a flag.
 pub fn command() -> clap::Command {
-    let command = clap::Command::new("allot-agent")
+    // Set after the derives, whose doc comments would set `about`.
+    let fields =
+        AgentConfig::augment_args(Sources::augment_args(clap::Command::new("allot-agent")));
+    layered::prepare(fields)
         .version(env!("CARGO_PKG_VERSION"))
         .about("allot agent: OpenAI-compatible admission proxy beside an inference node")
         .after_help(
@@ -64,8 +65,7 @@ pub fn command() -> clap::Command {
              ALLOT_AGENT_SOME_NAME (--agent-id: ALLOT_AGENT_ID), and every TOML key some_name \
              from both: a flag beats the variable, which beats the file, which beats the \
              default. Tables (reservation, models, upstreams) take JSON.",
-        );
-    layered::prepare(AgentConfig::augment_args(Sources::augment_args(command)))
+        )
 }
 
 /// The arguments of `command` in `args` (the program name first) and in
@@ -875,12 +875,18 @@ mod tests {
             .iter()
             .filter(|row| {
                 !docs.lines().any(|line| {
-                    line.starts_with(&format!("| `{}` | `{}` | `{}` |", row.key, row.flag, row.variable))
+                    line.starts_with(&format!(
+                        "| `{}` | `{}` | `{}` |",
+                        row.key, row.flag, row.variable
+                    ))
                 })
             })
             .map(documented_row)
             .collect();
-        assert!(missing.is_empty(), "docs/configuration.md lacks:\n{}", missing.join("\n"));
+        assert!(
+            missing.is_empty(),
+            "docs/configuration.md lacks:\n{}",
+            missing.join("\n")
+        );
     }
-
 }

@@ -17,19 +17,15 @@ async fn main() -> anyhow::Result<()> {
     let env = layered::process_environment();
     let loaded = config::parse(&config::command(), std::env::args_os(), &env)
         .map_err(ConfigError::from)
-        .and_then(|layers| config::load(&layers))
-        .and_then(|config| {
-            allot_agent::tls::check_files(&config)?;
-            Ok(config)
-        });
+        .and_then(|layers| config::load(&layers));
     let config = match loaded {
         Ok(config) => config,
         Err(ConfigError::Args(ArgsError::Flags(error))) => error.exit(),
-        Err(error) => {
-            eprintln!("allot-agent: {error}");
-            std::process::exit(2);
-        }
+        Err(error) => exit_with(&error),
     };
+    if let Err(error) = allot_agent::tls::check_files(&config) {
+        exit_with(&error);
+    }
     let telemetry = telemetry::init(config.log_format, "allot-agent");
     if let Some(addr) = config.metrics_listen {
         telemetry::install_metrics(addr)?;
@@ -38,4 +34,10 @@ async fn main() -> anyhow::Result<()> {
     let result = allot_agent::run(config, listener, allot_runtime::signal::shutdown()).await;
     telemetry.shutdown();
     result
+}
+
+/// A configuration that cannot start: its message on stderr, status 2.
+fn exit_with(error: &dyn std::fmt::Display) -> ! {
+    eprintln!("allot-agent: {error}");
+    std::process::exit(2);
 }

@@ -53,7 +53,11 @@ pub fn env_name(flag: &str) -> String {
 /// The command line of `allot-coordinator`: `--config`, and every field of
 /// [`CoordinatorConfig`] as a flag. The binary adds its subcommands.
 pub fn command() -> clap::Command {
-    let command = clap::Command::new("allot-coordinator")
+    // Set after the derives, whose doc comments would set `about`.
+    let fields = CoordinatorConfig::augment_args(Sources::augment_args(clap::Command::new(
+        "allot-coordinator",
+    )));
+    layered::prepare(fields)
         .version(env!("CARGO_PKG_VERSION"))
         .about("allot coordinator: authoritative budgets, allowances, settlement, admin")
         .after_help(
@@ -61,10 +65,7 @@ pub fn command() -> clap::Command {
              ALLOT_SOME_NAME, and every TOML key some_name from both: a flag beats the \
              variable, which beats the file, which beats the default. Tables and arrays \
              of tables (operators, placement) take JSON.",
-        );
-    layered::prepare(CoordinatorConfig::augment_args(Sources::augment_args(
-        command,
-    )))
+        )
 }
 
 /// The arguments of `command` in `args` (the program name first) and in
@@ -715,12 +716,18 @@ mod tests {
             .iter()
             .filter(|row| {
                 !docs.lines().any(|line| {
-                    line.starts_with(&format!("| `{}` | `{}` | `{}` |", row.key, row.flag, row.variable))
+                    line.starts_with(&format!(
+                        "| `{}` | `{}` | `{}` |",
+                        row.key, row.flag, row.variable
+                    ))
                 })
             })
             .map(documented_row)
             .collect();
-        assert!(missing.is_empty(), "docs/configuration.md lacks:\n{}", missing.join("\n"));
+        assert!(
+            missing.is_empty(),
+            "docs/configuration.md lacks:\n{}",
+            missing.join("\n")
+        );
     }
-
 }

@@ -98,14 +98,14 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let config = match config::load(&layers).and_then(|config| {
-        config::check_tls_files(&config)?;
-        Ok(config)
-    }) {
+    let config = match config::load(&layers) {
         Ok(config) => config,
         Err(ConfigError::Args(ArgsError::Flags(error))) => error.exit(),
         Err(error) => exit_with(&error),
     };
+    if let Err(error) = config::check_tls_files(&config) {
+        exit_with(&error);
+    }
     let telemetry = telemetry::init(config.log_format, "allot-coordinator");
     if let Some(addr) = config.metrics_listen {
         telemetry::install_metrics(addr)?;
