@@ -92,10 +92,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    config.validate().map_err(anyhow::Error::msg)?;
+    config.validate()?;
     // Unreadable certificates stop the start, before any store is opened.
     if let Some(files) = config.server_tls_files() {
-        tls::server_config(&files).map_err(anyhow::Error::msg)?;
+        tls::server_config(&files)?;
     }
     match config.store {
         StoreKind::Embedded => {
@@ -455,10 +455,7 @@ async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let credentials = config
-        .operator_sources()
-        .load()
-        .map_err(anyhow::Error::msg)?;
+    let credentials = config.operator_sources().load()?;
     let (credentials_tx, credentials_rx) = watch::channel(Arc::new(credentials));
     tasks.spawn(operators::reload_credentials(
         config.operator_sources(),
