@@ -3,9 +3,12 @@
 //! admission takes before a request reaches a neuron.
 //!
 //! Everything here is plain data and pure functions: no sockets, no files, no
-//! clocks read behind the caller's back (time is always passed in), so the
-//! coordinator, the agent, unit tests, property tests and benchmarks all call
-//! the same code. Money is `rust_decimal::Decimal`, never a float.
+//! signals, no environment, no clocks read behind the caller's back (time is
+//! always passed in), so the coordinator, the agent, unit tests, property
+//! tests and benchmarks all call the same code. Money is
+//! `rust_decimal::Decimal`, never a float. What the binaries share around it
+//! (logs, traces, metrics, signals, private files, configuration layers)
+//! lives in `allot-runtime`.
 #![forbid(unsafe_code)]
 
 pub mod amounts;
@@ -15,11 +18,8 @@ pub mod error;
 pub mod key;
 pub mod limit;
 pub mod money;
-pub mod private_files;
 pub mod reservation;
-pub mod signal;
 pub mod tariff;
-pub mod telemetry;
 pub mod window;
 
 pub use amounts::{Amounts, Unit};

@@ -84,7 +84,7 @@ pub struct Records {
 
 /// The neuron client: `http://` and `https://` (system roots and
 /// `upstream_ca`) upstreams.
-pub(crate) fn http_client(config: &AgentConfig) -> Result<upstream::HttpClient, String> {
+pub(crate) fn http_client(config: &AgentConfig) -> Result<upstream::HttpClient, tls::TlsError> {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(
         config.upstream_connect_timeout_ms,
@@ -115,16 +115,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    config.validate().map_err(anyhow::Error::msg)?;
+    config.validate()?;
     // Unreadable TLS files stop the start, naming the field.
     if let Some(files) = config.coordinator_tls() {
-        tls::coordinator_tls(&files).map_err(anyhow::Error::msg)?;
+        tls::coordinator_tls(&files)?;
     }
-    let client = http_client(&config).map_err(anyhow::Error::msg)?;
+    let client = http_client(&config)?;
     let listener_tls = match (&config.listen_tls_cert, &config.listen_tls_key) {
-        (Some(cert), Some(key)) => {
-            Some(tls::listener_config(cert, key).map_err(anyhow::Error::msg)?)
-        }
+        (Some(cert), Some(key)) => Some(tls::listener_config(cert, key)?),
         _ => None,
     };
     let (spool, recovered) = spool::Spool::open(&config.spool_dir, config.spool_max_records)?;

@@ -172,7 +172,7 @@ pub struct LinkSettings {
     pub spool_dir: std::path::PathBuf,
     /// Mutual TLS towards `https://` coordinators; the files are read at
     /// every connection.
-    pub tls: Option<crate::tls::ClientTlsFiles>,
+    pub tls: Option<crate::config::ClientTlsFiles>,
 }
 
 /// Everything the link task touches.
@@ -269,7 +269,7 @@ async fn session(ctx: &LinkContext, endpoint: &str) -> anyhow::Result<()> {
             .tls
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("coordinator_ca: needed for {endpoint}"))?;
-        let tls = crate::tls::coordinator_tls(files).map_err(anyhow::Error::msg)?;
+        let tls = crate::tls::coordinator_tls(files)?;
         builder = builder.tls_config(tls)?;
     }
     let channel = builder.connect().await?;

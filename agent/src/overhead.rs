@@ -163,7 +163,7 @@ fn gauge(model: &str, tokens: u64) {
 /// table or the new one, never a torn one.
 fn write_atomically(path: &Path, table: &BTreeMap<String, u64>) -> std::io::Result<()> {
     let temporary = path.with_extension("json.tmp");
-    let mut file = allot::private_files::create(&temporary)?;
+    let mut file = allot_runtime::private_files::create(&temporary)?;
     file.write_all(&serde_json::to_vec(table).map_err(std::io::Error::other)?)?;
     file.sync_all()?;
     std::fs::rename(&temporary, path)?;

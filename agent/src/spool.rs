@@ -306,7 +306,7 @@ fn replace_file(dir: &Path, name: &str, tmp_name: &str, bytes: &[u8]) -> Result<
 }
 
 fn write_temp(tmp: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
-    let mut file = allot::private_files::create(tmp).map_err(|e| spool_error(tmp, e))?;
+    let mut file = allot_runtime::private_files::create(tmp).map_err(|e| spool_error(tmp, e))?;
     file.write_all(bytes).map_err(|e| spool_error(tmp, e))?;
     file.sync_all().map_err(|e| spool_error(tmp, e))
 }
@@ -447,7 +447,7 @@ impl Spool {
     /// not acknowledged. `max_held`: records kept in memory before
     /// admission stops ([`Durability::refusal`]).
     pub fn open(dir: &Path, max_held: usize) -> Result<(Spool, Recovered), SpoolError> {
-        allot::private_files::create_dir_all(dir).map_err(|e| spool_error(dir, e))?;
+        allot_runtime::private_files::create_dir_all(dir).map_err(|e| spool_error(dir, e))?;
         let state_path = dir.join(STATE);
         let mut state: SpoolState = match std::fs::read(&state_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| spool_error(&state_path, e))?,

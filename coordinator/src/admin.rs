@@ -6,7 +6,7 @@
 //! that makes the change, so both are in one store commit.
 
 use crate::engine::{Core, Effects, EngineError, EngineSource};
-use crate::error::invalid_argument;
+use crate::error::{invalid_argument, AdminError};
 use crate::ledger::{KeyRecord, LimitView, Scope, TransactionKind};
 use crate::session::{key_info, tariff_update};
 use allot::bounds::{self, check_len, MAX_PAGE, MAX_RESPONSE_BYTES};
@@ -40,12 +40,8 @@ impl AdminService {
         AdminService { engine, usage }
     }
 
-    fn usage_store(&self) -> Result<&std::sync::Arc<dyn crate::usage::UsageStore>, Status> {
-        self.usage.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
-                "usage analytics are not kept by this coordinator: set usage_postgres_url (or use the embedded store)",
-            )
-        })
+    fn usage_store(&self) -> Result<&std::sync::Arc<dyn crate::usage::UsageStore>, AdminError> {
+        self.usage.as_ref().ok_or(AdminError::NoUsageStore)
     }
 }
 
@@ -54,8 +50,13 @@ const DEFAULT_AUDIT_PAGE: usize = 100;
 /// Method names are short; a longer filter matches nothing anyway.
 const MAX_METHOD_BYTES: usize = 64;
 
-fn check(result: Result<(), InvalidArgument>) -> Result<(), Status> {
-    result.map_err(invalid_argument)
+fn check(result: Result<(), InvalidArgument>) -> Result<(), AdminError> {
+    result.map_err(AdminError::Invalid)
+}
+
+/// A page token that no previous page handed out.
+fn foreign_page_token() -> AdminError {
+    AdminError::invalid("page_token", "not a token from a previous page")
 }
 
 /// Where a List page starts and how many items it may hold.
@@ -69,15 +70,15 @@ struct PageRequest {
 impl PageRequest {
     /// `page_size` 0 means [`MAX_PAGE`]; more is refused. The token is the
     /// previous page's last sort key, hex-encoded.
-    fn of(page_size: u32, page_token: &str) -> Result<PageRequest, Status> {
+    fn of(page_size: u32, page_token: &str) -> Result<PageRequest, AdminError> {
         let size = match page_size as usize {
             0 => MAX_PAGE,
             n if n <= MAX_PAGE => n,
             n => {
-                return Err(invalid_argument(InvalidArgument::new(
+                return Err(AdminError::invalid(
                     "page_size",
                     format!("must be at most {MAX_PAGE}, not {n}"),
-                )))
+                ))
             }
         };
         check(check_len(
@@ -86,12 +87,10 @@ impl PageRequest {
             bounds::MAX_PAGE_TOKEN_BYTES,
         ))?;
         let after = crate::usage::decode_token(page_token)
-            .map_err(invalid_argument)?
+            .map_err(AdminError::Invalid)?
             .map(String::from_utf8)
             .transpose()
-            .map_err(|_| {
-                Status::invalid_argument("page_token: not a token from a previous page")
-            })?;
+            .map_err(|_| foreign_page_token())?;
         Ok(PageRequest { size, after })
     }
 }
@@ -347,7 +346,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         check(validate_id("account_id", &req.account_id))?;
         if req.source_id.trim().is_empty() {
-            return Err(Status::invalid_argument("source_id: must not be empty"));
+            return Err(AdminError::invalid("source_id", "must not be empty").into());
         }
         check(check_len(
             "source_id",
@@ -359,13 +358,11 @@ impl Admin for AdminService {
                 TransactionKind::Purchase
             }
             Ok(pb::CreditKind::Adjustment) => TransactionKind::Adjustment,
-            Err(_) => return Err(Status::invalid_argument("kind: unknown credit kind")),
+            Err(_) => return Err(AdminError::invalid("kind", "unknown credit kind").into()),
         };
         let amount = money::parse_amount("amount", &req.amount).map_err(invalid_argument)?;
         if kind == TransactionKind::Purchase && amount <= rust_decimal::Decimal::ZERO {
-            return Err(Status::invalid_argument(
-                "amount: must be greater than zero",
-            ));
+            return Err(AdminError::invalid("amount", "must be greater than zero").into());
         }
         let response = self
             .engine
@@ -541,7 +538,7 @@ impl Admin for AdminService {
                 check(validate_id("account_id", &id))?;
                 Scope::Account(id)
             }
-            None => return Err(Status::invalid_argument("scope: set key_id or account_id")),
+            None => return Err(AdminError::invalid("scope", "set key_id or account_id").into()),
         };
         let limits = limits_from_pb("limits", &req.limits).map_err(invalid_argument)?;
         let echoed = limits.iter().map(|l| l.to_pb()).collect();
@@ -618,7 +615,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let wire = req
             .tariff
-            .ok_or_else(|| Status::invalid_argument("tariff: is required"))?;
+            .ok_or_else(|| AdminError::invalid("tariff", "is required"))?;
         let tariff = Tariff::from_pb("tariff", &wire).map_err(invalid_argument)?;
         let echoed = tariff.to_pb();
         let change = serde_json::to_value(&tariff).unwrap_or_default();
@@ -747,14 +744,16 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListUsageResponse>, Status> {
         let request = request.into_inner();
         let filter = request.filter.unwrap_or_default();
-        check(crate::usage::validate_filter(&filter))?;
-        let limit = crate::usage::page_size(request.page_size).map_err(invalid_argument)?;
-        let after = crate::usage::decode_token(&request.page_token).map_err(invalid_argument)?;
+        crate::usage::validate_filter(&filter).map_err(AdminError::Invalid)?;
+        let limit =
+            crate::usage::page_size(request.page_size).map_err(AdminError::Invalid)?;
+        let after =
+            crate::usage::decode_token(&request.page_token).map_err(AdminError::Invalid)?;
         let (mut rows, mut next) = self
             .usage_store()?
             .list(filter, after, limit)
             .await
-            .map_err(|e| Status::unavailable(format!("usage store: {e}")))?;
+            .map_err(AdminError::usage_store)?;
         // Cut the page where it would pass the response bound; the next
         // page continues after the last row kept.
         let mut bytes = 0;
@@ -816,7 +815,7 @@ impl Admin for AdminService {
             };
             let rows = crate::usage::list_all(store.as_ref(), &filter)
                 .await
-                .map_err(|e| Status::unavailable(format!("usage store: {e}")))?;
+                .map_err(AdminError::usage_store)?;
             let total: rust_decimal::Decimal = rows
                 .iter()
                 .map(|row| crate::usage::row_amount(row, unit))
@@ -840,25 +839,29 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::UsageSummaryResponse>, Status> {
         let request = request.into_inner();
         let filter = request.filter.unwrap_or_default();
-        check(crate::usage::validate_filter(&filter))?;
+        crate::usage::validate_filter(&filter).map_err(AdminError::Invalid)?;
         let granularity = pb::Granularity::try_from(request.granularity).map_err(|_| {
-            Status::invalid_argument(format!(
-                "granularity: unknown granularity {}",
-                request.granularity
-            ))
+            AdminError::invalid(
+                "granularity",
+                format!("unknown granularity {}", request.granularity),
+            )
         })?;
         let rows = crate::usage::list_all(self.usage_store()?.as_ref(), &filter)
             .await
-            .map_err(|e| Status::unavailable(format!("usage store: {e}")))?;
+            .map_err(AdminError::usage_store)?;
         let buckets = crate::usage::summarize(rows, granularity);
         let bytes: usize = buckets.iter().map(encoded_item_len).sum();
         if bytes > MAX_RESPONSE_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "filter: the summary has {} buckets ({bytes} bytes), more than one response \
-                 holds ({MAX_RESPONSE_BYTES} bytes): narrow filter.from_unix_ms and \
-                 filter.to_unix_ms, or filter by key or model",
-                buckets.len()
-            )));
+            return Err(AdminError::invalid(
+                "filter",
+                format!(
+                    "the summary has {} buckets ({bytes} bytes), more than one response holds \
+                     ({MAX_RESPONSE_BYTES} bytes): narrow filter.from_unix_ms and \
+                     filter.to_unix_ms, or filter by key or model",
+                    buckets.len()
+                ),
+            )
+            .into());
         }
         Ok(Response::new(pb::UsageSummaryResponse { buckets }))
     }
@@ -876,16 +879,16 @@ impl Admin for AdminService {
             0 => DEFAULT_AUDIT_PAGE,
             n if n <= MAX_PAGE => n,
             n => {
-                return Err(Status::invalid_argument(format!(
-                    "page_size: must be at most {MAX_PAGE}, not {n}"
-                )))
+                return Err(AdminError::invalid(
+                    "page_size",
+                    format!("must be at most {MAX_PAGE}, not {n}"),
+                )
+                .into())
             }
         };
         let before = match req.page_token.as_str() {
             "" => None,
-            token => Some(token.parse::<u64>().map_err(|_| {
-                Status::invalid_argument("page_token: not a token from a previous page")
-            })?),
+            token => Some(token.parse::<u64>().map_err(|_| foreign_page_token())?),
         };
         let (entries, next_page_token) = self
             .engine
@@ -984,7 +987,8 @@ mod tests {
     #[test]
     fn page_requests_are_checked() {
         assert_eq!(PageRequest::of(0, "").unwrap().size, MAX_PAGE);
-        let err = PageRequest::of(1001, "").unwrap_err();
+        let err = Status::from(PageRequest::of(1001, "").unwrap_err());
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert_eq!(err.message(), "page_size: must be at most 1000, not 1001");
         assert!(PageRequest::of(0, "zz").is_err());
         assert!(PageRequest::of(0, &"ab".repeat(300)).is_err());

@@ -18,6 +18,33 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use time::OffsetDateTime;
 
+/// A certificate that cannot be made or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CertsError {
+    #[error("{what}: {source}")]
+    Rcgen {
+        what: &'static str,
+        source: rcgen::Error,
+    },
+    #[error("a node certificate needs at least one host name or IP")]
+    NoHosts,
+    #[error(transparent)]
+    Invalid(#[from] allot::InvalidArgument),
+    #[error("{} exists: remove it or pass --overwrite", .0.display())]
+    Exists(PathBuf),
+    #[error("cannot read {}: {source} (make the CA first: allot-coordinator certs ca)", path.display())]
+    NoCa {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// A certificate and its private key, PEM-encoded.
 #[derive(Debug, Clone)]
 pub struct Pem {
@@ -56,8 +83,11 @@ pub enum Leaf {
 }
 
 /// A new self-signed CA.
-pub fn new_ca(common_name: &str, validity: Validity) -> Result<Pem, String> {
-    let key = KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
+pub fn new_ca(common_name: &str, validity: Validity) -> Result<Pem, CertsError> {
+    let key = KeyPair::generate().map_err(|source| CertsError::Rcgen {
+        what: "cannot make a key",
+        source,
+    })?;
     let mut params = CertificateParams::default();
     params.distinguished_name = name(common_name);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -70,7 +100,10 @@ pub fn new_ca(common_name: &str, validity: Validity) -> Result<Pem, String> {
     params.not_after = validity.not_after;
     let cert = params
         .self_signed(&key)
-        .map_err(|e| format!("cannot sign the CA: {e}"))?;
+        .map_err(|source| CertsError::Rcgen {
+            what: "cannot sign the CA",
+            source,
+        })?;
     Ok(Pem {
         cert: cert.pem(),
         key: key.serialize_pem(),
@@ -78,38 +111,54 @@ pub fn new_ca(common_name: &str, validity: Validity) -> Result<Pem, String> {
 }
 
 /// A leaf certificate signed by `ca`.
-pub fn issue(ca: &Pem, leaf: &Leaf, validity: Validity) -> Result<Pem, String> {
-    let ca_key = KeyPair::from_pem(&ca.key).map_err(|e| format!("ca.key: {e}"))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).map_err(|e| format!("ca.pem: {e}"))?;
+pub fn issue(ca: &Pem, leaf: &Leaf, validity: Validity) -> Result<Pem, CertsError> {
+    let ca_key = KeyPair::from_pem(&ca.key).map_err(|source| CertsError::Rcgen {
+        what: "ca.key",
+        source,
+    })?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca.cert, ca_key).map_err(|source| CertsError::Rcgen {
+            what: "ca.pem",
+            source,
+        })?;
     let mut params = match leaf {
         Leaf::Node { hosts } => {
             if hosts.is_empty() {
-                return Err("a node certificate needs at least one host name or IP".into());
+                return Err(CertsError::NoHosts);
             }
             let mut params =
-                CertificateParams::new(hosts.clone()).map_err(|e| format!("hosts: {e}"))?;
+                CertificateParams::new(hosts.clone()).map_err(|source| CertsError::Rcgen {
+                    what: "hosts",
+                    source,
+                })?;
             params.distinguished_name = name(&hosts[0]);
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             params
         }
         Leaf::Agent { agent_id } => {
-            allot::key::validate_id("agent id", agent_id).map_err(|e| e.to_string())?;
+            allot::key::validate_id("agent id", agent_id)?;
             let mut params = CertificateParams::default();
             params.distinguished_name = name(agent_id);
             let uri = agent_uri(agent_id)
                 .try_into()
-                .map_err(|e| format!("agent id: {e}"))?;
+                .map_err(|source| CertsError::Rcgen {
+                    what: "agent id",
+                    source,
+                })?;
             params.subject_alt_names = vec![SanType::URI(uri)];
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             params
         }
         Leaf::Client { name: client } => {
-            allot::key::validate_id("client name", client).map_err(|e| e.to_string())?;
+            allot::key::validate_id("client name", client)?;
             let mut params = CertificateParams::default();
             params.distinguished_name = name(client);
             let uri = operator_uri(client)
                 .try_into()
-                .map_err(|e| format!("client name: {e}"))?;
+                .map_err(|source| CertsError::Rcgen {
+                    what: "client name",
+                    source,
+                })?;
             params.subject_alt_names = vec![SanType::URI(uri)];
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             params
@@ -119,10 +168,16 @@ pub fn issue(ca: &Pem, leaf: &Leaf, validity: Validity) -> Result<Pem, String> {
     params.use_authority_key_identifier_extension = true;
     params.not_before = validity.not_before;
     params.not_after = validity.not_after;
-    let key = KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
+    let key = KeyPair::generate().map_err(|source| CertsError::Rcgen {
+        what: "cannot make a key",
+        source,
+    })?;
     let cert = params
         .signed_by(&key, &issuer)
-        .map_err(|e| format!("cannot sign: {e}"))?;
+        .map_err(|source| CertsError::Rcgen {
+            what: "cannot sign",
+            source,
+        })?;
     Ok(Pem {
         cert: cert.pem(),
         key: key.serialize_pem(),
@@ -148,16 +203,17 @@ pub fn file_stem(leaf: &Leaf) -> String {
 /// Writes `<stem>.pem` and `<stem>.key` into `dir` (created if missing),
 /// both 0600; an existing file is kept unless `overwrite`. Returns the
 /// certificate's path.
-pub fn write(dir: &Path, stem: &str, pem: &Pem, overwrite: bool) -> Result<PathBuf, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+pub fn write(dir: &Path, stem: &str, pem: &Pem, overwrite: bool) -> Result<PathBuf, CertsError> {
+    std::fs::create_dir_all(dir).map_err(|source| CertsError::Io {
+        what: "cannot create",
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let cert_path = dir.join(format!("{stem}.pem"));
     let key_path = dir.join(format!("{stem}.key"));
     for path in [&cert_path, &key_path] {
         if path.exists() && !overwrite {
-            return Err(format!(
-                "{} exists: remove it or pass --overwrite",
-                path.display()
-            ));
+            return Err(CertsError::Exists(path.to_path_buf()));
         }
     }
     write_private(&key_path, pem.key.as_bytes())?;
@@ -166,15 +222,10 @@ pub fn write(dir: &Path, stem: &str, pem: &Pem, overwrite: bool) -> Result<PathB
 }
 
 /// Reads `ca.pem` and `ca.key` from `dir`.
-pub fn read_ca(dir: &Path) -> Result<Pem, String> {
+pub fn read_ca(dir: &Path) -> Result<Pem, CertsError> {
     let read = |file: &str| {
         let path = dir.join(file);
-        std::fs::read_to_string(&path).map_err(|e| {
-            format!(
-                "cannot read {}: {e} (make the CA first: allot-coordinator certs ca)",
-                path.display()
-            )
-        })
+        std::fs::read_to_string(&path).map_err(|source| CertsError::NoCa { path, source })
     };
     Ok(Pem {
         cert: read("ca.pem")?,
@@ -183,7 +234,7 @@ pub fn read_ca(dir: &Path) -> Result<Pem, String> {
 }
 
 /// Writes a file readable by its owner only, replacing it atomically.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CertsError> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;
@@ -193,13 +244,23 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
     options.write(true).create_new(true);
     #[cfg(unix)]
     options.mode(0o600);
-    let mut file = options
-        .open(&tmp)
-        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    let mut file = options.open(&tmp).map_err(|source| CertsError::Io {
+        what: "cannot create",
+        path: tmp.clone(),
+        source,
+    })?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        .map_err(|source| CertsError::Io {
+            what: "cannot write",
+            path: tmp.clone(),
+            source,
+        })?;
+    std::fs::rename(&tmp, path).map_err(|source| CertsError::Io {
+        what: "cannot write",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -243,6 +304,7 @@ mod tests {
         write(&dir, "ca", &ca, false).unwrap();
         assert!(write(&dir, "ca", &ca, false)
             .unwrap_err()
+            .to_string()
             .contains("exists"));
         #[cfg(unix)]
         {

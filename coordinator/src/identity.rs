@@ -41,13 +41,28 @@ pub fn is_agent_uri(uri: &str) -> bool {
         .is_some_and(|start| start.eq_ignore_ascii_case(AGENT_URI_PREFIX.as_bytes()))
 }
 
+/// A client certificate that names nobody allot knows.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error("unreadable client certificate: {0}")]
+    Unreadable(x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("unreadable subject alternative names: {0}")]
+    SubjectAlternativeNames(x509_parser::error::X509Error),
+    #[error(
+        "the client certificate must name exactly one agent as a URI SAN {AGENT_URI_PREFIX}<agent_id>"
+    )]
+    NotOneAgent,
+    #[error("{0}")]
+    AgentId(allot::InvalidArgument),
+}
+
 /// Every URI subject alternative name of a certificate (DER), in order.
-pub fn uris_of_certificate(der: &[u8]) -> Result<Vec<String>, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| format!("unreadable client certificate: {e}"))?;
+pub fn uris_of_certificate(der: &[u8]) -> Result<Vec<String>, CertificateError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(CertificateError::Unreadable)?;
     let names = cert
         .subject_alternative_name()
-        .map_err(|e| format!("unreadable subject alternative names: {e}"))?;
+        .map_err(CertificateError::SubjectAlternativeNames)?;
     Ok(names
         .into_iter()
         .flat_map(|san| san.value.general_names.iter())
@@ -85,26 +100,15 @@ impl PeerIdentity {
 
 /// The agent id a certificate (DER) names: its one URI SAN under
 /// [`AGENT_URI_PREFIX`], a valid agent id.
-pub fn agent_id_of_certificate(der: &[u8]) -> Result<String, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| format!("unreadable client certificate: {e}"))?;
-    let names = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("unreadable subject alternative names: {e}"))?;
-    let mut ids = names
-        .into_iter()
-        .flat_map(|san| san.value.general_names.iter())
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) => uri.strip_prefix(AGENT_URI_PREFIX),
-            _ => None,
-        });
+pub fn agent_id_of_certificate(der: &[u8]) -> Result<String, CertificateError> {
+    let uris = uris_of_certificate(der)?;
+    let mut ids = uris
+        .iter()
+        .filter_map(|uri| uri.strip_prefix(AGENT_URI_PREFIX));
     let (Some(id), None) = (ids.next(), ids.next()) else {
-        return Err(format!(
-            "the client certificate must name exactly one agent as a URI SAN \
-             {AGENT_URI_PREFIX}<agent_id>"
-        ));
+        return Err(CertificateError::NotOneAgent);
     };
-    allot::key::validate_id("agent id", id).map_err(|e| e.to_string())?;
+    allot::key::validate_id("agent id", id).map_err(CertificateError::AgentId)?;
     Ok(id.to_string())
 }
 
@@ -125,5 +129,5 @@ pub fn session_peer<T>(request: &Request<T>, required: bool) -> Result<PeerIdent
     };
     agent_id_of_certificate(leaf)
         .map(PeerIdentity::Agent)
-        .map_err(Status::permission_denied)
+        .map_err(|error| Status::permission_denied(error.to_string()))
 }

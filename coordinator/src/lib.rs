@@ -92,10 +92,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    config.validate().map_err(anyhow::Error::msg)?;
+    config.validate()?;
     // Unreadable certificates stop the start, before any store is opened.
     if let Some(files) = config.server_tls_files() {
-        tls::server_config(&files).map_err(anyhow::Error::msg)?;
+        tls::server_config(&files)?;
     }
     match config.store {
         StoreKind::Embedded => {
@@ -128,7 +128,7 @@ pub async fn run_with_store(
     let (fatal_tx, fatal) = watch::channel(None);
     tasks.spawn(async move {
         if let Err(reason) = supervise_engine(engine.run()).await {
-            fatal_tx.send_replace(Some(reason));
+            fatal_tx.send_replace(Some(reason.to_string()));
         }
     });
     let ready = watch::channel(true).1;
@@ -141,12 +141,19 @@ pub async fn run_with_store(
     served
 }
 
+/// The engine's task panicked, with this message.
+#[derive(Debug, thiserror::Error)]
+#[error("the engine panicked: {0}")]
+pub struct EnginePanicked(String);
+
 /// Runs the engine in a task of its own and waits for it: `Err` with the
 /// panic's message when it died. A panicked engine may have left the
 /// ledger half-changed, so nothing restarts it in place: the coordinator
 /// turns NOT_SERVING and exits non-zero (a supervisor restarts it, and
 /// with etcd another coordinator leads meanwhile).
-async fn supervise_engine(run: impl Future<Output = ()> + Send + 'static) -> Result<(), String> {
+async fn supervise_engine(
+    run: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), EnginePanicked> {
     struct AbortOnDrop(tokio::task::AbortHandle);
     impl Drop for AbortOnDrop {
         fn drop(&mut self) {
@@ -169,7 +176,7 @@ async fn supervise_engine(run: impl Future<Output = ()> + Send + 'static) -> Res
                 panic = message,
                 "the engine panicked; the coordinator stops serving and exits"
             );
-            Err(format!("the engine panicked: {message}"))
+            Err(EnginePanicked(message))
         }
         Err(_) => Ok(()),
     }
@@ -304,7 +311,7 @@ async fn run_etcd(
 /// outlives leadership changes: agents' reports keep it current.
 fn live_placement(config: &CoordinatorConfig) -> anyhow::Result<Arc<placement::LivePlacement>> {
     let catalog = match &config.placement_catalog {
-        Some(path) => placement::load_catalog(path).map_err(|e| anyhow::anyhow!(e))?,
+        Some(path) => placement::load_catalog(path)?,
         None => placement::Catalog::new(),
     };
     Ok(placement::LivePlacement::new(
@@ -407,7 +414,7 @@ async fn lead_when_elected(
         leadership.resign().await;
         if let Some(reason) = died {
             // Resigned first, so that another coordinator leads at once.
-            fatal.send_replace(Some(reason));
+            fatal.send_replace(Some(reason.to_string()));
             break;
         }
         if stopping {
@@ -448,10 +455,7 @@ async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let credentials = config
-        .operator_sources()
-        .load()
-        .map_err(anyhow::Error::msg)?;
+    let credentials = config.operator_sources().load()?;
     let (credentials_tx, credentials_rx) = watch::channel(Arc::new(credentials));
     tasks.spawn(operators::reload_credentials(
         config.operator_sources(),
@@ -484,7 +488,7 @@ async fn serve(
     );
     let server_tls = match config.server_tls_files() {
         Some(files) => {
-            let tls = tls::ReloadingServerConfig::load(files).map_err(anyhow::Error::msg)?;
+            let tls = tls::ReloadingServerConfig::load(files)?;
             tasks.spawn(tls.clone().watch(config.tls_reload_poll()));
             Some(tls)
         }

@@ -28,6 +28,7 @@
 //! logged and the previous credentials stay. This module never sees a
 //! token on a command line and never logs one.
 
+use allot::InvalidArgument;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeSet, HashMap};
@@ -188,10 +189,11 @@ pub const MAX_CERTIFICATE_URI_BYTES: usize = 2048;
 
 /// Checks a `client_certificate` URI: `scheme:rest`, printable, bounded,
 /// and never an agent's identity.
-fn check_certificate_uri(field: &str, uri: &str) -> Result<(), String> {
+fn check_certificate_uri(field: &str, uri: &str) -> Result<(), InvalidArgument> {
     if uri.len() > MAX_CERTIFICATE_URI_BYTES {
-        return Err(format!(
-            "{field}: must be at most {MAX_CERTIFICATE_URI_BYTES} bytes"
+        return Err(InvalidArgument::new(
+            field,
+            format!("must be at most {MAX_CERTIFICATE_URI_BYTES} bytes"),
         ));
     }
     let well_formed = uri.split_once(':').is_some_and(|(scheme, rest)| {
@@ -202,15 +204,21 @@ fn check_certificate_uri(field: &str, uri: &str) -> Result<(), String> {
             && !rest.is_empty()
     }) && uri.chars().all(|c| c.is_ascii_graphic());
     if !well_formed {
-        return Err(format!(
-            "{field}: {uri:?} is not a URI (the URI SAN of the certificates, such as {}<name>)",
-            crate::identity::OPERATOR_URI_PREFIX
+        return Err(InvalidArgument::new(
+            field,
+            format!(
+                "{uri:?} is not a URI (the URI SAN of the certificates, such as {}<name>)",
+                crate::identity::OPERATOR_URI_PREFIX
+            ),
         ));
     }
     if crate::identity::is_agent_uri(uri) {
-        return Err(format!(
-            "{field}: {uri:?} is an agent's identity ({}...): an agent certificate is never an operator",
-            crate::identity::AGENT_URI_PREFIX
+        return Err(InvalidArgument::new(
+            field,
+            format!(
+                "{uri:?} is an agent's identity ({}...): an agent certificate is never an operator",
+                crate::identity::AGENT_URI_PREFIX
+            ),
         ));
     }
     Ok(())
@@ -260,7 +268,7 @@ impl Credentials {
     pub fn new(
         admin_token: &str,
         configured: &[(String, Vec<OperatorCredential>)],
-    ) -> Result<Credentials, String> {
+    ) -> Result<Credentials, CredentialsError> {
         let mut entries = Vec::new();
         if !admin_token.is_empty() {
             entries.push(Credential {
@@ -275,29 +283,32 @@ impl Credentials {
         for (source, credentials) in configured {
             for (index, credential) in credentials.iter().enumerate() {
                 let field = format!("{source}[{index}]");
-                allot::key::validate_id(&format!("{field}.name"), &credential.name)
-                    .map_err(|e| e.to_string())?;
+                allot::key::validate_id(&format!("{field}.name"), &credential.name)?;
                 if entries
                     .iter()
                     .any(|e: &Credential| e.operator.name == credential.name)
                 {
-                    return Err(format!(
-                        "{field}.name: {:?} is taken (\"admin\" is the legacy admin_token's)",
-                        credential.name
+                    return Err(invalid(
+                        format!("{field}.name"),
+                        format!(
+                            "{:?} is taken (\"admin\" is the legacy admin_token's)",
+                            credential.name
+                        ),
                     ));
                 }
                 let proof = match (&credential.token_sha256, &credential.client_certificate) {
                     (Some(_), Some(_)) => {
-                        return Err(format!(
-                            "{field}.client_certificate: set either token_sha256 or \
-                             client_certificate, not both (one credential each)"
+                        return Err(invalid(
+                            format!("{field}.client_certificate"),
+                            "set either token_sha256 or client_certificate, not both (one \
+                             credential each)",
                         ))
                     }
                     (None, None) => {
-                        return Err(format!(
-                            "{field}.token_sha256: missing: set token_sha256 (the SHA-256 of a \
-                             bearer token) or client_certificate (the URI SAN of client \
-                             certificates)"
+                        return Err(invalid(
+                            format!("{field}.token_sha256"),
+                            "missing: set token_sha256 (the SHA-256 of a bearer token) or \
+                             client_certificate (the URI SAN of client certificates)",
                         ))
                     }
                     (Some(hash), None) => hex::decode(hash)
@@ -305,7 +316,10 @@ impl Credentials {
                         .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
                         .map(Proof::Token)
                         .ok_or_else(|| {
-                            format!("{field}.token_sha256: must be 64 hex digits (the SHA-256 of the token)")
+                            invalid(
+                                format!("{field}.token_sha256"),
+                                "must be 64 hex digits (the SHA-256 of the token)",
+                            )
                         })?,
                     (None, Some(uri)) => {
                         check_certificate_uri(&format!("{field}.client_certificate"), uri)?;
@@ -313,8 +327,9 @@ impl Credentials {
                     }
                 };
                 if credential.scopes.is_empty() {
-                    return Err(format!(
-                        "{field}.scopes: at least one of read, keys, billing, agents, admin"
+                    return Err(invalid(
+                        format!("{field}.scopes"),
+                        "at least one of read, keys, billing, agents, admin",
                     ));
                 }
                 // One token or certificate, one operator: a shared one
@@ -330,9 +345,12 @@ impl Credentials {
                         Proof::Token(_) => ("token", "token_sha256"),
                         Proof::Certificate(_) => ("certificate identity", "client_certificate"),
                     };
-                    return Err(format!(
-                        "{field}.{field_name}: the same {what} as {:?}; every credential needs its own",
-                        other.operator.name
+                    return Err(invalid(
+                        format!("{field}.{field_name}"),
+                        format!(
+                            "the same {what} as {:?}; every credential needs its own",
+                            other.operator.name
+                        ),
                     ));
                 }
                 let via = match &proof {
@@ -382,13 +400,10 @@ impl Credentials {
     /// URI SANs; else why it is none, for an UNAUTHENTICATED message. A
     /// certificate naming an agent is never an operator, nor one whose
     /// URIs map to two operators.
-    pub fn authenticate_certificate(&self, der: &[u8]) -> Result<Operator, String> {
+    pub fn authenticate_certificate(&self, der: &[u8]) -> Result<Operator, NotAnOperator> {
         let uris = crate::identity::uris_of_certificate(der)?;
         if let Some(agent) = uris.iter().find(|uri| crate::identity::is_agent_uri(uri)) {
-            return Err(format!(
-                "the client certificate is an agent's ({}): an agent certificate is never an operator",
-                shown(agent)
-            ));
+            return Err(NotAnOperator::Agent(shown(agent)));
         }
         let mut found: Option<&Operator> = None;
         for entry in &self.entries {
@@ -399,9 +414,9 @@ impl Credentials {
                 continue;
             }
             if let Some(first) = found {
-                return Err(format!(
-                    "the client certificate maps to two operators, {:?} and {:?}: it is neither",
-                    first.name, entry.operator.name
+                return Err(NotAnOperator::TwoOperators(
+                    first.name.clone(),
+                    entry.operator.name.clone(),
                 ));
             }
             found = Some(&entry.operator);
@@ -410,22 +425,15 @@ impl Credentials {
             return Ok(operator.clone());
         }
         Err(match uris.as_slice() {
-            [] => format!(
-                "the client certificate has no URI SAN, so it is not an operator (certs client \
-                 makes {}<name>)",
-                crate::identity::OPERATOR_URI_PREFIX
-            ),
-            [uri] => format!(
-                "the client certificate's identity {} is not an operator: map it with \
-                 client_certificate in the operators file",
-                shown(uri)
-            ),
-            [uri, more @ ..] => format!(
-                "the client certificate's identity {} (and {} more URI) is not an operator: map \
-                 it with client_certificate in the operators file",
-                shown(uri),
-                more.len()
-            ),
+            [] => NotAnOperator::NoUri,
+            [uri] => NotAnOperator::Unmapped {
+                uri: shown(uri),
+                more: String::new(),
+            },
+            [uri, more @ ..] => NotAnOperator::Unmapped {
+                uri: shown(uri),
+                more: format!(" (and {} more URI)", more.len()),
+            },
         })
     }
 }
@@ -445,20 +453,78 @@ fn shown(uri: &str) -> String {
 
 /// Reads a credentials file (TOML, or JSON when it ends in `.json`), and
 /// warns when others may read it.
-pub fn read_credentials_file(path: &Path) -> Result<Vec<OperatorCredential>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("operators_file: cannot read {}: {e}", path.display()))?;
+pub fn read_credentials_file(path: &Path) -> Result<Vec<OperatorCredential>, CredentialsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     warn_if_others_may_read(path);
     parse_credentials(path, &text)
 }
 
-fn parse_credentials(path: &Path, text: &str) -> Result<Vec<OperatorCredential>, String> {
+fn parse_credentials(path: &Path, text: &str) -> Result<Vec<OperatorCredential>, CredentialsError> {
     let file: CredentialsFile = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(text).map_err(|e| format!("operators_file {}: {e}", path.display()))?
+        serde_json::from_str(text).map_err(|source| CredentialsError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?
     } else {
-        toml::from_str(text).map_err(|e| format!("operators_file {}: {e}", path.display()))?
+        toml::from_str(text).map_err(|source| CredentialsError::Toml {
+            path: path.to_path_buf(),
+            source,
+        })?
     };
     Ok(file.operator)
+}
+
+/// Operator credentials that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("{}: {}", .0.field, .0.message)]
+    Invalid(#[from] InvalidArgument),
+    #[error("operators_file: cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("operators_file {}: {source}", path.display())]
+    Toml {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("operators_file {}: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> CredentialsError {
+    CredentialsError::Invalid(InvalidArgument::new(field, message))
+}
+
+/// Why a verified client certificate is no operator (the message of an
+/// `UNAUTHENTICATED`).
+#[derive(Debug, thiserror::Error)]
+pub enum NotAnOperator {
+    #[error(transparent)]
+    Unreadable(#[from] crate::identity::CertificateError),
+    #[error(
+        "the client certificate is an agent's ({0}): an agent certificate is never an operator"
+    )]
+    Agent(String),
+    #[error("the client certificate maps to two operators, {0:?} and {1:?}: it is neither")]
+    TwoOperators(String, String),
+    #[error(
+        "the client certificate has no URI SAN, so it is not an operator (certs client makes {}<name>)",
+        crate::identity::OPERATOR_URI_PREFIX
+    )]
+    NoUri,
+    #[error(
+        "the client certificate's identity {uri}{more} is not an operator: map it with \
+         client_certificate in the operators file"
+    )]
+    Unmapped { uri: String, more: String },
 }
 
 #[cfg(unix)]
@@ -489,7 +555,7 @@ pub struct CredentialSources {
 
 impl CredentialSources {
     /// Reads every source; the file is read now (not at the last poll).
-    pub fn load(&self) -> Result<Credentials, String> {
+    pub fn load(&self) -> Result<Credentials, CredentialsError> {
         let mut configured = vec![("operators".to_string(), self.inline.clone())];
         if let Some(path) = &self.file {
             configured.push(("operators_file".into(), read_credentials_file(path)?));
@@ -758,7 +824,9 @@ impl Gatekeeper {
                     "missing operator credential: send authorization: Bearer <token> or a \
                      client certificate mapped to an operator",
                 )),
-                (None, Some(by_certificate)) => by_certificate.map_err(Status::unauthenticated),
+                (None, Some(by_certificate)) => {
+                    by_certificate.map_err(|why| Status::unauthenticated(why.to_string()))
+                }
                 (Some(token), by_certificate) => match credentials.authenticate(token) {
                     None => Err(Status::unauthenticated("invalid operator token")),
                     // Names are unique, so a mapped certificate and a
@@ -967,7 +1035,9 @@ mod tests {
             token_sha256: Some("abc".into()),
             ..credential("x", "t", &[Scope::Read])
         };
-        let err = Credentials::new("", &[("operators".into(), vec![bad_hash])]).unwrap_err();
+        let err = Credentials::new("", &[("operators".into(), vec![bad_hash])])
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("operators[0].token_sha256"), "{err}");
         let err = Credentials::new(
             "legacy-token",
@@ -976,10 +1046,12 @@ mod tests {
                 vec![credential("admin", "t", &[Scope::Read])],
             )],
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("operators_file[0].name"), "{err}");
         let err = Credentials::new("", &[("operators".into(), vec![credential("x", "t", &[])])])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("operators[0].scopes"), "{err}");
         // Two credentials, one token: refused, naming the second.
         let err = Credentials::new(
@@ -992,7 +1064,8 @@ mod tests {
                 ],
             )],
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("operators[1].token_sha256"), "{err}");
     }
 
@@ -1008,7 +1081,9 @@ mod tests {
     #[test]
     fn certificate_mappings_are_checked() {
         let load = |credentials: Vec<OperatorCredential>| {
-            Credentials::new("", &[("operators_file".into(), credentials)]).unwrap_err()
+            Credentials::new("", &[("operators_file".into(), credentials)])
+                .unwrap_err()
+                .to_string()
         };
         let both = OperatorCredential {
             client_certificate: Some("spiffe://allot/operator/x".into()),
@@ -1131,13 +1206,22 @@ mod tests {
         );
         assert!(credentials.authenticate_certificate(b"not DER").is_err());
         let agent = certificate_with_uris(&["spiffe://allot/agent/a1", ALICE]);
-        let why = credentials.authenticate_certificate(&agent).unwrap_err();
+        let why = credentials
+            .authenticate_certificate(&agent)
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("never an operator"), "{why}");
         let two = certificate_with_uris(&[ALICE, "spiffe://example.org/carol"]);
-        let why = credentials.authenticate_certificate(&two).unwrap_err();
+        let why = credentials
+            .authenticate_certificate(&two)
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("two operators"), "{why}");
         let unmapped = certificate_with_uris(&["spiffe://allot/operator/mallory"]);
-        let why = credentials.authenticate_certificate(&unmapped).unwrap_err();
+        let why = credentials
+            .authenticate_certificate(&unmapped)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             why,
             "the client certificate's identity \"spiffe://allot/operator/mallory\" is not an \
@@ -1147,6 +1231,7 @@ mod tests {
         assert!(credentials
             .authenticate_certificate(&none)
             .unwrap_err()
+            .to_string()
             .contains("no URI SAN"));
         // A token never authenticates as a certificate credential.
         assert!(credentials.authenticate(ALICE).is_none());

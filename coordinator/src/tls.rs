@@ -14,9 +14,8 @@
 //! reload that fails keeps the previous configuration and logs why.
 //! Established connections keep the certificate they were made with.
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::path::{Path, PathBuf};
+pub use allot_runtime::pem::{provider, read_certs, read_key, read_roots, TlsError};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,46 +36,8 @@ pub struct ServerTlsFiles {
     pub client_ca: PathBuf,
 }
 
-/// The crypto provider of every TLS configuration allot builds.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Reads certificates from a PEM file; `field` names the setting in errors.
-pub fn read_certs(field: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{field}: {} is not PEM certificates: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{field}: no certificate in {}", path.display()));
-    }
-    Ok(certs)
-}
-
-/// Reads a private key (PKCS#8, PKCS#1 or SEC1) from a PEM file.
-pub fn read_key(field: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        format!(
-            "{field}: cannot read a private key from {}: {e}",
-            path.display()
-        )
-    })
-}
-
-/// A root store of the certificates in `path`.
-pub fn read_roots(field: &str, path: &Path) -> Result<rustls::RootCertStore, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(field, path)? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("{field}: {}: {e}", path.display()))?;
-    }
-    Ok(roots)
-}
-
 /// Builds the server configuration from the files.
-pub fn server_config(files: &ServerTlsFiles) -> Result<rustls::ServerConfig, String> {
+pub fn server_config(files: &ServerTlsFiles) -> Result<rustls::ServerConfig, TlsError> {
     let certs = read_certs("tls_cert", &files.cert)?;
     let key = read_key("tls_key", &files.key)?;
     let roots = read_roots("tls_client_ca", &files.client_ca)?;
@@ -87,13 +48,23 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<rustls::ServerConfig, Str
     )
     .allow_unauthenticated()
     .build()
-    .map_err(|e| format!("tls_client_ca: {e}"))?;
+    .map_err(|source| TlsError::Verifier {
+        field: "tls_client_ca",
+        source,
+    })?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("tls: {e}"))?
+        .map_err(|source| TlsError::Rustls {
+            field: "tls",
+            source,
+        })?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| format!("tls_key: does not match tls_cert or is unusable: {e}"))?;
+        .map_err(|source| TlsError::KeyMismatch {
+            key: "tls_key",
+            cert: "tls_cert",
+            source,
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
@@ -109,7 +80,7 @@ pub struct ReloadingServerConfig {
 
 impl ReloadingServerConfig {
     /// Loads the files once; an error names the field.
-    pub fn load(files: ServerTlsFiles) -> Result<Arc<ReloadingServerConfig>, String> {
+    pub fn load(files: ServerTlsFiles) -> Result<Arc<ReloadingServerConfig>, TlsError> {
         let stamp = stamp(&files);
         let config = server_config(&files)?;
         Ok(Arc::new(ReloadingServerConfig {
@@ -131,7 +102,7 @@ impl ReloadingServerConfig {
 
     /// Reads the files again and, if they make a valid configuration, uses
     /// it for new connections.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = stamp(&self.files);
         let config = Arc::new(server_config(&self.files)?);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;

@@ -39,12 +39,12 @@ struct CommandLine {
     family: Option<LimitRule>,
 }
 
-fn parse_endpoint(text: &str) -> Result<(String, String), String> {
+fn parse_endpoint(text: &str) -> anyhow::Result<(String, String)> {
     match text.split_once('=') {
         Some((model, url)) if !model.is_empty() && !url.is_empty() => {
             Ok((model.to_string(), url.to_string()))
         }
-        _ => Err(format!("expected MODEL=URL, got `{text}`")),
+        _ => anyhow::bail!("expected MODEL=URL, got `{text}`"),
     }
 }
 

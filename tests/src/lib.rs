@@ -221,7 +221,7 @@ impl Stack {
     pub async fn start_on(backend: Backend) -> Stack {
         // ALLOT_TEST_LOG=1 (with RUST_LOG) shows the services' logs.
         if std::env::var_os("ALLOT_TEST_LOG").is_some() {
-            allot::telemetry::init_logging(allot::telemetry::LogFormat::Text);
+            allot_runtime::telemetry::init_logging(allot_runtime::telemetry::LogFormat::Text);
         }
         let dir = TempDir::new("stack");
         let mut config = CoordinatorConfig {

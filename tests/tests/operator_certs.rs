@@ -248,7 +248,8 @@ async fn agent_unmapped_and_foreign_certificates_are_refused_and_audit_nothing()
         file: Some(agent_file),
     }
     .load()
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(
         refused.starts_with("operators_file[0].client_certificate")
             && refused.contains("never an operator"),

@@ -484,11 +484,13 @@ async fn a_url_whose_scheme_cannot_be_honoured_is_a_start_up_error_naming_the_fi
     assert!(etcd
         .validate()
         .unwrap_err()
+        .to_string()
         .starts_with("etcd_endpoints[0]"));
     etcd.etcd_endpoints = vec!["https://127.0.0.1:2379".into()];
     assert!(etcd
         .validate()
         .unwrap_err()
+        .to_string()
         .starts_with("etcd_endpoints[0]"));
     etcd.etcd_ca = Some("ca.pem".into());
     etcd.validate().unwrap();
@@ -496,6 +498,7 @@ async fn a_url_whose_scheme_cannot_be_honoured_is_a_start_up_error_naming_the_fi
     assert!(etcd
         .validate()
         .unwrap_err()
+        .to_string()
         .starts_with("etcd_endpoints[0]"));
     let mut postgres = allot_coordinator::config::CoordinatorConfig {
         admin_token: ADMIN_TOKEN.into(),
@@ -506,6 +509,7 @@ async fn a_url_whose_scheme_cannot_be_honoured_is_a_start_up_error_naming_the_fi
     assert!(postgres
         .validate()
         .unwrap_err()
+        .to_string()
         .starts_with("usage_postgres_url"));
     postgres.usage_postgres_url = Some("postgres://allot@db/allot?sslmode=verify-full".into());
     postgres.validate().unwrap();

@@ -146,7 +146,7 @@ fn keep_copy(files: &CertFiles, stem: &str) -> CertFiles {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_under_load_without_a_failed_request_and_with_one_reconnect() {
     let metrics = allot_e2e::process::free_addr();
-    allot::telemetry::install_metrics(metrics).unwrap();
+    allot_runtime::telemetry::install_metrics(metrics).unwrap();
     let mut stack = Stack::start_tls().await;
     let (key_id, secret) = stack
         .key_with_limits(

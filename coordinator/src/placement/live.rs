@@ -45,23 +45,49 @@ struct CatalogFile {
     model: Vec<CatalogEntry>,
 }
 
-/// Reads a catalog file (TOML, `[[model]]` tables with `name`,
-/// `vram_bytes`, `load_ms` and optional `pinned`).
-pub fn load_catalog(path: &Path) -> Result<Catalog, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the catalog {}: {e}", path.display()))?;
-    parse_catalog(&text).map_err(|e| format!("catalog {}: {e}", path.display()))
+/// A model catalog that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot read the catalog {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("catalog {}: {source}", path.display())]
+    In {
+        path: std::path::PathBuf,
+        source: Box<CatalogError>,
+    },
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("a [[model]] has an empty name")]
+    EmptyName,
+    #[error("model {0} is listed twice")]
+    Twice(String),
 }
 
-pub fn parse_catalog(text: &str) -> Result<Catalog, String> {
-    let file: CatalogFile = toml::from_str(text).map_err(|e| e.to_string())?;
+/// Reads a catalog file (TOML, `[[model]]` tables with `name`,
+/// `vram_bytes`, `load_ms` and optional `pinned`).
+pub fn load_catalog(path: &Path) -> Result<Catalog, CatalogError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_catalog(&text).map_err(|source| CatalogError::In {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
+pub fn parse_catalog(text: &str) -> Result<Catalog, CatalogError> {
+    let file: CatalogFile = toml::from_str(text)?;
     let mut catalog = Catalog::new();
     for entry in file.model {
         if entry.name.is_empty() {
-            return Err("a [[model]] has an empty name".into());
+            return Err(CatalogError::EmptyName);
         }
         if catalog.id(&entry.name).is_some() {
-            return Err(format!("model {} is listed twice", entry.name));
+            return Err(CatalogError::Twice(entry.name));
         }
         let mut spec = ModelSpec::new(entry.name, entry.vram_bytes, entry.load_ms);
         spec.pinned = entry.pinned;
@@ -399,16 +425,14 @@ impl LivePlacement {
         }
     }
 
-    pub fn route(&self, model: &str, now: UnixMs) -> Result<pb::RouteDecision, Status> {
+    pub fn route(&self, model: &str, now: UnixMs) -> Result<pb::RouteDecision, PlacementError> {
         let mut inner = self.lock();
         let Some(id) = inner.catalog.id(model) else {
-            return Err(Status::not_found(format!(
-                "model: {model} is neither in the catalog nor reported by any agent"
-            )));
+            return Err(PlacementError::UnknownModel(model.to_string()));
         };
         let decision = inner
             .route(id, now)
-            .map_err(|e| route_status(&inner.catalog, &e))?;
+            .map_err(|e| PlacementError::of_route(&inner.catalog, &e))?;
         if !matches!(decision, Decision::Serve { .. }) {
             inner.wanted.insert(model.to_string(), now);
         }
@@ -867,31 +891,51 @@ impl Inner {
     }
 }
 
-fn route_status(catalog: &Catalog, error: &RouteError) -> Status {
-    let name = |model: ModelId| model_name(catalog, model);
-    match error {
-        RouteError::UnknownModel(model) => {
-            Status::not_found(format!("model: {} is not in the catalog", name(*model)))
+/// What a `Placement` call can fail with; [`crate::error`] maps it to a
+/// gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error("model: must not be empty")]
+    EmptyModel,
+    #[error("model: {0} is neither in the catalog nor reported by any agent")]
+    UnknownModel(String),
+    #[error("model: {0} is not in the catalog")]
+    NotInCatalog(String),
+    #[error("no agent reports a healthy neuron")]
+    NoHealthyNode,
+    /// `RouteError::TooLarge`, with the model's name.
+    #[error("model: {0}")]
+    TooLarge(String),
+    /// `RouteError::NoRoom`, with the model's name.
+    #[error("model: {0}")]
+    NoRoom(String),
+}
+
+impl PlacementError {
+    fn of_route(catalog: &Catalog, error: &RouteError) -> PlacementError {
+        let name = |model: ModelId| model_name(catalog, model);
+        match error {
+            RouteError::UnknownModel(model) => PlacementError::NotInCatalog(name(*model)),
+            RouteError::NoHealthyNode => PlacementError::NoHealthyNode,
+            RouteError::TooLarge {
+                model,
+                need_bytes,
+                largest_gpu_bytes,
+            } => PlacementError::TooLarge(format!(
+                "{} needs {need_bytes} bytes of vram, more than the largest healthy gpu \
+                 ({largest_gpu_bytes}); models are not split across gpus",
+                name(*model)
+            )),
+            RouteError::NoRoom {
+                model,
+                need_bytes,
+                protected,
+            } => PlacementError::NoRoom(format!(
+                "no gpu can make room for {} ({need_bytes} bytes) even after allowed \
+                 evictions; protected: {protected}",
+                name(*model)
+            )),
         }
-        RouteError::NoHealthyNode => Status::unavailable("no agent reports a healthy neuron"),
-        RouteError::TooLarge {
-            model,
-            need_bytes,
-            largest_gpu_bytes,
-        } => Status::failed_precondition(format!(
-            "model: {} needs {need_bytes} bytes of vram, more than the largest healthy gpu \
-             ({largest_gpu_bytes}); models are not split across gpus",
-            name(*model)
-        )),
-        RouteError::NoRoom {
-            model,
-            need_bytes,
-            protected,
-        } => Status::resource_exhausted(format!(
-            "model: no gpu can make room for {} ({need_bytes} bytes) even after allowed \
-             evictions; protected: {protected}",
-            name(*model)
-        )),
     }
 }
 
@@ -915,9 +959,9 @@ impl pb::placement_server::Placement for PlacementService {
     ) -> Result<Response<pb::RouteDecision>, Status> {
         let model = request.into_inner().model;
         if model.trim().is_empty() {
-            return Err(Status::invalid_argument("model: must not be empty"));
+            return Err(PlacementError::EmptyModel.into());
         }
-        self.live.route(&model, clock::now_ms()).map(Response::new)
+        Ok(Response::new(self.live.route(&model, clock::now_ms())?))
     }
 
     async fn fleet(
@@ -981,10 +1025,13 @@ mod tests {
                 .unwrap();
         assert!(catalog.get(catalog.id("a").unwrap()).unwrap().pinned);
         let twice = "[[model]]\nname = \"a\"\nvram_bytes = 1\nload_ms = 1\n".repeat(2);
-        assert!(parse_catalog(&twice).unwrap_err().contains("twice"));
+        assert!(parse_catalog(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
         let unknown =
             parse_catalog("[[model]]\nname = \"a\"\nvram_bytes = 1\nload_ms = 1\nsize = 3\n");
-        assert!(unknown.unwrap_err().contains("size"));
+        assert!(unknown.unwrap_err().to_string().contains("size"));
     }
 
     #[test]
@@ -1023,14 +1070,14 @@ mod tests {
         assert_eq!(cold.kind, pb::RouteKind::ColdStart as i32);
         assert_eq!(cold.expected_load_ms, 7_000);
         assert_eq!(
-            live.route("nowhere", 2_000).unwrap_err().code(),
+            Status::from(live.route("nowhere", 2_000).unwrap_err()).code(),
             tonic::Code::NotFound
         );
         let (outbox, _rx) = tokio::sync::mpsc::channel(1);
         live.attach("agent-1", outbox.clone());
         live.agent_gone("agent-1", &outbox);
         assert_eq!(
-            live.route("hot", 2_000).unwrap_err().code(),
+            Status::from(live.route("hot", 2_000).unwrap_err()).code(),
             tonic::Code::Unavailable
         );
     }

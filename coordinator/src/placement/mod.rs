@@ -38,7 +38,10 @@ pub use catalog::{Catalog, ModelSpec};
 pub use defrag::{defrag_plan, DefragPlan, Move};
 pub use demand::{Demand, DemandTracker, NoDemand};
 pub use fleet::{FleetView, Gpu, ModelStatus, Node, Resident};
-pub use live::{load_catalog, parse_catalog, LivePlacement, PlacementService, Served};
+pub use live::{
+    load_catalog, parse_catalog, CatalogError, LivePlacement, PlacementError, PlacementService,
+    Served,
+};
 
 use allot::clock::UnixMs;
 use fleet::load_cmp;

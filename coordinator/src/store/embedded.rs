@@ -18,11 +18,11 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
         if let Some(parent) = path.parent() {
-            allot::private_files::create_dir_all(parent).map_err(|e| {
+            allot_runtime::private_files::create_dir_all(parent).map_err(|e| {
                 StoreError::NotApplied(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        allot::private_files::create_if_missing(path).map_err(|e| {
+        allot_runtime::private_files::create_if_missing(path).map_err(|e| {
             StoreError::NotApplied(format!("cannot create {}: {e}", path.display()))
         })?;
         let db = Database::create(path)

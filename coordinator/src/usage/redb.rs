@@ -55,10 +55,10 @@ pub struct EmbeddedUsageStore {
 impl EmbeddedUsageStore {
     pub fn open(path: &Path) -> Result<EmbeddedUsageStore, UsageStoreError> {
         if let Some(parent) = path.parent() {
-            allot::private_files::create_dir_all(parent)
+            allot_runtime::private_files::create_dir_all(parent)
                 .map_err(|e| setup(format_args!("cannot create {}: {e}", parent.display())))?;
         }
-        allot::private_files::create_if_missing(path)
+        allot_runtime::private_files::create_if_missing(path)
             .map_err(|e| setup(format_args!("cannot create {}: {e}", path.display())))?;
         let db = Database::create(path)
             .map_err(|e| setup(format_args!("cannot open {}: {e}", path.display())))?;

@@ -22,7 +22,7 @@ impl Spill {
     /// Opens (creating) the spill directory; batches already there, from an
     /// earlier run, are written first.
     pub fn open(dir: &Path) -> Result<Spill, UsageStoreError> {
-        allot::private_files::create_dir_all(dir).map_err(|e| {
+        allot_runtime::private_files::create_dir_all(dir).map_err(|e| {
             setup(format_args!(
                 "usage_spill_dir: cannot create {}: {e}",
                 dir.display()
@@ -85,7 +85,7 @@ impl Spill {
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             use std::io::Write;
             let temporary = dir.join(format!("{name}.tmp"));
-            let mut file = allot::private_files::create(&temporary)?;
+            let mut file = allot_runtime::private_files::create(&temporary)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
             std::fs::rename(&temporary, dir.join(&name))?;

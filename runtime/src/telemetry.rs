@@ -29,14 +29,32 @@ pub enum LogFormat {
 }
 
 impl std::str::FromStr for LogFormat {
-    type Err = String;
-    fn from_str(text: &str) -> Result<LogFormat, String> {
+    type Err = TelemetryError;
+    fn from_str(text: &str) -> Result<LogFormat, TelemetryError> {
         match text {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!("log format must be text or json, not {other:?}")),
+            other => Err(TelemetryError::LogFormat(other.to_string())),
         }
     }
+}
+
+/// What can go wrong setting telemetry up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("log format must be text or json, not {0:?}")]
+    LogFormat(String),
+    #[error("cannot start the OTLP export runtime: {0}")]
+    ExportRuntime(std::io::Error),
+    #[error("cannot build the OTLP exporter: {0}")]
+    Exporter(opentelemetry_otlp::ExporterBuildError),
+    #[error("the OTLP exporter set-up panicked")]
+    ExporterPanicked,
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: metrics_exporter_prometheus::BuildError,
+    },
 }
 
 /// Keeps the trace pipeline alive; [`Telemetry::shutdown`] flushes it.
@@ -95,27 +113,27 @@ impl SpanExporter for OwnRuntimeExporter {
     }
 }
 
-fn otlp_provider(service_name: &str) -> Result<SdkTracerProvider, String> {
+fn otlp_provider(service_name: &str) -> Result<SdkTracerProvider, TelemetryError> {
     // Built on a plain thread: this may be called from inside the
     // application's runtime, where blocking on another one is not allowed.
-    let exporter = std::thread::spawn(|| -> Result<OwnRuntimeExporter, String> {
+    let exporter = std::thread::spawn(|| -> Result<OwnRuntimeExporter, TelemetryError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("otlp-export")
             .enable_all()
             .build()
-            .map_err(|e| format!("cannot start the OTLP export runtime: {e}"))?;
+            .map_err(TelemetryError::ExportRuntime)?;
         let inner = runtime
             .block_on(async {
                 opentelemetry_otlp::SpanExporter::builder()
                     .with_tonic()
                     .build()
             })
-            .map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
+            .map_err(TelemetryError::Exporter)?;
         Ok(OwnRuntimeExporter { inner, runtime })
     })
     .join()
-    .map_err(|_| "the OTLP exporter set-up panicked".to_string())??;
+    .map_err(|_| TelemetryError::ExporterPanicked)??;
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(service_name.to_string());
@@ -189,11 +207,11 @@ pub fn init_logging(format: LogFormat) {
 
 /// Serves Prometheus text format on `addr` (`GET /metrics`) for the global
 /// `metrics` recorder. Must be called from within a tokio runtime.
-pub fn install_metrics(addr: SocketAddr) -> Result<(), String> {
+pub fn install_metrics(addr: SocketAddr) -> Result<(), TelemetryError> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .install()
-        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))
+        .map_err(|source| TelemetryError::Metrics { addr, source })
 }
 
 #[cfg(test)]
