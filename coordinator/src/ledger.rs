@@ -22,6 +22,8 @@
 //! across a restart) is in the history and charged, for
 //! [`LedgerConfig::key_history_retention_ms`] after the slice was last held.
 
+mod follow;
+
 use crate::grant;
 use crate::store::{StoreWrite, StoredState};
 use allot::clock::UnixMs;
