@@ -273,6 +273,16 @@ impl Engine {
         let ledger = tokio::task::spawn_blocking(move || Ledger::from_stored(config, stored))
             .await
             .map_err(|e| StoreError::NotApplied(format!("loading the ledger failed: {e}")))?;
+        Ok(Engine::start(store, settings, ledger))
+    }
+
+    /// The engine over a ledger that equals what `store` holds (loaded, or
+    /// kept warm by a standby), and its handle.
+    pub fn start(
+        store: Arc<dyn Store>,
+        settings: EngineSettings,
+        ledger: Ledger,
+    ) -> (Engine, EngineHandle) {
         let now = Instant::now();
         let disconnected = ledger.agents().map(|a| (a.agent_id.clone(), now)).collect();
         let (tx, rx) = mpsc::channel(65_536);
@@ -291,7 +301,7 @@ impl Engine {
             jobs: rx,
             fenced: false,
         };
-        Ok((engine, EngineHandle { jobs: tx }))
+        (engine, EngineHandle { jobs: tx })
     }
 
     /// Runs until every handle is dropped, or until a fenced write shows
