@@ -174,7 +174,9 @@ async fn run_warm(
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if let Some(take) = pending.take_if(|take| revision >= take.at_least) {
-            let ledger = ledger.take().expect("the follower owns the ledger until it hands it over");
+            let ledger = ledger
+                .take()
+                .expect("the follower owns the ledger until it hands it over");
             tracing::info!(revision, "standby ledger handed to the new leader");
             return match take.reply.send(ledger) {
                 Ok(()) => Ended::HandedOver,
@@ -245,7 +247,10 @@ async fn run_warm(
 }
 
 /// The writes a watch response carries, in order, and the last revision.
-fn decode(prefix: &str, events: &[etcd_client::Event]) -> Result<(Vec<StoreWrite>, i64), StoreError> {
+fn decode(
+    prefix: &str,
+    events: &[etcd_client::Event],
+) -> Result<(Vec<StoreWrite>, i64), StoreError> {
     let mut writes = Vec::with_capacity(events.len());
     let mut last = 0;
     for event in events {

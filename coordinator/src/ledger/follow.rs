@@ -119,7 +119,9 @@ impl Ledger {
             transactions: Vec::new(),
             audit: self.audit.newest_first().cloned().collect(),
         };
-        state.accounts.sort_by(|a, b| a.account_id.cmp(&b.account_id));
+        state
+            .accounts
+            .sort_by(|a, b| a.account_id.cmp(&b.account_id));
         state.keys.sort_by(|a, b| a.key_id.cmp(&b.key_id));
         state
             .counters
@@ -184,7 +186,11 @@ mod tests {
     }
 
     fn tokens(n: i64) -> Amounts {
-        Amounts([Some(Decimal::ZERO), Some(Decimal::from(n)), Some(Decimal::ZERO)])
+        Amounts([
+            Some(Decimal::ZERO),
+            Some(Decimal::from(n)),
+            Some(Decimal::ZERO),
+        ])
     }
 
     fn key(id: &str, secret: &str) -> KeyRecord {
@@ -264,8 +270,15 @@ mod tests {
                 l.set_limits(&Scope::Key(id.into()), vec![cap.clone()], NOW, w)
                     .unwrap();
             }
-            l.credit("acme", "invoice-1", TransactionKind::Purchase, Decimal::from(50), NOW, w)
-                .unwrap();
+            l.credit(
+                "acme",
+                "invoice-1",
+                TransactionKind::Purchase,
+                Decimal::from(50),
+                NOW,
+                w,
+            )
+            .unwrap();
         });
         step("hellos", &mut |l, w| {
             l.hello("a1", 1, "n1", w).unwrap();
@@ -300,7 +313,10 @@ mod tests {
     #[test]
     fn a_deleted_account_cannot_be_mirrored_and_says_so() {
         let error = layout::decode_entry(PREFIX, "/allot/accounts/acme", None).unwrap_err();
-        assert!(error.to_string().contains("/allot/accounts/acme"), "{error}");
+        assert!(
+            error.to_string().contains("/allot/accounts/acme"),
+            "{error}"
+        );
         assert_eq!(
             layout::decode_entry(PREFIX, "/allot/journal", None).unwrap(),
             None

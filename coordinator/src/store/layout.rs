@@ -180,7 +180,9 @@ pub fn decode_entry(
                 .map_err(|e| corrupt(key, e)),
             ["accounts" | "keys" | "agents", _]
             | ["counters", "key" | "account", _]
-            | ["tariffs" | "txns", ..] => Err(corrupt(key, "deleted, and the ledger never deletes it")),
+            | ["tariffs" | "txns", ..] => {
+                Err(corrupt(key, "deleted, and the ledger never deletes it"))
+            }
             _ => Ok(None),
         };
     };
