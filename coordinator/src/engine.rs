@@ -204,12 +204,30 @@ impl EngineSource {
 
     /// The leader's engine, or UNAVAILABLE on a standby.
     pub fn current(&self) -> Result<EngineHandle, tonic::Status> {
-        self.0.borrow().clone().ok_or_else(|| {
-            tonic::Status::unavailable(
-                "this coordinator is a standby, not the leader; try another coordinator",
-            )
-        })
+        self.0.borrow().clone().ok_or_else(not_leading)
     }
+
+    /// The leader's engine, waiting up to `hold` for this coordinator to
+    /// lead: an agent whose leader died waits at a standby for the election
+    /// rather than polling every coordinator. UNAVAILABLE after `hold`.
+    pub async fn current_within(&self, hold: Duration) -> Result<EngineHandle, tonic::Status> {
+        let mut source = self.0.clone();
+        let waited = tokio::time::timeout(hold, async {
+            source
+                .wait_for(|engine| engine.is_some())
+                .await
+                .ok()
+                .and_then(|engine| engine.clone())
+        })
+        .await;
+        waited.ok().flatten().ok_or_else(not_leading)
+    }
+}
+
+fn not_leading() -> tonic::Status {
+    tonic::Status::unavailable(
+        "this coordinator is a standby, not the leader; try another coordinator",
+    )
 }
 
 /// A cloneable handle to the engine.
