@@ -23,9 +23,9 @@
 //! `target/release/settle_bench <mode>`.
 
 use allot::pb;
-use allot_coordinator::ledger::{AccountRecord, AgentRecord, KeyRecord};
 use allot_coordinator::store::{Store, StoreWrite};
 use allot_e2e::etcd::EtcdCluster;
+use allot_e2e::fixture::{fixture_chunks, OwnEtcd};
 use allot_e2e::process::{binary, free_port};
 use allot_e2e::tls::TestPki;
 use allot_e2e::{authed, balance, limit, TempDir, ADMIN_TOKEN, MODEL};
@@ -160,71 +160,6 @@ impl Coordinator {
 impl Drop for Coordinator {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// One etcd member with extra flags (fsync on, as by default).
-struct OwnEtcd {
-    child: Option<Child>,
-    url: String,
-    _dir: TempDir,
-}
-
-impl OwnEtcd {
-    async fn start(label: &str, extra: &[&str]) -> anyhow::Result<OwnEtcd> {
-        let dir = TempDir::new(label);
-        let url = format!("http://127.0.0.1:{}", free_port());
-        let peer = format!("http://127.0.0.1:{}", free_port());
-        let log = std::fs::File::create(dir.0.join("etcd.log"))?;
-        let child = Command::new("etcd")
-            .args(["--name", "m0"])
-            .args(["--data-dir", dir.0.join("data").to_str().unwrap()])
-            .args(["--listen-client-urls", &url])
-            .args(["--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("m0={peer}")])
-            .args(["--initial-cluster-state", "new"])
-            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()?;
-        let etcd = OwnEtcd {
-            child: Some(child),
-            url,
-            _dir: dir,
-        };
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut client) = etcd.client().await {
-                if let Ok(Ok(_)) =
-                    tokio::time::timeout(Duration::from_secs(1), client.put("/probe", "ok", None))
-                        .await
-                {
-                    return Ok(etcd);
-                }
-            }
-            anyhow::ensure!(Instant::now() < end, "etcd did not answer within 30 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn client(&self) -> anyhow::Result<etcd_client::Client> {
-        Ok(tokio::time::timeout(
-            Duration::from_secs(2),
-            etcd_client::Client::connect([self.url.clone()], None),
-        )
-        .await??)
-    }
-}
-
-impl Drop for OwnEtcd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -909,69 +844,6 @@ async fn tls(args: &[String]) -> anyhow::Result<()> {
     );
     anyhow::ensure!(all_ok, "spent tokens do not match acked records");
     Ok(())
-}
-
-fn key_record(i: usize) -> KeyRecord {
-    KeyRecord {
-        key_id: format!("mk{i:07}"),
-        account_id: "ma".into(),
-        hash: allot::key::KeyHash::of_secret(&format!("secret-{i}")),
-        purpose: allot::key::Purpose::Realtime,
-        revoked: false,
-        allowed_models: vec![],
-        name: String::new(),
-        limits: vec![allot::limit::Limit {
-            unit: allot::Unit::Tokens,
-            amount: rust_decimal::Decimal::from(1_000_000_000i64),
-            window: allot::limit::Window::Balance,
-        }],
-        created_at_ms: 0,
-    }
-}
-
-/// Every write of the memory fixture, in chunks of `chunk`.
-fn fixture_chunks(keys: usize, agents: usize, chunk: usize) -> Vec<Vec<StoreWrite>> {
-    let mut writes = vec![StoreWrite::PutAccount(AccountRecord {
-        account_id: "ma".into(),
-        name: "memory".into(),
-        credited: rust_decimal::Decimal::ZERO,
-        limits: vec![],
-        created_at_ms: 0,
-    })];
-    let mut chunks = Vec::new();
-    let mut push = |write: StoreWrite, writes: &mut Vec<StoreWrite>| {
-        writes.push(write);
-        if writes.len() >= chunk {
-            chunks.push(std::mem::take(writes));
-        }
-    };
-    for i in 0..keys {
-        push(StoreWrite::PutKey(key_record(i)), &mut writes);
-    }
-    for j in 0..agents {
-        let agent_id = format!("ag{j:05}");
-        push(
-            StoreWrite::PutAgent(AgentRecord {
-                agent_id: agent_id.clone(),
-                epoch: 1,
-                high_water_seq: 0,
-                neuron_id: "n1".into(),
-            }),
-            &mut writes,
-        );
-        push(
-            StoreWrite::PutSlice {
-                agent_id,
-                key_id: format!("mk{:07}", j % keys.max(1)),
-                held: allot::Amounts([None, Some(rust_decimal::Decimal::from(100)), None]),
-            },
-            &mut writes,
-        );
-    }
-    if !writes.is_empty() {
-        chunks.push(writes);
-    }
-    chunks
 }
 
 async fn memory(args: &[String]) -> anyhow::Result<()> {
