@@ -7,7 +7,9 @@ use crate::process::free_port;
 use crate::TempDir;
 use allot_coordinator::ledger::{AccountRecord, AgentRecord, KeyRecord};
 use allot_coordinator::store::StoreWrite;
+use allot_coordinator::store::Store;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One etcd member with extra flags (fsync on, as by default).
@@ -138,3 +140,46 @@ pub fn fixture_chunks(keys: usize, agents: usize, chunk: usize) -> Vec<Vec<Store
     chunks
 }
 
+
+/// Writes `chunks` under `/allot/`, unfenced. Chunks of at most 120
+/// writes are one etcd transaction each, no journal, so 16 of them run at
+/// once.
+pub async fn write_fixture(
+    client: etcd_client::Client,
+    chunks: Vec<Vec<StoreWrite>>,
+) -> anyhow::Result<()> {
+    let store = Arc::new(allot_coordinator::store::etcd::EtcdStore::new(
+        client, "/allot/", None,
+    ));
+    let chunks = Arc::new(Mutex::new(chunks));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (chunks, store) = (chunks.clone(), store.clone());
+        workers.spawn(async move {
+            loop {
+                let Some(chunk) = chunks.lock().unwrap().pop() else {
+                    return anyhow::Ok(());
+                };
+                store.commit(chunk).await?;
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// A `/proc/<pid>/status` figure in KiB (`VmRSS:`, `VmHWM:`).
+pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/{pid}/status"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("bad {field} line"))?
+        .parse()?)
+}

@@ -25,7 +25,7 @@
 use allot::pb;
 use allot_coordinator::store::{Store, StoreWrite};
 use allot_e2e::etcd::EtcdCluster;
-use allot_e2e::fixture::{fixture_chunks, OwnEtcd};
+use allot_e2e::fixture::{fixture_chunks, status_kib, write_fixture, OwnEtcd};
 use allot_e2e::process::{binary, free_port};
 use allot_e2e::tls::TestPki;
 use allot_e2e::{authed, balance, limit, TempDir, ADMIN_TOKEN, MODEL};
@@ -203,19 +203,6 @@ async fn wait_leading(url: &str, deadline: Duration) -> anyhow::Result<Duration>
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/{pid}/status"))?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .ok_or_else(|| anyhow::anyhow!("bad {field} line"))?
-        .parse()?)
 }
 
 // ---------------------------------------------------------------- admin setup
@@ -867,28 +854,7 @@ async fn memory(args: &[String]) -> anyhow::Result<()> {
                 ],
             )
             .await?;
-            let client = etcd.client().await?;
-            let store = Arc::new(allot_coordinator::store::etcd::EtcdStore::new(
-                client, "/allot/", None,
-            ));
-            // Chunks of at most 120 writes: one etcd transaction each, no
-            // journal, so 16 of them can run at once.
-            let chunks = Arc::new(Mutex::new(chunks));
-            let mut workers = tokio::task::JoinSet::new();
-            for _ in 0..16 {
-                let (chunks, store) = (chunks.clone(), store.clone());
-                workers.spawn(async move {
-                    loop {
-                        let Some(chunk) = chunks.lock().unwrap().pop() else {
-                            return anyhow::Ok(());
-                        };
-                        store.commit(chunk).await?;
-                    }
-                });
-            }
-            while let Some(done) = workers.join_next().await {
-                done??;
-            }
+            write_fixture(etcd.client().await?, chunks).await?;
             let mut client = etcd.client().await?;
             let status = client.status().await?;
             println!(
