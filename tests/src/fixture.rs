@@ -6,8 +6,8 @@
 use crate::process::free_port;
 use crate::TempDir;
 use allot_coordinator::ledger::{AccountRecord, AgentRecord, KeyRecord};
-use allot_coordinator::store::StoreWrite;
 use allot_coordinator::store::Store;
+use allot_coordinator::store::StoreWrite;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -140,7 +140,6 @@ pub fn fixture_chunks(keys: usize, agents: usize, chunk: usize) -> Vec<Vec<Store
     chunks
 }
 
-
 /// Writes `chunks` under `/allot/`, unfenced. Chunks of at most 120
 /// writes are one etcd transaction each, no journal, so 16 of them run at
 /// once.
@@ -182,4 +181,40 @@ pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
         .nth(1)
         .ok_or_else(|| anyhow::anyhow!("bad {field} line"))?
         .parse()?)
+}
+
+/// The value of the first sample of `name` on a Prometheus endpoint.
+pub async fn metric_value(http: &reqwest::Client, url: &str, name: &str) -> Option<f64> {
+    let text = http.get(url).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Polls a Prometheus endpoint until `name` is at least `at_least`.
+pub async fn wait_metric(
+    url: &str,
+    name: &str,
+    at_least: f64,
+    deadline: Duration,
+) -> anyhow::Result<()> {
+    let end = Instant::now() + deadline;
+    let http = reqwest::Client::new();
+    loop {
+        if metric_value(&http, url, name)
+            .await
+            .is_some_and(|v| v >= at_least)
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < end,
+            "{url}: {name} never reached {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

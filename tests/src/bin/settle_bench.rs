@@ -19,13 +19,22 @@
 //!   presents a certificate naming it, from a test CA made here), in
 //!   interleaved rounds whose order is swapped every round.
 //!
+//! * `standby [--secs 20] [--warmup 3]` (issue 17): the batched workload
+//!   against a leader on etcd while a second coordinator stands by. Every
+//!   second the store's revision is read and the time until the standby
+//!   has applied it is measured (its watch lag). Then the leader is
+//!   killed: the standby takes over with its warm ledger, and the spent
+//!   tokens must equal every acknowledged record's.
+//!
 //! Build `cargo build --release --workspace --bins`, then run
 //! `target/release/settle_bench <mode>`.
 
 use allot::pb;
 use allot_coordinator::store::{Store, StoreWrite};
 use allot_e2e::etcd::EtcdCluster;
-use allot_e2e::fixture::{fixture_chunks, status_kib, write_fixture, OwnEtcd};
+use allot_e2e::fixture::{
+    fixture_chunks, metric_value, status_kib, wait_metric, write_fixture, OwnEtcd,
+};
 use allot_e2e::process::{binary, free_port};
 use allot_e2e::tls::TestPki;
 use allot_e2e::{authed, balance, limit, TempDir, ADMIN_TOKEN, MODEL};
@@ -118,7 +127,11 @@ impl Coordinator {
         let scheme = if pki.is_some() { "https" } else { "http" };
         let child = command
             .args(["--listen", &addr])
-            .args(["--metrics-listen", "off"])
+            .args(if args.iter().any(|a| a == "--metrics-listen") {
+                &[][..]
+            } else {
+                &["--metrics-listen", "off"][..]
+            })
             .args(["--admin-token", ADMIN_TOKEN])
             .args(args)
             .env("RUST_LOG", "info,h2=warn,tower=warn")
@@ -508,7 +521,7 @@ async fn one_agent(
             }
         })
     };
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((index as u64 + 1) * 0x2545_F491_4F6C_DD1D);
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (index as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
     let mut next_seq = first_seq;
     let mut sent = 0u64;
     while Instant::now() < window_end {
@@ -1111,6 +1124,125 @@ async fn history(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Watch lag samples: every second, the store's revision, then the time
+/// until the standby's `allot_standby_revision` reaches it.
+async fn sample_watch_lag(
+    mut client: etcd_client::Client,
+    metrics_url: String,
+    until: Instant,
+) -> anyhow::Result<Vec<Duration>> {
+    let http = reqwest::Client::new();
+    let mut lags = Vec::new();
+    while Instant::now() < until {
+        let revision = client
+            .get("/allot/journal", None)
+            .await?
+            .header()
+            .map_or(0, |h| h.revision()) as f64;
+        let asked = Instant::now();
+        loop {
+            if metric_value(&http, &metrics_url, "allot_standby_revision")
+                .await
+                .is_some_and(|v| v >= revision)
+            {
+                lags.push(asked.elapsed());
+                break;
+            }
+            anyhow::ensure!(
+                asked.elapsed() < Duration::from_secs(60),
+                "the standby did not reach revision {revision} within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(lags)
+}
+
+async fn standby(args: &[String]) -> anyhow::Result<()> {
+    let measure = Duration::from_secs(arg_u64(args, "--secs", 20)?);
+    let warm_up = Duration::from_secs(arg_u64(args, "--warmup", 3)?);
+    let dir = TempDir::new("standby-bench");
+    let cluster = EtcdCluster::start(1).await;
+    let endpoints = cluster.endpoints();
+    let mut leader = Coordinator::on_etcd(&dir.0.join("c1.log"), &endpoints, "c1", &[]);
+    wait_leading(&leader.url, Duration::from_secs(30)).await?;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let metrics_url = format!("http://{metrics}/metrics");
+    let standby = Coordinator::on_etcd(
+        &dir.0.join("c2.log"),
+        &endpoints,
+        "c2",
+        &["--metrics-listen", &metrics],
+    );
+    let keys = Arc::new(create_keys(&leader.url, BENCH_KEYS).await?);
+    wait_metric(
+        &metrics_url,
+        "allot_standby_warm",
+        1.0,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let workload = Workload {
+        url: leader.url.clone(),
+        agent_prefix: "standby-agent-".into(),
+        agents: BENCH_AGENTS,
+        batch: 512,
+        in_flight_per_agent: 8,
+        warm_up,
+        measure,
+    };
+    println!(
+        "a leader and a standby on one etcd member; {} agents x {} in flight x {} records per batch, {:?} warm-up + {:?}",
+        workload.agents, workload.in_flight_per_agent, workload.batch, warm_up, measure
+    );
+    let sampler = tokio::spawn(sample_watch_lag(
+        cluster.client().await,
+        metrics_url.clone(),
+        Instant::now() + warm_up + measure,
+    ));
+    let outcome = run_workload(&workload, keys.clone()).await?;
+    let mut lags = sampler.await??;
+    lags.sort();
+    anyhow::ensure!(!lags.is_empty(), "no watch lag sample");
+    let rss = |c: &Coordinator| {
+        c.child
+            .as_ref()
+            .map_or(0, |child| status_kib(child.id(), "VmRSS:").unwrap_or(0))
+    };
+    println!(
+        "settled {:.0} records/s in the window ({} acked); standby watch lag over {} samples: median {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        outcome.acked_in_window as f64 / measure.as_secs_f64(),
+        outcome.acked,
+        lags.len(),
+        lags[lags.len() / 2].as_secs_f64() * 1e3,
+        lags[((lags.len() - 1) as f64 * 0.99).round() as usize].as_secs_f64() * 1e3,
+        lags[lags.len() - 1].as_secs_f64() * 1e3,
+    );
+    println!(
+        "resident memory: leader {} KiB, standby {} KiB",
+        rss(&leader),
+        rss(&standby)
+    );
+    leader.kill();
+    let took = wait_leading(&standby.url, Duration::from_secs(30)).await?;
+    let spent = spent_tokens(&standby.url, &keys).await?;
+    println!(
+        "leader killed: the standby led after {:.2} s; spent tokens {} (expected {} = {} acked x {}): {}",
+        took.as_secs_f64(),
+        spent,
+        outcome.acked * TOKENS_PER_RECORD,
+        outcome.acked,
+        TOKENS_PER_RECORD,
+        if spent == outcome.acked * TOKENS_PER_RECORD && outcome.sent == outcome.acked {
+            "exact"
+        } else {
+            "MISMATCH"
+        }
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -1120,6 +1252,7 @@ async fn main() -> anyhow::Result<()> {
         Some("history") => history(&args).await,
         Some("heap") => heap(&args).await,
         Some("tls") => tls(&args).await,
+        Some("standby") => standby(&args).await,
         _ => {
             eprintln!("usage: settle_bench throughput [--secs 20] [--warmup 3] | memory --keys N --agents M [--store etcd|embedded] | history [--secs 600] [--sample 30] | heap --keys N --agents M | tls [--rounds 5] [--secs 10] [--warmup 2]");
             std::process::exit(2);

@@ -3,7 +3,7 @@
 
 use super::{wait_leader, Coordinator};
 use allot::pb;
-use allot_e2e::fixture::{fixture_chunks, status_kib, write_fixture, OwnEtcd};
+use allot_e2e::fixture::{fixture_chunks, status_kib, wait_metric, write_fixture, OwnEtcd};
 use allot_e2e::process::free_port;
 use allot_e2e::TempDir;
 use rand::Rng;
@@ -18,21 +18,6 @@ fn arg(args: &[String], name: &str, default: u64) -> anyhow::Result<u64> {
             .ok_or_else(|| anyhow::anyhow!("{name} needs a value"))?
             .parse()?),
         None => Ok(default),
-    }
-}
-
-/// Polls `url` (a Prometheus endpoint) until `line` is in it.
-async fn wait_metric(url: &str, line: &str, deadline: Duration) -> anyhow::Result<()> {
-    let end = Instant::now() + deadline;
-    let http = reqwest::Client::new();
-    loop {
-        if let Ok(response) = http.get(url).send().await {
-            if response.text().await.unwrap_or_default().contains(line) {
-                return Ok(());
-            }
-        }
-        anyhow::ensure!(Instant::now() < end, "{url} never showed {line:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -122,7 +107,11 @@ async fn agent_life(
     // The session ends when the leader dies.
     while let Ok(Some(_)) = session.message().await {}
     let mut killed = killed;
-    let Ok(at) = killed.wait_for(|at| at.is_some()).await.map(|at| at.unwrap()) else {
+    let Ok(at) = killed
+        .wait_for(|at| at.is_some())
+        .await
+        .map(|at| at.unwrap())
+    else {
         return;
     };
     let mut side = 1 - leader;
@@ -153,7 +142,10 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
     let keys = arg(args, "--keys", 1_000_000)? as usize;
     let agents = arg(args, "--agents", 10_000)? as usize;
     let connections = arg(args, "--connections", 100)?.max(1) as usize;
-    anyhow::ensure!(keys > 0 && agents > 0, "--keys and --agents must be positive");
+    anyhow::ensure!(
+        keys > 0 && agents > 0,
+        "--keys and --agents must be positive"
+    );
     let etcd = OwnEtcd::start(
         "failover-scale-etcd",
         &[
@@ -194,7 +186,8 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
     );
     wait_metric(
         &format!("http://{}/metrics", metrics[standby]),
-        "allot_standby_warm 1",
+        "allot_standby_warm",
+        1.0,
         Duration::from_secs(1_800),
     )
     .await?;
@@ -264,7 +257,11 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
     let takeover = std::fs::read_to_string(dir.0.join(format!("c{}.log", standby + 1)))
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.contains("elected leader") || l.contains("handed to the new leader") || l.contains("loading instead"))
+        .filter(|l| {
+            l.contains("elected leader")
+                || l.contains("handed to the new leader")
+                || l.contains("loading instead")
+        })
         .map(str::to_string)
         .collect::<Vec<_>>();
     for line in &takeover {
@@ -292,7 +289,11 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
     println!(
         "new leader resident memory {} KiB; target first grant <= 3 s: {}, every agent <= 3 s: {}",
         rss(pids[standby]),
-        if times[0] <= Duration::from_secs(3) { "met" } else { "missed" },
+        if times[0] <= Duration::from_secs(3) {
+            "met"
+        } else {
+            "missed"
+        },
         if failures.is_empty() && max <= Duration::from_secs(3) {
             "met"
         } else {
