@@ -1,5 +1,5 @@
-//! Every size bound on what operators and agents send, in one place (the
-//! README's "Input bounds" lists them). Input over a bound is refused with
+//! Every size bound on what operators and agents send, in one place
+//! (docs/bounds.md lists them). Input over a bound is refused with
 //! the field and the bound named; it never reaches the ledger, the stores
 //! or an agent.
 //!

@@ -115,7 +115,7 @@ impl Operation {
 pub struct LimitField {
     /// Its path in the body (`["options", "num_predict"]`).
     pub path: &'static [&'static str],
-    /// Which servers honour it, and how (for the README's table).
+    /// Which servers honour it, and how (for docs/http-api.md's table).
     pub honoured_by: &'static str,
     /// A negative value means "no limit" to its servers (llama.cpp's and
     /// Ollama's `-1`); the agent reads it as absent and rewrites it.

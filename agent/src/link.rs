@@ -248,8 +248,8 @@ fn refusal_of(error: &anyhow::Error, settings: &LinkSettings) -> Option<String> 
             "; the spool directory {dir} was wiped or restored from an older copy, and usage \
              records it held and had not sent are lost. To recover, stop the agent, then either \
              give it a new agent_id, or write {dir}/state.json as {{\"epoch\": N, \"acked\": 0}} \
-             with N the current epoch named above, and start it again (README: \"A wiped spool \
-             directory\")",
+             with N the current epoch named above, and start it again (docs/operations.md: \"A \
+             wiped spool directory\")",
             dir = settings.spool_dir.display()
         ));
     }

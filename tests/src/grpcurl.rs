@@ -1,7 +1,7 @@
 //! grpcurl, the client operators use, run by the tests: one builder for
 //! plaintext and TLS, client certificates and bearer tokens. A token
 //! travels in grpcurl's environment (`-expand-headers`), never on its
-//! command line, as the README tells operators to do.
+//! command line, as docs/admin-cookbook.md tells operators to do.
 
 use crate::tls::CertFiles;
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! The README's grpcurl cookbook, run line by line as written against a
+//! The grpcurl cookbook (docs/admin-cookbook.md), run line by line as written against a
 //! real coordinator speaking TLS (only the address and the CA file differ),
 //! with its outputs checked.
 
@@ -8,9 +8,12 @@ use std::time::Duration;
 const TOKEN: &str = "quickstart-admin-token";
 
 fn cookbook() -> Vec<String> {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let section = readme
+    let cookbook = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/admin-cookbook.md"
+    ))
+    .unwrap();
+    let section = cookbook
         .split("## Admin API with grpcurl")
         .nth(1)
         .expect("the cookbook section");

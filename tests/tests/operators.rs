@@ -209,8 +209,8 @@ async fn call(url: &str, method: &str, token: &str) -> Result<(), tonic::Status>
     }
 }
 
-/// Each method and the scopes that allow it besides `admin`, as the
-/// README states them.
+/// Each method and the scopes that allow it besides `admin`, as
+/// docs/admin-cookbook.md states them.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("CreateAccount", &["billing"]),
     ("GetAccount", &["read"]),
