@@ -322,6 +322,9 @@ struct LoadResult {
     quota: u64,
     unavailable: u64,
     served_tokens: u64,
+    /// The longest time one client saw only 503s (from its first 503 to
+    /// its next answer that was not a 503).
+    longest_unavailable: Duration,
 }
 
 /// Sends requests from `workers` clients until each has been refused for
@@ -346,6 +349,7 @@ async fn load(
         );
         let (result, signal) = (result.clone(), signal.clone());
         tasks.push(tokio::spawn(async move {
+            let mut unavailable_since: Option<tokio::time::Instant> = None;
             while tokio::time::Instant::now() < deadline {
                 let response = http
                     .post(&url)
@@ -357,6 +361,11 @@ async fn load(
                 let status = response.status().as_u16();
                 let body: serde_json::Value = response.json().await.unwrap_or_default();
                 let mut r = result.lock().await;
+                if status == 503 {
+                    unavailable_since.get_or_insert_with(tokio::time::Instant::now);
+                } else if let Some(since) = unavailable_since.take() {
+                    r.longest_unavailable = r.longest_unavailable.max(since.elapsed());
+                }
                 match status {
                     200 => {
                         r.served += 1;
@@ -457,6 +466,12 @@ async fn leader_killed_under_load_loses_nothing_and_overspends_nothing() {
     };
     let (result, ()) = tokio::join!(run, kill);
     assert!(result.served > 15 && result.quota > 0, "{result:?}");
+    // Issue 17's target: no client sees only 503s for longer than 3 s.
+    assert!(
+        result.longest_unavailable <= Duration::from_secs(3),
+        "a client saw only 503s for {:?}: {result:?}",
+        result.longest_unavailable
+    );
     let standby = 1 - leader;
     assert_eq!(wait_for_leader(&coordinators[standby..=standby]).await, 0);
     assert_settled(&urls[standby], &mut fleet, &key_id, &result, cap).await;
