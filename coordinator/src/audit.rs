@@ -137,6 +137,22 @@ impl AuditLog {
         recorded
     }
 
+    /// Mirrors an entry the leader wrote (a standby following the store).
+    pub fn apply_put(&mut self, entry: AuditEntry) {
+        self.next_seq = self.next_seq.max(entry.seq + 1);
+        match self.entries.binary_search_by_key(&entry.seq, |e| e.seq) {
+            Ok(at) => self.entries[at] = entry,
+            Err(at) => self.entries.insert(at, entry),
+        }
+    }
+
+    /// Mirrors an entry the leader's retention deleted.
+    pub fn apply_delete(&mut self, seq: u64) {
+        if let Ok(at) = self.entries.binary_search_by_key(&seq, |e| e.seq) {
+            self.entries.remove(at);
+        }
+    }
+
     /// Newest first.
     pub fn newest_first(&self) -> impl Iterator<Item = &AuditEntry> {
         self.entries.iter().rev()

@@ -204,12 +204,30 @@ impl EngineSource {
 
     /// The leader's engine, or UNAVAILABLE on a standby.
     pub fn current(&self) -> Result<EngineHandle, tonic::Status> {
-        self.0.borrow().clone().ok_or_else(|| {
-            tonic::Status::unavailable(
-                "this coordinator is a standby, not the leader; try another coordinator",
-            )
-        })
+        self.0.borrow().clone().ok_or_else(not_leading)
     }
+
+    /// The leader's engine, waiting up to `hold` for this coordinator to
+    /// lead: an agent whose leader died waits at a standby for the election
+    /// rather than polling every coordinator. UNAVAILABLE after `hold`.
+    pub async fn current_within(&self, hold: Duration) -> Result<EngineHandle, tonic::Status> {
+        let mut source = self.0.clone();
+        let waited = tokio::time::timeout(hold, async {
+            source
+                .wait_for(|engine| engine.is_some())
+                .await
+                .ok()
+                .and_then(|engine| engine.clone())
+        })
+        .await;
+        waited.ok().flatten().ok_or_else(not_leading)
+    }
+}
+
+fn not_leading() -> tonic::Status {
+    tonic::Status::unavailable(
+        "this coordinator is a standby, not the leader; try another coordinator",
+    )
 }
 
 /// A cloneable handle to the engine.
@@ -273,6 +291,16 @@ impl Engine {
         let ledger = tokio::task::spawn_blocking(move || Ledger::from_stored(config, stored))
             .await
             .map_err(|e| StoreError::NotApplied(format!("loading the ledger failed: {e}")))?;
+        Ok(Engine::start(store, settings, ledger))
+    }
+
+    /// The engine over a ledger that equals what `store` holds (loaded, or
+    /// kept warm by a standby), and its handle.
+    pub fn start(
+        store: Arc<dyn Store>,
+        settings: EngineSettings,
+        ledger: Ledger,
+    ) -> (Engine, EngineHandle) {
         let now = Instant::now();
         let disconnected = ledger.agents().map(|a| (a.agent_id.clone(), now)).collect();
         let (tx, rx) = mpsc::channel(65_536);
@@ -291,7 +319,7 @@ impl Engine {
             jobs: rx,
             fenced: false,
         };
-        Ok((engine, EngineHandle { jobs: tx }))
+        (engine, EngineHandle { jobs: tx })
     }
 
     /// Runs until every handle is dropped, or until a fenced write shows

@@ -28,6 +28,7 @@ pub mod ledger;
 pub mod operators;
 pub mod placement;
 pub mod session;
+pub mod standby;
 pub mod store;
 pub mod tls;
 pub mod usage;
@@ -339,6 +340,14 @@ async fn lead_when_elected(
     let mut failures = 0u32;
     let closed = until_closing(closing);
     tokio::pin!(closed);
+    let follow = || {
+        standby::Standby::spawn(
+            store::etcd::EtcdStore::new(client.clone(), &config.etcd_prefix, None),
+            engine_settings(&config).ledger,
+        )
+    };
+    // While another coordinator leads, this one keeps a warm ledger.
+    let mut standby = Some(follow());
     loop {
         ready.send_replace(true);
         let campaign = election::campaign(&client, &config.etcd_prefix, &config.node_id, ttl);
@@ -359,25 +368,45 @@ async fn lead_when_elected(
                 }
             }
         };
-        let store: Arc<dyn Store> = Arc::new(store::etcd::EtcdStore::new(
+        let etcd_store = store::etcd::EtcdStore::new(
             client.clone(),
             &config.etcd_prefix,
             Some(leadership.fence.clone()),
-        ));
+        );
         let mut settings = engine_settings(&config);
         settings.analytics = analytics.clone();
         settings.placement = Some(live.clone());
-        let loaded = tokio::select! {
-            loaded = Engine::load(store, settings) => loaded,
+        let took_over = std::time::Instant::now();
+        let warm = tokio::select! {
+            warm = take_warm_ledger(standby.take(), &etcd_store) => warm,
             _ = &mut closed => {
                 leadership.resign().await;
                 break;
             }
         };
+        let store: Arc<dyn Store> = Arc::new(etcd_store);
+        let loaded = match warm {
+            Some(ledger) => {
+                metrics::counter!("allot_takeovers_total", "ledger" => "warm").increment(1);
+                Ok(Engine::start(store, settings, ledger))
+            }
+            None => {
+                metrics::counter!("allot_takeovers_total", "ledger" => "loaded").increment(1);
+                tokio::select! {
+                    loaded = Engine::load(store, settings) => loaded,
+                    _ = &mut closed => {
+                        leadership.resign().await;
+                        break;
+                    }
+                }
+            }
+        };
+        metrics::histogram!("allot_takeover_seconds").record(took_over.elapsed().as_secs_f64());
         let (engine, handle) = match loaded {
             Ok(loaded) => loaded,
             Err(error) => {
                 tracing::error!(%error, "cannot load the ledger as the new leader; resigning");
+                standby = Some(follow());
                 leadership.resign().await;
                 failures += 1;
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(10)))).await;
@@ -385,7 +414,11 @@ async fn lead_when_elected(
             }
         };
         failures = 0;
-        tracing::info!(node_id = config.node_id, "elected leader");
+        tracing::info!(
+            node_id = config.node_id,
+            seconds = took_over.elapsed().as_secs_f64(),
+            "elected leader"
+        );
         metrics::counter!("allot_leader_changes_total").increment(1);
         metrics::gauge!("allot_is_leader").set(1.0);
         source.send_replace(Some(handle));
@@ -420,8 +453,37 @@ async fn lead_when_elected(
         if stopping {
             break;
         }
+        // Standing by again: the ledger this coordinator led with may hold
+        // writes that were never committed, so it follows from a fresh load.
+        standby = Some(follow());
     }
     ready.send_replace(false);
+}
+
+/// How long a new leader waits for its standby ledger to catch up before
+/// it loads instead.
+const WARM_CATCH_UP: Duration = Duration::from_secs(5);
+
+/// The standby's ledger caught up to the store as the new leader sees it
+/// (after replaying any journal the last leader left), or `None`: the
+/// caller loads.
+async fn take_warm_ledger(
+    standby: Option<standby::Standby>,
+    store: &store::etcd::EtcdStore,
+) -> Option<ledger::Ledger> {
+    let standby = standby?;
+    let revision = match store.prepare_to_lead().await {
+        Ok(revision) => revision,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the store's revision; loading the ledger instead");
+            return None;
+        }
+    };
+    let ledger = standby.take(revision, WARM_CATCH_UP).await;
+    if ledger.is_none() {
+        tracing::warn!(revision, "the standby ledger is not warm; loading instead");
+    }
+    ledger
 }
 
 /// Resolves once `closing` is `true`; never if its sender is gone without

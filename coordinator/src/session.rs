@@ -18,15 +18,26 @@ use allot::pb::{self, agent_session_server::AgentSession};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+/// How long a session opened on a standby waits for it to lead before it
+/// is refused: about one election (`election_ttl_ms` is 2 s by default).
+pub const STANDBY_HOLD: Duration = Duration::from_secs(3);
+
+/// Sessions whose `Hello` is being answered at once, at most: after a
+/// fail-over every agent starts a session with the new leader within
+/// moments, and the rest wait for a turn rather than flood the engine.
+pub const MAX_CONCURRENT_SESSION_STARTS: usize = 256;
+
 pub struct SessionService {
     engine: EngineSource,
+    /// Turns to start a session ([`MAX_CONCURRENT_SESSION_STARTS`]).
+    starts: Arc<tokio::sync::Semaphore>,
     placement: Arc<LivePlacement>,
     /// Becomes `true` when the coordinator shuts down: every session ends.
     closing: watch::Receiver<bool>,
@@ -39,6 +50,7 @@ impl SessionService {
     pub fn new(engine: EngineSource, placement: Arc<LivePlacement>) -> SessionService {
         SessionService {
             engine,
+            starts: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_SESSION_STARTS)),
             placement,
             closing: watch::channel(false).1,
             peer_identity_required: false,
@@ -92,7 +104,8 @@ impl AgentSession for SessionService {
                 metrics::counter!("allot_session_identity_refusals_total").increment(1);
                 tracing::warn!(reason = refused.message(), "agent session refused");
             })?;
-        let engine = self.engine.current()?;
+        let engine = self.engine.current_within(STANDBY_HOLD).await?;
+        let starts = self.starts.clone();
         let closing = self.closing.clone();
         let mut leadership = self.engine.0.clone();
         leadership.borrow_and_update();
@@ -131,10 +144,14 @@ impl AgentSession for SessionService {
                 let _ = outbox.send(Err(refused)).await;
                 return;
             }
+            let Ok(turn) = starts.acquire_owned().await else {
+                return;
+            };
             let Some(agent_id) = accept_hello(&engine, hello, &outbox, counters_for_link).await
             else {
                 return;
             };
+            drop(turn);
             placement.attach(&agent_id, outbox.clone());
             loop {
                 tokio::select! {

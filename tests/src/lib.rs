@@ -5,6 +5,7 @@
 
 pub mod bare_hop;
 pub mod etcd;
+pub mod fixture;
 pub mod grpcurl;
 pub mod llama;
 pub mod postgres;

@@ -160,7 +160,7 @@ impl Ledger {
         forgotten
     }
 
-    fn delete_slice(&mut self, agent_id: &str, key_id: &str) {
+    pub(super) fn delete_slice(&mut self, agent_id: &str, key_id: &str) {
         let Some(old) = self.slices.get_mut(agent_id).and_then(|s| s.remove(key_id)) else {
             return;
         };

@@ -23,6 +23,7 @@
 //! [`LedgerConfig::key_history_retention_ms`] after the slice was last held.
 
 mod accounts;
+mod follow;
 mod grants;
 pub mod records;
 mod settlement;

@@ -26,6 +26,9 @@ const JOURNAL: &str = "journal";
 const ATTEMPTS: u32 = 6;
 /// Keys per page when loading the ledger.
 const LOAD_PAGE: i64 = 2_000;
+/// Largest watch response a follower decodes (etcd batches the events of
+/// many revisions into one response when a watcher catches up).
+pub const MAX_WATCH_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
 /// The first key after every key starting with `prefix`.
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
@@ -70,6 +73,10 @@ impl EtcdStore {
     pub fn with_max_ops(mut self, max_ops: usize) -> EtcdStore {
         self.max_ops = max_ops.max(2);
         self
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     fn journal_key(&self) -> String {
@@ -120,6 +127,94 @@ impl EtcdStore {
             self.apply(&part.to_vec()).await?;
         }
         Ok(())
+    }
+
+    /// Everything under the prefix, read at one revision, and that
+    /// revision: a follower watches from the next one.
+    pub async fn load_at(&self) -> Result<(StoredState, i64), StoreError> {
+        // Paged, at one revision: a large ledger never needs one huge
+        // response (gRPC messages are capped at 4 MiB by default), and
+        // every page sees the same snapshot.
+        let end = prefix_end(self.prefix.as_bytes());
+        let mut start = self.prefix.as_bytes().to_vec();
+        let mut revision = 0i64;
+        let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LOAD_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let key = start.clone();
+            let response = retry("load", || {
+                let mut client = self.client.clone();
+                let (key, options) = (key.clone(), options.clone());
+                async move { client.get(key, Some(options)).await }
+            })
+            .await?;
+            if revision == 0 {
+                revision = response.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            for kv in response.kvs() {
+                if let Ok(key) = kv.key_str() {
+                    entries.push((key.to_string(), kv.value().to_vec()));
+                }
+            }
+            match response.kvs().last() {
+                Some(last) if response.more() => {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+        // Decoding a large ledger is CPU work: off the async workers.
+        let prefix = self.prefix.clone();
+        let state = tokio::task::spawn_blocking(move || {
+            layout::decode(
+                &prefix,
+                entries.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+            )
+        })
+        .await
+        .map_err(|e| StoreError::NotApplied(format!("decoding the ledger failed: {e}")))?;
+        Ok((state?, revision))
+    }
+
+    /// What a new leader does before it serves: replays a journal the last
+    /// leader left (fenced by this leader's election key), then answers the
+    /// store's revision. A standby's ledger caught up to that revision is
+    /// the ledger a fresh load would build.
+    pub async fn prepare_to_lead(&self) -> Result<i64, StoreError> {
+        self.replay_journal().await?;
+        let key = self.journal_key();
+        let response = retry("revision", || {
+            let mut client = self.client.clone();
+            let key = key.clone();
+            async move { client.get(key, None).await }
+        })
+        .await?;
+        response
+            .header()
+            .map(|h| h.revision())
+            .ok_or_else(|| StoreError::MaybeApplied("etcd answered without a revision".into()))
+    }
+
+    /// Watches every key under the prefix from `revision` (inclusive), with
+    /// progress notifications. Responses may be large after a burst of
+    /// commits: they are decoded up to [`MAX_WATCH_RESPONSE_BYTES`].
+    pub async fn watch_from(&self, revision: i64) -> Result<etcd_client::WatchStream, StoreError> {
+        let options = etcd_client::WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision)
+            .with_progress_notify();
+        self.client
+            .watch_client()
+            .max_decoding_message_size(MAX_WATCH_RESPONSE_BYTES)
+            .watch(self.prefix.clone(), Some(options))
+            .await
+            .map_err(classify)
     }
 
     /// Replays a journal left by a leader that stopped mid-batch.
@@ -204,53 +299,7 @@ impl Store for EtcdStore {
             if self.fence.is_some() {
                 self.replay_journal().await?;
             }
-            // Paged, at one revision: a large ledger never needs one huge
-            // response (gRPC messages are capped at 4 MiB by default), and
-            // every page sees the same snapshot.
-            let end = prefix_end(self.prefix.as_bytes());
-            let mut start = self.prefix.as_bytes().to_vec();
-            let mut revision = 0i64;
-            let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
-            loop {
-                let mut options = GetOptions::new()
-                    .with_range(end.clone())
-                    .with_limit(LOAD_PAGE);
-                if revision > 0 {
-                    options = options.with_revision(revision);
-                }
-                let key = start.clone();
-                let response = retry("load", || {
-                    let mut client = self.client.clone();
-                    let (key, options) = (key.clone(), options.clone());
-                    async move { client.get(key, Some(options)).await }
-                })
-                .await?;
-                if revision == 0 {
-                    revision = response.header().map(|h| h.revision()).unwrap_or(0);
-                }
-                for kv in response.kvs() {
-                    if let Ok(key) = kv.key_str() {
-                        entries.push((key.to_string(), kv.value().to_vec()));
-                    }
-                }
-                match response.kvs().last() {
-                    Some(last) if response.more() => {
-                        start = last.key().to_vec();
-                        start.push(0);
-                    }
-                    _ => break,
-                }
-            }
-            // Decoding a large ledger is CPU work: off the async workers.
-            let prefix = self.prefix.clone();
-            tokio::task::spawn_blocking(move || {
-                layout::decode(
-                    &prefix,
-                    entries.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
-                )
-            })
-            .await
-            .map_err(|e| StoreError::NotApplied(format!("decoding the ledger failed: {e}")))?
+            Ok(self.load_at().await?.0)
         })
     }
 

@@ -120,36 +120,97 @@ pub fn decode<'a>(
 ) -> Result<StoredState, StoreError> {
     let mut state = StoredState::default();
     for (key, value) in entries {
-        let Some(path) = key.strip_prefix(prefix) else {
+        let Some(write) = decode_entry(prefix, key, Some(value))? else {
             continue;
         };
-        let parts: Vec<&str> = path.split('/').collect();
-        match parts.as_slice() {
-            ["accounts", _] => state.accounts.push(parse(key, value)?),
-            ["keys", _] => state.keys.push(parse(key, value)?),
-            ["counters", "key", id] => state
-                .counters
-                .push((Scope::Key(id.to_string()), parse(key, value)?)),
-            ["counters", "account", id] => state
-                .counters
-                .push((Scope::Account(id.to_string()), parse(key, value)?)),
-            ["slices", agent, key_id] => {
-                state
-                    .slices
-                    .push((agent.to_string(), key_id.to_string(), parse(key, value)?))
-            }
-            ["held", agent, key_id] => {
-                state
-                    .held
-                    .push((agent.to_string(), key_id.to_string(), parse(key, value)?))
-            }
-            ["agents", _] => state.agents.push(parse(key, value)?),
-            ["tariffs", ..] => state.tariffs.push(parse(key, value)?),
-            ["txns", ..] => state.transactions.push(parse(key, value)?),
-            ["audit", _] => state.audit.push(parse(key, value)?),
-            // Keys of other components (the election) live under the prefix too.
-            _ => {}
+        match write {
+            StoreWrite::PutAccount(a) => state.accounts.push(a),
+            StoreWrite::PutKey(k) => state.keys.push(k),
+            StoreWrite::PutCounters(scope, counters) => state.counters.push((scope, counters)),
+            StoreWrite::PutSlice {
+                agent_id,
+                key_id,
+                held,
+            } => state.slices.push((agent_id, key_id, held)),
+            StoreWrite::PutHeld {
+                agent_id,
+                key_id,
+                at_ms,
+            } => state.held.push((agent_id, key_id, at_ms)),
+            StoreWrite::PutAgent(a) => state.agents.push(a),
+            StoreWrite::PutTariff(t) => state.tariffs.push(t),
+            StoreWrite::PutTransaction(t) => state.transactions.push(t),
+            StoreWrite::PutAudit(entry) => state.audit.push(entry),
+            // A value is never a delete.
+            StoreWrite::DeleteSlice { .. }
+            | StoreWrite::DeleteHeld { .. }
+            | StoreWrite::DeleteAudit { .. } => {}
         }
     }
     Ok(state)
+}
+
+/// The write one stored key and value stand for (`value` `None`: the key
+/// was deleted), the inverse of [`key_of`] and [`value_of`]. `Ok(None)` for
+/// keys of other components (the election, the journal) under the prefix.
+/// A deleted key of a kind the ledger never deletes (an account, say) is
+/// corrupt: whoever follows the store cannot mirror it and must reload.
+pub fn decode_entry(
+    prefix: &str,
+    key: &str,
+    value: Option<&[u8]>,
+) -> Result<Option<StoreWrite>, StoreError> {
+    let Some(path) = key.strip_prefix(prefix) else {
+        return Ok(None);
+    };
+    let parts: Vec<&str> = path.split('/').collect();
+    let Some(value) = value else {
+        return match parts.as_slice() {
+            ["slices", agent, key_id] => Ok(Some(StoreWrite::DeleteSlice {
+                agent_id: agent.to_string(),
+                key_id: key_id.to_string(),
+            })),
+            ["held", agent, key_id] => Ok(Some(StoreWrite::DeleteHeld {
+                agent_id: agent.to_string(),
+                key_id: key_id.to_string(),
+            })),
+            ["audit", seq] => seq
+                .parse()
+                .map(|seq| Some(StoreWrite::DeleteAudit { seq }))
+                .map_err(|e| corrupt(key, e)),
+            ["accounts" | "keys" | "agents", _]
+            | ["counters", "key" | "account", _]
+            | ["tariffs" | "txns", ..] => {
+                Err(corrupt(key, "deleted, and the ledger never deletes it"))
+            }
+            _ => Ok(None),
+        };
+    };
+    let write = match parts.as_slice() {
+        ["accounts", _] => StoreWrite::PutAccount(parse(key, value)?),
+        ["keys", _] => StoreWrite::PutKey(parse(key, value)?),
+        ["counters", "key", id] => {
+            StoreWrite::PutCounters(Scope::Key(id.to_string()), parse(key, value)?)
+        }
+        ["counters", "account", id] => {
+            StoreWrite::PutCounters(Scope::Account(id.to_string()), parse(key, value)?)
+        }
+        ["slices", agent, key_id] => StoreWrite::PutSlice {
+            agent_id: agent.to_string(),
+            key_id: key_id.to_string(),
+            held: parse(key, value)?,
+        },
+        ["held", agent, key_id] => StoreWrite::PutHeld {
+            agent_id: agent.to_string(),
+            key_id: key_id.to_string(),
+            at_ms: parse(key, value)?,
+        },
+        ["agents", _] => StoreWrite::PutAgent(parse(key, value)?),
+        ["tariffs", ..] => StoreWrite::PutTariff(parse(key, value)?),
+        ["txns", ..] => StoreWrite::PutTransaction(parse(key, value)?),
+        ["audit", _] => StoreWrite::PutAudit(parse(key, value)?),
+        // Keys of other components (the election) live under the prefix too.
+        _ => return Ok(None),
+    };
+    Ok(Some(write))
 }

@@ -5,8 +5,17 @@
 //! Hello, send an AllowanceAsk for an existing key) until a Grant arrives.
 //! The time from the kill to the Grant is reported, over several runs.
 //!
+//! `failover_bench scale --keys 1000000 --agents 10000` (issue 17): the same
+//! kill at scale, with a hot standby. The store holds N keys and M agents
+//! (one slice each, see `allot_e2e::fixture`); M raw agents hold a session
+//! with the leader and a grant each; after the kill every agent reconnects
+//! as the agent does (200 ms plus up to 100 ms of jitter, then doubling,
+//! alternating coordinators) and asks again. Reported: the time from the
+//! kill to the first grant and to every agent's grant (median, p99, max),
+//! the new leader's take-over time, both coordinators' resident memory.
+//!
 //! Build `cargo build --release --workspace --bins`, then run
-//! `target/release/failover_bench [--runs 5]`.
+//! `target/release/failover_bench [--runs 5]` or `... scale [...]`.
 
 use allot::pb;
 use allot_e2e::etcd::EtcdCluster;
@@ -15,6 +24,9 @@ use allot_e2e::{authed, balance, limit, TempDir, ADMIN_TOKEN};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "failover_bench/scale.rs"]
+mod scale;
 
 /// Pause between two rounds of attempts (both endpoints) after a failure.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
@@ -27,11 +39,21 @@ struct Coordinator {
 
 impl Coordinator {
     fn spawn(node_id: &str, endpoints: &[String], log_dir: &Path) -> Coordinator {
+        Coordinator::spawn_with_metrics(node_id, endpoints, log_dir, "off")
+    }
+
+    /// With Prometheus metrics on `metrics` (an address, or `off`).
+    fn spawn_with_metrics(
+        node_id: &str,
+        endpoints: &[String],
+        log_dir: &Path,
+        metrics: &str,
+    ) -> Coordinator {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(log_dir.join(format!("{node_id}.log"))).expect("log");
         let child = Command::new(binary("allot-coordinator"))
             .args(["--listen", &addr])
-            .args(["--metrics-listen", "off"])
+            .args(["--metrics-listen", metrics])
             .args(["--admin-token", ADMIN_TOKEN])
             .arg("--insecure")
             .args(["--store", "etcd"])
@@ -279,6 +301,9 @@ async fn one_run(run: usize) -> anyhow::Result<RunResult> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("scale") {
+        return scale::run(&args[1..]).await;
+    }
     let runs: usize = match args.iter().position(|a| a == "--runs") {
         Some(i) => args.get(i + 1).map(|v| v.parse()).transpose()?.unwrap_or(5),
         None => 5,

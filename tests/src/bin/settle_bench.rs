@@ -19,13 +19,22 @@
 //!   presents a certificate naming it, from a test CA made here), in
 //!   interleaved rounds whose order is swapped every round.
 //!
+//! * `standby [--secs 20] [--warmup 3]` (issue 17): the batched workload
+//!   against a leader on etcd while a second coordinator stands by. Every
+//!   second the store's revision is read and the time until the standby
+//!   has applied it is measured (its watch lag). Then the leader is
+//!   killed: the standby takes over with its warm ledger, and the spent
+//!   tokens must equal every acknowledged record's.
+//!
 //! Build `cargo build --release --workspace --bins`, then run
 //! `target/release/settle_bench <mode>`.
 
 use allot::pb;
-use allot_coordinator::ledger::{AccountRecord, AgentRecord, KeyRecord};
 use allot_coordinator::store::{Store, StoreWrite};
 use allot_e2e::etcd::EtcdCluster;
+use allot_e2e::fixture::{
+    fixture_chunks, metric_value, status_kib, wait_metric, write_fixture, OwnEtcd,
+};
 use allot_e2e::process::{binary, free_port};
 use allot_e2e::tls::TestPki;
 use allot_e2e::{authed, balance, limit, TempDir, ADMIN_TOKEN, MODEL};
@@ -118,7 +127,11 @@ impl Coordinator {
         let scheme = if pki.is_some() { "https" } else { "http" };
         let child = command
             .args(["--listen", &addr])
-            .args(["--metrics-listen", "off"])
+            .args(if args.iter().any(|a| a == "--metrics-listen") {
+                &[][..]
+            } else {
+                &["--metrics-listen", "off"][..]
+            })
             .args(["--admin-token", ADMIN_TOKEN])
             .args(args)
             .env("RUST_LOG", "info,h2=warn,tower=warn")
@@ -163,71 +176,6 @@ impl Drop for Coordinator {
     }
 }
 
-/// One etcd member with extra flags (fsync on, as by default).
-struct OwnEtcd {
-    child: Option<Child>,
-    url: String,
-    _dir: TempDir,
-}
-
-impl OwnEtcd {
-    async fn start(label: &str, extra: &[&str]) -> anyhow::Result<OwnEtcd> {
-        let dir = TempDir::new(label);
-        let url = format!("http://127.0.0.1:{}", free_port());
-        let peer = format!("http://127.0.0.1:{}", free_port());
-        let log = std::fs::File::create(dir.0.join("etcd.log"))?;
-        let child = Command::new("etcd")
-            .args(["--name", "m0"])
-            .args(["--data-dir", dir.0.join("data").to_str().unwrap()])
-            .args(["--listen-client-urls", &url])
-            .args(["--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("m0={peer}")])
-            .args(["--initial-cluster-state", "new"])
-            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()?;
-        let etcd = OwnEtcd {
-            child: Some(child),
-            url,
-            _dir: dir,
-        };
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut client) = etcd.client().await {
-                if let Ok(Ok(_)) =
-                    tokio::time::timeout(Duration::from_secs(1), client.put("/probe", "ok", None))
-                        .await
-                {
-                    return Ok(etcd);
-                }
-            }
-            anyhow::ensure!(Instant::now() < end, "etcd did not answer within 30 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn client(&self) -> anyhow::Result<etcd_client::Client> {
-        Ok(tokio::time::timeout(
-            Duration::from_secs(2),
-            etcd_client::Client::connect([self.url.clone()], None),
-        )
-        .await??)
-    }
-}
-
-impl Drop for OwnEtcd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// The CA of the `tls` mode's coordinator, trusted by every connection to
 /// an `https://` URL (set once, before the first).
 static BENCH_PKI: std::sync::OnceLock<TestPki> = std::sync::OnceLock::new();
@@ -268,19 +216,6 @@ async fn wait_leading(url: &str, deadline: Duration) -> anyhow::Result<Duration>
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/{pid}/status"))?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .ok_or_else(|| anyhow::anyhow!("bad {field} line"))?
-        .parse()?)
 }
 
 // ---------------------------------------------------------------- admin setup
@@ -586,7 +521,7 @@ async fn one_agent(
             }
         })
     };
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((index as u64 + 1) * 0x2545_F491_4F6C_DD1D);
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (index as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
     let mut next_seq = first_seq;
     let mut sent = 0u64;
     while Instant::now() < window_end {
@@ -911,69 +846,6 @@ async fn tls(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn key_record(i: usize) -> KeyRecord {
-    KeyRecord {
-        key_id: format!("mk{i:07}"),
-        account_id: "ma".into(),
-        hash: allot::key::KeyHash::of_secret(&format!("secret-{i}")),
-        purpose: allot::key::Purpose::Realtime,
-        revoked: false,
-        allowed_models: vec![],
-        name: String::new(),
-        limits: vec![allot::limit::Limit {
-            unit: allot::Unit::Tokens,
-            amount: rust_decimal::Decimal::from(1_000_000_000i64),
-            window: allot::limit::Window::Balance,
-        }],
-        created_at_ms: 0,
-    }
-}
-
-/// Every write of the memory fixture, in chunks of `chunk`.
-fn fixture_chunks(keys: usize, agents: usize, chunk: usize) -> Vec<Vec<StoreWrite>> {
-    let mut writes = vec![StoreWrite::PutAccount(AccountRecord {
-        account_id: "ma".into(),
-        name: "memory".into(),
-        credited: rust_decimal::Decimal::ZERO,
-        limits: vec![],
-        created_at_ms: 0,
-    })];
-    let mut chunks = Vec::new();
-    let mut push = |write: StoreWrite, writes: &mut Vec<StoreWrite>| {
-        writes.push(write);
-        if writes.len() >= chunk {
-            chunks.push(std::mem::take(writes));
-        }
-    };
-    for i in 0..keys {
-        push(StoreWrite::PutKey(key_record(i)), &mut writes);
-    }
-    for j in 0..agents {
-        let agent_id = format!("ag{j:05}");
-        push(
-            StoreWrite::PutAgent(AgentRecord {
-                agent_id: agent_id.clone(),
-                epoch: 1,
-                high_water_seq: 0,
-                neuron_id: "n1".into(),
-            }),
-            &mut writes,
-        );
-        push(
-            StoreWrite::PutSlice {
-                agent_id,
-                key_id: format!("mk{:07}", j % keys.max(1)),
-                held: allot::Amounts([None, Some(rust_decimal::Decimal::from(100)), None]),
-            },
-            &mut writes,
-        );
-    }
-    if !writes.is_empty() {
-        chunks.push(writes);
-    }
-    chunks
-}
-
 async fn memory(args: &[String]) -> anyhow::Result<()> {
     let keys = arg_u64(args, "--keys", 100_000)? as usize;
     let agents = arg_u64(args, "--agents", 10_000)? as usize;
@@ -995,28 +867,7 @@ async fn memory(args: &[String]) -> anyhow::Result<()> {
                 ],
             )
             .await?;
-            let client = etcd.client().await?;
-            let store = Arc::new(allot_coordinator::store::etcd::EtcdStore::new(
-                client, "/allot/", None,
-            ));
-            // Chunks of at most 120 writes: one etcd transaction each, no
-            // journal, so 16 of them can run at once.
-            let chunks = Arc::new(Mutex::new(chunks));
-            let mut workers = tokio::task::JoinSet::new();
-            for _ in 0..16 {
-                let (chunks, store) = (chunks.clone(), store.clone());
-                workers.spawn(async move {
-                    loop {
-                        let Some(chunk) = chunks.lock().unwrap().pop() else {
-                            return anyhow::Ok(());
-                        };
-                        store.commit(chunk).await?;
-                    }
-                });
-            }
-            while let Some(done) = workers.join_next().await {
-                done??;
-            }
+            write_fixture(etcd.client().await?, chunks).await?;
             let mut client = etcd.client().await?;
             let status = client.status().await?;
             println!(
@@ -1273,6 +1124,125 @@ async fn history(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Watch lag samples: every second, the store's revision, then the time
+/// until the standby's `allot_standby_revision` reaches it.
+async fn sample_watch_lag(
+    mut client: etcd_client::Client,
+    metrics_url: String,
+    until: Instant,
+) -> anyhow::Result<Vec<Duration>> {
+    let http = reqwest::Client::new();
+    let mut lags = Vec::new();
+    while Instant::now() < until {
+        let revision = client
+            .get("/allot/journal", None)
+            .await?
+            .header()
+            .map_or(0, |h| h.revision()) as f64;
+        let asked = Instant::now();
+        loop {
+            if metric_value(&http, &metrics_url, "allot_standby_revision")
+                .await
+                .is_some_and(|v| v >= revision)
+            {
+                lags.push(asked.elapsed());
+                break;
+            }
+            anyhow::ensure!(
+                asked.elapsed() < Duration::from_secs(60),
+                "the standby did not reach revision {revision} within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(lags)
+}
+
+async fn standby(args: &[String]) -> anyhow::Result<()> {
+    let measure = Duration::from_secs(arg_u64(args, "--secs", 20)?);
+    let warm_up = Duration::from_secs(arg_u64(args, "--warmup", 3)?);
+    let dir = TempDir::new("standby-bench");
+    let cluster = EtcdCluster::start(1).await;
+    let endpoints = cluster.endpoints();
+    let mut leader = Coordinator::on_etcd(&dir.0.join("c1.log"), &endpoints, "c1", &[]);
+    wait_leading(&leader.url, Duration::from_secs(30)).await?;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let metrics_url = format!("http://{metrics}/metrics");
+    let standby = Coordinator::on_etcd(
+        &dir.0.join("c2.log"),
+        &endpoints,
+        "c2",
+        &["--metrics-listen", &metrics],
+    );
+    let keys = Arc::new(create_keys(&leader.url, BENCH_KEYS).await?);
+    wait_metric(
+        &metrics_url,
+        "allot_standby_warm",
+        1.0,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let workload = Workload {
+        url: leader.url.clone(),
+        agent_prefix: "standby-agent-".into(),
+        agents: BENCH_AGENTS,
+        batch: 512,
+        in_flight_per_agent: 8,
+        warm_up,
+        measure,
+    };
+    println!(
+        "a leader and a standby on one etcd member; {} agents x {} in flight x {} records per batch, {:?} warm-up + {:?}",
+        workload.agents, workload.in_flight_per_agent, workload.batch, warm_up, measure
+    );
+    let sampler = tokio::spawn(sample_watch_lag(
+        cluster.client().await,
+        metrics_url.clone(),
+        Instant::now() + warm_up + measure,
+    ));
+    let outcome = run_workload(&workload, keys.clone()).await?;
+    let mut lags = sampler.await??;
+    lags.sort();
+    anyhow::ensure!(!lags.is_empty(), "no watch lag sample");
+    let rss = |c: &Coordinator| {
+        c.child
+            .as_ref()
+            .map_or(0, |child| status_kib(child.id(), "VmRSS:").unwrap_or(0))
+    };
+    println!(
+        "settled {:.0} records/s in the window ({} acked); standby watch lag over {} samples: median {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        outcome.acked_in_window as f64 / measure.as_secs_f64(),
+        outcome.acked,
+        lags.len(),
+        lags[lags.len() / 2].as_secs_f64() * 1e3,
+        lags[((lags.len() - 1) as f64 * 0.99).round() as usize].as_secs_f64() * 1e3,
+        lags[lags.len() - 1].as_secs_f64() * 1e3,
+    );
+    println!(
+        "resident memory: leader {} KiB, standby {} KiB",
+        rss(&leader),
+        rss(&standby)
+    );
+    leader.kill();
+    let took = wait_leading(&standby.url, Duration::from_secs(30)).await?;
+    let spent = spent_tokens(&standby.url, &keys).await?;
+    println!(
+        "leader killed: the standby led after {:.2} s; spent tokens {} (expected {} = {} acked x {}): {}",
+        took.as_secs_f64(),
+        spent,
+        outcome.acked * TOKENS_PER_RECORD,
+        outcome.acked,
+        TOKENS_PER_RECORD,
+        if spent == outcome.acked * TOKENS_PER_RECORD && outcome.sent == outcome.acked {
+            "exact"
+        } else {
+            "MISMATCH"
+        }
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -1282,6 +1252,7 @@ async fn main() -> anyhow::Result<()> {
         Some("history") => history(&args).await,
         Some("heap") => heap(&args).await,
         Some("tls") => tls(&args).await,
+        Some("standby") => standby(&args).await,
         _ => {
             eprintln!("usage: settle_bench throughput [--secs 20] [--warmup 3] | memory --keys N --agents M [--store etcd|embedded] | history [--secs 600] [--sample 30] | heap --keys N --agents M | tls [--rounds 5] [--secs 10] [--warmup 2]");
             std::process::exit(2);
