@@ -1,0 +1,550 @@
+//! Leases: who is connected, who may ask for which key, and how an
+//! allowance ask is decided: granted, parked while other agents' idle
+//! slices are reclaimed, or denied. Also the agents that went silent for
+//! too long (declared dead, their slices released).
+//!
+//! Plain functions over plain data: they take the [`Ledger`], the agent and
+//! a time ([`Now`]) and push what to send as [`Outgoing`] domain values.
+//! This module never does I/O, never sees a protobuf type and never waits:
+//! the engine commits the ledger's writes and `wire` turns the messages
+//! into `CoordinatorMessage`s.
+//!
+//! An ask, from the coordinator's side:
+//! ```text
+//!             ask
+//!              │
+//!        may_ask? ──no──▶ Deny(UnknownKey)
+//!              │yes
+//!        ledger.ask ──ok──▶ Grant (ttl)
+//!              │refused
+//!   reclaim empty? ──yes──▶ Deny(reason of the ledger)
+//!              │no
+//!   parked < PARK_LIMIT? ──no──▶ Deny(HeldElsewhere, retry 1 s)
+//!              │yes
+//!   Revoke each holder (once per REVOKE_RESEND), park
+//!              │ a give-back, a settlement or the 50 ms tick
+//!              └──────────▶ decided again (retry_parked)
+//! ```
+
+use crate::ledger::{DenyReason, GrantDecision, Ledger, LedgerError, LimitView, Welcome};
+use crate::store::StoreWrite;
+use allot::clock::UnixMs;
+use allot::Amounts;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// How long an ask waits for reclaimed slices. A holder that has not given
+/// its slice back by then is slow or cut off: the ask is refused as
+/// temporarily unavailable (never as an exhausted cap, which it is not).
+pub const PARK_LIMIT: Duration = Duration::from_secs(2);
+
+/// A holder still holding a reclaimable slice this long after a Revoke is
+/// sent another (the first may have crossed a fresh grant to it).
+pub const REVOKE_RESEND: Duration = Duration::from_millis(300);
+
+/// Most asks parked at once; a further ask that would park is refused as
+/// held elsewhere (the agent retries after a second).
+pub const MAX_PARKED: usize = 65_536;
+
+/// The time of a decision: the wall clock the ledger's windows and records
+/// use, and the monotonic clock of the coordinator's own timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub wall: UnixMs,
+    pub mono: Instant,
+}
+
+/// One session of an agent: a newer session of the same agent replaces
+/// it, and what was addressed to the old one is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+/// An allowance ask, checked (by `wire`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ask {
+    pub ask_id: u64,
+    pub key_id: String,
+    /// What the waiting request lacks (zero when the agent asks ahead).
+    pub need: Amounts,
+    /// What the agent would like to hold.
+    pub want: Amounts,
+}
+
+/// Why an ask is refused, as the agent is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refused {
+    InsufficientQuota,
+    RateLimited,
+    KeyRevoked,
+    UnknownKey,
+    /// The cap has room but other agents hold it and did not give it back
+    /// within [`PARK_LIMIT`].
+    HeldElsewhere,
+}
+
+impl From<DenyReason> for Refused {
+    fn from(reason: DenyReason) -> Refused {
+        match reason {
+            DenyReason::InsufficientQuota => Refused::InsufficientQuota,
+            DenyReason::RateLimited => Refused::RateLimited,
+            DenyReason::KeyRevoked => Refused::KeyRevoked,
+            DenyReason::UnknownKey => Refused::UnknownKey,
+        }
+    }
+}
+
+/// A message to an agent, as a domain value (`wire` makes it protobuf).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToAgent {
+    Welcome {
+        high_water_seq: u64,
+        lease_ttl: Duration,
+    },
+    Grant {
+        ask_id: u64,
+        key_id: String,
+        amount: Amounts,
+        ttl: Duration,
+        /// Each limit over the key, at `at`.
+        limits: Vec<LimitView>,
+        at: UnixMs,
+    },
+    /// `ask_id` 0: a push (a depleted key), not the answer to an ask.
+    Deny {
+        ask_id: u64,
+        key_id: String,
+        reason: Refused,
+        retry_after_ms: u64,
+        message: String,
+    },
+    Revoke {
+        key_id: String,
+        reason: &'static str,
+    },
+    UsageAck {
+        high_water_seq: u64,
+    },
+}
+
+/// A message and who it is for: the agent's session `session` (dropped if
+/// that session was replaced), or whichever session the agent has.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub agent_id: String,
+    pub session: Option<SessionId>,
+    pub message: ToAgent,
+}
+
+/// An ask waiting for other agents to give back revoked slices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedAsk {
+    pub agent_id: String,
+    pub session: SessionId,
+    pub ask: Ask,
+    pub since: Instant,
+}
+
+/// Lease settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseSettings {
+    /// The time-to-live of every grant, counted by the agent from receipt.
+    pub lease_ttl: Duration,
+    /// An agent disconnected this long is declared dead.
+    pub dead_after: Duration,
+}
+
+/// The coordinator's lease state beside the ledger. Bounds: one entry per
+/// known agent in `sessions`/`disconnected`, at most [`MAX_PARKED`] parked
+/// asks, `revoked_at` forgets entries after `2 × PARK_LIMIT`, `watchers`
+/// holds at most one entry per (key, agent that looked it up).
+#[derive(Debug, Clone)]
+pub struct Leases {
+    settings: LeaseSettings,
+    /// Connected agents: their session and its epoch.
+    sessions: HashMap<String, (SessionId, u64)>,
+    /// Agents known but not connected, since when.
+    disconnected: HashMap<String, Instant>,
+    /// Asks waiting for reclaimed slices.
+    parked: Vec<ParkedAsk>,
+    /// When each `(agent, key)` slice was last revoked, so a storm of asks
+    /// revokes it once.
+    revoked_at: HashMap<(String, String), Instant>,
+    /// Agents that looked a key up, to push changes of that key to.
+    watchers: HashMap<String, HashSet<String>>,
+}
+
+impl Leases {
+    /// The lease state of a freshly loaded ledger: every agent it knows is
+    /// disconnected from `now` on.
+    pub fn new(settings: LeaseSettings, ledger: &Ledger, now: Instant) -> Leases {
+        Leases {
+            settings,
+            sessions: HashMap::new(),
+            disconnected: ledger.agents().map(|a| (a.agent_id.clone(), now)).collect(),
+            parked: Vec::new(),
+            revoked_at: HashMap::new(),
+            watchers: HashMap::new(),
+        }
+    }
+
+    pub fn settings(&self) -> &LeaseSettings {
+        &self.settings
+    }
+
+    /// An agent's Hello on `session`: refused when a newer epoch of the
+    /// agent is connected or the ledger refuses the epoch; otherwise the
+    /// session replaces any older one of the agent.
+    #[allow(clippy::too_many_arguments)]
+    pub fn hello(
+        &mut self,
+        ledger: &mut Ledger,
+        agent_id: &str,
+        epoch: u64,
+        neuron_id: &str,
+        session: SessionId,
+        writes: &mut Vec<StoreWrite>,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<Welcome, LedgerError> {
+        if let Some((_, connected_epoch)) = self.sessions.get(agent_id) {
+            if *connected_epoch > epoch {
+                return Err(LedgerError::FailedPrecondition(
+                    "a newer epoch of this agent is connected".into(),
+                ));
+            }
+        }
+        let welcome = ledger.hello(agent_id, epoch, neuron_id, writes)?;
+        self.sessions.insert(agent_id.to_string(), (session, epoch));
+        self.disconnected.remove(agent_id);
+        out.push(Outgoing {
+            agent_id: agent_id.to_string(),
+            session: Some(session),
+            message: ToAgent::Welcome {
+                high_water_seq: welcome.high_water_seq,
+                lease_ttl: self.settings.lease_ttl,
+            },
+        });
+        Ok(welcome)
+    }
+
+    /// The session ended; `false` when it was not the agent's current one
+    /// (a newer session replaced it).
+    pub fn disconnect(&mut self, agent_id: &str, session: SessionId, now: Now) -> bool {
+        if !self.is_current(agent_id, session) {
+            return false;
+        }
+        self.sessions.remove(agent_id);
+        self.disconnected.insert(agent_id.to_string(), now.mono);
+        true
+    }
+
+    /// Every session ends (the ledger was reloaded): each agent's Hello on
+    /// reconnect is the truth for its slices. Returns the agents.
+    pub fn disconnect_all(&mut self, now: Now) -> Vec<String> {
+        let agents: Vec<String> = self.sessions.drain().map(|(agent, _)| agent).collect();
+        for agent in &agents {
+            self.disconnected.insert(agent.clone(), now.mono);
+        }
+        self.parked.clear();
+        agents
+    }
+
+    /// Whether `session` is the agent's current session.
+    pub fn is_current(&self, agent_id: &str, session: SessionId) -> bool {
+        self.sessions
+            .get(agent_id)
+            .is_some_and(|(current, _)| *current == session)
+    }
+
+    /// The agent's current session.
+    pub fn session_of(&self, agent_id: &str) -> Option<SessionId> {
+        self.sessions.get(agent_id).map(|(session, _)| *session)
+    }
+
+    /// Connected agents.
+    pub fn connected(&self) -> impl Iterator<Item = &String> {
+        self.sessions.keys()
+    }
+
+    pub fn is_connected(&self, agent_id: &str) -> bool {
+        self.sessions.contains_key(agent_id)
+    }
+
+    /// Asks waiting for reclaimed slices.
+    pub fn has_parked(&self) -> bool {
+        !self.parked.is_empty()
+    }
+
+    pub fn parked(&self) -> &[ParkedAsk] {
+        &self.parked
+    }
+
+    /// `agent_id` looked `key_id` up by its secret's hash: it may ask for
+    /// it, and hears of its changes.
+    pub fn watch(&mut self, key_id: &str, agent_id: &str) {
+        self.watchers
+            .entry(key_id.to_string())
+            .or_default()
+            .insert(agent_id.to_string());
+    }
+
+    /// Every agent that should hear about a change of `key_id`: those that
+    /// looked it up and those holding a slice of it.
+    pub fn interested_in(&self, ledger: &Ledger, key_id: &str) -> HashSet<String> {
+        let mut agents: HashSet<String> = self.watchers.get(key_id).cloned().unwrap_or_default();
+        agents.extend(ledger.holders_of(key_id));
+        agents
+    }
+
+    /// Whether `agent_id` may ask for a slice of `key_id`: it looked the key
+    /// up by its secret's hash on this leader, or holds or held a slice of it
+    /// within the key history's retention.
+    pub fn may_ask(&self, ledger: &Ledger, agent_id: &str, key_id: &str, now: UnixMs) -> bool {
+        self.watchers
+            .get(key_id)
+            .is_some_and(|agents| agents.contains(agent_id))
+            || ledger.has_held(agent_id, key_id, now)
+    }
+
+    /// Decides a fresh ask of `agent_id` on `session`.
+    pub fn ask(
+        &mut self,
+        ledger: &mut Ledger,
+        agent_id: &str,
+        session: SessionId,
+        ask: Ask,
+        now: Now,
+        out: &mut Vec<Outgoing>,
+    ) {
+        metrics::counter!("allot_allowance_asks_total").increment(1);
+        self.decide(ledger, agent_id, session, ask, None, now, out);
+    }
+
+    /// The agent gives back part of its slice; parked asks may fit now.
+    pub fn give_back(
+        &mut self,
+        ledger: &mut Ledger,
+        agent_id: &str,
+        key_id: &str,
+        amount: &Amounts,
+        now: Now,
+        out: &mut Vec<Outgoing>,
+    ) {
+        ledger.give_back(agent_id, key_id, amount);
+        metrics::counter!("allot_allowance_returns_total").increment(1);
+        self.retry_parked(ledger, now, out);
+    }
+
+    /// Decides the asks waiting for reclaimed slices again; those that
+    /// waited past [`PARK_LIMIT`] are decided without further reclaim.
+    pub fn retry_parked(&mut self, ledger: &mut Ledger, now: Now, out: &mut Vec<Outgoing>) {
+        for parked in std::mem::take(&mut self.parked) {
+            if !self.is_current(&parked.agent_id, parked.session) {
+                continue;
+            }
+            self.decide(
+                ledger,
+                &parked.agent_id,
+                parked.session,
+                parked.ask,
+                Some(parked.since),
+                now,
+                out,
+            );
+        }
+    }
+
+    /// Agents disconnected for at least `dead_after` at `now`.
+    pub fn dead_agents(&self, now: Now) -> Vec<String> {
+        let mut dead: Vec<String> = self
+            .disconnected
+            .iter()
+            .filter(|(_, since)| {
+                now.mono.saturating_duration_since(**since) >= self.settings.dead_after
+            })
+            .map(|(agent, _)| agent.clone())
+            .collect();
+        dead.sort();
+        dead
+    }
+
+    /// Declares `agent_id` dead unless it reconnected: its slices are
+    /// released. Returns how many slices were released.
+    pub fn declare_dead(&mut self, ledger: &mut Ledger, agent_id: &str) -> usize {
+        self.disconnected.remove(agent_id);
+        if self.sessions.contains_key(agent_id) {
+            return 0;
+        }
+        let released = ledger.release_agent(agent_id);
+        if released > 0 {
+            tracing::warn!(
+                agent_id,
+                slices = released,
+                "agent declared dead; its slices are released"
+            );
+            metrics::counter!("allot_agents_declared_dead_total").increment(1);
+        }
+        released
+    }
+
+    /// `parked_since`: when this ask was first parked (None: a fresh ask).
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &mut self,
+        ledger: &mut Ledger,
+        agent_id: &str,
+        session: SessionId,
+        ask: Ask,
+        parked_since: Option<Instant>,
+        now: Now,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let _span = tracing::info_span!("grant", agent_id, key_id = ask.key_id.as_str()).entered();
+        let reply = |message: ToAgent| Outgoing {
+            agent_id: agent_id.to_string(),
+            session: Some(session),
+            message,
+        };
+        if !self.may_ask(ledger, agent_id, &ask.key_id, now.wall) {
+            // Knowing a key's id is not knowing its secret: an agent asks only
+            // for a key a client showed it (it looked the key up by the
+            // secret's hash on this leader) or one it held within the key
+            // history's retention. An honest agent looks its cached keys up
+            // again before anything else on a new session.
+            metrics::counter!("allot_allowance_asks_refused_total", "reason" => "key_not_looked_up")
+                .increment(1);
+            tracing::error!(
+                agent_id,
+                key_id = ask.key_id,
+                "an ask for a key this agent never looked up nor held; refused"
+            );
+            let message = format!(
+                "key_id: this agent has not looked up key {:?} by its secret",
+                ask.key_id
+            );
+            out.push(reply(deny(ask, Refused::UnknownKey, 0, message)));
+            return;
+        }
+        match ledger.ask(agent_id, &ask.key_id, &ask.need, &ask.want, now.wall) {
+            Ok(GrantDecision { amount, limits }) => {
+                metrics::counter!("allot_allowance_grants_total").increment(1);
+                // A slice granted after a Revoke may be reclaimed again at once.
+                self.revoked_at
+                    .remove(&(agent_id.to_string(), ask.key_id.clone()));
+                out.push(reply(ToAgent::Grant {
+                    ask_id: ask.ask_id,
+                    key_id: ask.key_id,
+                    amount,
+                    ttl: self.settings.lease_ttl,
+                    limits,
+                    at: now.wall,
+                }));
+            }
+            Err(refusal)
+                if !refusal.reclaim.is_empty()
+                    && parked_since
+                        .is_none_or(|at| now.mono.saturating_duration_since(at) < PARK_LIMIT)
+                    && (parked_since.is_some() || self.parked.len() < MAX_PARKED) =>
+            {
+                // The cap has room, but other agents hold it: take their idle
+                // slices back before refusing anyone.
+                tracing::debug!(
+                    agent_id,
+                    key_id = ask.key_id,
+                    holders = refusal.reclaim.len(),
+                    "ask parked; reclaiming slices"
+                );
+                for (holder, key_id) in refusal.reclaim {
+                    let recently = self
+                        .revoked_at
+                        .get(&(holder.clone(), key_id.clone()))
+                        .is_some_and(|at| now.mono.saturating_duration_since(*at) < REVOKE_RESEND);
+                    if recently {
+                        continue;
+                    }
+                    if let Some((holder_session, _)) = self.sessions.get(&holder) {
+                        out.push(Outgoing {
+                            agent_id: holder.clone(),
+                            session: Some(*holder_session),
+                            message: ToAgent::Revoke {
+                                key_id: key_id.clone(),
+                                reason: "reclaim",
+                            },
+                        });
+                        metrics::counter!("allot_allowance_revokes_total").increment(1);
+                    }
+                    self.revoked_at.insert((holder, key_id), now.mono);
+                }
+                self.revoked_at
+                    .retain(|_, at| now.mono.saturating_duration_since(*at) < PARK_LIMIT * 2);
+                self.parked.push(ParkedAsk {
+                    agent_id: agent_id.to_string(),
+                    session,
+                    ask,
+                    since: parked_since.unwrap_or(now.mono),
+                });
+            }
+            Err(refusal) if !refusal.reclaim.is_empty() => {
+                // Parked for PARK_LIMIT and other agents still hold the room:
+                // the cap is not exhausted, so this is not a 429. The agent
+                // answers 503 with Retry-After and asks again.
+                tracing::warn!(
+                    agent_id,
+                    key_id = ask.key_id,
+                    holders = refusal.reclaim.len(),
+                    "reclaimed slices were not given back in time"
+                );
+                out.push(reply(deny(
+                    ask,
+                    Refused::HeldElsewhere,
+                    1_000,
+                    "the budget is held by other agents that have not returned it yet".into(),
+                )));
+            }
+            Err(refusal) => {
+                tracing::debug!(
+                    agent_id,
+                    key_id = ask.key_id,
+                    need = ?ask.need,
+                    parked = parked_since.is_some(),
+                    message = refusal.message,
+                    "ask refused"
+                );
+                let retry_after_ms = refusal
+                    .retry_at
+                    .map(|at| (at - now.wall).max(1) as u64)
+                    .unwrap_or(0);
+                out.push(reply(deny(
+                    ask,
+                    refusal.reason.into(),
+                    retry_after_ms,
+                    refusal.message,
+                )));
+            }
+        }
+    }
+}
+
+/// The refusal of `ask`, counted by reason.
+fn deny(ask: Ask, reason: Refused, retry_after_ms: u64, message: String) -> ToAgent {
+    metrics::counter!("allot_allowance_denies_total", "reason" => reason.as_str()).increment(1);
+    ToAgent::Deny {
+        ask_id: ask.ask_id,
+        key_id: ask.key_id,
+        reason,
+        retry_after_ms,
+        message,
+    }
+}
+
+impl Refused {
+    /// The reason's name, as the wire and the metrics spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::InsufficientQuota => "DENY_REASON_INSUFFICIENT_QUOTA",
+            Refused::RateLimited => "DENY_REASON_RATE_LIMITED",
+            Refused::KeyRevoked => "DENY_REASON_KEY_REVOKED",
+            Refused::UnknownKey => "DENY_REASON_UNKNOWN_KEY",
+            Refused::HeldElsewhere => "DENY_REASON_HELD_ELSEWHERE",
+        }
+    }
+}
