@@ -66,7 +66,7 @@ impl Default for AuditRetention {
 }
 
 /// The log as the leader holds it: oldest first.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct AuditLog {
     retention: AuditRetention,
     entries: VecDeque<AuditEntry>,

@@ -278,6 +278,27 @@ impl Leases {
         &self.parked
     }
 
+    /// A canonical print of the timers and watchers (sorted; sessions and
+    /// parked asks have their own accessors), for the model check's
+    /// fingerprints of states.
+    pub fn fingerprint(&self) -> String {
+        let mut disconnected: Vec<_> = self.disconnected.iter().collect();
+        disconnected.sort();
+        let mut revoked: Vec<_> = self.revoked_at.iter().collect();
+        revoked.sort();
+        let mut watchers: Vec<(&String, Vec<&String>)> = self
+            .watchers
+            .iter()
+            .map(|(key, agents)| {
+                let mut agents: Vec<&String> = agents.iter().collect();
+                agents.sort();
+                (key, agents)
+            })
+            .collect();
+        watchers.sort();
+        format!("{disconnected:?}{revoked:?}{watchers:?}")
+    }
+
     /// `agent_id` looked `key_id` up by its secret's hash: it may ask for
     /// it, and hears of its changes.
     pub fn watch(&mut self, key_id: &str, agent_id: &str) {

@@ -299,7 +299,7 @@ impl Default for LedgerConfig {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct ScopeState {
     counters: ScopeCounters,
     /// What agents hold under this scope, per unit.
@@ -322,7 +322,7 @@ const HELD_AT_UNKNOWN: UnixMs = UnixMs::MAX;
 /// Most key history writes one sweep makes; the rest wait for the next.
 pub const MAX_KEY_HISTORY_SWEEP_WRITES: usize = 1_000;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Ledger {
     config: LedgerConfig,
     /// What changed since the last [`Ledger::flush`]: written once per

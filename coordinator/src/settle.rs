@@ -45,6 +45,11 @@ pub struct Settled {
     pub charged: Vec<Charged>,
     /// Records at or below the high-water mark: already settled.
     pub duplicates: usize,
+    /// Charged records for a key the agent never held: not charged.
+    pub not_held: usize,
+    /// Records of an agent declared dead, charged late (they may take a cap
+    /// past its amount: SPEC Settlement 5).
+    pub late: usize,
     /// The agent's high-water mark after the batch (acknowledged).
     pub high_water_seq: u64,
 }
@@ -92,6 +97,7 @@ pub fn batch(
                         "neuron reported more usage than was reserved; the excess is charged");
                 }
                 if late {
+                    settled.late += 1;
                     metrics::counter!("allot_usage_late_total").increment(1);
                     tracing::error!(
                         agent_id,
@@ -106,6 +112,7 @@ pub fn batch(
                 metrics::counter!("allot_usage_duplicates_total").increment(1);
             }
             SettleOutcome::NotHeld => {
+                settled.not_held += 1;
                 metrics::counter!("allot_usage_refused_total", "reason" => "key_not_held")
                     .increment(1);
                 tracing::error!(
