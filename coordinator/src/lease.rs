@@ -124,6 +124,11 @@ pub enum ToAgent {
     UsageAck {
         high_water_seq: u64,
     },
+    /// The answer to a key lookup by the secret's hash: the key, if any.
+    KeyLookup {
+        key_hash: Vec<u8>,
+        key: Option<crate::ledger::KeyRecord>,
+    },
 }
 
 /// A message and who it is for: the agent's session `session` (dropped if
@@ -571,7 +576,7 @@ impl Refused {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ledger::{KeyRecord, LedgerConfig, Scope};
     use allot::key::{KeyHash, Purpose};
@@ -579,111 +584,149 @@ mod tests {
     use allot::Unit;
     use rust_decimal::Decimal;
 
-    const WALL: UnixMs = 1_795_595_400_000;
+    pub(crate) const WALL: UnixMs = 1_795_595_400_000;
 
-    fn tokens(n: i64) -> Amounts {
+    pub(crate) fn tokens(n: i64) -> Amounts {
         let mut amounts = Amounts::UNLIMITED;
         amounts.set(Unit::Tokens, Some(Decimal::from(n)));
         amounts
     }
 
-    /// A ledger with key `k` capped at 10 tokens, and agents `a` and `b`
-    /// connected (sessions 1 and 2), both having looked `k` up.
-    fn fleet() -> (Ledger, Leases, Instant) {
-        let mut ledger = Ledger::new(LedgerConfig::default());
-        let mut w = Vec::new();
-        ledger.create_account("acme", "Acme", WALL, &mut w).unwrap();
-        ledger
-            .create_key(
-                KeyRecord {
-                    key_id: "k".into(),
-                    account_id: "acme".into(),
-                    hash: KeyHash::of_secret("s"),
-                    purpose: Purpose::Realtime,
-                    revoked: false,
-                    allowed_models: vec![],
-                    name: String::new(),
-                    limits: vec![],
-                    created_at_ms: WALL,
-                },
-                &mut w,
-            )
-            .unwrap();
-        let cap = Limit {
-            unit: Unit::Tokens,
-            amount: Decimal::from(10),
-            window: Window::Balance,
-        };
-        ledger
-            .set_limits(&Scope::Key("k".into()), vec![cap], WALL, &mut w)
-            .unwrap();
-        let start = Instant::now();
-        let settings = LeaseSettings {
-            lease_ttl: Duration::from_secs(30),
-            dead_after: Duration::from_secs(120),
-        };
-        let mut leases = Leases::new(settings, &ledger, start);
-        for (n, agent) in ["a", "b"].into_iter().enumerate() {
-            leases
-                .hello(
-                    &mut ledger,
-                    agent,
-                    1,
-                    "n",
-                    SessionId(n as u64 + 1),
-                    &mut w,
-                    &mut Vec::new(),
-                )
+    /// Key `k` capped at 10 tokens; agents `a` (session 1) and `b`
+    /// (session 2) connected, both having looked `k` up.
+    pub(crate) struct Fleet {
+        pub ledger: Ledger,
+        pub leases: Leases,
+        pub start: Instant,
+    }
+
+    impl Fleet {
+        pub fn new() -> Fleet {
+            let mut ledger = Ledger::new(LedgerConfig::default());
+            let mut w = Vec::new();
+            ledger.create_account("acme", "Acme", WALL, &mut w).unwrap();
+            let key = KeyRecord {
+                key_id: "k".into(),
+                account_id: "acme".into(),
+                hash: KeyHash::of_secret("s"),
+                purpose: Purpose::Realtime,
+                revoked: false,
+                allowed_models: vec![],
+                name: String::new(),
+                limits: vec![],
+                created_at_ms: WALL,
+            };
+            ledger.create_key(key, &mut w).unwrap();
+            let cap = Limit {
+                unit: Unit::Tokens,
+                amount: Decimal::from(10),
+                window: Window::Balance,
+            };
+            ledger
+                .set_limits(&Scope::Key("k".into()), vec![cap], WALL, &mut w)
                 .unwrap();
-            leases.watch("k", agent);
+            let start = Instant::now();
+            let settings = LeaseSettings {
+                lease_ttl: Duration::from_secs(30),
+                dead_after: Duration::from_secs(120),
+            };
+            let leases = Leases::new(settings, &ledger, start);
+            let mut fleet = Fleet {
+                ledger,
+                leases,
+                start,
+            };
+            fleet.hello("a", 1, 1).unwrap();
+            fleet.hello("b", 1, 2).unwrap();
+            fleet
         }
-        (ledger, leases, start)
+
+        pub fn at(&self, ms: u64) -> Now {
+            Now {
+                wall: WALL + ms as i64,
+                mono: self.start + Duration::from_millis(ms),
+            }
+        }
+
+        pub fn hello(
+            &mut self,
+            agent: &str,
+            epoch: u64,
+            session: u64,
+        ) -> Result<Welcome, LedgerError> {
+            let welcome = self.leases.hello(
+                &mut self.ledger,
+                agent,
+                epoch,
+                "n",
+                SessionId(session),
+                &mut Vec::new(),
+                &mut Vec::new(),
+            )?;
+            self.leases.watch("k", agent);
+            Ok(welcome)
+        }
+
+        /// `agent` asks on its first session (`a` 1, `b` 2) for `need`
+        /// tokens of `key_id` at `ms`.
+        pub fn ask_for(&mut self, agent: &str, key_id: &str, need: i64, ms: u64) -> Vec<Outgoing> {
+            let session = SessionId(if agent == "a" { 1 } else { 2 });
+            let ask = Ask {
+                ask_id: 7,
+                key_id: key_id.into(),
+                need: tokens(need),
+                want: tokens(need),
+            };
+            let mut out = Vec::new();
+            let now = self.at(ms);
+            self.leases
+                .ask(&mut self.ledger, agent, session, ask, now, &mut out);
+            out
+        }
+
+        pub fn ask(&mut self, agent: &str, need: i64, ms: u64) -> Vec<Outgoing> {
+            self.ask_for(agent, "k", need, ms)
+        }
+
+        pub fn retry(&mut self, ms: u64) -> Vec<Outgoing> {
+            let mut out = Vec::new();
+            let now = self.at(ms);
+            self.leases.retry_parked(&mut self.ledger, now, &mut out);
+            out
+        }
+
+        pub fn give_back(&mut self, agent: &str, amount: i64, ms: u64) -> Vec<Outgoing> {
+            let mut out = Vec::new();
+            let now = self.at(ms);
+            self.leases
+                .give_back(&mut self.ledger, agent, "k", &tokens(amount), now, &mut out);
+            out
+        }
+
+        /// `a` holds the whole cap; `b` asks for 4 at 0 ms and is parked.
+        pub fn b_parked_behind_a() -> Fleet {
+            let mut fleet = Fleet::new();
+            let granted = fleet.ask("a", 10, 0);
+            assert!(
+                matches!(granted[0].message, ToAgent::Grant { .. }),
+                "{granted:?}"
+            );
+            fleet.ask("b", 4, 0);
+            assert_eq!(fleet.leases.parked().len(), 1);
+            fleet
+        }
     }
 
-    fn at(start: Instant, ms: u64) -> Now {
-        Now {
-            wall: WALL + ms as i64,
-            mono: start + Duration::from_millis(ms),
-        }
-    }
-
-    fn ask(need: i64, want: i64) -> Ask {
-        Ask {
-            ask_id: 7,
-            key_id: "k".into(),
-            need: tokens(need),
-            want: tokens(want),
-        }
-    }
-
-    /// `a` holds the whole cap of `k`.
-    fn a_holds_everything(ledger: &mut Ledger, leases: &mut Leases, start: Instant) {
-        let mut out = Vec::new();
-        leases.ask(
-            ledger,
-            "a",
-            SessionId(1),
-            ask(10, 10),
-            at(start, 0),
-            &mut out,
-        );
-        assert!(matches!(out[0].message, ToAgent::Grant { .. }), "{out:?}");
+    fn revokes(out: &[Outgoing]) -> usize {
+        out.iter()
+            .filter(|o| matches!(o.message, ToAgent::Revoke { .. }))
+            .count()
     }
 
     #[test]
     fn an_ask_for_a_key_never_looked_up_nor_held_is_denied_unknown_key() {
-        let (mut ledger, mut leases, start) = fleet();
-        let mut out = Vec::new();
-        let mut stranger = ask(1, 1);
-        stranger.key_id = "other".into();
-        leases.ask(
-            &mut ledger,
-            "a",
-            SessionId(1),
-            stranger,
-            at(start, 0),
-            &mut out,
-        );
+        let mut fleet = Fleet::new();
+        let out = fleet.ask_for("a", "other", 1, 0);
         assert!(matches!(
             &out[..],
             [Outgoing {
@@ -698,17 +741,9 @@ mod tests {
 
     #[test]
     fn an_ask_others_hold_the_room_for_is_parked_and_their_slices_revoked() {
-        let (mut ledger, mut leases, start) = fleet();
-        a_holds_everything(&mut ledger, &mut leases, start);
-        let mut out = Vec::new();
-        leases.ask(
-            &mut ledger,
-            "b",
-            SessionId(2),
-            ask(4, 4),
-            at(start, 10),
-            &mut out,
-        );
+        let mut fleet = Fleet::new();
+        fleet.ask("a", 10, 0);
+        let out = fleet.ask("b", 4, 10);
         assert_eq!(
             out,
             vec![Outgoing {
@@ -720,64 +755,28 @@ mod tests {
                 },
             }]
         );
-        assert_eq!(leases.parked().len(), 1);
+        assert_eq!(fleet.leases.parked().len(), 1);
         // The holder gives its slice back: the parked ask is granted.
-        let mut out = Vec::new();
-        leases.give_back(&mut ledger, "a", "k", &tokens(10), at(start, 20), &mut out);
+        let out = fleet.give_back("a", 10, 20);
         assert!(matches!(
             &out[..],
             [Outgoing { agent_id, message: ToAgent::Grant { .. }, .. }] if agent_id == "b"
         ));
-        assert!(!leases.has_parked());
+        assert!(!fleet.leases.has_parked());
     }
 
     #[test]
     fn a_revoke_is_sent_again_only_after_revoke_resend() {
-        let (mut ledger, mut leases, start) = fleet();
-        a_holds_everything(&mut ledger, &mut leases, start);
-        let revokes = |out: &[Outgoing]| {
-            out.iter()
-                .filter(|o| matches!(o.message, ToAgent::Revoke { .. }))
-                .count()
-        };
-        let mut out = Vec::new();
-        leases.ask(
-            &mut ledger,
-            "b",
-            SessionId(2),
-            ask(4, 4),
-            at(start, 0),
-            &mut out,
-        );
-        leases.retry_parked(&mut ledger, at(start, 100), &mut out);
-        assert_eq!(revokes(&out), 1, "{out:?}");
-        leases.retry_parked(
-            &mut ledger,
-            at(start, 100 + REVOKE_RESEND.as_millis() as u64),
-            &mut out,
-        );
-        assert_eq!(revokes(&out), 2, "{out:?}");
+        let mut fleet = Fleet::b_parked_behind_a();
+        assert_eq!(revokes(&fleet.retry(100)), 0);
+        let resend = 100 + REVOKE_RESEND.as_millis() as u64;
+        assert_eq!(revokes(&fleet.retry(resend)), 1);
     }
 
     #[test]
     fn an_ask_parked_past_park_limit_is_denied_held_elsewhere_not_insufficient_quota() {
-        let (mut ledger, mut leases, start) = fleet();
-        a_holds_everything(&mut ledger, &mut leases, start);
-        let mut out = Vec::new();
-        leases.ask(
-            &mut ledger,
-            "b",
-            SessionId(2),
-            ask(4, 4),
-            at(start, 0),
-            &mut out,
-        );
-        out.clear();
-        leases.retry_parked(
-            &mut ledger,
-            at(start, PARK_LIMIT.as_millis() as u64),
-            &mut out,
-        );
+        let mut fleet = Fleet::b_parked_behind_a();
+        let out = fleet.retry(PARK_LIMIT.as_millis() as u64);
         assert!(matches!(
             &out[..],
             [Outgoing {
@@ -789,77 +788,37 @@ mod tests {
                 ..
             }]
         ));
-        assert!(!leases.has_parked());
+        assert!(!fleet.leases.has_parked());
     }
 
     #[test]
     fn a_parked_ask_of_a_replaced_session_is_dropped() {
-        let (mut ledger, mut leases, start) = fleet();
-        a_holds_everything(&mut ledger, &mut leases, start);
-        let mut out = Vec::new();
-        leases.ask(
-            &mut ledger,
-            "b",
-            SessionId(2),
-            ask(4, 4),
-            at(start, 0),
-            &mut out,
-        );
-        leases
-            .hello(
-                &mut ledger,
-                "b",
-                1,
-                "n",
-                SessionId(3),
-                &mut Vec::new(),
-                &mut Vec::new(),
-            )
-            .unwrap();
-        out.clear();
-        leases.give_back(&mut ledger, "a", "k", &tokens(10), at(start, 10), &mut out);
+        let mut fleet = Fleet::b_parked_behind_a();
+        fleet.hello("b", 1, 3).unwrap();
+        let out = fleet.give_back("a", 10, 10);
         assert!(out.is_empty(), "{out:?}");
-        assert!(!leases.has_parked());
+        assert!(!fleet.leases.has_parked());
     }
 
     #[test]
     fn an_agent_disconnected_for_dead_after_is_declared_dead_and_its_slices_released() {
-        let (mut ledger, mut leases, start) = fleet();
-        a_holds_everything(&mut ledger, &mut leases, start);
-        assert!(leases.disconnect("a", SessionId(1), at(start, 0)));
-        assert!(leases.dead_agents(at(start, 119_999)).is_empty());
+        let mut fleet = Fleet::new();
+        fleet.ask("a", 10, 0);
+        assert!(fleet.leases.disconnect("a", SessionId(1), fleet.at(0)));
+        assert!(fleet.leases.dead_agents(fleet.at(119_999)).is_empty());
         assert_eq!(
-            leases.dead_agents(at(start, 120_000)),
+            fleet.leases.dead_agents(fleet.at(120_000)),
             vec!["a".to_string()]
         );
-        assert_eq!(leases.declare_dead(&mut ledger, "a"), 1);
-        assert_eq!(ledger.slices_of("a").count(), 0);
+        assert_eq!(fleet.leases.declare_dead(&mut fleet.ledger, "a"), 1);
+        assert_eq!(fleet.ledger.slices_of("a").count(), 0);
     }
 
     #[test]
     fn a_hello_older_than_the_connected_epoch_is_refused() {
-        let (mut ledger, mut leases, _) = fleet();
-        leases
-            .hello(
-                &mut ledger,
-                "a",
-                2,
-                "n",
-                SessionId(9),
-                &mut Vec::new(),
-                &mut Vec::new(),
-            )
-            .unwrap();
-        let older = leases.hello(
-            &mut ledger,
-            "a",
-            1,
-            "n",
-            SessionId(10),
-            &mut Vec::new(),
-            &mut Vec::new(),
-        );
-        assert!(older.is_err());
-        assert!(leases.is_current("a", SessionId(9)));
+        let mut fleet = Fleet::new();
+        fleet.hello("a", 2, 9).unwrap();
+        assert!(fleet.hello("a", 1, 10).is_err());
+        assert!(fleet.leases.is_current("a", SessionId(9)));
     }
 }

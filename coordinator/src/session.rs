@@ -4,12 +4,11 @@
 //! durable. The stream's first message must be `Hello`.
 
 use crate::engine::{Core, Effects, EngineHandle, EngineSource, Job, Outbox, SessionCounters};
-use crate::lease::SessionId;
+use crate::lease::{Outgoing, SessionId, ToAgent};
 use crate::placement::{LivePlacement, Served};
 use crate::wire::{Command, UsageBatch};
 use allot::key::KeyHash;
 use allot::pb::agent_message::Msg as AgentMsg;
-use allot::pb::coordinator_message::Msg as CoordMsg;
 use allot::pb::{self, agent_session_server::AgentSession};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -273,7 +272,7 @@ pub(crate) fn agent_job(agent_id: String, session: SessionId, command: Command) 
             return;
         }
         match command {
-            Command::KeyLookup { hash, raw } => key_lookup(core, fx, &agent_id, hash, raw),
+            Command::KeyLookup { hash, raw } => key_lookup(core, fx, &agent_id, session, hash, raw),
             Command::Ask(ask) => core.ask(fx, &agent_id, session, ask),
             Command::Usage(batch) => settle_batch(core, fx, &agent_id, session, batch),
             Command::GiveBack { key_id, amount } => core.give_back(fx, &agent_id, &key_id, &amount),
@@ -306,22 +305,22 @@ fn key_lookup(
     core: &mut Core,
     fx: &mut Effects,
     agent_id: &str,
+    session: SessionId,
     hash: Option<KeyHash>,
     key_hash: Vec<u8>,
 ) {
     let key = hash
         .and_then(|hash| core.ledger().key_by_hash(&hash))
-        .map(crate::wire::key_info);
+        .cloned();
     if let Some(key) = &key {
         core.watch(&key.key_id, agent_id);
     }
-    if let Some(link) = core.session(agent_id) {
-        let outbox = link.outbox.clone();
-        fx.send(
-            &outbox,
-            CoordMsg::Key(pb::KeyLookupResult { key_hash, key }),
-        );
-    }
+    let answer = Outgoing {
+        agent_id: agent_id.to_string(),
+        session: Some(session),
+        message: ToAgent::KeyLookup { key_hash, key },
+    };
+    core.deliver(fx, vec![answer]);
 }
 
 /// Settles a usage batch (the decisions are [`crate::settle::batch`]'s),

@@ -221,19 +221,8 @@ impl Depletions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::{Ask, LeaseSettings};
-    use crate::ledger::{KeyRecord, LedgerConfig, Scope};
-    use allot::key::{KeyHash, Purpose};
-    use allot::limit::{Limit, Window};
-    use allot::{Amounts, Unit};
-
-    const WALL: allot::clock::UnixMs = 1_795_595_400_000;
-
-    fn tokens(n: i64) -> Amounts {
-        let mut amounts = Amounts::UNLIMITED;
-        amounts.set(Unit::Tokens, Some(Decimal::from(n)));
-        amounts
-    }
+    use crate::lease::tests::{tokens, Fleet, WALL};
+    use allot::key::Purpose;
 
     fn usage(seq: u64, used: u64) -> Usage {
         Usage {
@@ -250,149 +239,52 @@ mod tests {
         }
     }
 
-    /// Key `k` capped at 10 tokens; agent `a` connected on session 1
-    /// holding all 10.
-    fn holding() -> (Ledger, Leases, Now) {
-        let mut ledger = Ledger::new(LedgerConfig::default());
-        let mut w = Vec::new();
-        ledger.create_account("acme", "Acme", WALL, &mut w).unwrap();
-        ledger
-            .create_key(
-                KeyRecord {
-                    key_id: "k".into(),
-                    account_id: "acme".into(),
-                    hash: KeyHash::of_secret("s"),
-                    purpose: Purpose::Realtime,
-                    revoked: false,
-                    allowed_models: vec![],
-                    name: String::new(),
-                    limits: vec![],
-                    created_at_ms: WALL,
-                },
-                &mut w,
-            )
-            .unwrap();
-        let cap = Limit {
-            unit: Unit::Tokens,
-            amount: Decimal::from(10),
-            window: Window::Balance,
-        };
-        ledger
-            .set_limits(&Scope::Key("k".into()), vec![cap], WALL, &mut w)
-            .unwrap();
-        let now = Now {
-            wall: WALL,
-            mono: Instant::now(),
-        };
-        let settings = LeaseSettings {
-            lease_ttl: Duration::from_secs(30),
-            dead_after: Duration::from_secs(120),
-        };
-        let mut leases = Leases::new(settings, &ledger, now.mono);
-        leases
-            .hello(
-                &mut ledger,
+    /// Agent `a` holding all 10 tokens of `k`, and its settlements.
+    struct Settling {
+        fleet: Fleet,
+        depletions: Depletions,
+        out: Vec<Outgoing>,
+    }
+
+    impl Settling {
+        fn new() -> Settling {
+            let mut fleet = Fleet::new();
+            fleet.ask("a", 10, 0);
+            Settling {
+                fleet,
+                depletions: Depletions::default(),
+                out: Vec::new(),
+            }
+        }
+
+        fn batch(&mut self, records: &[Usage], ms: u64) -> Settled {
+            let now = self.fleet.at(ms);
+            batch(
+                &mut self.fleet.ledger,
+                &mut self.fleet.leases,
+                &mut self.depletions,
                 "a",
-                1,
-                "n",
                 SessionId(1),
-                &mut w,
+                records,
+                now,
                 &mut Vec::new(),
+                &mut self.out,
             )
-            .unwrap();
-        leases.watch("k", "a");
-        let ask = Ask {
-            ask_id: 1,
-            key_id: "k".into(),
-            need: tokens(10),
-            want: tokens(10),
-        };
-        leases.ask(&mut ledger, "a", SessionId(1), ask, now, &mut Vec::new());
-        (ledger, leases, now)
-    }
+        }
 
-    fn acks(out: &[Outgoing]) -> Vec<u64> {
-        out.iter()
-            .filter_map(|o| match o.message {
-                ToAgent::UsageAck { high_water_seq } => Some(high_water_seq),
-                _ => None,
-            })
-            .collect()
-    }
+        fn acks(&self) -> Vec<u64> {
+            self.out
+                .iter()
+                .filter_map(|o| match o.message {
+                    ToAgent::UsageAck { high_water_seq } => Some(high_water_seq),
+                    _ => None,
+                })
+                .collect()
+        }
 
-    #[test]
-    fn a_resent_record_is_acknowledged_again_but_charged_once() {
-        let (mut ledger, mut leases, now) = holding();
-        let mut depletions = Depletions::default();
-        let records = [usage(1, 3), usage(2, 3)];
-        let mut out = Vec::new();
-        let first = batch(
-            &mut ledger,
-            &mut leases,
-            &mut depletions,
-            "a",
-            SessionId(1),
-            &records,
-            now,
-            &mut Vec::new(),
-            &mut out,
-        );
-        let again = batch(
-            &mut ledger,
-            &mut leases,
-            &mut depletions,
-            "a",
-            SessionId(1),
-            &records,
-            now,
-            &mut Vec::new(),
-            &mut out,
-        );
-        assert_eq!(first.charged.len(), 2);
-        assert!(again.charged.is_empty());
-        assert_eq!(again.duplicates, 2);
-        assert_eq!(acks(&out), vec![2, 2]);
-        let view = &ledger.limit_views("k", now.wall).unwrap()[0];
-        assert_eq!(view.spent, Decimal::from(6));
-    }
-
-    #[test]
-    fn a_gap_stops_the_batch_and_acknowledges_only_what_came_before() {
-        let (mut ledger, mut leases, now) = holding();
-        let mut out = Vec::new();
-        let settled = batch(
-            &mut ledger,
-            &mut leases,
-            &mut Depletions::default(),
-            "a",
-            SessionId(1),
-            &[usage(1, 1), usage(3, 1)],
-            now,
-            &mut Vec::new(),
-            &mut out,
-        );
-        assert_eq!(settled.charged.len(), 1);
-        assert_eq!(acks(&out), vec![1]);
-    }
-
-    #[test]
-    fn a_key_spent_to_its_cap_is_pushed_to_its_agents_once_a_second() {
-        let (mut ledger, mut leases, now) = holding();
-        let mut depletions = Depletions::default();
-        let mut out = Vec::new();
-        batch(
-            &mut ledger,
-            &mut leases,
-            &mut depletions,
-            "a",
-            SessionId(1),
-            &[usage(1, 10)],
-            now,
-            &mut Vec::new(),
-            &mut out,
-        );
-        let pushes = |out: &[Outgoing]| {
-            out.iter()
+        fn depletion_pushes(&self) -> usize {
+            self.out
+                .iter()
                 .filter(|o| {
                     matches!(
                         o.message,
@@ -404,23 +296,44 @@ mod tests {
                     )
                 })
                 .count()
-        };
-        assert_eq!(pushes(&out), 1, "{out:?}");
-        let soon = Now {
-            wall: now.wall + 10,
-            mono: now.mono + Duration::from_millis(10),
-        };
-        batch(
-            &mut ledger,
-            &mut leases,
-            &mut depletions,
-            "a",
-            SessionId(1),
-            &[usage(2, 0)],
-            soon,
-            &mut Vec::new(),
-            &mut out,
+        }
+    }
+
+    #[test]
+    fn a_resent_record_is_acknowledged_again_but_charged_once() {
+        let mut settling = Settling::new();
+        let records = [usage(1, 3), usage(2, 3)];
+        let first = settling.batch(&records, 0);
+        let again = settling.batch(&records, 0);
+        assert_eq!(first.charged.len(), 2);
+        assert!(again.charged.is_empty());
+        assert_eq!(again.duplicates, 2);
+        assert_eq!(settling.acks(), vec![2, 2]);
+        let view = &settling.fleet.ledger.limit_views("k", WALL).unwrap()[0];
+        assert_eq!(view.spent, Decimal::from(6));
+    }
+
+    #[test]
+    fn a_gap_stops_the_batch_and_acknowledges_only_what_came_before() {
+        let mut settling = Settling::new();
+        let settled = settling.batch(&[usage(1, 1), usage(3, 1)], 0);
+        assert_eq!(settled.charged.len(), 1);
+        assert_eq!(settling.acks(), vec![1]);
+    }
+
+    #[test]
+    fn a_key_spent_to_its_cap_is_pushed_to_its_agents_once_a_second() {
+        let mut settling = Settling::new();
+        settling.batch(&[usage(1, 10)], 0);
+        // To both agents that looked the key up.
+        assert_eq!(settling.depletion_pushes(), 2, "{:?}", settling.out);
+        settling.batch(&[usage(2, 0)], 10);
+        assert_eq!(settling.depletion_pushes(), 2, "coalesced within a second");
+        settling.batch(&[usage(3, 0)], 1_000);
+        assert_eq!(
+            settling.depletion_pushes(),
+            4,
+            "pushed again after a second"
         );
-        assert_eq!(pushes(&out), 1, "coalesced within a second");
     }
 }

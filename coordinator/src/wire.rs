@@ -436,6 +436,10 @@ pub fn to_agent(message: ToAgent) -> CoordMsg {
             reason: reason.into(),
         }),
         ToAgent::UsageAck { high_water_seq } => CoordMsg::UsageAck(pb::UsageAck { high_water_seq }),
+        ToAgent::KeyLookup { key_hash, key } => CoordMsg::Key(pb::KeyLookupResult {
+            key_hash,
+            key: key.as_ref().map(key_info),
+        }),
     }
 }
 

@@ -251,8 +251,36 @@ enum Action {
     TakeLead(usize),
 }
 
+/// Every session with coordinator `c` ends (it stopped or restarted): the
+/// agents' asks in flight fail.
+fn end_sessions_with(state: &mut State, c: usize) {
+    for agent in &mut state.agents {
+        if agent
+            .conn
+            .as_ref()
+            .is_some_and(|conn| conn.coordinator == c)
+        {
+            agent.conn = None;
+            agent.table.fail_all_asks();
+        }
+    }
+}
+
 fn agent_id(i: usize) -> String {
     format!("a{i}")
+}
+
+/// Replaces (with `None`: removes) the entry of `(agent_id, key_id)`.
+fn put<T>(
+    entries: &mut Vec<(String, String, T)>,
+    agent_id: String,
+    key_id: String,
+    value: Option<T>,
+) {
+    entries.retain(|(a, k, _)| !(*a == agent_id && *k == key_id));
+    if let Some(value) = value {
+        entries.push((agent_id, key_id, value));
+    }
 }
 
 /// Applies committed writes to the store, keeping it in a canonical order.
@@ -275,28 +303,18 @@ fn apply(store: &mut StoredState, writes: Vec<StoreWrite>) {
                 agent_id,
                 key_id,
                 held,
-            } => {
-                store
-                    .slices
-                    .retain(|(a, k, _)| !(*a == agent_id && *k == key_id));
-                store.slices.push((agent_id, key_id, held));
+            } => put(&mut store.slices, agent_id, key_id, Some(held)),
+            StoreWrite::DeleteSlice { agent_id, key_id } => {
+                put(&mut store.slices, agent_id, key_id, None)
             }
-            StoreWrite::DeleteSlice { agent_id, key_id } => store
-                .slices
-                .retain(|(a, k, _)| !(*a == agent_id && *k == key_id)),
             StoreWrite::PutHeld {
                 agent_id,
                 key_id,
                 at_ms,
-            } => {
-                store
-                    .held
-                    .retain(|(a, k, _)| !(*a == agent_id && *k == key_id));
-                store.held.push((agent_id, key_id, at_ms));
+            } => put(&mut store.held, agent_id, key_id, Some(at_ms)),
+            StoreWrite::DeleteHeld { agent_id, key_id } => {
+                put(&mut store.held, agent_id, key_id, None)
             }
-            StoreWrite::DeleteHeld { agent_id, key_id } => store
-                .held
-                .retain(|(a, k, _)| !(*a == agent_id && *k == key_id)),
             StoreWrite::PutAgent(r) => {
                 store.agents.retain(|x| x.agent_id != r.agent_id);
                 store.agents.push(r);
@@ -420,16 +438,7 @@ impl AllotModel {
         let coordinator = state.coordinators[c].as_ref().expect("a live coordinator");
         if coordinator.term != state.term {
             state.coordinators[c] = None;
-            for agent in &mut state.agents {
-                if agent
-                    .conn
-                    .as_ref()
-                    .is_some_and(|conn| conn.coordinator == c)
-                {
-                    agent.conn = None;
-                    agent.table.fail_all_asks();
-                }
-            }
+            end_sessions_with(state, c);
             return false;
         }
         if settlement && self.broken == Some(Broken::HighWaterNotCommitted) {
@@ -559,7 +568,9 @@ impl AllotModel {
             .and_then(|c| c.down.pop_front())
             .expect("a message");
         match message {
-            ToAgent::Welcome { .. } => unreachable!("welcomed at connect"),
+            ToAgent::Welcome { .. } | ToAgent::KeyLookup { .. } => {
+                unreachable!("welcomed and looked up at connect")
+            }
             ToAgent::Grant { amount, ttl, .. } => {
                 agent
                     .table
@@ -875,32 +886,14 @@ impl Model for AllotModel {
             Action::CrashCoordinator(c) => {
                 state.faults += 1;
                 state.coordinators[c] = None;
-                for agent in &mut state.agents {
-                    if agent
-                        .conn
-                        .as_ref()
-                        .is_some_and(|conn| conn.coordinator == c)
-                    {
-                        agent.conn = None;
-                        agent.table.fail_all_asks();
-                    }
-                }
+                end_sessions_with(&mut state, c);
             }
             Action::TakeLead(c) => {
                 state.term += 1;
                 // A coordinator taking the lead loads what was committed;
                 // the other one, if it still runs, is fenced.
                 state.coordinators[c] = Some(Arc::new(load(&state.store, state.term, state.tick)));
-                for agent in &mut state.agents {
-                    if agent
-                        .conn
-                        .as_ref()
-                        .is_some_and(|conn| conn.coordinator == c)
-                    {
-                        agent.conn = None;
-                        agent.table.fail_all_asks();
-                    }
-                }
+                end_sessions_with(&mut state, c);
             }
         }
         Some(state)
@@ -976,10 +969,8 @@ fn check(model: AllotModel, depth: usize) -> impl Checker<AllotModel> {
     checker
 }
 
-#[test]
-fn every_interleaving_keeps_caps_settles_once_and_ends_leases() {
-    let (model, depth) = AllotModel::from_env();
-    let checker = check(model, depth);
+/// Every safety property held in every state explored.
+fn assert_no_counterexample(checker: &impl Checker<AllotModel>) {
     for property in [
         "spend + held <= cap",
         "consumed <= cap",
@@ -990,6 +981,13 @@ fn every_interleaving_keeps_caps_settles_once_and_ends_leases() {
             panic!("{property} is broken:\n{path:#?}");
         }
     }
+}
+
+#[test]
+fn every_interleaving_keeps_caps_settles_once_and_ends_leases() {
+    let (model, depth) = AllotModel::from_env();
+    let checker = check(model, depth);
+    assert_no_counterexample(&checker);
     assert!(
         checker.unique_state_count() > 1_000,
         "the model explored too little to prove anything"
@@ -999,16 +997,7 @@ fn every_interleaving_keeps_caps_settles_once_and_ends_leases() {
 #[test]
 fn one_agent_settles_once_through_a_change_of_leader_and_resends() {
     let checker = check(AllotModel::new(1, 2), 12);
-    for property in [
-        "spend + held <= cap",
-        "consumed <= cap",
-        "settled exactly once",
-        "no grant outlives its lease",
-    ] {
-        if let Some(path) = checker.discovery(property) {
-            panic!("{property} is broken:\n{path:#?}");
-        }
-    }
+    assert_no_counterexample(&checker);
     assert!(
         checker
             .discovery("a record settled after a change of leader")

@@ -605,7 +605,7 @@ impl Group {
                         .waiting
                         .retain(|(waiting_for, _)| waiting_for != key_id);
                 }
-                ToAgent::UsageAck { .. } | ToAgent::Welcome { .. } => {
+                ToAgent::UsageAck { .. } | ToAgent::Welcome { .. } | ToAgent::KeyLookup { .. } => {
                     session.table.fail_all_asks();
                     session.waiting.clear();
                 }
@@ -624,7 +624,7 @@ impl Group {
                 session.table.grant(&key, &amount, ttl, MARGIN, vec![], now);
                 self.retry_waiting(i, &key, rng, clock);
             }
-            ToAgent::Welcome { .. } => {}
+            ToAgent::Welcome { .. } | ToAgent::KeyLookup { .. } => {}
             ToAgent::Deny {
                 key_id: key,
                 reason,
