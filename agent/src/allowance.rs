@@ -63,7 +63,7 @@ pub struct LimitSeen {
     pub reset_at: Option<Instant>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Slice {
     available: Amounts,
     in_flight: Amounts,
@@ -193,7 +193,7 @@ pub struct AllowanceTable {
     inner: Mutex<TableState>,
 }
 
-#[derive(Default)]
+#[derive(Debug, Clone, Default)]
 struct TableState {
     slices: HashMap<String, Slice>,
     /// Sequence number of the last usage record numbered.
@@ -208,6 +208,34 @@ struct TableState {
 pub struct SliceHeld {
     pub key_id: String,
     pub held: Amounts,
+}
+
+/// A copy of the table as it is now, with fresh wake-ups: for the
+/// simulation and the model check, which explore many futures of one state.
+impl Clone for AllowanceTable {
+    fn clone(&self) -> AllowanceTable {
+        let mut state = self.lock().clone();
+        for slice in state.slices.values_mut() {
+            slice.notify = Arc::new(Notify::new());
+        }
+        AllowanceTable {
+            inner: Mutex::new(state),
+        }
+    }
+}
+
+/// The table's state, slices in key order (a canonical form: equal tables
+/// print alike).
+impl std::fmt::Debug for AllowanceTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        let slices: std::collections::BTreeMap<&String, &Slice> = state.slices.iter().collect();
+        f.debug_struct("AllowanceTable")
+            .field("slices", &slices)
+            .field("last_seq", &state.last_seq)
+            .field("unacked", &state.unacked)
+            .finish()
+    }
 }
 
 impl AllowanceTable {

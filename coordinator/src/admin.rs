@@ -8,7 +8,7 @@
 use crate::engine::{Core, Effects, EngineError, EngineSource};
 use crate::error::{invalid_argument, AdminError};
 use crate::ledger::{KeyRecord, LimitView, Scope, TransactionKind};
-use crate::session::{key_info, tariff_update};
+use crate::wire::{key_info, tariff_update};
 use allot::bounds::{self, check_len, MAX_PAGE, MAX_RESPONSE_BYTES};
 use allot::clock;
 use allot::key::{validate_allowed_models, validate_id, validate_name, KeyHash, Purpose};
@@ -155,13 +155,13 @@ fn tariff_sort_key(tariff: &Tariff) -> String {
 }
 
 fn account_view(core: &Core, account_id: &str) -> Result<pb::Account, EngineError> {
-    let account = core.ledger.account(account_id).ok_or_else(|| {
+    let account = core.ledger().account(account_id).ok_or_else(|| {
         EngineError::Ledger(crate::ledger::LedgerError::NotFound {
             what: "account",
             id: account_id.to_string(),
         })
     })?;
-    let (spent, reserved) = core.ledger.account_spend(account_id);
+    let (spent, reserved) = core.ledger().account_spend(account_id);
     Ok(pb::Account {
         account_id: account.account_id.clone(),
         name: account.name.clone(),
@@ -199,9 +199,9 @@ fn limit_status(view: &LimitView, in_flight: Decimal) -> pb::LimitStatus {
 /// An agent as operators see it: what the ledger remembers and, while it
 /// is connected, what its session reported.
 fn agent_view(core: &Core, agent_id: &str) -> pb::AgentView {
-    let session = core.sessions.get(agent_id);
+    let session = core.session(agent_id);
     let (epoch, high_water_seq, neuron_id) = core
-        .ledger
+        .ledger()
         .agent(agent_id)
         .map(|a| (a.epoch, a.high_water_seq, a.neuron_id.clone()))
         .unwrap_or_default();
@@ -218,7 +218,7 @@ fn agent_view(core: &Core, agent_id: &str) -> pb::AgentView {
             .map(|l| l.prompt_overheads.clone().into_iter().collect())
             .unwrap_or_default(),
         slices: core
-            .ledger
+            .ledger()
             .slices_of(agent_id)
             .map(|(key_id, held)| pb::AgentSlice {
                 key_id: key_id.clone(),
@@ -233,7 +233,7 @@ fn agent_view(core: &Core, agent_id: &str) -> pb::AgentView {
 /// new state.
 fn push_key_changes(core: &Core, fx: &mut Effects, key_ids: &[String], revoke_slices: bool) {
     for key_id in key_ids {
-        let Some(key) = core.ledger.key(key_id) else {
+        let Some(key) = core.ledger().key(key_id) else {
             continue;
         };
         core.push_to(
@@ -246,7 +246,7 @@ fn push_key_changes(core: &Core, fx: &mut Effects, key_ids: &[String], revoke_sl
         if revoke_slices {
             core.push_to(
                 fx,
-                core.ledger.holders_of(key_id),
+                core.ledger().holders_of(key_id),
                 CoordMsg::Revoke(pb::Revoke {
                     key_id: key_id.clone(),
                     reason: "limits changed".into(),
@@ -286,9 +286,13 @@ impl Admin for AdminService {
             .engine
             .current()?
             .call(move |core, fx| {
-                core.ledger
-                    .create_account(&req.account_id, &req.name, fx.now, &mut fx.writes)?;
-                core.ledger.audit(
+                core.ledger_mut().create_account(
+                    &req.account_id,
+                    &req.name,
+                    fx.now,
+                    &mut fx.writes,
+                )?;
+                core.ledger_mut().audit(
                     fx.now,
                     &operator,
                     "CreateAccount",
@@ -326,7 +330,7 @@ impl Admin for AdminService {
             .current()?
             .call(move |core, _| {
                 page_of(
-                    core.ledger.accounts().map(|a| a.account_id.as_str()),
+                    core.ledger().accounts().map(|a| a.account_id.as_str()),
                     &page,
                     |id| account_view(core, id),
                 )
@@ -368,7 +372,7 @@ impl Admin for AdminService {
             .engine
             .current()?
             .call(move |core, fx| {
-                let duplicate = core.ledger.credit(
+                let duplicate = core.ledger_mut().credit(
                     &req.account_id,
                     &req.source_id,
                     kind,
@@ -377,7 +381,7 @@ impl Admin for AdminService {
                     &mut fx.writes,
                 )?;
                 if !duplicate {
-                    core.ledger.audit(
+                    core.ledger_mut().audit(
                         fx.now,
                         &operator,
                         "Credit",
@@ -389,7 +393,7 @@ impl Admin for AdminService {
                         }),
                         &mut fx.writes,
                     );
-                    let keys = core.ledger.keys_of_account(&req.account_id).to_vec();
+                    let keys = core.ledger().keys_of_account(&req.account_id).to_vec();
                     push_key_changes(core, fx, &keys, false);
                 }
                 Ok(pb::CreditResponse {
@@ -436,9 +440,9 @@ impl Admin for AdminService {
             .engine
             .current()?
             .call(move |core, fx| {
-                let key = core.ledger.create_key(record, &mut fx.writes)?;
+                let key = core.ledger_mut().create_key(record, &mut fx.writes)?;
                 // The secret and its hash never go into the log.
-                core.ledger.audit(
+                core.ledger_mut().audit(
                     fx.now,
                     &operator,
                     "CreateKey",
@@ -479,13 +483,13 @@ impl Admin for AdminService {
             .current()?
             .call(move |core, _| {
                 let view = |id: &str| {
-                    let key = core.ledger.key(id).expect("listed keys exist");
+                    let key = core.ledger().key(id).expect("listed keys exist");
                     Ok(key_info(key))
                 };
                 if req.account_id.is_empty() {
-                    page_of(core.ledger.keys().map(|k| k.key_id.as_str()), &page, view)
+                    page_of(core.ledger().keys().map(|k| k.key_id.as_str()), &page, view)
                 } else {
-                    let ids = core.ledger.keys_of_account(&req.account_id);
+                    let ids = core.ledger().keys_of_account(&req.account_id);
                     page_of(ids.iter().map(String::as_str), &page, view)
                 }
             })
@@ -507,8 +511,8 @@ impl Admin for AdminService {
             .engine
             .current()?
             .call(move |core, fx| {
-                let key = core.ledger.revoke_key(&req.key_id, &mut fx.writes)?;
-                core.ledger.audit(
+                let key = core.ledger_mut().revoke_key(&req.key_id, &mut fx.writes)?;
+                core.ledger_mut().audit(
                     fx.now,
                     &operator,
                     "RevokeKey",
@@ -554,13 +558,13 @@ impl Admin for AdminService {
         self.engine
             .current()?
             .call(move |core, fx| {
-                core.ledger
+                core.ledger_mut()
                     .set_limits(&scope, limits, fx.now, &mut fx.writes)?;
-                core.ledger
+                core.ledger_mut()
                     .audit(fx.now, &operator, "SetLimits", change, &mut fx.writes);
                 let keys = match &scope {
                     Scope::Key(id) => vec![id.clone()],
-                    Scope::Account(id) => core.ledger.keys_of_account(id).to_vec(),
+                    Scope::Account(id) => core.ledger().keys_of_account(id).to_vec(),
                 };
                 push_key_changes(core, fx, &keys, true);
                 Ok(())
@@ -579,12 +583,12 @@ impl Admin for AdminService {
             .engine
             .current()?
             .call(move |core, fx| {
-                let views = core.ledger.limit_views(&req.key_id, fx.now)?;
+                let views = core.ledger().limit_views(&req.key_id, fx.now)?;
                 let key = core
-                    .ledger
+                    .ledger()
                     .key(&req.key_id)
                     .expect("limit_views checked the key");
-                let account_keys = core.ledger.keys_of_account(&key.account_id).to_vec();
+                let account_keys = core.ledger().keys_of_account(&key.account_id).to_vec();
                 let own_key = [key.key_id.clone()];
                 let limits = views
                     .iter()
@@ -622,7 +626,7 @@ impl Admin for AdminService {
         self.engine
             .current()?
             .call(move |core, fx| {
-                let book = core.ledger.tariffs();
+                let book = core.ledger().tariffs();
                 let replaces = book.all().any(|t| t.identity() == tariff.identity());
                 if !replaces && book.all().count() >= bounds::MAX_TARIFFS {
                     return Err(EngineError::Ledger(crate::ledger::LedgerError::Invalid(
@@ -635,15 +639,11 @@ impl Admin for AdminService {
                         ),
                     )));
                 }
-                core.ledger.put_tariff(tariff, &mut fx.writes);
-                core.ledger
+                core.ledger_mut().put_tariff(tariff, &mut fx.writes);
+                core.ledger_mut()
                     .audit(fx.now, &operator, "PutTariff", change, &mut fx.writes);
-                let update = tariff_update(core);
-                core.push_to(
-                    fx,
-                    core.sessions.keys().cloned().collect::<Vec<_>>(),
-                    update,
-                );
+                let update = tariff_update(core.ledger().tariffs());
+                core.push_to(fx, core.connected_agents(), update);
                 Ok(())
             })
             .await?;
@@ -662,7 +662,7 @@ impl Admin for AdminService {
             .current()?
             .call(move |core, _| {
                 let by_key: std::collections::HashMap<String, &Tariff> = core
-                    .ledger
+                    .ledger()
                     .tariffs()
                     .all()
                     .filter(|t| req.model.is_empty() || t.model == req.model)
@@ -691,7 +691,7 @@ impl Admin for AdminService {
             .call(move |core, _| {
                 let view = |agent_id: &str| Ok(agent_view(core, agent_id));
                 page_of(
-                    core.ledger.agents().map(|a| a.agent_id.as_str()),
+                    core.ledger().agents().map(|a| a.agent_id.as_str()),
                     &page,
                     view,
                 )
@@ -714,7 +714,7 @@ impl Admin for AdminService {
             .engine
             .current()?
             .call(move |core, fx| {
-                if core.sessions.contains_key(&req.agent_id) {
+                if core.is_connected(&req.agent_id) {
                     return Err(EngineError::Ledger(
                         crate::ledger::LedgerError::FailedPrecondition(format!(
                             "agent {} is connected: only an agent that cannot connect is reset",
@@ -722,9 +722,10 @@ impl Admin for AdminService {
                         )),
                     ));
                 }
-                let before = core.ledger.agent(&req.agent_id).map(|a| a.epoch);
-                core.ledger.reset_agent(&req.agent_id, &mut fx.writes)?;
-                core.ledger.audit(
+                let before = core.ledger().agent(&req.agent_id).map(|a| a.epoch);
+                core.ledger_mut()
+                    .reset_agent(&req.agent_id, &mut fx.writes)?;
+                core.ledger_mut().audit(
                     fx.now,
                     &operator,
                     "ResetAgent",
@@ -784,7 +785,7 @@ impl Admin for AdminService {
             .engine
             .current()?
             .call(move |core, fx| {
-                let views = core.ledger.limit_views(&key_id, fx.now)?;
+                let views = core.ledger().limit_views(&key_id, fx.now)?;
                 let balances: Vec<(Scope, allot::Unit, rust_decimal::Decimal)> = views
                     .iter()
                     .filter(|v| v.limit.window.is_balance())
@@ -894,7 +895,7 @@ impl Admin for AdminService {
             .engine
             .current()?
             .call(move |core, _| {
-                let matching = core.ledger.audit_log().newest_first().filter(|e| {
+                let matching = core.ledger().audit_log().newest_first().filter(|e| {
                     before.is_none_or(|b| e.seq < b)
                         && (req.operator.is_empty() || e.operator == req.operator)
                         && (req.method.is_empty() || e.method == req.method)

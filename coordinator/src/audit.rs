@@ -74,7 +74,7 @@ pub struct Recorded {
 }
 
 /// The log as the leader holds it: oldest first.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct AuditLog {
     retention: AuditRetention,
     entries: VecDeque<AuditEntry>,

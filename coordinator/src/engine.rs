@@ -7,10 +7,13 @@
 //! ledger from the store and fails every job of the batch: nobody is told
 //! of a change that is not durable.
 
-use crate::ledger::{Ledger, LedgerConfig};
+use crate::lease::{Ask, LeaseSettings, Leases, Now, Outgoing, SessionId};
+use crate::ledger::{Ledger, LedgerConfig, Welcome};
+use crate::settle::{Depletions, Settled};
 use crate::store::{Store, StoreError, StoreWrite};
 use allot::clock::{self, UnixMs};
 use allot::pb;
+use allot::Amounts;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +31,7 @@ pub struct SessionCounters {
 
 /// A connected agent session.
 pub struct SessionLink {
+    pub session: SessionId,
     pub epoch: u64,
     pub outbox: Outbox,
     pub counters: Arc<SessionCounters>,
@@ -38,45 +42,224 @@ pub struct SessionLink {
     pub in_flight: std::collections::BTreeMap<String, allot::Amounts>,
 }
 
-/// An ask waiting for other agents to give back revoked slices.
-pub struct ParkedAsk {
-    pub agent_id: String,
-    pub outbox: Outbox,
-    pub ask: crate::wire::Ask,
-    pub since: Instant,
-}
-
-/// How long an ask waits for reclaimed slices. A holder that has not given
-/// its slice back by then is slow or cut off: the ask is refused as
-/// temporarily unavailable (never as an exhausted cap, which it is not).
-pub const PARK_LIMIT: Duration = Duration::from_secs(2);
 /// How often the key history is pruned at its retention and the stored
 /// times of slices still held are refreshed.
 pub const KEY_HISTORY_SWEEP: Duration = Duration::from_secs(60);
 
-/// A holder still holding a reclaimable slice this long after a Revoke is
-/// sent another (the first may have crossed a fresh grant to it).
-pub const REVOKE_RESEND: Duration = Duration::from_millis(300);
-
-/// What the engine's jobs may touch.
+/// What the engine's jobs may touch, through its methods: the ledger, the
+/// lease state and the sessions' outboxes. The decisions are in
+/// [`crate::lease`] and [`crate::settle`]; this only routes what they
+/// decide to the sessions' outboxes (via [`crate::wire::to_agent`]).
 pub struct Core {
-    /// Asks waiting for reclaimed slices.
-    pub parked: Vec<ParkedAsk>,
-    /// When each `(agent, key)` slice was last revoked, so a storm of asks
-    /// revokes it once.
-    pub revoked_at: HashMap<(String, String), Instant>,
-    /// When each key's depletion was last pushed (pushes are coalesced).
-    pub depletion_pushed: HashMap<String, Instant>,
-    pub ledger: Ledger,
-    pub sessions: HashMap<String, SessionLink>,
-    /// Agents that looked a key up, to push changes of that key to.
-    pub watchers: HashMap<String, HashSet<String>>,
-    /// Agents known but not connected, since when.
-    pub disconnected: HashMap<String, Instant>,
-    pub settings: EngineSettings,
+    ledger: Ledger,
+    leases: Leases,
+    depletions: Depletions,
+    /// Connected agents' sessions (the same agents as `leases`' sessions).
+    links: HashMap<String, SessionLink>,
+    next_session: u64,
+    settings: EngineSettings,
 }
 
 impl Core {
+    /// A core over `ledger`, with every agent it knows disconnected.
+    pub fn new(ledger: Ledger, settings: EngineSettings) -> Core {
+        let leases = Leases::new(settings.lease_settings(), &ledger, Instant::now());
+        Core {
+            ledger,
+            leases,
+            depletions: Depletions::default(),
+            links: HashMap::new(),
+            next_session: 0,
+            settings,
+        }
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    pub fn ledger_mut(&mut self) -> &mut Ledger {
+        &mut self.ledger
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// The agent's session, while it is connected.
+    pub fn session(&self, agent_id: &str) -> Option<&SessionLink> {
+        self.links.get(agent_id)
+    }
+
+    pub fn is_connected(&self, agent_id: &str) -> bool {
+        self.links.contains_key(agent_id)
+    }
+
+    /// Every connected agent.
+    pub fn connected_agents(&self) -> Vec<String> {
+        self.links.keys().cloned().collect()
+    }
+
+    /// Whether `session` is the agent's current session.
+    pub fn is_current(&self, agent_id: &str, session: SessionId) -> bool {
+        self.leases.is_current(agent_id, session)
+    }
+
+    /// An agent's Hello: the session replaces any older one of the agent
+    /// (whose stream ends when its outbox is dropped) and is welcomed.
+    pub fn connect(
+        &mut self,
+        fx: &mut Effects,
+        agent_id: &str,
+        epoch: u64,
+        neuron_id: &str,
+        outbox: Outbox,
+        counters: Arc<SessionCounters>,
+    ) -> Result<(SessionId, Welcome), crate::ledger::LedgerError> {
+        self.next_session += 1;
+        let session = SessionId(self.next_session);
+        let mut out = Vec::new();
+        let welcome = self.leases.hello(
+            &mut self.ledger,
+            agent_id,
+            epoch,
+            neuron_id,
+            session,
+            &mut fx.writes,
+            &mut out,
+        )?;
+        self.links.insert(
+            agent_id.to_string(),
+            SessionLink {
+                session,
+                epoch,
+                outbox,
+                counters,
+                prompt_overheads: Default::default(),
+                in_flight: Default::default(),
+            },
+        );
+        self.deliver(fx, out);
+        Ok((session, welcome))
+    }
+
+    /// The session ended; `false` when a newer one had replaced it.
+    pub fn disconnect(&mut self, fx: &Effects, agent_id: &str, session: SessionId) -> bool {
+        if !self.leases.disconnect(agent_id, session, fx.at()) {
+            return false;
+        }
+        self.links.remove(agent_id);
+        true
+    }
+
+    /// `agent_id` looked a key up by its secret's hash and found `key_id`.
+    pub fn watch(&mut self, key_id: &str, agent_id: &str) {
+        self.leases.watch(key_id, agent_id);
+    }
+
+    /// An allowance ask (see [`crate::lease`]).
+    pub fn ask(&mut self, fx: &mut Effects, agent_id: &str, session: SessionId, ask: Ask) {
+        let mut out = Vec::new();
+        self.leases
+            .ask(&mut self.ledger, agent_id, session, ask, fx.at(), &mut out);
+        self.deliver(fx, out);
+    }
+
+    /// The agent gives back part of a slice.
+    pub fn give_back(&mut self, fx: &mut Effects, agent_id: &str, key_id: &str, amount: &Amounts) {
+        let mut out = Vec::new();
+        self.leases.give_back(
+            &mut self.ledger,
+            agent_id,
+            key_id,
+            amount,
+            fx.at(),
+            &mut out,
+        );
+        self.deliver(fx, out);
+    }
+
+    /// Decides the parked asks again.
+    pub fn retry_parked(&mut self, fx: &mut Effects) {
+        let mut out = Vec::new();
+        self.leases
+            .retry_parked(&mut self.ledger, fx.at(), &mut out);
+        self.deliver(fx, out);
+    }
+
+    pub fn has_parked(&self) -> bool {
+        self.leases.has_parked()
+    }
+
+    /// A usage batch (see [`crate::settle`]).
+    pub fn settle(
+        &mut self,
+        fx: &mut Effects,
+        agent_id: &str,
+        session: SessionId,
+        usages: &[crate::ledger::Usage],
+    ) -> Settled {
+        let mut out = Vec::new();
+        let settled = crate::settle::batch(
+            &mut self.ledger,
+            &mut self.leases,
+            &mut self.depletions,
+            agent_id,
+            session,
+            usages,
+            fx.at(),
+            &mut fx.writes,
+            &mut out,
+        );
+        self.deliver(fx, out);
+        settled
+    }
+
+    /// What the agent's requests in flight reserved, per key: only keys it
+    /// holds a slice of (what requests reserved comes out of slices).
+    pub fn set_in_flight(
+        &mut self,
+        agent_id: &str,
+        mut keys: std::collections::BTreeMap<String, Amounts>,
+    ) {
+        let held: HashSet<&String> = self
+            .ledger
+            .slices_of(agent_id)
+            .map(|(key_id, _)| key_id)
+            .collect();
+        keys.retain(|key_id, _| held.contains(key_id));
+        if let Some(link) = self.links.get_mut(agent_id) {
+            link.in_flight = keys;
+        }
+    }
+
+    pub fn set_prompt_overheads(
+        &mut self,
+        agent_id: &str,
+        overheads: std::collections::BTreeMap<String, u64>,
+    ) {
+        if let Some(link) = self.links.get_mut(agent_id) {
+            link.prompt_overheads = overheads;
+        }
+    }
+
+    /// Sends what the core decided, once the batch is committed: to the
+    /// addressed session, or to the agent's current one.
+    pub fn deliver(&self, fx: &mut Effects, out: Vec<Outgoing>) {
+        for outgoing in out {
+            let Some(link) = self.links.get(&outgoing.agent_id) else {
+                continue;
+            };
+            if outgoing
+                .session
+                .is_some_and(|session| session != link.session)
+            {
+                continue;
+            }
+            fx.send(&link.outbox, crate::wire::to_agent(outgoing.message));
+        }
+    }
+
     /// Queues `message` to every connected agent in `agents`.
     pub fn push_to(
         &self,
@@ -85,7 +268,7 @@ impl Core {
         message: pb::coordinator_message::Msg,
     ) {
         for agent_id in agents {
-            if let Some(link) = self.sessions.get(&agent_id) {
+            if let Some(link) = self.links.get(&agent_id) {
                 fx.send(&link.outbox, message.clone());
             }
         }
@@ -95,7 +278,7 @@ impl Core {
     /// `key_ids`, in `unit`.
     pub fn in_flight(&self, key_ids: &[String], unit: allot::Unit) -> rust_decimal::Decimal {
         let mut total = rust_decimal::Decimal::ZERO;
-        for link in self.sessions.values() {
+        for link in self.links.values() {
             for key_id in key_ids {
                 if let Some(amount) = link.in_flight.get(key_id) {
                     total = total.saturating_add(amount.value(unit));
@@ -108,9 +291,22 @@ impl Core {
     /// Every agent that should hear about a change of `key_id`: those that
     /// looked it up and those holding a slice of it.
     pub fn interested_in(&self, key_id: &str) -> HashSet<String> {
-        let mut agents: HashSet<String> = self.watchers.get(key_id).cloned().unwrap_or_default();
-        agents.extend(self.ledger.holders_of(key_id));
-        agents
+        self.leases.interested_in(&self.ledger, key_id)
+    }
+
+    /// Ends every session (the ledger was reloaded): each agent's Hello on
+    /// reconnect is the truth for its slices.
+    fn end_sessions(&mut self, reason: &str) {
+        let now = Now {
+            wall: clock::now_ms(),
+            mono: Instant::now(),
+        };
+        self.leases.disconnect_all(now);
+        for (_, link) in self.links.drain() {
+            let _ = link
+                .outbox
+                .try_send(Err(tonic::Status::unavailable(reason.to_string())));
+        }
     }
 }
 
@@ -120,6 +316,8 @@ type AfterCommit = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
 /// the commit is known.
 pub struct Effects {
     pub now: UnixMs,
+    /// The monotonic time of the batch.
+    pub mono: Instant,
     pub writes: Vec<StoreWrite>,
     after: Vec<AfterCommit>,
     outbox: Vec<(Outbox, pb::coordinator_message::Msg)>,
@@ -129,9 +327,18 @@ impl Effects {
     pub(crate) fn new(now: UnixMs) -> Effects {
         Effects {
             now,
+            mono: Instant::now(),
             writes: Vec::new(),
             after: Vec::new(),
             outbox: Vec::new(),
+        }
+    }
+
+    /// The time of the batch, for the lease and settle decisions.
+    pub fn at(&self) -> Now {
+        Now {
+            wall: self.now,
+            mono: self.mono,
         }
     }
 
@@ -159,6 +366,15 @@ pub struct EngineSettings {
     pub analytics: Option<tokio::sync::mpsc::UnboundedSender<Vec<pb::UsageRow>>>,
     /// Placement's demand, fed with each request once committed.
     pub placement: Option<std::sync::Arc<crate::placement::LivePlacement>>,
+}
+
+impl EngineSettings {
+    pub fn lease_settings(&self) -> LeaseSettings {
+        LeaseSettings {
+            lease_ttl: self.lease_ttl,
+            dead_after: self.dead_after,
+        }
+    }
 }
 
 impl Default for EngineSettings {
@@ -301,20 +517,9 @@ impl Engine {
         settings: EngineSettings,
         ledger: Ledger,
     ) -> (Engine, EngineHandle) {
-        let now = Instant::now();
-        let disconnected = ledger.agents().map(|a| (a.agent_id.clone(), now)).collect();
         let (tx, rx) = mpsc::channel(65_536);
         let engine = Engine {
-            core: Core {
-                parked: Vec::new(),
-                revoked_at: HashMap::new(),
-                depletion_pushed: HashMap::new(),
-                ledger,
-                sessions: HashMap::new(),
-                watchers: HashMap::new(),
-                disconnected,
-                settings,
-            },
+            core: Core::new(ledger, settings),
             store,
             jobs: rx,
             fenced: false,
@@ -344,7 +549,7 @@ impl Engine {
                 }
                 _ = key_history_sweep.tick() => {
                     let job: Job = Box::new(|core: &mut Core, fx: &mut Effects| {
-                        let forgotten = core.ledger.sweep_key_history(fx.now);
+                        let forgotten = core.ledger_mut().sweep_key_history(fx.now);
                         if forgotten > 0 {
                             tracing::info!(forgotten, "key history entries past their retention forgotten");
                         }
@@ -352,8 +557,8 @@ impl Engine {
                     self.run_batch(vec![job]).await;
                     continue;
                 }
-                _ = parked_tick.tick(), if !self.core.parked.is_empty() => {
-                    let job: Job = Box::new(|core: &mut Core, fx: &mut Effects| crate::session::retry_parked(core, fx));
+                _ = parked_tick.tick(), if self.core.has_parked() => {
+                    let job: Job = Box::new(|core: &mut Core, fx: &mut Effects| core.retry_parked(fx));
                     self.run_batch(vec![job]).await;
                     continue;
                 }
@@ -418,25 +623,13 @@ impl Engine {
                 tracing::error!(%error, writes = write_count, "store commit failed; reloading the ledger");
                 metrics::counter!("allot_store_commit_failures_total").increment(1);
                 self.reload().await;
-                self.end_sessions("the ledger was reloaded after a failed write; reconnect");
+                self.core
+                    .end_sessions("the ledger was reloaded after a failed write; reconnect");
             }
         }
         let outcome_ref = outcome.as_ref().map(|_| ());
         for f in after {
             f(outcome_ref);
-        }
-    }
-
-    /// Ends every agent session: a write that may or may not have applied
-    /// (a grant, say) leaves the ledger unsure of what agents hold, and
-    /// each agent's Hello on reconnect is the truth for its slices.
-    fn end_sessions(&mut self, reason: &str) {
-        let now = Instant::now();
-        for (agent_id, link) in self.core.sessions.drain() {
-            let _ = link
-                .outbox
-                .try_send(Err(tonic::Status::unavailable(reason.to_string())));
-            self.core.disconnected.insert(agent_id, now);
         }
     }
 
@@ -463,14 +656,11 @@ impl Engine {
     }
 
     async fn release_dead_agents(&mut self) {
-        let dead_after = self.core.settings.dead_after;
-        let dead: Vec<String> = self
-            .core
-            .disconnected
-            .iter()
-            .filter(|(_, since)| since.elapsed() >= dead_after)
-            .map(|(agent, _)| agent.clone())
-            .collect();
+        let now = Now {
+            wall: clock::now_ms(),
+            mono: Instant::now(),
+        };
+        let dead = self.core.leases.dead_agents(now);
         if dead.is_empty() {
             return;
         }
@@ -478,19 +668,7 @@ impl Engine {
             .into_iter()
             .map(|agent_id| -> Job {
                 Box::new(move |core: &mut Core, _fx: &mut Effects| {
-                    core.disconnected.remove(&agent_id);
-                    if core.sessions.contains_key(&agent_id) {
-                        return;
-                    }
-                    let released = core.ledger.release_agent(&agent_id);
-                    if released > 0 {
-                        tracing::warn!(
-                            agent_id,
-                            slices = released,
-                            "agent declared dead; its slices are released"
-                        );
-                        metrics::counter!("allot_agents_declared_dead_total").increment(1);
-                    }
+                    core.leases.declare_dead(&mut core.ledger, &agent_id);
                 })
             })
             .collect();

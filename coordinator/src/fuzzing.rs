@@ -12,7 +12,8 @@
 //! - with `within_caps` (sequences of asks and give-backs only, where no
 //!   usage can exceed a reservation): spent + held ≤ cap for every limit.
 
-use crate::engine::{Core, Effects, EngineSettings, Outbox, SessionCounters, SessionLink};
+use crate::engine::{Core, Effects, EngineSettings, SessionCounters};
+use crate::lease::SessionId;
 use crate::ledger::{KeyRecord, Ledger, LedgerConfig, Scope};
 use allot::key::{KeyHash, Purpose};
 use allot::limit::{Limit, Window};
@@ -20,7 +21,6 @@ use allot::pb;
 use allot::pb::agent_message::Msg as AgentMsg;
 use allot::Unit;
 use rust_decimal::Decimal;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 const NOW: i64 = 1_795_595_400_000;
@@ -34,7 +34,7 @@ pub const CAP: i64 = 1_000;
 /// [`AGENTS`] connected.
 pub struct Harness {
     core: Core,
-    outboxes: Vec<Outbox>,
+    sessions: Vec<SessionId>,
     /// Kept so that the outboxes stay open (messages are dropped unread).
     _receivers: Vec<tokio::sync::mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>>,
     step: i64,
@@ -92,38 +92,30 @@ impl Harness {
         ledger
             .set_limits(&Scope::Key("k2".into()), vec![largest], NOW, &mut w)
             .expect("limits");
-        let mut sessions = HashMap::new();
-        let mut outboxes = Vec::new();
+        ledger.flush(&mut w);
+        let mut core = Core::new(ledger, EngineSettings::default());
+        let mut sessions = Vec::new();
         let mut receivers = Vec::new();
+        let mut fx = Effects::new(NOW);
         for agent in AGENTS {
-            ledger.hello(agent, 1, "n", &mut w).expect("hello");
             let (outbox, receiver) = tokio::sync::mpsc::channel(1);
-            sessions.insert(
-                agent.to_string(),
-                SessionLink {
-                    epoch: 1,
-                    outbox: outbox.clone(),
-                    counters: Arc::new(SessionCounters::default()),
-                    prompt_overheads: Default::default(),
-                    in_flight: Default::default(),
-                },
-            );
-            outboxes.push(outbox);
+            let (session, _) = core
+                .connect(
+                    &mut fx,
+                    agent,
+                    1,
+                    "n",
+                    outbox,
+                    Arc::new(SessionCounters::default()),
+                )
+                .expect("hello");
+            sessions.push(session);
             receivers.push(receiver);
         }
-        ledger.flush(&mut w);
+        core.ledger_mut().flush(&mut fx.writes);
         Harness {
-            core: Core {
-                parked: Vec::new(),
-                revoked_at: HashMap::new(),
-                depletion_pushed: HashMap::new(),
-                ledger,
-                sessions,
-                watchers: HashMap::new(),
-                disconnected: HashMap::new(),
-                settings: EngineSettings::default(),
-            },
-            outboxes,
+            core,
+            sessions,
             _receivers: receivers,
             step: 0,
         }
@@ -139,22 +131,19 @@ impl Harness {
             return Ok(());
         };
         let mut fx = Effects::new(NOW + self.step);
-        let job = crate::session::agent_job(
-            AGENTS[agent].to_string(),
-            self.outboxes[agent].clone(),
-            command,
-        );
+        let job =
+            crate::session::agent_job(AGENTS[agent].to_string(), self.sessions[agent], command);
         job(&mut self.core, &mut fx);
-        self.core.ledger.flush(&mut fx.writes);
+        self.core.ledger_mut().flush(&mut fx.writes);
         self.check(fx.now, within_caps)
     }
 
     /// Retries the parked asks as the engine's tick does, and checks again.
     pub fn finish(&mut self) -> Result<(), String> {
-        let now = NOW + self.step + crate::engine::PARK_LIMIT.as_millis() as i64;
+        let now = NOW + self.step + crate::lease::PARK_LIMIT.as_millis() as i64;
         let mut fx = Effects::new(now);
-        crate::session::retry_parked(&mut self.core, &mut fx);
-        self.core.ledger.flush(&mut fx.writes);
+        self.core.retry_parked(&mut fx);
+        self.core.ledger_mut().flush(&mut fx.writes);
         self.check(now, false)
     }
 
@@ -162,7 +151,7 @@ impl Harness {
         for key_id in ["k1", "k2"] {
             let views = self
                 .core
-                .ledger
+                .ledger()
                 .limit_views(key_id, now)
                 .map_err(|e| e.to_string())?;
             for view in views {
@@ -176,14 +165,14 @@ impl Harness {
                     return Err(format!("step {}: over the cap: {view:?}", self.step));
                 }
             }
-            for holder in self.core.ledger.holders_of(key_id) {
+            for holder in self.core.ledger().holders_of(key_id) {
                 if !AGENTS.contains(&holder.as_str()) {
                     return Err(format!("an unknown agent {holder} holds {key_id}"));
                 }
             }
         }
         for agent in AGENTS {
-            for (key_id, held) in self.core.ledger.slices_of(agent) {
+            for (key_id, held) in self.core.ledger().slices_of(agent) {
                 if held.0.iter().flatten().any(|v| *v < Decimal::ZERO) {
                     return Err(format!(
                         "{agent} holds a negative slice of {key_id}: {held:?}"

@@ -3,22 +3,17 @@
 //! job; the engine answers through the session's outbox once its writes are
 //! durable. The stream's first message must be `Hello`.
 
-use crate::engine::{
-    Core, Effects, EngineHandle, EngineSource, Job, Outbox, ParkedAsk, SessionCounters,
-    SessionLink, PARK_LIMIT, REVOKE_RESEND,
-};
-use crate::ledger::{DenyReason, SettleOutcome};
+use crate::engine::{Core, Effects, EngineHandle, EngineSource, Job, Outbox, SessionCounters};
+use crate::lease::{Outgoing, SessionId, ToAgent};
 use crate::placement::{LivePlacement, Served};
-use crate::wire::{Ask, Command, UsageBatch};
+use crate::wire::{Command, UsageBatch};
 use allot::key::KeyHash;
-use allot::money;
 use allot::pb::agent_message::Msg as AgentMsg;
-use allot::pb::coordinator_message::Msg as CoordMsg;
 use allot::pb::{self, agent_session_server::AgentSession};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -147,7 +142,8 @@ impl AgentSession for SessionService {
             let Ok(turn) = starts.acquire_owned().await else {
                 return;
             };
-            let Some(agent_id) = accept_hello(&engine, hello, &outbox, counters_for_link).await
+            let Some((agent_id, session)) =
+                accept_hello(&engine, hello, &outbox, counters_for_link).await
             else {
                 return;
             };
@@ -189,7 +185,7 @@ impl AgentSession for SessionService {
                                     break;
                                 }
                             };
-                            if engine.submit(agent_job(agent_id.clone(), outbox.clone(), command)).await.is_err() {
+                            if engine.submit(agent_job(agent_id.clone(), session, command)).await.is_err() {
                                 break;
                             }
                         }
@@ -207,7 +203,7 @@ impl AgentSession for SessionService {
                 }
             }
             placement.agent_gone(&agent_id, &outbox);
-            let _ = engine.submit(disconnect_job(agent_id, outbox)).await;
+            let _ = engine.submit(disconnect_job(agent_id, session)).await;
         });
         let sent = self_counters;
         // The stream ends at shutdown even while the engine or placement
@@ -231,7 +227,7 @@ async fn accept_hello(
     hello: pb::Hello,
     outbox: &Outbox,
     counters: Arc<SessionCounters>,
-) -> Option<String> {
+) -> Option<(String, SessionId)> {
     let neuron_id_invalid = (!hello.neuron_id.is_empty())
         .then(|| allot::key::validate_id("hello.neuron_id", &hello.neuron_id).err())
         .flatten();
@@ -248,54 +244,30 @@ async fn accept_hello(
     let link_outbox = outbox.clone();
     let result = engine
         .call(move |core: &mut Core, fx: &mut Effects| {
-            if let Some(old) = core.sessions.get(&hello.agent_id) {
-                if old.epoch > hello.epoch {
-                    return Err(crate::ledger::LedgerError::FailedPrecondition(
-                        "a newer epoch of this agent is connected".into(),
-                    )
-                    .into());
-                }
-            }
-            let welcome = core.ledger.hello(
+            let (session, welcome) = core.connect(
+                fx,
                 &hello.agent_id,
                 hello.epoch,
                 &hello.neuron_id,
-                &mut fx.writes,
+                link_outbox.clone(),
+                counters,
             )?;
-            let high_water_seq = welcome.high_water_seq;
-            // A newer session of the same agent replaces the old one; the
-            // old stream ends when its outbox is dropped.
-            core.sessions.insert(
-                hello.agent_id.clone(),
-                SessionLink {
-                    epoch: hello.epoch,
-                    outbox: link_outbox.clone(),
-                    counters,
-                    prompt_overheads: Default::default(),
-                    in_flight: Default::default(),
-                },
-            );
-            core.disconnected.remove(&hello.agent_id);
             fx.send(
                 &link_outbox,
-                CoordMsg::Welcome(pb::Welcome {
-                    high_water_seq,
-                    lease_ttl_ms: core.settings.lease_ttl.as_millis() as u64,
-                }),
+                crate::wire::tariff_update(core.ledger().tariffs()),
             );
-            fx.send(&link_outbox, tariff_update(core));
             metrics::counter!("allot_agent_sessions_total").increment(1);
             tracing::info!(
                 agent_id = hello.agent_id,
                 epoch = hello.epoch,
-                high_water_seq,
+                high_water_seq = welcome.high_water_seq,
                 "agent session started"
             );
-            Ok(())
+            Ok(session)
         })
         .await;
     match result {
-        Ok(()) => Some(agent_id),
+        Ok(session) => Some((agent_id, session)),
         Err(e) => {
             let _ = outbox.send(Err(Status::from(e))).await;
             None
@@ -303,67 +275,29 @@ async fn accept_hello(
     }
 }
 
-pub fn tariff_update(core: &Core) -> CoordMsg {
-    CoordMsg::Tariffs(pb::TariffUpdate {
-        tariffs: core.ledger.tariffs().all().map(|t| t.to_pb()).collect(),
-    })
-}
-
-fn disconnect_job(agent_id: String, outbox: Outbox) -> Job {
-    Box::new(move |core: &mut Core, _fx: &mut Effects| {
-        let ours = core
-            .sessions
-            .get(&agent_id)
-            .is_some_and(|link| link.outbox.same_channel(&outbox));
-        if ours {
-            core.sessions.remove(&agent_id);
-            core.disconnected.insert(agent_id.clone(), Instant::now());
+fn disconnect_job(agent_id: String, session: SessionId) -> Job {
+    Box::new(move |core: &mut Core, fx: &mut Effects| {
+        if core.disconnect(fx, &agent_id, session) {
             tracing::info!(agent_id, "agent session ended");
         }
     })
 }
 
-fn is_current(core: &Core, agent_id: &str, outbox: &Outbox) -> bool {
-    core.sessions
-        .get(agent_id)
-        .is_some_and(|link| link.outbox.same_channel(outbox))
-}
-
-pub(crate) fn agent_job(agent_id: String, outbox: Outbox, command: Command) -> Job {
+pub(crate) fn agent_job(agent_id: String, session: SessionId, command: Command) -> Job {
     Box::new(move |core: &mut Core, fx: &mut Effects| {
         // Messages of a replaced session are ignored: the new one owns the agent.
-        if !is_current(core, &agent_id, &outbox) {
+        if !core.is_current(&agent_id, session) {
             return;
         }
         match command {
-            Command::KeyLookup { hash, raw } => key_lookup(core, fx, &agent_id, &outbox, hash, raw),
-            Command::Ask(ask) => allowance_ask(core, fx, &agent_id, &outbox, ask, None),
-            Command::Usage(batch) => settle_batch(core, fx, &agent_id, &outbox, batch),
-            Command::GiveBack { key_id, amount } => {
-                core.ledger.give_back(&agent_id, &key_id, &amount);
-                metrics::counter!("allot_allowance_returns_total").increment(1);
-                retry_parked(core, fx);
-            }
-            Command::InFlight(mut keys) => {
-                // What requests reserved comes out of the agent's slices:
-                // a key it holds no slice of has nothing in flight here.
-                let held: std::collections::HashSet<&String> = core
-                    .ledger
-                    .slices_of(&agent_id)
-                    .map(|(key_id, _)| key_id)
-                    .collect();
-                keys.retain(|key_id, _| held.contains(key_id));
-                if let Some(link) = core.sessions.get_mut(&agent_id) {
-                    link.in_flight = keys;
-                }
-            }
-            Command::PromptOverheads(overheads) => {
-                if let Some(link) = core.sessions.get_mut(&agent_id) {
-                    link.prompt_overheads = overheads;
-                }
-            }
+            Command::KeyLookup { hash, raw } => key_lookup(core, fx, &agent_id, session, hash, raw),
+            Command::Ask(ask) => core.ask(fx, &agent_id, session, ask),
+            Command::Usage(batch) => settle_batch(core, fx, &agent_id, session, batch),
+            Command::GiveBack { key_id, amount } => core.give_back(fx, &agent_id, &key_id, &amount),
+            Command::InFlight(keys) => core.set_in_flight(&agent_id, keys),
+            Command::PromptOverheads(overheads) => core.set_prompt_overheads(&agent_id, overheads),
             Command::Reconcile(slices) => {
-                let reconciled = core.ledger.reconcile(&agent_id, slices, fx.now);
+                let reconciled = core.ledger_mut().reconcile(&agent_id, slices, fx.now);
                 for key_id in &reconciled.not_held {
                     metrics::counter!("allot_reconcile_refused_total", "reason" => "key_not_held")
                         .increment(1);
@@ -389,243 +323,33 @@ fn key_lookup(
     core: &mut Core,
     fx: &mut Effects,
     agent_id: &str,
-    outbox: &Outbox,
+    session: SessionId,
     hash: Option<KeyHash>,
     key_hash: Vec<u8>,
 ) {
     let key = hash
-        .and_then(|hash| core.ledger.key_by_hash(&hash))
-        .map(key_info);
+        .and_then(|hash| core.ledger().key_by_hash(&hash))
+        .cloned();
     if let Some(key) = &key {
-        core.watchers
-            .entry(key.key_id.clone())
-            .or_default()
-            .insert(agent_id.to_string());
+        core.watch(&key.key_id, agent_id);
     }
-    fx.send(outbox, CoordMsg::Key(pb::KeyLookupResult { key_hash, key }));
+    let answer = Outgoing {
+        agent_id: agent_id.to_string(),
+        session: Some(session),
+        message: ToAgent::KeyLookup { key_hash, key },
+    };
+    core.deliver(fx, vec![answer]);
 }
 
-pub fn key_info(key: &crate::ledger::KeyRecord) -> pb::KeyInfo {
-    pb::KeyInfo {
-        key_id: key.key_id.clone(),
-        account_id: key.account_id.clone(),
-        purpose: key.purpose.to_pb() as i32,
-        revoked: key.revoked,
-        allowed_models: key.allowed_models.clone(),
-        name: key.name.clone(),
-    }
-}
-
-/// Decides the asks waiting for reclaimed slices again; those that waited
-/// past [`PARK_LIMIT`] are decided without further reclaim.
-pub fn retry_parked(core: &mut Core, fx: &mut Effects) {
-    for parked in std::mem::take(&mut core.parked) {
-        if !is_current(core, &parked.agent_id, &parked.outbox) {
-            continue;
-        }
-        let since = parked.since;
-        allowance_ask(
-            core,
-            fx,
-            &parked.agent_id,
-            &parked.outbox,
-            parked.ask,
-            Some(since),
-        );
-    }
-}
-
-/// `parked_since`: when this ask was first parked (None: a fresh ask).
-fn allowance_ask(
-    core: &mut Core,
-    fx: &mut Effects,
-    agent_id: &str,
-    outbox: &Outbox,
-    ask: Ask,
-    parked_since: Option<Instant>,
-) {
-    let Ask { need, want, .. } = ask;
-    if parked_since.is_none() {
-        metrics::counter!("allot_allowance_asks_total").increment(1);
-    }
-    let _span = tracing::info_span!("grant", agent_id, key_id = ask.key_id.as_str()).entered();
-    if !may_ask(core, agent_id, &ask.key_id, fx.now) {
-        // Knowing a key's id is not knowing its secret: an agent asks only
-        // for a key a client showed it (it looked the key up by the
-        // secret's hash on this leader) or one it held within the key
-        // history's retention. An honest agent looks its cached keys up
-        // again before anything else on a new session.
-        metrics::counter!("allot_allowance_asks_refused_total", "reason" => "key_not_looked_up")
-            .increment(1);
-        tracing::error!(
-            agent_id,
-            key_id = ask.key_id,
-            "an ask for a key this agent never looked up nor held; refused"
-        );
-        let message = format!(
-            "key_id: this agent has not looked up key {:?} by its secret",
-            ask.key_id
-        );
-        deny(fx, outbox, ask, pb::DenyReason::UnknownKey, 0, message);
-        return;
-    }
-    match core.ledger.ask(agent_id, &ask.key_id, &need, &want, fx.now) {
-        Ok(grant) => {
-            metrics::counter!("allot_allowance_grants_total").increment(1);
-            // A slice granted after a Revoke may be reclaimed again at once.
-            core.revoked_at
-                .remove(&(agent_id.to_string(), ask.key_id.clone()));
-            let limits = grant
-                .limits
-                .iter()
-                .map(|view| pb::LimitView {
-                    unit: view.limit.unit.to_pb() as i32,
-                    cap: money::format(view.limit.amount),
-                    // Free under the cap: no agent holds it, this one's
-                    // new slice included (the agent adds what it holds).
-                    remaining: money::format(view.remaining),
-                    reset_in_ms: view
-                        .next_refill
-                        .map(|at| (at - fx.now).max(0) as u64)
-                        .unwrap_or(0),
-                    window: Some(view.limit.window.to_pb()),
-                })
-                .collect();
-            fx.send(
-                outbox,
-                CoordMsg::Grant(pb::Grant {
-                    ask_id: ask.ask_id,
-                    key_id: ask.key_id,
-                    amount: Some(grant.amount.to_pb()),
-                    ttl_ms: core.settings.lease_ttl.as_millis() as u64,
-                    limits,
-                }),
-            );
-        }
-        Err(refusal)
-            if !refusal.reclaim.is_empty()
-                && parked_since.is_none_or(|at| at.elapsed() < PARK_LIMIT) =>
-        {
-            // The cap has room, but other agents hold it: take their idle
-            // slices back before refusing anyone.
-            tracing::debug!(
-                agent_id,
-                key_id = ask.key_id,
-                holders = refusal.reclaim.len(),
-                "ask parked; reclaiming slices"
-            );
-            let now = Instant::now();
-            for (holder, key_id) in refusal.reclaim {
-                let recently = core
-                    .revoked_at
-                    .get(&(holder.clone(), key_id.clone()))
-                    .is_some_and(|at| now.duration_since(*at) < REVOKE_RESEND);
-                if recently {
-                    continue;
-                }
-                if let Some(link) = core.sessions.get(&holder) {
-                    fx.send(
-                        &link.outbox,
-                        CoordMsg::Revoke(pb::Revoke {
-                            key_id: key_id.clone(),
-                            reason: "reclaim".into(),
-                        }),
-                    );
-                    metrics::counter!("allot_allowance_revokes_total").increment(1);
-                }
-                core.revoked_at.insert((holder, key_id), now);
-            }
-            core.revoked_at
-                .retain(|_, at| now.duration_since(*at) < PARK_LIMIT * 2);
-            core.parked.push(ParkedAsk {
-                agent_id: agent_id.to_string(),
-                outbox: outbox.clone(),
-                ask,
-                since: parked_since.unwrap_or(now),
-            });
-        }
-        Err(refusal) if !refusal.reclaim.is_empty() => {
-            // Parked for PARK_LIMIT and other agents still hold the room:
-            // the cap is not exhausted, so this is not a 429. The agent
-            // answers 503 with Retry-After and asks again.
-            tracing::warn!(
-                agent_id,
-                key_id = ask.key_id,
-                holders = refusal.reclaim.len(),
-                "reclaimed slices were not given back in time"
-            );
-            deny(
-                fx,
-                outbox,
-                ask,
-                pb::DenyReason::HeldElsewhere,
-                1_000,
-                "the budget is held by other agents that have not returned it yet".into(),
-            );
-        }
-        Err(refusal) => {
-            tracing::debug!(
-                agent_id,
-                key_id = ask.key_id,
-                ?need,
-                reclaim = refusal.reclaim.len(),
-                parked = parked_since.is_some(),
-                message = refusal.message,
-                "ask refused"
-            );
-            let reason = match refusal.reason {
-                DenyReason::InsufficientQuota => pb::DenyReason::InsufficientQuota,
-                DenyReason::RateLimited => pb::DenyReason::RateLimited,
-                DenyReason::KeyRevoked => pb::DenyReason::KeyRevoked,
-                DenyReason::UnknownKey => pb::DenyReason::UnknownKey,
-            };
-            let retry_after_ms = refusal
-                .retry_at
-                .map(|at| (at - fx.now).max(1) as u64)
-                .unwrap_or(0);
-            deny(fx, outbox, ask, reason, retry_after_ms, refusal.message);
-        }
-    }
-}
-
-/// Whether `agent_id` may ask for a slice of `key_id`: it looked the key
-/// up by its secret's hash on this leader, or holds or held a slice of it
-/// within the key history's retention.
-fn may_ask(core: &Core, agent_id: &str, key_id: &str, now: allot::clock::UnixMs) -> bool {
-    core.watchers
-        .get(key_id)
-        .is_some_and(|agents| agents.contains(agent_id))
-        || core.ledger.has_held(agent_id, key_id, now)
-}
-
-/// Answers an ask with a refusal, counted by reason.
-fn deny(
-    fx: &mut Effects,
-    outbox: &Outbox,
-    ask: Ask,
-    reason: pb::DenyReason,
-    retry_after_ms: u64,
-    message: String,
-) {
-    metrics::counter!("allot_allowance_denies_total", "reason" => reason.as_str_name())
-        .increment(1);
-    fx.send(
-        outbox,
-        CoordMsg::Deny(pb::Deny {
-            ask_id: ask.ask_id,
-            key_id: ask.key_id,
-            reason: reason as i32,
-            retry_after_ms,
-            message,
-        }),
-    );
-}
-
+/// Settles a usage batch (the decisions are [`crate::settle::batch`]'s),
+/// with what only the wire records have: the settlement span's links to
+/// the requests' traces, the settle lag, the usage rows and placement's
+/// demand once committed.
 fn settle_batch(
     core: &mut Core,
     fx: &mut Effects,
     agent_id: &str,
-    outbox: &Outbox,
+    session: SessionId,
     batch: UsageBatch,
 ) {
     metrics::histogram!("allot_usage_batch_records").record(batch.records.len() as f64);
@@ -655,112 +379,45 @@ fn settle_batch(
         }
     }
     let _entered = span.enter();
-    let analytics = core.settings.analytics.clone();
-    // Records settled now, by position, with their pricing: their usage
-    // rows once the ledger commit is done.
-    let mut priced = Vec::new();
-    // And the requests they served, for placement's demand.
-    let mut served = Vec::new();
-    for (index, (record, usage)) in batch.records.iter().zip(&batch.usages).enumerate() {
-        let finished_at = record
-            .admitted_at_unix_ms
-            .saturating_add(i64::try_from(record.duration_ms).unwrap_or(i64::MAX));
+    for record in &batch.records {
         if record.admitted_at_unix_ms > 0 {
+            let finished_at = record
+                .admitted_at_unix_ms
+                .saturating_add(i64::try_from(record.duration_ms).unwrap_or(i64::MAX));
             metrics::histogram!("allot_usage_settle_lag_seconds")
                 .record(fx.now.saturating_sub(finished_at).max(0) as f64 / 1000.0);
         }
-        match core.ledger.settle(agent_id, usage, fx.now, &mut fx.writes) {
-            SettleOutcome::Settled {
-                cost,
-                price,
-                free,
-                excess,
-                late,
-            } => {
-                metrics::counter!("allot_usage_settled_total").increment(1);
-                if analytics.is_some() {
-                    priced.push((index, price, cost));
+    }
+    let settled = core.settle(fx, agent_id, session, &batch.usages);
+    if let Some(placement) = core.settings().placement.clone() {
+        let served: Vec<Served> = settled
+            .charged
+            .iter()
+            .filter_map(|charged| Served::of(&batch.records[charged.index]))
+            .collect();
+        if !served.is_empty() {
+            fx.after_commit(move |outcome| {
+                if outcome.is_ok() {
+                    placement.record_settled(&served);
                 }
-                if core.settings.placement.is_some() {
-                    served.extend(Served::of(record));
-                }
-                if free && !usage.model.is_empty() {
-                    metrics::counter!("allot_usage_free_total").increment(1);
-                }
-                if usage.model.is_empty() && (usage.prompt_tokens + usage.completion_tokens) > 0 {
-                    tracing::error!(
-                        agent_id,
-                        seq = usage.seq,
-                        "usage without a model cannot be billed"
-                    );
-                }
-                if excess {
-                    metrics::counter!("allot_usage_over_reservation_total").increment(1);
-                    tracing::error!(agent_id, seq = usage.seq, key_id = usage.key_id, %cost,
-                        "neuron reported more usage than was reserved; the excess is charged");
-                }
-                if late {
-                    metrics::counter!("allot_usage_late_total").increment(1);
-                    tracing::error!(
-                        agent_id,
-                        seq = usage.seq,
-                        key_id = usage.key_id,
-                        "late usage from an agent whose slice was released; charged"
-                    );
-                }
-            }
-            SettleOutcome::Duplicate => {
-                metrics::counter!("allot_usage_duplicates_total").increment(1);
-            }
-            SettleOutcome::NotHeld => {
-                metrics::counter!("allot_usage_refused_total", "reason" => "key_not_held")
-                    .increment(1);
-                tracing::error!(
-                    agent_id,
-                    seq = usage.seq,
-                    key_id = usage.key_id,
-                    "usage for a key this agent never held a slice of; not charged"
-                );
-            }
-            SettleOutcome::Gap { expected } => {
-                tracing::warn!(
-                    agent_id,
-                    expected,
-                    got = usage.seq,
-                    "usage sequence gap; waiting for a resend"
-                );
-                break;
-            }
+            });
         }
-    }
-    let high_water_seq = core
-        .ledger
-        .agent(agent_id)
-        .map(|a| a.high_water_seq)
-        .unwrap_or(0);
-    fx.send(outbox, CoordMsg::UsageAck(pb::UsageAck { high_water_seq }));
-    if !core.parked.is_empty() {
-        retry_parked(core, fx);
-    }
-    push_depletions(core, fx, &batch.records);
-    if let (Some(placement), false) = (core.settings.placement.clone(), served.is_empty()) {
-        fx.after_commit(move |outcome| {
-            if outcome.is_ok() {
-                placement.record_settled(&served);
-            }
-        });
     }
     // Analytics rows once the ledger has them: a failed commit sends
     // nothing, and the agent's resend settles (and rows) them again. The
     // rows take the records; nothing is copied.
-    if let (Some(analytics), false) = (analytics, priced.is_empty()) {
+    if let (Some(analytics), false) = (
+        core.settings().analytics.clone(),
+        settled.charged.is_empty(),
+    ) {
         let mut records = batch.records;
         let now = fx.now;
-        let rows: Vec<pb::UsageRow> = priced
+        let rows: Vec<pb::UsageRow> = settled
+            .charged
             .into_iter()
-            .map(|(index, price, cost)| {
-                let record = std::mem::take(&mut records[index]);
-                crate::usage::settled_row(agent_id, record, price, cost, now)
+            .map(|charged| {
+                let record = std::mem::take(&mut records[charged.index]);
+                crate::usage::settled_row(agent_id, record, charged.price, charged.cost, now)
             })
             .collect();
         fx.after_commit(move |outcome| {
@@ -769,56 +426,6 @@ fn settle_batch(
             }
         });
     }
-}
-
-/// Tells every agent interested in a key whose cap is now fully spent, at
-/// most once a second per key however many records deplete it: agents then
-/// refuse beyond their slice locally instead of asking.
-fn push_depletions(core: &mut Core, fx: &mut Effects, records: &[pb::UsageRecord]) {
-    let now = Instant::now();
-    let mut keys: Vec<&str> = records.iter().map(|r| r.key_id.as_str()).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    for key_id in keys {
-        if core
-            .depletion_pushed
-            .get(key_id)
-            .is_some_and(|at| now.duration_since(*at) < std::time::Duration::from_secs(1))
-        {
-            continue;
-        }
-        let Ok(views) = core.ledger.limit_views(key_id, fx.now) else {
-            continue;
-        };
-        let Some(spent) = views
-            .iter()
-            .find(|v| v.spent > rust_decimal::Decimal::ZERO && v.spent >= v.limit.amount)
-        else {
-            continue;
-        };
-        let (reason, retry_after_ms) = if spent.limit.window.is_balance() {
-            (pb::DenyReason::InsufficientQuota, 0)
-        } else {
-            let at = spent.next_refill.unwrap_or(fx.now + 1000);
-            (pb::DenyReason::RateLimited, (at - fx.now).max(1) as u64)
-        };
-        let message = CoordMsg::Deny(pb::Deny {
-            ask_id: 0,
-            key_id: key_id.to_string(),
-            reason: reason as i32,
-            retry_after_ms,
-            message: format!(
-                "{} limit of {} is spent",
-                spent.limit.unit.as_str(),
-                spent.limit.amount
-            ),
-        });
-        core.push_to(fx, core.interested_in(key_id), message);
-        metrics::counter!("allot_depletion_pushes_total").increment(1);
-        core.depletion_pushed.insert(key_id.to_string(), now);
-    }
-    core.depletion_pushed
-        .retain(|_, at| now.duration_since(*at) < std::time::Duration::from_secs(10));
 }
 
 #[cfg(test)]

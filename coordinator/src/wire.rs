@@ -1,7 +1,10 @@
-//! The edge between the agent session protocol and the engine. Every
-//! `AgentMessage` an agent sends becomes a checked command here, or an
+//! The edge between the agent session protocol and the engine, both ways.
+//! Every `AgentMessage` an agent sends becomes a checked command here, or an
 //! `INVALID_ARGUMENT` naming the field; the engine's jobs never read a raw
-//! wire amount. In doubt this module refuses: a bad amount is never read as
+//! wire amount. And every message the core decides to send (a
+//! [`ToAgent`]) becomes a `CoordinatorMessage` here ([`to_agent`]): the
+//! only other modules that build one are the placement directives and the
+//! admin service's key and tariff pushes. In doubt this module refuses: a bad amount is never read as
 //! "unlimited" or as zero.
 //!
 //! Bounds (the same for every agent, documented in the README):
@@ -20,11 +23,13 @@
 //!   [`MAX_NODE_MODELS`] models, strings of at most [`MAX_NODE_STRING`]
 //!   bytes.
 
-use crate::ledger::Usage;
+use crate::lease::ToAgent;
+use crate::ledger::{KeyRecord, Usage};
 use allot::error::InvalidArgument;
 use allot::key::{validate_id, KeyHash, Purpose};
 use allot::pb;
 use allot::pb::agent_message::Msg as AgentMsg;
+use allot::pb::coordinator_message::Msg as CoordMsg;
 use allot::Amounts;
 
 /// Largest agent message the coordinator decodes (8 MiB): a full usage
@@ -44,16 +49,7 @@ pub const MAX_BATCH_RECORDS: usize = 4_096;
 /// Most slices in one `Reconcile`.
 pub const MAX_RECONCILE_SLICES: usize = 100_000;
 
-/// An allowance ask, checked.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Ask {
-    pub ask_id: u64,
-    pub key_id: String,
-    /// What the waiting request lacks (zero when the agent asks ahead).
-    pub need: Amounts,
-    /// What the agent would like to hold.
-    pub want: Amounts,
-}
+pub use crate::lease::Ask;
 
 /// A usage batch: each record as received (its usage row keeps it) and as
 /// the ledger settles it.
@@ -382,6 +378,99 @@ fn usage_record(i: usize, record: &pb::UsageRecord) -> Result<(Usage, bool), Inv
         },
         clamped,
     ))
+}
+
+/// A message the core decided to send, as the agent's stream carries it.
+pub fn to_agent(message: ToAgent) -> CoordMsg {
+    match message {
+        ToAgent::Welcome {
+            high_water_seq,
+            lease_ttl,
+        } => CoordMsg::Welcome(pb::Welcome {
+            high_water_seq,
+            lease_ttl_ms: lease_ttl.as_millis() as u64,
+        }),
+        ToAgent::Grant {
+            ask_id,
+            key_id,
+            amount,
+            ttl,
+            limits,
+            at,
+        } => CoordMsg::Grant(pb::Grant {
+            ask_id,
+            key_id,
+            amount: Some(amount.to_pb()),
+            ttl_ms: ttl.as_millis() as u64,
+            limits: limits
+                .iter()
+                .map(|view| pb::LimitView {
+                    unit: view.limit.unit.to_pb() as i32,
+                    cap: allot::money::format(view.limit.amount),
+                    // Free under the cap: no agent holds it, this one's
+                    // new slice included (the agent adds what it holds).
+                    remaining: allot::money::format(view.remaining),
+                    reset_in_ms: view
+                        .next_refill
+                        .map(|refill| (refill - at).max(0) as u64)
+                        .unwrap_or(0),
+                    window: Some(view.limit.window.to_pb()),
+                })
+                .collect(),
+        }),
+        ToAgent::Deny {
+            ask_id,
+            key_id,
+            reason,
+            retry_after_ms,
+            message,
+        } => CoordMsg::Deny(pb::Deny {
+            ask_id,
+            key_id,
+            reason: deny_reason(reason) as i32,
+            retry_after_ms,
+            message,
+        }),
+        ToAgent::Revoke { key_id, reason } => CoordMsg::Revoke(pb::Revoke {
+            key_id,
+            reason: reason.into(),
+        }),
+        ToAgent::UsageAck { high_water_seq } => CoordMsg::UsageAck(pb::UsageAck { high_water_seq }),
+        ToAgent::KeyLookup { key_hash, key } => CoordMsg::Key(pb::KeyLookupResult {
+            key_hash,
+            key: key.as_ref().map(key_info),
+        }),
+    }
+}
+
+fn deny_reason(reason: crate::lease::Refused) -> pb::DenyReason {
+    use crate::lease::Refused;
+    match reason {
+        Refused::InsufficientQuota => pb::DenyReason::InsufficientQuota,
+        Refused::RateLimited => pb::DenyReason::RateLimited,
+        Refused::KeyRevoked => pb::DenyReason::KeyRevoked,
+        Refused::UnknownKey => pb::DenyReason::UnknownKey,
+        Refused::HeldElsewhere => pb::DenyReason::HeldElsewhere,
+    }
+}
+
+/// A key as agents see it (lookups and pushed updates).
+pub fn key_info(key: &KeyRecord) -> pb::KeyInfo {
+    pb::KeyInfo {
+        key_id: key.key_id.clone(),
+        account_id: key.account_id.clone(),
+        purpose: key.purpose.to_pb() as i32,
+        revoked: key.revoked,
+        allowed_models: key.allowed_models.clone(),
+        name: key.name.clone(),
+    }
+}
+
+/// Every tariff, as agents price with them.
+pub fn tariff_update(tariffs: &allot::tariff::TariffBook) -> CoordMsg {
+    CoordMsg::Tariffs(pb::TariffUpdate {
+        tariffs: tariffs.all().map(|t| t.to_pb()).collect(),
+    })
 }
 
 #[cfg(test)]

@@ -18,17 +18,25 @@
 //! group, how evenly accounts and settlement records spread, and how many
 //! accounts move when a group is added.
 //!
-//! The coordinator's side of the protocol here (`Group::deliver_to_coordinator`)
-//! is this file's own copy over the real ledger, not the coordinator's
-//! session code (issue 15); both configurations share that one copy.
+//! The coordinator's side is the coordinator's own protocol core: its
+//! `lease` (asks, parking while idle slices are reclaimed, revokes,
+//! `HeldElsewhere`, dead agents) and `settle` (charges, acknowledgements,
+//! depletion pushes) over the real ledger, exactly as the engine calls
+//! them; only the transport (queues that lose and duplicate) and the
+//! engine's 50 ms tick that retries parked asks are this file's.
+//!
+//! A third test measures utilisation: eight agents share one key, most
+//! requests on one of them, until the first final refusal.
 
 use allot::key::{KeyHash, Purpose};
 use allot::limit::{Limit, Window};
 use allot::{Amounts, Unit};
 use allot_agent::allowance::{Admission, AllowanceTable, CachedDeny, DenyKind, Reservation};
-use allot_coordinator::ledger::{
-    DenyReason, KeyRecord, Ledger, LedgerConfig, LimitView, Scope, SettleOutcome, Usage,
+use allot_coordinator::lease::{
+    Ask, LeaseSettings, Leases, Now, Outgoing, Refused, SessionId, ToAgent,
 };
+use allot_coordinator::ledger::{KeyRecord, Ledger, LedgerConfig, LimitView, Scope, Usage};
+use allot_coordinator::settle::{self, Depletions};
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -74,6 +82,13 @@ impl Clock {
     fn instant(&self) -> Instant {
         self.base + Duration::from_millis((self.now_ms - START_MS) as u64)
     }
+
+    fn now(&self) -> Now {
+        Now {
+            wall: self.now_ms,
+            mono: self.instant(),
+        }
+    }
 }
 
 enum ToCoordinator {
@@ -89,28 +104,14 @@ enum ToCoordinator {
     },
 }
 
-enum ToAgent {
-    Grant {
-        key: String,
-        amount: Amounts,
-    },
-    Deny {
-        key: String,
-        reason: DenyReason,
-        retry_ms: u64,
-    },
-    Ack(u64),
-    Revoke {
-        key: String,
-    },
-}
-
 /// One agent's session with one coordinator: what that coordinator knows
 /// the agent by (epoch, sequence numbers, spool) and the agent's slices of
 /// that coordinator's keys. In the single-leader schedules each agent has
 /// one; in the sharded one, one per group whose keys it serves.
 struct Session {
     agent_id: String,
+    /// The coordinator's name of the current connection.
+    session: SessionId,
     table: AllowanceTable,
     epoch: u64,
     connected: bool,
@@ -132,6 +133,10 @@ const WAITING_BOUND: usize = 64;
 /// with it, and the messages in flight between them.
 struct Group {
     ledger: Ledger,
+    /// The coordinator's lease state and depletion pushes (its real core).
+    leases: Leases,
+    depletions: Depletions,
+    next_session: u64,
     sessions: Vec<Session>,
     to_coordinator: VecDeque<(usize, u64, ToCoordinator)>,
     to_agent: VecDeque<(usize, u64, ToAgent)>,
@@ -148,6 +153,16 @@ struct Group {
     /// the agent does (briefly) before refusing. The single-leader
     /// schedules drop it instead: there the same agent asks again soon.
     requests_wait: bool,
+}
+
+fn deny_kind(reason: Refused) -> DenyKind {
+    match reason {
+        Refused::InsufficientQuota => DenyKind::InsufficientQuota,
+        Refused::RateLimited => DenyKind::RateLimited,
+        Refused::KeyRevoked => DenyKind::KeyRevoked,
+        Refused::UnknownKey => DenyKind::UnknownKey,
+        Refused::HeldElsewhere => DenyKind::HeldElsewhere,
+    }
 }
 
 fn tokens_only(n: u64) -> Amounts {
@@ -174,6 +189,16 @@ impl Group {
     fn new() -> Group {
         Group {
             ledger: Ledger::new(LedgerConfig::default()),
+            leases: Leases::new(
+                LeaseSettings {
+                    lease_ttl: TTL,
+                    dead_after: Duration::from_millis(DEAD_AFTER_MS as u64),
+                },
+                &Ledger::new(LedgerConfig::default()),
+                Instant::now(),
+            ),
+            depletions: Depletions::default(),
+            next_session: 0,
             sessions: Vec::new(),
             to_coordinator: VecDeque::new(),
             to_agent: VecDeque::new(),
@@ -229,6 +254,7 @@ impl Group {
     fn open_session(&mut self, agent_id: String, epoch: u64, clock: &Clock) -> usize {
         self.sessions.push(Session {
             agent_id,
+            session: SessionId(0),
             table: AllowanceTable::new(0),
             epoch,
             connected: false,
@@ -246,11 +272,21 @@ impl Group {
     /// unacknowledged record again.
     fn connect(&mut self, i: usize, clock: &Clock) {
         let now = clock.instant();
+        self.next_session += 1;
         let session = &mut self.sessions[i];
+        session.session = SessionId(self.next_session);
         let mut writes = Vec::new();
         let welcome = self
-            .ledger
-            .hello(&session.agent_id, session.epoch, "n", &mut writes)
+            .leases
+            .hello(
+                &mut self.ledger,
+                &session.agent_id,
+                session.epoch,
+                "n",
+                session.session,
+                &mut writes,
+                &mut Vec::new(),
+            )
             .unwrap();
         let high_water = welcome.high_water_seq;
         session.table.raise_seq(high_water);
@@ -294,6 +330,8 @@ impl Group {
 
     fn disconnect(&mut self, i: usize, clock: &Clock) {
         let session = &mut self.sessions[i];
+        self.leases
+            .disconnect(&session.agent_id, session.session, clock.now());
         session.connected = false;
         session.disconnected_at = clock.now_ms;
         session.table.fail_all_asks();
@@ -420,8 +458,8 @@ impl Group {
         }
     }
 
-    /// The coordinator's side of the protocol (this file's copy, see the
-    /// module doc) for the next message.
+    /// The coordinator's side of the protocol for the next message: its
+    /// real `lease` and `settle` functions, as the engine calls them.
     fn deliver_to_coordinator(&mut self, rng: &mut Rng, clock: &Clock) {
         let Some((i, epoch, message)) = self.to_coordinator.pop_front() else {
             return;
@@ -431,51 +469,31 @@ impl Group {
         }
         let duplicate = self.lossy && rng.chance(3);
         let agent_id = self.sessions[i].agent_id.clone();
+        let session = self.sessions[i].session;
         if epoch != self.sessions[i].epoch || !self.sessions[i].connected {
             return;
         }
+        let mut out = Vec::new();
+        let mut writes = Vec::new();
         match message {
             ToCoordinator::Ask { key, need, want } => {
                 self.touched.insert(key.clone());
-                match self.ledger.ask(&agent_id, &key, &need, &want, clock.now_ms) {
-                    Ok(grant) => self.to_agent.push_back((
-                        i,
-                        epoch,
-                        ToAgent::Grant {
-                            key,
-                            amount: grant.amount,
-                        },
-                    )),
-                    Err(refusal) => {
-                        for (holder, held_key) in &refusal.reclaim {
-                            if let Some(h) =
-                                self.sessions.iter().position(|s| &s.agent_id == holder)
-                            {
-                                let holder_epoch = self.sessions[h].epoch;
-                                self.to_agent.push_back((
-                                    h,
-                                    holder_epoch,
-                                    ToAgent::Revoke {
-                                        key: held_key.clone(),
-                                    },
-                                ));
-                            }
-                        }
-                        let retry_ms = refusal
-                            .retry_at
-                            .map(|at| (at - clock.now_ms).max(1) as u64)
-                            .unwrap_or(0);
-                        self.to_agent.push_back((
-                            i,
-                            epoch,
-                            ToAgent::Deny {
-                                key,
-                                reason: refusal.reason,
-                                retry_ms,
-                            },
-                        ));
-                    }
-                }
+                // The agent looked the key up when a client showed it.
+                self.leases.watch(&key, &agent_id);
+                let ask = Ask {
+                    ask_id: 0,
+                    key_id: key,
+                    need,
+                    want,
+                };
+                self.leases.ask(
+                    &mut self.ledger,
+                    &agent_id,
+                    session,
+                    ask,
+                    clock.now(),
+                    &mut out,
+                );
             }
             ToCoordinator::Usage(usage) => {
                 if trace_on() {
@@ -485,44 +503,87 @@ impl Group {
                     );
                 }
                 self.touched.insert(usage.key_id.clone());
-                let mut writes = Vec::new();
                 for _ in 0..(1 + duplicate as usize) {
-                    match self
-                        .ledger
-                        .settle(&agent_id, &usage, clock.now_ms, &mut writes)
-                    {
-                        SettleOutcome::Settled { late, .. } => {
-                            assert!(
-                                self.charged.insert((agent_id.clone(), usage.seq)),
-                                "record {agent_id}/{} charged twice",
-                                usage.seq
-                            );
-                            if late {
-                                *self.late.entry(usage.key_id.clone()).or_default() +=
-                                    usage.prompt_tokens;
-                            }
-                        }
-                        SettleOutcome::NotHeld => panic!(
-                            "honest usage {agent_id}/{} refused: its key is not in the agent's key history",
+                    let settled = settle::batch(
+                        &mut self.ledger,
+                        &mut self.leases,
+                        &mut self.depletions,
+                        &agent_id,
+                        session,
+                        std::slice::from_ref(&usage),
+                        clock.now(),
+                        &mut writes,
+                        &mut out,
+                    );
+                    assert_eq!(
+                        settled.not_held, 0,
+                        "honest usage {agent_id}/{} refused: its key is not in the agent's key history",
+                        usage.seq
+                    );
+                    if !settled.charged.is_empty() {
+                        assert!(
+                            self.charged.insert((agent_id.clone(), usage.seq)),
+                            "record {agent_id}/{} charged twice",
                             usage.seq
-                        ),
-                        SettleOutcome::Duplicate | SettleOutcome::Gap { .. } => {}
+                        );
+                        if settled.late > 0 {
+                            *self.late.entry(usage.key_id.clone()).or_default() +=
+                                usage.prompt_tokens;
+                        }
                     }
                 }
-                let high_water = self
-                    .ledger
-                    .agent(&agent_id)
-                    .map(|a| a.high_water_seq)
-                    .unwrap_or(0);
-                self.to_agent
-                    .push_back((i, epoch, ToAgent::Ack(high_water)));
             }
             ToCoordinator::GiveBack { key, amount } => {
-                self.ledger.give_back(&agent_id, &key, &amount);
-                self.touched.insert(key);
+                self.touched.insert(key.clone());
+                self.leases.give_back(
+                    &mut self.ledger,
+                    &agent_id,
+                    &key,
+                    &amount,
+                    clock.now(),
+                    &mut out,
+                );
             }
         }
+        self.ledger.flush(&mut writes);
+        self.send(out);
+    }
+
+    /// What the coordinator decided, onto the agents' queues (addressed to
+    /// a session that is gone: dropped, as the engine does).
+    fn send(&mut self, out: Vec<Outgoing>) {
+        for outgoing in out {
+            let Some(h) = self
+                .sessions
+                .iter()
+                .position(|s| s.agent_id == outgoing.agent_id)
+            else {
+                continue;
+            };
+            let target = &self.sessions[h];
+            if !target.connected || outgoing.session.is_some_and(|s| s != target.session) {
+                continue;
+            }
+            if let ToAgent::Grant { key_id, .. } | ToAgent::Revoke { key_id, .. } =
+                &outgoing.message
+            {
+                self.touched.insert(key_id.clone());
+            }
+            self.to_agent.push_back((h, target.epoch, outgoing.message));
+        }
+    }
+
+    /// The engine's tick: asks parked while slices are reclaimed are
+    /// decided again.
+    fn tick(&mut self, clock: &Clock) {
+        if !self.leases.has_parked() {
+            return;
+        }
+        let mut out = Vec::new();
+        self.leases
+            .retry_parked(&mut self.ledger, clock.now(), &mut out);
         self.ledger.flush(&mut Vec::new());
+        self.send(out);
     }
 
     fn deliver_to_agent(&mut self, rng: &mut Rng, clock: &Clock) {
@@ -536,15 +597,15 @@ impl Group {
             // A lost reply: the agent's ask is as good as failed.
             let session = &mut self.sessions[i];
             match &message {
-                ToAgent::Grant { key, .. }
-                | ToAgent::Deny { key, .. }
-                | ToAgent::Revoke { key } => {
-                    session.table.ask_failed(key);
+                ToAgent::Grant { key_id, .. }
+                | ToAgent::Deny { key_id, .. }
+                | ToAgent::Revoke { key_id, .. } => {
+                    session.table.ask_failed(key_id);
                     session
                         .waiting
-                        .retain(|(waiting_for, _)| waiting_for != key);
+                        .retain(|(waiting_for, _)| waiting_for != key_id);
                 }
-                ToAgent::Ack(_) => {
+                ToAgent::UsageAck { .. } | ToAgent::Welcome { .. } | ToAgent::KeyLookup { .. } => {
                     session.table.fail_all_asks();
                     session.waiting.clear();
                 }
@@ -554,19 +615,23 @@ impl Group {
         let now = clock.instant();
         let session = &mut self.sessions[i];
         match message {
-            ToAgent::Grant { key, amount } => {
-                session.table.grant(&key, &amount, TTL, MARGIN, vec![], now);
+            ToAgent::Grant {
+                key_id: key,
+                amount,
+                ttl,
+                ..
+            } => {
+                session.table.grant(&key, &amount, ttl, MARGIN, vec![], now);
                 self.retry_waiting(i, &key, rng, clock);
             }
+            ToAgent::Welcome { .. } | ToAgent::KeyLookup { .. } => {}
             ToAgent::Deny {
-                key,
+                key_id: key,
                 reason,
-                retry_ms,
+                retry_after_ms: retry_ms,
+                ..
             } => {
-                let kind = match reason {
-                    DenyReason::RateLimited => DenyKind::RateLimited,
-                    _ => DenyKind::InsufficientQuota,
-                };
+                let kind = deny_kind(reason);
                 let until =
                     now + Duration::from_millis(if retry_ms > 0 { retry_ms } else { 1_000 });
                 let shortfall = session.table.pending_shortfall(&key);
@@ -582,11 +647,13 @@ impl Group {
                 );
                 self.retry_waiting(i, &key, rng, clock);
             }
-            ToAgent::Ack(high_water) => {
+            ToAgent::UsageAck {
+                high_water_seq: high_water,
+            } => {
                 session.spool.retain(|seq, _| *seq > high_water);
                 session.table.ack(high_water);
             }
-            ToAgent::Revoke { key } => {
+            ToAgent::Revoke { key_id: key, .. } => {
                 if let Some(amount) = session.table.take_available(&key) {
                     self.to_coordinator.push_back((
                         i,
@@ -625,7 +692,8 @@ impl Group {
     fn release_if_dead(&mut self, i: usize, clock: &Clock) {
         let session = &self.sessions[i];
         if !session.connected && clock.now_ms - session.disconnected_at > DEAD_AFTER_MS {
-            self.ledger.release_agent(&session.agent_id);
+            self.leases
+                .declare_dead(&mut self.ledger, &session.agent_id);
         }
     }
 
@@ -834,7 +902,10 @@ impl World {
                 }
             }
             30..=49 => group.finish(i, rng),
-            50..=69 => group.deliver_to_coordinator(rng, clock),
+            50..=69 => {
+                group.tick(clock);
+                group.deliver_to_coordinator(rng, clock)
+            }
             70..=89 => group.deliver_to_agent(rng, clock),
             90..=92 => clock.now_ms += rng.below(5_000) as i64,
             93 => group.toggle_connection(i, clock),
@@ -918,6 +989,90 @@ fn random_schedules_never_overspend_never_double_charge_never_lose_usage() {
          {with_late} schedules had usage from agents declared dead ({late} tokens, counted)"
     );
     assert_eq!(overshoot, 0);
+}
+
+/// Utilisation with the coordinator's real reclaim: eight agents share a
+/// key of 20,000 tokens, 80% of the requests on agent 0, each reserving and
+/// using 10 tokens, until the first final refusal (the cap exhausted, not
+/// a slice held elsewhere). By then at least 99% of the cap is spent: idle
+/// slices were revoked and given back instead of refusing agent 0.
+#[test]
+fn eight_agents_sharing_a_key_spend_99_percent_of_it_before_a_final_refusal() {
+    const CAP: u64 = 20_000;
+    let mut rng = Rng(0x5EED_0099);
+    let mut clock = Clock::new();
+    let mut group = Group::new();
+    group.lossy = false;
+    group.add_account(
+        "acme",
+        &[KEY.to_string()],
+        |_| vec![balance(Unit::Tokens, CAP)],
+        vec![],
+        clock.now_ms,
+    );
+    for i in 0..8 {
+        group.open_session(format!("agent-{i}"), 1, &clock);
+    }
+    let need = tokens_only(10);
+    let mut final_refusal = false;
+    for _ in 0..100_000 {
+        let i = if rng.chance(80) {
+            0
+        } else {
+            1 + rng.below(7) as usize
+        };
+        let session = &mut group.sessions[i];
+        match session.table.try_reserve(KEY, &need, clock.instant()) {
+            Admission::Reserved(reservation) => {
+                session.in_flight.push((reservation, 10));
+                group.finish(i, &mut rng);
+            }
+            Admission::Short {
+                shortfall,
+                send_ask: true,
+            } => group.to_coordinator.push_back((
+                i,
+                session.epoch,
+                ToCoordinator::Ask {
+                    key: KEY.into(),
+                    need: shortfall,
+                    want: tokens_only(1_000),
+                },
+            )),
+            Admission::Short { .. } => {}
+            Admission::Denied(deny) => {
+                if deny.kind == DenyKind::InsufficientQuota {
+                    final_refusal = true;
+                    break;
+                }
+            }
+        }
+        group.tick(&clock);
+        while !group.to_coordinator.is_empty() || !group.to_agent.is_empty() {
+            group.deliver_to_coordinator(&mut rng, &clock);
+            group.deliver_to_agent(&mut rng, &clock);
+        }
+        group.check_touched(&clock);
+        clock.now_ms += 5;
+    }
+    assert!(final_refusal, "the cap was never exhausted");
+    let spent = group
+        .ledger
+        .limit_views(KEY, clock.now_ms)
+        .unwrap()
+        .iter()
+        .find(|v| v.limit.unit == Unit::Tokens)
+        .map(|v| v.spent)
+        .unwrap();
+    let utilisation = spent / Decimal::from(CAP);
+    println!(
+        "simulation utilisation: spent {spent} of {CAP} ({:.2}%)",
+        utilisation * Decimal::ONE_HUNDRED
+    );
+    assert!(
+        utilisation >= Decimal::new(99, 2),
+        "only {spent} of {CAP} spent at the first final refusal"
+    );
 }
 
 // ----- sharded: accounts over coordinator groups ------------------------
@@ -1165,6 +1320,7 @@ impl Sharded {
                 }
             }
             55..=74 => {
+                group.tick(clock);
                 for _ in 0..4 {
                     group.deliver_to_coordinator(rng, clock);
                 }

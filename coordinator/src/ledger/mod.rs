@@ -100,7 +100,7 @@ impl Default for LedgerConfig {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct ScopeState {
     counters: ScopeCounters,
     /// What agents hold under this scope, per unit.
@@ -120,7 +120,7 @@ enum Dirty {
 /// histories were): it counts as held now until a sweep writes the time.
 const HELD_AT_UNKNOWN: UnixMs = UnixMs::MAX;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Ledger {
     config: LedgerConfig,
     /// What changed since the last [`Ledger::flush`]: written once per
