@@ -267,7 +267,7 @@ mod tests {
             l.create_account("acme", "Acme", NOW, w).unwrap();
             for (id, secret) in [("k1", "s1"), ("k2", "s2"), ("k3", "s3")] {
                 l.create_key(key(id, secret), w).unwrap();
-                l.set_limits(&Scope::Key(id.into()), vec![cap.clone()], NOW, w)
+                l.set_limits(&Scope::Key(id.into()), vec![cap], NOW, w)
                     .unwrap();
             }
             l.credit(
