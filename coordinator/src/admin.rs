@@ -746,10 +746,8 @@ impl Admin for AdminService {
         let request = request.into_inner();
         let filter = request.filter.unwrap_or_default();
         crate::usage::validate_filter(&filter).map_err(AdminError::Invalid)?;
-        let limit =
-            crate::usage::page_size(request.page_size).map_err(AdminError::Invalid)?;
-        let after =
-            crate::usage::decode_token(&request.page_token).map_err(AdminError::Invalid)?;
+        let limit = crate::usage::page_size(request.page_size).map_err(AdminError::Invalid)?;
+        let after = crate::usage::decode_token(&request.page_token).map_err(AdminError::Invalid)?;
         let (mut rows, mut next) = self
             .usage_store()?
             .list(filter, after, limit)

@@ -217,18 +217,15 @@ impl Ledger {
             )));
         }
         let mut new = false;
-        let record = self
-            .agents
-            .entry(agent_id.to_string())
-            .or_insert_with(|| {
-                new = true;
-                AgentRecord {
-                    agent_id: agent_id.to_string(),
-                    epoch: 0,
-                    high_water_seq: 0,
-                    neuron_id: neuron_id.to_string(),
-                }
-            });
+        let record = self.agents.entry(agent_id.to_string()).or_insert_with(|| {
+            new = true;
+            AgentRecord {
+                agent_id: agent_id.to_string(),
+                epoch: 0,
+                high_water_seq: 0,
+                neuron_id: neuron_id.to_string(),
+            }
+        });
         // A reconnect of the same agent changes nothing: after a fail-over
         // every agent says Hello at once, and none of them costs a write.
         if new || record.epoch != epoch || record.neuron_id != neuron_id {
