@@ -7,7 +7,8 @@
 //! admin service's key and tariff pushes. In doubt this module refuses: a bad amount is never read as
 //! "unlimited" or as zero.
 //!
-//! Bounds (the same for every agent, documented in the README):
+//! Bounds (the same for every agent, documented in docs/bounds.md, "Agent
+//! messages"):
 //! - requests and tokens in one amount: at most [`MAX_UNITS`];
 //! - credits: decimal strings of at most 10^15 (see `allot::money`);
 //! - tokens of one usage record: at most [`MAX_RECORD_TOKENS`] each; a
