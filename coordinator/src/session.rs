@@ -27,7 +27,7 @@ pub const STANDBY_HOLD: Duration = Duration::from_secs(3);
 /// Sessions whose `Hello` is being answered at once, at most: after a
 /// fail-over every agent starts a session with the new leader within
 /// moments, and the rest wait for a turn rather than flood the engine.
-pub const MAX_CONCURRENT_SESSION_STARTS: usize = 256;
+pub const MAX_CONCURRENT_SESSION_STARTS: usize = 2048;
 
 pub struct SessionService {
     engine: EngineSource,

@@ -398,7 +398,8 @@ async fn load(
     Arc::try_unwrap(result).unwrap().into_inner()
 }
 
-async fn key_tokens(url: &str, key_id: &str) -> Option<(u64, u64)> {
+/// The key-scope limit of `key_id` as the coordinator at `url` reports it.
+async fn key_status(url: &str, key_id: &str) -> Option<pb::LimitStatus> {
     let mut admin = pb::admin_client::AdminClient::connect(url.to_string())
         .await
         .ok()?;
@@ -409,7 +410,11 @@ async fn key_tokens(url: &str, key_id: &str) -> Option<(u64, u64)> {
         .await
         .ok()?
         .into_inner();
-    let status = snapshot.limits.iter().find(|l| l.scope == "key")?;
+    snapshot.limits.into_iter().find(|l| l.scope == "key")
+}
+
+async fn key_tokens(url: &str, key_id: &str) -> Option<(u64, u64)> {
+    let status = key_status(url, key_id).await?;
     Some((status.spent.parse().ok()?, status.reserved.parse().ok()?))
 }
 
@@ -480,18 +485,10 @@ async fn leader_killed_under_load_loses_nothing_and_overspends_nothing() {
 /// What a leader's ledger says of one key and the agents: spent and held
 /// of the key's limit, and every agent's usage high-water mark.
 async fn ledger_view(url: &str, key_id: &str) -> Option<(String, String, Vec<(String, u64)>)> {
-    let mut admin = pb::admin_client::AdminClient::connect(url.to_string())
-        .await
-        .ok()?;
-    let snapshot = admin
-        .get_snapshot(authed(pb::GetSnapshotRequest {
-            key_id: key_id.into(),
-        }))
+    let status = key_status(url, key_id).await?;
+    let agents = pb::admin_client::AdminClient::connect(url.to_string())
         .await
         .ok()?
-        .into_inner();
-    let status = snapshot.limits.iter().find(|l| l.scope == "key")?;
-    let agents = admin
         .list_agents(authed(pb::ListAgentsRequest::default()))
         .await
         .ok()?
@@ -500,7 +497,7 @@ async fn ledger_view(url: &str, key_id: &str) -> Option<(String, String, Vec<(St
         .into_iter()
         .map(|a| (a.agent_id, a.high_water_seq))
         .collect();
-    Some((status.spent.clone(), status.held.clone(), agents))
+    Some((status.spent, status.held, agents))
 }
 
 fn log_of(dir: &std::path::Path, node_id: &str) -> String {

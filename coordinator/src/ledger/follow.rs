@@ -145,16 +145,16 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{KeyRecord, LedgerConfig, Scope, TransactionKind, Usage};
+    use crate::ledger::tests::{key_record, tokens, NOW};
+    use crate::ledger::{LedgerConfig, Scope, TransactionKind, Usage};
     use crate::store::layout;
-    use allot::key::{KeyHash, Purpose};
+    use allot::key::Purpose;
     use allot::limit::{Limit, Window};
     use allot::{Amounts, Unit};
     use rust_decimal::Decimal;
     use std::collections::BTreeMap;
 
     const PREFIX: &str = "/allot/";
-    const NOW: allot::clock::UnixMs = 1_795_595_400_000;
 
     /// The store as a map: what `commit` leaves behind.
     fn commit(store: &mut BTreeMap<String, Vec<u8>>, writes: &[StoreWrite]) {
@@ -182,28 +182,6 @@ mod tests {
             if let Some(write) = layout::decode_entry(PREFIX, &key, value.as_deref()).unwrap() {
                 standby.apply_stored(write);
             }
-        }
-    }
-
-    fn tokens(n: i64) -> Amounts {
-        Amounts([
-            Some(Decimal::ZERO),
-            Some(Decimal::from(n)),
-            Some(Decimal::ZERO),
-        ])
-    }
-
-    fn key(id: &str, secret: &str) -> KeyRecord {
-        KeyRecord {
-            key_id: id.into(),
-            account_id: "acme".into(),
-            hash: KeyHash::of_secret(secret),
-            purpose: Purpose::Realtime,
-            revoked: false,
-            allowed_models: vec![],
-            name: String::new(),
-            limits: vec![],
-            created_at_ms: NOW,
         }
     }
 
@@ -266,7 +244,7 @@ mod tests {
         step("an account, keys and limits", &mut |l, w| {
             l.create_account("acme", "Acme", NOW, w).unwrap();
             for (id, secret) in [("k1", "s1"), ("k2", "s2"), ("k3", "s3")] {
-                l.create_key(key(id, secret), w).unwrap();
+                l.create_key(key_record(id, secret), w).unwrap();
                 l.set_limits(&Scope::Key(id.into()), vec![cap], NOW, w)
                     .unwrap();
             }

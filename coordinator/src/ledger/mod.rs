@@ -403,6 +403,21 @@ mod tests {
         Amounts([Some(Decimal::ZERO), Some(dec(n)), Some(Decimal::ZERO)])
     }
 
+    /// Key `key_id` of account `acme`, with the hash of `secret`.
+    pub(super) fn key_record(key_id: &str, secret: &str) -> KeyRecord {
+        KeyRecord {
+            key_id: key_id.into(),
+            account_id: "acme".into(),
+            hash: KeyHash::of_secret(secret),
+            purpose: Purpose::Realtime,
+            revoked: false,
+            allowed_models: vec![],
+            name: String::new(),
+            limits: vec![],
+            created_at_ms: NOW,
+        }
+    }
+
     pub(super) fn ledger_with_key(limits: Vec<Limit>) -> Ledger {
         ledger_with_key_and_writes(limits).0
     }
@@ -413,22 +428,7 @@ mod tests {
         let mut ledger = Ledger::new(LedgerConfig::default());
         let mut w = Vec::new();
         ledger.create_account("acme", "Acme", NOW, &mut w).unwrap();
-        ledger
-            .create_key(
-                KeyRecord {
-                    key_id: "k1".into(),
-                    account_id: "acme".into(),
-                    hash: KeyHash::of_secret("s1"),
-                    purpose: Purpose::Realtime,
-                    revoked: false,
-                    allowed_models: vec![],
-                    name: String::new(),
-                    limits: vec![],
-                    created_at_ms: NOW,
-                },
-                &mut w,
-            )
-            .unwrap();
+        ledger.create_key(key_record("k1", "s1"), &mut w).unwrap();
         ledger
             .set_limits(&Scope::Key("k1".into()), limits, NOW, &mut w)
             .unwrap();

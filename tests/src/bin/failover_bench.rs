@@ -123,6 +123,38 @@ type Session = (
     tonic::Streaming<pb::CoordinatorMessage>,
 );
 
+/// What a raw agent sends to open a session and get an allowance: Hello
+/// with `epoch`, a lookup of the key by its `secret` (as an agent does when
+/// a client shows it the key), and an ask for `key_id`.
+fn opening(
+    agent_id: &str,
+    epoch: u64,
+    secret: &str,
+    key_id: &str,
+    ask_id: u64,
+) -> [pb::agent_message::Msg; 3] {
+    let tokens = |n| pb::Amounts {
+        tokens: Some(n),
+        ..Default::default()
+    };
+    [
+        pb::agent_message::Msg::Hello(pb::Hello {
+            agent_id: agent_id.into(),
+            epoch,
+            neuron_id: "n1".into(),
+        }),
+        pb::agent_message::Msg::KeyLookup(pb::KeyLookup {
+            key_hash: allot::key::KeyHash::of_secret(secret).0.to_vec(),
+        }),
+        pb::agent_message::Msg::Ask(pb::AllowanceAsk {
+            ask_id,
+            key_id: key_id.into(),
+            need: Some(tokens(10)),
+            want: Some(tokens(100)),
+        }),
+    ]
+}
+
 /// Opens a session (Hello with `epoch`), looks the key up by its `secret`
 /// (as an agent does when a client shows it the key), asks for an
 /// allowance of `key_id` and waits for the answer; everything within
@@ -138,35 +170,9 @@ async fn attempt(
         let mut client =
             pb::agent_session_client::AgentSessionClient::connect(url.to_string()).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(8);
-        tx.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-                agent_id: AGENT.into(),
-                epoch,
-                neuron_id: "n1".into(),
-            })),
-        })
-        .await?;
-        tx.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::KeyLookup(pb::KeyLookup {
-                key_hash: allot::key::KeyHash::of_secret(secret).0.to_vec(),
-            })),
-        })
-        .await?;
-        tx.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Ask(pb::AllowanceAsk {
-                ask_id: epoch,
-                key_id: key_id.into(),
-                need: Some(pb::Amounts {
-                    tokens: Some(10),
-                    ..Default::default()
-                }),
-                want: Some(pb::Amounts {
-                    tokens: Some(100),
-                    ..Default::default()
-                }),
-            })),
-        })
-        .await?;
+        for msg in opening(AGENT, epoch, secret, key_id, epoch) {
+            tx.send(pb::AgentMessage { msg: Some(msg) }).await?;
+        }
         let mut inbound = client
             .session(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?

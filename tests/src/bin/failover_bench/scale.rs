@@ -1,7 +1,7 @@
 //! `failover_bench scale`: a leader `kill -9` at 10^6 keys and 10^4 agents,
 //! with a hot standby (see the binary's module doc).
 
-use super::{wait_leader, Coordinator};
+use super::{opening, wait_leader, Coordinator};
 use allot::pb;
 use allot_e2e::fixture::{fixture_chunks, status_kib, wait_metric, write_fixture, OwnEtcd};
 use allot_e2e::process::free_port;
@@ -30,30 +30,13 @@ async fn open_session(
 ) -> anyhow::Result<tonic::Streaming<pb::CoordinatorMessage>> {
     let key = agent % keys;
     let (tx, rx) = mpsc::channel(8);
-    for msg in [
-        pb::agent_message::Msg::Hello(pb::Hello {
-            agent_id: format!("ag{agent:05}"),
-            epoch: 1,
-            neuron_id: "n1".into(),
-        }),
-        pb::agent_message::Msg::KeyLookup(pb::KeyLookup {
-            key_hash: allot::key::KeyHash::of_secret(&format!("secret-{key}"))
-                .0
-                .to_vec(),
-        }),
-        pb::agent_message::Msg::Ask(pb::AllowanceAsk {
-            ask_id: 1,
-            key_id: format!("mk{key:07}"),
-            need: Some(pb::Amounts {
-                tokens: Some(10),
-                ..Default::default()
-            }),
-            want: Some(pb::Amounts {
-                tokens: Some(100),
-                ..Default::default()
-            }),
-        }),
-    ] {
+    for msg in opening(
+        &format!("ag{agent:05}"),
+        1,
+        &format!("secret-{key}"),
+        &format!("mk{key:07}"),
+        1,
+    ) {
         tx.send(pb::AgentMessage { msg: Some(msg) }).await?;
     }
     let mut inbound = pb::agent_session_client::AgentSessionClient::new(channel)
