@@ -340,6 +340,27 @@ struct Workload {
     measure: Duration,
 }
 
+impl Workload {
+    /// The batched workload: [`BENCH_AGENTS`] agents, each with 8 batches
+    /// of 512 records in flight.
+    fn batched(
+        url: String,
+        agent_prefix: String,
+        warm_up: Duration,
+        measure: Duration,
+    ) -> Workload {
+        Workload {
+            url,
+            agent_prefix,
+            agents: BENCH_AGENTS,
+            batch: 512,
+            in_flight_per_agent: 8,
+            warm_up,
+            measure,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Outcome {
     /// Records whose ack arrived inside the measurement window.
@@ -637,15 +658,12 @@ async fn throughput(args: &[String]) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let batched = Workload {
-        url: coordinator.url.clone(),
-        agent_prefix: "batch-agent-".into(),
-        agents: BENCH_AGENTS,
-        batch: 512,
-        in_flight_per_agent: 8,
+    let batched = Workload::batched(
+        coordinator.url.clone(),
+        "batch-agent-".into(),
         warm_up,
         measure,
-    };
+    );
     println!(
         "run 1: default settings, {} agents x {} in flight x {} records per batch, {:?} warm-up + {:?}",
         batched.agents, batched.in_flight_per_agent, batched.batch, warm_up, measure
@@ -793,15 +811,12 @@ async fn tls(args: &[String]) -> anyhow::Result<()> {
         let order = if round % 2 == 1 { [0, 1] } else { [1, 0] };
         for mode in order {
             let coordinator = [&plain, &mtls][mode];
-            let workload = Workload {
-                url: coordinator.url.clone(),
-                agent_prefix: format!("{}-r{round}-", ["plain", "mtls"][mode]),
-                agents: BENCH_AGENTS,
-                batch: 512,
-                in_flight_per_agent: 8,
+            let workload = Workload::batched(
+                coordinator.url.clone(),
+                format!("{}-r{round}-", ["plain", "mtls"][mode]),
                 warm_up,
                 measure,
-            };
+            );
             let mut outcome = run_workload(&workload, keys[mode].clone()).await?;
             acked[mode] += outcome.acked;
             let spent = spent_tokens(&coordinator.url, &keys[mode]).await?;
@@ -1052,15 +1067,12 @@ async fn history(args: &[String]) -> anyhow::Result<()> {
     );
     wait_leading(&coordinator.url, Duration::from_secs(30)).await?;
     let keys = Arc::new(create_keys(&coordinator.url, BENCH_KEYS).await?);
-    let workload = Workload {
-        url: coordinator.url.clone(),
-        agent_prefix: "history-agent-".into(),
-        agents: BENCH_AGENTS,
-        batch: 512,
-        in_flight_per_agent: 8,
-        warm_up: Duration::ZERO,
-        measure: Duration::from_secs(secs),
-    };
+    let workload = Workload::batched(
+        coordinator.url.clone(),
+        "history-agent-".into(),
+        Duration::ZERO,
+        Duration::from_secs(secs),
+    );
     let mut client = etcd.client().await?;
     let sampler = tokio::spawn(async move {
         let started = Instant::now();
@@ -1183,15 +1195,12 @@ async fn standby(args: &[String]) -> anyhow::Result<()> {
         Duration::from_secs(60),
     )
     .await?;
-    let workload = Workload {
-        url: leader.url.clone(),
-        agent_prefix: "standby-agent-".into(),
-        agents: BENCH_AGENTS,
-        batch: 512,
-        in_flight_per_agent: 8,
+    let workload = Workload::batched(
+        leader.url.clone(),
+        "standby-agent-".into(),
         warm_up,
         measure,
-    };
+    );
     println!(
         "a leader and a standby on one etcd member; {} agents x {} in flight x {} records per batch, {:?} warm-up + {:?}",
         workload.agents, workload.in_flight_per_agent, workload.batch, warm_up, measure
