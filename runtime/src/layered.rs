@@ -225,6 +225,56 @@ pub fn reference<T: DeserializeOwned>(
         .collect()
 }
 
+/// Every field of `T` that is not settable from outside: one without a
+/// flag `--field-name` in `command`, or whose environment variable
+/// (`env_name` of its flag) is not read, or does not apply to `T`. Each
+/// binary's tests ask for this to be empty.
+pub fn unsettable_fields<T>(command: &Command, env_name: impl Fn(&str) -> String) -> Vec<String>
+where
+    T: DeserializeOwned + serde::Serialize + Default + FromArgMatches,
+{
+    /// A value a field's flag accepts: its default's, or any text where
+    /// the default is unset.
+    fn sample(value: &serde_json::Value) -> String {
+        match value {
+            serde_json::Value::Null => "x".into(),
+            serde_json::Value::String(text) => text.clone(),
+            serde_json::Value::Array(items) if items.iter().all(|i| !i.is_object()) => {
+                items.iter().map(sample).collect::<Vec<_>>().join(",")
+            }
+            other => other.to_string(),
+        }
+    }
+    let flags = settable_flags(command);
+    let defaults = serde_json::to_value(T::default()).unwrap_or_default();
+    let program = [OsString::from(command.get_name())];
+    let mut unsettable = Vec::new();
+    for field in field_names::<T>() {
+        let flag = field.replace('_', "-");
+        if !flags.contains(&flag) {
+            unsettable.push(format!("{field} has no --{flag}"));
+            continue;
+        }
+        let variable = env_name(&flag);
+        let read = [sample(&defaults[*field]), "[]".into(), "1".into()]
+            .into_iter()
+            .find_map(|value| {
+                let env = Environment::from([(variable.clone(), value)]);
+                Layers::parse(command, program.clone(), &env, &env_name).ok()
+            });
+        match read {
+            Some(layers) if layers.environment.contains_id(field) => {
+                if let Err(error) = layers.apply(&mut T::default()) {
+                    unsettable.push(format!("{variable} does not apply: {error}"));
+                }
+            }
+            Some(_) => unsettable.push(format!("{variable} is not read")),
+            None => unsettable.push(format!("{variable} takes no value")),
+        }
+    }
+    unsettable
+}
+
 /// The field names of a struct as serde reads them: its TOML keys.
 pub fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
     struct Fields(Option<&'static [&'static str]>);
