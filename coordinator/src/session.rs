@@ -99,7 +99,11 @@ impl AgentSession for SessionService {
                 metrics::counter!("allot_session_identity_refusals_total").increment(1);
                 tracing::warn!(reason = refused.message(), "agent session refused");
             })?;
-        let engine = self.engine.current_within(STANDBY_HOLD).await?;
+        // A shutdown ends the wait for leadership too.
+        let engine = tokio::select! {
+            engine = self.engine.current_within(STANDBY_HOLD) => engine?,
+            _ = until_closing(self.closing.clone()) => return Err(shutting_down()),
+        };
         let starts = self.starts.clone();
         let closing = self.closing.clone();
         let mut leadership = self.engine.0.clone();
