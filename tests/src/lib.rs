@@ -409,11 +409,7 @@ impl Stack {
     /// Spent and reserved of the key's first limit in `unit`.
     pub async fn key_usage(&self, key_id: &str, unit: pb::Unit) -> (u64, u64) {
         let snapshot = self.snapshot(key_id).await;
-        let status = snapshot
-            .limits
-            .iter()
-            .find(|l| l.scope == "key" && l.limit.as_ref().is_some_and(|x| x.unit == unit as i32))
-            .expect("a key limit in that unit");
+        let status = key_limit(&snapshot, unit).expect("a key limit in that unit");
         (
             status.spent.parse().unwrap(),
             status.reserved.parse().unwrap(),
@@ -755,4 +751,12 @@ pub async fn record_of(stack: &Stack, key_id: &str, request_id: &str) -> pb::Usa
     )
     .await;
     find(usage_records(stack, key_id).await).expect("settled records stay")
+}
+
+/// The key's own first limit in `unit` in a snapshot.
+pub fn key_limit(snapshot: &pb::Snapshot, unit: pb::Unit) -> Option<&pb::LimitStatus> {
+    snapshot
+        .limits
+        .iter()
+        .find(|l| l.scope == "key" && l.limit.as_ref().is_some_and(|x| x.unit == unit as i32))
 }

@@ -199,11 +199,7 @@ async fn rate_limit_headers_agree_with_the_snapshot_on_served_and_refused_reques
     })
     .await;
     let snapshot = stack.snapshot(&key_id).await;
-    let tokens = snapshot
-        .limits
-        .iter()
-        .find(|l| l.scope == "key" && l.limit.as_ref().unwrap().unit == pb::Unit::Tokens as i32)
-        .unwrap();
+    let tokens = key_limit(&snapshot, pb::Unit::Tokens).unwrap();
     let held: u64 = tokens.reserved.parse().unwrap();
     let free: u64 = tokens.remaining.parse().unwrap();
     assert_eq!(free + held, 300 - spent, "snapshot {tokens:?}");

@@ -410,7 +410,7 @@ async fn key_status(url: &str, key_id: &str) -> Option<pb::LimitStatus> {
         .await
         .ok()?
         .into_inner();
-    snapshot.limits.into_iter().find(|l| l.scope == "key")
+    key_limit(&snapshot, pb::Unit::Tokens).cloned()
 }
 
 async fn key_tokens(url: &str, key_id: &str) -> Option<(u64, u64)> {

@@ -445,16 +445,7 @@ async fn tokens_at(url: &str, key_id: &str) -> (u64, u64) {
         .await
         .expect("snapshot")
         .into_inner();
-    let limit = snapshot
-        .limits
-        .iter()
-        .find(|l| {
-            l.scope == "key"
-                && l.limit
-                    .as_ref()
-                    .is_some_and(|x| x.unit == pb::Unit::Tokens as i32)
-        })
-        .expect("a key token limit");
+    let limit = key_limit(&snapshot, pb::Unit::Tokens).expect("a key token limit");
     (limit.spent.parse().unwrap(), limit.held.parse().unwrap())
 }
 

@@ -14,16 +14,7 @@ const CAP: u64 = 100_000;
 /// `(spent, in_flight, held, remaining, reserved)`.
 async fn token_figures(stack: &Stack, key_id: &str) -> (u64, u64, u64, u64, u64) {
     let snapshot = stack.snapshot(key_id).await;
-    let status = snapshot
-        .limits
-        .iter()
-        .find(|l| {
-            l.scope == "key"
-                && l.limit
-                    .as_ref()
-                    .is_some_and(|x| x.unit == pb::Unit::Tokens as i32)
-        })
-        .expect("the key's token limit");
+    let status = key_limit(&snapshot, pb::Unit::Tokens).expect("the key's token limit");
     let number = |s: &str| s.parse::<u64>().unwrap_or_else(|_| panic!("{s:?}"));
     (
         number(&status.spent),

@@ -307,15 +307,7 @@ async fn spent_tokens(url: &str, keys: &[String]) -> anyhow::Result<u64> {
                     }))
                     .await?
                     .into_inner();
-                let status = snapshot
-                    .limits
-                    .iter()
-                    .find(|l| {
-                        l.scope == "key"
-                            && l.limit
-                                .as_ref()
-                                .is_some_and(|x| x.unit == pb::Unit::Tokens as i32)
-                    })
+                let status = allot_e2e::key_limit(&snapshot, pb::Unit::Tokens)
                     .ok_or_else(|| anyhow::anyhow!("{key_id} has no token limit"))?;
                 total.fetch_add(status.spent.parse::<u64>()?, Ordering::Relaxed);
             }
