@@ -500,6 +500,19 @@ async fn ledger_view(url: &str, key_id: &str) -> Option<(String, String, Vec<(St
     Some((status.spent, status.held, agents))
 }
 
+/// Whether the coordinator at `url` has any agent session open.
+async fn any_agent_connected(url: &str) -> Option<bool> {
+    let agents = pb::admin_client::AdminClient::connect(url.to_string())
+        .await
+        .ok()?
+        .list_agents(authed(pb::ListAgentsRequest::default()))
+        .await
+        .ok()?
+        .into_inner()
+        .agents;
+    Some(agents.iter().any(|a| a.connected))
+}
+
 fn log_of(dir: &std::path::Path, node_id: &str) -> String {
     std::fs::read_to_string(dir.join(format!("{node_id}.log"))).unwrap_or_default()
 }
@@ -539,10 +552,21 @@ async fn a_standby_follows_the_store_and_takes_over_with_the_old_leaders_ledger(
         async move { settled_records_at(&url).await == records }
     })
     .await;
-    // Killed, the agent gives nothing back and never reconnects: its slice
-    // stays held, and nothing changes the ledger across the fail-over.
+    // Killed, the agent never reconnects. What it sent before dying (an
+    // idle slice given back near the cap, say) is committed by the time the
+    // leader sees its session end, since the session's messages are jobs in
+    // order; after that nothing changes the ledger across the fail-over.
     let mut fleet = fleet;
     fleet.agent.take().unwrap().kill();
+    wait_until(
+        "the leader to see the agent's session end",
+        Duration::from_secs(30),
+        || {
+            let url = leader_url.clone();
+            async move { any_agent_connected(&url).await == Some(false) }
+        },
+    )
+    .await;
     let before = ledger_view(&urls[leader], &key_id).await.unwrap();
     assert_eq!(before.0, result.served_tokens.to_string());
     assert!(
