@@ -105,7 +105,6 @@ impl EtcdCluster {
                 "--auto-compaction-retention",
                 "10000",
             ])
-            .args(["--max-request-bytes", "10485760"])
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));

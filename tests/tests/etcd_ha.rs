@@ -31,6 +31,19 @@ async fn the_etcd_store_passes_the_conformance_suite() {
     allot_coordinator::store::conformance::check_store(&store).await;
 }
 
+/// Nothing left of a journal under `prefix`: no head, no chunk.
+async fn journal_left(cluster: &EtcdCluster, prefix: &str) -> usize {
+    let mut client = cluster.client().await;
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_count_only();
+    client
+        .get(format!("{prefix}journal"), Some(options))
+        .await
+        .unwrap()
+        .count() as usize
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_larger_than_one_transaction_is_applied_whole() {
     let cluster = EtcdCluster::start(1).await;
@@ -41,42 +54,103 @@ async fn a_batch_larger_than_one_transaction_is_applied_whole() {
         .unwrap();
     let loaded = store.load().await.unwrap();
     assert_eq!(loaded.accounts.len(), 30);
+    assert_eq!(
+        journal_left(&cluster, "/big/").await,
+        0,
+        "the journal is removed"
+    );
+}
+
+/// The test etcd keeps etcd's default request limit (1.5 MiB), as an
+/// operator's etcd would: a batch of several MiB is journaled in chunks and
+/// applied in parts that each fit. (Its journal written whole, as earlier
+/// versions did, was a request of more than 15 MiB.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_many_mebibytes_commits_on_an_etcd_with_the_default_request_limit() {
+    let cluster = EtcdCluster::start(1).await;
     let mut client = cluster.client().await;
-    assert!(
-        client
-            .get("/big/journal", None)
-            .await
-            .unwrap()
-            .kvs()
-            .is_empty(),
+    let refused = client
+        .put("/probe", vec![b'x'; 1_600_000], None)
+        .await
+        .expect_err("a stock etcd refuses a 1.6 MB request");
+    assert!(refused.to_string().contains("too large"), "{refused}");
+
+    let writes: Vec<StoreWrite> = (0..20_000)
+        .map(|i| {
+            let StoreWrite::PutAccount(mut account) = account_write(i) else {
+                unreachable!()
+            };
+            account.name = format!("{i:0>200}");
+            StoreWrite::PutAccount(account)
+        })
+        .collect();
+    let store = EtcdStore::new(client.clone(), "/huge/", None);
+    store.commit(writes).await.expect("the batch commits");
+    let loaded = store.load().await.unwrap();
+    assert_eq!(loaded.accounts.len(), 20_000);
+    assert!(loaded
+        .accounts
+        .iter()
+        .all(|a| a.name.len() == 200 && a.name.ends_with(&a.account_id[1..])));
+    assert_eq!(
+        journal_left(&cluster, "/huge/").await,
+        0,
         "the journal is removed"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_journal_left_by_an_interrupted_leader_is_replayed_before_loading() {
+    use allot_coordinator::store::journal;
     let cluster = EtcdCluster::start(1).await;
     let mut client = cluster.client().await;
-    let ops: Vec<(String, Option<Vec<u8>>)> = allot_coordinator::store::layout::coalesce(
-        "/j/",
-        &(0..5).map(account_write).collect::<Vec<_>>(),
-    );
+    let ops = |prefix: &str, accounts: std::ops::Range<usize>| {
+        allot_coordinator::store::layout::coalesce(
+            prefix,
+            &accounts.map(account_write).collect::<Vec<_>>(),
+        )
+    };
+    // As an earlier version wrote it: the whole batch in the head.
     client
-        .put("/j/journal", serde_json::to_vec(&ops).unwrap(), None)
+        .put(
+            "/j/journal",
+            serde_json::to_vec(&ops("/j/", 0..5)).unwrap(),
+            None,
+        )
         .await
         .unwrap();
-    let leadership = election::campaign(&client, "/j/", "c1", Duration::from_secs(2))
+    // This version's: chunks, then the head that commits them.
+    let chunks = journal::encode_chunks(&ops("/c/", 0..7)).unwrap();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let key = journal::chunk_key("/c/journal-chunks/", "b1", i);
+        client.put(key, chunk.clone(), None).await.unwrap();
+    }
+    let head = journal::Head {
+        batch: "b1".into(),
+        chunks: chunks.len(),
+    };
+    client
+        .put("/c/journal", journal::encode_head(&head), None)
         .await
         .unwrap();
-    let store = EtcdStore::new(client.clone(), "/j/", Some(leadership.fence.clone()));
-    let loaded = store.load().await.unwrap();
-    assert_eq!(loaded.accounts.len(), 5);
-    assert!(client
-        .get("/j/journal", None)
-        .await
-        .unwrap()
-        .kvs()
-        .is_empty());
+    // Chunks whose head was never written: a batch never committed.
+    let stray = journal::encode_chunks(&ops("/s/", 0..3)).unwrap();
+    let key = journal::chunk_key("/s/journal-chunks/", "b2", 0);
+    client.put(key, stray[0].clone(), None).await.unwrap();
+
+    for (prefix, accounts) in [("/j/", 5), ("/c/", 7), ("/s/", 0)] {
+        let leadership = election::campaign(&client, prefix, "c1", Duration::from_secs(2))
+            .await
+            .unwrap();
+        let store = EtcdStore::new(client.clone(), prefix, Some(leadership.fence.clone()));
+        let loaded = store.load().await.unwrap();
+        assert_eq!(loaded.accounts.len(), accounts, "{prefix}");
+        assert_eq!(
+            journal_left(&cluster, prefix).await,
+            0,
+            "{prefix}: the journal is removed"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,19 +3,24 @@
 //! Every write is fenced: a transaction applies only while this
 //! coordinator's election key still exists with the create revision it won
 //! with, so a deposed leader (its lease expired while it was paused or cut
-//! off) can never write. A batch that fits etcd's per-transaction limit is
-//! one transaction. A larger one is first written whole, as one journal
-//! value, in one fenced transaction; then applied in parts; then the
-//! journal is deleted. Every write is an absolute value, so replaying a
-//! journal (the next leader does so before loading) is harmless: each part
-//! is atomic and the batch as a whole is never half-applied.
+//! off) can never write. A batch that fits one transaction (etcd's default
+//! `--max-txn-ops` and `--max-request-bytes`, see [`journal`]) is one
+//! transaction. A larger one is first journaled in chunks, then committed
+//! by the journal's head, then applied in parts, several at once, then the
+//! journal is deleted. Every write is an absolute value and the parts are
+//! disjoint keys, so replaying a journal (the next leader does so before
+//! loading) is harmless and the order of parts does not matter: the batch
+//! as a whole is never half-applied once its head is written, and never
+//! applied at all before.
 //!
 //! Every call goes through one retry policy: bounded, exponential,
 //! jittered, each attempt logged. Replaying a maybe-applied commit is safe
 //! for the same reason a journal replay is.
 
+use super::journal::{self, Head, Journal, Op};
 use super::{layout, BoxFuture, Store, StoreError, StoreWrite, StoredState};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
+use futures_util::{StreamExt, TryStreamExt};
 use rand::Rng;
 use std::time::Duration;
 use tracing::Instrument;
@@ -23,6 +28,10 @@ use tracing::Instrument;
 /// Operations per transaction: etcd's `--max-txn-ops` default is 128.
 pub const MAX_TXN_OPS: usize = 120;
 const JOURNAL: &str = "journal";
+/// Where the chunks of a journal live: `{prefix}journal-chunks/{batch}/{n}`.
+const JOURNAL_CHUNKS: &str = "journal-chunks/";
+/// Transactions of one batch in flight at once (chunks, then parts).
+const PARALLEL_TXNS: usize = 8;
 const ATTEMPTS: u32 = 6;
 /// Keys per page when loading the ledger.
 const LOAD_PAGE: i64 = 2_000;
@@ -56,8 +65,6 @@ pub struct EtcdStore {
     max_ops: usize,
 }
 
-type Ops = Vec<(String, Option<Vec<u8>>)>;
-
 impl EtcdStore {
     /// A store whose writes are fenced by `fence` (`None` only for tests
     /// and tools that run without an election).
@@ -83,6 +90,10 @@ impl EtcdStore {
         format!("{}{JOURNAL}", self.prefix)
     }
 
+    fn chunk_dir(&self) -> String {
+        format!("{}{JOURNAL_CHUNKS}", self.prefix)
+    }
+
     fn fenced(&self, ops: Vec<TxnOp>) -> Txn {
         let txn = Txn::new();
         let txn = match &self.fence {
@@ -96,8 +107,8 @@ impl EtcdStore {
         txn.and_then(ops)
     }
 
-    /// One fenced transaction, retried under the policy.
-    async fn apply(&self, ops: &Ops) -> Result<(), StoreError> {
+    /// One fenced transaction of `ops`, retried under the policy.
+    async fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
         let txn_ops: Vec<TxnOp> = ops
             .iter()
             .map(|(key, value)| match value {
@@ -105,6 +116,11 @@ impl EtcdStore {
                 None => TxnOp::delete(key.as_bytes(), None),
             })
             .collect();
+        self.apply_txn(txn_ops).await
+    }
+
+    async fn apply_txn(&self, txn_ops: Vec<TxnOp>) -> Result<(), StoreError> {
+        let count = txn_ops.len();
         let txn = self.fenced(txn_ops);
         let started = std::time::Instant::now();
         let response = retry("txn", || {
@@ -112,7 +128,7 @@ impl EtcdStore {
             let txn = txn.clone();
             async move { client.txn(txn).await }
         })
-        .instrument(tracing::info_span!("etcd.txn", ops = ops.len()))
+        .instrument(tracing::info_span!("etcd.txn", ops = count))
         .await?;
         metrics::histogram!("allot_etcd_txn_seconds").record(started.elapsed().as_secs_f64());
         if !response.succeeded() {
@@ -122,11 +138,52 @@ impl EtcdStore {
         Ok(())
     }
 
-    async fn apply_in_parts(&self, ops: &Ops) -> Result<(), StoreError> {
-        for part in ops.chunks(self.max_ops) {
-            self.apply(&part.to_vec()).await?;
-        }
-        Ok(())
+    /// `ops` in parts (see [`journal::parts`]), up to [`PARALLEL_TXNS`] at
+    /// once: the keys are disjoint and every value absolute, so the order
+    /// does not matter. The first failure ends the batch (the engine then
+    /// reloads, replaying the journal).
+    async fn apply_in_parts(&self, ops: &[Op]) -> Result<(), StoreError> {
+        futures_util::stream::iter(journal::parts(ops, self.max_ops))
+            .map(|part| self.apply(&ops[part]))
+            .buffer_unordered(PARALLEL_TXNS)
+            .try_collect::<()>()
+            .await
+    }
+
+    /// A batch too large for one transaction: journaled in chunks,
+    /// committed by writing the head, applied in parts, then forgotten.
+    async fn commit_journaled(&self, ops: &[Op]) -> Result<(), StoreError> {
+        let chunks = journal::encode_chunks(ops)?;
+        let batch = format!("{:016x}", rand::rng().random::<u64>());
+        let dir = self.chunk_dir();
+        let count = chunks.len();
+        futures_util::stream::iter(chunks.into_iter().enumerate())
+            .map(|(i, chunk)| {
+                let key = journal::chunk_key(&dir, &batch, i);
+                self.apply_txn(vec![TxnOp::put(key, chunk, None)])
+            })
+            .buffer_unordered(PARALLEL_TXNS)
+            .try_collect::<()>()
+            .await?;
+        let head = Head {
+            batch,
+            chunks: count,
+        };
+        self.apply(&[(self.journal_key(), Some(journal::encode_head(&head)))])
+            .await?;
+        metrics::counter!("allot_etcd_journaled_batches_total").increment(1);
+        self.apply_in_parts(ops).await?;
+        self.forget_journal().await
+    }
+
+    /// Deletes the journal's head and every chunk (a batch's, and any left
+    /// by a leader that died before writing its head), in one transaction.
+    async fn forget_journal(&self) -> Result<(), StoreError> {
+        self.apply_txn(vec![
+            TxnOp::delete(self.journal_key(), None),
+            TxnOp::delete(self.chunk_dir(), Some(DeleteOptions::new().with_prefix())),
+        ])
+        .await
     }
 
     /// Everything under the prefix, read at one revision, and that
@@ -217,7 +274,8 @@ impl EtcdStore {
             .map_err(classify)
     }
 
-    /// Replays a journal left by a leader that stopped mid-batch.
+    /// Replays a journal left by a leader that stopped mid-batch, and
+    /// deletes chunks left without a head (a batch never committed).
     async fn replay_journal(&self) -> Result<(), StoreError> {
         let key = self.journal_key();
         let response = retry("get journal", || {
@@ -227,18 +285,64 @@ impl EtcdStore {
         })
         .await?;
         let Some(kv) = response.kvs().first() else {
-            return Ok(());
+            return self.forget_stray_chunks().await;
         };
-        let ops: Ops = serde_json::from_slice(kv.value()).map_err(|e| StoreError::Corrupt {
-            key: key.clone(),
-            message: e.to_string(),
-        })?;
+        let ops = match journal::decode_head(&key, kv.value())? {
+            Journal::Whole(ops) => ops,
+            Journal::Chunked(head) => self.read_chunks(&head).await?,
+        };
         tracing::warn!(
             ops = ops.len(),
             "replaying the settlement journal of an interrupted batch"
         );
         self.apply_in_parts(&ops).await?;
-        self.apply(&vec![(key, None)]).await
+        self.forget_journal().await
+    }
+
+    /// The ops of a committed journal, chunk by chunk (one chunk per read:
+    /// a response stays far under gRPC's 4 MiB). A missing chunk is corrupt.
+    async fn read_chunks(&self, head: &Head) -> Result<Vec<Op>, StoreError> {
+        let dir = self.chunk_dir();
+        let mut ops = Vec::new();
+        for i in 0..head.chunks {
+            let key = journal::chunk_key(&dir, &head.batch, i);
+            let response = retry("get journal chunk", || {
+                let mut client = self.client.clone();
+                let key = key.clone();
+                async move { client.get(key, None).await }
+            })
+            .await?;
+            let Some(kv) = response.kvs().first() else {
+                return Err(StoreError::Corrupt {
+                    key,
+                    message: format!("chunk {i} of {} of the journal is missing", head.chunks),
+                });
+            };
+            ops.extend(journal::decode_chunk(&key, kv.value())?);
+        }
+        Ok(ops)
+    }
+
+    async fn forget_stray_chunks(&self) -> Result<(), StoreError> {
+        let dir = self.chunk_dir();
+        let response = retry("count journal chunks", || {
+            let mut client = self.client.clone();
+            let dir = dir.clone();
+            async move {
+                client
+                    .get(dir, Some(GetOptions::new().with_prefix().with_count_only()))
+                    .await
+            }
+        })
+        .await?;
+        if response.count() == 0 || self.fence.is_none() {
+            return Ok(());
+        }
+        tracing::warn!(
+            chunks = response.count(),
+            "deleting the journal chunks of a batch that was never committed"
+        );
+        self.forget_journal().await
     }
 }
 
@@ -309,15 +413,10 @@ impl Store for EtcdStore {
             if ops.is_empty() {
                 return Ok(());
             }
-            if ops.len() <= self.max_ops {
+            if journal::fits_one_txn(&ops, self.max_ops) {
                 return self.apply(&ops).await;
             }
-            let journal =
-                serde_json::to_vec(&ops).map_err(|e| StoreError::NotApplied(e.to_string()))?;
-            self.apply(&vec![(self.journal_key(), Some(journal))])
-                .await?;
-            self.apply_in_parts(&ops).await?;
-            self.apply(&vec![(self.journal_key(), None)]).await
+            self.commit_journaled(&ops).await
         })
     }
 

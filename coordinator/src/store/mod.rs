@@ -12,6 +12,7 @@
 pub mod conformance;
 pub mod embedded;
 pub mod etcd;
+pub mod journal;
 pub mod layout;
 
 use crate::ledger::records::{
