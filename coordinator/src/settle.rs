@@ -70,6 +70,13 @@ pub fn batch(
     out: &mut Vec<Outgoing>,
 ) -> Settled {
     let mut settled = Settled::default();
+    // What deserves an operator's eye is logged once per batch and kind,
+    // with a count and the first record: a peer that sends thousands of
+    // such records a second costs the log a line per batch, not per record.
+    let mut unbillable = Noted::default();
+    let mut excess_usage = Noted::default();
+    let mut late_usage = Noted::default();
+    let mut not_held = Noted::default();
     for (index, usage) in usages.iter().enumerate() {
         match ledger.settle(agent_id, usage, now.wall, writes) {
             SettleOutcome::Settled {
@@ -85,26 +92,16 @@ pub fn batch(
                     metrics::counter!("allot_usage_free_total").increment(1);
                 }
                 if usage.model.is_empty() && (usage.prompt_tokens + usage.completion_tokens) > 0 {
-                    tracing::error!(
-                        agent_id,
-                        seq = usage.seq,
-                        "usage without a model cannot be billed"
-                    );
+                    unbillable.note(usage);
                 }
                 if excess {
                     metrics::counter!("allot_usage_over_reservation_total").increment(1);
-                    tracing::error!(agent_id, seq = usage.seq, key_id = usage.key_id, %cost,
-                        "neuron reported more usage than was reserved; the excess is charged");
+                    excess_usage.note(usage);
                 }
                 if late {
                     settled.late += 1;
                     metrics::counter!("allot_usage_late_total").increment(1);
-                    tracing::error!(
-                        agent_id,
-                        seq = usage.seq,
-                        key_id = usage.key_id,
-                        "late usage from an agent whose slice was released; charged"
-                    );
+                    late_usage.note(usage);
                 }
             }
             SettleOutcome::Duplicate => {
@@ -115,12 +112,7 @@ pub fn batch(
                 settled.not_held += 1;
                 metrics::counter!("allot_usage_refused_total", "reason" => "key_not_held")
                     .increment(1);
-                tracing::error!(
-                    agent_id,
-                    seq = usage.seq,
-                    key_id = usage.key_id,
-                    "usage for a key this agent never held a slice of; not charged"
-                );
+                not_held.note(usage);
             }
             SettleOutcome::Gap { expected } => {
                 tracing::warn!(
@@ -132,6 +124,42 @@ pub fn batch(
                 break;
             }
         }
+    }
+    if let Some((seq, key_id)) = unbillable.first {
+        tracing::error!(
+            agent_id,
+            records = unbillable.count,
+            seq,
+            key_id,
+            "usage without a model cannot be billed"
+        );
+    }
+    if let Some((seq, key_id)) = excess_usage.first {
+        tracing::error!(
+            agent_id,
+            records = excess_usage.count,
+            seq,
+            key_id,
+            "neuron reported more usage than was reserved; the excess is charged"
+        );
+    }
+    if let Some((seq, key_id)) = late_usage.first {
+        tracing::error!(
+            agent_id,
+            records = late_usage.count,
+            seq,
+            key_id,
+            "late usage from an agent whose slice was released; charged"
+        );
+    }
+    if let Some((seq, key_id)) = not_held.first {
+        tracing::error!(
+            agent_id,
+            records = not_held.count,
+            seq,
+            key_id,
+            "usage for a key this agent never held a slice of; not charged"
+        );
     }
     settled.high_water_seq = ledger.agent(agent_id).map_or(0, |a| a.high_water_seq);
     out.push(Outgoing {
@@ -149,6 +177,20 @@ pub fn batch(
     keys.dedup();
     depletions.push(ledger, leases, &keys, now, out);
     settled
+}
+
+/// Records of one kind in a batch: how many, and the first (seq, key).
+#[derive(Default)]
+struct Noted<'a> {
+    count: usize,
+    first: Option<(u64, &'a str)>,
+}
+
+impl<'a> Noted<'a> {
+    fn note(&mut self, usage: &'a Usage) {
+        self.count += 1;
+        self.first.get_or_insert((usage.seq, &usage.key_id));
+    }
 }
 
 impl Depletions {
@@ -334,6 +376,65 @@ mod tests {
             settling.depletion_pushes(),
             4,
             "pushed again after a second"
+        );
+    }
+
+    /// Log lines written while `f` runs, captured.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = captured.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_batch_of_suspect_records_is_one_log_line_per_kind_not_one_per_record() {
+        let mut settling = Settling::new();
+        // A hostile or broken peer's flood: 300 records each over its
+        // (zero) reservation, then 200 for a key the agent never held.
+        let records: Vec<Usage> = (1..=300)
+            .map(|seq| Usage {
+                reserved: tokens(0),
+                ..usage(seq, 1)
+            })
+            .chain((301..=500).map(|seq| Usage {
+                key_id: "never-held".into(),
+                ..usage(seq, 1)
+            }))
+            .collect();
+        let log = logged(|| {
+            let settled = settling.batch(&records, 0);
+            assert_eq!((settled.charged.len(), settled.not_held), (300, 200));
+        });
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 2, "{log}");
+        assert!(
+            lines[0].contains("more usage than was reserved")
+                && lines[0].contains("records=300")
+                && lines[0].contains("seq=1 "),
+            "{log}"
+        );
+        assert!(
+            lines[1].contains("never held")
+                && lines[1].contains("records=200")
+                && lines[1].contains("seq=301 "),
+            "{log}"
         );
     }
 }

@@ -554,6 +554,13 @@ async fn one_agent(
                 prompt_tokens: PROMPT_TOKENS,
                 completion_tokens: COMPLETION_TOKENS,
                 charged: true,
+                // What an honest agent's admission reserved: a record over
+                // its reservation is logged (once per batch) as suspect.
+                reserved: Some(pb::Amounts {
+                    tokens: Some(TOKENS_PER_RECORD),
+                    requests: Some(1),
+                    ..Default::default()
+                }),
                 ..Default::default()
             })
             .collect();
