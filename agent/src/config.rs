@@ -96,14 +96,6 @@ pub fn load(layers: &Layers) -> Result<AgentConfig, ConfigError> {
     Ok(config)
 }
 
-/// `--metrics-listen`: an address, or `off` (or nothing) for none.
-fn metrics_listen(text: &str) -> Result<Option<SocketAddr>, std::net::AddrParseError> {
-    match text {
-        "off" | "" => Ok(None),
-        addr => addr.parse().map(Some),
-    }
-}
-
 /// How the agent reads its neuron's GPUs and models for placement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -127,7 +119,8 @@ pub struct AgentConfig {
     #[arg(long)]
     pub listen: SocketAddr,
     /// Prometheus metrics address; unset disables the exporter.
-    #[arg(long, value_parser = metrics_listen)]
+    #[arg(long, value_parser = allot_runtime::layered::listen_or_off)]
+    #[serde(deserialize_with = "allot_runtime::layered::deserialize_listen_or_off")]
     pub metrics_listen: std::option::Option<SocketAddr>,
     /// Coordinator gRPC endpoints, tried in turn: `https://` (mutual TLS
     /// with `coordinator_ca`, `client_cert`, `client_key`), or `http://`
@@ -721,6 +714,36 @@ mod tests {
         assert!(unsettable.is_empty(), "{unsettable:?}");
         assert_eq!(env_name("agent-id"), "ALLOT_AGENT_ID");
         assert_eq!(env_name("neuron-url"), "ALLOT_AGENT_NEURON_URL");
+    }
+
+    #[test]
+    fn a_file_switches_the_metrics_exporter_off_or_moves_it_like_the_flag() {
+        let read = |text: &str| {
+            allot_runtime::layered::parse_toml::<AgentConfig>(std::path::Path::new("f.toml"), text)
+        };
+        assert_eq!(
+            read("metrics_listen = \"off\"").unwrap().metrics_listen,
+            None
+        );
+        assert_eq!(read("metrics_listen = \"\"").unwrap().metrics_listen, None);
+        assert_eq!(
+            read("metrics_listen = \"127.0.0.1:7000\"")
+                .unwrap()
+                .metrics_listen,
+            Some("127.0.0.1:7000".parse().unwrap())
+        );
+        assert_eq!(
+            read("").unwrap().metrics_listen,
+            Some("127.0.0.1:9465".parse().unwrap()),
+            "absent: the default"
+        );
+        let bad = read("metrics_listen = \"nowhere\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("metrics_listen") || bad.contains("invalid socket address"),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -104,14 +104,6 @@ pub fn check_tls_files(config: &CoordinatorConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `--metrics-listen`: an address, or `off` (or nothing) for none.
-fn metrics_listen(text: &str) -> Result<Option<SocketAddr>, std::net::AddrParseError> {
-    match text {
-        "off" | "" => Ok(None),
-        addr => addr.parse().map(Some),
-    }
-}
-
 /// Where budgets live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -170,7 +162,8 @@ pub struct CoordinatorConfig {
     #[arg(long)]
     pub tls_reload_ms: u64,
     /// Prometheus metrics address; unset disables the exporter.
-    #[arg(long, value_parser = metrics_listen)]
+    #[arg(long, value_parser = allot_runtime::layered::listen_or_off)]
+    #[serde(deserialize_with = "allot_runtime::layered::deserialize_listen_or_off")]
     pub metrics_listen: std::option::Option<SocketAddr>,
     /// Legacy: one shared token, the credential named `admin` with scope
     /// `admin`. Prefer `operators_file`. Either (or `operators`) is needed.
@@ -572,6 +565,39 @@ mod tests {
         assert!(unsettable.is_empty(), "{unsettable:?}");
         assert_eq!(env_name("admin-token"), "ALLOT_ADMIN_TOKEN");
         assert_eq!(env_name("etcd-endpoints"), "ALLOT_ETCD_ENDPOINTS");
+    }
+
+    #[test]
+    fn a_file_switches_the_metrics_exporter_off_or_moves_it_like_the_flag() {
+        let read = |text: &str| {
+            allot_runtime::layered::parse_toml::<CoordinatorConfig>(
+                std::path::Path::new("f.toml"),
+                text,
+            )
+        };
+        assert_eq!(
+            read("metrics_listen = \"off\"").unwrap().metrics_listen,
+            None
+        );
+        assert_eq!(read("metrics_listen = \"\"").unwrap().metrics_listen, None);
+        assert_eq!(
+            read("metrics_listen = \"127.0.0.1:7000\"")
+                .unwrap()
+                .metrics_listen,
+            Some("127.0.0.1:7000".parse().unwrap())
+        );
+        assert_eq!(
+            read("").unwrap().metrics_listen,
+            Some("127.0.0.1:9464".parse().unwrap()),
+            "absent: the default"
+        );
+        let bad = read("metrics_listen = \"nowhere\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("metrics_listen") || bad.contains("invalid socket address"),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -302,13 +302,15 @@ pub(crate) fn agent_job(agent_id: String, session: SessionId, command: Command) 
             Command::PromptOverheads(overheads) => core.set_prompt_overheads(&agent_id, overheads),
             Command::Reconcile(slices) => {
                 let reconciled = core.ledger_mut().reconcile(&agent_id, slices, fx.now);
-                for key_id in &reconciled.not_held {
+                if let Some(key_id) = reconciled.not_held.first() {
                     metrics::counter!("allot_reconcile_refused_total", "reason" => "key_not_held")
-                        .increment(1);
+                        .increment(reconciled.not_held.len() as u64);
+                    // One line per message, however many keys it names.
                     tracing::error!(
                         agent_id,
                         key_id,
-                        "an agent reported a slice of a key it never held; ignored"
+                        keys = reconciled.not_held.len(),
+                        "an agent reported slices of keys it never held; ignored"
                     );
                 }
                 if reconciled.late_held {

@@ -14,6 +14,7 @@
 
 use clap::{ArgAction, ArgMatches, Command, FromArgMatches};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -183,6 +184,23 @@ pub fn json<T: DeserializeOwned>(text: &str) -> Result<T, serde_json::Error> {
 /// that TOML spells in snake case.
 pub fn variant<T: DeserializeOwned>(text: &str) -> Result<T, serde::de::value::Error> {
     T::deserialize(serde::de::value::StrDeserializer::new(text))
+}
+
+/// A listen address that may be switched off: an address, or `off` (or
+/// nothing) for none. The flag, the variable and the file read it alike.
+pub fn listen_or_off(text: &str) -> Result<Option<std::net::SocketAddr>, std::net::AddrParseError> {
+    match text {
+        "off" | "" => Ok(None),
+        addr => addr.parse().map(Some),
+    }
+}
+
+/// [`listen_or_off`] for a TOML file (`metrics_listen = "off"`).
+pub fn deserialize_listen_or_off<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    let text = Option::<String>::deserialize(deserializer)?;
+    listen_or_off(text.as_deref().unwrap_or("off")).map_err(serde::de::Error::custom)
 }
 
 /// One row of a configuration reference.
