@@ -4,8 +4,8 @@
 //! wire amount. And every message the core decides to send (a
 //! [`ToAgent`]) becomes a `CoordinatorMessage` here ([`to_agent`]): the
 //! only other modules that build one are the placement directives and the
-//! admin service's key and tariff pushes. In doubt this module refuses: a bad amount is never read as
-//! "unlimited" or as zero.
+//! admin service's key and tariff pushes. In doubt this module refuses: a
+//! bad amount is never read as "unlimited" or as zero.
 //!
 //! Bounds (the same for every agent, documented in docs/bounds.md, "Agent
 //! messages"):
