@@ -56,7 +56,7 @@ async fn settled_spend(stack: &Stack, key_id: &str, served: usize) -> u64 {
     let expected = served as u64 * PER_REQUEST;
     wait_until(
         "every served request settles",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || async { stack.key_usage(key_id, pb::Unit::Tokens).await.0 >= expected },
     )
     .await;
@@ -109,7 +109,7 @@ async fn a_neuron_billing_more_prompt_than_reserved_overspends_only_its_first_wa
     // Learned: "hi" is bounded at 41 prompt tokens, billed at 302.
     wait_until(
         "the agent reports what it learned",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async { overheads(&stack).await.get(MODEL) == Some(&261) },
     )
     .await;
@@ -138,7 +138,7 @@ async fn a_neuron_billing_more_prompt_than_reserved_overspends_only_its_first_wa
     stack.wait_for_agent().await;
     wait_until(
         "the restarted agent reports it again",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async { overheads(&stack).await.get(MODEL) == Some(&261) },
     )
     .await;
