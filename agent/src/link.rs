@@ -117,9 +117,23 @@ impl CoordinatorLink {
                 .remove(&hash);
             return Err(Unreachable);
         }
-        match tokio::time::timeout(timeout, rx).await {
+        let answer = tokio::time::timeout(timeout, rx).await;
+        match answer {
             Ok(Ok(info)) => Ok(info),
-            _ => Err(Unreachable),
+            _ => {
+                // The answer was lost (the coordinator drops what a full
+                // session outbox cannot take): forget the waiters that gave
+                // up, so that the next lookup of this key asks again
+                // instead of waiting on an answer that never comes.
+                let mut lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(waiters) = lookups.get_mut(&hash) {
+                    waiters.retain(|waiter| !waiter.is_closed());
+                    if waiters.is_empty() {
+                        lookups.remove(&hash);
+                    }
+                }
+                Err(Unreachable)
+            }
         }
     }
 
@@ -474,5 +488,44 @@ pub fn give_back_with(link: &CoordinatorLink, table: &AllowanceTable, key_id: &s
             key_id: key_id.to_string(),
             amount: Some(amount.to_pb()),
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lookup_whose_answer_was_lost_is_asked_again_by_the_next_request() {
+        let link = CoordinatorLink::default();
+        let (tx, mut sent) = mpsc::channel(8);
+        link.set_session(Some(tx));
+        let hash = KeyHash([7; 32]);
+        let lookups_sent = |sent: &mut mpsc::Receiver<pb::AgentMessage>| {
+            let mut n = 0;
+            while let Ok(message) = sent.try_recv() {
+                n += usize::from(matches!(message.msg, Some(AgentMsg::KeyLookup(_))));
+            }
+            n
+        };
+        // No answer comes: the coordinator dropped it.
+        assert!(link.lookup(hash, Duration::from_millis(5)).await.is_err());
+        assert_eq!(lookups_sent(&mut sent), 1);
+        // The next request for the key asks again rather than waiting on
+        // the lost answer, and gets this one.
+        let again = link.lookup(hash, Duration::from_secs(5));
+        let answer = async {
+            let asked = async {
+                while lookups_sent(&mut sent) == 0 {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(2), asked)
+                .await
+                .expect("the next lookup asks the coordinator again");
+            link.resolve_lookup(hash, None);
+        };
+        let (result, ()) = tokio::join!(again, answer);
+        assert!(matches!(result, Ok(None)), "{result:?}");
     }
 }
