@@ -60,6 +60,10 @@ pub struct Reconciled {
 
 /// Most key history writes one sweep makes; the rest wait for the next.
 pub const MAX_KEY_HISTORY_SWEEP_WRITES: usize = 1_000;
+/// Most key history entries one sweep looks at (an agent's whole history
+/// is looked at in one sweep, however long): a pass over a large ledger
+/// spans several sweeps, so the engine never stops for a whole scan.
+pub const MAX_KEY_HISTORY_SWEEP_VISITS: usize = 100_000;
 
 impl Ledger {
     /// Adds `sign × amounts` to what is held under the key's scopes.
@@ -120,18 +124,35 @@ impl Ledger {
     /// Keeps the key history bounded and fresh: forgets entries without a
     /// slice last held more than the retention ago, and rewrites the stored
     /// time of slices still held (idle ones too) once it is older than the
-    /// refresh interval. At most [`MAX_KEY_HISTORY_SWEEP_WRITES`] writes;
-    /// the rest wait for the next sweep. Returns how many entries it forgot.
+    /// refresh interval. Goes on with the current pass over the agents (a
+    /// new pass starts when the last one ended), looking at up to
+    /// [`MAX_KEY_HISTORY_SWEEP_VISITS`] entries and writing up to
+    /// [`MAX_KEY_HISTORY_SWEEP_WRITES`]; the rest wait for the next sweep.
+    /// Returns how many entries it forgot.
     pub fn sweep_key_history(&mut self, now: UnixMs) -> usize {
         let retention = self.config.key_history_retention_ms;
         let refresh = self.config.key_history_refresh_ms;
+        if self.sweep_queue.is_empty() {
+            self.sweep_queue = self.held.keys().cloned().collect();
+        }
         let mut changed: Vec<(String, String, bool)> = Vec::new();
-        'agents: for (agent_id, history) in &self.held {
-            let slices = self.slices.get(agent_id);
+        let mut visits = 0;
+        while let Some(agent_id) = self.sweep_queue.pop() {
+            let Some(history) = self.held.get(&agent_id) else {
+                continue;
+            };
+            if visits > 0 && visits + history.len() > MAX_KEY_HISTORY_SWEEP_VISITS {
+                self.sweep_queue.push(agent_id);
+                break;
+            }
+            let slices = self.slices.get(&agent_id);
+            let mut full = false;
             for (key_id, at) in history {
                 if changed.len() >= MAX_KEY_HISTORY_SWEEP_WRITES {
-                    break 'agents;
+                    full = true;
+                    break;
                 }
+                visits += 1;
                 let age = now.saturating_sub(*at);
                 let holds = slices.is_some_and(|s| s.contains_key(key_id));
                 if *at == HELD_AT_UNKNOWN || (holds && age >= refresh) {
@@ -139,6 +160,11 @@ impl Ledger {
                 } else if !holds && age > retention {
                     changed.push((agent_id.clone(), key_id.clone(), false));
                 }
+            }
+            if full {
+                // Visited again next time; what changed is fresh by then.
+                self.sweep_queue.push(agent_id);
+                break;
             }
         }
         let mut forgotten = 0;
@@ -798,6 +824,41 @@ mod tests {
         assert_eq!(ledger.sweep_key_history(past), MAX_KEY_HISTORY_SWEEP_WRITES);
         assert_eq!(ledger.sweep_key_history(past), 5);
         assert_eq!(ledger.sweep_key_history(past), 0);
+    }
+
+    #[test]
+    fn a_sweep_looks_at_a_bounded_number_of_entries_and_the_next_goes_on_from_there() {
+        let mut ledger = ledger_with_key(vec![]);
+        let mut w = Vec::new();
+        // Three agents, each with a history of more than a third of what one
+        // sweep may look at, all within the retention: nothing to write.
+        let per_agent = MAX_KEY_HISTORY_SWEEP_VISITS / 3 + 1;
+        for agent in ["a", "b", "c"] {
+            ledger.hello(agent, 1, "n", &mut w).unwrap();
+            let history = ledger.held.entry(agent.to_string()).or_default();
+            for i in 0..per_agent {
+                history.insert(format!("k{i}"), NOW);
+            }
+        }
+        assert_eq!(ledger.sweep_key_history(NOW + 1), 0);
+        assert_eq!(
+            ledger.sweep_queue.len(),
+            1,
+            "two agents looked at, one left"
+        );
+        ledger.sweep_key_history(NOW + 1);
+        assert!(
+            ledger.sweep_queue.is_empty(),
+            "the pass ends where it stopped"
+        );
+        // Past the retention, passes forget everything, a bounded part a sweep.
+        let past = NOW + LedgerConfig::default().key_history_retention_ms + 1;
+        let mut forgotten = 0;
+        for _ in 0..1_000 {
+            forgotten += ledger.sweep_key_history(past);
+        }
+        assert_eq!(forgotten, 3 * per_agent);
+        assert!(ledger.held.is_empty());
     }
 
     #[test]

@@ -136,6 +136,9 @@ pub struct Ledger {
     /// stored. Every slice has an entry; an entry without a slice is kept
     /// for the retention.
     held: HashMap<String, HashMap<String, UnixMs>>,
+    /// Agents the current key history sweep has still to visit (a pass
+    /// spans several sweeps on a large ledger); at most one id per agent.
+    sweep_queue: Vec<String>,
     /// Agents declared dead since they last said Hello.
     released: HashSet<String>,
     /// Demand each agent last reported per key, and when.
