@@ -230,6 +230,11 @@ pub struct CoordinatorConfig {
     /// Lease of the election key: how long a dead leader blocks fail-over.
     #[arg(long)]
     pub election_ttl_ms: u64,
+    /// The leader compacts etcd's history this often, keeping one interval
+    /// of it (0: never; leave it to etcd's `--auto-compaction-*`).
+    /// Longer than a ledger load, which reads at one revision.
+    #[arg(long)]
+    pub etcd_compaction_interval_ms: u64,
     /// Lease length of a grant; agents stop admitting on it at expiry.
     #[arg(long)]
     pub lease_ttl_ms: u64,
@@ -309,6 +314,7 @@ impl Default for CoordinatorConfig {
             etcd_password: None,
             node_id: "coordinator-1".into(),
             election_ttl_ms: 2_000,
+            etcd_compaction_interval_ms: 300_000,
             lease_ttl_ms: 30_000,
             dead_after_ms: 120_000,
             settle_window_ms: 2,
@@ -381,6 +387,12 @@ impl CoordinatorConfig {
             return Err(invalid(
                 "etcd_endpoints",
                 "at least one endpoint is needed with store = etcd",
+            ));
+        }
+        if self.etcd_compaction_interval_ms != 0 && self.etcd_compaction_interval_ms < 1_000 {
+            return Err(invalid(
+                "etcd_compaction_interval_ms",
+                "must be 0 (off) or at least 1000",
             ));
         }
         if self.election_ttl_ms < 1_000 {

@@ -1,6 +1,8 @@
 //! Real etcd servers for tests: `etcd` processes from Debian's `etcd-server`
 //! package on free loopback ports, each member in its own temporary data
 //! directory, killed when the handle drops (a failing test included).
+//! They run with etcd's defaults (1.5 MiB requests, no auto-compaction),
+//! as an operator's etcd may: allot needs no etcd flag raised.
 
 use crate::process::free_port;
 use crate::{wait_until, TempDir};
@@ -99,12 +101,6 @@ impl EtcdCluster {
             .args(["--advertise-client-urls", &member.client_url])
             .args(["--listen-peer-urls", &member.peer_url])
             .args(["--initial-advertise-peer-urls", &member.peer_url])
-            .args([
-                "--auto-compaction-mode",
-                "revision",
-                "--auto-compaction-retention",
-                "10000",
-            ])
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));

@@ -153,6 +153,48 @@ async fn a_journal_left_by_an_interrupted_leader_is_replayed_before_loading() {
     }
 }
 
+/// etcd keeps every revision unless someone compacts it, and the test etcd
+/// (like a stock one) has no auto-compaction: the leader compacts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_compacts_etcds_history_and_keeps_serving() {
+    let cluster = EtcdCluster::start(1).await;
+    let dir = TempDir::new("compaction");
+    let coordinators = vec![CoordinatorProcess::spawn(
+        "c1",
+        &cluster.endpoints(),
+        &dir.0,
+        &["--etcd-compaction-interval-ms", "1000"],
+    )];
+    wait_for_leader(&coordinators).await;
+    let url = coordinators[0].url.clone();
+    let (first, _) = create_key(&url, 1_000).await;
+    let mut client = cluster.client().await;
+    wait_until("etcd's first revisions to be compacted", Duration::from_secs(30), || {
+        let mut client = client.clone();
+        async move {
+            let old = etcd_client::GetOptions::new().with_revision(2);
+            matches!(client.get("/allot/", Some(old)).await, Err(e) if e.to_string().contains("compacted"))
+        }
+    })
+    .await;
+    // Writes and reads go on, and what was written before is all there.
+    let (second, _) = create_key(&url, 2_000).await;
+    assert!(key_status(&url, &first).await.is_some());
+    assert!(key_status(&url, &second).await.is_some());
+    let current = client
+        .get(
+            "/allot/keys/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(current.count(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_election_key_is_gone_cannot_write() {
     let cluster = EtcdCluster::start(1).await;

@@ -346,6 +346,52 @@ impl EtcdStore {
     }
 }
 
+/// What the leader runs while it leads: every `interval`, compacts etcd's
+/// history up to the revision it saw one interval earlier, so that etcd
+/// keeps one interval of history (a standby's watch and a paged load
+/// never need more) and its database stops growing with every settlement
+/// batch, on an etcd run with its defaults (no auto-compaction). A
+/// compaction etcd already made (its own `--auto-compaction-*`) is fine.
+/// Never returns.
+pub async fn compact_history(
+    client: Client,
+    prefix: String,
+    interval: Duration,
+) -> std::convert::Infallible {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen: Option<i64> = None;
+    loop {
+        ticks.tick().await;
+        let mut kv = client.clone();
+        let revision = match kv
+            .get(
+                format!("{prefix}{JOURNAL}"),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await
+        {
+            Ok(response) => response.header().map(|h| h.revision()),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read etcd's revision to compact its history");
+                None
+            }
+        };
+        if let (Some(compact_to), Some(_)) = (seen, revision) {
+            match kv.compact(compact_to, None).await {
+                Ok(_) => {
+                    metrics::gauge!("allot_etcd_compacted_revision").set(compact_to as f64);
+                    tracing::debug!(revision = compact_to, "etcd history compacted");
+                }
+                // Compacted past it already (etcd's own auto-compaction).
+                Err(error) if error.to_string().contains("compacted") => {}
+                Err(error) => tracing::warn!(%error, "cannot compact etcd's history"),
+            }
+        }
+        seen = revision.or(seen);
+    }
+}
+
 fn classify(error: etcd_client::Error) -> StoreError {
     match &error {
         etcd_client::Error::GRpcStatus(status)
