@@ -132,14 +132,21 @@ async fn follow(
 struct Warm {
     ledger: Ledger,
     revision: i64,
+    /// Keeps the leader's compaction short of `revision` until the watch
+    /// from it is open.
+    barrier: Option<crate::store::etcd::LoadBarrier>,
 }
 
 async fn load(store: &EtcdStore, config: LedgerConfig) -> Result<Warm, StoreError> {
-    let (stored, revision) = store.load_at().await?;
+    let (stored, revision, barrier) = store.load_at().await?;
     let ledger = tokio::task::spawn_blocking(move || Ledger::from_stored(config, stored))
         .await
         .map_err(|e| StoreError::NotApplied(format!("building the standby ledger failed: {e}")))?;
-    Ok(Warm { ledger, revision })
+    Ok(Warm {
+        ledger,
+        revision,
+        barrier,
+    })
 }
 
 enum Ended {
@@ -157,12 +164,14 @@ async fn run_warm(
     let Warm {
         ledger,
         mut revision,
+        barrier,
     } = warm;
     let mut ledger = Some(ledger);
     let mut stream = match store.watch_from(revision + 1).await {
         Ok(stream) => stream,
         Err(error) => return Ended::Lost(format!("cannot watch: {error}")),
     };
+    drop(barrier);
     let publish = |revision: i64| {
         following.send_replace(Following::Warm { revision });
         metrics::gauge!("allot_standby_warm").set(1.0);

@@ -195,6 +195,83 @@ async fn the_leader_compacts_etcds_history_and_keeps_serving() {
     assert_eq!(current.count(), 2);
 }
 
+/// A standby loading a large ledger reads page by page at one revision;
+/// the leader's compaction must not pass that revision under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_in_progress_holds_compaction_short_of_its_revision() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let store = EtcdStore::new(client.clone(), "/h/", None);
+    // More than one page of keys: the load holds a barrier.
+    store
+        .commit((0..2_500).map(account_write).collect())
+        .await
+        .unwrap();
+    let (loaded, revision, barrier) = store.load_at().await.unwrap();
+    assert_eq!(loaded.accounts.len(), 2_500);
+    assert!(
+        barrier.is_some(),
+        "a load of several pages holds etcd's history"
+    );
+    for i in 2_500..2_510 {
+        store.commit(vec![account_write(i)]).await.unwrap();
+    }
+    let compactor = tokio::spawn(allot_coordinator::store::etcd::compact_history(
+        client.clone(),
+        "/h/".into(),
+        Duration::from_millis(200),
+    ));
+    let readable = |at: i64| {
+        let mut client = client.clone();
+        async move {
+            let options = etcd_client::GetOptions::new()
+                .with_revision(at)
+                .with_count_only();
+            match client.get("/h/", Some(options)).await {
+                Ok(_) => true,
+                Err(e) if e.to_string().contains("compacted") => false,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    wait_until(
+        "history before the load to be compacted",
+        Duration::from_secs(30),
+        || {
+            let read = readable(revision - 1);
+            async move { !read.await }
+        },
+    )
+    .await;
+    assert!(readable(revision).await, "the load's revision is kept");
+    // Done (the follower's watch is open): the barrier goes, compaction
+    // moves on.
+    drop(barrier);
+    wait_until(
+        "the load's revision to be compacted",
+        Duration::from_secs(30),
+        || {
+            let read = readable(revision);
+            async move { !read.await }
+        },
+    )
+    .await;
+    compactor.abort();
+    let mut client = client.clone();
+    let left = client
+        .get(
+            "/h/loads/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.count(), 0, "the barrier is deleted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_election_key_is_gone_cannot_write() {
     let cluster = EtcdCluster::start(1).await;

@@ -32,6 +32,10 @@ const JOURNAL: &str = "journal";
 const JOURNAL_CHUNKS: &str = "journal-chunks/";
 /// Transactions of one batch in flight at once (chunks, then parts).
 const PARALLEL_TXNS: usize = 8;
+/// Where loads name the revision they read at: `{prefix}loads/{id}`.
+const LOADS: &str = "loads/";
+/// A load barrier older than this is a crashed loader's: ignored.
+const BARRIER_STALE_MS: i64 = 15 * 60 * 1000;
 const ATTEMPTS: u32 = 6;
 /// Keys per page when loading the ledger.
 const LOAD_PAGE: i64 = 2_000;
@@ -187,8 +191,11 @@ impl EtcdStore {
     }
 
     /// Everything under the prefix, read at one revision, and that
-    /// revision: a follower watches from the next one.
-    pub async fn load_at(&self) -> Result<(StoredState, i64), StoreError> {
+    /// revision: a follower watches from the next one. A load of more than
+    /// one page holds a [`LoadBarrier`] at that revision, returned so that
+    /// a follower can keep it until its watch is open.
+    pub async fn load_at(&self) -> Result<(StoredState, i64, Option<LoadBarrier>), StoreError> {
+        let mut barrier = None;
         // Paged, at one revision: a large ledger never needs one huge
         // response (gRPC messages are capped at 4 MiB by default), and
         // every page sees the same snapshot.
@@ -212,6 +219,9 @@ impl EtcdStore {
             .await?;
             if revision == 0 {
                 revision = response.header().map(|h| h.revision()).unwrap_or(0);
+                if response.more() {
+                    barrier = LoadBarrier::put(&self.client, &self.prefix, revision).await;
+                }
             }
             for kv in response.kvs() {
                 if let Ok(key) = kv.key_str() {
@@ -236,7 +246,7 @@ impl EtcdStore {
         })
         .await
         .map_err(|e| StoreError::NotApplied(format!("decoding the ledger failed: {e}")))?;
-        Ok((state?, revision))
+        Ok((state?, revision, barrier))
     }
 
     /// What a new leader does before it serves: replays a journal the last
@@ -346,6 +356,78 @@ impl EtcdStore {
     }
 }
 
+/// While a load reads a large ledger at one revision (and until a
+/// follower's watch from it is open), `{prefix}loads/{id}` names that
+/// revision and the leader's compaction stops short of it: a load longer
+/// than the compaction interval still finishes. Deleted when dropped; one
+/// left by a loader that crashed is ignored after 15 minutes.
+pub struct LoadBarrier {
+    client: Client,
+    key: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Barrier {
+    revision: i64,
+    at_ms: i64,
+}
+
+impl LoadBarrier {
+    /// Names `revision` as read by a load; `None` if etcd refused (the
+    /// load goes on unprotected, and starts again if compacted under it).
+    async fn put(client: &Client, prefix: &str, revision: i64) -> Option<LoadBarrier> {
+        let key = format!("{prefix}{LOADS}{:016x}", rand::rng().random::<u64>());
+        let value = serde_json::to_vec(&Barrier {
+            revision,
+            at_ms: allot::clock::now_ms(),
+        })
+        .ok()?;
+        let mut kv = client.clone();
+        match kv.put(key.clone(), value, None).await {
+            Ok(_) => Some(LoadBarrier {
+                client: client.clone(),
+                key,
+            }),
+            Err(error) => {
+                tracing::warn!(%error, "cannot hold etcd's history for a load");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoadBarrier {
+    fn drop(&mut self) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let mut client = self.client.clone();
+            let key = std::mem::take(&mut self.key);
+            runtime.spawn(async move {
+                if let Err(error) = client.delete(key, None).await {
+                    tracing::warn!(%error, "cannot remove a load's hold on etcd's history");
+                }
+            });
+        }
+    }
+}
+
+/// The oldest revision a load in progress reads at, if any.
+async fn oldest_load(client: &mut Client, prefix: &str) -> Result<Option<i64>, etcd_client::Error> {
+    let response = client
+        .get(
+            format!("{prefix}{LOADS}"),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await?;
+    let now = allot::clock::now_ms();
+    Ok(response
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<Barrier>(kv.value()).ok())
+        .filter(|b| now.saturating_sub(b.at_ms) < BARRIER_STALE_MS)
+        .map(|b| b.revision)
+        .min())
+}
+
 /// What the leader runs while it leads: every `interval`, compacts etcd's
 /// history up to the revision it saw one interval earlier, so that etcd
 /// keeps one interval of history (a standby's watch and a paged load
@@ -377,7 +459,15 @@ pub async fn compact_history(
                 None
             }
         };
-        if let (Some(compact_to), Some(_)) = (seen, revision) {
+        if let (Some(seen_before), Some(_)) = (seen, revision) {
+            let compact_to = match oldest_load(&mut kv, &prefix).await {
+                Ok(oldest) => oldest.map_or(seen_before, |r| r.min(seen_before)),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the loads in progress; not compacting");
+                    seen = revision.or(seen);
+                    continue;
+                }
+            };
             match kv.compact(compact_to, None).await {
                 Ok(_) => {
                     metrics::gauge!("allot_etcd_compacted_revision").set(compact_to as f64);
