@@ -34,8 +34,9 @@ const JOURNAL_CHUNKS: &str = "journal-chunks/";
 const PARALLEL_TXNS: usize = 8;
 /// Where loads name the revision they read at: `{prefix}loads/{id}`.
 const LOADS: &str = "loads/";
-/// A load barrier older than this is a crashed loader's: ignored.
-const BARRIER_STALE_MS: i64 = 15 * 60 * 1000;
+/// The lease of a load's barrier: how long one left by a crashed loader
+/// holds compaction back.
+const BARRIER_TTL_SECS: i64 = 30;
 const ATTEMPTS: u32 = 6;
 /// Keys per page when loading the ledger.
 const LOAD_PAGE: i64 = 2_000;
@@ -359,34 +360,43 @@ impl EtcdStore {
 /// While a load reads a large ledger at one revision (and until a
 /// follower's watch from it is open), `{prefix}loads/{id}` names that
 /// revision and the leader's compaction stops short of it: a load longer
-/// than the compaction interval still finishes. Deleted when dropped; one
-/// left by a loader that crashed is ignored after 15 minutes.
+/// than the compaction interval still finishes. The key lives on an etcd
+/// lease kept alive while the barrier lives (no wall clock is compared):
+/// dropped, the lease is revoked; left by a loader that crashed, it lapses
+/// after [`BARRIER_TTL_SECS`].
 pub struct LoadBarrier {
     client: Client,
-    key: String,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Barrier {
-    revision: i64,
-    at_ms: i64,
+    lease: i64,
+    keeper: tokio::task::JoinHandle<()>,
 }
 
 impl LoadBarrier {
     /// Names `revision` as read by a load; `None` if etcd refused (the
     /// load goes on unprotected, and starts again if compacted under it).
     async fn put(client: &Client, prefix: &str, revision: i64) -> Option<LoadBarrier> {
-        let key = format!("{prefix}{LOADS}{:016x}", rand::rng().random::<u64>());
-        let value = serde_json::to_vec(&Barrier {
-            revision,
-            at_ms: allot::clock::now_ms(),
-        })
-        .ok()?;
         let mut kv = client.clone();
-        match kv.put(key.clone(), value, None).await {
-            Ok(_) => Some(LoadBarrier {
+        let attempt = async {
+            let lease = kv.lease_grant(BARRIER_TTL_SECS, None).await?.id();
+            let key = format!("{prefix}{LOADS}{lease:016x}");
+            let options = etcd_client::PutOptions::new().with_lease(lease);
+            kv.put(key, revision.to_string(), Some(options)).await?;
+            let (mut keeper, mut stream) = kv.lease_keep_alive(lease).await?;
+            Ok::<_, etcd_client::Error>((lease, async move {
+                let mut tick =
+                    tokio::time::interval(Duration::from_secs(BARRIER_TTL_SECS as u64 / 3));
+                loop {
+                    tick.tick().await;
+                    if keeper.keep_alive().await.is_err() || stream.message().await.is_err() {
+                        tracing::warn!(lease, "a load's hold on etcd's history may lapse");
+                    }
+                }
+            }))
+        };
+        match attempt.await {
+            Ok((lease, keep)) => Some(LoadBarrier {
                 client: client.clone(),
-                key,
+                lease,
+                keeper: tokio::spawn(keep),
             }),
             Err(error) => {
                 tracing::warn!(%error, "cannot hold etcd's history for a load");
@@ -398,11 +408,12 @@ impl LoadBarrier {
 
 impl Drop for LoadBarrier {
     fn drop(&mut self) {
+        self.keeper.abort();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let mut client = self.client.clone();
-            let key = std::mem::take(&mut self.key);
+            let lease = self.lease;
             runtime.spawn(async move {
-                if let Err(error) = client.delete(key, None).await {
+                if let Err(error) = client.lease_revoke(lease).await {
                     tracing::warn!(%error, "cannot remove a load's hold on etcd's history");
                 }
             });
@@ -418,13 +429,10 @@ async fn oldest_load(client: &mut Client, prefix: &str) -> Result<Option<i64>, e
             Some(GetOptions::new().with_prefix()),
         )
         .await?;
-    let now = allot::clock::now_ms();
     Ok(response
         .kvs()
         .iter()
-        .filter_map(|kv| serde_json::from_slice::<Barrier>(kv.value()).ok())
-        .filter(|b| now.saturating_sub(b.at_ms) < BARRIER_STALE_MS)
-        .map(|b| b.revision)
+        .filter_map(|kv| kv.value_str().ok()?.parse::<i64>().ok())
         .min())
 }
 
