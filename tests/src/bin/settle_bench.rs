@@ -8,8 +8,10 @@
 //! * `memory --keys N --agents M [--store etcd|embedded]`: the leader's
 //!   resident memory after loading N keys, M agents and one slice per agent
 //!   written straight into the store beforehand.
-//! * `history [--secs S]`: the throughput workload for S seconds against an
-//!   etcd with periodic auto-compaction, sampling its database size.
+//! * `history [--secs S] [--compaction etcd|coordinator] [--interval-ms I]`:
+//!   the throughput workload for S seconds against an etcd with periodic
+//!   auto-compaction, or a stock etcd the leader compacts every I ms,
+//!   sampling its database size.
 //! * `heap --keys N --agents M`: the heap bytes the engine's ledger takes
 //!   for that state, loaded in this process from an in-memory store
 //!   (counted by this binary's allocator; no store cache involved).
@@ -1041,8 +1043,19 @@ async fn heap(args: &[String]) -> anyhow::Result<()> {
 async fn history(args: &[String]) -> anyhow::Result<()> {
     let secs = arg_u64(args, "--secs", 600)?;
     let sample_every = Duration::from_secs(arg_u64(args, "--sample", 30)?);
-    let etcd = OwnEtcd::start(
-        "history-etcd",
+    // `--compaction etcd` (the default): etcd's periodic auto-compaction
+    // keeping 1 minute, the coordinator's off. `--compaction coordinator`:
+    // a stock etcd (no auto-compaction, default request limit), compacted
+    // by the leader every `--interval-ms` (60,000).
+    let by_coordinator = match arg_value(args, "--compaction").as_deref() {
+        None | Some("etcd") => false,
+        Some("coordinator") => true,
+        Some(other) => anyhow::bail!("--compaction etcd|coordinator, not {other}"),
+    };
+    let interval_ms = arg_u64(args, "--interval-ms", 60_000)?.to_string();
+    let etcd_flags: &[&str] = if by_coordinator {
+        &[]
+    } else {
         &[
             "--auto-compaction-mode",
             "periodic",
@@ -1050,19 +1063,28 @@ async fn history(args: &[String]) -> anyhow::Result<()> {
             "1m",
             "--max-request-bytes",
             "10485760",
-        ],
-    )
-    .await?;
-    println!(
-        "etcd {} with --auto-compaction-mode periodic --auto-compaction-retention 1m (fsync on)",
-        etcd.url
-    );
+        ]
+    };
+    let etcd = OwnEtcd::start("history-etcd", etcd_flags).await?;
+    let coordinator_flags: Vec<&str> = if by_coordinator {
+        println!(
+            "etcd {} with its defaults (fsync on); the leader compacts every {interval_ms} ms",
+            etcd.url
+        );
+        vec!["--etcd-compaction-interval-ms", &interval_ms]
+    } else {
+        println!(
+            "etcd {} with --auto-compaction-mode periodic --auto-compaction-retention 1m (fsync on)",
+            etcd.url
+        );
+        vec!["--etcd-compaction-interval-ms", "0"]
+    };
     let dir = TempDir::new("history-bench");
     let coordinator = Coordinator::on_etcd(
         &dir.0.join("c1.log"),
         std::slice::from_ref(&etcd.url),
         "c1",
-        &[],
+        &coordinator_flags,
     );
     wait_leading(&coordinator.url, Duration::from_secs(30)).await?;
     let keys = Arc::new(create_keys(&coordinator.url, BENCH_KEYS).await?);
@@ -1262,7 +1284,7 @@ async fn main() -> anyhow::Result<()> {
         Some("tls") => tls(&args).await,
         Some("standby") => standby(&args).await,
         _ => {
-            eprintln!("usage: settle_bench throughput [--secs 20] [--warmup 3] | memory --keys N --agents M [--store etcd|embedded] | history [--secs 600] [--sample 30] | heap --keys N --agents M | tls [--rounds 5] [--secs 10] [--warmup 2]");
+            eprintln!("usage: settle_bench throughput [--secs 20] [--warmup 3] | memory --keys N --agents M [--store etcd|embedded] | history [--secs 600] [--sample 30] [--compaction etcd|coordinator] [--interval-ms 60000] | heap --keys N --agents M | tls [--rounds 5] [--secs 10] [--warmup 2]");
             std::process::exit(2);
         }
     }
