@@ -151,6 +151,51 @@ fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn any_op() -> impl Strategy<Value = Op> {
+        (
+            "[ -~]{1,40}",
+            prop::option::of(prop_oneof![
+                "[ -~\u{80}-\u{10ffff}]{0,300}".prop_map(String::into_bytes),
+                (1usize..200_000).prop_map(|n| format!("\"{}\"", "v".repeat(n)).into_bytes()),
+            ]),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn any_text_ops_journal_and_read_back_exactly_in_bounded_chunks(
+            ops in prop::collection::vec(any_op(), 0..60)
+        ) {
+            let chunks = encode_chunks(&ops).unwrap();
+            let mut back = Vec::new();
+            for chunk in &chunks {
+                let single_op = decode_chunk("c", chunk).unwrap();
+                prop_assert!(chunk.len() <= MAX_CHUNK_BYTES || single_op.len() == 1);
+                back.extend(single_op);
+            }
+            prop_assert_eq!(back, ops.clone());
+            let mut next = 0;
+            for part in parts(&ops, 7) {
+                prop_assert_eq!(part.start, next);
+                prop_assert!(part.len() <= 7);
+                prop_assert!(fits_one_txn(&ops[part.clone()], 7) || part.len() == 1);
+                next = part.end;
+            }
+            prop_assert_eq!(next, ops.len());
+        }
+
+        #[test]
+        fn any_bytes_as_a_head_or_a_chunk_are_read_or_refused_never_a_panic(
+            bytes in prop::collection::vec(any::<u8>(), 0..200)
+        ) {
+            let _ = decode_head("h", &bytes);
+            let _ = decode_chunk("c", &bytes);
+        }
+    }
 
     fn op(key: &str, value_len: usize) -> Op {
         (
