@@ -230,11 +230,10 @@ pub struct CoordinatorConfig {
     /// Lease of the election key: how long a dead leader blocks fail-over.
     #[arg(long)]
     pub election_ttl_ms: u64,
-    /// The leader compacts etcd's history this often, keeping one interval
-    /// of it (0: never; leave it to etcd's `--auto-compaction-*`).
-    /// Longer than a ledger load, which reads at one revision.
+    /// etcd history the leader keeps, compacting the rest (0: never; leave
+    /// it to etcd's `--auto-compaction-*`).
     #[arg(long)]
-    pub etcd_compaction_interval_ms: u64,
+    pub etcd_history_ms: u64,
     /// Lease length of a grant; agents stop admitting on it at expiry.
     #[arg(long)]
     pub lease_ttl_ms: u64,
@@ -314,7 +313,7 @@ impl Default for CoordinatorConfig {
             etcd_password: None,
             node_id: "coordinator-1".into(),
             election_ttl_ms: 2_000,
-            etcd_compaction_interval_ms: 300_000,
+            etcd_history_ms: 60_000,
             lease_ttl_ms: 30_000,
             dead_after_ms: 120_000,
             settle_window_ms: 2,
@@ -389,9 +388,9 @@ impl CoordinatorConfig {
                 "at least one endpoint is needed with store = etcd",
             ));
         }
-        if self.etcd_compaction_interval_ms != 0 && self.etcd_compaction_interval_ms < 1_000 {
+        if self.etcd_history_ms != 0 && self.etcd_history_ms < 1_000 {
             return Err(invalid(
-                "etcd_compaction_interval_ms",
+                "etcd_history_ms",
                 "must be 0 (off) or at least 1000",
             ));
         }

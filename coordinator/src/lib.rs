@@ -427,7 +427,7 @@ async fn lead_when_elected(
         // Boxed so that it can be dropped (the engine aborted) before the
         // resign.
         let mut engine_task = Box::pin(supervise_engine(engine.run()));
-        let compaction = Duration::from_millis(config.etcd_compaction_interval_ms);
+        let compaction = Duration::from_millis(config.etcd_history_ms);
         let compactor = async {
             if compaction.is_zero() {
                 return std::future::pending().await;

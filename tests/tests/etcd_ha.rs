@@ -163,7 +163,7 @@ async fn the_leader_compacts_etcds_history_and_keeps_serving() {
         "c1",
         &cluster.endpoints(),
         &dir.0,
-        &["--etcd-compaction-interval-ms", "1000"],
+        &["--etcd-history-ms", "1000"],
     )];
     wait_for_leader(&coordinators).await;
     let url = coordinators[0].url.clone();

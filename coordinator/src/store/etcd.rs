@@ -436,57 +436,72 @@ async fn oldest_load(client: &mut Client, prefix: &str) -> Result<Option<i64>, e
         .min())
 }
 
-/// What the leader runs while it leads: every `interval`, compacts etcd's
-/// history up to the revision it saw one interval earlier, so that etcd
-/// keeps one interval of history (a standby's watch and a paged load
-/// never need more) and its database stops growing with every settlement
-/// batch, on an etcd run with its defaults (no auto-compaction). A
-/// compaction etcd already made (its own `--auto-compaction-*`) is fine.
-/// Never returns.
+/// What the leader runs while it leads: keeps `retain` of etcd's history
+/// and compacts the rest, so that etcd's database stops growing with every
+/// settlement batch on an etcd run with its defaults (no auto-compaction).
+/// Every quarter of `retain` it notes etcd's revision and compacts up to
+/// the newest revision noted at least `retain` ago, but never past a load
+/// in progress ([`LoadBarrier`]): etcd holds between 1 and 1.25 × `retain`
+/// of history. A compaction etcd already made (its own
+/// `--auto-compaction-*`) is fine. Never returns.
 pub async fn compact_history(
     client: Client,
     prefix: String,
-    interval: Duration,
+    retain: Duration,
 ) -> std::convert::Infallible {
-    let mut ticks = tokio::time::interval(interval);
+    let mut ticks = tokio::time::interval((retain / 4).max(Duration::from_millis(250)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seen: Option<i64> = None;
+    // Revisions noted, oldest first; at most five (one `retain` of quarters).
+    let mut noted: std::collections::VecDeque<(tokio::time::Instant, i64)> = Default::default();
+    let mut compacted = 0;
     loop {
-        ticks.tick().await;
+        let now = ticks.tick().await;
         let mut kv = client.clone();
-        let revision = match kv
+        let revision = kv
             .get(
                 format!("{prefix}{JOURNAL}"),
                 Some(GetOptions::new().with_count_only()),
             )
             .await
-        {
-            Ok(response) => response.header().map(|h| h.revision()),
+            .map(|response| response.header().map(|h| h.revision()));
+        match revision {
+            Ok(Some(revision)) => noted.push_back((now, revision)),
+            Ok(None) => {}
             Err(error) => {
-                tracing::warn!(%error, "cannot read etcd's revision to compact its history");
-                None
-            }
-        };
-        if let (Some(seen_before), Some(_)) = (seen, revision) {
-            let compact_to = match oldest_load(&mut kv, &prefix).await {
-                Ok(oldest) => oldest.map_or(seen_before, |r| r.min(seen_before)),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot read the loads in progress; not compacting");
-                    seen = revision.or(seen);
-                    continue;
-                }
-            };
-            match kv.compact(compact_to, None).await {
-                Ok(_) => {
-                    metrics::gauge!("allot_etcd_compacted_revision").set(compact_to as f64);
-                    tracing::debug!(revision = compact_to, "etcd history compacted");
-                }
-                // Compacted past it already (etcd's own auto-compaction).
-                Err(error) if error.to_string().contains("compacted") => {}
-                Err(error) => tracing::warn!(%error, "cannot compact etcd's history"),
+                tracing::warn!(%error, "cannot read etcd's revision to compact its history")
             }
         }
-        seen = revision.or(seen);
+        let mut due = None;
+        while let Some(&(at, revision)) = noted.front() {
+            if now.duration_since(at) < retain {
+                break;
+            }
+            due = Some(revision);
+            noted.pop_front();
+        }
+        let Some(due) = due else {
+            continue;
+        };
+        let compact_to = match oldest_load(&mut kv, &prefix).await {
+            Ok(oldest) => oldest.map_or(due, |r| r.min(due)),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the loads in progress; not compacting");
+                continue;
+            }
+        };
+        if compact_to <= compacted {
+            continue;
+        }
+        match kv.compact(compact_to, None).await {
+            Ok(_) => {
+                compacted = compact_to;
+                metrics::gauge!("allot_etcd_compacted_revision").set(compact_to as f64);
+                tracing::debug!(revision = compact_to, "etcd history compacted");
+            }
+            // Compacted past it already (etcd's own auto-compaction).
+            Err(error) if error.to_string().contains("compacted") => compacted = compact_to,
+            Err(error) => tracing::warn!(%error, "cannot compact etcd's history"),
+        }
     }
 }
 

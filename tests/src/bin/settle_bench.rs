@@ -8,10 +8,10 @@
 //! * `memory --keys N --agents M [--store etcd|embedded]`: the leader's
 //!   resident memory after loading N keys, M agents and one slice per agent
 //!   written straight into the store beforehand.
-//! * `history [--secs S] [--compaction etcd|coordinator] [--interval-ms I]`:
+//! * `history [--secs S] [--compaction etcd|coordinator] [--history-ms H]`:
 //!   the throughput workload for S seconds against an etcd with periodic
-//!   auto-compaction, or a stock etcd the leader compacts every I ms,
-//!   sampling its database size.
+//!   auto-compaction, or a stock etcd whose history the leader keeps to H
+//!   ms, sampling its database size.
 //! * `heap --keys N --agents M`: the heap bytes the engine's ledger takes
 //!   for that state, loaded in this process from an in-memory store
 //!   (counted by this binary's allocator; no store cache involved).
@@ -1046,13 +1046,13 @@ async fn history(args: &[String]) -> anyhow::Result<()> {
     // `--compaction etcd` (the default): etcd's periodic auto-compaction
     // keeping 1 minute, the coordinator's off. `--compaction coordinator`:
     // a stock etcd (no auto-compaction, default request limit), compacted
-    // by the leader every `--interval-ms` (60,000).
+    // by the leader, keeping `--history-ms` (60,000).
     let by_coordinator = match arg_value(args, "--compaction").as_deref() {
         None | Some("etcd") => false,
         Some("coordinator") => true,
         Some(other) => anyhow::bail!("--compaction etcd|coordinator, not {other}"),
     };
-    let interval_ms = arg_u64(args, "--interval-ms", 60_000)?.to_string();
+    let history_ms = arg_u64(args, "--history-ms", 60_000)?.to_string();
     let etcd_flags: &[&str] = if by_coordinator {
         &[]
     } else {
@@ -1068,16 +1068,16 @@ async fn history(args: &[String]) -> anyhow::Result<()> {
     let etcd = OwnEtcd::start("history-etcd", etcd_flags).await?;
     let coordinator_flags: Vec<&str> = if by_coordinator {
         println!(
-            "etcd {} with its defaults (fsync on); the leader compacts every {interval_ms} ms",
+            "etcd {} with its defaults (fsync on); the leader keeps {history_ms} ms of history",
             etcd.url
         );
-        vec!["--etcd-compaction-interval-ms", &interval_ms]
+        vec!["--etcd-history-ms", &history_ms]
     } else {
         println!(
             "etcd {} with --auto-compaction-mode periodic --auto-compaction-retention 1m (fsync on)",
             etcd.url
         );
-        vec!["--etcd-compaction-interval-ms", "0"]
+        vec!["--etcd-history-ms", "0"]
     };
     let dir = TempDir::new("history-bench");
     let coordinator = Coordinator::on_etcd(
@@ -1284,7 +1284,7 @@ async fn main() -> anyhow::Result<()> {
         Some("tls") => tls(&args).await,
         Some("standby") => standby(&args).await,
         _ => {
-            eprintln!("usage: settle_bench throughput [--secs 20] [--warmup 3] | memory --keys N --agents M [--store etcd|embedded] | history [--secs 600] [--sample 30] [--compaction etcd|coordinator] [--interval-ms 60000] | heap --keys N --agents M | tls [--rounds 5] [--secs 10] [--warmup 2]");
+            eprintln!("usage: settle_bench throughput [--secs 20] [--warmup 3] | memory --keys N --agents M [--store etcd|embedded] | history [--secs 600] [--sample 30] [--compaction etcd|coordinator] [--history-ms 60000] | heap --keys N --agents M | tls [--rounds 5] [--secs 10] [--warmup 2]");
             std::process::exit(2);
         }
     }
